@@ -1,0 +1,551 @@
+"""The HDF5 feature cache: schema, crash-safe writing, resume, validation, reading.
+
+A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
+``test`` or ``all``)::
+
+    features  (N, D) float16|float32, chunked
+    labels    (N,)   int64, -1 when unlabelled
+    paths     (N,)   UTF-8, relative to the data root
+    sizes     (N,)   int64 bytes   } of the source file when extracted,
+    mtimes    (N,)   int64 ns      } used to re-extract only what changed
+
+a ``skipped`` group (split, path, reason, size, mtime of each unreadable file)
+and root attributes (``format_version``, ``backbone``, ``weights``,
+``feature_dim``, ``classes`` (JSON), ``transform`` (JSON),
+``source_fingerprint``, ``complete`` ...).
+
+While extraction runs, rows go to ``NAME.h5.partial``. Every dataset in it is
+allocated when the file is created, so later writes touch raw data only and
+never HDF5 metadata: a SIGKILL at any moment leaves a readable file. Each
+batch writes its features, flushes, then marks its rows done and flushes again;
+the next run resumes from the rows marked done. The finished cache is written
+to a temporary name and renamed over ``NAME.h5`` in one step, so a file with
+that name is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .data import ImageSet, Sample
+from .errors import EmbedcacheError
+
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
+COPY_ROWS = 65536  # rows copied at a time when reusing features
+REASON_BYTES = 160
+TODO, DONE, SKIPPED = 0, 1, 2
+DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Which features a cache holds: two caches with equal identities are interchangeable."""
+
+    backbone: str
+    weights: str
+    transform: str  # EvalTransform JSON
+    dtype: str
+
+    def differences(self, other: CacheIdentity) -> list[str]:
+        """Return 'field mine vs other' for each field that differs (transform key by key)."""
+        diff = [
+            f"{name} {getattr(self, name)} vs {getattr(other, name)}"
+            for name in ("backbone", "weights", "dtype")
+            if getattr(self, name) != getattr(other, name)
+        ]
+        if self.transform != other.transform:
+            mine, theirs = json.loads(self.transform), json.loads(other.transform)
+            diff += [
+                f"transform {k} {mine.get(k)} vs {theirs.get(k)}"
+                for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)
+            ]
+        return diff
+
+    @classmethod
+    def from_attrs(cls, attrs) -> CacheIdentity:
+        return cls(
+            str(attrs["backbone"]),
+            str(attrs["weights"]),
+            str(attrs["transform"]),
+            str(attrs["dtype"]),
+        )
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An image that could not be decoded, and why."""
+
+    split: str
+    path: str
+    reason: str
+
+
+@dataclass
+class SplitData:
+    """One split loaded in memory.
+
+    features : ndarray of shape (n_images, feature_dim), float16 or float32
+    labels : ndarray of shape (n_images,), int64, -1 where unlabelled
+    paths : list of n_images str, relative to the data root
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where the in-progress file for ``path`` lives."""
+    return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
+    return EmbedcacheError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0][:120]})")
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class Cache:
+    """A complete cache opened for reading (use :func:`open_cache`)."""
+
+    def __init__(self, path: Path, h5: h5py.File):
+        self.path = path
+        self._h5 = h5
+        a = h5.attrs
+        self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()}
+        self.identity = CacheIdentity.from_attrs(a)
+        self.backbone = self.identity.backbone
+        self.weights = self.identity.weights
+        self.transform = self.identity.transform
+        self.feature_dim = int(a["feature_dim"])
+        self.classes: list[str] = json.loads(a["classes"])
+        self.splits: list[str] = [k for k in h5 if k != "skipped"]
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def num_images(self, split: str) -> int:
+        return int(self._group(split)["labels"].shape[0])
+
+    def _group(self, split: str) -> h5py.Group:
+        if split not in self.splits:
+            raise EmbedcacheError(
+                f"cache {self.path} has no split {split!r}; it has {', '.join(self.splits)}"
+            )
+        return self._h5[split]
+
+    def features(self, split: str) -> h5py.Dataset:
+        """The on-disk features of a split, for reading in slices without loading it all."""
+        return self._group(split)["features"]
+
+    def split(self, split: str) -> SplitData:
+        """Load one split into memory."""
+        g = self._group(split)
+        return SplitData(
+            g["features"][:],
+            g["labels"][:],
+            [p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
+        )
+
+    def __getitem__(self, split: str) -> SplitData:
+        return self.split(split)
+
+    def copy_into(self, g: h5py.Group, samples: list[Sample]) -> None:
+        """Copy into ``g`` the rows of a complete cache (and its skipped files) whose file is unchanged."""
+        h5 = self._h5
+        for split in self.splits:
+            src = h5[split]
+            n = src["labels"].shape[0]
+            index = {k: i for i, k in enumerate(_keys(src))}
+            _reuse_rows(
+                g,
+                samples,
+                index,
+                src["features"],
+                np.full(n, DONE, np.uint8),
+                np.zeros(n, f"S{REASON_BYTES}"),
+            )
+        if "skipped" in h5 and h5["skipped"]["path"].shape[0]:
+            sk = h5["skipped"]
+            keys = list(
+                zip(
+                    sk["path"].asstr()[:],
+                    sk["size"][:].tolist(),
+                    sk["mtime"][:].tolist(),
+                    strict=True,
+                )
+            )
+            reasons = np.array(
+                [r.encode()[:REASON_BYTES] for r in sk["reason"].asstr()[:]], f"S{REASON_BYTES}"
+            )
+            index = {k: i for i, k in enumerate(keys)}
+            _reuse_rows(g, samples, index, None, np.full(len(keys), SKIPPED, np.uint8), reasons)
+
+    @property
+    def skipped(self) -> list[SkippedFile]:
+        if "skipped" not in self._h5:
+            return []
+        g = self._h5["skipped"]
+        cols = [g[k].asstr()[:] for k in ("split", "path", "reason")]
+        return [SkippedFile(*row) for row in zip(*cols, strict=True)]
+
+    def summary(self) -> dict:
+        """Everything `embedcache info` shows, as plain JSON-ready data."""
+        return {
+            "path": str(self.path),
+            "file_bytes": self.path.stat().st_size,
+            **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
+            "classes": self.classes,
+            "transform": json.loads(self.transform),
+            "splits": {
+                s: {
+                    "images": self.num_images(s),
+                    "shape": list(self.features(s).shape),
+                    "dtype": str(self.features(s).dtype),
+                }
+                for s in self.splits
+            },
+            "skipped": [vars(s) for s in self.skipped],
+        }
+
+
+def _incomplete_error(path: Path, h5: h5py.File | None = None) -> EmbedcacheError:
+    progress = ""
+    if h5 is not None:
+        done = sum(
+            int(np.count_nonzero(h5[s]["status"][:] != TODO))
+            for s in h5
+            if s != "skipped" and "status" in h5[s]
+        )
+        total = sum(
+            int(h5[s]["status"].shape[0]) for s in h5 if s != "skipped" and "status" in h5[s]
+        )
+        progress = f" ({done} of {total} images done)"
+    return EmbedcacheError(
+        f"cache {path} is incomplete{progress}; re-run the same `embedcache extract` command to resume it"
+    )
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open a complete cache for reading.
+
+    Raises
+    ------
+    EmbedcacheError : missing file, not an embedcache file, a newer format, or
+        an extraction that has not finished (with a hint to resume it).
+    """
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise _incomplete_error(path)
+        raise EmbedcacheError(
+            f"cache {path} does not exist; create it with `embedcache extract DATA --out {path}`"
+        )
+    if path.is_dir():
+        raise EmbedcacheError(
+            f"cache {path} is a directory; pass the .h5 file written by `embedcache extract`"
+        )
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise _h5_error(path, e) from None
+    try:
+        version = h5.attrs.get("format_version")
+        if version is None or "backbone" not in h5.attrs:
+            raise EmbedcacheError(
+                f"{path} is an HDF5 file but not an embedcache cache (no format_version attribute)"
+            )
+        if int(version) > FORMAT_VERSION:
+            raise EmbedcacheError(
+                f"cache {path} has format {int(version)}, newer than this embedcache reads ({FORMAT_VERSION}); upgrade embedcache"
+            )
+        if not bool(h5.attrs.get("complete", False)):
+            raise _incomplete_error(path, h5)
+        return Cache(path, h5)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def check_identity(cache: Cache, expected: CacheIdentity, *, what: str = "asked") -> None:
+    """Raise, naming both, if a cache holds other features than ``expected``."""
+    diff = expected.differences(cache.identity)
+    if diff:
+        raise EmbedcacheError(
+            f"cache {cache.path} was made with other settings than {what}: {'; '.join(diff)} ({what} vs cache)"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(
+        s in text
+        for s in ("No space left", "File too large", "Disk quota", "errno = 28", "errno = 27")
+    )
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn 'disk full' into a one-line error that says progress is kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if _is_disk_full(e):
+            raise EmbedcacheError(
+                f"no space left on the device while writing {path}; free some space and re-run the same command to resume"
+            ) from None
+        raise
+
+
+def _early() -> h5py.h5p.PropDCID:
+    """A layout allocated at creation and never filled: later writes change raw data only."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _rows_per_chunk(dim: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // (dim * itemsize))
+
+
+def _copy_rows(
+    src: h5py.Dataset, src_rows: np.ndarray, dst: h5py.Dataset, dst_rows: np.ndarray
+) -> None:
+    """dst[dst_rows] = src[src_rows], copying runs of consecutive rows as slices."""
+    order = np.argsort(dst_rows, kind="stable")
+    s, d = src_rows[order], dst_rows[order]
+    breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(d)], strict=True):
+        for lo in range(a, b, COPY_ROWS):
+            hi = min(b, lo + COPY_ROWS)
+            dst[d[lo] : d[hi - 1] + 1] = src[s[lo] : s[hi - 1] + 1]
+
+
+class PartialCache:
+    """The in-progress file of an extraction (see the module docstring)."""
+
+    def __init__(self, path: Path, h5: h5py.File):
+        self.path = path
+        self.h5 = h5
+        self.identity = CacheIdentity.from_attrs(h5.attrs)
+        self.splits = [k for k in h5 if k != "skipped"]
+
+    @classmethod
+    def open(cls, path: Path) -> PartialCache:
+        return cls(path, h5py.File(path, "r+"))
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        attrs: dict,
+        images: ImageSet,
+        feature_dim: int,
+        dtype: str,
+        reuse: list[Cache | PartialCache] = (),
+    ) -> PartialCache:
+        """Write a new in-progress file (via a temporary name), copying reusable rows from ``reuse``."""
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs.update(attrs)
+            h5.attrs["complete"] = False
+            for split, samples in images.splits.items():
+                g = h5.create_group(split)
+                n = len(samples)
+                g.create_dataset("features", (n, feature_dim), dtype=dtype, dcpl=_early())
+                g.create_dataset("status", data=np.zeros(n, np.uint8))
+                g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
+                g.create_dataset("paths", data=[s.path for s in samples], dtype=_STR)
+                g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
+                g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
+                g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
+                for source in reuse:
+                    source.copy_into(g, samples)
+            h5.flush()
+        os.replace(tmp, path)
+        return cls.open(path)
+
+    def copy_into(self, g: h5py.Group, samples: list[Sample]) -> None:
+        """Copy into group ``g`` every row of ``samples`` this file has done or skipped, unchanged."""
+        for split in self.splits:
+            src = self.h5[split]
+            status = src["status"][:]
+            keys = _keys(src)
+            _reuse_rows(
+                g,
+                samples,
+                {k: i for i, k in enumerate(keys) if status[i] != TODO},
+                src["features"],
+                status,
+                src["reasons"][:],
+            )
+
+    def todo(self, split: str) -> np.ndarray:
+        """Row indices of ``split`` not done yet, ascending."""
+        return np.flatnonzero(self.h5[split]["status"][:] == TODO)
+
+    def progress(self) -> tuple[int, int]:
+        """(rows done or skipped, all rows)."""
+        done = sum(int(np.count_nonzero(self.h5[s]["status"][:] != TODO)) for s in self.splits)
+        return done, sum(int(self.h5[s]["status"].shape[0]) for s in self.splits)
+
+    def paths(self, split: str) -> list[str]:
+        return list(self.h5[split]["paths"].asstr()[:])
+
+    def write(
+        self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]
+    ) -> None:
+        """Store features for ``rows`` (ascending, contiguous or not) and mark them and ``failed`` done.
+
+        features : ndarray of shape (len(rows), D), already in the cache dtype.
+        """
+        g = self.h5[split]
+        if len(rows):
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if hi - lo == len(rows):
+                g["features"][lo:hi] = features
+            else:  # rows with gaps (images reused from an older cache): read-modify-write the span
+                span = g["features"][lo:hi]
+                span[rows - lo] = features
+                g["features"][lo:hi] = span
+            self.h5.flush()  # features reach the file before the rows are marked done
+        marked = [int(r) for r in rows] + [int(r) for r in failed]
+        if not marked:
+            return
+        lo, hi = min(marked), max(marked) + 1
+        status = g["status"][lo:hi]
+        status[np.asarray(rows, dtype=np.int64) - lo] = DONE
+        if failed:
+            reasons = g["reasons"][lo:hi]
+            for r, reason in failed.items():
+                status[r - lo] = SKIPPED
+                reasons[r - lo] = reason.encode()[:REASON_BYTES]
+            g["reasons"][lo:hi] = reasons  # reasons before the status that points at them
+            self.h5.flush()
+        g["status"][lo:hi] = status
+        self.h5.flush()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def finalize(self, out: Path, attrs: dict) -> None:
+        """Write the finished cache to ``out`` atomically, then remove this partial file."""
+        tmp = Path(f"{out}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as h5:
+                h5.attrs.update({k: v for k, v in self.h5.attrs.items()})
+                h5.attrs.update(attrs)
+                skipped: dict[str, list] = {
+                    k: [] for k in ("split", "path", "reason", "size", "mtime")
+                }
+                for split in self.splits:
+                    src = self.h5[split]
+                    status = src["status"][:]
+                    ok = np.flatnonzero(status == DONE)
+                    bad = np.flatnonzero(status == SKIPPED)
+                    assert not np.any(status == TODO), "finalize before every row is done"
+                    dim = src["features"].shape[1]
+                    dst = h5.create_group(split)
+                    feats = dst.create_dataset(
+                        "features", (len(ok), dim), dtype=src["features"].dtype,
+                        chunks=(min(max(1, len(ok)), _rows_per_chunk(dim, src["features"].dtype.itemsize)), dim) if len(ok) else None,
+                    )  # fmt: skip
+                    _copy_rows(src["features"], ok, feats, np.arange(len(ok)))
+                    for name in ("labels", "sizes", "mtimes"):
+                        dst.create_dataset(name, data=src[name][:][ok])
+                    paths = np.array(src["paths"].asstr()[:], dtype=object)
+                    dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
+                    reasons = src["reasons"][:]
+                    skipped["split"] += [split] * len(bad)
+                    skipped["path"] += list(paths[bad])
+                    skipped["reason"] += [reasons[i].decode(errors="replace") for i in bad]
+                    skipped["size"] += list(src["sizes"][:][bad])
+                    skipped["mtime"] += list(src["mtimes"][:][bad])
+                g = h5.create_group("skipped")
+                for name in ("split", "path", "reason"):
+                    g.create_dataset(name, data=skipped[name], dtype=_STR)
+                for name in ("size", "mtime"):
+                    g.create_dataset(name, data=np.array(skipped[name], np.int64))
+                h5.attrs["complete"] = True
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _keys(g: h5py.Group) -> list[tuple[str, int, int]]:
+    return list(
+        zip(g["paths"].asstr()[:], g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)
+    )
+
+
+def _reuse_rows(
+    g: h5py.Group,
+    samples: list[Sample],
+    index: dict,
+    src_features: h5py.Dataset,
+    src_status: np.ndarray,
+    src_reasons: np.ndarray,
+) -> None:
+    """Copy the rows of ``samples`` found in ``index`` (key -> source row) into group ``g``."""
+    dst_rows, src_rows = [], []
+    for i, s in enumerate(samples):
+        j = index.get((s.path, s.size, s.mtime_ns))
+        if j is not None:
+            dst_rows.append(i)
+            src_rows.append(j)
+    if not dst_rows:
+        return
+    dst_rows, src_rows = np.array(dst_rows), np.array(src_rows)
+    done = src_status[src_rows] == DONE
+    _copy_rows(src_features, src_rows[done], g["features"], dst_rows[done])
+    status = g["status"][:]
+    reasons = g["reasons"][:]
+    status[dst_rows] = src_status[src_rows]
+    reasons[dst_rows[~done]] = src_reasons[src_rows[~done]]
+    g["status"][:] = status
+    g["reasons"][:] = reasons
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

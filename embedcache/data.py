@@ -1,0 +1,376 @@
+"""Image sources (folders, CSV manifests), splits, safe decoding, fingerprints.
+
+Nothing here writes to the user's data: files are only listed, stat'ed and read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .backbones import EvalTransform
+from .errors import EmbedcacheError
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+SPLIT_ORDER = ("train", "val", "test", "all")
+UNLABELLED = -1
+_RESAMPLE = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file: ``path`` relative to the source root (POSIX), its label and stat."""
+
+    path: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ImageSet:
+    """A listed data source: classes and, per split, samples sorted by path."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    ignored: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.splits.values())
+
+    def fingerprint(self) -> str:
+        """A digest of every (split, path, size, mtime, label): changes when any file does."""
+        h = hashlib.sha256()
+        for split in self.splits:
+            for s in self.splits[split]:
+                h.update(f"{split}\t{s.path}\t{s.size}\t{s.mtime_ns}\t{s.label}\n".encode())
+        return h.hexdigest()
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _stat_sample(root: Path, path: Path, label: int) -> Sample:
+    try:
+        st = path.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:  # listed in a manifest but absent: recorded as skipped later
+        size, mtime = -1, -1
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return Sample(rel, label, size, mtime)
+
+
+def _walk_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
+    """All image files below ``folder`` (recursively), sorted; other files go to ``ignored``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if _is_image(p):
+                found.append(p)
+            elif not name.startswith("."):
+                ignored.append(p.relative_to(root).as_posix())
+    return found
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _holdout_key(seed: int, path: str) -> str:
+    # Hash order, not a shuffled list: adding images later moves few others across splits.
+    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+
+
+def stratified_split(
+    samples: list[Sample], *, val_fraction: float, seed: int
+) -> dict[str, list[Sample]]:
+    """Split labelled samples into train/val per class, deterministically for a seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise EmbedcacheError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_class[s.label].append(s)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda s: _holdout_key(seed, s.path))
+        n_val = int(round(len(members) * val_fraction))
+        if val_fraction > 0 and len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val += members[:n_val]
+        train += members[n_val:]
+    split = {"train": sorted(train, key=lambda s: s.path)}
+    if val:
+        split["val"] = sorted(val, key=lambda s: s.path)
+    return split
+
+
+def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool) -> ImageSet:
+    ignored: list[str] = []
+    split_dirs = {
+        SPLIT_NAMES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_NAMES
+    }
+    if unlabelled:
+        files = _walk_images(root, ignored, root)
+        return ImageSet(
+            root,
+            "unlabelled",
+            [],
+            {"all": [_stat_sample(root, p, UNLABELLED) for p in files]},
+            ignored,
+        )
+    if split_dirs:
+        classes = sorted({c.name for d in split_dirs.values() for c in _class_dirs(d)})
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {}
+        for split in SPLIT_ORDER:
+            if split not in split_dirs:
+                continue
+            d = split_dirs[split]
+            samples = [
+                _stat_sample(root, p, UNLABELLED)
+                for p in sorted(d.iterdir())
+                if p.is_file() and _is_image(p)
+            ]
+            for c in _class_dirs(d):
+                samples += [
+                    _stat_sample(root, p, index[c.name]) for p in _walk_images(c, ignored, root)
+                ]
+            splits[split] = sorted(samples, key=lambda s: s.path)
+        return ImageSet(root, "split-folders", classes, splits, ignored)
+    classes_dirs = _class_dirs(root)
+    if not classes_dirs:  # a flat folder of images: unlabelled
+        files = _walk_images(root, ignored, root)
+        return ImageSet(
+            root,
+            "unlabelled",
+            [],
+            {"all": [_stat_sample(root, p, UNLABELLED) for p in files]},
+            ignored,
+        )
+    classes = [d.name for d in classes_dirs]
+    samples = [
+        _stat_sample(root, p, i)
+        for i, d in enumerate(classes_dirs)
+        for p in _walk_images(d, ignored, root)
+    ]
+    ignored += [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return ImageSet(
+        root,
+        "class-folders",
+        classes,
+        stratified_split(samples, val_fraction=val_fraction, seed=seed),
+        ignored,
+    )
+
+
+def _scan_csv(csv_path: Path, *, val_fraction: float, seed: int) -> ImageSet:
+    root = csv_path.parent.resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise EmbedcacheError(
+            f"CSV manifest {csv_path} is empty; expected rows of path,label[,split]"
+        )
+    header = [c.strip().lower() for c in rows[0]]
+    if "path" in header:
+        rows = rows[1:]
+        col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    else:
+        col = {name: i for i, name in enumerate(("path", "label", "split")[: len(rows[0])])}
+    entries = []
+    for lineno, r in enumerate(rows, start=2 if "path" in header else 1):
+        try:
+            path = r[col["path"]].strip()
+            label = r[col["label"]].strip() if "label" in col else ""
+            split = r[col["split"]].strip().lower() if "split" in col else ""
+        except IndexError:
+            raise EmbedcacheError(
+                f"{csv_path} line {lineno} has {len(r)} columns; expected path,label[,split]"
+            ) from None
+        if split and split not in SPLIT_NAMES:
+            raise EmbedcacheError(
+                f"{csv_path} line {lineno}: split must be train, val or test, got {split!r}"
+            )
+        entries.append((path, label, SPLIT_NAMES.get(split, "")))
+    classes = sorted({label for _, label, _ in entries if label})
+    index = {c: i for i, c in enumerate(classes)}
+    samples: dict[str, list[Sample]] = defaultdict(list)
+    for path, label, split in entries:
+        s = _stat_sample(root, (root / path), index.get(label, UNLABELLED))
+        samples[split].append(s)
+    unsplit = samples.pop("", [])
+    splits = {k: v for k, v in samples.items()}
+    if unsplit:
+        if classes and all(s.label != UNLABELLED for s in unsplit) and "train" not in splits:
+            splits.update(stratified_split(unsplit, val_fraction=val_fraction, seed=seed))
+        else:
+            splits.setdefault("train" if classes else "all", []).extend(unsplit)
+    ordered = {k: sorted(splits[k], key=lambda s: s.path) for k in SPLIT_ORDER if k in splits}
+    return ImageSet(root, "csv", classes, ordered, [])
+
+
+def scan(
+    source: str | Path, *, val_fraction: float = 0.2, seed: int = 0, unlabelled: bool = False
+) -> ImageSet:
+    """List the images of a data source.
+
+    Parameters
+    ----------
+    source : a folder (``root/train/<class>/*``, ``root/<class>/*`` or a flat
+        folder of images) or a CSV manifest with columns ``path,label[,split]``
+        (paths relative to the CSV).
+    val_fraction : fraction of each class held out as ``val`` when the source
+        has no split of its own (seeded, stratified, stable as images are added).
+    unlabelled : treat a folder as unlabelled even if it has sub-folders.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise EmbedcacheError(
+            f"data path {source} does not exist; pass an image folder or a CSV manifest"
+        )
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise EmbedcacheError(
+                f"data path {source} is a file but not a .csv manifest; pass a folder or a CSV of path,label[,split]"
+            )
+        images = _scan_csv(source, val_fraction=val_fraction, seed=seed)
+    else:
+        images = _scan_folder(
+            source.resolve(), val_fraction=val_fraction, seed=seed, unlabelled=unlabelled
+        )
+    images.splits = {k: v for k, v in images.splits.items() if v}
+    if not len(images):
+        raise EmbedcacheError(
+            f"no images found under {source} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "expected root/<class>/*.jpg, root/train/<class>/*.jpg or a CSV manifest"
+        )
+    return images
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded; ``str(e)`` is the short reason recorded in the cache."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha over white, 16-bit and float scaled, CMYK converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = (
+            65535.0
+            if mode.startswith("I;16") or (mode == "I" and a.max() > 255)
+            else (1.0 if mode == "F" and a.max() <= 1.0 else 255.0)
+        )
+        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
+    """Decode an image file to 8-bit RGB, honouring EXIF orientation.
+
+    With ``short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never
+    smaller than ``short_side`` on its short side (libjpeg's DCT scaling).
+
+    Raises
+    ------
+    UnreadableImage : with a short reason (empty file, not an image, truncated, ...).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImage("empty file (0 bytes)")
+    except FileNotFoundError:
+        raise UnreadableImage("file not found") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if short_side and img.format == "JPEG":
+                    w, h = img.size
+                    scale = short_side / min(w, h)
+                    img.draft("RGB", (int(w * scale), int(h * scale)))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except UnreadableImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage("image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).lower()
+        reason = "truncated image" if "truncated" in msg else f"cannot decode: {str(e)[:100]}"
+        raise UnreadableImage(reason) from None
+
+
+def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
+    """Decode, resize the short side to ``t.resize``, centre-crop ``t.crop``.
+
+    Returns
+    -------
+    ndarray of shape (3, crop, crop), uint8 — normalisation happens later, on the device.
+    """
+    img = load_rgb(path, short_side=t.resize if t.jpeg_draft else None)
+    w, h = img.size
+    # Same arithmetic as torchvision's Resize(int) + CenterCrop on PIL images.
+    if w <= h:
+        nw, nh = t.resize, int(t.resize * h / w)
+    else:
+        nw, nh = int(t.resize * w / h), t.resize
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _RESAMPLE[t.interpolation])
+    top = int(round((nh - t.crop) / 2.0))
+    left = int(round((nw - t.crop) / 2.0))
+    img = img.crop((left, top, left + t.crop, top + t.crop))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()

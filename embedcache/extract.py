@@ -1,0 +1,352 @@
+"""The batched inference loop that fills a cache: decode in workers, forward once, write rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import Backbone, EvalTransform, build_backbone
+from .cache import (
+    DTYPES,
+    Cache,
+    CacheIdentity,
+    PartialCache,
+    disk_errors,
+    now_iso,
+    open_cache,
+    partial_path,
+)
+from .data import ImageSet, UnreadableImage, preprocess, scan
+from .errors import EmbedcacheError
+from .runtime import autocast_dtype, default_num_workers, resolve_device
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` run did."""
+
+    path: Path
+    images: int  # images in the finished cache
+    extracted: int  # run through the backbone by this run
+    reused: int  # copied from an earlier (partial or complete) cache
+    skipped: int  # unreadable files, listed in the cache
+    seconds: float
+    file_bytes: int
+    splits: dict[str, int] = field(default_factory=dict)
+    up_to_date: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """A one-paragraph report for humans."""
+        if self.up_to_date:
+            return f"{self.path} is up to date ({self.images} images); nothing to extract"
+        splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
+        mb = self.file_bytes / 1e6
+        return (
+            f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
+            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s), "
+            f"{self.reused} reused, {mb:.1f} MB"
+        )
+
+
+class _Files(Dataset):
+    """(split, row, absolute path) triples -> (split, row, uint8 image or reason)."""
+
+    def __init__(self, items: list[tuple[str, int, Path]], transform: EvalTransform):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        split, row, path = self.items[i]
+        try:
+            return split, row, torch.from_numpy(preprocess(path, self.transform))
+        except UnreadableImage as e:
+            return split, row, str(e)
+
+
+def _collate(batch):
+    split = batch[0][0]
+    ok = [(row, img) for _, row, img in batch if isinstance(img, torch.Tensor)]
+    failed = {row: img for _, row, img in batch if not isinstance(img, torch.Tensor)}
+    rows = np.array([row for row, _ in ok], dtype=np.int64)
+    images = torch.stack([img for _, img in ok]) if ok else None
+    return split, rows, images, failed
+
+
+def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[list[int]]]:
+    """Flatten to-do rows into items and batches aligned to ``row // batch_size``.
+
+    Aligned batches mean a resumed run forwards exactly the batches an
+    uninterrupted run would, so it writes bit-identical features.
+    """
+    items, batches = [], []
+    for split, rows in todo.items():
+        if not len(rows):
+            continue
+        block = rows // batch_size
+        cuts = np.flatnonzero(np.diff(block)) + 1
+        for part in np.split(np.arange(len(rows)), cuts):
+            batches.append([len(items) + int(i) for i in part])
+        items += [(split, int(r)) for r in rows]
+    return items, batches
+
+
+class Normalise(torch.nn.Module):
+    """uint8 (N, 3, H, W) -> normalised float, channels_last, on the model's device."""
+
+    def __init__(self, t: EvalTransform):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(t.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(t.std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.mean.device, non_blocking=True).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+def _plan(
+    out: Path, identity: CacheIdentity, images: ImageSet, overwrite: bool
+) -> tuple[str, list]:
+    """Decide what to do with existing files at ``out``: ('fresh'|'resume'|'rebuild'|'up_to_date', reusable)."""
+    reuse: list[Cache | PartialCache] = []
+    partial = partial_path(out)
+    if out.exists() and not overwrite:
+        cache = open_cache(out)
+        if cache.identity != identity:
+            diff = "; ".join(identity.differences(cache.identity))
+            cache.close()
+            raise EmbedcacheError(
+                f"{out} holds other features ({diff}, asked vs existing); pass --overwrite to replace it or choose another --out"
+            )
+        if cache.attrs.get("source_fingerprint") == images.fingerprint() and not partial.exists():
+            cache.close()
+            return "up_to_date", []
+        reuse.append(cache)
+    if partial.exists() and not overwrite:
+        try:
+            p = PartialCache.open(partial)
+        except OSError:  # killed while the file was being created: it holds nothing yet
+            partial.unlink()
+            return ("rebuild" if reuse else "fresh"), reuse
+        if p.identity != identity:
+            diff = "; ".join(identity.differences(p.identity))
+            p.close()
+            for c in reuse:
+                c.close()
+            raise EmbedcacheError(
+                f"{partial} is an unfinished extraction with other settings ({diff}, asked vs existing); pass --overwrite to start over"
+            )
+        if p.h5.attrs.get("source_fingerprint") == images.fingerprint():
+            for c in reuse:
+                c.close()
+            return "resume", [p]
+        reuse.append(p)
+    return ("rebuild" if reuse else "fresh"), reuse
+
+
+def _check_writable(out: Path) -> None:
+    probe = Path(f"{out}.{os.getpid()}.probe")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise EmbedcacheError(
+            f"cannot write next to --out {out} ({e.strerror}); choose a writable location"
+        ) from None
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "tool": "embedcache",
+        "tool_version": __version__,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": torchvision.__version__,
+        "timm_version": timm.__version__,
+    }
+
+
+def extract(
+    data: str | Path,
+    *,
+    out: str | Path,
+    backbone: str | Backbone = "efficientnet_lite0",
+    weights: str = "DEFAULT",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float16",
+    image_size: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    unlabelled: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Run a frozen backbone once over ``data`` and write its pooled features to ``out``.
+
+    Resumes an interrupted run, extracts only new or changed images when the
+    cache exists, and refuses a cache made with other settings unless
+    ``overwrite``. See :func:`embedcache.data.scan` for the accepted layouts.
+
+    Returns
+    -------
+    ExtractResult : counts, seconds and the file written.
+    """
+    if dtype not in DTYPES:
+        raise EmbedcacheError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if batch_size < 1:
+        raise EmbedcacheError(f"--batch-size must be at least 1, got {batch_size}")
+    out = Path(out)
+    if out.is_dir():
+        raise EmbedcacheError(
+            f"--out {out} is a directory; give a file name such as {out / 'cache.h5'}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EmbedcacheError(
+            f"cannot create the folder for --out {out} ({e.strerror}); choose a writable location"
+        ) from None
+    _check_writable(out)
+    images = scan(data, val_fraction=val_fraction, seed=seed, unlabelled=unlabelled)
+    dev = resolve_device(device)
+    bb = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else build_backbone(backbone, weights=weights, image_size=image_size, device=dev)
+    )
+    identity = CacheIdentity(bb.name, bb.weights, bb.transform.to_json(), dtype)
+    mode, reuse = _plan(out, identity, images, overwrite)
+    if mode == "up_to_date":
+        with open_cache(out) as c:
+            return ExtractResult(
+                out,
+                sum(c.num_images(s) for s in c.splits),
+                0,
+                0,
+                len(c.skipped),
+                0.0,
+                out.stat().st_size,
+                {s: c.num_images(s) for s in c.splits},
+                up_to_date=True,
+            )
+
+    start = time.perf_counter()
+    attrs = {
+        "format_version": 1, **_versions(), **vars(identity),
+        "feature_dim": bb.feature_dim, "image_size": bb.transform.crop,
+        "classes": json.dumps(images.classes), "source": str(images.root),
+        "layout": images.layout, "source_fingerprint": images.fingerprint(),
+        "num_classes": len(images.classes),
+    }  # fmt: skip
+    partial_file = partial_path(out)
+    with disk_errors(partial_file):
+        if mode == "resume":
+            partial = reuse[0]
+        else:
+            try:
+                partial = PartialCache.create(
+                    partial_file,
+                    attrs=attrs,
+                    images=images,
+                    feature_dim=bb.feature_dim,
+                    dtype=dtype,
+                    reuse=reuse,
+                )
+            finally:
+                for source in reuse:
+                    source.close()
+        try:
+            todo = {s: partial.todo(s) for s in partial.splits}
+            reused = partial.progress()[0]
+            extracted = _run(
+                bb,
+                images,
+                partial,
+                todo,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=dev,
+                progress=progress,
+            )
+            partial.finalize(out, {"created": now_iso()})
+        finally:
+            if partial.h5.id.valid:
+                partial.close()
+    seconds = time.perf_counter() - start
+    with open_cache(out) as c:
+        counts = {s: c.num_images(s) for s in c.splits}
+        return ExtractResult(
+            out,
+            sum(counts.values()),
+            extracted,
+            reused,
+            len(c.skipped),
+            seconds,
+            out.stat().st_size,
+            counts,
+        )
+
+
+def _run(
+    bb: Backbone,
+    images: ImageSet,
+    partial: PartialCache,
+    todo: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    num_workers: int | None,
+    device: torch.device,
+    progress: bool,
+) -> int:
+    """Forward every to-do row and write it; returns the number of images run through the backbone."""
+    flat, batches = _batches(todo, batch_size)
+    if not flat:
+        return 0
+    paths = {s: partial.paths(s) for s in todo}
+    items = [(s, r, images.root / paths[s][r]) for s, r in flat]
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        _Files(items, bb.transform), batch_sampler=batches, collate_fn=_collate,
+        num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+    net = bb.net.to(device).eval().to(memory_format=torch.channels_last)
+    norm = Normalise(bb.transform).to(device)
+    amp = autocast_dtype(device)
+    out_dtype = np.dtype(partial.identity.dtype)
+    done = skipped = 0
+    bar = tqdm(
+        total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True
+    )
+    with torch.inference_mode(), bar:
+        for split, rows, batch, failed in loader:
+            feats = np.zeros((0, bb.feature_dim), out_dtype)
+            if batch is not None:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    feats = net(norm(batch)).float().cpu().numpy().astype(out_dtype)
+                done += len(rows)
+            partial.write(split, rows, feats, failed)
+            bar.update(len(rows) + len(failed))
+            if failed:
+                skipped += len(failed)
+                bar.set_postfix(skipped=skipped, refresh=False)
+    return done

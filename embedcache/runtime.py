@@ -1,0 +1,53 @@
+"""Device and precision decisions, made in one place and passed down."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import EmbedcacheError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the torch device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EmbedcacheError(
+                f"--device {name} was asked but no CUDA GPU is available; use --device cpu or auto"
+            )
+        return torch.device(name)
+    raise EmbedcacheError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Return the autocast dtype for ``precision`` on ``device``, or None for plain fp32.
+
+    ``auto`` means bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU
+    (CPU autocast is slower than fp32 on most machines).
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise EmbedcacheError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cuda":
+        raise EmbedcacheError(
+            f"--precision {precision} needs a CUDA device; use fp32 or auto on CPU"
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def default_num_workers() -> int:
+    """Decoding worker processes: one per spare core, at least one, at most eight."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) - 1))
