@@ -1,14 +1,39 @@
-"""embedcache: run a frozen image backbone once, cache pooled features in HDF5, train heads fast."""
+"""embedcache: run a frozen image backbone once, cache pooled features in HDF5, train heads fast.
+
+The public API is imported lazily so that `embedcache --help` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .backbones import Backbone, BackboneInfo, EvalTransform, build_backbone, list_backbones  # noqa: E402
-from .cache import Cache, SplitData, open_cache  # noqa: E402
-from .data import ImageSet, scan  # noqa: E402
-from .errors import EmbedcacheError  # noqa: E402
-from .extract import ExtractResult, extract  # noqa: E402
+_API = {
+    "extract": "extraction",
+    "ExtractResult": "extraction",
+    "open_cache": "cache",
+    "Cache": "cache",
+    "SplitData": "cache",
+    "build_backbone": "backbones",
+    "list_backbones": "backbones",
+    "Backbone": "backbones",
+    "BackboneInfo": "backbones",
+    "EvalTransform": "backbones",
+    "scan": "data",
+    "ImageSet": "data",
+    "EmbedcacheError": "errors",
+    "demo": "quickstart",
+}
 
-__all__ = [
-    "Backbone", "BackboneInfo", "Cache", "EmbedcacheError", "EvalTransform", "ExtractResult",
-    "ImageSet", "SplitData", "build_backbone", "extract", "list_backbones", "open_cache", "scan",
-]  # fmt: skip
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'embedcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

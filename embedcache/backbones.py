@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import urllib.error
@@ -388,13 +389,13 @@ def load_into(
         state = dict(zip(target.keys(), state.values(), strict=True))
     needed = [k for k in target if not _is_classifier(k, classifier)]
     missing = [k for k in needed if k not in state]
-    unexpected = [k for k in state if k not in target]
+    unexpected = [k for k in state if k not in target and not _is_classifier(k, classifier)]
     wrong = [
         f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
         for k in needed
         if k in state and state[k].shape != target[k].shape
     ]
-    if missing or wrong:
+    if missing or wrong or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {_describe(missing)}")
@@ -447,7 +448,7 @@ def _build_torchvision(name: str, weights: str) -> tuple[nn.Module, str, EvalTra
     try:
         chosen = enum[weights]
     except KeyError:
-        options = ", ".join(["DEFAULT", *enum.__members__, "none", "PATH"])
+        options = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__, "none", "PATH"]))
         raise EmbedcacheError(
             f"--weights for {name} must be one of {options}; got {weights!r}"
         ) from None
@@ -523,10 +524,6 @@ def _build_timm(name: str, model_name: str, weights: str) -> tuple[nn.Module, st
 
 def _load_file(model: nn.Module, weights: str, classifier: str) -> str:
     path = Path(weights)
-    if not path.exists():
-        raise EmbedcacheError(
-            f"--weights must be DEFAULT, none or an existing state-dict file; {weights!r} is none of these"
-        )
     load_into(model, read_state_dict(path), classifier=classifier, source=f"weights file {path}")
     return f"file:{path.name}:sha256:{_file_digest(path)}"
 
@@ -604,6 +601,7 @@ class BackboneInfo:
     input_size: int
 
 
+@functools.cache
 def describe(name: str) -> BackboneInfo:
     """Describe a backbone without loading weights (built on the meta device)."""
     provider, model_name = _check_name(name)

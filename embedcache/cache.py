@@ -28,8 +28,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import glob
 import json
 import os
+import resource
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +40,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import ImageSet, Sample
+from .data import SPLIT_ORDER, ImageSet, Sample
 from .errors import EmbedcacheError
 
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
 COPY_ROWS = 65536  # rows copied at a time when reusing features
-REASON_BYTES = 160
+REASON_BYTES = 64
 TODO, DONE, SKIPPED = 0, 1, 2
 DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
@@ -116,6 +119,11 @@ def partial_path(path: str | Path) -> Path:
     return Path(str(path) + PARTIAL_SUFFIX)
 
 
+def _split_names(h5: h5py.File) -> list[str]:
+    """Split groups in the usual order (HDF5 lists groups alphabetically)."""
+    return sorted((k for k in h5 if k in SPLIT_ORDER), key=SPLIT_ORDER.index)
+
+
 def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
     return EmbedcacheError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0][:120]})")
 
@@ -138,7 +146,7 @@ class Cache:
         self.transform = self.identity.transform
         self.feature_dim = int(a["feature_dim"])
         self.classes: list[str] = json.loads(a["classes"])
-        self.splits: list[str] = [k for k in h5 if k != "skipped"]
+        self.splits: list[str] = _split_names(h5)
 
     def __enter__(self) -> Cache:
         return self
@@ -319,16 +327,59 @@ def _is_disk_full(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
-    """Turn 'disk full' into a one-line error that says progress is kept."""
+def disk_errors(out: Path) -> Iterator[None]:
+    """Turn 'disk full' while writing ``out`` into a one-line error that says progress is kept."""
     try:
         yield
     except (OSError, RuntimeError) as e:
         if _is_disk_full(e):
             raise EmbedcacheError(
-                f"no space left on the device while writing {path}; free some space and re-run the same command to resume"
+                f"no space left on the device while writing {out} (progress is kept in {partial_path(out).name}); "
+                "free some space and re-run the same command to resume"
             ) from None
         raise
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def estimate_bytes(images: ImageSet, feature_dim: int, dtype: str) -> int:
+    """Disk needed while extracting: the in-progress file plus the finished one, with margin."""
+    rows = len(images)
+    paths = sum(len(s.path.encode()) + 16 for split in images.splits.values() for s in split)
+    finished = rows * (feature_dim * np.dtype(dtype).itemsize + 24) + paths
+    in_progress = finished + rows * (REASON_BYTES + 1)
+    return finished + in_progress + (4 << 20)
+
+
+def check_space(folder: Path, need_bytes: int) -> None:
+    """Refuse to start when the disk (or the process's file-size limit) cannot hold the cache."""
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        free = min(free, limit)
+    if need_bytes > free:
+        raise EmbedcacheError(
+            f"not enough space in {folder}: extraction needs about {_mb(need_bytes)} and {_mb(free)} is free; "
+            "free some space or choose another --out"
+        )
+
+
+def _reserve(path: Path) -> None:
+    """Allocate disk blocks for the whole file now, so that later writes cannot run out of space.
+
+    HDF5 does not survive a failed write well (its close can crash the process),
+    so every dataset is allocated at creation and the file's blocks are reserved
+    here: after this, filling the file in only overwrites bytes already on disk.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS: best effort
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _early() -> h5py.h5p.PropDCID:
@@ -356,6 +407,47 @@ def _copy_rows(
             dst[d[lo] : d[hi - 1] + 1] = src[s[lo] : s[hi - 1] + 1]
 
 
+def _tmp_name(path: Path) -> Path:
+    return Path(f"{path}.{os.getpid()}.tmp")
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Delete temporary files that runs killed before their rename left next to ``path``."""
+    for tmp in path.parent.glob(glob.escape(path.name) + "*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _atomic_h5(path: Path, layout) -> Iterator[h5py.File]:
+    """Create an HDF5 file under a temporary name with ``layout(h5)``, reserve its
+    blocks, yield it reopened for filling, then fsync and rename it to ``path``."""
+    tmp = _tmp_name(path)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            layout(h5)
+        _reserve(tmp)
+        with h5py.File(tmp, "r+") as h5:
+            yield h5
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class PartialCache:
     """The in-progress file of an extraction (see the module docstring)."""
 
@@ -363,7 +455,7 @@ class PartialCache:
         self.path = path
         self.h5 = h5
         self.identity = CacheIdentity.from_attrs(h5.attrs)
-        self.splits = [k for k in h5 if k != "skipped"]
+        self.splits = _split_names(h5)
 
     @classmethod
     def open(cls, path: Path) -> PartialCache:
@@ -380,9 +472,9 @@ class PartialCache:
         dtype: str,
         reuse: list[Cache | PartialCache] = (),
     ) -> PartialCache:
-        """Write a new in-progress file (via a temporary name), copying reusable rows from ``reuse``."""
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        with h5py.File(tmp, "w") as h5:
+        """Write a new in-progress file, copying reusable rows from ``reuse``, and open it."""
+
+        def layout(h5: h5py.File) -> None:
             h5.attrs.update(attrs)
             h5.attrs["complete"] = False
             for split, samples in images.splits.items():
@@ -395,10 +487,11 @@ class PartialCache:
                 g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
                 g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
                 g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
+
+        with _atomic_h5(path, layout) as h5:
+            for split, samples in images.splits.items():
                 for source in reuse:
-                    source.copy_into(g, samples)
-            h5.flush()
-        os.replace(tmp, path)
+                    source.copy_into(h5[split], samples)
         return cls.open(path)
 
     def copy_into(self, g: h5py.Group, samples: list[Sample]) -> None:
@@ -406,15 +499,8 @@ class PartialCache:
         for split in self.splits:
             src = self.h5[split]
             status = src["status"][:]
-            keys = _keys(src)
-            _reuse_rows(
-                g,
-                samples,
-                {k: i for i, k in enumerate(keys) if status[i] != TODO},
-                src["features"],
-                status,
-                src["reasons"][:],
-            )
+            index = {k: i for i, k in enumerate(_keys(src)) if status[i] != TODO}
+            _reuse_rows(g, samples, index, src["features"], status, src["reasons"][:])
 
     def todo(self, split: str) -> np.ndarray:
         """Row indices of ``split`` not done yet, ascending."""
@@ -431,7 +517,7 @@ class PartialCache:
     def write(
         self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]
     ) -> None:
-        """Store features for ``rows`` (ascending, contiguous or not) and mark them and ``failed`` done.
+        """Store features for ``rows`` (ascending) and mark them, and the ``failed`` rows, done.
 
         features : ndarray of shape (len(rows), D), already in the cache dtype.
         """
@@ -466,49 +552,50 @@ class PartialCache:
 
     def finalize(self, out: Path, attrs: dict) -> None:
         """Write the finished cache to ``out`` atomically, then remove this partial file."""
-        tmp = Path(f"{out}.{os.getpid()}.tmp")
-        try:
-            with h5py.File(tmp, "w") as h5:
-                h5.attrs.update({k: v for k, v in self.h5.attrs.items()})
-                h5.attrs.update(attrs)
-                skipped: dict[str, list] = {
-                    k: [] for k in ("split", "path", "reason", "size", "mtime")
-                }
-                for split in self.splits:
-                    src = self.h5[split]
-                    status = src["status"][:]
-                    ok = np.flatnonzero(status == DONE)
-                    bad = np.flatnonzero(status == SKIPPED)
-                    assert not np.any(status == TODO), "finalize before every row is done"
-                    dim = src["features"].shape[1]
-                    dst = h5.create_group(split)
-                    feats = dst.create_dataset(
-                        "features", (len(ok), dim), dtype=src["features"].dtype,
-                        chunks=(min(max(1, len(ok)), _rows_per_chunk(dim, src["features"].dtype.itemsize)), dim) if len(ok) else None,
-                    )  # fmt: skip
-                    _copy_rows(src["features"], ok, feats, np.arange(len(ok)))
-                    for name in ("labels", "sizes", "mtimes"):
-                        dst.create_dataset(name, data=src[name][:][ok])
-                    paths = np.array(src["paths"].asstr()[:], dtype=object)
-                    dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
-                    reasons = src["reasons"][:]
-                    skipped["split"] += [split] * len(bad)
-                    skipped["path"] += list(paths[bad])
-                    skipped["reason"] += [reasons[i].decode(errors="replace") for i in bad]
-                    skipped["size"] += list(src["sizes"][:][bad])
-                    skipped["mtime"] += list(src["mtimes"][:][bad])
-                g = h5.create_group("skipped")
-                for name in ("split", "path", "reason"):
-                    g.create_dataset(name, data=skipped[name], dtype=_STR)
-                for name in ("size", "mtime"):
-                    g.create_dataset(name, data=np.array(skipped[name], np.int64))
-                h5.attrs["complete"] = True
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        keep = {split: np.flatnonzero(self.h5[split]["status"][:] == DONE) for split in self.splits}
+
+        def layout(h5: h5py.File) -> None:
+            h5.attrs.update(dict(self.h5.attrs))
+            h5.attrs.update(attrs)
+            h5.attrs["complete"] = False
+            skipped: dict[str, list] = {k: [] for k in ("split", "path", "reason", "size", "mtime")}
+            for split in self.splits:
+                src, ok = self.h5[split], keep[split]
+                status = src["status"][:]
+                assert not np.any(status == TODO), "finalize before every row is done"
+                bad = np.flatnonzero(status == SKIPPED)
+                n, dim = len(ok), src["features"].shape[1]
+                dst = h5.create_group(split)
+                chunks = (
+                    (min(n, _rows_per_chunk(dim, src["features"].dtype.itemsize)), dim)
+                    if n
+                    else None
+                )
+                dst.create_dataset(
+                    "features", (n, dim), dtype=src["features"].dtype, chunks=chunks, dcpl=_early()
+                )
+                for name in ("labels", "sizes", "mtimes"):
+                    dst.create_dataset(name, data=src[name][:][ok])
+                paths = np.array(src["paths"].asstr()[:], dtype=object)
+                dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
+                reasons = src["reasons"][:]
+                skipped["split"] += [split] * len(bad)
+                skipped["path"] += list(paths[bad])
+                skipped["reason"] += [reasons[i].decode(errors="replace") for i in bad]
+                skipped["size"] += list(src["sizes"][:][bad])
+                skipped["mtime"] += list(src["mtimes"][:][bad])
+            g = h5.create_group("skipped")
+            for name in ("split", "path", "reason"):
+                g.create_dataset(name, data=skipped[name], dtype=_STR)
+            for name in ("size", "mtime"):
+                g.create_dataset(name, data=np.array(skipped[name], np.int64))
+
+        with _atomic_h5(out, layout) as h5:
+            for split, ok in keep.items():
+                _copy_rows(
+                    self.h5[split]["features"], ok, h5[split]["features"], np.arange(len(ok))
+                )
+            h5.attrs.modify("complete", True)  # in place: no new space needed
         self.close()
         self.path.unlink(missing_ok=True)
 
@@ -523,28 +610,27 @@ def _reuse_rows(
     g: h5py.Group,
     samples: list[Sample],
     index: dict,
-    src_features: h5py.Dataset,
+    src_features: h5py.Dataset | None,
     src_status: np.ndarray,
     src_reasons: np.ndarray,
 ) -> None:
     """Copy the rows of ``samples`` found in ``index`` (key -> source row) into group ``g``."""
-    dst_rows, src_rows = [], []
-    for i, s in enumerate(samples):
-        j = index.get((s.path, s.size, s.mtime_ns))
-        if j is not None:
-            dst_rows.append(i)
-            src_rows.append(j)
-    if not dst_rows:
+    pairs = [
+        (i, index[(s.path, s.size, s.mtime_ns)])
+        for i, s in enumerate(samples)
+        if (s.path, s.size, s.mtime_ns) in index
+    ]
+    if not pairs:
         return
-    dst_rows, src_rows = np.array(dst_rows), np.array(src_rows)
+    dst_rows, src_rows = (np.array(c) for c in zip(*pairs, strict=True))
     done = src_status[src_rows] == DONE
-    _copy_rows(src_features, src_rows[done], g["features"], dst_rows[done])
-    status = g["status"][:]
-    reasons = g["reasons"][:]
+    if done.any():
+        _copy_rows(src_features, src_rows[done], g["features"], dst_rows[done])
+    status, reasons = g["status"][:], g["reasons"][:]
     status[dst_rows] = src_status[src_rows]
     reasons[dst_rows[~done]] = src_reasons[src_rows[~done]]
-    g["status"][:] = status
     g["reasons"][:] = reasons
+    g["status"][:] = status
 
 
 def now_iso() -> str:

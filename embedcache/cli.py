@@ -9,7 +9,6 @@ import click
 
 from . import __version__
 from .errors import EmbedcacheError
-from .runtime import DEVICE_CHOICES
 
 
 class _Group(click.Group):
@@ -25,7 +24,9 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="embedcache")
 def main() -> None:
     """Transfer learning on images with a feature cache.
@@ -46,21 +47,83 @@ def _emit_json(obj) -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (resumed or updated if it exists).")
-@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, help="torchvision name, efficientnet_lite0, or timm:NAME (see `embedcache backbones`).")
-@click.option("--weights", "-w", default="DEFAULT", show_default=True, help="DEFAULT, a torchvision weights name, none (random init) or a state-dict file.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--num-workers", default=None, type=click.IntRange(min=0), help="Decoding processes [default: one per spare core].")
-@click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICE_CHOICES)} (or cuda:N).")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Stored feature precision.")
-@click.option("--image-size", default=None, type=click.IntRange(min=16), help="Crop size in pixels [default: the weights' own].")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Held-out fraction per class when DATA has no val/ folder.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="HDF5 file to write (resumed or updated if it exists).",
+)
+@click.option(
+    "--backbone",
+    "-b",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="torchvision name, efficientnet_lite0, or timm:NAME (see `embedcache backbones`).",
+)
+@click.option(
+    "--weights",
+    "-w",
+    default="DEFAULT",
+    show_default=True,
+    help="DEFAULT, a torchvision weights name, none (random init) or a state-dict file.",
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per forward pass.",
+)
+@click.option(
+    "--num-workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Decoding processes [default: one per spare core].",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float16", "float32"]),
+    help="Stored feature precision.",
+)
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Crop size in pixels [default: the weights' own].",
+)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Held-out fraction per class when DATA has no val/ folder.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of that held-out split.")
 @click.option("--unlabelled", is_flag=True, help="Treat sub-folders as plain folders, not classes.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def extract(data, out, backbone, weights, batch_size, num_workers, device, dtype, image_size, val_fraction, seed, unlabelled, overwrite, quiet, as_json):
+def extract(
+    data,
+    out,
+    backbone,
+    weights,
+    batch_size,
+    num_workers,
+    device,
+    dtype,
+    image_size,
+    val_fraction,
+    seed,
+    unlabelled,
+    overwrite,
+    quiet,
+    as_json,
+):
     """Run BACKBONE once over DATA and cache its pooled features in OUT.
 
     DATA is a folder (root/train/<class>/*.jpg, root/<class>/*.jpg, or a flat
@@ -69,7 +132,7 @@ def extract(data, out, backbone, weights, batch_size, num_workers, device, dtype
     resumes where it stopped; a re-run after adding images extracts only the
     new ones.
     """
-    from .extract import extract as run
+    from .extraction import extract as run
 
     result = run(
         data, out=out, backbone=backbone, weights=weights, batch_size=batch_size,
@@ -96,11 +159,17 @@ def info(cache, as_json):
         _emit_json(s)
         return
     t = s["transform"]
-    click.echo(f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, created {s.get('created', '?')})")
+    click.echo(
+        f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, created {s.get('created', '?')})"
+    )
     click.echo(f"backbone   {s['backbone']}  weights {s['weights']}")
-    click.echo(f"features   {s['feature_dim']}-d {s['dtype']}; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}")
+    click.echo(
+        f"features   {s['feature_dim']}-d {s['dtype']}; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"
+    )
     click.echo(f"source     {s['source']} ({s['layout']})")
-    click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{' ...' if len(s['classes']) > 20 else ''}")
+    click.echo(
+        f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{' ...' if len(s['classes']) > 20 else ''}"
+    )
     for name, sp in s["splits"].items():
         click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}")
     click.echo(f"skipped    {len(s['skipped'])}")
@@ -123,16 +192,36 @@ def backbones(as_json):
     if as_json:
         _emit_json([vars(r) for r in rows])
         return
-    click.echo(f"{'name':<20} {'provider':<12} {'dim':>5} {'params':>8} {'size':>5}  {'blocks':<40} default weights")
+    click.echo(
+        f"{'name':<20} {'provider':<12} {'dim':>5} {'params':>8} {'size':>5}  {'blocks':<40} default weights"
+    )
     for r in rows:
         blocks = f"{len(r.blocks)}: {r.blocks[0]} .. {r.blocks[-1]}"
-        click.echo(f"{r.name:<20} {r.provider:<12} {r.feature_dim:>5} {r.params_m:>7.1f}M {r.input_size:>5}  {blocks:<40} {r.default_weights}")
+        click.echo(
+            f"{r.name:<20} {r.provider:<12} {r.feature_dim:>5} {r.params_m:>7.1f}M {r.input_size:>5}  {blocks:<40} {r.default_weights}"
+        )
 
 
 @main.command()
-@click.option("--data", default=None, type=click.Path(exists=True), help="Run on your own folder instead of the built-in digits.")
-@click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Where the cache and results go.")
-@click.option("--image-size", default=None, type=click.IntRange(min=16), help="Crop size [default: 64 for the digits, the weights' own otherwise].")
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(exists=True),
+    help="Run on your own folder instead of the built-in digits.",
+)
+@click.option(
+    "--workdir",
+    default="runs/demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the cache and results go.",
+)
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Crop size [default: 64 for the digits, the weights' own otherwise].",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(data, workdir, image_size, quiet):
     """Run the whole flow on data that needs no download.
@@ -141,7 +230,7 @@ def demo(data, workdir, image_size, quiet):
     image folder under data/digits; the backbone is efficientnet_lite0 with the
     offline weights package (random init, with a warning, if it is missing).
     """
-    from .demo import demo as run
+    from .quickstart import demo as run
 
     result = run(data=data, workdir=workdir, image_size=image_size, progress=not quiet)
     click.echo(result.summary)

@@ -350,7 +350,7 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
         raise UnreadableImage("image too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).lower()
-        reason = "truncated image" if "truncated" in msg else f"cannot decode: {str(e)[:100]}"
+        reason = "truncated image" if "truncated" in msg else f"cannot decode: {str(e)[:48]}"
         raise UnreadableImage(reason) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,10 +21,13 @@ from .cache import (
     Cache,
     CacheIdentity,
     PartialCache,
+    check_space,
     disk_errors,
+    estimate_bytes,
     now_iso,
     open_cache,
     partial_path,
+    remove_stale_tmp,
 )
 from .data import ImageSet, UnreadableImage, preprocess, scan
 from .errors import EmbedcacheError
@@ -171,15 +175,14 @@ def _check_writable(out: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import timm
-    import torchvision
+    from importlib.metadata import version
 
     return {
         "tool": "embedcache",
         "tool_version": __version__,
         "torch_version": str(torch.__version__),
-        "torchvision_version": torchvision.__version__,
-        "timm_version": timm.__version__,
+        "torchvision_version": version("torchvision"),
+        "timm_version": version("timm"),
     }
 
 
@@ -258,11 +261,13 @@ def extract(
         "num_classes": len(images.classes),
     }  # fmt: skip
     partial_file = partial_path(out)
-    with disk_errors(partial_file):
+    remove_stale_tmp(out)
+    with disk_errors(out):
         if mode == "resume":
             partial = reuse[0]
         else:
             try:
+                check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype))
                 partial = PartialCache.create(
                     partial_file,
                     attrs=attrs,
@@ -290,7 +295,8 @@ def extract(
             partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:
-                partial.close()
+                with contextlib.suppress(Exception):  # the error that got us here matters more
+                    partial.close()
     seconds = time.perf_counter() - start
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}

@@ -57,14 +57,27 @@ class DemoResult:
     summary: str
 
 
-def demo(*, data: str | Path | None = None, workdir: str | Path = "runs/demo", image_size: int | None = None, progress: bool = True) -> DemoResult:
+def demo(
+    *,
+    data: str | Path | None = None,
+    workdir: str | Path = "runs/demo",
+    image_size: int | None = None,
+    progress: bool = True,
+) -> DemoResult:
     """Run the whole flow on ``data`` (default: the digits under ``data/digits``)."""
-    from .extract import extract
+    from .extraction import extract
 
     workdir = Path(workdir)
     if data is None:
         data = write_digits(Path("data") / "digits")
         image_size = image_size or DEMO_IMAGE_SIZE
     cache = workdir / "cache.h5"
-    result = extract(data, out=cache, backbone=LITE0, weights=demo_weights(), image_size=image_size, progress=progress)
+    result = extract(
+        data,
+        out=cache,
+        backbone=LITE0,
+        weights=demo_weights(),
+        image_size=image_size,
+        progress=progress,
+    )
     return DemoResult(Path(data), cache, result.summary())

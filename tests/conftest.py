@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny generated image folders and small random-init backbones."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HYMENOPTERA = Path(
+    os.environ.get(
+        "EMBEDCACHE_HYMENOPTERA",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera",
+    )
+)
+# Small random-init backbones from both providers; image size 64 keeps a forward pass in milliseconds.
+SMALL_BACKBONES = ["resnet18", "timm:test_efficientnet"]
+SIZE = 64
+# Hue per class, so that even a random-init backbone separates the classes a little.
+CLASS_COLOURS = [(200, 40, 40), (40, 60, 200), (40, 180, 60)]
+
+
+def make_image(
+    path: Path, label: int, seed: int, size: tuple[int, int] = (48, 40), fmt: str | None = None
+) -> Path:
+    """A noisy image whose mean colour depends on ``label``."""
+    rng = np.random.default_rng(seed)
+    base = np.array(CLASS_COLOURS[label % len(CLASS_COLOURS)], np.float64)
+    pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").save(path, format=fmt)
+    return path
+
+
+def make_tree(
+    root: Path,
+    *,
+    splits=("train", "val"),
+    classes=("cat", "dog"),
+    per_class=6,
+    ext=".png",
+    start_seed=0,
+) -> Path:
+    """root/<split>/<class>/<i>.png (or root/<class>/... when ``splits`` is empty)."""
+    seed = start_seed
+    for split in splits or (None,):
+        for label, cls in enumerate(classes):
+            folder = root / split / cls if split else root / cls
+            for i in range(per_class):
+                make_image(folder / f"{cls}_{i:03d}{ext}", label, seed)
+                seed += 1
+    return root
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every file below ``root`` (to prove nothing was modified)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = (
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+                p.stat().st_mtime_ns,
+            )
+    return out
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A labelled split tree: train/val x cat/dog x 6 images."""
+    return make_tree(tmp_path / "data")
+
+
+@pytest.fixture
+def extract_kw() -> dict:
+    """Fast, deterministic extract settings for unit tests."""
+    return {
+        "backbone": "resnet18",
+        "weights": "none",
+        "image_size": SIZE,
+        "batch_size": 4,
+        "num_workers": 0,
+        "device": "cpu",
+        "progress": False,
+    }
+
+
+@pytest.fixture(scope="session")
+def lite0_available() -> bool:
+    from embedcache.backbones import lite0_weights_available
+
+    return lite0_weights_available()

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image, make_tree
+from PIL import Image
+
+from embedcache.backbones import EvalTransform
+from embedcache.data import UnreadableImage, load_rgb, preprocess, scan, stratified_split
+from embedcache.errors import EmbedcacheError
+
+
+def test_split_folders_give_splits_and_shared_class_index(tmp_path):
+    root = make_tree(
+        tmp_path / "d", splits=("train", "val", "test"), classes=("a", "b"), per_class=2
+    )
+    images = scan(root)
+    assert images.layout == "split-folders"
+    assert list(images.splits) == ["train", "val", "test"]
+    assert images.classes == ["a", "b"]
+    assert [s.label for s in images.splits["val"]] == [0, 0, 1, 1]
+    assert all(s.path.startswith("val/") for s in images.splits["val"])
+
+
+def test_validation_folder_aliases_map_to_val(tmp_path):
+    root = make_tree(tmp_path / "d", splits=("training", "validation"), per_class=1)
+    assert list(scan(root).splits) == ["train", "val"]
+
+
+def test_class_folders_get_a_seeded_stratified_split(tmp_path):
+    root = make_tree(tmp_path / "d", splits=(), classes=("a", "b"), per_class=10)
+    images = scan(root, val_fraction=0.2, seed=3)
+    assert images.layout == "class-folders"
+    val = images.splits["val"]
+    assert [sum(s.label == k for s in val) for k in (0, 1)] == [2, 2]
+    assert len(images.splits["train"]) == 16
+    again = scan(root, val_fraction=0.2, seed=3)
+    assert [s.path for s in again.splits["val"]] == [s.path for s in val]
+    other = scan(root, val_fraction=0.2, seed=4)
+    assert [s.path for s in other.splits["val"]] != [s.path for s in val]
+
+
+def test_stratified_split_moves_few_images_when_data_grows(tmp_path):
+    root = make_tree(tmp_path / "d", splits=(), classes=("a",), per_class=40)
+    before = {s.path for s in scan(root).splits["val"]}
+    for i in range(40, 44):
+        make_image(root / "a" / f"new_{i}.png", 0, i)
+    after = {s.path for s in scan(root).splits["val"]}
+    assert len(before - after) <= 1  # a shuffled list would reassign most of them
+
+
+def test_val_fraction_zero_means_train_only(tmp_path):
+    root = make_tree(tmp_path / "d", splits=(), per_class=3)
+    assert list(scan(root, val_fraction=0).splits) == ["train"]
+
+
+def test_stratified_split_rejects_bad_fraction():
+    with pytest.raises(EmbedcacheError, match=r"--val-fraction must be in \[0, 1\), got 1.5"):
+        stratified_split([], val_fraction=1.5, seed=0)
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    for i in range(3):
+        make_image(tmp_path / "d" / f"{i}.jpg", 0, i)
+    images = scan(tmp_path / "d")
+    assert images.layout == "unlabelled" and list(images.splits) == ["all"]
+    assert {s.label for s in images.splits["all"]} == {-1}
+
+
+def test_unlabelled_flag_ignores_class_folders(tmp_path):
+    root = make_tree(tmp_path / "d", splits=(), per_class=2)
+    images = scan(root, unlabelled=True)
+    assert images.classes == [] and len(images.splits["all"]) == 4
+
+
+def test_non_image_files_are_ignored_and_reported(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=1)
+    (root / "train" / "cat" / "notes.txt").write_text("hello")
+    (root / "train" / "cat" / ".DS_Store").write_text("x")
+    images = scan(root)
+    assert images.ignored == ["train/cat/notes.txt"]
+    assert len(images) == 4
+
+
+def test_csv_manifest_with_header_and_split(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "img" / f"{i}.png", i % 2, i)
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\n"
+        + "".join(f"img/{i}.png,{'xy'[i % 2]},{'train' if i < 2 else 'val'}\n" for i in range(4))
+    )
+    images = scan(tmp_path / "m.csv")
+    assert images.layout == "csv" and images.classes == ["x", "y"]
+    assert [s.path for s in images.splits["val"]] == ["img/2.png", "img/3.png"]
+    assert [s.label for s in images.splits["train"]] == [0, 1]
+
+
+def test_csv_without_split_gets_stratified_split_and_headerless_works(tmp_path):
+    for i in range(10):
+        make_image(tmp_path / f"{i}.png", i % 2, i)
+    (tmp_path / "m.csv").write_text("".join(f"{i}.png,{i % 2}\n" for i in range(10)))
+    images = scan(tmp_path / "m.csv", val_fraction=0.2)
+    assert sorted(images.splits) == ["train", "val"]
+    assert len(images.splits["val"]) == 2
+
+
+def test_csv_with_bad_split_names_the_line(tmp_path):
+    make_image(tmp_path / "0.png", 0, 0)
+    (tmp_path / "m.csv").write_text("path,label,split\n0.png,a,holdout\n")
+    with pytest.raises(
+        EmbedcacheError, match=r"line 2: split must be train, val or test, got 'holdout'"
+    ):
+        scan(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, r"data path .* does not exist"),
+        (lambda p: p.mkdir(), r"no images found under"),
+        (lambda p: p.write_text("x"), r"is a file but not a \.csv manifest"),
+    ],
+)
+def test_scan_errors(tmp_path, setup, message):
+    path = tmp_path / "thing"
+    setup(path)
+    with pytest.raises(EmbedcacheError, match=message):
+        scan(path)
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+
+def test_unreadable_files_give_short_reasons(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image at all")
+    good = make_image(tmp_path / "good.jpg", 0, 0, size=(64, 64), fmt="JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(good.read_bytes()[:300])
+    for name, reason in [
+        ("empty.jpg", "empty file"),
+        ("text.jpg", "not an image"),
+        ("trunc.jpg", "truncated"),
+        ("missing.jpg", "file not found"),
+    ]:
+        with pytest.raises(UnreadableImage, match=reason):
+            load_rgb(tmp_path / name)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "I", "F", "1"])
+def test_odd_modes_decode_to_rgb_with_the_right_brightness(tmp_path, mode):
+    grey = Image.new("L", (10, 10), 128)
+    if mode == "I;16":
+        img = Image.fromarray(np.full((10, 10), 128 * 257, np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(np.full((10, 10), 128 * 257, np.int32))
+    elif mode == "F":
+        img = Image.fromarray(np.full((10, 10), 128 / 255, np.float32))
+    elif mode == "1":
+        img = Image.new("1", (10, 10), 1)
+    else:
+        img = grey.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("I", "F", "CMYK") else "x.png")
+    img.save(path)
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8
+    expected = 255 if mode == "1" else 128
+    assert abs(int(rgb.mean()) - expected) <= 2, (mode, rgb.mean())
+
+
+def test_transparent_pixels_become_white_not_black(tmp_path):
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    img.save(tmp_path / "a.png")
+    assert np.asarray(load_rgb(tmp_path / "a.png")).min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (10, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_preprocess_matches_torchvision_eval_transform(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    weights = tv.models.ResNet18_Weights.DEFAULT
+    path = make_image(tmp_path / "x.png", 0, 1, size=(300, 217))
+    t = EvalTransform(resize=256, crop=224, interpolation="bilinear", jpeg_draft=False)
+    ours = torch.from_numpy(preprocess(path, t)).float() / 255
+    mean, std = torch.tensor(t.mean).view(3, 1, 1), torch.tensor(t.std).view(3, 1, 1)
+    expected = weights.transforms()(Image.open(path).convert("RGB"))
+    assert torch.allclose((ours - mean) / std, expected, atol=1e-5)
+
+
+def test_jpeg_draft_decodes_big_photos_close_to_a_full_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (30, 40, 3)), np.ones((40, 40, 1))).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    full = preprocess(tmp_path / "big.jpg", EvalTransform(jpeg_draft=False)).astype(float)
+    fast = preprocess(tmp_path / "big.jpg", EvalTransform(jpeg_draft=True)).astype(float)
+    assert fast.shape == full.shape == (3, 224, 224)
+    assert np.abs(fast - full).mean() < 3.0
+
+
+def test_transform_json_round_trip_and_rescale():
+    t = EvalTransform(resize=256, crop=224, interpolation="bicubic")
+    assert EvalTransform.from_json(t.to_json()) == t
+    assert t.with_crop(112).resize == 128
+    with pytest.raises(EmbedcacheError, match="crop <= resize"):
+        EvalTransform(resize=100, crop=224)

@@ -1,0 +1,356 @@
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import SIZE, SMALL_BACKBONES, make_image, make_tree, tree_digest
+
+from embedcache import extract, open_cache
+from embedcache.cache import partial_path
+from embedcache.errors import EmbedcacheError
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "embedcache.cli", *args]
+
+
+def _same_splits(a: Path, b: Path, exact: bool = True) -> None:
+    with open_cache(a) as ca, open_cache(b) as cb:
+        assert ca.splits == cb.splits and ca.classes == cb.classes
+        for s in ca.splits:
+            x, y = ca.split(s), cb.split(s)
+            assert x.paths == y.paths
+            assert np.array_equal(x.labels, y.labels)
+            if exact:
+                assert np.array_equal(x.features, y.features), s
+            else:
+                np.testing.assert_allclose(
+                    x.features.astype(np.float32),
+                    y.features.astype(np.float32),
+                    atol=2e-2,
+                    rtol=1e-2,
+                )
+
+
+@pytest.mark.parametrize("backbone", SMALL_BACKBONES)
+def test_cache_schema(tree, tmp_path, extract_kw, backbone):
+    out = tmp_path / "c.h5"
+    r = extract(tree, out=out, **{**extract_kw, "backbone": backbone})
+    assert (r.images, r.extracted, r.skipped, r.reused) == (24, 24, 0, 0)
+    with h5py.File(out, "r") as h5:
+        a = h5.attrs
+        assert a["format_version"] == 1 and bool(a["complete"]) is True
+        assert a["backbone"] == backbone and a["weights"] == "none"
+        assert json.loads(a["classes"]) == ["cat", "dog"]
+        assert json.loads(a["transform"])["crop"] == SIZE
+        assert len(a["source_fingerprint"]) == 64
+        dim = int(a["feature_dim"])
+        for split in ("train", "val"):
+            g = h5[split]
+            assert g["features"].shape == (12, dim) and g["features"].dtype == np.float16
+            assert g["features"].chunks is not None
+            assert g["labels"][:].tolist() == [0] * 6 + [1] * 6
+            assert g["paths"].asstr()[0] == f"{split}/cat/cat_000.png"
+        assert h5["skipped"]["path"].shape == (0,)
+    assert not partial_path(out).exists()
+
+
+def test_features_match_a_direct_forward_pass(tree, tmp_path, extract_kw):
+    import torch
+
+    from embedcache.backbones import build_backbone
+    from embedcache.data import preprocess
+    from embedcache.extraction import Normalise
+
+    out = tmp_path / "c.h5"
+    extract(tree, out=out, dtype="float32", **extract_kw)
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    with open_cache(out) as c:
+        val = c.split("val")
+    x = torch.stack([torch.from_numpy(preprocess(tree / p, bb.transform)) for p in val.paths[:3]])
+    with torch.no_grad():
+        expected = bb.net(Normalise(bb.transform)(x)).numpy()
+    np.testing.assert_allclose(val.features[:3], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_class_separation_with_random_init_is_above_chance(tmp_path, extract_kw):
+    data = make_tree(tmp_path / "d", per_class=10)
+    extract(data, out=tmp_path / "c.h5", dtype="float32", **extract_kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        tr, va = c["train"], c["val"]
+    centroids = np.stack([tr.features[tr.labels == k].mean(0) for k in (0, 1)])
+    pred = ((va.features[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == va.labels).mean() >= 0.9
+
+
+def test_unreadable_files_are_skipped_recorded_and_never_touched(tmp_path, extract_kw):
+    data = make_tree(tmp_path / "d", per_class=3)
+    (data / "train" / "cat" / "zero.jpg").write_bytes(b"")
+    (data / "train" / "dog" / "fake.png").write_text("<html>not an image</html>")
+    good = make_image(tmp_path / "x.jpg", 0, 0, size=(64, 64), fmt="JPEG")
+    (data / "val" / "cat" / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    before = tree_digest(data)
+    r = extract(data, out=tmp_path / "c.h5", **extract_kw)
+    assert (r.images, r.skipped) == (12, 3)
+    with open_cache(tmp_path / "c.h5") as c:
+        reasons = {s.path: s.reason for s in c.skipped}
+        assert c.num_images("train") == 6 and c.num_images("val") == 6
+    assert reasons == {
+        "train/cat/zero.jpg": "empty file (0 bytes)",
+        "train/dog/fake.png": "not an image (unrecognised format)",
+        "val/cat/cut.jpg": "truncated image",
+    }
+    assert tree_digest(data) == before
+    again = extract(data, out=tmp_path / "c.h5", **extract_kw)
+    assert again.up_to_date and again.extracted == 0
+
+
+def test_csv_manifest_and_unlabelled_folder(tmp_path, extract_kw):
+    for i in range(4):
+        make_image(tmp_path / "imgs" / f"{i}.png", i % 2, i)
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\n"
+        + "".join(f"imgs/{i}.png,{'ab'[i % 2]},{'train' if i < 2 else 'test'}\n" for i in range(4))
+    )
+    extract(tmp_path / "m.csv", out=tmp_path / "m.h5", **extract_kw)
+    with open_cache(tmp_path / "m.h5") as c:
+        assert c.splits == ["train", "test"] and c.classes == ["a", "b"]
+    extract(tmp_path / "imgs", out=tmp_path / "u.h5", **extract_kw)
+    with open_cache(tmp_path / "u.h5") as c:
+        assert c.splits == ["all"] and c.classes == [] and c["all"].labels.tolist() == [-1] * 4
+
+
+def test_float32_dtype(tree, tmp_path, extract_kw):
+    extract(tree, out=tmp_path / "c.h5", dtype="float32", **extract_kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        assert c.features("train").dtype == np.float32
+
+
+def test_incremental_extracts_only_new_and_changed_and_drops_removed(tmp_path, extract_kw):
+    data = make_tree(tmp_path / "d", per_class=5)
+    out = tmp_path / "c.h5"
+    extract(data, out=out, **extract_kw)
+    with open_cache(out) as c:
+        old = {p: f for p, f in zip(c["train"].paths, c["train"].features, strict=True)}
+    make_image(data / "train" / "cat" / "cat_new.png", 0, 100)
+    make_image(data / "val" / "dog" / "dog_new.png", 1, 101)
+    (data / "train" / "dog" / "dog_001.png").unlink()
+    changed = make_image(data / "train" / "cat" / "cat_002.png", 1, 102)  # same name, new content
+    os.utime(changed, ns=(1, 1))
+    r = extract(data, out=out, **extract_kw)
+    assert (r.extracted, r.reused, r.images) == (3, 19 - 1, 21)
+    with open_cache(out) as c:
+        train = c["train"]
+    assert "train/dog/dog_001.png" not in train.paths and "train/cat/cat_new.png" in train.paths
+    for p, f in zip(train.paths, train.features, strict=True):
+        if p in old and p != "train/cat/cat_002.png":
+            assert np.array_equal(f, old[p])
+    assert not np.array_equal(
+        train.features[train.paths.index("train/cat/cat_002.png")], old["train/cat/cat_002.png"]
+    )
+    extract(data, out=tmp_path / "fresh.h5", **extract_kw)
+    _same_splits(out, tmp_path / "fresh.h5", exact=False)
+
+
+def test_existing_cache_with_other_settings_is_an_error_naming_both(tree, tmp_path, extract_kw):
+    out = tmp_path / "c.h5"
+    extract(tree, out=out, **extract_kw)
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"holds other features \(backbone timm:test_efficientnet vs resnet18; .*pass --overwrite",
+    ):
+        extract(tree, out=out, **{**extract_kw, "backbone": "timm:test_efficientnet"})
+    with pytest.raises(EmbedcacheError, match=r"transform crop 32 vs 64"):
+        extract(tree, out=out, **{**extract_kw, "image_size": 32})
+    r = extract(
+        tree, out=out, overwrite=True, **{**extract_kw, "backbone": "timm:test_efficientnet"}
+    )
+    assert r.extracted == 24
+    with open_cache(out) as c:
+        assert c.backbone == "timm:test_efficientnet"
+
+
+def test_incomplete_cache_is_refused_with_a_hint_to_resume(tree, tmp_path, extract_kw):
+    from embedcache.cache import PartialCache
+    from embedcache.data import scan
+
+    out = tmp_path / "c.h5"
+    PartialCache.create(
+        partial_path(out),
+        attrs={
+            "format_version": 1,
+            "backbone": "resnet18",
+            "weights": "none",
+            "transform": "{}",
+            "dtype": "float16",
+        },
+        images=scan(tree),
+        feature_dim=8,
+        dtype="float16",
+    ).close()
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"cache .*c\.h5 is incomplete; re-run the same `embedcache extract` command to resume",
+    ):
+        open_cache(out)
+    with pytest.raises(EmbedcacheError, match=r"incomplete \(0 of 24 images done\)"):
+        open_cache(partial_path(out))
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (lambda tmp: tmp, r"--out .* is a directory"),
+        (
+            lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt" / "c.h5",
+            r"cannot create the folder for --out",
+        ),
+    ],
+)
+def test_unwritable_output(tree, tmp_path, extract_kw, make_out, message):
+    with pytest.raises(EmbedcacheError, match=message):
+        extract(tree, out=make_out(tmp_path), **extract_kw)
+
+
+def test_bad_arguments(tree, tmp_path, extract_kw):
+    with pytest.raises(EmbedcacheError, match="--dtype must be float16 or float32, got 'int8'"):
+        extract(tree, out=tmp_path / "c.h5", **{**extract_kw, "dtype": "int8"})
+    with pytest.raises(EmbedcacheError, match=r"no images found under"):
+        (tmp_path / "empty").mkdir()
+        extract(tmp_path / "empty", out=tmp_path / "c.h5", **extract_kw)
+
+
+# ---------------------------------------------------------------------------
+# Crashes: SIGKILL and a full disk, in a real subprocess
+
+
+def _progress(partial: Path) -> tuple[int, int]:
+    try:
+        with h5py.File(partial, "r", locking=False) as h5:
+            done = sum(int(np.count_nonzero(h5[s]["status"][:])) for s in h5)
+            return done, sum(int(h5[s]["status"].shape[0]) for s in h5)
+    except (OSError, KeyError):
+        return 0, 0
+
+
+def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return _cli(
+        "extract",
+        str(data),
+        "--out",
+        str(out),
+        "-b",
+        "resnet18",
+        "-w",
+        "none",
+        "--image-size",
+        "96",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+        *extra,
+    )
+
+
+def _kill_when(
+    cmd: list[str], partial: Path, min_done: int, timeout_s: float = 120
+) -> tuple[int, int]:
+    """Start ``cmd``, SIGKILL it once the partial file shows ``min_done`` rows, return the progress seen."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            if partial.exists() and _progress(partial)[0] >= min_done:
+                break
+            time.sleep(0.01)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    return _progress(partial)
+
+
+def test_sigkill_then_resume_ends_with_the_same_features(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=30)  # 120 images
+    ref = tmp_path / "ref.h5"
+    subprocess.run(_extract_cmd(data, ref), check=True)
+    out = tmp_path / "c.h5"
+    cmd = _extract_cmd(data, out)
+    first = _kill_when(cmd, partial_path(out), min_done=0)  # as soon as the partial file appears
+    second = _kill_when(
+        cmd, partial_path(out), min_done=first[0] + 30
+    )  # mid-way through a resumed run
+    assert not out.exists(), "a killed run must not leave a file that looks complete"
+    assert 0 < second[0] < second[1] == 120, (first, second)
+    with pytest.raises(EmbedcacheError, match="incomplete"):
+        open_cache(out)
+    subprocess.run(cmd, check=True)
+    assert not partial_path(out).exists()
+    _same_splits(out, ref, exact=True)
+
+
+def _fsize_limit(limit_bytes: int):
+    def apply():
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def test_too_little_space_is_refused_before_writing(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=20)
+    out = tmp_path / "c.h5"
+    p = subprocess.run(
+        _extract_cmd(data, out), capture_output=True, text=True, preexec_fn=_fsize_limit(100_000)
+    )
+    assert p.returncode == 1, p.stderr
+    assert re.fullmatch(
+        r"Error: not enough space in .*: extraction needs about \d+\.\d MB and 0\.1 MB is free; free some space or choose another --out\n",
+        p.stderr,
+    )
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 2])
+def test_disk_full_mid_run_keeps_progress_and_leaves_nothing_that_looks_complete(
+    tmp_path, extract_kw, monkeypatch, fail_on_call
+):
+    """Space runs out when the partial file (call 1) or the finished file (call 2) is reserved."""
+    data = make_tree(tmp_path / "d", per_class=4)
+    out = tmp_path / "c.h5"
+    calls = []
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        if len(calls) == fail_on_call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"^no space left on the device while writing .*c\.h5 \(progress is kept in c\.h5\.partial\); free some space and re-run the same command to resume$",
+    ):
+        extract(data, out=out, **extract_kw)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    assert partial_path(out).exists() == (fail_on_call == 2)
+    monkeypatch.undo()
+    r = extract(data, out=out, **extract_kw)
+    assert r.images == 16 and r.extracted == (0 if fail_on_call == 2 else 16)
