@@ -73,6 +73,25 @@ class EvalTransform:
         return dataclasses.replace(self, crop=crop, resize=resize)
 
 
+class Normalise(nn.Module):
+    """A uint8 image batch (N, H, W, 3), as decoded, to a normalised float batch (N, 3, H, W).
+
+    The permute is free and leaves the result in channels_last memory order,
+    the fast layout for convolutions on CPU and GPU alike.
+    """
+
+    def __init__(self, t: EvalTransform):
+        super().__init__()
+        self.register_buffer(
+            "mean", torch.tensor(t.mean).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.register_buffer("std", torch.tensor(t.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return x.sub_(self.mean).div_(self.std)
+
+
 class FeatureNet(nn.Module):
     """A backbone as ordered blocks plus pooling.
 

@@ -70,16 +70,15 @@ def _emit_json(obj) -> None:
 )
 @click.option(
     "--batch-size",
-    default=64,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=1),
-    help="Images per forward pass.",
+    help="Images per forward pass [default: 8 on CPU, 128 on GPU].",
 )
 @click.option(
     "--num-workers",
     default=None,
     type=click.IntRange(min=0),
-    help="Decoding processes [default: one per spare core].",
+    help="Decoding processes [default: one per core, at low priority on CPU].",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(

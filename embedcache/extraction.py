@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import Backbone, EvalTransform, build_backbone
+from .backbones import Backbone, EvalTransform, Normalise, build_backbone
 from .cache import (
     DTYPES,
     Cache,
@@ -31,7 +31,13 @@ from .cache import (
 )
 from .data import ImageSet, UnreadableImage, preprocess, scan
 from .errors import EmbedcacheError
-from .runtime import autocast_dtype, default_num_workers, resolve_device
+from .runtime import (
+    autocast_dtype,
+    default_batch_size,
+    default_num_workers,
+    lower_priority,
+    resolve_device,
+)
 
 
 @dataclass
@@ -110,19 +116,6 @@ def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[l
     return items, batches
 
 
-class Normalise(torch.nn.Module):
-    """uint8 (N, 3, H, W) -> normalised float, channels_last, on the model's device."""
-
-    def __init__(self, t: EvalTransform):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(t.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(t.std).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.mean.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-
 def _plan(
     out: Path, identity: CacheIdentity, images: ImageSet, overwrite: bool
 ) -> tuple[str, list]:
@@ -192,7 +185,7 @@ def extract(
     out: str | Path,
     backbone: str | Backbone = "efficientnet_lite0",
     weights: str = "DEFAULT",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
@@ -215,7 +208,7 @@ def extract(
     """
     if dtype not in DTYPES:
         raise EmbedcacheError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise EmbedcacheError(f"--batch-size must be at least 1, got {batch_size}")
     out = Path(out)
     if out.is_dir():
@@ -231,6 +224,7 @@ def extract(
     _check_writable(out)
     images = scan(data, val_fraction=val_fraction, seed=seed, unlabelled=unlabelled)
     dev = resolve_device(device)
+    batch_size = batch_size or default_batch_size(dev)
     bb = (
         backbone
         if isinstance(backbone, Backbone)
@@ -329,10 +323,11 @@ def _run(
         return 0
     paths = {s: partial.paths(s) for s in todo}
     items = [(s, r, images.root / paths[s][r]) for s, r in flat]
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(device) if num_workers is None else num_workers
     loader = DataLoader(
         _Files(items, bb.transform), batch_sampler=batches, collate_fn=_collate,
         num_workers=workers, pin_memory=device.type == "cuda",
+        worker_init_fn=lower_priority if device.type == "cpu" else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )  # fmt: skip
     net = bb.net.to(device).eval().to(memory_format=torch.channels_last)

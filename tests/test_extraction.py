@@ -69,9 +69,8 @@ def test_cache_schema(tree, tmp_path, extract_kw, backbone):
 def test_features_match_a_direct_forward_pass(tree, tmp_path, extract_kw):
     import torch
 
-    from embedcache.backbones import build_backbone
+    from embedcache.backbones import Normalise, build_backbone
     from embedcache.data import preprocess
-    from embedcache.extraction import Normalise
 
     out = tmp_path / "c.h5"
     extract(tree, out=out, dtype="float32", **extract_kw)

@@ -1,0 +1,194 @@
+"""Images/s of (a) the forward pass alone on pre-decoded tensors, (b) `embedcache extract`,
+(c) the tutorial loop, measured in one run on the same images, backbone and batch size.
+
+    python benchmarks/extract_throughput.py ../shared/data/hymenoptera --backbone efficientnet_lite0
+
+(a) is the compute ceiling: the backbone in eval mode, inference_mode, channels_last,
+on uint8 images already decoded and resized (normalised on the fly, as extract does).
+(b) runs the public API end to end (decode in workers, forward, write HDF5, finalise).
+(c) is what the transfer-learning tutorials write: torchvision ImageFolder with the
+weights' transforms, DataLoader with no workers, fp32 NCHW, torch.no_grad.
+Rounds alternate the three so that machine noise hits all of them alike; the best
+round of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import save
+
+from embedcache import build_backbone, extract, scan
+from embedcache.backbones import Normalise
+from embedcache.data import preprocess
+from embedcache.runtime import default_batch_size, resolve_device
+
+
+def forward_only(bb, images: torch.Tensor, batch_size: int, device, channels_last: bool) -> float:
+    """Images/s of the backbone alone on pre-decoded uint8 images."""
+    net = bb.net.to(device).eval()
+    net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    norm = Normalise(bb.transform).to(device)
+    batches = [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+    with torch.inference_mode():
+        net(
+            norm(batches[0]) if channels_last else norm(batches[0]).contiguous()
+        )  # warm-up (oneDNN plans)
+        sync(device)
+        t = time.perf_counter()
+        for b in batches:
+            x = norm(b)
+            net(x if channels_last else x.contiguous())
+        sync(device)
+    return len(images) / (time.perf_counter() - t)
+
+
+def embedcache_extract(data: Path, bb, batch_size: int, device: str, workers: int | None) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = extract(
+            data,
+            out=Path(tmp) / "c.h5",
+            backbone=bb,
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=False,
+        )
+    return r.images_per_s
+
+
+def tutorial(data: Path, bb, batch_size: int, device) -> float:
+    """The tutorial recipe: ImageFolder + transforms + DataLoader(num_workers=0), fp32 NCHW."""
+    from torchvision import datasets, transforms
+
+    t = bb.transform
+    tf = transforms.Compose(
+        [
+            transforms.Resize(
+                t.resize, interpolation=transforms.InterpolationMode(t.interpolation)
+            ),
+            transforms.CenterCrop(t.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(t.mean, t.std),
+        ]
+    )
+    net = bb.net.to(device).eval().to(memory_format=torch.contiguous_format)
+    n = 0
+    start = time.perf_counter()
+    for split in sorted(p for p in data.iterdir() if p.is_dir()):
+        loader = torch.utils.data.DataLoader(
+            datasets.ImageFolder(split, tf), batch_size=batch_size, shuffle=False, num_workers=0
+        )
+        with torch.no_grad():
+            for x, _ in loader:
+                net(x.to(device))
+                n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("data", type=Path, help="an image folder with split folders (train/, val/)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument(
+        "--weights", default="none", help="weights do not change speed; default random init"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="[default: embedcache's own, 8 on CPU, 128 on GPU]",
+    )
+    p.add_argument("--tutorial-batch-size", type=int, default=32, help="the courses' batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results file stem [default: extract_throughput_BACKBONE_DEVICE]",
+    )
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    args.batch_size = args.batch_size or default_batch_size(device)
+    bb = build_backbone(args.backbone, weights=args.weights, device=device)
+    images = scan(args.data)
+    files = [images.root / s.path for split in images.splits.values() for s in split]
+    decoded = torch.stack([torch.from_numpy(preprocess(f, bb.transform)) for f in files])
+    if device.type == "cuda":
+        decoded = decoded.pin_memory()
+    rows: dict[str, list[float]] = {
+        "forward_nchw": [],
+        "forward_channels_last": [],
+        "extract": [],
+        "tutorial": [],
+    }
+    for r in range(args.rounds):
+        rows["forward_nchw"].append(
+            forward_only(bb, decoded, args.batch_size, device, channels_last=False)
+        )
+        rows["forward_channels_last"].append(
+            forward_only(bb, decoded, args.batch_size, device, channels_last=True)
+        )
+        rows["extract"].append(
+            embedcache_extract(args.data, bb, args.batch_size, str(device), args.num_workers)
+        )
+        rows["tutorial"].append(tutorial(args.data, bb, args.tutorial_batch_size, device))
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True
+        )
+    best = {k: max(v) for k, v in rows.items()}
+    ceiling = best["forward_channels_last"]
+    ratios = {
+        "extract_over_forward": best["extract"] / ceiling,
+        "extract_over_tutorial": best["extract"] / best["tutorial"],
+    }
+    labels = {
+        "forward_nchw": "(a') forward only, fp32 NCHW",
+        "forward_channels_last": "(a) forward only, channels_last (ceiling)",
+        "extract": "(b) embedcache extract",
+        "tutorial": f"(c) tutorial loop (ImageFolder, no workers, NCHW, batch {args.tutorial_batch_size})",
+    }
+    md = [f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}.", "",
+          "| what | images/s (best of rounds) | all rounds |", "| --- | ---: | --- |"]  # fmt: skip
+    md += [
+        f"| {labels[k]} | {best[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows
+    ]
+    md += [
+        "",
+        f"(b)/(a) = **{ratios['extract_over_forward']:.2f}**, (b)/(c) = **{ratios['extract_over_tutorial']:.2f}**",
+    ]
+    name = args.name or f"extract_throughput_{args.backbone.replace(':', '_')}_{device.type}"
+    path = save(
+        name,
+        {
+            "backbone": args.backbone,
+            "weights": args.weights,
+            "images": len(files),
+            "batch_size": args.batch_size,
+            "tutorial_batch_size": args.tutorial_batch_size,
+            "device": str(device),
+            "rounds": rows,
+            "best": best,
+            "ratios": ratios,
+        },
+        "\n".join(md),
+    )
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
