@@ -78,7 +78,7 @@ def _emit_json(obj) -> None:
     "--num-workers",
     default=None,
     type=click.IntRange(min=0),
-    help="Decoding processes [default: one per core, at low priority on CPU].",
+    help="Decoders: threads on CPU, processes beside a GPU [default: one per core].",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(

@@ -10,10 +10,13 @@ import hashlib
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from .backbones import EvalTransform
@@ -380,3 +383,68 @@ def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
         box = (left * sx, top * sy, (left + t.crop) * sx, (top + t.crop) * sy)
         img = img.resize((t.crop, t.crop), _RESAMPLE[t.interpolation], box=box)
     return np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy can share it
+
+
+# ---------------------------------------------------------------------------
+# Batches of decoded images
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Index -> (index, uint8 HWC tensor or the reason it could not be decoded)."""
+
+    def __init__(self, paths: list[Path], decode: Callable[[Path], np.ndarray]):
+        self.paths, self.decode = paths, decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return i, torch.from_numpy(self.decode(self.paths[i]))
+        except UnreadableImage as e:
+            return i, str(e)
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | str]],
+) -> tuple[np.ndarray, torch.Tensor | None, dict[int, str]]:
+    ok = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
+    failed = {i: x for i, x in items if isinstance(x, str)}
+    images = torch.stack([x for _, x in ok]) if ok else None
+    return np.array([i for i, _ in ok], dtype=np.int64), images, failed
+
+
+def decoded_batches(
+    paths: list[Path],
+    batches: list[list[int]],
+    decode: Callable[[Path], np.ndarray],
+    *,
+    device: torch.device,
+    num_workers: int,
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
+    """Yield ``(indices, images, failed)`` per batch of indices into ``paths``.
+
+    images : uint8 tensor of shape (n_ok, H, W, 3), pinned when ``device`` is CUDA;
+    failed : {index: reason} for files that could not be decoded.
+
+    On a GPU, ``num_workers`` processes decode ahead while the GPU computes. On a
+    CPU the forward pass already uses every core, and a decoder running beside
+    it stalls each layer on its slowest thread; there ``num_workers`` threads
+    (PIL releases the GIL) decode each batch while the model waits, which was
+    faster on the 2-core machine (61 vs 54 images/s for efficientnet_lite0).
+    """
+    dataset = _Decode(paths, decode)
+    if device.type == "cuda":
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
+            pin_memory=True, prefetch_factor=4 if num_workers else None,
+        )  # fmt: skip
+        yield from loader
+        return
+    if num_workers <= 1:
+        for batch in batches:
+            yield _collate([dataset[i] for i in batch])
+        return
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="decode") as pool:
+        for batch in batches:
+            yield _collate(list(pool.map(dataset.__getitem__, batch)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -11,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import Backbone, EvalTransform, Normalise, build_backbone
+from .backbones import Backbone, Normalise, build_backbone
 from .cache import (
     DTYPES,
     Cache,
@@ -29,13 +29,12 @@ from .cache import (
     partial_path,
     remove_stale_tmp,
 )
-from .data import ImageSet, UnreadableImage, preprocess, scan
+from .data import ImageSet, decoded_batches, preprocess, scan
 from .errors import EmbedcacheError
 from .runtime import (
     autocast_dtype,
     default_batch_size,
     default_num_workers,
-    lower_priority,
     resolve_device,
 )
 
@@ -69,33 +68,6 @@ class ExtractResult:
             f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s), "
             f"{self.reused} reused, {mb:.1f} MB"
         )
-
-
-class _Files(Dataset):
-    """(split, row, absolute path) triples -> (split, row, uint8 image or reason)."""
-
-    def __init__(self, items: list[tuple[str, int, Path]], transform: EvalTransform):
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        split, row, path = self.items[i]
-        try:
-            return split, row, torch.from_numpy(preprocess(path, self.transform))
-        except UnreadableImage as e:
-            return split, row, str(e)
-
-
-def _collate(batch):
-    split = batch[0][0]
-    ok = [(row, img) for _, row, img in batch if isinstance(img, torch.Tensor)]
-    failed = {row: img for _, row, img in batch if not isinstance(img, torch.Tensor)}
-    rows = np.array([row for row, _ in ok], dtype=np.int64)
-    images = torch.stack([img for _, img in ok]) if ok else None
-    return split, rows, images, failed
 
 
 def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[list[int]]]:
@@ -322,24 +294,25 @@ def _run(
     if not flat:
         return 0
     paths = {s: partial.paths(s) for s in todo}
-    items = [(s, r, images.root / paths[s][r]) for s, r in flat]
+    files = [images.root / paths[s][r] for s, r in flat]
     workers = default_num_workers(device) if num_workers is None else num_workers
-    loader = DataLoader(
-        _Files(items, bb.transform), batch_sampler=batches, collate_fn=_collate,
-        num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=lower_priority if device.type == "cpu" else None,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
-    )  # fmt: skip
+    decode = functools.partial(preprocess, t=bb.transform)
+    loader = decoded_batches(files, batches, decode, device=device, num_workers=workers)
     net = bb.net.to(device).eval().to(memory_format=torch.channels_last)
     norm = Normalise(bb.transform).to(device)
     amp = autocast_dtype(device)
     out_dtype = np.dtype(partial.identity.dtype)
     done = skipped = 0
     bar = tqdm(
-        total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True
+        total=len(files), unit="img", desc="extract", disable=not progress, dynamic_ncols=True
     )
     with torch.inference_mode(), bar:
-        for split, rows, batch, failed in loader:
+        for index, batch, failed_at in loader:
+            split = flat[int(index[0]) if len(index) else next(iter(failed_at))][
+                0
+            ]  # one split per batch
+            rows = np.array([flat[i][1] for i in index], dtype=np.int64)
+            failed = {flat[i][1]: reason for i, reason in failed_at.items()}
             feats = np.zeros((0, bb.feature_dim), out_dtype)
             if batch is not None:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
