@@ -129,6 +129,9 @@ class Backbone:
     transform: EvalTransform
     weights: str
     classifier: str
+    weights_arg: str = (
+        "DEFAULT"  # what rebuilds these weights: DEFAULT, none, a name or an absolute path
+    )
 
     @property
     def block_names(self) -> list[str]:
@@ -585,7 +588,8 @@ def build_backbone(
     blocks, pool = _split(provider, model_name, model)
     net = FeatureNet(blocks, pool).eval().to(device)
     dim = _feature_dim(net, transform.crop, name)
-    return Backbone(name, provider, net, dim, transform, weights_id, classifier)
+    arg = str(Path(weights).resolve()) if weights_id.startswith("file:") else weights
+    return Backbone(name, provider, net, dim, transform, weights_id, classifier, arg)
 
 
 def _feature_dim(net: FeatureNet, size: int, name: str) -> int:

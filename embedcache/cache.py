@@ -600,6 +600,62 @@ class PartialCache:
         self.path.unlink(missing_ok=True)
 
 
+def write_cache(
+    path: str | Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
+    *,
+    classes: list[str],
+    backbone: str,
+    weights: str,
+    transform: str,
+    source: str = "",
+) -> Path:
+    """Write a complete cache from arrays: ``{split: (features (N, D), labels (N,), paths)}``.
+
+    For features computed elsewhere, tests and benchmarks; the file is the same
+    schema `extract` writes (without file sizes and times: they are -1).
+    """
+    path = Path(path)
+    dims = {f.shape[1] for f, _, _ in splits.values()}
+    dtypes = {str(f.dtype) for f, _, _ in splits.values()}
+    if len(dims) != 1 or len(dtypes) != 1 or dtypes - set(DTYPES):
+        raise EmbedcacheError(
+            f"every split needs (N, D) features of one D and a dtype in {DTYPES}; got dims {dims}, dtypes {dtypes}"
+        )
+    dim, dtype = dims.pop(), dtypes.pop()
+    attrs = {
+        "format_version": FORMAT_VERSION, "tool": "embedcache", "backbone": backbone, "weights": weights,
+        "weights_arg": weights, "transform": transform, "dtype": dtype, "feature_dim": dim,
+        "classes": json.dumps(classes), "num_classes": len(classes), "source": source, "layout": "arrays",
+        "source_fingerprint": "", "created": now_iso(),
+    }  # fmt: skip
+
+    def layout(h5: h5py.File) -> None:
+        h5.attrs.update(attrs)
+        h5.attrs["complete"] = False
+        for name, (_, labels, paths) in splits.items():
+            n = len(labels)
+            g = h5.create_group(name)
+            chunks = (min(n, _rows_per_chunk(dim, np.dtype(dtype).itemsize)), dim) if n else None
+            g.create_dataset("features", (n, dim), dtype=dtype, chunks=chunks, dcpl=_early())
+            g.create_dataset("labels", data=np.asarray(labels, np.int64))
+            g.create_dataset("paths", data=list(paths), dtype=_STR)
+            g.create_dataset("sizes", data=np.full(n, -1, np.int64))
+            g.create_dataset("mtimes", data=np.full(n, -1, np.int64))
+        g = h5.create_group("skipped")
+        for name in ("split", "path", "reason"):
+            g.create_dataset(name, data=[], dtype=_STR)
+        for name in ("size", "mtime"):
+            g.create_dataset(name, data=np.zeros(0, np.int64))
+
+    with _atomic_h5(path, layout) as h5:
+        for name, (features, _, _) in splits.items():
+            for lo in range(0, len(features), COPY_ROWS):
+                h5[name]["features"][lo : lo + COPY_ROWS] = features[lo : lo + COPY_ROWS]
+        h5.attrs.modify("complete", True)
+    return path
+
+
 def _keys(g: h5py.Group) -> list[tuple[str, int, int]]:
     return list(
         zip(g["paths"].asstr()[:], g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)

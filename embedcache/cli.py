@@ -201,6 +201,258 @@ def backbones(as_json):
         )
 
 
+class _FloatList(click.ParamType):
+    """'1e-3,3e-3' or a repeated option -> a list of floats."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected numbers separated by commas, got {value!r}", param, ctx)
+
+
+class _Bytes(click.ParamType):
+    """'2GB', '512MB' or a number of bytes."""
+
+    name = "size"
+    UNITS = {
+        "": 1,
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        try:
+            return int(float(number) * self.UNITS[text[len(number) :]])
+        except (ValueError, KeyError):
+            self.fail(f"expected a size such as 2GB or 512MB, got {value!r}", param, ctx)
+
+
+def _flatten(values) -> list[float]:
+    return [v for group in values for v in group]
+
+
+@main.command("train-head")
+@click.argument("cache", type=click.Path(path_type=str))
+@click.option(
+    "--head",
+    "kind",
+    default="linear",
+    show_default=True,
+    type=click.Choice(["linear", "mlp", "logreg", "knn"]),
+    help="linear/mlp train in torch; logreg (L-BFGS) and knn are references.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Head checkpoint to write; metrics, plots and a report go next to it.",
+)
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="[default: the whole split when it is under 64 MB, else 1024]",
+)
+@click.option(
+    "--lr",
+    multiple=True,
+    type=_FloatList(),
+    help="Learning rate(s), e.g. --lr 1e-3,3e-3,1e-2 [default: 1e-3].",
+)
+@click.option(
+    "--weight-decay",
+    multiple=True,
+    type=_FloatList(),
+    help="Weight decay(s); every (lr, weight decay) pair trains at once [default: 1e-4].",
+)
+@click.option(
+    "--hidden", default=512, show_default=True, type=click.IntRange(min=1), help="MLP hidden width."
+)
+@click.option(
+    "--dropout",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="MLP dropout.",
+)
+@click.option(
+    "--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)
+)
+@click.option(
+    "--patience",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Stop after this many epochs without a better validation accuracy.",
+)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Held out from train when the cache has no val split.",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    type=_Bytes(),
+    help="Stream features from the file past this size [default: half the available memory].",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the training saved in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def train_head_cmd(
+    cache,
+    kind,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    hidden,
+    dropout,
+    label_smoothing,
+    patience,
+    val_fraction,
+    max_memory,
+    device,
+    seed,
+    resume,
+    quiet,
+    as_json,
+):
+    """Train a head on the cached features of CACHE and save it to OUT.
+
+    Trains on the train split and keeps the epoch (and, in a sweep, the
+    learning rate and weight decay) with the best validation accuracy.
+    Metrics JSON, loss/accuracy curves, a confusion matrix and a
+    classification report are written next to OUT.
+    """
+    from .train import train_head
+
+    r = train_head(
+        cache, out=out, head=kind, epochs=epochs, batch_size=batch_size,
+        lr=_flatten(lr) or 1e-3, weight_decay=_flatten(weight_decay) or 1e-4, hidden=hidden,
+        dropout=dropout, label_smoothing=label_smoothing, patience=patience, device=device,
+        seed=seed, val_fraction=val_fraction, max_memory=max_memory, resume=resume,
+        progress=not quiet and not as_json,
+    )  # fmt: skip
+    m = r.metrics
+    if as_json:
+        _emit_json({**m, "files": {k: str(v) for k, v in r.files.items()}})
+        return
+    if m["val_source"] != "val split":
+        click.echo(m["val_source"])
+    if len(m.get("sweep", [])) > 1:
+        for row in m["sweep"]:
+            click.echo(
+                "  "
+                + "  ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                )
+            )
+    best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
+    epochs_note = (
+        f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
+    )
+    click.echo(
+        f"{kind} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs_note}; {best}; {m['seconds']:.2f} s"
+    )
+    click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("data", type=click.Path(path_type=str))
+@click.option("--split", default="test", show_default=True, help="train, val, test or all.")
+@click.option(
+    "--plot",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Confusion matrix PNG [default: MODEL.SPLIT.confusion.png next to MODEL].",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1))
+@click.option("--num-workers", default=None, type=click.IntRange(min=0))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(model, data, split, plot, device, batch_size, num_workers, quiet, as_json):
+    """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
+
+    MODEL is a head from train-head or a model from finetune. DATA is a cache
+    (heads only) or an image folder / CSV, whose images then go through the
+    backbone recorded in MODEL.
+    """
+    from pathlib import Path
+
+    from .inference import evaluate as run
+
+    plot = plot or str(Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png"))
+    r = run(
+        model,
+        data,
+        split=split,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        plot=plot,
+        progress=not quiet and not as_json,
+    )
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"{r['split']}: accuracy {r['accuracy']:.4f} on {r['images']} images")
+    click.echo(r["report"].rstrip())
+    width = max(len(c) for c in r["classes"])
+    click.echo("confusion (rows true, columns predicted):")
+    for c, row in zip(r["classes"], r["confusion"], strict=True):
+        click.echo(f"  {c:>{width}}  " + " ".join(f"{v:>5}" for v in row))
+    if r["skipped"]:
+        click.echo(f"skipped {len(r['skipped'])} unreadable images")
+    click.echo(f"wrote {r['plot']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(model, images, top_k, device, as_json):
+    """Top classes and probabilities of each image (files or folders)."""
+    from .inference import predict as run
+
+    rows = run(model, list(images), top_k=top_k, device=device)
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['path']}: skipped ({r['error']})")
+        else:
+            click.echo(
+                f"{r['path']}: "
+                + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+            )
+
+
 @main.command()
 @click.option(
     "--data",

@@ -221,6 +221,7 @@ def extract(
     start = time.perf_counter()
     attrs = {
         "format_version": 1, **_versions(), **vars(identity),
+        "weights_arg": bb.weights_arg,
         "feature_dim": bb.feature_dim, "image_size": bb.transform.crop,
         "classes": json.dumps(images.classes), "source": str(images.root),
         "layout": images.layout, "source_fingerprint": images.fingerprint(),

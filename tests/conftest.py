@@ -92,3 +92,48 @@ def lite0_available() -> bool:
     from embedcache.backbones import lite0_weights_available
 
     return lite0_weights_available()
+
+
+def blobs(
+    n_per_class: int,
+    dim: int = 16,
+    classes: int = 3,
+    seed: int = 0,
+    spread: float = 1.0,
+    dtype=np.float16,
+):
+    """Gaussian blobs: features (N, dim), labels (N,), one centre per class."""
+    centres = np.random.default_rng(1234).normal(0, 3, (classes, dim))  # shared by every split
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = (
+        centres[labels] + rng.normal(0, spread, (len(labels), dim)) * 3 + 5.0
+    )  # offset: standardisation matters
+    return features.astype(dtype), labels
+
+
+@pytest.fixture
+def make_cache(tmp_path):
+    """Factory for small synthetic caches: make_cache(name, train=(X, y), val=(X, y), classes=[...])."""
+    from embedcache.cache import write_cache
+
+    def make(name="blobs.h5", *, classes=("a", "b", "c"), backbone="resnet18", **splits):
+        arrays = {
+            s: (x, y, [f"{s}/{i}.png" for i in range(len(y))]) for s, (x, y) in splits.items()
+        }
+        return write_cache(
+            tmp_path / name,
+            arrays,
+            classes=list(classes),
+            backbone=backbone,
+            weights="none",
+            transform='{"crop": 64}',
+        )
+
+    return make
+
+
+@pytest.fixture
+def blob_cache(make_cache):
+    """3 classes x (40 train, 15 val) Gaussian blobs, 16-d."""
+    return make_cache(train=blobs(40, seed=0), val=blobs(15, seed=1, spread=1.0))

@@ -111,3 +111,115 @@ def test_help_explains_every_command(runner):
         assert cmd in r.output
     r = runner.invoke(main, ["extract", "--help"])
     assert "--weights" in r.output and "resumes where it stopped" in r.output
+
+
+def test_train_head_evaluate_predict_end_to_end(runner, tmp_path):
+    from conftest import make_tree
+
+    data = make_tree(tmp_path / "d", splits=("train", "val", "test"), per_class=6)
+    cache, head = tmp_path / "c.h5", tmp_path / "head.pt"
+    assert (
+        runner.invoke(main, ["extract", str(data), "--out", str(cache), "-q", *FAST]).exit_code == 0
+    )
+    r = runner.invoke(
+        main,
+        [
+            "train-head",
+            str(cache),
+            "--out",
+            str(head),
+            "--lr",
+            "1e-3,1e-2",
+            "--weight-decay",
+            "0",
+            "--weight-decay",
+            "1e-3",
+            "--epochs",
+            "20",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        r.output.count("\n  lr ") + r.output.startswith("  lr ") == 4
+        and "linear head: val accuracy" in r.output
+    )
+    m = json.loads((tmp_path / "head.metrics.json").read_text())
+    assert (
+        len(m["sweep"]) == 4
+        and m["config"]["lr"] == [1e-3, 1e-2]
+        and m["config"]["weight_decay"] == [0.0, 1e-3]
+    )
+
+    r = runner.invoke(main, ["evaluate", str(head), str(cache), "--split", "test", "--json"])
+    assert r.exit_code == 0, r.output
+    on_cache = json.loads(r.output)
+    r = runner.invoke(
+        main,
+        [
+            "evaluate",
+            str(head),
+            str(data),
+            "--split",
+            "test",
+            "--json",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    on_images = json.loads(r.output)
+    assert on_images["images"] == on_cache["images"] == 12
+    assert (
+        on_images["accuracy"] == on_cache["accuracy"] >= 0.75
+    )  # the head rebuilds the same backbone
+    assert (tmp_path / "head.test.confusion.png").exists()
+
+    r = runner.invoke(
+        main,
+        [
+            "predict",
+            str(head),
+            str(data / "test" / "dog"),
+            "--top-k",
+            "1",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert len(rows) == 6 and sum(row["predictions"][0]["class"] == "dog" for row in rows) >= 4
+    r = runner.invoke(main, ["predict", str(head), str(data / "test" / "dog" / "dog_000.png")])
+    assert (
+        r.exit_code == 0
+        and "dog_000.png: " in r.output
+        and r.output.count(" 0.") + r.output.count(" 1.0") == 2
+    )
+
+
+def test_head_on_a_cache_of_another_backbone_is_refused(runner, tmp_path, make_cache):
+    from conftest import blobs
+
+    cache = make_cache(train=blobs(10), val=blobs(5))
+    other = make_cache("other.h5", backbone="resnet50", train=blobs(10), val=blobs(5))
+    assert (
+        runner.invoke(
+            main, ["train-head", str(cache), "--out", str(tmp_path / "h.pt"), "-q", "--epochs", "2"]
+        ).exit_code
+        == 0
+    )
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "h.pt"), str(other), "--split", "val"])
+    assert r.exit_code == 1
+    assert (
+        "Error: " in r.output
+        and "was trained on other features than" in r.output
+        and "backbone resnet18 (head) vs resnet50 (cache)" in r.output
+    )
+    r = runner.invoke(main, ["evaluate", str(tmp_path / "h.pt"), str(cache), "--split", "test"])
+    assert r.exit_code == 1 and "has no 'test' split (it has train, val); pass --split" in r.output

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import blobs
+
+import embedcache.train as train_mod
+from embedcache import open_cache, train_head
+from embedcache.errors import EmbedcacheError
+from embedcache.heads import StackedAdamW, StackedHeads, init_template
+from embedcache.train import load_head
+
+FAST = {"device": "cpu", "progress": False}
+
+
+def _val(cache):
+    with open_cache(cache) as c:
+        v = c["val"]
+    return v.features.astype(np.float32), v.labels
+
+
+@pytest.mark.parametrize("kind, extra", [("linear", {}), ("mlp", {"dropout": 0.0, "hidden": 8})])
+def test_sweep_picks_the_same_head_as_separate_runs(blob_cache, kind, extra):
+    lrs, wds = [1e-3, 3e-2], [0.0, 1e-1]
+    sweep = train_head(
+        blob_cache, head=kind, lr=lrs, weight_decay=wds, epochs=15, patience=15, **extra, **FAST
+    )
+    single = {}
+    for lr in lrs:
+        for wd in wds:
+            single[(lr, wd)] = train_head(
+                blob_cache,
+                head=kind,
+                lr=lr,
+                weight_decay=wd,
+                epochs=15,
+                patience=15,
+                **extra,
+                **FAST,
+            )
+    for row in sweep.metrics["sweep"]:
+        alone = single[(row["lr"], row["weight_decay"])].metrics["sweep"][0]
+        assert row["best_epoch"] == alone["best_epoch"]
+        assert row["best_val_acc"] == pytest.approx(alone["best_val_acc"])
+        assert row["best_val_loss"] == pytest.approx(alone["best_val_loss"], rel=1e-4)
+    best = sweep.metrics["best"]
+    chosen = single[(best["lr"], best["weight_decay"])].head.state_dict()
+    for k, v in sweep.head.state_dict().items():
+        torch.testing.assert_close(v, chosen[k], rtol=1e-4, atol=1e-5)
+    assert sweep.metrics["val_acc"] == max(s.metrics["val_acc"] for s in single.values())
+
+
+def test_stacked_adamw_is_torch_adamw_per_head():
+    torch.manual_seed(0)
+    template = init_template("linear", 6, 3, hidden=0, dropout=0, seed=0)
+    reference = init_template("linear", 6, 3, hidden=0, dropout=0, seed=0)
+    heads = StackedHeads(template, 2)
+    opt = StackedAdamW(heads, torch.tensor([1e-2, 1e-1]), torch.tensor([0.0, 0.5]))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-1, weight_decay=0.5)
+    for _ in range(20):
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            heads(x).reshape(32, 3), y.repeat(2), reduction="none"
+        ).view(2, 16).mean(1).sum().backward()
+        opt.step()
+        ref_opt.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        ref_opt.step()
+    exported = heads.export(1, template)
+    torch.testing.assert_close(exported.weight, reference.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exported.bias, reference.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_epoch(make_cache):
+    x, y = blobs(40, seed=0, spread=2.5)
+    xv, yv = blobs(15, seed=1, spread=2.5)
+    yv = np.random.default_rng(0).permutation(
+        yv
+    )  # noisy validation: it peaks early, then the loss rises
+    cache = make_cache(train=(x, y), val=(xv, yv))
+    r = train_head(cache, lr=0.1, epochs=200, patience=4, **FAST)
+    m = r.metrics
+    assert m["epochs_run"] == m["best_epoch"] + 4 < 200
+    best = m["best_epoch"] - 1
+    assert m["history"]["val_acc"][best] == max(m["history"]["val_acc"])
+    with torch.no_grad():
+        pred = r.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy()
+    assert (pred == yv).mean() == pytest.approx(m["history"]["val_acc"][best])
+    assert m["val_acc"] == pytest.approx(m["history"]["val_acc"][best])
+
+
+def test_checkpoint_round_trips_and_writes_reports(blob_cache, tmp_path):
+    out = tmp_path / "head.pt"
+    r = train_head(blob_cache, out=out, epochs=5, **FAST)
+    head, ckpt = load_head(out)
+    xv, yv = _val(blob_cache)
+    with torch.no_grad():
+        torch.testing.assert_close(head(torch.from_numpy(xv)), r.head(torch.from_numpy(xv)))
+    assert ckpt["classes"] == ["a", "b", "c"] and ckpt["identity"]["backbone"] == "resnet18"
+    assert ckpt["identity"]["feature_dim"] == 16
+    for name in ("head.metrics.json", "head.curves.png", "head.confusion.png", "head.report.txt"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "precision" in (tmp_path / "head.report.txt").read_text()
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("import os; os.system('touch pwned')",))
+
+    torch.save({"format": "embedcache.head", "config": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"refusing to load .*evil\.pt: it holds Python objects other than tensors",
+    ):
+        load_head(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_standardisation_uses_train_statistics_at_train_and_predict_time(blob_cache, tmp_path):
+    r = train_head(blob_cache, out=tmp_path / "h.pt", epochs=3, **FAST)
+    with open_cache(blob_cache) as c:
+        x = c["train"].features.astype(np.float64)
+    head, _ = load_head(tmp_path / "h.pt")
+    np.testing.assert_allclose(head.norm.mean.numpy(), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(head.norm.std.numpy(), x.std(0), rtol=1e-4)
+    xv, yv = _val(blob_cache)
+    raw = torch.from_numpy(xv)
+    with torch.no_grad():
+        manual = head.classifier(
+            (raw - torch.from_numpy(x.mean(0)).float()) / torch.from_numpy(x.std(0)).float()
+        )
+        torch.testing.assert_close(head(raw), manual, rtol=1e-4, atol=1e-4)
+    assert float((head(raw).argmax(1).numpy() == yv).mean()) == pytest.approx(r.metrics["val_acc"])
+
+
+def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, monkeypatch):
+    monkeypatch.setattr(train_mod, "BLOCK_ROWS", 16)  # many blocks for 120 rows
+    monkeypatch.setattr(train_mod, "SHUFFLE_ROWS", 48)
+    kw = {"lr": [1e-2, 3e-2], "epochs": 6, "batch_size": 10, **FAST}
+    memory = train_head(blob_cache, stream=False, **kw)
+    streamed = train_head(blob_cache, max_memory=1000, **kw)  # 120 x 16 float32 is 7,680 bytes
+    assert streamed.metrics["streamed"] and not memory.metrics["streamed"]
+    assert streamed.metrics["history"] == memory.metrics["history"]
+    for k, v in memory.head.state_dict().items():
+        assert torch.equal(v, streamed.head.state_dict()[k]), k
+
+
+def test_resume_continues_as_if_never_stopped(blob_cache, tmp_path):
+    kw = {"lr": [1e-2, 1e-1], "patience": 50, **FAST}
+    straight = train_head(blob_cache, out=tmp_path / "a.pt", epochs=8, **kw)
+    train_head(blob_cache, out=tmp_path / "b.pt", epochs=3, **kw)
+    resumed = train_head(blob_cache, out=tmp_path / "b.pt", epochs=8, resume=True, **kw)
+    assert resumed.metrics["history"] == straight.metrics["history"]
+    with pytest.raises(EmbedcacheError, match="trained with another cache or configuration"):
+        train_head(blob_cache, out=tmp_path / "b.pt", epochs=9, resume=True, **{**kw, "lr": [1e-3]})
+
+
+@pytest.mark.parametrize("kind", ["logreg", "knn"])
+def test_reference_heads(blob_cache, tmp_path, kind):
+    r = train_head(blob_cache, out=tmp_path / f"{kind}.pt", head=kind, **FAST)
+    assert r.metrics["val_acc"] >= 0.9
+    head, _ = load_head(tmp_path / f"{kind}.pt")
+    xv, yv = _val(blob_cache)
+    with torch.no_grad():
+        assert float((head(torch.from_numpy(xv)).argmax(1).numpy() == yv).mean()) == pytest.approx(
+            r.metrics["val_acc"]
+        )
+
+
+def test_binary_logreg_matches_scikit_learn(make_cache):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(30, classes=2, seed=0, spread=3)
+    xv, yv = blobs(20, classes=2, seed=1, spread=3)
+    cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
+    r = train_head(cache, head="logreg", **FAST)
+    x32, xv32 = x.astype(np.float32), xv.astype(np.float32)
+    mu, sd = x32.mean(0), x32.std(0) + 1e-6
+    sk = LogisticRegression(C=r.metrics["best"]["C"], max_iter=2000).fit((x32 - mu) / sd, y)
+    expected = sk.predict_proba((xv32 - mu) / sd)
+    with torch.no_grad():
+        probs = torch.softmax(r.head(torch.from_numpy(xv32)), 1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+def test_no_val_split_holds_out_a_stratified_fraction(make_cache):
+    cache = make_cache(train=blobs(20))
+    r = train_head(cache, val_fraction=0.25, epochs=3, **FAST)
+    assert (
+        r.metrics["val_source"]
+        == "no val split: held out 15 of 60 train images (25%, stratified, seed 0)"
+    )
+    assert r.metrics["train_images"] == 45 and r.metrics["val_images"] == 15
+
+
+def test_training_errors(make_cache, tmp_path, blob_cache):
+    from conftest import make_tree
+
+    from embedcache.cache import PartialCache, partial_path
+    from embedcache.data import scan
+
+    x, y = blobs(5)
+    with pytest.raises(
+        EmbedcacheError, match="has a single class \\(a\\); a classifier needs at least two"
+    ):
+        train_head(make_cache("one.h5", train=(x[:5], y[:5]), val=(x[:5], y[:5])), **FAST)
+    with pytest.raises(EmbedcacheError, match="has unlabelled training images"):
+        train_head(make_cache("unl.h5", train=(x, np.full(len(y), -1))), **FAST)
+    with pytest.raises(EmbedcacheError, match="has no train split \\(it has all\\)"):
+        train_head(make_cache("all.h5", all=(x, y)), **FAST)
+    with pytest.raises(EmbedcacheError, match="the train split of .* is empty"):
+        train_head(make_cache("empty.h5", train=(x[:0], y[:0]), val=(x, y)), **FAST)
+    with pytest.raises(EmbedcacheError, match="the val split of .* is empty"):
+        train_head(make_cache("emptyval.h5", train=(x, y), val=(x[:0], y[:0])), **FAST)
+    data = make_tree(tmp_path / "d", per_class=1)
+    out = tmp_path / "inc.h5"
+    attrs = {
+        "format_version": 1,
+        "backbone": "resnet18",
+        "weights": "none",
+        "transform": "{}",
+        "dtype": "float16",
+    }
+    PartialCache.create(
+        partial_path(out), attrs=attrs, images=scan(data), feature_dim=4, dtype="float16"
+    ).close()
+    with pytest.raises(
+        EmbedcacheError, match="incomplete.*re-run the same `embedcache extract` command to resume"
+    ):
+        train_head(out, **FAST)
+    with pytest.raises(EmbedcacheError, match="--lr must be non-negative numbers"):
+        train_head(blob_cache, lr=[-1.0], **FAST)
