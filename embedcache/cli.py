@@ -454,6 +454,178 @@ def predict(model, images, top_k, device, as_json):
 
 
 @main.command()
+@click.argument("data", type=click.Path(path_type=str))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Best model checkpoint; OUT.last.pt holds the latest epoch for --resume.",
+)
+@click.option(
+    "--head",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A head from train-head to reattach [default: a fresh linear head].",
+)
+@click.option("--backbone", "-b", default=None, help="[default: the head's backbone]")
+@click.option("--weights", "-w", default=None, help="[default: the head's weights, else DEFAULT]")
+@click.option(
+    "--unfreeze",
+    default="2",
+    show_default=True,
+    help="Blocks to train, counted from the end (see `embedcache backbones`); 0 = head only, all = everything.",
+)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--lr", default=3e-4, show_default=True, type=float, help="Learning rate of the head."
+)
+@click.option(
+    "--backbone-lr-mult",
+    default=0.3,
+    show_default=True,
+    type=float,
+    help="Unfrozen blocks learn at lr x this.",
+)
+@click.option(
+    "--weight-decay",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="AdamW decay (not on biases and norms).",
+)
+@click.option(
+    "--warmup",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Epochs of linear warm-up before the cosine decay.",
+)
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="[default: 32]")
+@click.option(
+    "--augment",
+    "augment_kind",
+    default="light",
+    show_default=True,
+    type=click.Choice(["none", "light", "strong"]),
+    help="Train-time augmentation (light: random resized crop + flip).",
+)
+@click.option(
+    "--views",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Augmented views per image computed once through the frozen prefix; epochs cycle through them (0: fresh augmentation every epoch, no prefix cache).",
+)
+@click.option(
+    "--prefix-cache",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "memory", "disk", "off"]),
+    help="Cache the frozen prefix's output (auto: whenever valid).",
+)
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)
+)
+@click.option(
+    "--bn-stats",
+    is_flag=True,
+    help="Let unfrozen BatchNorm layers update their running statistics.",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT.last.pt.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 autocast on GPU, fp32 on CPU.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=16),
+    help="[default: the head's, else the weights' own]",
+)
+@click.option(
+    "--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)
+)
+@click.option("--num-workers", default=None, type=click.IntRange(min=0))
+@click.option(
+    "--max-memory",
+    default=None,
+    type=_Bytes(),
+    help="Prefix cache on disk past this size [default: half the available memory].",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def finetune(
+    data,
+    out,
+    head,
+    backbone,
+    weights,
+    unfreeze,
+    epochs,
+    lr,
+    backbone_lr_mult,
+    weight_decay,
+    warmup,
+    batch_size,
+    augment_kind,
+    views,
+    prefix_cache,
+    patience,
+    label_smoothing,
+    bn_stats,
+    resume,
+    device,
+    precision,
+    seed,
+    image_size,
+    val_fraction,
+    num_workers,
+    max_memory,
+    quiet,
+    as_json,
+):
+    """Reattach a head to its backbone and train the last N blocks on DATA.
+
+    Frozen blocks stay in eval mode. With no augmentation (or --views), the
+    frozen prefix runs once and every epoch trains only the unfrozen tail.
+    The best epoch on validation is kept in OUT.
+    """
+    from .finetuning import finetune as run
+
+    quiet_now = quiet or as_json
+    r = run(
+        data, out=out, head=head, backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
+        lr=lr, backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay, warmup=warmup,
+        batch_size=batch_size, augment_kind=augment_kind, views=views, prefix_cache=prefix_cache,
+        patience=patience, label_smoothing=label_smoothing, resume=resume, device=device,
+        precision=precision, seed=seed, image_size=image_size, val_fraction=val_fraction,
+        num_workers=num_workers, max_memory=max_memory, bn_stats=bn_stats, progress=not quiet_now,
+        log=None if quiet_now else (lambda line: click.echo(line, err=True)),
+    )  # fmt: skip
+    m = r.metrics
+    if as_json:
+        _emit_json(m)
+        return
+    pc = m["prefix_cache"]
+    cache_note = (
+        f"; prefix cache {pc['where']} {pc['bytes'] / 1e6:.1f} MB built in {pc['seconds']:.1f} s"
+        if pc["where"] in ("memory", "disk")
+        else ""
+    )
+    click.echo(
+        f"best val accuracy {m['best_val_acc']:.4f} at epoch {m['best_epoch']} of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{cache_note})"
+    )
+    click.echo(f"wrote {r.path}")
+
+
+@main.command()
 @click.option(
     "--data",
     default=None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -385,6 +386,55 @@ def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy can share it
 
 
+AUGMENTS = ("none", "light", "strong")
+_CROP_SCALE = {"light": (0.25, 1.0), "strong": (0.08, 1.0)}
+
+
+def augment(
+    item: tuple[str | Path, int | tuple[int, ...]], t: EvalTransform, kind: str
+) -> np.ndarray:
+    """Train-time view of an image, reproducible from its seed.
+
+    ``item`` is ``(path, seed)``. ``light``: random resized crop (scale 0.25-1,
+    aspect 3/4-4/3) and horizontal flip; ``strong``: crop scale 0.08-1, flip
+    and colour jitter (brightness, contrast, saturation +-40%). ``none``: the
+    eval transform.
+
+    Returns
+    -------
+    ndarray of shape (crop, crop, 3), uint8.
+    """
+    path, seed = item
+    if kind == "none":
+        return preprocess(path, t)
+    rng = np.random.default_rng(seed)
+    img = load_rgb(path, short_side=t.crop if t.jpeg_draft else None)
+    w, h = img.size
+    lo, hi = _CROP_SCALE[kind]
+    box = None
+    for _ in range(10):  # torchvision's RandomResizedCrop sampling
+        area = w * h * rng.uniform(lo, hi)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    if box is None:  # fall back to the central square
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    img = img.resize((t.crop, t.crop), _RESAMPLE[t.interpolation], box=box)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if kind == "strong":
+        from PIL import ImageEnhance
+
+        for i in rng.permutation(3):
+            enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i]
+            img = enhancer(img).enhance(float(rng.uniform(0.6, 1.4)))
+    return np.array(img, dtype=np.uint8)
+
+
 # ---------------------------------------------------------------------------
 # Batches of decoded images
 
@@ -392,15 +442,15 @@ def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
 class _Decode(torch.utils.data.Dataset):
     """Index -> (index, uint8 HWC tensor or the reason it could not be decoded)."""
 
-    def __init__(self, paths: list[Path], decode: Callable[[Path], np.ndarray]):
-        self.paths, self.decode = paths, decode
+    def __init__(self, items: list, decode: Callable[..., np.ndarray]):
+        self.items, self.decode = items, decode
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
         try:
-            return i, torch.from_numpy(self.decode(self.paths[i]))
+            return i, torch.from_numpy(self.decode(self.items[i]))
         except UnreadableImage as e:
             return i, str(e)
 
@@ -415,14 +465,17 @@ def _collate(
 
 
 def decoded_batches(
-    paths: list[Path],
+    items: list,
     batches: list[list[int]],
-    decode: Callable[[Path], np.ndarray],
+    decode: Callable[..., np.ndarray],
     *,
     device: torch.device,
     num_workers: int,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
-    """Yield ``(indices, images, failed)`` per batch of indices into ``paths``.
+    """Yield ``(indices, images, failed)`` per batch of indices into ``items``.
+
+    ``decode(items[i])`` gives one image (a path for :func:`preprocess`, a
+    ``(path, seed)`` pair for :func:`augment`).
 
     images : uint8 tensor of shape (n_ok, H, W, 3), pinned when ``device`` is CUDA;
     failed : {index: reason} for files that could not be decoded.
@@ -433,7 +486,7 @@ def decoded_batches(
     (PIL releases the GIL) decode each batch while the model waits, which was
     faster on the 2-core machine (61 vs 54 images/s for efficientnet_lite0).
     """
-    dataset = _Decode(paths, decode)
+    dataset = _Decode(items, decode)
     if device.type == "cuda":
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,

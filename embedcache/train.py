@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .backbones import weights_arg_for
 from .cache import Cache, open_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import EmbedcacheError
@@ -473,7 +474,7 @@ def train_head(
             c, val_fraction=val_fraction, seed=seed, max_memory=max_memory, stream=stream
         )
         classes = list(c.classes)
-        identity = {"backbone": c.backbone, "weights": c.weights, "weights_arg": str(c.attrs.get("weights_arg", c.weights)), "transform": c.transform, "feature_dim": c.feature_dim, "dtype": c.identity.dtype}  # fmt: skip
+        identity = {"backbone": c.backbone, "weights": c.weights, "weights_arg": str(c.attrs.get("weights_arg", weights_arg_for(c.weights))), "transform": c.transform, "feature_dim": c.feature_dim, "dtype": c.identity.dtype}  # fmt: skip
         config = {
             "kind": head,
             "dim": c.feature_dim,

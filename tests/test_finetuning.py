@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import SIZE, make_tree
+
+from embedcache import evaluate, extract, finetune, load_model, open_cache, predict, train_head
+from embedcache.backbones import Normalise, build_backbone
+from embedcache.data import preprocess
+from embedcache.errors import EmbedcacheError
+from embedcache.finetuning import FinetunedModel, _head_for, freeze
+
+FT = {
+    "backbone": "resnet18",
+    "weights": "none",
+    "image_size": SIZE,
+    "batch_size": 8,
+    "num_workers": 0,
+    "device": "cpu",
+    "progress": False,
+}
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_tree(tmp_path / "d", per_class=8)
+
+
+@pytest.fixture
+def head(data, tmp_path, extract_kw):
+    extract(data, out=tmp_path / "c.h5", **extract_kw)
+    train_head(tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=30, device="cpu", progress=False)
+    return tmp_path / "head.pt"
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "bn_stats, augment, prefix", [(False, "none", "memory"), (True, "light", "off")]
+)
+def test_frozen_weights_and_statistics_never_move_unfrozen_weights_do(
+    data, tmp_path, bn_stats, augment, prefix
+):
+    before = _snapshot(build_backbone("resnet18", weights="none", image_size=SIZE).net)
+    r = finetune(
+        data,
+        out=tmp_path / "m.pt",
+        unfreeze=2,
+        epochs=2,
+        lr=1e-2,
+        augment_kind=augment,
+        views=0,
+        prefix_cache=prefix,
+        bn_stats=bn_stats,
+        patience=5,
+        **FT,
+    )
+    assert r.metrics["prefix_cache"]["where"] == prefix
+    after = torch.load(tmp_path / "m.last.pt", weights_only=True)["net_state_dict"]
+    frozen = [f"blocks.{i}." for i in range(3)]  # stem, layer1, layer2
+    for k, v in before.items():
+        if any(k.startswith(f) for f in frozen):
+            assert torch.equal(after[k], v), f"frozen {k} moved"
+        elif "running" in k or "num_batches" in k:
+            assert torch.equal(after[k], v) != bn_stats, f"unfrozen statistic {k}"
+        else:
+            assert not torch.equal(after[k], v), f"trainable {k} did not change"
+
+
+def test_a_step_on_the_prefix_cache_equals_a_step_on_the_full_model():
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    head, _ = _head_for(None, bb, ["a", "b"], seed=0)
+    model = FinetunedModel(bb.net, head, 3, bb.transform)
+    freeze(model)
+    model.train()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    y = torch.tensor([0, 1, 1, 0])
+
+    def step(logits):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        return loss.item(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    full_loss, full_grads = step(model(x))
+    with torch.no_grad():
+        prefix = model.prefix(x)
+    exact_loss, exact_grads = step(model.tail(prefix))  # the same arithmetic, split in two
+    cached_loss, cached_grads = step(
+        model.tail(prefix.half().float())
+    )  # what the cache stores: float16
+    assert exact_loss == pytest.approx(full_loss, rel=1e-6)
+    assert cached_loss == pytest.approx(full_loss, rel=1e-3)
+    assert set(full_grads) == set(cached_grads) == set(exact_grads) and len(full_grads) > 10
+    for n, g in full_grads.items():
+        torch.testing.assert_close(exact_grads[n], g, rtol=1e-4, atol=1e-6)
+        # float16 activations (11-bit mantissa) move a few ReLU decisions: same direction, small error
+        c = cached_grads[n].flatten()
+        assert torch.nn.functional.cosine_similarity(c, g.flatten(), dim=0) > 0.999, n
+        assert (c - g.flatten()).norm() <= 0.05 * g.norm() + 1e-6, n
+
+
+def test_the_reattached_head_predicts_as_it_did_on_the_cache(data, head, tmp_path):
+    from embedcache.train import load_head
+
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    reattached, _ = _head_for(head, bb, ["cat", "dog"], seed=0)
+    model = FinetunedModel(bb.net, reattached, 3, bb.transform).eval()
+    with open_cache(tmp_path / "c.h5") as c:
+        val = c["val"]
+    x = torch.stack([torch.from_numpy(preprocess(data / p, bb.transform)) for p in val.paths])
+    cached_head, ckpt = load_head(head)
+    with torch.no_grad():
+        live = model(Normalise(bb.transform)(x))
+        on_cache = cached_head(torch.from_numpy(val.features.astype(np.float32)))
+    assert torch.equal(live.argmax(1), on_cache.argmax(1))
+    torch.testing.assert_close(
+        live, on_cache, rtol=1e-2, atol=1e-2
+    )  # the cache holds float16 features
+    r = finetune(
+        data,
+        out=tmp_path / "m.pt",
+        head=head,
+        unfreeze=1,
+        epochs=1,
+        augment_kind="none",
+        views=0,
+        **{**FT, "backbone": None, "weights": None, "image_size": None},
+    )
+    assert r.metrics["head_val_acc_before"] == pytest.approx(ckpt["metrics"]["val_acc"])
+
+
+def test_model_checkpoint_loads_as_a_module_and_in_evaluate_and_predict(data, head, tmp_path):
+    r = finetune(
+        data,
+        out=tmp_path / "m.pt",
+        head=head,
+        unfreeze=2,
+        epochs=2,
+        **{**FT, "backbone": None, "weights": None, "image_size": None},
+    )
+    model = load_model(tmp_path / "m.pt")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    x = torch.stack(
+        [
+            torch.from_numpy(preprocess(p, model.transform))
+            for p in sorted((data / "val" / "dog").glob("*.png"))
+        ]
+    )
+    with torch.no_grad():
+        logits = model(Normalise(model.transform)(x))
+    assert logits.shape == (8, 2)
+    ev = evaluate(tmp_path / "m.pt", data, split="val", device="cpu", num_workers=0, progress=False)
+    assert ev["accuracy"] == pytest.approx(r.metrics["best_val_acc"], abs=1e-6)
+    rows = predict(
+        tmp_path / "m.pt", [data / "val" / "dog" / "dog_000.png"], device="cpu", num_workers=0
+    )
+    assert rows[0]["predictions"][0]["class"] in ("cat", "dog")
+    with pytest.raises(
+        EmbedcacheError, match="is a fine-tuned model, whose features differ from any cache"
+    ):
+        evaluate(tmp_path / "m.pt", tmp_path / "c.h5", split="val")
+
+
+def _progress(last):
+    try:
+        return int(torch.load(last, weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+
+
+def test_resume_after_a_kill_continues_with_the_same_metrics(data, tmp_path):
+    args = ["finetune", str(data), "-b", "resnet18", "-w", "none", "--image-size", "96", "--batch-size", "4", "--num-workers", "0",
+            "--device", "cpu", "--epochs", "4", "--patience", "9", "--augment", "light", "--views", "2", "--json"]  # fmt: skip
+    straight = subprocess.run(
+        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(tmp_path / "a.pt")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    out = tmp_path / "b.pt"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while (
+        p.poll() is None and time.monotonic() < deadline and _progress(tmp_path / "b.last.pt") < 2
+    ):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert 2 <= _progress(tmp_path / "b.last.pt") < 4, "the kill came too late to test a resume"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(out), "--resume"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    import json
+
+    a, b = json.loads(straight.stdout)["history"], json.loads(resumed.stdout)["history"]
+    assert a["epoch"] == b["epoch"] == [0, 1, 2, 3, 4]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert b[key][1:] == pytest.approx(a[key][1:], rel=1e-5), key
+
+
+def test_finetune_errors(data, head, tmp_path, make_cache):
+    base = {**FT, "epochs": 1}
+    with pytest.raises(
+        EmbedcacheError, match=r"--unfreeze must be between 0 and 5 for resnet18 \(or all\), got 7"
+    ):
+        finetune(data, out=tmp_path / "m.pt", unfreeze=7, **base)
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"was trained on other features than this backbone gives: backbone resnet18 \(head\) vs timm:test_efficientnet",
+    ):
+        finetune(
+            data, out=tmp_path / "m.pt", head=head, **{**base, "backbone": "timm:test_efficientnet"}
+        )
+    other = make_tree(tmp_path / "o", classes=("cat", "cow"), per_class=2)
+    with pytest.raises(
+        EmbedcacheError, match=r"was trained on classes cat, dog but the data has cat, cow"
+    ):
+        finetune(
+            other,
+            out=tmp_path / "m.pt",
+            head=head,
+            **{**base, "backbone": None, "weights": None, "image_size": None},
+        )
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"--prefix-cache memory is not possible: augmentation changes the input every epoch; pass --views V",
+    ):
+        finetune(
+            data,
+            out=tmp_path / "m.pt",
+            augment_kind="light",
+            views=0,
+            prefix_cache="memory",
+            **base,
+        )
+    finetune(data, out=tmp_path / "r.pt", unfreeze=1, **base)
+    with pytest.raises(
+        EmbedcacheError, match=r"r\.last\.pt is from a run with other settings \(unfreeze 1 vs 2\)"
+    ):
+        finetune(data, out=tmp_path / "r.pt", unfreeze=2, resume=True, **base)
+    with pytest.raises(EmbedcacheError, match=r"--resume found no .*nope\.last\.pt"):
+        finetune(data, out=tmp_path / "nope.pt", resume=True, **base)
