@@ -34,6 +34,7 @@ _API = {
     "ImageSet": "data",
     "EmbedcacheError": "errors",
     "demo": "quickstart",
+    "compare": "comparison",
 }
 
 __all__ = sorted(_API)

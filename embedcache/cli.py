@@ -478,7 +478,10 @@ def predict(model, images, top_k, device, as_json):
 )
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--lr", default=3e-4, show_default=True, type=float, help="Learning rate of the head."
+    "--lr",
+    default=None,
+    type=float,
+    help="Learning rate of the head [default: 3e-4 with --head, 1e-3 for a fresh head].",
 )
 @click.option(
     "--backbone-lr-mult",
@@ -626,6 +629,72 @@ def finetune(
 
 
 @main.command()
+@click.argument("data", type=click.Path(path_type=str))
+@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", "-w", default="DEFAULT", show_default=True)
+@click.option(
+    "--image-size", default=None, type=click.IntRange(min=16), help="[default: the weights' own]"
+)
+@click.option(
+    "--unfreeze",
+    multiple=True,
+    default=["2"],
+    show_default=True,
+    help="finetune --unfreeze values to compare (repeat the option for several).",
+)
+@click.option(
+    "--workdir",
+    default="runs/compare",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the cache, heads, models and results go.",
+)
+@click.option(
+    "--tutorial-epochs",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="At most this many epochs of the tutorial recipe (early stopping, patience 5).",
+)
+@click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def compare(
+    data,
+    backbone,
+    weights,
+    image_size,
+    unfreeze,
+    workdir,
+    tutorial_epochs,
+    finetune_epochs,
+    device,
+    quiet,
+    as_json,
+):
+    """Feature extraction or fine-tuning? Time and accuracy of each approach on DATA.
+
+    Runs, on the same splits: the tutorial recipe (frozen backbone forwarded
+    every epoch), extract + train-head (linear and a sweep), and finetune
+    --unfreeze N from the cached head and from a fresh one. Writes a Markdown
+    table, JSON and a plot of validation accuracy against wall time.
+    """
+    from .comparison import compare as run
+
+    r = run(
+        data, backbone=backbone, weights=weights, image_size=image_size, unfreeze=tuple(unfreeze), workdir=workdir,
+        tutorial_epochs=tutorial_epochs, finetune_epochs=finetune_epochs, device=device,
+        progress=not quiet and not as_json, log=None if quiet or as_json else (lambda line: click.echo(line, err=True)),
+    )  # fmt: skip
+    if as_json:
+        _emit_json(json.loads(r.files["json"].read_text()))
+        return
+    click.echo(r.markdown)
+    click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")
+
+
+@main.command()
 @click.option(
     "--data",
     default=None,
@@ -637,26 +706,42 @@ def finetune(
     default="runs/demo",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the cache and results go.",
+    help="Where the cache, heads, models and results go.",
 )
 @click.option(
     "--image-size",
     default=None,
     type=click.IntRange(min=16),
-    help="Crop size [default: 64 for the digits, the weights' own otherwise].",
+    help="[default: 64 for the digits, the weights' own otherwise]",
+)
+@click.option(
+    "--tutorial-epochs",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="At most this many epochs of the tutorial recipe.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo(data, workdir, image_size, quiet):
-    """Run the whole flow on data that needs no download.
+def demo(data, workdir, image_size, tutorial_epochs, quiet):
+    """The whole flow on data that needs no download: extract, train-head, finetune, compare.
 
     The default data is scikit-learn's 1,797 handwritten digits, written as an
     image folder under data/digits; the backbone is efficientnet_lite0 with the
     offline weights package (random init, with a warning, if it is missing).
+    Prints the comparison table; everything else goes to WORKDIR.
     """
     from .quickstart import demo as run
 
-    result = run(data=data, workdir=workdir, image_size=image_size, progress=not quiet)
-    click.echo(result.summary)
+    r = run(
+        data=data,
+        workdir=workdir,
+        image_size=image_size,
+        tutorial_epochs=tutorial_epochs,
+        progress=not quiet,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(r.markdown)
+    click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -471,7 +471,7 @@ def finetune(
     weights: str | None = None,
     unfreeze: int | str = 2,
     epochs: int = 10,
-    lr: float = 3e-4,
+    lr: float | None = None,
     backbone_lr_mult: float = 0.3,
     weight_decay: float = 0.05,
     warmup: float = 1.0,
@@ -500,6 +500,8 @@ def finetune(
     head : a head from train_head to reattach (its backbone, weights and
         transform are checked, and default ``backbone``/``weights``); None for a
         fresh linear head.
+    lr : the head's learning rate; default 3e-4 when reattaching a trained head
+        (it only needs adjusting), 1e-3 for a fresh one (the tutorials' rate).
     unfreeze : blocks trained, counted from the end as `embedcache backbones`
         lists them; 0 trains the head only (through the live backbone); 'all'.
     augment_kind : none | light | strong; with ``views`` > 0 each training image
@@ -529,6 +531,7 @@ def finetune(
             f"--epochs and --patience must be at least 1 and --views at least 0, got {epochs}, {patience}, {views}"
         )
     out = Path(out)
+    lr = lr if lr is not None else (3e-4 if head is not None else 1e-3)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     torch.manual_seed(seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,34 +49,30 @@ def demo_weights() -> str:
     return "none"
 
 
-@dataclass
-class DemoResult:
-    data: Path
-    cache: Path
-    summary: str
-
-
 def demo(
     *,
     data: str | Path | None = None,
     workdir: str | Path = "runs/demo",
     image_size: int | None = None,
+    tutorial_epochs: int = 30,
     progress: bool = True,
-) -> DemoResult:
-    """Run the whole flow on ``data`` (default: the digits under ``data/digits``)."""
-    from .extraction import extract
+    log=None,
+):
+    """extract -> train-head -> finetune --unfreeze 2 -> compare, on ``data``.
 
-    workdir = Path(workdir)
+    The default data is scikit-learn's digits written under ``data/digits`` at
+    64 px; the backbone is efficientnet_lite0 with the offline weights (random
+    init, with a warning, when the package is missing). Returns the
+    :class:`embedcache.comparison.Comparison`; its files are in ``workdir``.
+    """
+    from .comparison import compare
+
+    title = "embedcache demo"
     if data is None:
         data = write_digits(Path("data") / "digits")
         image_size = image_size or DEMO_IMAGE_SIZE
-    cache = workdir / "cache.h5"
-    result = extract(
-        data,
-        out=cache,
-        backbone=LITE0,
-        weights=demo_weights(),
-        image_size=image_size,
-        progress=progress,
-    )
-    return DemoResult(Path(data), cache, result.summary())
+        title = "embedcache demo on scikit-learn's digits"
+    return compare(
+        data, backbone=LITE0, weights=demo_weights(), image_size=image_size, unfreeze=(2,), workdir=workdir,
+        tutorial_epochs=tutorial_epochs, title=title, progress=progress, log=log,
+    )  # fmt: skip

@@ -69,6 +69,19 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.float32 else torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
 
 
+def standardization(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre each dimension, divide all by one scale: the root of the mean variance.
+
+    Returns (mean, std), both of shape (D,); std holds that one scale D times.
+    Per-dimension scaling blows up the near-dead features that pooled CNN
+    features often have (422 of 1280 on the 64 px digits): a linear head on
+    them reached 88.0% there against 92.8% with one scale, while on
+    hymenoptera the two differ by one image of 153.
+    """
+    scale = math.sqrt(float(np.mean(var))) + 1e-6
+    return mean, np.full_like(mean, scale)
+
+
 class Rows:
     """Some rows of a split: labels in memory, features in memory or read in blocks from HDF5.
 
@@ -127,15 +140,14 @@ class Rows:
                 yield x, self.labels[pos[take]]
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and standard deviation (float64 sums, one pass)."""
+        """Standardisation statistics: per-dimension mean, one scale (see :func:`standardization`)."""
         total = sq = None
         for _, x in self.blocks():
             x = x.astype(np.float64)
             total = x.sum(0) if total is None else total + x.sum(0)
             sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
         mean = total / self.n
-        var = np.maximum(sq / self.n - mean * mean, 0.0)
-        return mean, np.sqrt(var) + 1e-6
+        return standardization(mean, np.maximum(sq / self.n - mean * mean, 0.0))
 
     def all(self) -> np.ndarray:
         """All features as float32 (only for the references that need them in memory)."""
@@ -300,7 +312,9 @@ def _train_torch(
         dynamic_ncols=True,
     )
     epoch = start_epoch
+    epoch_seconds = []  # wall time per epoch of this run (not resumed ones): for time/accuracy curves
     for epoch in bar:
+        t_epoch = time.perf_counter()
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout: the same per epoch, resumed or not
         rng = np.random.default_rng([seed, epoch])
         tl, tc = torch.zeros(H, device=device), torch.zeros(H, device=device)
@@ -318,6 +332,7 @@ def _train_torch(
         history["train_acc"].append((tc / train.n).cpu())
         history["val_loss"].append(vl)
         history["val_acc"].append(va)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
         improved = (va > best["acc"]) | ((va == best["acc"]) & (vl < best["loss"]))
         best["acc"] = torch.where(improved, va, best["acc"])
         best["loss"] = torch.where(improved, vl, best["loss"])
@@ -345,6 +360,7 @@ def _train_torch(
         "history": {k: v[:, top].round(6).tolist() for k, v in hist.items()},
         "best_epoch": int(best["epoch"][top]) + 1,
         "epochs_run": epochs_run,
+        "epoch_seconds": [round(t, 4) for t in epoch_seconds],
         "best": {"lr": grid[top][0], "weight_decay": grid[top][1]},
         "sweep": sweep,
     }
@@ -377,7 +393,8 @@ def _reference(kind, train: Rows, val: Rows, classes, *, seed):
             f"--head {kind} needs the features in memory; raise --max-memory or use --head linear"
         )
     x, xv = train.all(), val.all()
-    mean, std = x.mean(0), x.std(0) + 1e-6
+    mean, std = standardization(x.astype(np.float64).mean(0), x.astype(np.float64).var(0))
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
     xs, xvs = (x - mean) / std, (xv - mean) / std
     norm = Standardize(torch.from_numpy(mean), torch.from_numpy(std))
     C = len(classes)

@@ -124,16 +124,29 @@ def test_standardisation_uses_train_statistics_at_train_and_predict_time(blob_ca
     with open_cache(blob_cache) as c:
         x = c["train"].features.astype(np.float64)
     head, _ = load_head(tmp_path / "h.pt")
+    scale = np.sqrt(x.var(0).mean())  # one scale for every dimension
     np.testing.assert_allclose(head.norm.mean.numpy(), x.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(head.norm.std.numpy(), x.std(0), rtol=1e-4)
+    np.testing.assert_allclose(head.norm.std.numpy(), np.full(x.shape[1], scale), rtol=1e-5)
     xv, yv = _val(blob_cache)
     raw = torch.from_numpy(xv)
     with torch.no_grad():
-        manual = head.classifier(
-            (raw - torch.from_numpy(x.mean(0)).float()) / torch.from_numpy(x.std(0)).float()
-        )
+        manual = head.classifier((raw - torch.from_numpy(x.mean(0)).float()) / float(scale))
         torch.testing.assert_close(head(raw), manual, rtol=1e-4, atol=1e-4)
     assert float((head(raw).argmax(1).numpy() == yv).mean()) == pytest.approx(r.metrics["val_acc"])
+
+
+def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
+    rng = np.random.default_rng(0)
+    x, y = blobs(60, dim=8, classes=2, seed=0, spread=0.3)
+    xv, yv = blobs(60, dim=8, classes=2, seed=1, spread=0.3)
+    dead = lambda n: rng.normal(0, 1e-4, (n, 200))  # noqa: E731 - near-constant, like dead ReLU units
+    cache = make_cache(
+        train=(np.hstack([x, dead(len(y))]).astype(np.float32), y),
+        val=(np.hstack([xv, dead(len(yv))]).astype(np.float32), yv),
+        classes=("a", "b"),
+    )
+    r = train_head(cache, epochs=50, **FAST)
+    assert r.metrics["val_acc"] >= 0.95
 
 
 def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, monkeypatch):
@@ -178,7 +191,7 @@ def test_binary_logreg_matches_scikit_learn(make_cache):
     cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
     r = train_head(cache, head="logreg", **FAST)
     x32, xv32 = x.astype(np.float32), xv.astype(np.float32)
-    mu, sd = x32.mean(0), x32.std(0) + 1e-6
+    mu, sd = x32.mean(0), np.sqrt(x32.astype(np.float64).var(0).mean())
     sk = LogisticRegression(C=r.metrics["best"]["C"], max_iter=2000).fit((x32 - mu) / sd, y)
     expected = sk.predict_proba((xv32 - mu) / sd)
     with torch.no_grad():
