@@ -259,3 +259,24 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
         finetune(data, out=tmp_path / "r.pt", unfreeze=2, resume=True, **base)
     with pytest.raises(EmbedcacheError, match=r"--resume found no .*nope\.last\.pt"):
         finetune(data, out=tmp_path / "nope.pt", resume=True, **base)
+
+
+def test_no_augmentation_runs_the_prefix_once_per_image_whatever_views_says(data, tmp_path):
+    r = finetune(
+        data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment_kind="none", views=4,
+        prefix_cache="memory", **FT,
+    )  # fmt: skip
+    pc = r.metrics["prefix_cache"]
+    n_images = 2 * 8 * 2  # train + val, two classes of 8
+    assert pc["bytes"] == n_images * int(np.prod(pc["shape"])) * 2  # float16, one view
+    assert r.metrics["config"]["views"] == 0
+
+
+def test_speedup_estimate_charges_one_prefix_pass_per_epoch():
+    from embedcache.finetuning import PrefixCache, _speedup
+
+    # 100 train images in 4 views + 50 val: 450 prefix passes in 9 s, 0.02 s each;
+    # without the cache an epoch runs 150 of them (3 s) on top of its 1 s of tail.
+    prefix = PrefixCache(views=[None] * 4, val=None, bytes=0, where="memory", seconds=9.0)
+    assert _speedup(prefix, [1.0, 1.0], n_train=100, n_val=50) == pytest.approx(4.0)
+    assert _speedup(None, [1.0], n_train=100, n_val=50) is None
