@@ -19,7 +19,7 @@ from pathlib import Path
 from common import RESULTS, save
 
 from embedcache import compare
-from embedcache.quickstart import write_digits
+from embedcache.quickstart import DIGITS_AUGMENT, write_digits
 
 
 def main() -> None:
@@ -33,6 +33,13 @@ def main() -> None:
     p.add_argument(
         "--unfreeze", action="append", default=None, help="repeat for several [default: 2]"
     )
+    p.add_argument(
+        "--augment",
+        default=None,
+        choices=["none", "light", "strong"],
+        help="finetune's augmentation [default: light; none for digits]",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--name", default=None, help="results stem [default: compare_DATA_BACKBONE_DEVICE]"
@@ -44,7 +51,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits(Path(tmp) / "digits") if args.data == "digits" else Path(args.data)
         r = compare(data, backbone=args.backbone, weights=args.weights, image_size=args.image_size, unfreeze=tuple(args.unfreeze or ["2"]),
-                    workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
+                    augment_kind=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
+                    finetune_epochs=args.finetune_epochs, workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
                     log=lambda line: print(line, flush=True))  # fmt: skip
         device = json.loads(r.files["json"].read_text())["meta"]["device"].split(":")[0]
         name = (

@@ -657,6 +657,14 @@ def finetune(
     help="At most this many epochs of the tutorial recipe (early stopping, patience 5).",
 )
 @click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--augment",
+    "augment_kind",
+    type=click.Choice(["none", "light", "strong"]),
+    default="light",
+    show_default=True,
+    help="finetune's train-time augmentation (light: random resized crop + flip; none for images that crops or flips would change the label of).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
@@ -669,6 +677,7 @@ def compare(
     workdir,
     tutorial_epochs,
     finetune_epochs,
+    augment_kind,
     device,
     quiet,
     as_json,
@@ -684,7 +693,7 @@ def compare(
 
     r = run(
         data, backbone=backbone, weights=weights, image_size=image_size, unfreeze=tuple(unfreeze), workdir=workdir,
-        tutorial_epochs=tutorial_epochs, finetune_epochs=finetune_epochs, device=device,
+        tutorial_epochs=tutorial_epochs, finetune_epochs=finetune_epochs, augment_kind=augment_kind, device=device,
         progress=not quiet and not as_json, log=None if quiet or as_json else (lambda line: click.echo(line, err=True)),
     )  # fmt: skip
     if as_json:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
 from .cache import open_cache
-from .data import ImageSet, load_rgb, scan
+from .data import AUGMENTS, ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
 from .runtime import resolve_device
 
@@ -237,6 +237,7 @@ def compare(
     workdir: str | Path = "runs/compare",
     tutorial_epochs: int = 30,
     finetune_epochs: int = 10,
+    augment_kind: str = "light",
     device: str = "auto",
     seed: int = 0,
     val_fraction: float = 0.2,
@@ -245,6 +246,9 @@ def compare(
     log=None,
 ) -> Comparison:
     """Run every approach on ``data`` with the same backbone and splits; write Markdown, JSON and a plot.
+
+    ``augment_kind`` is finetune's train-time augmentation (``none``, ``light``,
+    ``strong``); the tutorial recipe and the heads train on the eval transform.
 
     Returns
     -------
@@ -256,6 +260,10 @@ def compare(
     from .finetuning import finetune
     from .train import train_head
 
+    if augment_kind not in AUGMENTS:  # checked before the long runs, not after them
+        raise EmbedcacheError(
+            f"--augment must be one of {', '.join(AUGMENTS)}, got {augment_kind!r}"
+        )
     say = log or (lambda line: None)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +275,7 @@ def compare(
         )
     n_train = len(images.splits["train"])
     rows: list[Approach] = []
+    steps = 2 + 2 * len(unfreeze)
 
     def timed(fn):
         ok = _reset_peak()
@@ -275,7 +284,7 @@ def compare(
         return out, time.perf_counter() - t0, _peak_mb(ok)
 
     # 1. The tutorial recipe
-    say("1/4 tutorial recipe: the frozen backbone forwarded every epoch")
+    say(f"1/{steps} tutorial recipe: the frozen backbone forwarded every epoch")
     bb = build_backbone(backbone, weights=weights, image_size=image_size, device=dev)
     (tut, _), seconds, peak = timed(
         lambda: tutorial_recipe(
@@ -297,7 +306,7 @@ def compare(
     )
 
     # 2. extract + train-head
-    say("2/4 extract once, then heads on the cache")
+    say(f"2/{steps} extract once, then heads on the cache")
     cache = workdir / "cache.h5"
     _, extract_s, peak_x = timed(
         lambda: extract(
@@ -355,9 +364,11 @@ def compare(
     )
 
     # 3. finetune, from the cached head (LP-FT) and from a fresh head
+    step = 2
     for n in unfreeze:
         for start in ("cached head", "fresh head"):
-            say(f"{3 if start == 'cached head' else 4}/4 finetune --unfreeze {n} from the {start}")
+            step += 1
+            say(f"{step}/{steps} finetune --unfreeze {n} from the {start}")
             kw = (
                 {"head": workdir / "head.pt"}
                 if start == "cached head"
@@ -370,6 +381,7 @@ def compare(
                     out=out,
                     unfreeze=n,
                     epochs=finetune_epochs,
+                    augment_kind=augment_kind,
                     device=device,
                     seed=seed,
                     val_fraction=val_fraction,
@@ -417,6 +429,7 @@ def compare(
         "image_size": size,
         "train_images": n_train,
         "val_images": len(images.splits["val"]),
+        "finetune_augment": augment_kind,
         "device": str(dev),
     }
     md = markdown(rows, meta, title=title)
@@ -447,7 +460,7 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
     """The comparison as a Markdown table, fastest to slowest as run."""
     tut = rows[0]
     head = [
-        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}.",
+        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta.get('finetune_augment', 'light')}.",
         "",
         "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time | train images/s | peak memory (MB) | best val acc | epochs |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

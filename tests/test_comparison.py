@@ -15,7 +15,7 @@ from embedcache.data import scan
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
     r = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
-                tutorial_epochs=3, finetune_epochs=2, device="cpu", progress=False)  # fmt: skip
+                tutorial_epochs=3, finetune_epochs=2, augment_kind="none", device="cpu", progress=False)  # fmt: skip
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
@@ -44,6 +44,9 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     assert rows[1]["extract_s"] == rows[2]["extract_s"] > 0  # one cache serves both heads
     assert r.files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "w" / "cache.h5").exists() and (tmp_path / "w" / "head.pt").exists()
+    model = torch.load(tmp_path / "w" / "model_u2_fresh.pt", weights_only=True)
+    assert model["metrics"]["config"]["augment"] == "none"  # passed through to finetune
+    assert "finetune augmentation: none" in table
 
 
 def test_tutorial_recipe_keeps_the_backbone_frozen_and_trains_the_classifier(tmp_path):
@@ -89,3 +92,14 @@ def test_compare_needs_labelled_splits(tmp_path):
             workdir=tmp_path / "w",
             progress=False,
         )
+
+
+def test_compare_refuses_a_bad_augmentation_before_running_anything(tmp_path):
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", per_class=2)
+    with pytest.raises(
+        EmbedcacheError, match="--augment must be one of none, light, strong, got 'heavy'"
+    ):
+        compare(data, backbone="resnet18", weights="none", workdir=tmp_path / "w", augment_kind="heavy", progress=False)  # fmt: skip
+    assert not (tmp_path / "w").exists()

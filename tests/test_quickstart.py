@@ -31,3 +31,21 @@ def test_demo_weights_fall_back_to_random_init_with_a_warning(monkeypatch):
         assert quickstart.demo_weights() == "none"
     monkeypatch.setattr(quickstart, "lite0_weights_available", lambda: True)
     assert quickstart.demo_weights() == "DEFAULT"
+
+
+def test_demo_fine_tunes_the_digits_without_augmentation(tmp_path, monkeypatch):
+    import embedcache.comparison
+
+    seen = {}
+    monkeypatch.setattr(
+        embedcache.comparison, "compare", lambda data, **kw: seen.update(kw, data=data)
+    )
+    monkeypatch.chdir(tmp_path)
+    quickstart.demo(progress=False)
+    assert seen["augment_kind"] == "none" and seen["image_size"] == quickstart.DEMO_IMAGE_SIZE
+    assert (
+        seen["data"] == tmp_path / "data" / "digits"
+        or seen["data"].resolve() == tmp_path / "data" / "digits"
+    )
+    quickstart.demo(data=tmp_path / "data" / "digits", progress=False)  # a user's own folder
+    assert seen["augment_kind"] == "light" and seen["image_size"] is None
