@@ -10,6 +10,9 @@ import click
 from . import __version__
 from .errors import EmbedcacheError
 
+# embedcache.data.AUGMENTS, spelled out here so that --help does not import torch.
+AUGMENTS = ("none", "light", "strong")
+
 
 class _Group(click.Group):
     """Turns expected mistakes into one line on stderr and exit code 1 (no traceback)."""
@@ -510,7 +513,7 @@ def predict(model, images, top_k, device, as_json):
     "augment_kind",
     default="light",
     show_default=True,
-    type=click.Choice(["none", "light", "strong"]),
+    type=click.Choice(AUGMENTS),
     help="Train-time augmentation (light: random resized crop + flip).",
 )
 @click.option(
@@ -660,7 +663,7 @@ def finetune(
 @click.option(
     "--augment",
     "augment_kind",
-    type=click.Choice(["none", "light", "strong"]),
+    type=click.Choice(AUGMENTS),
     default="light",
     show_default=True,
     help="finetune's train-time augmentation (light: random resized crop + flip; none for images that crops or flips would change the label of).",

@@ -468,7 +468,7 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
     """The comparison as a Markdown table, fastest to slowest as run."""
     tut = rows[0]
     head = [
-        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta.get('finetune_augment', 'light')}.",
+        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta['finetune_augment']}.",
         "",
         "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time | train images/s | peak memory (MB) | best val acc | epochs |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -113,6 +113,12 @@ def test_help_explains_every_command(runner):
     assert "--weights" in r.output and "resumes where it stopped" in r.output
 
 
+def test_cli_augment_choices_are_the_library_ones():
+    from embedcache import cli, data
+
+    assert cli.AUGMENTS == data.AUGMENTS
+
+
 def test_train_head_evaluate_predict_end_to_end(runner, tmp_path):
     from conftest import make_tree
 
