@@ -19,6 +19,7 @@ from pathlib import Path
 from common import RESULTS, save
 
 from embedcache import compare
+from embedcache.data import AUGMENTS
 from embedcache.quickstart import DIGITS_AUGMENT, write_digits
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     p.add_argument(
         "--augment",
         default=None,
-        choices=["none", "light", "strong"],
+        choices=AUGMENTS,
         help="finetune's augmentation [default: light; none for digits]",
     )
     p.add_argument("--finetune-epochs", type=int, default=10)
