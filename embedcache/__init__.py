@@ -29,12 +29,17 @@ _API = {
     "list_backbones": "backbones",
     "Backbone": "backbones",
     "BackboneInfo": "backbones",
-    "EvalTransform": "backbones",
+    "EvalTransform": "data",
     "scan": "data",
     "ImageSet": "data",
     "EmbedcacheError": "errors",
     "demo": "quickstart",
     "compare": "comparison",
+    "ExtractConfig": "config",
+    "HeadConfig": "config",
+    "FinetuneConfig": "config",
+    "CompareConfig": "config",
+    "FeatureIdentity": "identity",
 }
 
 __all__ = sorted(_API)

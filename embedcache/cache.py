@@ -40,8 +40,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .config import DTYPES
 from .data import SPLIT_ORDER, ImageSet, Sample
 from .errors import EmbedcacheError
+from .identity import CacheIdentity, FeatureIdentity
 
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -49,43 +51,7 @@ CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 
 COPY_ROWS = 65536  # rows copied at a time when reusing features
 REASON_BYTES = 64
 TODO, DONE, SKIPPED = 0, 1, 2
-DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
-
-
-@dataclass(frozen=True)
-class CacheIdentity:
-    """Which features a cache holds: two caches with equal identities are interchangeable."""
-
-    backbone: str
-    weights: str
-    transform: str  # EvalTransform JSON
-    dtype: str
-
-    def differences(self, other: CacheIdentity) -> list[str]:
-        """Return 'field mine vs other' for each field that differs (transform key by key)."""
-        diff = [
-            f"{name} {getattr(self, name)} vs {getattr(other, name)}"
-            for name in ("backbone", "weights", "dtype")
-            if getattr(self, name) != getattr(other, name)
-        ]
-        if self.transform != other.transform:
-            mine, theirs = json.loads(self.transform), json.loads(other.transform)
-            diff += [
-                f"transform {k} {mine.get(k)} vs {theirs.get(k)}"
-                for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)
-            ]
-        return diff
-
-    @classmethod
-    def from_attrs(cls, attrs) -> CacheIdentity:
-        return cls(
-            str(attrs["backbone"]),
-            str(attrs["weights"]),
-            str(attrs["transform"]),
-            str(attrs["dtype"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +106,7 @@ class Cache:
         self._h5 = h5
         a = h5.attrs
         self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()}
-        self.identity = CacheIdentity.from_attrs(a)
+        self.identity = CacheIdentity.from_mapping(a)
         self.backbone = self.identity.backbone
         self.weights = self.identity.weights
         self.transform = self.identity.transform
@@ -170,18 +136,33 @@ class Cache:
             )
         return self._h5[split]
 
+    @property
+    def features_identity(self) -> FeatureIdentity:
+        """Which features these are, whatever their storage dtype (what heads are checked against)."""
+        return FeatureIdentity.from_mapping(self.attrs)
+
+    @property
+    def weights_arg(self) -> str:
+        """The --weights value that rebuilds the backbone of these features."""
+        from .weights import weights_arg_for
+
+        return str(self.attrs.get("weights_arg", weights_arg_for(self.weights)))
+
+    def labels(self, split: str) -> np.ndarray:
+        """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
+        return self._group(split)["labels"][:]
+
+    def paths(self, split: str) -> list[str]:
+        """Image paths of a split, relative to the data root."""
+        return list(self._group(split)["paths"].asstr()[:])
+
     def features(self, split: str) -> h5py.Dataset:
         """The on-disk features of a split, for reading in slices without loading it all."""
         return self._group(split)["features"]
 
     def split(self, split: str) -> SplitData:
         """Load one split into memory."""
-        g = self._group(split)
-        return SplitData(
-            g["features"][:],
-            g["labels"][:],
-            [p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
-        )
+        return SplitData(self.features(split)[:], self.labels(split), self.paths(split))
 
     def __getitem__(self, split: str) -> SplitData:
         return self.split(split)
@@ -301,15 +282,6 @@ def open_cache(path: str | Path) -> Cache:
     except BaseException:
         h5.close()
         raise
-
-
-def check_identity(cache: Cache, expected: CacheIdentity, *, what: str = "asked") -> None:
-    """Raise, naming both, if a cache holds other features than ``expected``."""
-    diff = expected.differences(cache.identity)
-    if diff:
-        raise EmbedcacheError(
-            f"cache {cache.path} was made with other settings than {what}: {'; '.join(diff)} ({what} vs cache)"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -454,7 +426,7 @@ class PartialCache:
     def __init__(self, path: Path, h5: h5py.File):
         self.path = path
         self.h5 = h5
-        self.identity = CacheIdentity.from_attrs(h5.attrs)
+        self.identity = CacheIdentity.from_mapping(h5.attrs)
         self.splits = _split_names(h5)
 
     @classmethod
@@ -691,3 +663,101 @@ def _reuse_rows(
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# Reading rows in blocks: in memory when they fit, streamed from HDF5 when not
+
+MEMORY_FRACTION = 0.5  # default --max-memory: this share of the memory available now
+BLOCK_ROWS = 2048  # rows read from the file at a time
+SHUFFLE_ROWS = 65536  # rows shuffled together (the whole split when it is smaller)
+
+
+def available_memory_bytes() -> int:
+    """Memory available to new allocations now (MemAvailable), or total memory if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(max_memory: int | None) -> int:
+    """Bytes of features that may be loaded: ``max_memory``, or half the memory available now."""
+    return max_memory if max_memory is not None else int(MEMORY_FRACTION * available_memory_bytes())
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch: vectorised, about 9x numpy's astype here."""
+    import torch  # here, so that reading a cache's attributes (info) does not load torch
+
+    return a if a.dtype == np.float32 else torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+
+
+class Rows:
+    """Some rows of a split: labels in memory, features in memory or read in blocks from HDF5.
+
+    Positions ``0..n-1`` index the chosen rows; ``rows[p]`` is the row in the file.
+    Both modes read and shuffle the same way, so training gives the same result.
+    """
+
+    def __init__(self, source, labels: np.ndarray, rows: np.ndarray, in_memory: bool):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = labels[self.rows]
+        self.n = len(self.rows)
+        self.in_memory = in_memory
+        self._source = source
+        self._data = None  # in memory: the stored dtype (float16 halves the footprint)
+        if in_memory:
+            everything = source[:]
+            whole = self.n == len(everything) and np.array_equal(self.rows, np.arange(self.n))
+            self._data = everything if whole else everything[self.rows]
+
+    @property
+    def dim(self) -> int:
+        """Values per row (the feature dimension)."""
+        return int(self._source.shape[1])
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        """Features of positions [lo, hi) as float32."""
+        if self._data is not None:
+            return _f32(self._data[lo:hi])
+        r = self.rows[lo:hi]
+        block = self._source[int(r[0]) : int(r[-1]) + 1]
+        return _f32(block[r - r[0]])
+
+    def blocks(self):
+        """(positions, features) in order, BLOCK_ROWS at a time."""
+        for lo in range(0, self.n, BLOCK_ROWS):
+            hi = min(self.n, lo + BLOCK_ROWS)
+            yield np.arange(lo, hi), self._read(lo, hi)
+
+    def batches(self, batch_size: int, rng: np.random.Generator):
+        """Shuffled (features, labels) batches: random blocks, shuffled within SHUFFLE_ROWS.
+
+        Streaming reads each group of blocks once; in memory the same rows are
+        gathered directly. Either way the batches are the same arrays.
+        """
+        starts = np.arange(0, self.n, BLOCK_ROWS)
+        order = rng.permutation(len(starts))
+        per_buffer = max(1, SHUFFLE_ROWS // BLOCK_ROWS)
+        for i in range(0, len(order), per_buffer):
+            group = np.sort(order[i : i + per_buffer])
+            spans = [(int(starts[g]), min(self.n, int(starts[g]) + BLOCK_ROWS)) for g in group]
+            pos = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
+            perm = rng.permutation(len(pos))
+            buffer = (
+                None
+                if self._data is not None
+                else np.concatenate([self._read(lo, hi) for lo, hi in spans])
+            )
+            for lo in range(0, len(perm), batch_size):
+                take = perm[lo : lo + batch_size]
+                x = _f32(self._data[pos[take]]) if buffer is None else buffer[take]
+                yield x, self.labels[pos[take]]
+
+    def all(self) -> np.ndarray:
+        """All features as float32 (only for the references that need them in memory)."""
+        return np.concatenate([x for _, x in self.blocks()])

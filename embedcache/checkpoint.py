@@ -1,14 +1,30 @@
-"""Safe checkpoints: plain dicts of tensors and primitives, written atomically, loaded without unpickling code."""
+"""Every checkpoint layout on disk: heads, fine-tuned models, fine-tuning state.
+
+A checkpoint is one plain dict of tensors and primitives (nanoGPT's habit),
+written atomically and loaded with ``torch.load(weights_only=True)``, so no
+pickled code ever runs. The rest of the package never reads a key of these
+dicts: it goes through :class:`HeadCheckpoint`, :class:`ModelCheckpoint` and
+:class:`FinetuneState`, which build, save, load and check them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import EmbedcacheError
+from .heads import build_head_module
+from .identity import FeatureIdentity
+
+HEAD_FORMAT = "embedcache.head"
+MODEL_FORMAT = "embedcache.model"
+STATE_FORMAT = "embedcache.finetune-state"
+FORMAT_VERSION = 1
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -68,13 +84,205 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
         raise EmbedcacheError(
             f"refusing to load {path}: it holds Python objects other than tensors ({first})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise EmbedcacheError(
-            f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})"
+            f"{path} is not a readable checkpoint ({first}); it may be truncated or damaged"
         ) from None
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise EmbedcacheError(
-            f"{path} is not an embedcache {' or '.join(k.split('.')[-1] for k in kinds)} checkpoint (format {found!r})"
+            f"{path} is not an embedcache {' or '.join(_NAMES[k] for k in kinds)} checkpoint (format {found!r})"
+        )
+    if int(obj.get("format_version", 1)) > FORMAT_VERSION:
+        raise EmbedcacheError(
+            f"{path} has checkpoint format {obj['format_version']}, newer than this embedcache reads ({FORMAT_VERSION}); upgrade embedcache"
         )
     return obj
+
+
+_NAMES = {HEAD_FORMAT: "head", MODEL_FORMAT: "model", STATE_FORMAT: "fine-tuning state"}
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _require(obj: dict, keys: tuple[str, ...], path: Path) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise EmbedcacheError(
+            f"{path} is an incomplete {_NAMES[obj['format']]} checkpoint (missing {', '.join(missing)})"
+        )
+
+
+@dataclass
+class Recorded:
+    """The features a head or model expects: identity plus what rebuilds the backbone."""
+
+    identity: FeatureIdentity
+    weights_arg: str  # the --weights value that rebuilds these weights
+    feature_dim: int
+    dtype: str | None = None  # the cache's, for heads
+
+    def to_dict(self) -> dict:
+        d = {
+            **self.identity.as_dict(),
+            "weights_arg": self.weights_arg,
+            "feature_dim": self.feature_dim,
+        }
+        return d if self.dtype is None else {**d, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recorded:
+        return cls(
+            FeatureIdentity.from_mapping(d),
+            str(d["weights_arg"]),
+            int(d["feature_dim"]),
+            d.get("dtype"),
+        )
+
+    @property
+    def crop(self) -> int:
+        import json
+
+        return int(json.loads(self.identity.transform)["crop"])
+
+
+@dataclass
+class HeadCheckpoint:
+    """A head trained by train-head: architecture config, weights, classes, features it expects."""
+
+    config: dict  # kind, dim, num_classes, hidden, dropout (and k for knn)
+    state_dict: dict
+    classes: list[str]
+    recorded: Recorded
+    metrics: dict = field(default_factory=dict)
+    train_state: dict | None = None  # what --resume continues from (torch heads only)
+    path: Path | None = None
+
+    def module(self) -> torch.nn.Module:
+        """The head (standardisation included) in eval mode."""
+        return build_head_module(self.config, self.state_dict).eval()
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(
+            {
+                "format": HEAD_FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
+                "classes": list(self.classes), "state_dict": _cpu(self.state_dict),
+                "identity": self.recorded.to_dict(), "metrics": self.metrics, "train_state": self.train_state,
+            },
+            path,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: dict, path: Path) -> HeadCheckpoint:
+        _require(obj, ("config", "state_dict", "classes", "identity"), path)
+        return cls(
+            obj["config"], obj["state_dict"], list(obj["classes"]), Recorded.from_dict(obj["identity"]),
+            obj.get("metrics") or {}, obj.get("train_state"), Path(path),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadCheckpoint:
+        return cls.from_dict(load_checkpoint(path, kind=HEAD_FORMAT), Path(path))
+
+
+@dataclass
+class ModelCheckpoint:
+    """A fine-tuned model: backbone weights, the head, where the trainable blocks start."""
+
+    recorded: Recorded
+    net_state_dict: dict
+    head_config: dict
+    head_state_dict: dict
+    classes: list[str]
+    start: int  # index of the first trained block
+    config: dict  # the FinetuneConfig it was trained with, as plain values
+    metrics: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def head_module(self) -> torch.nn.Module:
+        return build_head_module(self.head_config, self.head_state_dict).eval()
+
+    @property
+    def bn_stats(self) -> bool:
+        return bool(self.config.get("bn_stats", False))
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(
+            {
+                "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "identity": self.recorded.to_dict(),
+                "net_state_dict": _cpu(self.net_state_dict), "head_config": self.head_config,
+                "head_state_dict": _cpu(self.head_state_dict), "classes": list(self.classes),
+                "start": int(self.start), "config": self.config, "metrics": self.metrics,
+            },
+            path,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: dict, path: Path) -> ModelCheckpoint:
+        keys = ("identity", "net_state_dict", "head_config", "head_state_dict", "classes", "start")
+        _require(obj, keys, path)
+        return cls(
+            Recorded.from_dict(obj["identity"]), obj["net_state_dict"], obj["head_config"],
+            obj["head_state_dict"], list(obj["classes"]), int(obj["start"]), obj.get("config") or {},
+            obj.get("metrics") or {}, Path(path),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCheckpoint:
+        return cls.from_dict(load_checkpoint(path, kind=MODEL_FORMAT), Path(path))
+
+
+def load_classifier_checkpoint(path: str | Path) -> HeadCheckpoint | ModelCheckpoint:
+    """A head or a fine-tuned model, whichever ``path`` holds."""
+    obj = load_checkpoint(path, kind=(HEAD_FORMAT, MODEL_FORMAT))
+    kind = HeadCheckpoint if obj["format"] == HEAD_FORMAT else ModelCheckpoint
+    return kind.from_dict(obj, Path(path))
+
+
+@dataclass
+class FinetuneState:
+    """Everything --resume needs after an epoch: weights, optimiser, schedule, history."""
+
+    config: dict
+    epoch: int
+    net_state_dict: dict
+    head_state_dict: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    history: dict
+    best: dict
+    best_val: dict | None = None  # labels and predictions of the kept epoch on validation
+
+    def save(self, path: str | Path) -> Path:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
+        d["net_state_dict"], d["head_state_dict"] = (
+            _cpu(self.net_state_dict),
+            _cpu(self.head_state_dict),
+        )
+        return save_checkpoint(
+            {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, **d}, path
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, *, config: dict) -> FinetuneState:
+        """The state saved at ``path``, refused unless it was saved by a run with ``config``."""
+        path = Path(path)
+        if not path.exists():
+            raise EmbedcacheError(
+                f"--resume found no {path}; it is written after each epoch of a run with the same --out"
+            )
+        obj = load_checkpoint(path, kind=STATE_FORMAT)
+        names = [f.name for f in dataclasses.fields(cls)]
+        _require(obj, tuple(names[:-1]), path)  # best_val is newer than the format
+        diff = [k for k in config if obj["config"].get(k) != config[k]]
+        if diff:
+            k = diff[0]
+            raise EmbedcacheError(
+                f"{path} is from a run with other settings ({k} {obj['config'].get(k)} vs {config[k]}); "
+                "resume with the same options or start without --resume"
+            )
+        return cls(**{k: obj.get(k) for k in names})

@@ -1,17 +1,29 @@
-"""Command-line interface: parse options, call the Python API, print. Nothing else lives here."""
+"""Command-line interface: parse options, call the Python API, print. Nothing else lives here.
+
+The options of the verbs that take a config are built from the config's fields
+(:mod:`embedcache.config`): their names, defaults, choices and help come from
+the library, so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
+from .config import CompareConfig, ExtractConfig, FinetuneConfig, HeadConfig
 from .errors import EmbedcacheError
 
-# embedcache.data.AUGMENTS, spelled out here so that --help does not import torch.
-AUGMENTS = ("none", "light", "strong")
+# What to do after Ctrl-C (or a scheduler's SIGTERM), per verb.
+RESUME_HINTS = {
+    "extract": "re-run the same command to resume",
+    "train-head": "re-run the same command with --resume to continue",
+    "finetune": "re-run the same command with --resume to continue from OUT.last.pt",
+}
 
 
 class _Group(click.Group):
@@ -23,7 +35,8 @@ class _Group(click.Group):
         except EmbedcacheError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; re-run the same command to resume", err=True)
+            hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
+            click.echo(f"interrupted; {hint}" if hint else "interrupted", err=True)
             sys.exit(130)
 
 
@@ -35,97 +48,144 @@ def main() -> None:
     """Transfer learning on images with a feature cache.
 
     A frozen pretrained backbone runs once over your images and its pooled
-    features go to an HDF5 file; heads then train on that file in seconds.
+    features go to an HDF5 file; heads then train on that file in seconds;
+    finetune then trains the last blocks of the backbone with the head.
 
     \b
       embedcache extract DATA --backbone efficientnet_lite0 --out cache.h5
-      embedcache info cache.h5
-      embedcache backbones
+      embedcache train-head cache.h5 --head linear --out head.pt
+      embedcache finetune DATA --head head.pt --unfreeze 2 --out model.pt
+      embedcache evaluate model.pt DATA --split val
+      embedcache predict model.pt photo.jpg
+      embedcache compare DATA            (every approach side by side)
+      embedcache info cache.h5 | embedcache backbones | embedcache demo
     """
+
+
+# ---------------------------------------------------------------------------
+# Option types and options built from config fields
+
+
+class _FloatList(click.ParamType):
+    """'1e-3,3e-3' or a repeated option -> a list of floats."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list | tuple):
+            return list(value)
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected numbers separated by commas, got {value!r}", param, ctx)
+
+
+class _Bytes(click.ParamType):
+    """'2GB', '512MB' or a number of bytes."""
+
+    name = "size"
+    UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        try:
+            return int(float(number) * self.UNITS[text[len(number) :]])
+        except (ValueError, KeyError):
+            self.fail(f"expected a size such as 2GB or 512MB, got {value!r}", param, ctx)
+
+
+def _click_type(f: dataclasses.Field, default) -> dict:
+    """click's type (and flag or multiple) for a config field, from its metadata."""
+    m = f.metadata
+    if m["choices"]:
+        return {"type": click.Choice(m["choices"])}
+    if m["kind"] is bool:
+        return {"is_flag": True}
+    if m["kind"] == "bytes":
+        return {"type": _Bytes()}
+    if isinstance(default, tuple):  # lists: repeat the option or separate by commas
+        floats = all(isinstance(v, float) for v in default)
+        return {"multiple": True, "type": _FloatList() if floats else str}
+    if m["kind"] is int:
+        return {"type": click.IntRange(min=m["low"]) if m["low"] is not None else int}
+    if m["kind"] is float:
+        return {
+            "type": click.FloatRange(min=m["low"], max=m["high"], max_open=m["high"] is not None)
+        }
+    return {"type": str}
+
+
+def _option(config: type, name: str):
+    """A click option for one field of a config dataclass."""
+    f = {f.name: f for f in dataclasses.fields(config)}[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    flags = ("--" + name.replace("_", "-"), *f.metadata["flags"])
+    kw = _click_type(f, default)
+    shown = default is not None and default is not False and not isinstance(default, tuple)
+    help_text = f.metadata["help"]
+    if isinstance(default, tuple):
+        help_text += f" [default: {','.join(str(v) for v in default)}]"
+    return click.option(*flags, name, default=default, show_default=shown, help=help_text, **kw)
+
+
+def options(config: type, *names: str):
+    """Decorate a command with the options of ``names`` (fields of ``config``), in that order."""
+
+    def decorate(fn):
+        for name in reversed(names):
+            fn = _option(config, name)(fn)
+        return fn
+
+    return decorate
+
+
+def settings(config: type, values: dict):
+    """The config from parsed options: repeated list options flattened, empty lists left at their default."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, tuple) and v and isinstance(v[0], list):
+            v = tuple(x for group in v for x in group)
+        if isinstance(v, tuple) and not v:
+            continue
+        out[k] = v
+    return config(**out)
+
+
+def output_options(fn):
+    """--quiet and --json, shared by every verb that prints results."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
+
+
+def _out_option(help_text: str):
+    return click.option(
+        "--out", "-o", required=True, type=click.Path(dir_okay=False), help=help_text
+    )
 
 
 def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _say(quiet: bool):
+    return None if quiet else (lambda line: click.echo(line, err=True))
+
+
+# ---------------------------------------------------------------------------
+# Verbs
+
+EXTRACT_FIELDS = [f.name for f in dataclasses.fields(ExtractConfig) if f.metadata]
+
+
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="HDF5 file to write (resumed or updated if it exists).",
-)
-@click.option(
-    "--backbone",
-    "-b",
-    default="efficientnet_lite0",
-    show_default=True,
-    help="torchvision name, efficientnet_lite0, or timm:NAME (see `embedcache backbones`).",
-)
-@click.option(
-    "--weights",
-    "-w",
-    default="DEFAULT",
-    show_default=True,
-    help="DEFAULT, a torchvision weights name, none (random init) or a state-dict file.",
-)
-@click.option(
-    "--batch-size",
-    default=None,
-    type=click.IntRange(min=1),
-    help="Images per forward pass [default: 8 on CPU, 128 on GPU].",
-)
-@click.option(
-    "--num-workers",
-    default=None,
-    type=click.IntRange(min=0),
-    help="Decoders: threads on CPU, processes beside a GPU [default: one per core].",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--dtype",
-    default="float16",
-    show_default=True,
-    type=click.Choice(["float16", "float32"]),
-    help="Stored feature precision.",
-)
-@click.option(
-    "--image-size",
-    default=None,
-    type=click.IntRange(min=16),
-    help="Crop size in pixels [default: the weights' own].",
-)
-@click.option(
-    "--val-fraction",
-    default=0.2,
-    show_default=True,
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Held-out fraction per class when DATA has no val/ folder.",
-)
-@click.option("--seed", default=0, show_default=True, help="Seed of that held-out split.")
-@click.option("--unlabelled", is_flag=True, help="Treat sub-folders as plain folders, not classes.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def extract(
-    data,
-    out,
-    backbone,
-    weights,
-    batch_size,
-    num_workers,
-    device,
-    dtype,
-    image_size,
-    val_fraction,
-    seed,
-    unlabelled,
-    overwrite,
-    quiet,
-    as_json,
-):
+@_out_option("HDF5 file to write (resumed or updated if it exists).")
+@options(ExtractConfig, *EXTRACT_FIELDS)
+@output_options
+def extract(data, out, quiet, as_json, **values):
     """Run BACKBONE once over DATA and cache its pooled features in OUT.
 
     DATA is a folder (root/train/<class>/*.jpg, root/<class>/*.jpg, or a flat
@@ -133,15 +193,15 @@ def extract(
     Unreadable files are skipped and listed in the cache. An interrupted run
     resumes where it stopped; a re-run after adding images extracts only the
     new ones.
+
+    \b
+    Example:
+      embedcache extract photos/ --backbone efficientnet_lite0 --out cache.h5
     """
     from .extraction import extract as run
 
-    result = run(
-        data, out=out, backbone=backbone, weights=weights, batch_size=batch_size,
-        num_workers=num_workers, device=device, dtype=dtype, image_size=image_size,
-        val_fraction=val_fraction, seed=seed, unlabelled=unlabelled, overwrite=overwrite,
-        progress=not quiet and not as_json,
-    )  # fmt: skip
+    cfg = settings(ExtractConfig, values)
+    result = run(data, out=out, config=cfg, progress=not quiet and not as_json)
     if as_json:
         _emit_json({**vars(result), "images_per_s": result.images_per_s})
     else:
@@ -152,7 +212,12 @@ def extract(
 @click.argument("cache", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def info(cache, as_json):
-    """Describe a cache: backbone, weights, splits, classes, skipped files."""
+    """Describe a cache: backbone, weights, splits, classes, skipped files.
+
+    \b
+    Example:
+      embedcache info cache.h5
+    """
     from .cache import open_cache
 
     with open_cache(cache) as c:
@@ -169,14 +234,13 @@ def info(cache, as_json):
         f"features   {s['feature_dim']}-d {s['dtype']}; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"
     )
     click.echo(f"source     {s['source']} ({s['layout']})")
-    click.echo(
-        f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{' ...' if len(s['classes']) > 20 else ''}"
-    )
+    more = " ..." if len(s["classes"]) > 20 else ""
+    click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{more}")
     for name, sp in s["splits"].items():
         click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}")
     click.echo(f"skipped    {len(s['skipped'])}")
-    for sk in s["skipped"][:10]:
-        click.echo(f"  {sk['split']}/{sk['path']}: {sk['reason']}")
+    for sk in s["skipped"][:10]:  # paths are relative to the data root: they name the split already
+        click.echo(f"  {sk['path']}: {sk['reason']}")
 
 
 @main.command()
@@ -187,6 +251,10 @@ def backbones(as_json):
     `--unfreeze N` counts the blocks from the end. Any timm model works as
     timm:NAME, and any torchvision ResNet, EfficientNet, MobileNet, ConvNeXt,
     VGG or ViT by its torchvision name.
+
+    \b
+    Example:
+      embedcache backbones --json
     """
     from .backbones import list_backbones
 
@@ -204,159 +272,31 @@ def backbones(as_json):
         )
 
 
-class _FloatList(click.ParamType):
-    """'1e-3,3e-3' or a repeated option -> a list of floats."""
-
-    name = "floats"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return [float(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"expected numbers separated by commas, got {value!r}", param, ctx)
-
-
-class _Bytes(click.ParamType):
-    """'2GB', '512MB' or a number of bytes."""
-
-    name = "size"
-    UNITS = {
-        "": 1,
-        "B": 1,
-        "KB": 1e3,
-        "MB": 1e6,
-        "GB": 1e9,
-        "TB": 1e12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-    }
-
-    def convert(self, value, param, ctx):
-        text = str(value).strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        try:
-            return int(float(number) * self.UNITS[text[len(number) :]])
-        except (ValueError, KeyError):
-            self.fail(f"expected a size such as 2GB or 512MB, got {value!r}", param, ctx)
-
-
-def _flatten(values) -> list[float]:
-    return [v for group in values for v in group]
+HEAD_FIELDS = [f.name for f in dataclasses.fields(HeadConfig) if f.metadata]
 
 
 @main.command("train-head")
 @click.argument("cache", type=click.Path(path_type=str))
-@click.option(
-    "--head",
-    "kind",
-    default="linear",
-    show_default=True,
-    type=click.Choice(["linear", "mlp", "logreg", "knn"]),
-    help="linear/mlp train in torch; logreg (L-BFGS) and knn are references.",
-)
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Head checkpoint to write; metrics, plots and a report go next to it.",
-)
-@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--batch-size",
-    default=None,
-    type=click.IntRange(min=1),
-    help="[default: the whole split when it is under 64 MB, else 1024]",
-)
-@click.option(
-    "--lr",
-    multiple=True,
-    type=_FloatList(),
-    help="Learning rate(s), e.g. --lr 1e-3,3e-3,1e-2 [default: 1e-3].",
-)
-@click.option(
-    "--weight-decay",
-    multiple=True,
-    type=_FloatList(),
-    help="Weight decay(s); every (lr, weight decay) pair trains at once [default: 1e-4].",
-)
-@click.option(
-    "--hidden", default=512, show_default=True, type=click.IntRange(min=1), help="MLP hidden width."
-)
-@click.option(
-    "--dropout",
-    default=0.2,
-    show_default=True,
-    type=click.FloatRange(0, 1, max_open=True),
-    help="MLP dropout.",
-)
-@click.option(
-    "--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)
-)
-@click.option(
-    "--patience",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Stop after this many epochs without a better validation accuracy.",
-)
-@click.option(
-    "--val-fraction",
-    default=0.2,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Held out from train when the cache has no val split.",
-)
-@click.option(
-    "--max-memory",
-    default=None,
-    type=_Bytes(),
-    help="Stream features from the file past this size [default: half the available memory].",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the training saved in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def train_head_cmd(
-    cache,
-    kind,
-    out,
-    epochs,
-    batch_size,
-    lr,
-    weight_decay,
-    hidden,
-    dropout,
-    label_smoothing,
-    patience,
-    val_fraction,
-    max_memory,
-    device,
-    seed,
-    resume,
-    quiet,
-    as_json,
-):
+@_out_option("Head checkpoint to write; metrics, plots and a report go next to it.")
+@options(HeadConfig, *HEAD_FIELDS)
+@output_options
+def train_head_cmd(cache, out, quiet, as_json, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
 
     Trains on the train split and keeps the epoch (and, in a sweep, the
     learning rate and weight decay) with the best validation accuracy.
     Metrics JSON, loss/accuracy curves, a confusion matrix and a
     classification report are written next to OUT.
+
+    \b
+    Example:
+      embedcache train-head cache.h5 --lr 1e-3,3e-3,1e-2 --weight-decay 0,1e-3 --out head.pt
     """
     from .train import train_head
 
     r = train_head(
-        cache, out=out, head=kind, epochs=epochs, batch_size=batch_size,
-        lr=_flatten(lr) or 1e-3, weight_decay=_flatten(weight_decay) or 1e-4, hidden=hidden,
-        dropout=dropout, label_smoothing=label_smoothing, patience=patience, device=device,
-        seed=seed, val_fraction=val_fraction, max_memory=max_memory, resume=resume,
-        progress=not quiet and not as_json,
-    )  # fmt: skip
+        cache, out=out, config=settings(HeadConfig, values), progress=not quiet and not as_json
+    )
     m = r.metrics
     if as_json:
         _emit_json({**m, "files": {k: str(v) for k, v in r.files.items()}})
@@ -365,18 +305,12 @@ def train_head_cmd(
         click.echo(m["val_source"])
     if len(m.get("sweep", [])) > 1:
         for row in m["sweep"]:
-            click.echo(
-                "  "
-                + "  ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                )
-            )
+            cells = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            click.echo("  " + "  ".join(cells))
     best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
-    epochs_note = (
-        f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
-    )
+    epochs = f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
     click.echo(
-        f"{kind} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs_note}; {best}; {m['seconds']:.2f} s"
+        f"{m['head']} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs}; {best}; {m['seconds']:.2f} s"
     )
     click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
 
@@ -391,32 +325,24 @@ def train_head_cmd(
     type=click.Path(dir_okay=False),
     help="Confusion matrix PNG [default: MODEL.SPLIT.confusion.png next to MODEL].",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1))
-@click.option("--num-workers", default=None, type=click.IntRange(min=0))
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(model, data, split, plot, device, batch_size, num_workers, quiet, as_json):
+@options(ExtractConfig, "device", "batch_size", "num_workers")
+@output_options
+def evaluate(model, data, split, plot, quiet, as_json, **run):
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
     MODEL is a head from train-head or a model from finetune. DATA is a cache
     (heads only) or an image folder / CSV, whose images then go through the
     backbone recorded in MODEL.
-    """
-    from pathlib import Path
 
-    from .inference import evaluate as run
+    \b
+    Example:
+      embedcache evaluate model.pt photos/ --split val
+    """
+    from .inference import evaluate as evaluate_model
 
     plot = plot or str(Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png"))
-    r = run(
-        model,
-        data,
-        split=split,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        plot=plot,
-        progress=not quiet and not as_json,
+    r = evaluate_model(
+        model, data, split=split, plot=plot, progress=not quiet and not as_json, **run
     )
     if as_json:
         _emit_json(r)
@@ -436,13 +362,20 @@ def evaluate(model, data, split, plot, device, batch_size, num_workers, quiet, a
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
-def predict(model, images, top_k, device, as_json):
-    """Top classes and probabilities of each image (files or folders)."""
-    from .inference import predict as run
+@options(ExtractConfig, "device", "batch_size", "num_workers")
+@output_options
+def predict(model, images, top_k, quiet, as_json, **run):
+    """Top classes and probabilities of each image (files or folders).
 
-    rows = run(model, list(images), top_k=top_k, device=device)
+    \b
+    Example:
+      embedcache predict model.pt photo.jpg more_photos/ --top-k 3
+    """
+    from .inference import predict as predict_images
+
+    rows = predict_images(
+        model, list(images), top_k=top_k, progress=not quiet and not as_json, **run
+    )
     if as_json:
         _emit_json(rows)
         return
@@ -450,255 +383,76 @@ def predict(model, images, top_k, device, as_json):
         if "error" in r:
             click.echo(f"{r['path']}: skipped ({r['error']})")
         else:
-            click.echo(
-                f"{r['path']}: "
-                + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-            )
+            best = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+            click.echo(f"{r['path']}: {best}")
+
+
+FINETUNE_FIELDS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata]
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Best model checkpoint; OUT.last.pt holds the latest epoch for --resume.",
-)
-@click.option(
-    "--head",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="A head from train-head to reattach [default: a fresh linear head].",
-)
-@click.option("--backbone", "-b", default=None, help="[default: the head's backbone]")
-@click.option("--weights", "-w", default=None, help="[default: the head's weights, else DEFAULT]")
-@click.option(
-    "--unfreeze",
-    default="2",
-    show_default=True,
-    help="Blocks to train, counted from the end (see `embedcache backbones`); 0 = head only, all = everything.",
-)
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--lr",
-    default=None,
-    type=float,
-    help="Learning rate of the head [default: 3e-4 with --head, 1e-3 for a fresh head].",
-)
-@click.option(
-    "--backbone-lr-mult",
-    default=0.3,
-    show_default=True,
-    type=float,
-    help="Unfrozen blocks learn at lr x this.",
-)
-@click.option(
-    "--weight-decay",
-    default=0.05,
-    show_default=True,
-    type=float,
-    help="AdamW decay (not on biases and norms).",
-)
-@click.option(
-    "--warmup",
-    default=1.0,
-    show_default=True,
-    type=float,
-    help="Epochs of linear warm-up before the cosine decay.",
-)
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="[default: 32]")
-@click.option(
-    "--augment",
-    "augment_kind",
-    default="light",
-    show_default=True,
-    type=click.Choice(AUGMENTS),
-    help="Train-time augmentation (light: random resized crop + flip).",
-)
-@click.option(
-    "--views",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Augmented views per image computed once through the frozen prefix; epochs cycle through them (0: fresh augmentation every epoch, no prefix cache).",
-)
-@click.option(
-    "--prefix-cache",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "memory", "disk", "off"]),
-    help="Cache the frozen prefix's output (auto: whenever valid).",
-)
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)
-)
-@click.option(
-    "--bn-stats",
-    is_flag=True,
-    help="Let unfrozen BatchNorm layers update their running statistics.",
-)
-@click.option("--resume", is_flag=True, help="Continue from OUT.last.pt.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--precision",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    help="auto: bf16 autocast on GPU, fp32 on CPU.",
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--image-size",
-    default=None,
-    type=click.IntRange(min=16),
-    help="[default: the head's, else the weights' own]",
-)
-@click.option(
-    "--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)
-)
-@click.option("--num-workers", default=None, type=click.IntRange(min=0))
-@click.option(
-    "--max-memory",
-    default=None,
-    type=_Bytes(),
-    help="Prefix cache on disk past this size [default: half the available memory].",
-)
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def finetune(
-    data,
-    out,
-    head,
-    backbone,
-    weights,
-    unfreeze,
-    epochs,
-    lr,
-    backbone_lr_mult,
-    weight_decay,
-    warmup,
-    batch_size,
-    augment_kind,
-    views,
-    prefix_cache,
-    patience,
-    label_smoothing,
-    bn_stats,
-    resume,
-    device,
-    precision,
-    seed,
-    image_size,
-    val_fraction,
-    num_workers,
-    max_memory,
-    quiet,
-    as_json,
-):
+@_out_option("Best model checkpoint; OUT.last.pt holds the latest epoch for --resume.")
+@options(FinetuneConfig, *FINETUNE_FIELDS)
+@output_options
+def finetune(data, out, quiet, as_json, **values):
     """Reattach a head to its backbone and train the last N blocks on DATA.
 
     Frozen blocks stay in eval mode. With no augmentation (or --views), the
     frozen prefix runs once and every epoch trains only the unfrozen tail.
-    The best epoch on validation is kept in OUT.
+    The best epoch on validation is kept in OUT; metrics JSON, curves, a
+    confusion matrix and a report go next to it. Without a val split,
+    validation is held out of train exactly as train-head holds it out.
+
+    \b
+    Example:
+      embedcache finetune photos/ --head head.pt --unfreeze 2 --out model.pt
     """
     from .finetuning import finetune as run
 
-    quiet_now = quiet or as_json
-    r = run(
-        data, out=out, head=head, backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs,
-        lr=lr, backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay, warmup=warmup,
-        batch_size=batch_size, augment_kind=augment_kind, views=views, prefix_cache=prefix_cache,
-        patience=patience, label_smoothing=label_smoothing, resume=resume, device=device,
-        precision=precision, seed=seed, image_size=image_size, val_fraction=val_fraction,
-        num_workers=num_workers, max_memory=max_memory, bn_stats=bn_stats, progress=not quiet_now,
-        log=None if quiet_now else (lambda line: click.echo(line, err=True)),
-    )  # fmt: skip
+    quiet = quiet or as_json
+    cfg = settings(FinetuneConfig, values)
+    r = run(data, out=out, config=cfg, progress=not quiet, log=_say(quiet))
     m = r.metrics
     if as_json:
-        _emit_json(m)
+        _emit_json({**m, "files": {k: str(v) for k, v in r.files.items()}})
         return
-    pc = m["prefix_cache"]
-    cache_note = ""
+    pc, note = m["prefix_cache"], ""
     if pc["where"] in ("memory", "disk"):
-        cache_note = f"; prefix cache {pc['where']} {pc['bytes'] / 1e6:.1f} MB built in {pc['seconds']:.1f} s"
+        note = f"; prefix cache {pc['where']} {pc['bytes'] / 1e6:.1f} MB built in {pc['seconds']:.1f} s"
         if m["estimated_speedup"] is not None:  # None when a resumed run had no epoch left
-            cache_note += f", about {m['estimated_speedup']}x faster per epoch than running the frozen blocks every epoch"
+            note += f", about {m['estimated_speedup']}x faster per epoch than running the frozen blocks every epoch"
     click.echo(
-        f"best val accuracy {m['best_val_acc']:.4f} at epoch {m['best_epoch']} of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{cache_note})"
+        f"best val accuracy {m['best_val_acc']:.4f} at epoch {m['best_epoch']} of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{note})"
     )
-    click.echo(f"wrote {r.path}")
+    click.echo(
+        f"wrote {r.path} and {', '.join(p.name for k, p in r.files.items() if k != 'model')}"
+    )
+
+
+COMPARE_FIELDS = [f.name for f in dataclasses.fields(CompareConfig) if f.metadata]
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
-@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", "-w", default="DEFAULT", show_default=True)
-@click.option(
-    "--image-size", default=None, type=click.IntRange(min=16), help="[default: the weights' own]"
-)
-@click.option(
-    "--unfreeze",
-    multiple=True,
-    default=["2"],
-    show_default=True,
-    help="finetune --unfreeze values to compare (repeat the option for several).",
-)
-@click.option(
-    "--workdir",
-    default="runs/compare",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Where the cache, heads, models and results go.",
-)
-@click.option(
-    "--tutorial-epochs",
-    default=30,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="At most this many epochs of the tutorial recipe (early stopping, patience 5).",
-)
-@click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--augment",
-    "augment_kind",
-    type=click.Choice(AUGMENTS),
-    default="light",
-    show_default=True,
-    help="finetune's train-time augmentation (light: random resized crop + flip; none for images that crops or flips would change the label of).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def compare(
-    data,
-    backbone,
-    weights,
-    image_size,
-    unfreeze,
-    workdir,
-    tutorial_epochs,
-    finetune_epochs,
-    augment_kind,
-    device,
-    quiet,
-    as_json,
-):
+@options(CompareConfig, *COMPARE_FIELDS)
+@output_options
+def compare(data, quiet, as_json, **values):
     """Feature extraction or fine-tuning? Time and accuracy of each approach on DATA.
 
     Runs, on the same splits: the tutorial recipe (frozen backbone forwarded
     every epoch), extract + train-head (linear and a sweep), and finetune
     --unfreeze N from the cached head and from a fresh one. Writes a Markdown
     table, JSON and a plot of validation accuracy against wall time.
+
+    \b
+    Example:
+      embedcache compare photos/ --unfreeze 1 --unfreeze 2 --workdir runs/photos
     """
     from .comparison import compare as run
 
-    r = run(
-        data, backbone=backbone, weights=weights, image_size=image_size, unfreeze=tuple(unfreeze), workdir=workdir,
-        tutorial_epochs=tutorial_epochs, finetune_epochs=finetune_epochs, augment_kind=augment_kind, device=device,
-        progress=not quiet and not as_json, log=None if quiet or as_json else (lambda line: click.echo(line, err=True)),
-    )  # fmt: skip
+    quiet = quiet or as_json
+    r = run(data, config=settings(CompareConfig, values), progress=not quiet, log=_say(quiet))
     if as_json:
         _emit_json(json.loads(r.files["json"].read_text()))
         return
@@ -741,6 +495,10 @@ def demo(data, workdir, image_size, tutorial_epochs, quiet):
     image folder under data/digits; the backbone is efficientnet_lite0 with the
     offline weights package (random init, with a warning, if it is missing).
     Prints the comparison table; everything else goes to WORKDIR.
+
+    \b
+    Example:
+      embedcache demo --workdir runs/demo
     """
     from .quickstart import demo as run
 
@@ -750,7 +508,7 @@ def demo(data, workdir, image_size, tutorial_epochs, quiet):
         image_size=image_size,
         tutorial_epochs=tutorial_epochs,
         progress=not quiet,
-        log=lambda line: click.echo(line, err=True),
+        log=_say(False),
     )
     click.echo(r.markdown)
     click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")

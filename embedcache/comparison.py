@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
-from .cache import open_cache
-from .data import AUGMENTS, ImageSet, load_rgb, scan
+from .config import CompareConfig
+from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
+from .report import figure
 from .runtime import resolve_device
 
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_WDS = (0.0, 1e-4, 1e-3, 1e-2)
+TUTORIAL_LR, TUTORIAL_BATCH, TUTORIAL_PATIENCE = 1e-3, 32, 5  # the courses' Adam settings
 
 
 @dataclass
@@ -133,42 +136,71 @@ class EarlyStopper:
         return self.counter >= self.patience
 
 
+def _tutorial_loaders(images: ImageSet, bb: Backbone, batch_size: int, seed: int) -> dict:
+    """ImageFolder-style PIL transforms, DataLoader with no workers, fp32: as the courses build them."""
+    g = torch.Generator().manual_seed(seed)
+    loaders = {}
+    for s in ("train", "val"):
+        files = [images.root / x.path for x in images.splits[s]]
+        labels = np.array([x.label for x in images.splits[s]], dtype=np.int64)
+        dataset = _TutorialImages(files, labels, bb)
+        loaders[s] = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=(s == "train"), num_workers=0,
+            generator=g if s == "train" else None,
+        )  # fmt: skip
+    return loaders
+
+
+def _tutorial_epoch(net, classifier, loader, optimizer, device) -> tuple[float, float]:
+    """One pass of the recipe: (mean loss, accuracy); trains when ``optimizer`` is given."""
+    classifier.train(optimizer is not None)
+    loss_sum = correct = n = 0
+    with torch.inference_mode(optimizer is None):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = classifier(net(x))  # the backbone forward, again, every epoch
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            if optimizer is not None:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+    return loss_sum / n, correct / n
+
+
 def tutorial_recipe(
     images: ImageSet,
     bb: Backbone,
     *,
     epochs: int = 30,
-    patience: int = 5,
-    batch_size: int = 32,
-    lr: float = 1e-3,
     seed: int = 0,
     device: torch.device,
     progress: bool = False,
 ) -> tuple[dict, torch.nn.Module]:
     """Train a fresh linear classifier on a frozen backbone that is forwarded every epoch.
 
+    Adam lr 1e-3, batch 32, early stopping with patience 5 on validation loss.
     The backbone stays in eval mode (frozen BatchNorm statistics too, which the
     courses' ``model.train()`` forgets); data goes through ImageFolder-style
     PIL transforms and a DataLoader with no workers, in fp32 NCHW.
 
     Returns (metrics with per-epoch history and times, the classifier).
     """
-    files = {s: [images.root / x.path for x in images.splits[s]] for s in ("train", "val")}
-    labels = {
-        s: np.array([x.label for x in images.splits[s]], dtype=np.int64) for s in ("train", "val")
-    }
-    g = torch.Generator().manual_seed(seed)
-    loaders = {
-        s: torch.utils.data.DataLoader(_TutorialImages(files[s], labels[s], bb), batch_size=batch_size, shuffle=(s == "train"), num_workers=0, generator=g if s == "train" else None)
-        for s in ("train", "val")
-    }  # fmt: skip
+    loaders = _tutorial_loaders(images, bb, TUTORIAL_BATCH, seed)
     net = bb.net.to(device).eval().to(memory_format=torch.contiguous_format)
     for p in net.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(seed)
-    classifier = torch.nn.Linear(bb.feature_dim, len(images.classes)).to(device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    stopper = EarlyStopper(patience)
+    classifier = torch.nn.Linear(bb.feature_dim, len(images.classes))
+    bound = 1 / bb.feature_dim**0.5  # torch's default init, from a seeded generator
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        classifier.weight.uniform_(-bound, bound, generator=g)
+        classifier.bias.uniform_(-bound, bound, generator=g)
+    classifier = classifier.to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=TUTORIAL_LR)
+    stopper = EarlyStopper(TUTORIAL_PATIENCE)
     history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
     for _ in tqdm(
         range(epochs),
@@ -178,42 +210,18 @@ def tutorial_recipe(
         dynamic_ncols=True,
     ):
         t0 = time.perf_counter()
-        classifier.train()
-        tl = tc = n = 0
-        for x, y in loaders["train"]:
-            x, y = x.to(device), y.to(device)
-            logits = classifier(net(x))  # the backbone forward, again, every epoch
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            tl, tc, n = (
-                tl + loss.item() * len(y),
-                tc + int((logits.argmax(1) == y).sum()),
-                n + len(y),
-            )
-        classifier.eval()
-        vl = vc = vn = 0
-        with torch.inference_mode():
-            for x, y in loaders["val"]:
-                x, y = x.to(device), y.to(device)
-                logits = classifier(net(x))
-                vl, vc, vn = (
-                    vl + float(torch.nn.functional.cross_entropy(logits, y)) * len(y),
-                    vc + int((logits.argmax(1) == y).sum()),
-                    vn + len(y),
-                )
-        for k, v in zip(
-            history, (tl / n, tc / n, vl / vn, vc / vn, time.perf_counter() - t0), strict=True
-        ):
+        tl, ta = _tutorial_epoch(net, classifier, loaders["train"], optimizer, device)
+        vl, va = _tutorial_epoch(net, classifier, loaders["val"], None, device)
+        for k, v in zip(history, (tl, ta, vl, va, time.perf_counter() - t0), strict=True):
             history[k].append(v)
-        if stopper.should_stop(vl / vn):
+        if stopper.should_stop(vl):
             break
-    return {
+    metrics = {
         "history": history,
         "epochs_run": len(history["val_acc"]),
         "best_val_acc": max(history["val_acc"]),
-    }, classifier
+    }
+    return metrics, classifier
 
 
 # ---------------------------------------------------------------------------
@@ -227,28 +235,143 @@ def _curve(start_s: float, seconds: list[float], accs: list[float]) -> list[tupl
     ]
 
 
+def _timed(fn):
+    """(result, seconds, peak MB) of ``fn()``."""
+    ok = _reset_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, _peak_mb(ok)
+
+
+@dataclass
+class _Bench:
+    """What every approach shares: the data, its splits, the settings, the work folder."""
+
+    data: Path
+    images: ImageSet
+    cfg: CompareConfig
+    workdir: Path
+    progress: bool
+    say: Callable[[str], None]
+    extract_s: float = (
+        0.0  # filled by the cached-head approach, charged to those that use the cache
+    )
+    extract_peak: float | None = None
+    linear_s: float = 0.0
+
+    @property
+    def n_train(self) -> int:
+        return len(self.images.splits["train"])
+
+
+def _tutorial(b: _Bench) -> Approach:
+    cfg = b.cfg
+    dev = resolve_device(cfg.device)
+    bb = build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev)
+    (tut, _), seconds, peak = _timed(
+        lambda: tutorial_recipe(
+            b.images, bb, epochs=cfg.tutorial_epochs, seed=cfg.seed, device=dev, progress=b.progress
+        )
+    )
+    h = tut["history"]
+    return Approach(
+        name="tutorial recipe (backbone every epoch)", extract_s=0.0, train_s=seconds,
+        best_val_acc=tut["best_val_acc"], epochs=tut["epochs_run"], train_images=b.n_train,
+        peak_mb=peak, curve=_curve(0.0, h["seconds"], h["val_acc"]),
+    )  # fmt: skip
+
+
+def _extract(b: _Bench) -> Path:
+    from .extraction import extract
+
+    cfg, cache = b.cfg, b.workdir / "cache.h5"
+    _, b.extract_s, b.extract_peak = _timed(lambda: extract(
+        b.data, out=cache, backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size,
+        device=cfg.device, seed=cfg.seed, val_fraction=cfg.val_fraction, overwrite=True, progress=b.progress,
+    ))  # fmt: skip
+    return cache
+
+
+def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> Approach:
+    from .train import train_head
+
+    cfg = b.cfg
+    r, seconds, peak = _timed(
+        lambda: train_head(
+            cache,
+            out=b.workdir / out,
+            device=cfg.device,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+            progress=False,
+            **sweep,
+        )
+    )
+    if not sweep:
+        b.linear_s = seconds
+    m = r.metrics
+    return Approach(
+        name=name, extract_s=b.extract_s, train_s=seconds, best_val_acc=m["val_acc"],
+        epochs=m["epochs_run"], train_images=b.n_train,
+        peak_mb=max(filter(None, (peak, b.extract_peak)), default=None),
+        curve=_curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
+    )  # fmt: skip
+
+
+def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
+    from .finetuning import finetune
+
+    cfg = b.cfg
+    start = "cached head" if cached_head else "fresh head"
+    kw = (
+        {"head": b.workdir / "head.pt"}
+        if cached_head
+        else {"backbone": cfg.backbone, "weights": cfg.weights, "image_size": cfg.image_size}
+    )
+    out = b.workdir / f"model_u{unfreeze}_{start.split()[0]}.pt"
+    r, seconds, peak = _timed(lambda: finetune(
+        b.data, out=out, unfreeze=unfreeze, epochs=cfg.finetune_epochs, augment=cfg.augment, device=cfg.device,
+        seed=cfg.seed, val_fraction=cfg.val_fraction, progress=b.progress, **kw,
+    ))  # fmt: skip
+    fm, h = r.metrics, r.metrics["history"]
+    before = b.extract_s + b.linear_s if cached_head else 0.0
+    prefix_s = fm["prefix_cache"]["seconds"]
+    trained = [
+        (s, a) for e, s, a in zip(h["epoch"], h["seconds"], h["val_acc"], strict=True) if e > 0
+    ]
+    curve = _curve(before + prefix_s, [s for s, _ in trained], [a for _, a in trained])
+    if cached_head:
+        curve.insert(0, (round(before + prefix_s, 3), float(fm["head_val_acc_before"])))
+    return Approach(
+        name=f"finetune --unfreeze {unfreeze} from the {start}",
+        extract_s=(b.extract_s if cached_head else 0.0) + prefix_s,
+        train_s=seconds - prefix_s + (b.linear_s if cached_head else 0.0),
+        best_val_acc=fm["best_val_acc"], epochs=fm["epochs_run"], train_images=b.n_train, peak_mb=peak, curve=curve,
+    )  # fmt: skip
+
+
+def _warm_imports() -> None:
+    """Import now the libraries used on first use (scikit-learn and matplotlib for the head
+    reports, about 1.4 s here), so that no row is charged for running first."""
+    import matplotlib.figure  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+
 def compare(
     data: str | Path,
     *,
-    backbone: str = "efficientnet_lite0",
-    weights: str = "DEFAULT",
-    image_size: int | None = None,
-    unfreeze: tuple[int | str, ...] = (2,),
-    workdir: str | Path = "runs/compare",
-    tutorial_epochs: int = 30,
-    finetune_epochs: int = 10,
-    augment_kind: str = "light",
-    device: str = "auto",
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    title: str | None = None,
+    config: CompareConfig | None = None,
     progress: bool = True,
-    log=None,
+    log: Callable[[str], None] | None = None,
+    **options,
 ) -> Comparison:
     """Run every approach on ``data`` with the same backbone and splits; write Markdown, JSON and a plot.
 
-    ``augment_kind`` is finetune's train-time augmentation (``none``, ``light``,
-    ``strong``); the tutorial recipe and the heads train on the eval transform.
+    ``options`` are the fields of :class:`embedcache.config.CompareConfig` (or pass
+    ``config``). ``augment`` is finetune's train-time augmentation (``none``,
+    ``light``, ``strong``); the tutorial recipe and the heads train on the eval
+    transform. Data without a val split gets the same held-out validation
+    images in every approach.
 
     Returns
     -------
@@ -256,211 +379,64 @@ def compare(
         (``workdir/compare.md``, ``compare.json``, ``compare.png``; the cache, heads
         and models of each approach stay in ``workdir``).
     """
-    from .extraction import extract
-    from .finetuning import finetune
-    from .train import train_head
-
-    if augment_kind not in AUGMENTS:  # checked before the long runs, not after them
-        raise EmbedcacheError(
-            f"--augment must be one of {', '.join(AUGMENTS)}, got {augment_kind!r}"
-        )
+    cfg = CompareConfig.build(config, **options)
     say = log or (lambda line: None)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    images = scan(data, val_fraction=val_fraction, seed=seed)
+    images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
+        val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
     if "train" not in images.splits or "val" not in images.splits or not images.classes:
         raise EmbedcacheError(
             f"{data} needs labelled train and val splits to compare approaches (class folders, or train/ and val/)"
         )
-    n_train = len(images.splits["train"])
-    rows: list[Approach] = []
-    steps = 2 + 2 * len(unfreeze)
-
-    # Libraries imported on first use (matplotlib and scikit-learn for the head reports, about
-    # 1.4 s here) are imported now, so that no row is charged for running first.
-    import matplotlib
-    import sklearn.metrics  # noqa: F401
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-
-    def timed(fn):
-        ok = _reset_peak()
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0, _peak_mb(ok)
-
-    # 1. The tutorial recipe
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    b = _Bench(Path(data), images, cfg, workdir, progress, say)
+    _warm_imports()
+    steps = 2 + 2 * len(cfg.unfreeze)
     say(f"1/{steps} tutorial recipe: the frozen backbone forwarded every epoch")
-    bb = build_backbone(backbone, weights=weights, image_size=image_size, device=dev)
-    (tut, _), seconds, peak = timed(
-        lambda: tutorial_recipe(
-            images, bb, epochs=tutorial_epochs, seed=seed, device=dev, progress=progress
-        )
-    )
-    h = tut["history"]
-    rows.append(
-        Approach(
-            "tutorial recipe (backbone every epoch)",
-            0.0,
-            seconds,
-            tut["best_val_acc"],
-            tut["epochs_run"],
-            n_train,
-            peak,
-            _curve(0.0, h["seconds"], h["val_acc"]),
-        )
-    )
-
-    # 2. extract + train-head
+    rows = [_tutorial(b)]
     say(f"2/{steps} extract once, then heads on the cache")
-    cache = workdir / "cache.h5"
-    _, extract_s, peak_x = timed(
-        lambda: extract(
-            data,
-            out=cache,
-            backbone=backbone,
-            weights=weights,
-            image_size=image_size,
-            device=device,
-            seed=seed,
-            val_fraction=val_fraction,
-            overwrite=True,
-            progress=progress,
-        )
-    )
-    linear, linear_s, peak = timed(
-        lambda: train_head(cache, out=workdir / "head.pt", device=device, seed=seed, progress=False)
-    )
-    m = linear.metrics
+    cache = _extract(b)
+    rows.append(_head(b, cache, "extract + train-head linear", "head.pt"))
     rows.append(
-        Approach(
-            "extract + train-head linear",
-            extract_s,
-            linear_s,
-            m["val_acc"],
-            m["epochs_run"],
-            n_train,
-            max(filter(None, (peak, peak_x)), default=None),
-            _curve(extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
-        )
-    )
-    sweep, sweep_s, peak = timed(
-        lambda: train_head(
+        _head(
+            b,
             cache,
-            out=workdir / "head_sweep.pt",
-            lr=list(SWEEP_LRS),
-            weight_decay=list(SWEEP_WDS),
-            device=device,
-            seed=seed,
-            progress=False,
-        )
-    )
-    m = sweep.metrics
-    rows.append(
-        Approach(
             f"extract + train-head {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep",
-            extract_s,
-            sweep_s,
-            m["val_acc"],
-            m["epochs_run"],
-            n_train,
-            max(filter(None, (peak, peak_x)), default=None),
-            _curve(extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
+            "head_sweep.pt",
+            lr=SWEEP_LRS,
+            weight_decay=SWEEP_WDS,
         )
     )
+    for i, (n, cached) in enumerate((n, c) for n in cfg.unfreeze for c in (True, False)):
+        say(
+            f"{3 + i}/{steps} finetune --unfreeze {n} from the {'cached' if cached else 'fresh'} head"
+        )
+        rows.append(_finetune(b, n, cached))
+    return _write(b, rows, cache)
 
-    # 3. finetune, from the cached head (LP-FT) and from a fresh head
-    step = 2
-    for n in unfreeze:
-        for start in ("cached head", "fresh head"):
-            step += 1
-            say(f"{step}/{steps} finetune --unfreeze {n} from the {start}")
-            kw = (
-                {"head": workdir / "head.pt"}
-                if start == "cached head"
-                else {"backbone": backbone, "weights": weights, "image_size": image_size}
-            )
-            out = workdir / f"model_u{n}_{start.split()[0]}.pt"
-            r, seconds, peak = timed(
-                lambda kw=kw, out=out, n=n: finetune(
-                    data,
-                    out=out,
-                    unfreeze=n,
-                    epochs=finetune_epochs,
-                    augment_kind=augment_kind,
-                    device=device,
-                    seed=seed,
-                    val_fraction=val_fraction,
-                    progress=progress,
-                    **kw,
-                )
-            )
-            fm = r.metrics
-            before = extract_s + linear_s if start == "cached head" else 0.0
-            prefix_s = fm["prefix_cache"]["seconds"]
-            epochs_s = [
-                s
-                for e, s in zip(fm["history"]["epoch"], fm["history"]["seconds"], strict=True)
-                if e > 0
-            ]
-            accs = [
-                a
-                for e, a in zip(fm["history"]["epoch"], fm["history"]["val_acc"], strict=True)
-                if e > 0
-            ]
-            curve = _curve(before + prefix_s, epochs_s, accs)
-            if start == "cached head":
-                curve.insert(0, (round(before + prefix_s, 3), float(fm["head_val_acc_before"])))
-            one_off = (extract_s if start == "cached head" else 0.0) + prefix_s
-            train_s = seconds - prefix_s + (linear_s if start == "cached head" else 0.0)
-            rows.append(
-                Approach(
-                    f"finetune --unfreeze {n} from the {start}",
-                    one_off,
-                    train_s,
-                    fm["best_val_acc"],
-                    fm["epochs_run"],
-                    n_train,
-                    peak,
-                    curve,
-                )
-            )
+
+def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
+    """compare.md, compare.json and compare.png in the work folder."""
+    from .cache import open_cache
 
     with open_cache(cache) as c:
         weights_id, size = c.weights, int(c.attrs["image_size"])
+    cfg = b.cfg
     meta = {
-        "data": str(data),
-        "backbone": backbone,
-        "weights": weights_id,
-        "image_size": size,
-        "train_images": n_train,
-        "val_images": len(images.splits["val"]),
-        "finetune_augment": augment_kind,
-        "device": str(dev),
-    }
-    md = markdown(rows, meta, title=title)
+        "data": str(b.data), "backbone": cfg.backbone, "weights": weights_id, "image_size": size,
+        "train_images": b.n_train, "val_images": len(b.images.splits["val"]),
+        "finetune_augment": cfg.augment, "device": str(resolve_device(cfg.device)),
+    }  # fmt: skip
+    md = markdown(rows, meta, title=cfg.title)
     files = {
-        "markdown": workdir / "compare.md",
-        "json": workdir / "compare.json",
-        "plot": workdir / "compare.png",
+        k: b.workdir / f"compare.{ext}"
+        for k, ext in (("markdown", "md"), ("json", "json"), ("plot", "png"))
     }
     files["markdown"].write_text(md + "\n")
-    files["json"].write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "rows": [
-                    {**asdict(r), "total_s": r.total_s, "images_per_s": r.images_per_s}
-                    for r in rows
-                ],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    plot(rows, files["plot"], title or f"{backbone} on {Path(data).name}")
+    table = [{**asdict(r), "total_s": r.total_s, "images_per_s": r.images_per_s} for r in rows]
+    files["json"].write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
+    plot(rows, files["plot"], cfg.title or f"{cfg.backbone} on {b.data.name}")
     return Comparison(rows, md, files)
 
 
@@ -490,12 +466,8 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
 
 def plot(rows: list[Approach], path: Path, title: str) -> Path:
     """Validation accuracy against wall time, one curve per approach (log time axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = figure(figsize=(8, 5))
+    ax = fig.subplots()
     for r in rows:
         if r.curve:
             t, a = zip(*r.curve, strict=True)
@@ -508,5 +480,4 @@ def plot(rows: list[Approach], path: Path, title: str) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

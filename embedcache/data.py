@@ -6,7 +6,9 @@ Nothing here writes to the user's data: files are only listed, stat'ed and read.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .backbones import EvalTransform
 from .errors import EmbedcacheError
 
 IMAGE_EXTENSIONS = (
@@ -55,6 +56,49 @@ _RESAMPLE = {
 }
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Deterministic preprocessing: resize the short side, centre-crop, normalise.
+
+    ``jpeg_draft`` lets the JPEG decoder downscale by 2/4/8 while decoding when
+    the image is at least that much larger than needed (much faster on big
+    photos; the result differs from a full decode by resampling noise only).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    jpeg_draft: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.crop <= self.resize:
+            raise EmbedcacheError(
+                f"image size must satisfy 0 < crop <= resize, got crop={self.crop}, resize={self.resize}"
+            )
+
+    def to_json(self) -> str:
+        """Return a canonical JSON string (the identity stored in caches)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalTransform:
+        """Rebuild the transform recorded by :meth:`to_json`."""
+        d = json.loads(text)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    def with_crop(self, crop: int) -> EvalTransform:
+        """Return the same recipe at another crop size (resize scales with it)."""
+        resize = int(round(crop * self.resize / self.crop))
+        return dataclasses.replace(self, crop=crop, resize=resize)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image file: ``path`` relative to the source root (POSIX), its label and stat."""
@@ -77,6 +121,21 @@ class ImageSet:
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.splits.values())
+
+    def with_val(self, *, val_fraction: float, seed: int) -> tuple[ImageSet, str]:
+        """This set with a val split: its own, or one held out of train by :func:`holdout`.
+
+        Returns the set and where validation comes from (``val split`` or a note).
+        """
+        if "val" in self.splits or "train" not in self.splits or not self.classes:
+            return self, "val split"
+        train = self.splits["train"]
+        parts = stratified_split(train, val_fraction=val_fraction, seed=seed)
+        if "val" not in parts:
+            return self, "val split"
+        splits = {k: v for k, v in self.splits.items() if k != "train"}
+        images = dataclasses.replace(self, splits={**parts, **splits})
+        return images, holdout_note(len(parts["val"]), len(train), val_fraction, seed)
 
     def fingerprint(self) -> str:
         """A digest of every (split, path, size, mtime, label): changes when any file does."""
@@ -124,27 +183,53 @@ def _holdout_key(seed: int, path: str) -> str:
     return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
 
 
+def holdout(
+    paths: list[str], labels: np.ndarray, *, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one seeded, stratified validation holdout: (train rows, val rows), each ascending.
+
+    Used wherever data has no val split of its own (scan, train-head, finetune,
+    compare), so a head's validation images are exactly fine-tuning's. Per class,
+    ``round(n * fraction)`` images (at least 1, at most n - 1) with the smallest
+    hash of (seed, path) are held out.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise EmbedcacheError(f"--val-fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    val = []
+    for label in np.unique(labels):
+        members = sorted(
+            np.flatnonzero(labels == label), key=lambda i: _holdout_key(seed, paths[i])
+        )
+        n_val = int(round(len(members) * fraction))
+        if fraction > 0 and len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val += members[:n_val]
+    is_val = np.zeros(len(labels), bool)
+    is_val[np.asarray(val, dtype=np.int64)] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
 def stratified_split(
     samples: list[Sample], *, val_fraction: float, seed: int
 ) -> dict[str, list[Sample]]:
-    """Split labelled samples into train/val per class, deterministically for a seed."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise EmbedcacheError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_class[s.label].append(s)
-    train, val = [], []
-    for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda s: _holdout_key(seed, s.path))
-        n_val = int(round(len(members) * val_fraction))
-        if val_fraction > 0 and len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        val += members[:n_val]
-        train += members[n_val:]
-    split = {"train": sorted(train, key=lambda s: s.path)}
-    if val:
-        split["val"] = sorted(val, key=lambda s: s.path)
+    """Split labelled samples into train/val per class (see :func:`holdout`)."""
+    paths = [s.path for s in samples]
+    train, val = holdout(
+        paths, np.array([s.label for s in samples]), fraction=val_fraction, seed=seed
+    )
+    split = {"train": sorted((samples[i] for i in train), key=lambda s: s.path)}
+    if len(val):
+        split["val"] = sorted((samples[i] for i in val), key=lambda s: s.path)
     return split
+
+
+def holdout_note(n_val: int, n_train: int, fraction: float, seed: int) -> str:
+    """How a held-out validation set was made, for logs and metrics."""
+    return (
+        f"no val split: held out {n_val} of {n_train} train images "
+        f"({fraction:.0%}, stratified, seed {seed})"
+    )
 
 
 def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool) -> ImageSet:

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Backbone, Normalise, build_backbone
 from .cache import (
-    DTYPES,
+    FORMAT_VERSION,
     Cache,
-    CacheIdentity,
     PartialCache,
     check_space,
     disk_errors,
@@ -29,9 +29,12 @@ from .cache import (
     partial_path,
     remove_stale_tmp,
 )
+from .config import ExtractConfig
 from .data import ImageSet, decoded_batches, preprocess, scan
 from .errors import EmbedcacheError
+from .identity import CacheIdentity
 from .runtime import (
+    Run,
     autocast_dtype,
     default_batch_size,
     default_num_workers,
@@ -96,12 +99,17 @@ def _plan(
     partial = partial_path(out)
     if out.exists() and not overwrite:
         cache = open_cache(out)
-        if cache.identity != identity:
-            diff = "; ".join(identity.differences(cache.identity))
-            cache.close()
-            raise EmbedcacheError(
-                f"{out} holds other features ({diff}, asked vs existing); pass --overwrite to replace it or choose another --out"
+        try:
+            identity.check(
+                cache.identity,
+                subject=f"{out} holds other features",
+                mine="asked",
+                theirs="existing",
+                hint="pass --overwrite to replace it or choose another --out",
             )
+        except EmbedcacheError:
+            cache.close()
+            raise
         if cache.attrs.get("source_fingerprint") == images.fingerprint() and not partial.exists():
             cache.close()
             return "up_to_date", []
@@ -112,14 +120,18 @@ def _plan(
         except OSError:  # killed while the file was being created: it holds nothing yet
             partial.unlink()
             return ("rebuild" if reuse else "fresh"), reuse
-        if p.identity != identity:
-            diff = "; ".join(identity.differences(p.identity))
-            p.close()
-            for c in reuse:
-                c.close()
-            raise EmbedcacheError(
-                f"{partial} is an unfinished extraction with other settings ({diff}, asked vs existing); pass --overwrite to start over"
+        try:
+            identity.check(
+                p.identity,
+                subject=f"{partial} is an unfinished extraction with other settings",
+                mine="asked",
+                theirs="existing",
+                hint="pass --overwrite to start over",
             )
+        except EmbedcacheError:
+            for source in (p, *reuse):
+                source.close()
+            raise
         if p.h5.attrs.get("source_fingerprint") == images.fingerprint():
             for c in reuse:
                 c.close()
@@ -129,8 +141,14 @@ def _plan(
 
 
 def _check_writable(out: Path) -> None:
-    probe = Path(f"{out}.{os.getpid()}.probe")
+    """Refuse an --out that is a folder or sits where nothing can be written, before any work."""
+    if out.is_dir():
+        raise EmbedcacheError(
+            f"--out {out} is a directory; give a file name such as {out / 'cache.h5'}"
+        )
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(f"{out}.{os.getpid()}.probe")
         probe.touch()
         probe.unlink()
     except OSError as e:
@@ -151,25 +169,44 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
+    """Root attributes of a new cache: what made it, from what, with which libraries."""
+    return {
+        "format_version": FORMAT_VERSION, **_versions(), **identity.as_dict(),
+        "weights_arg": bb.weights_arg,
+        "feature_dim": bb.feature_dim, "image_size": bb.transform.crop,
+        "classes": json.dumps(images.classes), "source": str(images.root),
+        "layout": images.layout, "source_fingerprint": images.fingerprint(),
+        "num_classes": len(images.classes),
+    }  # fmt: skip
+
+
+def _result(
+    out: Path, extracted: int, reused: int, seconds: float, up_to_date=False
+) -> ExtractResult:
+    with open_cache(out) as c:
+        counts = {s: c.num_images(s) for s in c.splits}
+        skipped = len(c.skipped)
+    return ExtractResult(
+        out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
+        counts, up_to_date=up_to_date,
+    )  # fmt: skip
+
+
 def extract(
     data: str | Path,
     *,
     out: str | Path,
-    backbone: str | Backbone = "efficientnet_lite0",
-    weights: str = "DEFAULT",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    device: str = "auto",
-    dtype: str = "float16",
-    image_size: int | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    unlabelled: bool = False,
-    overwrite: bool = False,
+    config: ExtractConfig | None = None,
+    model: Backbone | None = None,
     progress: bool = True,
+    **options,
 ) -> ExtractResult:
     """Run a frozen backbone once over ``data`` and write its pooled features to ``out``.
 
+    ``options`` are the fields of :class:`embedcache.config.ExtractConfig` (or pass
+    ``config``): ``backbone``, ``weights``, ``dtype``, ``image_size``, ... ``model``
+    is an already built backbone to use instead of building ``backbone``.
     Resumes an interrupted run, extracts only new or changed images when the
     cache exists, and refuses a cache made with other settings unless
     ``overwrite``. See :func:`embedcache.data.scan` for the accepted layouts.
@@ -178,84 +215,34 @@ def extract(
     -------
     ExtractResult : counts, seconds and the file written.
     """
-    if dtype not in DTYPES:
-        raise EmbedcacheError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if batch_size is not None and batch_size < 1:
-        raise EmbedcacheError(f"--batch-size must be at least 1, got {batch_size}")
+    cfg = ExtractConfig.build(config, **options)
     out = Path(out)
-    if out.is_dir():
-        raise EmbedcacheError(
-            f"--out {out} is a directory; give a file name such as {out / 'cache.h5'}"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EmbedcacheError(
-            f"cannot create the folder for --out {out} ({e.strerror}); choose a writable location"
-        ) from None
     _check_writable(out)
-    images = scan(data, val_fraction=val_fraction, seed=seed, unlabelled=unlabelled)
-    dev = resolve_device(device)
-    batch_size = batch_size or default_batch_size(dev)
-    bb = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else build_backbone(backbone, weights=weights, image_size=image_size, device=dev)
+    images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    dev = resolve_device(cfg.device)
+    bb = model or build_backbone(
+        cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev
     )
-    identity = CacheIdentity(bb.name, bb.weights, bb.transform.to_json(), dtype)
-    mode, reuse = _plan(out, identity, images, overwrite)
+    identity = CacheIdentity(**bb.identity().as_dict(), dtype=cfg.dtype)
+    mode, reuse = _plan(out, identity, images, cfg.overwrite)
     if mode == "up_to_date":
-        with open_cache(out) as c:
-            return ExtractResult(
-                out,
-                sum(c.num_images(s) for s in c.splits),
-                0,
-                0,
-                len(c.skipped),
-                0.0,
-                out.stat().st_size,
-                {s: c.num_images(s) for s in c.splits},
-                up_to_date=True,
-            )
-
+        return _result(out, 0, 0, 0.0, up_to_date=True)
     start = time.perf_counter()
-    attrs = {
-        "format_version": 1, **_versions(), **vars(identity),
-        "weights_arg": bb.weights_arg,
-        "feature_dim": bb.feature_dim, "image_size": bb.transform.crop,
-        "classes": json.dumps(images.classes), "source": str(images.root),
-        "layout": images.layout, "source_fingerprint": images.fingerprint(),
-        "num_classes": len(images.classes),
-    }  # fmt: skip
-    partial_file = partial_path(out)
     remove_stale_tmp(out)
     with disk_errors(out):
-        if mode == "resume":
-            partial = reuse[0]
-        else:
-            try:
-                check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype))
-                partial = PartialCache.create(
-                    partial_file,
-                    attrs=attrs,
-                    images=images,
-                    feature_dim=bb.feature_dim,
-                    dtype=dtype,
-                    reuse=reuse,
-                )
-            finally:
-                for source in reuse:
-                    source.close()
+        partial = _open_partial(out, mode, reuse, _attrs(bb, identity, images), images, bb)
         try:
             todo = {s: partial.todo(s) for s in partial.splits}
             reused = partial.progress()[0]
+            batch_size = cfg.batch_size or default_batch_size(dev)
+            workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
             extracted = _run(
                 bb,
                 images,
                 partial,
                 todo,
                 batch_size=batch_size,
-                num_workers=num_workers,
+                num_workers=workers,
                 device=dev,
                 progress=progress,
             )
@@ -264,19 +251,29 @@ def extract(
             if partial.h5.id.valid:
                 with contextlib.suppress(Exception):  # the error that got us here matters more
                     partial.close()
-    seconds = time.perf_counter() - start
-    with open_cache(out) as c:
-        counts = {s: c.num_images(s) for s in c.splits}
-        return ExtractResult(
-            out,
-            sum(counts.values()),
-            extracted,
-            reused,
-            len(c.skipped),
-            seconds,
-            out.stat().st_size,
-            counts,
+    return _result(out, extracted, reused, time.perf_counter() - start)
+
+
+def _open_partial(
+    out: Path, mode: str, reuse: list, attrs: dict, images: ImageSet, bb: Backbone
+) -> PartialCache:
+    """The in-progress file to fill: the one being resumed, or a new one seeded with reusable rows."""
+    if mode == "resume":
+        return reuse[0]
+    try:
+        dtype = attrs["dtype"]
+        check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype))
+        return PartialCache.create(
+            partial_path(out),
+            attrs=attrs,
+            images=images,
+            feature_dim=bb.feature_dim,
+            dtype=dtype,
+            reuse=reuse,
         )
+    finally:
+        for source in reuse:
+            source.close()
 
 
 def _run(
@@ -286,7 +283,7 @@ def _run(
     todo: dict[str, np.ndarray],
     *,
     batch_size: int,
-    num_workers: int | None,
+    num_workers: int,
     device: torch.device,
     progress: bool,
 ) -> int:
@@ -296,9 +293,8 @@ def _run(
         return 0
     paths = {s: partial.paths(s) for s in todo}
     files = [images.root / paths[s][r] for s, r in flat]
-    workers = default_num_workers(device) if num_workers is None else num_workers
     decode = functools.partial(preprocess, t=bb.transform)
-    loader = decoded_batches(files, batches, decode, device=device, num_workers=workers)
+    loader = decoded_batches(files, batches, decode, device=device, num_workers=num_workers)
     net = bb.net.to(device).eval().to(memory_format=torch.channels_last)
     norm = Normalise(bb.transform).to(device)
     amp = autocast_dtype(device)
@@ -325,3 +321,44 @@ def _run(
                 skipped += len(failed)
                 bar.set_postfix(skipped=skipped, refresh=False)
     return done
+
+
+def forward_images(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    items: list,
+    decode: Callable[..., np.ndarray],
+    run: Run,
+    *,
+    desc: str,
+) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
+    """``fn`` over every decodable item, in batches of ``run.batch_size`` under ``run.amp()``.
+
+    ``fn`` takes a normalised float batch (N, 3, H, W) on the device; ``decode(items[i])``
+    gives one uint8 image (see :func:`embedcache.data.decoded_batches`).
+
+    Returns
+    -------
+    outputs : ndarray of shape (n_ok, ...) as ``fn`` returns them (on the CPU), or None if none decoded
+    ok : ndarray of shape (n_ok,), indices into ``items``
+    failed : {index: reason} for items that could not be decoded
+    """
+    batches = [
+        list(range(i, min(len(items), i + run.batch_size)))
+        for i in range(0, len(items), run.batch_size)
+    ]
+    loader = decoded_batches(items, batches, decode, device=run.device, num_workers=run.workers)
+    outs, ok, failed = [], [], {}
+    bar = tqdm(
+        total=len(items), desc=desc, unit="img", disable=not run.progress, dynamic_ncols=True
+    )
+    with torch.inference_mode(), bar:
+        for index, x, bad in loader:
+            if x is not None:
+                with run.amp():
+                    outs.append(fn(x).cpu().numpy())
+                ok.append(index)
+            failed.update(bad)
+            bar.update(len(index) + len(bad))
+    if not outs:
+        return None, np.zeros(0, np.int64), failed
+    return np.concatenate(outs), np.concatenate(ok), failed

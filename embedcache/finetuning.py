@@ -4,10 +4,15 @@ Everything before the first unfrozen block is frozen and in eval mode, so for a
 given input it always computes the same activations. With no augmentation (or
 a fixed number of augmented views per image) those activations are computed
 once, stored in float16, and every epoch trains only the unfrozen tail.
+
+``finetune`` runs four phases, each a function below: prepare (data, backbone,
+head, what trains), plan the prefix cache, fit (the epochs), summarise (the
+best checkpoint, metrics and plots).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -22,16 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, EvalTransform, FeatureNet, Normalise, build_backbone
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import AUGMENTS, ImageSet, augment, decoded_batches, scan
+from .cache import Rows, memory_budget
+from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded
+from .config import FinetuneConfig
+from .data import ImageSet, augment, scan
 from .errors import EmbedcacheError
+from .extraction import forward_images
 from .heads import Head, Standardize, init_template
-from .runtime import autocast_dtype, default_num_workers, resolve_device
-from .train import HEAD_FORMAT, MEMORY_FRACTION, Rows, available_memory_bytes, build_head_module
-
-MODEL_FORMAT = "embedcache.model"
-PREFIX_MODES = ("auto", "memory", "disk", "off")
-DEFAULT_BATCH = 32
+from .runtime import Run, autocast_dtype, default_num_workers, resolve_device, seeded
 
 
 class FinetunedModel(nn.Module):
@@ -107,40 +110,26 @@ def parse_unfreeze(value: int | str, num_blocks: int, name: str) -> int:
     return n
 
 
+def _set_trainable(name: str, module: nn.Module, trainable: bool) -> dict:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+    params = sum(p.numel() for p in module.parameters())
+    return {"block": name, "params": params, "trainable": trainable}
+
+
 def freeze(model: FinetunedModel) -> list[dict]:
     """Set requires_grad by block; return a row per block (name, parameters, trainable)."""
-    rows = []
-    for i, (name, block) in enumerate(zip(model.net.block_names, model.net.blocks, strict=True)):
-        trainable = i >= model.start
-        for p in block.parameters():
-            p.requires_grad_(trainable)
-        rows.append(
-            {
-                "block": name,
-                "params": sum(p.numel() for p in block.parameters()),
-                "trainable": trainable,
-            }
-        )
-    pool_trainable = model.start < len(model.net.blocks)
-    for p in model.net.pool.parameters():  # parameters after the last block go with it
-        p.requires_grad_(pool_trainable)
-    if any(True for _ in model.net.pool.parameters()):
-        rows.append(
-            {
-                "block": "pool",
-                "params": sum(p.numel() for p in model.net.pool.parameters()),
-                "trainable": pool_trainable,
-            }
-        )
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    rows.append(
-        {
-            "block": "head",
-            "params": sum(p.numel() for p in model.head.parameters()),
-            "trainable": True,
-        }
-    )
+    net = model.net
+    rows = [
+        _set_trainable(name, block, i >= model.start)
+        for i, (name, block) in enumerate(zip(net.block_names, net.blocks, strict=True))
+    ]
+    pool = _set_trainable(
+        "pool", net.pool, model.start < len(net.blocks)
+    )  # goes with the last block
+    if pool["params"]:
+        rows.append(pool)
+    rows.append(_set_trainable("head", model.head, True))
     return rows
 
 
@@ -180,52 +169,192 @@ def _optimizer(
 
 
 # ---------------------------------------------------------------------------
-# Data: image items, prefix cache
+# Phase 1: prepare the data, the backbone and the head
+
+
+@dataclass
+class _Setup:
+    """Everything the later phases need, decided once."""
+
+    cfg: FinetuneConfig
+    data: Path
+    out: Path
+    bb: Backbone
+    classes: list[str]
+    model: FinetunedModel
+    head_config: dict
+    table: list[dict]  # what trains (see freeze)
+    train: tuple[list[Path], np.ndarray]  # image paths, labels
+    val: tuple[list[Path], np.ndarray]
+    val_source: str
+    run: Run
+    unfreeze: int
+
+    def config_record(self) -> dict:
+        """The settings a checkpoint records and --resume compares (plain values)."""
+        c = self.cfg
+        d = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_RECORDED}
+        return {
+            **d, "data": str(self.data), "backbone": self.bb.name, "weights": self.bb.weights,
+            "unfreeze": self.unfreeze, "lr": c.head_lr, "views": c.num_views,
+        }  # fmt: skip
+
+
+# How a run is executed, not what it trains: free to change on --resume.
+_NOT_RECORDED = (
+    "resume",
+    "device",
+    "num_workers",
+    "max_memory",
+    "prefix_cache",
+    "image_size",
+    "patience",
+)
 
 
 def _items(images: ImageSet, split: str) -> tuple[list[Path], np.ndarray]:
     samples = images.splits[split]
-    return [images.root / s.path for s in samples], np.array(
-        [s.label for s in samples], dtype=np.int64
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return [images.root / s.path for s in samples], labels
+
+
+def _fresh_head(bb: Backbone, classes: list[str], seed: int) -> tuple[Head, dict]:
+    config = {
+        "kind": "linear",
+        "dim": bb.feature_dim,
+        "num_classes": len(classes),
+        "hidden": 512,
+        "dropout": 0.0,
+    }
+    classifier = init_template(
+        "linear", bb.feature_dim, len(classes), hidden=0, dropout=0.0, seed=seed
+    )
+    norm = Standardize(torch.zeros(bb.feature_dim), torch.ones(bb.feature_dim))
+    return Head(norm, classifier), config
+
+
+def _reattach(ckpt: HeadCheckpoint, bb: Backbone, classes: list[str]) -> tuple[Head, dict]:
+    """The trained head, checked against the backbone's features and the data's classes."""
+    if ckpt.config["kind"] == "knn":
+        raise EmbedcacheError(
+            f"{ckpt.path} is a knn head, which has no weights to fine-tune; train a linear or mlp head"
+        )
+    ckpt.recorded.identity.check(
+        bb.identity(), subject=f"{ckpt.path} was trained on other features than this backbone gives",
+        mine="head", theirs="backbone", hint="pass --backbone and --weights as used for the cache",
+    )  # fmt: skip
+    if list(ckpt.classes) != list(classes):
+        raise EmbedcacheError(
+            f"{ckpt.path} was trained on classes {', '.join(ckpt.classes[:8])} but the data has {', '.join(classes[:8])}; train the head on a cache of this data"
+        )
+    return ckpt.module(), dict(ckpt.config)
+
+
+def _backbone_for(cfg: FinetuneConfig, head: HeadCheckpoint | None) -> Backbone:
+    """The backbone to fine-tune: as asked, else the one the head was trained on."""
+    name = cfg.backbone or (head.recorded.identity.backbone if head else None)
+    if name is None:
+        raise EmbedcacheError("pass --backbone (or --head, whose backbone is then used)")
+    weights = cfg.weights or (head.recorded.weights_arg if head else "DEFAULT")
+    size = cfg.image_size or (head.recorded.crop if head else None)
+    return build_backbone(name, weights=weights, image_size=size, device="cpu")
+
+
+def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str]:
+    """The images with train and val splits (val held out of train as train-head does)."""
+    images, val_source = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
+        val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
+    if "train" not in images.splits or not images.classes:
+        raise EmbedcacheError(
+            f"{data} has no labelled train split; finetune needs class folders or a CSV with labels"
+        )
+    if "val" not in images.splits:
+        raise EmbedcacheError(
+            f"{data} has no val split; add a val/ folder or pass a --val-fraction above 0"
+        )
+    labels = [s.label for split in ("train", "val") for s in images.splits[split]]
+    if min(labels) < 0:
+        raise EmbedcacheError(
+            f"{data} has unlabelled images in train or val; finetune needs labels"
+        )
+    return images, val_source
+
+
+def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool) -> _Setup:
+    dev = resolve_device(cfg.device)
+    head_ckpt = HeadCheckpoint.load(cfg.head) if cfg.head is not None else None
+    bb = _backbone_for(cfg, head_ckpt)
+    images, val_source = _labelled(data, cfg)
+    classes = images.classes
+    head, head_config = (
+        _reattach(head_ckpt, bb, classes) if head_ckpt else _fresh_head(bb, classes, cfg.seed)
+    )
+    n_blocks = len(bb.block_names)
+    n = parse_unfreeze(cfg.unfreeze, n_blocks, bb.name)
+    model = FinetunedModel(bb.net, head, n_blocks - n, bb.transform, cfg.bn_stats)
+    table = freeze(model)
+    model = model.to(dev).to(memory_format=torch.channels_last).train()
+    workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
+    run = Run(dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress)
+    return _Setup(
+        cfg, Path(data).resolve(), out, bb, classes, model, head_config, table,
+        _items(images, "train"), _items(images, "val"), val_source, run, n,
+    )  # fmt: skip
+
+
+def _describe(setup: _Setup) -> str:
+    table = setup.table
+    trainable = [r for r in table if r["trainable"]]
+    frozen = ", ".join(r["block"] for r in table if not r["trainable"]) or "nothing"
+    n_train = sum(r["params"] for r in trainable)
+    return (
+        f"{setup.bb.name}: training {', '.join(r['block'] for r in trainable)} "
+        f"({n_train:,} of {sum(r['params'] for r in table):,} parameters); frozen: {frozen}"
     )
 
 
-def _run_prefix(
-    model: FinetunedModel,
-    items: list,
-    decode,
-    *,
-    device,
-    batch_size: int,
-    workers: int,
-    autocast,
-    desc: str,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Prefix activations of every decodable item, float16: (n_ok, C, H, W), indices, failures."""
-    norm = Normalise(model.transform).to(device)
-    batches = [
-        list(range(i, min(len(items), i + batch_size))) for i in range(0, len(items), batch_size)
-    ]
-    out, ok, failed = [], [], {}
-    with (
-        torch.inference_mode(),
-        tqdm(
-            total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True
-        ) as bar,
-    ):
-        for index, x, bad in decoded_batches(
-            items, batches, decode, device=device, num_workers=workers
-        ):
-            if x is not None:
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    out.append(model.prefix(norm(x)).half().cpu().numpy())
-                ok.append(index)
-            failed.update(bad)
-            bar.update(len(index) + len(bad))
-    if not out:
-        return np.zeros((0,)), np.zeros(0, np.int64), failed
-    return np.concatenate(out), np.concatenate(ok), failed
+# ---------------------------------------------------------------------------
+# Phase 2: plan the prefix cache
+
+
+@dataclass(frozen=True)
+class _PrefixPlan:
+    where: str  # memory | disk | off
+    shape: tuple[int, ...]  # one image's prefix activations
+    need_bytes: int
+
+
+def _prefix_shape(model: FinetunedModel, crop: int) -> tuple[int, ...]:
+    import copy
+
+    meta = copy.deepcopy(model.net).to("meta")
+    with torch.no_grad():
+        x = torch.empty(1, 3, crop, crop, device="meta")
+        return tuple(meta.prefix(x, model.start).shape[1:])
+
+
+def _plan_prefix(setup: _Setup) -> _PrefixPlan:
+    """Cache the frozen prefix's output when it is deterministic; in memory if it fits."""
+    cfg, model = setup.cfg, setup.model
+    deterministic = cfg.augment == "none" or cfg.views > 0
+    has_prefix = model.start > 0
+    if cfg.prefix_cache in ("memory", "disk") and not (deterministic and has_prefix):
+        why = (
+            "nothing is frozen (--unfreeze all)"
+            if not has_prefix
+            else "augmentation changes the input every epoch; pass --views V to cache V augmented views"
+        )
+        raise EmbedcacheError(f"--prefix-cache {cfg.prefix_cache} is not possible: {why}")
+    if not (deterministic and has_prefix) or cfg.prefix_cache == "off":
+        return _PrefixPlan("off", (), 0)
+    shape = _prefix_shape(model, setup.bb.transform.crop)
+    images = len(setup.train[0]) * max(1, cfg.num_views) + len(setup.val[0])
+    need = images * int(np.prod(shape)) * 2  # float16
+    where = cfg.prefix_cache
+    if where == "auto":
+        where = "memory" if need <= memory_budget(cfg.max_memory) else "disk"
+    return _PrefixPlan(where, shape, need)
 
 
 @dataclass
@@ -246,508 +375,314 @@ class PrefixCache:
             path.unlink(missing_ok=True)
 
 
-def _prefix_shape(model: FinetunedModel, crop: int) -> tuple[int, ...]:
-    import copy
+def _prefix_of(model: FinetunedModel, items: list, decode, run: Run, desc: str):
+    """float16 prefix activations (n_ok, C, H, W) of the decodable items, and their indices."""
+    norm = Normalise(model.transform).to(run.device)
+    acts, ok, _ = forward_images(
+        lambda x: model.prefix(norm(x)).half(), items, decode, run, desc=desc
+    )
+    return (acts if acts is not None else np.zeros((0,), np.float16)), ok
 
-    meta = copy.deepcopy(model.net).to("meta")
-    with torch.no_grad():
-        return tuple(
-            meta.prefix(torch.empty(1, 3, crop, crop, device="meta"), model.start).shape[1:]
-        )
 
-
-def build_prefix_cache(
-    model,
-    train_items,
-    train_labels,
-    val_items,
-    val_labels,
-    *,
-    views: int,
-    augment_kind: str,
-    seed: int,
-    where: str,
-    path: Path,
-    device,
-    batch_size,
-    workers,
-    autocast,
-    progress,
-) -> PrefixCache:
+def build_prefix_cache(setup: _Setup, plan: _PrefixPlan) -> PrefixCache:
     """Run the frozen prefix once per image (per view) and keep its output."""
-    t = model.transform
+    cfg, model, t = setup.cfg, setup.model, setup.model.transform
     start = time.perf_counter()
-    n_views = max(1, views)
-    eval_decode = functools.partial(augment, t=t, kind="none")
-    train_decode = functools.partial(augment, t=t, kind=augment_kind if views else "none")
-    arrays, labels_per_view = [], []
-    for v in range(n_views):
-        items = [(p, (seed, 1, v, i)) for i, p in enumerate(train_items)]
-        acts, ok, _ = _run_prefix(
-            model,
-            items,
-            train_decode,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            autocast=autocast,
-            desc=f"prefix train view {v + 1}/{n_views}" if views else "prefix train",
-            progress=progress,
-        )
+    views = cfg.num_views
+    train_decode = functools.partial(augment, t=t, kind=cfg.augment if views else "none")
+    (train_items, train_labels), (val_items, val_labels) = setup.train, setup.val
+    arrays, labels = [], []
+    for v in range(max(1, views)):
+        items = [(p, (cfg.seed, 1, v, i)) for i, p in enumerate(train_items)]
+        desc = f"prefix train view {v + 1}/{views}" if views else "prefix train"
+        acts, ok = _prefix_of(model, items, train_decode, setup.run, desc)
         arrays.append(acts)
-        labels_per_view.append(train_labels[ok])
-    vacts, vok, _ = _run_prefix(
-        model,
-        [(p, 0) for p in val_items],
-        eval_decode,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        autocast=autocast,
-        desc="prefix val",
-        progress=progress,
+        labels.append(train_labels[ok])
+    eval_decode = functools.partial(augment, t=t, kind="none")
+    vacts, vok = _prefix_of(
+        model, [(p, 0) for p in val_items], eval_decode, setup.run, "prefix val"
     )
     total = sum(a.nbytes for a in arrays) + vacts.nbytes
     h5 = None
-    if where == "disk":
-        import h5py
-
-        h5 = h5py.File(path, "w")
-        arrays = [
-            h5.create_dataset(f"view{v}", data=a, chunks=(1, *a.shape[1:]))
-            for v, a in enumerate(arrays)
-        ]
-        vacts = h5.create_dataset("val", data=vacts, chunks=(1, *vacts.shape[1:]))
-        h5.flush()
-    in_memory = where == "memory"
+    if plan.where == "disk":
+        h5, arrays, vacts = _to_disk(
+            setup.out.with_name(setup.out.stem + ".prefix.h5"), arrays, vacts
+        )
+    in_memory = plan.where == "memory"
     view_rows = [
-        Rows(a, lab, np.arange(len(lab)), in_memory)
-        for a, lab in zip(arrays, labels_per_view, strict=True)
+        Rows(a, lab, np.arange(len(lab)), in_memory) for a, lab in zip(arrays, labels, strict=True)
     ]
     val_rows = Rows(vacts, val_labels[vok], np.arange(len(vok)), in_memory)
-    return PrefixCache(view_rows, val_rows, total, where, time.perf_counter() - start, h5)
+    return PrefixCache(view_rows, val_rows, total, plan.where, time.perf_counter() - start, h5)
+
+
+def _to_disk(path: Path, arrays: list[np.ndarray], val: np.ndarray):
+    """Move the activations into an HDF5 file (one chunk per image); returns (file, datasets)."""
+    import h5py
+
+    h5 = h5py.File(path, "w")
+    views = [
+        h5.create_dataset(f"view{v}", data=a, chunks=(1, *a.shape[1:]))
+        for v, a in enumerate(arrays)
+    ]
+    val_ds = h5.create_dataset("val", data=val, chunks=(1, *val.shape[1:]))
+    h5.flush()
+    return h5, views, val_ds
 
 
 # ---------------------------------------------------------------------------
-# Epochs
+# Phase 3: fit
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+@dataclass
+class _Fit:
+    """The optimisation state and the record of the epochs."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: dict = field(default_factory=lambda: {k: [] for k in _HISTORY})
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "loss": math.inf, "epoch": -1})
+    best_val: tuple[np.ndarray, np.ndarray] | None = None  # (labels, predictions) of the best epoch
+    epoch: int = 0  # epochs done
 
 
-def _step(
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    x,
-    y,
-    *,
-    cached: bool,
-    norm,
-    autocast,
-    device,
-    label_smoothing,
-) -> tuple[float, int]:
-    """One optimisation step; returns (summed loss, correct) over the batch."""
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        if cached:
-            h = (
-                x.to(device, non_blocking=True)
+_HISTORY = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+def _new_fit(setup: _Setup) -> _Fit:
+    cfg, model = setup.cfg, setup.model
+    optimizer = _optimizer(
+        model, lr=cfg.head_lr, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay
+    )
+    steps = math.ceil(len(setup.train[0]) / cfg.batch_size)
+    warmup = max(1, int(cfg.warmup * steps))
+    scheduler = _schedule(optimizer, warmup_steps=warmup, total_steps=cfg.epochs * steps)
+    scaler = torch.amp.GradScaler(
+        setup.run.device.type, enabled=setup.run.autocast == torch.float16
+    )
+    return _Fit(optimizer, scheduler, scaler)
+
+
+class _Batches:
+    """Training and validation batches: from the prefix cache, or decoded images every epoch."""
+
+    def __init__(self, setup: _Setup, prefix: PrefixCache | None):
+        self.setup, self.prefix = setup, prefix
+        self.norm = Normalise(setup.bb.transform).to(setup.run.device)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the trainable tail takes: cached activations as they are, images through the prefix."""
+        if self.prefix is not None:
+            return (
+                x.to(self.setup.run.device, non_blocking=True)
                 .float()
                 .contiguous(memory_format=torch.channels_last)
             )
-        else:
-            with torch.no_grad():  # the frozen prefix needs no graph
-                h = model.prefix(norm(x))
-        logits = model.tail(h)
-    loss = _loss(logits, y, label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return float(loss.detach()) * len(y), int((logits.detach().argmax(1) == y).sum())
+        with torch.no_grad():  # the frozen prefix needs no graph
+            return self.setup.model.prefix(self.norm(x))
 
-
-def _evaluate(
-    model, batches, *, cached: bool, norm, autocast, device, label_smoothing
-) -> tuple[float, float, np.ndarray]:
-    """(loss, accuracy, predictions) on validation batches."""
-    model.eval()
-    loss_sum, correct, n, preds = 0.0, 0, 0, []
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=autocast, enabled=autocast is not None),
-    ):
-        for x, y in batches:
-            y = y.to(device)
-            h = (
-                x.to(device).float().contiguous(memory_format=torch.channels_last)
-                if cached
-                else model.prefix(norm(x))
+    def train(self, epoch: int):
+        cfg, run = self.setup.cfg, self.setup.run
+        rng = np.random.default_rng([cfg.seed, epoch])
+        if self.prefix is not None:
+            rows = self.prefix.views[(epoch - 1) % len(self.prefix.views)]
+            return (
+                (torch.from_numpy(x), torch.from_numpy(y))
+                for x, y in rows.batches(cfg.batch_size, rng)
             )
-            logits = model.tail(h).float()
-            loss_sum += float(F.cross_entropy(logits, y, label_smoothing=label_smoothing)) * len(y)
-            pred = logits.argmax(1)
-            correct += int((pred == y).sum())
-            n += len(y)
-            preds.append(pred.cpu().numpy())
-    model.train()
-    return (
-        loss_sum / max(n, 1),
-        correct / max(n, 1),
-        np.concatenate(preds) if preds else np.zeros(0, np.int64),
-    )
+        items, labels = self.setup.train
+        seeded_items = [(p, (cfg.seed, 2, epoch, i)) for i, p in enumerate(items)]
+        decode = functools.partial(augment, t=self.setup.bb.transform, kind=cfg.augment)
+        return _image_batches(seeded_items, labels, decode, run, rng)
 
-
-def _cached_batches(rows: Rows, batch_size: int, rng: np.random.Generator | None):
-    if rng is None:
-        for pos, x in rows.blocks():
-            for lo in range(0, len(pos), batch_size):
-                yield (
-                    torch.from_numpy(x[lo : lo + batch_size]),
-                    torch.from_numpy(rows.labels[pos[lo : lo + batch_size]]),
+    def val(self):
+        bs = self.setup.cfg.batch_size
+        if self.prefix is not None:
+            rows = self.prefix.val
+            return (
+                (
+                    torch.from_numpy(x[lo : lo + bs]),
+                    torch.from_numpy(rows.labels[pos[lo : lo + bs]]),
                 )
-        return
-    for x, y in rows.batches(batch_size, rng):
-        yield torch.from_numpy(x), torch.from_numpy(y)
+                for pos, x in rows.blocks()
+                for lo in range(0, len(pos), bs)
+            )
+        items, labels = self.setup.val
+        decode = functools.partial(augment, t=self.setup.bb.transform, kind="none")
+        return _image_batches([(p, 0) for p in items], labels, decode, self.setup.run, None)
 
 
-def _image_batches(items, labels, batch_size, decode, *, rng, device, workers):
+def _image_batches(items, labels, decode, run: Run, rng):
+    from .data import decoded_batches
+
     order = rng.permutation(len(items)) if rng is not None else np.arange(len(items))
-    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    for index, x, _ in decoded_batches(items, batches, decode, device=device, num_workers=workers):
+    batches = [order[i : i + run.batch_size].tolist() for i in range(0, len(order), run.batch_size)]
+    for index, x, _ in decoded_batches(
+        items, batches, decode, device=run.device, num_workers=run.workers
+    ):
         if x is not None:
             yield x, torch.from_numpy(labels[index])
 
 
-# ---------------------------------------------------------------------------
-# Public API
+def _evaluate(setup: _Setup, data: _Batches) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(loss, accuracy, labels, predictions) on validation."""
+    model, run, ls = setup.model, setup.run, setup.cfg.label_smoothing
+    model.eval()
+    loss_sum, ys, preds = 0.0, [], []
+    with torch.inference_mode(), run.amp():
+        for x, y in data.val():
+            y = y.to(run.device)
+            logits = model.tail(data.inputs(x)).float()
+            loss_sum += float(F.cross_entropy(logits, y, label_smoothing=ls)) * len(y)
+            ys.append(y.cpu().numpy())
+            preds.append(logits.argmax(1).cpu().numpy())
+    model.train()
+    y, pred = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (ys, preds))
+    n = max(len(y), 1)
+    return loss_sum / n, float((pred == y).sum()) / n, y, pred
 
 
-def _head_for(
-    head: str | Path | None, bb: Backbone, classes: list[str], *, seed: int
-) -> tuple[Head, dict]:
-    """The reattached head (checked against backbone and classes), or a fresh linear one."""
-    if head is None:
-        classifier = init_template(
-            "linear", bb.feature_dim, len(classes), hidden=0, dropout=0.0, seed=seed
-        )
-        norm = Standardize(torch.zeros(bb.feature_dim), torch.ones(bb.feature_dim))
-        return Head(norm, classifier), {
-            "kind": "linear",
-            "dim": bb.feature_dim,
-            "num_classes": len(classes),
-            "hidden": 512,
-            "dropout": 0.0,
-        }
-    ckpt = load_checkpoint(head, kind=HEAD_FORMAT)
-    config, ident = ckpt["config"], ckpt["identity"]
-    if config["kind"] == "knn":
-        raise EmbedcacheError(
-            f"{head} is a knn head, which has no weights to fine-tune; train a linear or mlp head"
-        )
-    mine = {"backbone": bb.name, "weights": bb.weights, "transform": bb.transform.to_json()}
-    for key in ("backbone", "weights", "transform"):
-        if str(ident[key]) != str(mine[key]):
-            raise EmbedcacheError(
-                f"{head} was trained on other features than this backbone gives: {key} {ident[key]} (head) vs {mine[key]} (backbone); pass --backbone and --weights as used for the cache"
-            )
-    if list(ckpt["classes"]) != list(classes):
-        raise EmbedcacheError(
-            f"{head} was trained on classes {', '.join(ckpt['classes'][:8])} but the data has {', '.join(classes[:8])}; train the head on a cache of this data"
-        )
-    return build_head_module(config, ckpt["state_dict"]), dict(config)
-
-
-def finetune(
-    data: str | Path,
-    *,
-    out: str | Path,
-    head: str | Path | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
-    unfreeze: int | str = 2,
-    epochs: int = 10,
-    lr: float | None = None,
-    backbone_lr_mult: float = 0.3,
-    weight_decay: float = 0.05,
-    warmup: float = 1.0,
-    batch_size: int | None = None,
-    augment_kind: str = "light",
-    views: int = 4,
-    prefix_cache: str = "auto",
-    patience: int = 5,
-    label_smoothing: float = 0.1,
-    resume: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
-    seed: int = 0,
-    image_size: int | None = None,
-    val_fraction: float = 0.2,
-    num_workers: int | None = None,
-    max_memory: int | None = None,
-    bn_stats: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> FinetuneResult:
-    """Fine-tune the last ``unfreeze`` blocks of a backbone together with a head.
-
-    Parameters
-    ----------
-    head : a head from train_head to reattach (its backbone, weights and
-        transform are checked, and default ``backbone``/``weights``); None for a
-        fresh linear head.
-    lr : the head's learning rate; default 3e-4 when reattaching a trained head
-        (it only needs adjusting), 1e-3 for a fresh one (the tutorials' rate).
-    unfreeze : blocks trained, counted from the end as `embedcache backbones`
-        lists them; 0 trains the head only (through the live backbone); 'all'.
-    augment_kind : none | light | strong; with ``views`` > 0 each training image
-        gets that many augmented views, computed once through the frozen prefix.
-    prefix_cache : auto | memory | disk | off. auto caches the frozen prefix's
-        output whenever it is deterministic (no augmentation, or ``views``) and
-        fits in memory, else on disk.
-    bn_stats : let BatchNorm layers of unfrozen blocks update their running
-        statistics (default: keep the pretrained ones; scale and shift still learn).
-    log : called with one line per event (what is trainable, each epoch).
-
-    Returns
-    -------
-    FinetuneResult : ``model`` (the best epoch, eval mode) maps normalised images
-        (N, 3, H, W) to logits; metrics per epoch; ``path`` of the checkpoint.
-    """
-    if augment_kind not in AUGMENTS:
-        raise EmbedcacheError(
-            f"--augment must be one of {', '.join(AUGMENTS)}, got {augment_kind!r}"
-        )
-    if prefix_cache not in PREFIX_MODES:
-        raise EmbedcacheError(
-            f"--prefix-cache must be one of {', '.join(PREFIX_MODES)}, got {prefix_cache!r}"
-        )
-    if epochs < 1 or patience < 1 or views < 0:
-        raise EmbedcacheError(
-            f"--epochs and --patience must be at least 1 and --views at least 0, got {epochs}, {patience}, {views}"
-        )
-    out = Path(out)
-    if augment_kind == "none":
-        views = 0  # every view would be the same image: compute the prefix once
-    lr = lr if lr is not None else (3e-4 if head is not None else 1e-3)
-    dev = resolve_device(device)
-    amp = autocast_dtype(dev, precision)
-    torch.manual_seed(seed)
-    head_ident = load_checkpoint(head, kind=HEAD_FORMAT)["identity"] if head is not None else {}
-    name = backbone or head_ident.get("backbone")
-    if name is None:
-        raise EmbedcacheError("pass --backbone (or --head, whose backbone is then used)")
-    if image_size is None and head_ident:
-        image_size = json_crop(head_ident["transform"])
-    bb = build_backbone(
-        name,
-        weights=weights or head_ident.get("weights_arg", "DEFAULT"),
-        image_size=image_size,
-        device="cpu",
+def _train_epoch(setup: _Setup, fit: _Fit, data: _Batches, epoch: int) -> tuple[float, float]:
+    """One epoch of optimisation steps; returns (mean train loss, train accuracy)."""
+    model, run, cfg = setup.model, setup.run, setup.cfg
+    loss_sum = correct = seen = 0
+    steps = math.ceil(len(setup.train[0]) / cfg.batch_size)
+    bar = tqdm(
+        data.train(epoch),
+        total=steps,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="batch",
+        disable=not run.progress,
+        dynamic_ncols=True,
+        leave=False,
     )
-    images = scan(data, val_fraction=val_fraction, seed=seed)
-    if "train" not in images.splits or not images.classes:
-        raise EmbedcacheError(
-            f"{data} has no labelled train split; finetune needs class folders or a CSV with labels"
-        )
-    classes = images.classes
-    head_module, head_config = _head_for(head, bb, classes, seed=seed)
-    n_blocks = len(bb.block_names)
-    n = parse_unfreeze(unfreeze, n_blocks, bb.name)
-    model = FinetunedModel(bb.net, head_module, n_blocks - n, bb.transform, bn_stats)
-    table = freeze(model)
-    say = log or (lambda line: None)
-    trainable = [r for r in table if r["trainable"]]
-    say(f"{bb.name}: training {', '.join(r['block'] for r in trainable)} "
-        f"({sum(r['params'] for r in trainable):,} of {sum(r['params'] for r in table):,} parameters); frozen: "
-        f"{', '.join(r['block'] for r in table if not r['trainable']) or 'nothing'}")  # fmt: skip
-    model = model.to(dev).to(memory_format=torch.channels_last).train()
+    with seeded(
+        cfg.seed * 1_000_003 + epoch, run.device
+    ):  # dropout: the same per epoch, resumed or not
+        for x, y in bar:
+            y = y.to(run.device)
+            with run.amp():
+                logits = model.tail(data.inputs(x))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            fit.optimizer.zero_grad(set_to_none=True)
+            fit.scaler.scale(loss).backward()
+            fit.scaler.step(fit.optimizer)
+            fit.scaler.update()
+            fit.scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
 
-    if "val" not in images.splits:
-        raise EmbedcacheError(
-            f"{data} has no val split; add a val/ folder (or, for plain class folders, a --val-fraction above 0)"
-        )
-    train_items, train_labels = _items(images, "train")
-    val_items, val_labels = _items(images, "val")
-    if np.any(train_labels < 0) or np.any(val_labels < 0):
-        raise EmbedcacheError(
-            f"{data} has unlabelled images in train or val; finetune needs labels"
-        )
 
-    batch_size = batch_size or DEFAULT_BATCH
-    workers = default_num_workers(dev) if num_workers is None else num_workers
-    deterministic = augment_kind == "none" or views > 0
-    has_prefix = model.start > 0
-    shape = _prefix_shape(model, bb.transform.crop) if has_prefix else ()
-    need = (
-        (len(train_items) * max(1, views) + len(val_items)) * int(np.prod(shape)) * 2
-        if has_prefix
-        else 0
-    )
-    budget = (
-        max_memory if max_memory is not None else int(MEMORY_FRACTION * available_memory_bytes())
-    )
-    where = prefix_cache
-    if prefix_cache == "auto":
-        where = (
-            "off"
-            if not (deterministic and has_prefix)
-            else ("memory" if need <= budget else "disk")
-        )
-    elif prefix_cache in ("memory", "disk") and not (deterministic and has_prefix):
-        why = (
-            "nothing is frozen (--unfreeze all)"
-            if not has_prefix
-            else "augmentation changes the input every epoch; pass --views V to cache V augmented views"
-        )
-        raise EmbedcacheError(f"--prefix-cache {prefix_cache} is not possible: {why}")
+def _record(setup: _Setup, fit: _Fit, row: dict, val: tuple[np.ndarray, np.ndarray]) -> None:
+    """Append an epoch to the history; a better validation result is saved as the model."""
+    for k in _HISTORY:
+        fit.history[k].append(row[k])
+    best, va, vl = fit.best, row["val_acc"], row["val_loss"]
+    if va > best["acc"] or (va == best["acc"] and vl < best["loss"]):
+        best.update(acc=va, loss=vl, epoch=row["epoch"])
+        fit.best_val = val
+        _model_checkpoint(
+            setup, {"history": fit.history, "best": best, "trainable": setup.table}
+        ).save(setup.out)
 
-    config = {
-        "data": str(Path(data).resolve()), "backbone": bb.name, "weights": bb.weights, "unfreeze": n,
-        "epochs": epochs, "lr": lr, "backbone_lr_mult": backbone_lr_mult, "weight_decay": weight_decay,
-        "warmup": warmup, "batch_size": batch_size, "augment": augment_kind, "views": views,
-        "label_smoothing": label_smoothing, "seed": seed, "head": str(head) if head else None, "precision": precision,
-        "bn_stats": bn_stats,
-    }  # fmt: skip
-    optimizer = _optimizer(
-        model, lr=lr, backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay
+
+def _model_checkpoint(setup: _Setup, metrics: dict) -> ModelCheckpoint:
+    bb, model = setup.bb, setup.model
+    recorded = Recorded(bb.identity(), bb.weights_arg, bb.feature_dim)
+    return ModelCheckpoint(
+        recorded,
+        model.net.state_dict(),
+        setup.head_config,
+        model.head.state_dict(),
+        setup.classes,
+        model.start,
+        setup.config_record(),
+        metrics,
     )
-    steps_per_epoch = math.ceil(len(train_items) / batch_size)
-    scheduler = _schedule(
-        optimizer,
-        warmup_steps=max(1, int(warmup * steps_per_epoch)),
-        total_steps=epochs * steps_per_epoch,
-    )
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    norm = Normalise(bb.transform).to(dev)
-    last_path = out.with_name(out.stem + ".last" + out.suffix)
-    history = {
-        k: [] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+def _last_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".last" + out.suffix)
+
+
+def _save_state(setup: _Setup, fit: _Fit) -> None:
+    best_val = {
+        "labels": torch.from_numpy(fit.best_val[0]),
+        "pred": torch.from_numpy(fit.best_val[1]),
     }
-    best = {"acc": -1.0, "loss": math.inf, "epoch": -1}
-    start_epoch = 0
-    if resume:
-        start_epoch, history, best = _load_resume(
-            last_path, config, model, optimizer, scheduler, scaler
+    state = FinetuneState(
+        setup.config_record(), fit.epoch, setup.model.net.state_dict(), setup.model.head.state_dict(),
+        fit.optimizer.state_dict(), fit.scheduler.state_dict(), fit.scaler.state_dict(), fit.history, fit.best,
+        best_val,
+    )  # fmt: skip
+    state.save(_last_path(setup.out))
+
+
+def _resume(setup: _Setup, fit: _Fit) -> None:
+    state = FinetuneState.load(_last_path(setup.out), config=setup.config_record())
+    setup.model.net.load_state_dict(state.net_state_dict)
+    setup.model.head.load_state_dict(state.head_state_dict)
+    fit.optimizer.load_state_dict(state.optimizer)
+    fit.scheduler.load_state_dict(state.scheduler)
+    fit.scaler.load_state_dict(state.scaler)
+    fit.history = {k: list(v) for k, v in state.history.items()}
+    fit.best, fit.epoch = dict(state.best), int(state.epoch)
+    if state.best_val:  # the kept epoch's validation predictions, for the reports
+        fit.best_val = (state.best_val["labels"].numpy(), state.best_val["pred"].numpy())
+
+
+def _fit(setup: _Setup, data: _Batches, say: Callable[[str], None]) -> _Fit:
+    """Epoch 0 (the head as reattached), then epochs until --epochs or --patience."""
+    cfg, fit = setup.cfg, _new_fit(setup)
+    if cfg.resume:
+        _resume(setup, fit)
+    if fit.epoch == 0:  # epoch 0: the reattached head on the live backbone, before any step
+        vl, va, *val = _evaluate(setup, data)
+        say(f"epoch 0 (as reattached): val loss {vl:.4f} acc {va:.4f}")
+        _record(
+            setup,
+            fit,
+            {
+                "epoch": 0,
+                "train_loss": None,
+                "train_acc": None,
+                "val_loss": vl,
+                "val_acc": va,
+                "seconds": 0.0,
+            },
+            tuple(val),
         )
+    while fit.epoch < cfg.epochs and fit.epoch - fit.best["epoch"] < cfg.patience:
+        epoch, t0 = fit.epoch + 1, time.perf_counter()
+        tl, ta = _train_epoch(setup, fit, data, epoch)
+        vl, va, *val = _evaluate(setup, data)
+        seconds = time.perf_counter() - t0
+        fit.epoch = epoch
+        _record(
+            setup,
+            fit,
+            {
+                "epoch": epoch,
+                "train_loss": tl,
+                "train_acc": ta,
+                "val_loss": vl,
+                "val_acc": va,
+                "seconds": seconds,
+            },
+            tuple(val),
+        )
+        _save_state(setup, fit)
+        say(
+            f"epoch {epoch}: train loss {tl:.4f} acc {ta:.4f}, val loss {vl:.4f} acc {va:.4f}, {seconds:.1f} s"
+        )
+    return fit
 
-    prefix = None
-    try:
-        if where in ("memory", "disk"):
-            say(
-                f"prefix cache ({where}): blocks up to {bb.block_names[model.start - 1]}, {need / 1e6:.1f} MB of float16 activations"
-            )
-            prefix = build_prefix_cache(
-                model, train_items, train_labels, val_items, val_labels, views=views, augment_kind=augment_kind,
-                seed=seed, where=where, path=out.with_name(out.stem + ".prefix.h5"), device=dev,
-                batch_size=batch_size, workers=workers, autocast=amp, progress=progress,
-            )  # fmt: skip
-        cached = prefix is not None
-        train_decode = functools.partial(augment, t=bb.transform, kind=augment_kind)
-        val_decode = functools.partial(augment, t=bb.transform, kind="none")
 
-        def val_batches():
-            if cached:
-                return _cached_batches(prefix.val, batch_size, None)
-            return _image_batches(
-                [(p, 0) for p in val_items],
-                val_labels,
-                batch_size,
-                val_decode,
-                rng=None,
-                device=dev,
-                workers=workers,
-            )
-
-        kw = {
-            "cached": cached,
-            "norm": norm,
-            "autocast": amp,
-            "device": dev,
-            "label_smoothing": label_smoothing,
-        }
-        if start_epoch == 0:  # epoch 0: the reattached head on the live backbone, before any step
-            vl, va, _ = _evaluate(model, val_batches(), **kw)
-            say(f"epoch 0 (as reattached): val loss {vl:.4f} acc {va:.4f}")
-            if _record(history, best, 0, None, None, vl, va, 0.0):
-                _save_best(out, model, head_config, bb, classes, config, history, best, table)
-        for epoch in range(start_epoch + 1, epochs + 1):
-            t0 = time.perf_counter()
-            torch.manual_seed(
-                seed * 1_000_003 + epoch
-            )  # dropout and friends: the same per epoch, resumed or not
-            rng = np.random.default_rng([seed, epoch])
-            if cached:
-                batches = _cached_batches(
-                    prefix.views[(epoch - 1) % len(prefix.views)], batch_size, rng
-                )
-            else:
-                items = [(p, (seed, 2, epoch, i)) for i, p in enumerate(train_items)]
-                batches = _image_batches(
-                    items,
-                    train_labels,
-                    batch_size,
-                    train_decode,
-                    rng=rng,
-                    device=dev,
-                    workers=workers,
-                )
-            loss_sum = correct = seen = 0
-            bar = tqdm(
-                batches,
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{epochs}",
-                unit="batch",
-                disable=not progress,
-                dynamic_ncols=True,
-                leave=False,
-            )
-            for x, y in bar:
-                y = y.to(dev)
-                ls, c = _step(model, optimizer, scheduler, scaler, x, y, **kw)
-                loss_sum, correct, seen = loss_sum + ls, correct + c, seen + len(y)
-            vl, va, _ = _evaluate(model, val_batches(), **kw)
-            seconds = time.perf_counter() - t0
-            improved = _record(
-                history,
-                best,
-                epoch,
-                loss_sum / max(seen, 1),
-                correct / max(seen, 1),
-                vl,
-                va,
-                seconds,
-            )
-            if improved:
-                _save_best(out, model, head_config, bb, classes, config, history, best, table)
-            _save_last(last_path, model, optimizer, scheduler, scaler, config, history, best, epoch)
-            say(
-                f"epoch {epoch}: train loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f}, val loss {vl:.4f} acc {va:.4f}, {seconds:.1f} s"
-            )
-            if epoch - best["epoch"] >= patience:
-                break
-    finally:
-        if prefix is not None:
-            prefix.close()
-    ckpt = load_checkpoint(out, kind=MODEL_FORMAT)
-    best_model = build_model(ckpt, torch.device("cpu"))
-    epoch_times = [s for e, s in zip(history["epoch"], history["seconds"], strict=True) if e > 0]
-    metrics = {
-        "history": history, "best_epoch": best["epoch"], "best_val_acc": best["acc"], "best_val_loss": best["loss"],
-        "epochs_run": history["epoch"][-1], "trainable": table, "unfreeze": n, "classes": classes,
-        "prefix_cache": {"where": where, "bytes": prefix.bytes if prefix else 0, "seconds": round(prefix.seconds, 3) if prefix else 0.0, "shape": list(shape)},
-        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0, "config": config,
-        "estimated_speedup": _speedup(prefix, epoch_times, len(train_items), len(val_items)),
-        "head_val_acc_before": history["val_acc"][0] if history["epoch"] and history["epoch"][0] == 0 else None,
-        "best_trained_val_acc": max((a for e, a in zip(history["epoch"], history["val_acc"], strict=True) if e > 0), default=None),
-    }  # fmt: skip
-    ckpt["metrics"] = metrics
-    save_checkpoint(ckpt, out)
-    return FinetuneResult(best_model, metrics, out, {"model": out, "last": last_path})
+# ---------------------------------------------------------------------------
+# Phase 4: summarise
 
 
 def _speedup(
@@ -765,98 +700,110 @@ def _speedup(
     return round((per_epoch_prefix + epoch) / epoch, 1)
 
 
-def json_crop(transform_json: str) -> int:
-    import json
-
-    return int(json.loads(transform_json)["crop"])
-
-
-def _record(history, best, epoch, tl, ta, vl, va, seconds) -> bool:
-    for k, v in zip(
-        ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"),
-        (epoch, tl, ta, vl, va, seconds),
-        strict=True,
-    ):
-        history[k].append(v)
-    improved = va > best["acc"] or (va == best["acc"] and vl < best["loss"])
-    if improved:
-        best.update(acc=va, loss=vl, epoch=epoch)
-    return improved
-
-
-def _model_dict(model, head_config, bb, classes, config, history, best, table) -> dict:
+def _metrics(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None) -> dict:
+    h, best = fit.history, fit.best
+    trained = [
+        (s, a) for e, s, a in zip(h["epoch"], h["seconds"], h["val_acc"], strict=True) if e > 0
+    ]
+    epoch_times = [s for s, _ in trained]
     return {
-        "format": MODEL_FORMAT, "format_version": 1,
-        "identity": {"backbone": bb.name, "weights": bb.weights, "weights_arg": bb.weights_arg, "transform": bb.transform.to_json(), "feature_dim": bb.feature_dim},
-        "net_state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-        "head_config": head_config, "head_state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-        "classes": classes, "start": model.start, "config": config,
-        "metrics": {"history": history, "best": best, "trainable": table},
+        "history": h, "best_epoch": best["epoch"], "best_val_acc": best["acc"], "best_val_loss": best["loss"],
+        "val_acc": best["acc"], "epochs_run": h["epoch"][-1], "trainable": setup.table, "unfreeze": setup.unfreeze,
+        "classes": setup.classes, "val_source": setup.val_source,
+        "prefix_cache": {"where": plan.where, "bytes": prefix.bytes if prefix else 0, "seconds": round(prefix.seconds, 3) if prefix else 0.0, "shape": list(plan.shape)},
+        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0, "config": setup.config_record(),
+        "estimated_speedup": _speedup(prefix, epoch_times, len(setup.train[0]), len(setup.val[0])),
+        "head_val_acc_before": h["val_acc"][0] if h["epoch"] and h["epoch"][0] == 0 else None,
+        "best_trained_val_acc": max((a for _, a in trained), default=None),
     }  # fmt: skip
 
 
-def _save_best(out, model, head_config, bb, classes, config, history, best, table) -> None:
-    save_checkpoint(_model_dict(model, head_config, bb, classes, config, history, best, table), out)
+def _summarise(
+    setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None
+) -> FinetuneResult:
+    """Store the final metrics in the best checkpoint and write the reports next to it."""
+    from .report import write_reports
+
+    ckpt = ModelCheckpoint.load(setup.out)
+    metrics = _metrics(setup, fit, plan, prefix)
+    ckpt.metrics = metrics
+    ckpt.save(setup.out)
+    files = {"model": setup.out, "last": _last_path(setup.out)}
+    if fit.best_val is not None:
+        y, pred = fit.best_val
+        title = f"finetune --unfreeze {setup.unfreeze} (best epoch {fit.best['epoch']})"
+        files.update(write_reports(setup.out, dict(metrics), y, pred, setup.classes, title=title))
+    return FinetuneResult(build_model(ckpt, torch.device("cpu")), metrics, setup.out, files)
 
 
-def _save_last(path, model, optimizer, scheduler, scaler, config, history, best, epoch) -> None:
-    save_checkpoint(
-        {
-            "format": "embedcache.finetune-state", "format_version": 1, "config": config, "epoch": epoch,
-            "net_state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-            "head_state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "history": history, "best": best, "rng": torch.get_rng_state(),
-        },
-        path,
-    )  # fmt: skip
+# ---------------------------------------------------------------------------
+# Public API
 
 
-def _load_resume(path, config, model, optimizer, scheduler, scaler):
-    if not path.exists():
-        raise EmbedcacheError(
-            f"--resume found no {path}; it is written after each epoch of a run with the same --out"
-        )
-    state = load_checkpoint(path, kind="embedcache.finetune-state")
-    diff = [k for k in config if state["config"].get(k) != config[k]]
-    if diff:
-        k = diff[0]
-        raise EmbedcacheError(
-            f"{path} is from a run with other settings ({k} {state['config'].get(k)} vs {config[k]}); resume with the same options or start without --resume"
-        )
-    model.net.load_state_dict(state["net_state_dict"])
-    model.head.load_state_dict(state["head_state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    return (
-        int(state["epoch"]),
-        {k: list(v) for k, v in state["history"].items()},
-        dict(state["best"]),
-    )
+def finetune(
+    data: str | Path,
+    *,
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> FinetuneResult:
+    """Fine-tune the last ``unfreeze`` blocks of a backbone together with a head.
+
+    ``options`` are the fields of :class:`embedcache.config.FinetuneConfig` (or
+    pass ``config``). The main ones: ``head``, a head from train_head to
+    reattach (its backbone, weights and transform are checked, and default
+    ``backbone``/``weights``; None for a fresh linear head); ``unfreeze``, the
+    blocks trained, counted from the end as `embedcache backbones` lists them
+    (0 trains the head only, 'all' everything); ``augment`` and ``views``;
+    ``prefix_cache`` (auto caches the frozen prefix's output whenever it is
+    deterministic). Without a val split, validation is held out of train exactly
+    as train-head holds it out. ``log`` is called with one line per event.
+
+    Returns
+    -------
+    FinetuneResult : ``model`` (the best epoch, eval mode) maps normalised images
+        (N, 3, H, W) to logits; metrics per epoch; ``path`` of the checkpoint;
+        ``files``: OUT.last.pt, OUT.metrics.json, OUT.curves.png,
+        OUT.confusion.png and OUT.report.txt.
+    """
+    cfg = FinetuneConfig.build(config, **options)
+    say = log or (lambda line: None)
+    setup = _prepare(data, cfg, Path(out), progress)
+    say(_describe(setup))
+    if setup.val_source != "val split":
+        say(setup.val_source)
+    plan = _plan_prefix(setup)
+    prefix = None
+    try:
+        if plan.where != "off":
+            say(
+                f"prefix cache ({plan.where}): blocks up to {setup.bb.block_names[setup.model.start - 1]}, {plan.need_bytes / 1e6:.1f} MB of float16 activations"
+            )
+            prefix = build_prefix_cache(setup, plan)
+        fit = _fit(setup, _Batches(setup, prefix), say)
+    finally:
+        if prefix is not None:
+            prefix.close()
+    return _summarise(setup, fit, plan, prefix)
 
 
-def build_model(ckpt: dict, device: torch.device) -> FinetunedModel:
-    """A FinetunedModel (eval mode) from a finetune checkpoint dict."""
+def build_model(ckpt: ModelCheckpoint, device: torch.device) -> FinetunedModel:
+    """A FinetunedModel (eval mode) from a fine-tuned model checkpoint."""
     bb = model_backbone(ckpt, device)
-    head = build_head_module(ckpt["head_config"], ckpt["head_state_dict"])
-    bn_stats = bool(ckpt.get("config", {}).get("bn_stats", False))
-    return (
-        FinetunedModel(bb.net, head, int(ckpt["start"]), bb.transform, bn_stats).to(device).eval()
-    )
+    model = FinetunedModel(bb.net, ckpt.head_module(), ckpt.start, bb.transform, ckpt.bn_stats)
+    return model.to(device).eval()
 
 
-def model_backbone(ckpt: dict, device: torch.device) -> Backbone:
+def model_backbone(ckpt: ModelCheckpoint, device: torch.device) -> Backbone:
     """The fine-tuned backbone of a checkpoint: the architecture rebuilt, its weights loaded."""
-    ident = ckpt["identity"]
-    bb = build_backbone(
-        ident["backbone"], weights="none", image_size=json_crop(ident["transform"]), device="cpu"
-    )
-    bb.net.load_state_dict(ckpt["net_state_dict"])
+    ident = ckpt.recorded.identity
+    bb = build_backbone(ident.backbone, weights="none", image_size=ckpt.recorded.crop, device="cpu")
+    bb.net.load_state_dict(ckpt.net_state_dict)
     bb.net.to(device).eval()
-    bb.transform = EvalTransform.from_json(ident["transform"])
-    bb.weights = f"finetuned from {ident['weights']}"
+    bb.transform = EvalTransform.from_json(ident.transform)
+    bb.weights = f"finetuned from {ident.weights}"
     return bb
 
 
@@ -865,4 +812,4 @@ def load_model(path: str | Path, device: str = "cpu") -> FinetunedModel:
 
     ``model.transform`` is the preprocessing it expects (see embedcache.backbones.Normalise).
     """
-    return build_model(load_checkpoint(path, kind=MODEL_FORMAT), resolve_device(device))
+    return build_model(ModelCheckpoint.load(path), resolve_device(device))

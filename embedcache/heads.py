@@ -13,9 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .config import HEAD_KINDS
 from .errors import EmbedcacheError
-
-HEAD_KINDS = ("linear", "mlp", "logreg", "knn")
 
 
 class Standardize(nn.Module):
@@ -166,7 +165,7 @@ class StackedAdamW:
             name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in heads.named_parameters()
         }
 
-    def _per_head(self, name: str, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def per_head(self, name: str, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-head vector to parameter ``name``'s layout."""
         H = self.heads.num_heads
         if name == "w1":
@@ -184,8 +183,8 @@ class StackedAdamW:
             if p.grad is None:
                 continue
             m, v = self.state[name]
-            lr = self._per_head(name, self.lr.to(p.device), p)
-            wd = self._per_head(name, self.wd.to(p.device), p)
+            lr = self.per_head(name, self.lr.to(p.device), p)
+            wd = self.per_head(name, self.wd.to(p.device), p)
             p.mul_(1 - lr * wd)
             m.mul_(b1).add_(p.grad, alpha=1 - b1)
             v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
@@ -223,3 +222,25 @@ def init_template(
                 m.weight.uniform_(-bound, bound, generator=g)
                 m.bias.uniform_(-bound, bound, generator=g)
     return head
+
+
+def build_head_module(config: dict, state_dict: dict) -> torch.nn.Module:
+    """A Head shaped by ``config`` with ``state_dict`` loaded."""
+    D, C = config["dim"], config["num_classes"]
+    norm = Standardize(torch.zeros(D), torch.ones(D))
+    if config["kind"] == "knn":
+        bank = state_dict["classifier.bank"]
+        classifier = KNNHead(bank, state_dict["classifier.labels"], C, int(config.get("k", 1)))
+    else:
+        classifier = make_like(
+            make_head(
+                "mlp" if config["kind"] == "mlp" else "linear",
+                D,
+                C,
+                hidden=config.get("hidden", 512),
+                dropout=config.get("dropout", 0.0),
+            )
+        )
+    module = Head(norm, classifier)
+    module.load_state_dict(state_dict)
+    return module

@@ -72,12 +72,12 @@ def demo(
     """
     from .comparison import compare
 
-    title, augment_kind = "embedcache demo", "light"
+    title, augment = "embedcache demo", "light"
     if data is None:
         data = write_digits(Path("data") / "digits")
         image_size = image_size or DEMO_IMAGE_SIZE
-        title, augment_kind = "embedcache demo on scikit-learn's digits", DIGITS_AUGMENT
+        title, augment = "embedcache demo on scikit-learn's digits", DIGITS_AUGMENT
     return compare(
         data, backbone=LITE0, weights=demo_weights(), image_size=image_size, unfreeze=(2,), workdir=workdir,
-        tutorial_epochs=tutorial_epochs, augment_kind=augment_kind, title=title, progress=progress, log=log,
+        tutorial_epochs=tutorial_epochs, augment=augment, title=title, progress=progress, log=log,
     )  # fmt: skip

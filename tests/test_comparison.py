@@ -15,7 +15,7 @@ from embedcache.data import scan
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
     r = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
-                tutorial_epochs=3, finetune_epochs=2, augment_kind="none", device="cpu", progress=False)  # fmt: skip
+                tutorial_epochs=3, finetune_epochs=2, augment="none", device="cpu", progress=False)  # fmt: skip
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
@@ -101,5 +101,5 @@ def test_compare_refuses_a_bad_augmentation_before_running_anything(tmp_path):
     with pytest.raises(
         EmbedcacheError, match="--augment must be one of none, light, strong, got 'heavy'"
     ):
-        compare(data, backbone="resnet18", weights="none", workdir=tmp_path / "w", augment_kind="heavy", progress=False)  # fmt: skip
+        compare(data, backbone="resnet18", weights="none", workdir=tmp_path / "w", augment="heavy", progress=False)  # fmt: skip
     assert not (tmp_path / "w").exists()

@@ -213,7 +213,7 @@ def test_incomplete_cache_is_refused_with_a_hint_to_resume(tree, tmp_path, extra
         (lambda tmp: tmp, r"--out .* is a directory"),
         (
             lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt" / "c.h5",
-            r"cannot create the folder for --out",
+            r"cannot write next to --out",
         ),
     ],
 )
@@ -223,7 +223,9 @@ def test_unwritable_output(tree, tmp_path, extract_kw, make_out, message):
 
 
 def test_bad_arguments(tree, tmp_path, extract_kw):
-    with pytest.raises(EmbedcacheError, match="--dtype must be float16 or float32, got 'int8'"):
+    with pytest.raises(
+        EmbedcacheError, match="--dtype must be one of float16, float32, got 'int8'"
+    ):
         extract(tree, out=tmp_path / "c.h5", **{**extract_kw, "dtype": "int8"})
     with pytest.raises(EmbedcacheError, match=r"no images found under"):
         (tmp_path / "empty").mkdir()

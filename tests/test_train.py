@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import blobs
 
-import embedcache.train as train_mod
+import embedcache.cache as cache_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
 from embedcache.heads import StackedAdamW, StackedHeads, init_template
@@ -98,8 +98,8 @@ def test_checkpoint_round_trips_and_writes_reports(blob_cache, tmp_path):
     xv, yv = _val(blob_cache)
     with torch.no_grad():
         torch.testing.assert_close(head(torch.from_numpy(xv)), r.head(torch.from_numpy(xv)))
-    assert ckpt["classes"] == ["a", "b", "c"] and ckpt["identity"]["backbone"] == "resnet18"
-    assert ckpt["identity"]["feature_dim"] == 16
+    assert ckpt.classes == ["a", "b", "c"] and ckpt.recorded.identity.backbone == "resnet18"
+    assert ckpt.recorded.feature_dim == 16
     for name in ("head.metrics.json", "head.curves.png", "head.confusion.png", "head.report.txt"):
         assert (tmp_path / name).stat().st_size > 0
     assert "precision" in (tmp_path / "head.report.txt").read_text()
@@ -150,8 +150,8 @@ def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
 
 
 def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, monkeypatch):
-    monkeypatch.setattr(train_mod, "BLOCK_ROWS", 16)  # many blocks for 120 rows
-    monkeypatch.setattr(train_mod, "SHUFFLE_ROWS", 48)
+    monkeypatch.setattr(cache_mod, "BLOCK_ROWS", 16)  # many blocks for 120 rows
+    monkeypatch.setattr(cache_mod, "SHUFFLE_ROWS", 48)
     kw = {"lr": [1e-2, 3e-2], "epochs": 6, "batch_size": 10, **FAST}
     memory = train_head(blob_cache, stream=False, **kw)
     streamed = train_head(blob_cache, max_memory=1000, **kw)  # 120 x 16 float32 is 7,680 bytes
@@ -220,7 +220,7 @@ def test_training_errors(make_cache, tmp_path, blob_cache):
         EmbedcacheError, match="has a single class \\(a\\); a classifier needs at least two"
     ):
         train_head(make_cache("one.h5", train=(x[:5], y[:5]), val=(x[:5], y[:5])), **FAST)
-    with pytest.raises(EmbedcacheError, match="has unlabelled training images"):
+    with pytest.raises(EmbedcacheError, match="has unlabelled train images"):
         train_head(make_cache("unl.h5", train=(x, np.full(len(y), -1))), **FAST)
     with pytest.raises(EmbedcacheError, match="has no train split \\(it has all\\)"):
         train_head(make_cache("all.h5", all=(x, y)), **FAST)
@@ -244,5 +244,5 @@ def test_training_errors(make_cache, tmp_path, blob_cache):
         EmbedcacheError, match="incomplete.*re-run the same `embedcache extract` command to resume"
     ):
         train_head(out, **FAST)
-    with pytest.raises(EmbedcacheError, match="--lr must be non-negative numbers"):
+    with pytest.raises(EmbedcacheError, match="--lr must be at least 0.0, got -1.0"):
         train_head(blob_cache, lr=[-1.0], **FAST)

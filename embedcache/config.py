@@ -1,0 +1,306 @@
+"""Every choice and default of the verbs, defined once: the library validates them, the CLI shows them.
+
+Each verb that takes many settings takes one frozen config. A field carries its
+default, its allowed values and its help text (in ``metadata``), so the command
+line options are built from these classes and cannot drift from the library.
+Nothing here imports torch: ``embedcache --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import EmbedcacheError
+
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float16", "float32")
+AUGMENTS = ("none", "light", "strong")
+PREFIX_MODES = ("auto", "memory", "disk", "off")
+HEAD_KINDS = ("linear", "mlp", "logreg", "knn")
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def setting(default, help: str, *, choices=None, low=None, high=None, flags=(), kind=None):
+    """A config field with its command-line description.
+
+    ``low``/``high`` bound numbers (``high`` exclusive for floats), ``flags`` are
+    extra option names (``-b``), ``kind`` the value type when the default is None.
+    """
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags}
+    meta["kind"] = kind or (type(default) if default is not None else str)
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_fields(cfg) -> None:
+    """Validate every field against its metadata: one place for the plain range and choice checks."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        option = "--" + f.name.replace("_", "-")
+        if value is None or not meta:
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise EmbedcacheError(
+                f"{option} must be one of {', '.join(meta['choices'])}, got {value!r}"
+            )
+        for v in value if isinstance(value, tuple) else (value,):
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            if not math.isfinite(v) or (meta["low"] is not None and v < meta["low"]):
+                raise EmbedcacheError(f"{option} must be at least {meta['low']}, got {v}")
+            if meta["high"] is not None and v >= meta["high"]:
+                raise EmbedcacheError(f"{option} must be below {meta['high']}, got {v}")
+
+
+def _device_ok(device: str) -> None:
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise EmbedcacheError(f"--device must be one of auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+class _Config:
+    """Shared behaviour: validated on creation, copied with changes by :meth:`replace`."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if hasattr(self, "device"):
+            _device_ok(self.device)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def build(cls, config=None, **options):
+        """``config`` with ``options`` applied, or a new config from ``options``."""
+        return dataclasses.replace(config, **options) if config is not None else cls(**options)
+
+
+# Settings shared by several verbs (one help text each).
+def _backbone():
+    return setting(
+        DEFAULT_BACKBONE,
+        "torchvision name, efficientnet_lite0, or timm:NAME (see `embedcache backbones`).",
+        flags=("-b",),
+    )
+
+
+def _weights():
+    return setting(
+        "DEFAULT",
+        "DEFAULT, a torchvision weights name, none (random init) or a state-dict file.",
+        flags=("-w",),
+    )
+
+
+def _device():
+    return setting("auto", "auto, cpu, cuda or cuda:N.")
+
+
+def _image_size(default_help="the weights' own"):
+    return setting(None, f"Crop size in pixels [default: {default_help}].", low=16, kind=int)
+
+
+def _val_fraction():
+    return setting(
+        0.2,
+        "Fraction of each class held out (seeded, stratified) when the data has no val split.",
+        low=0.0,
+        high=1.0,
+    )
+
+
+def _seed():
+    return setting(0, "Seed of the held-out split, initialisation and shuffling.")
+
+
+def _num_workers():
+    return setting(
+        None,
+        "Decoders: threads on CPU, processes beside a GPU [default: one per core].",
+        low=0,
+        kind=int,
+    )
+
+
+@dataclass(frozen=True)
+class ExtractConfig(_Config):
+    """Settings of :func:`embedcache.extract`."""
+
+    backbone: str = _backbone()
+    weights: str = _weights()
+    batch_size: int | None = setting(
+        None, "Images per forward pass [default: 8 on CPU, 128 on GPU].", low=1, kind=int
+    )
+    num_workers: int | None = _num_workers()
+    device: str = _device()
+    dtype: str = setting("float16", "Stored feature precision.", choices=DTYPES)
+    image_size: int | None = _image_size()
+    val_fraction: float = _val_fraction()
+    seed: int = _seed()
+    unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
+    overwrite: bool = setting(False, "Replace a cache made with other settings.")
+
+
+@dataclass(frozen=True)
+class HeadConfig(_Config):
+    """Settings of :func:`embedcache.train_head`."""
+
+    head: str = setting(
+        "linear",
+        "linear/mlp train in torch; logreg (L-BFGS) and knn are references.",
+        choices=HEAD_KINDS,
+    )
+    epochs: int = setting(100, "At most this many epochs.", low=1)
+    batch_size: int | None = setting(
+        None, "[default: the whole split when it is under 64 MB, else 1024]", low=1, kind=int
+    )
+    lr: tuple[float, ...] = setting((1e-3,), "Learning rate(s), e.g. --lr 1e-3,3e-3,1e-2.", low=0.0)
+    weight_decay: tuple[float, ...] = setting(
+        (1e-4,), "Weight decay(s); every (lr, weight decay) pair trains at once.", low=0.0
+    )
+    hidden: int = setting(512, "MLP hidden width.", low=1)
+    dropout: float = setting(0.2, "MLP dropout.", low=0.0, high=1.0)
+    label_smoothing: float = setting(
+        0.1, "Label smoothing of the cross-entropy.", low=0.0, high=1.0
+    )
+    patience: int = setting(
+        10, "Stop after this many epochs without a better validation accuracy.", low=1
+    )
+    device: str = _device()
+    seed: int = _seed()
+    val_fraction: float = _val_fraction()
+    max_memory: int | None = setting(
+        None,
+        "Stream features from the file past this size [default: half the available memory].",
+        low=1,
+        kind="bytes",
+    )
+    stream: bool | None = None  # force streaming (True) or loading (False); None: by max_memory
+    resume: bool = setting(False, "Continue the training saved in --out.")
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay"):  # a single number is a one-value sweep
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                value = tuple(value) if isinstance(value, list) else (value,)
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+            if not value:
+                raise EmbedcacheError(f"--{name.replace('_', '-')} needs at least one value")
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Config):
+    """Settings of :func:`embedcache.finetune`."""
+
+    head: str | None = setting(
+        None, "A head from train-head to reattach [default: a fresh linear head]."
+    )
+    backbone: str | None = setting(None, "[default: the head's backbone]", flags=("-b",))
+    weights: str | None = setting(
+        None, "[default: the head's weights, else DEFAULT]", flags=("-w",)
+    )
+    unfreeze: str = setting(
+        "2",
+        "Blocks to train, counted from the end (see `embedcache backbones`); 0 = head only, all = everything.",
+    )
+    epochs: int = setting(10, "At most this many epochs.", low=1)
+    lr: float | None = setting(
+        None,
+        "Learning rate of the head [default: 3e-4 with --head, 1e-3 for a fresh head].",
+        low=0.0,
+        kind=float,
+    )
+    backbone_lr_mult: float = setting(0.3, "Unfrozen blocks learn at lr x this.", low=0.0)
+    weight_decay: float = setting(0.05, "AdamW decay (not on biases and norms).", low=0.0)
+    warmup: float = setting(1.0, "Epochs of linear warm-up before the cosine decay.", low=0.0)
+    batch_size: int = setting(32, "Images per step.", low=1)
+    augment: str = setting(
+        "light",
+        "Train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",
+        choices=AUGMENTS,
+    )
+    views: int = setting(
+        4,
+        "Augmented views per image computed once through the frozen prefix; epochs cycle through them (0: fresh augmentation every epoch, no prefix cache).",
+        low=0,
+    )
+    prefix_cache: str = setting(
+        "auto",
+        "Cache the frozen prefix's output (auto: whenever valid; disk: in OUT.prefix.h5).",
+        choices=PREFIX_MODES,
+    )
+    patience: int = setting(
+        5, "Stop after this many epochs without a better validation accuracy.", low=1
+    )
+    label_smoothing: float = setting(
+        0.1, "Label smoothing of the cross-entropy.", low=0.0, high=1.0
+    )
+    bn_stats: bool = setting(
+        False, "Let unfrozen BatchNorm layers update their running statistics."
+    )
+    resume: bool = setting(False, "Continue from OUT.last.pt.")
+    device: str = _device()
+    precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.", choices=PRECISIONS)
+    seed: int = _seed()
+    image_size: int | None = _image_size("the head's, else the weights' own")
+    val_fraction: float = _val_fraction()
+    num_workers: int | None = _num_workers()
+    max_memory: int | None = setting(
+        None,
+        "Prefix cache on disk past this size [default: half the available memory].",
+        low=1,
+        kind="bytes",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unfreeze", str(self.unfreeze).lower())
+        if self.head is not None:
+            object.__setattr__(self, "head", str(self.head))
+        super().__post_init__()
+
+    @property
+    def head_lr(self) -> float:
+        """The head's learning rate: 3e-4 for a trained head (it only needs adjusting), 1e-3 for a fresh one."""
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.head is not None else 1e-3
+
+    @property
+    def num_views(self) -> int:
+        """Augmented views actually cached: without augmentation every view is the same image."""
+        return 0 if self.augment == "none" else self.views
+
+
+@dataclass(frozen=True)
+class CompareConfig(_Config):
+    """Settings of :func:`embedcache.compare`."""
+
+    backbone: str = _backbone()
+    weights: str = _weights()
+    image_size: int | None = _image_size()
+    unfreeze: tuple[str, ...] = setting(
+        ("2",), "finetune --unfreeze values to compare (repeat the option for several)."
+    )
+    workdir: str = setting("runs/compare", "Where the cache, heads, models and results go.")
+    tutorial_epochs: int = setting(
+        30, "At most this many epochs of the tutorial recipe (early stopping, patience 5).", low=1
+    )
+    finetune_epochs: int = setting(10, "At most this many epochs of each finetune run.", low=1)
+    augment: str = setting(
+        "light",
+        "finetune's train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",
+        choices=AUGMENTS,
+    )
+    device: str = _device()
+    seed: int = _seed()
+    val_fraction: float = _val_fraction()
+    title: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unfreeze", tuple(str(u) for u in self.unfreeze))
+        object.__setattr__(self, "workdir", str(self.workdir))
+        super().__post_init__()
