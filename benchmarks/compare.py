@@ -19,7 +19,7 @@ from pathlib import Path
 from common import RESULTS, save
 
 from embedcache import compare
-from embedcache.data import AUGMENTS
+from embedcache.config import AUGMENTS
 from embedcache.quickstart import DIGITS_AUGMENT, write_digits
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits(Path(tmp) / "digits") if args.data == "digits" else Path(args.data)
         r = compare(data, backbone=args.backbone, weights=args.weights, image_size=args.image_size, unfreeze=tuple(args.unfreeze or ["2"]),
-                    augment_kind=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
+                    augment=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
                     finetune_epochs=args.finetune_epochs, workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
                     log=lambda line: print(line, flush=True))  # fmt: skip
         device = json.loads(r.files["json"].read_text())["meta"]["device"].split(":")[0]

@@ -63,7 +63,7 @@ def embedcache_extract(data: Path, bb, batch_size: int, device: str, workers: in
         r = extract(
             data,
             out=Path(tmp) / "c.h5",
-            backbone=bb,
+            model=bb,
             batch_size=batch_size,
             device=device,
             num_workers=workers,

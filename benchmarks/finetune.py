@@ -86,7 +86,7 @@ def main() -> None:
             common = {
                 "head": head,
                 "unfreeze": n,
-                "augment_kind": "none",
+                "augment": "none",
                 "views": 0,
                 "epochs": args.speed_epochs,
                 "patience": args.speed_epochs,

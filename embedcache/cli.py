@@ -177,14 +177,25 @@ def _say(quiet: bool):
 # ---------------------------------------------------------------------------
 # Verbs
 
-EXTRACT_FIELDS = [f.name for f in dataclasses.fields(ExtractConfig) if f.metadata]
+
+def _fields(config: type) -> list[str]:
+    """The fields of a config that are command-line options (those with help)."""
+    return [f.name for f in dataclasses.fields(config) if f.metadata]
 
 
-@main.command()
-@click.argument("data", type=click.Path(path_type=str))
-@_out_option("HDF5 file to write (resumed or updated if it exists).")
-@options(ExtractConfig, *EXTRACT_FIELDS)
-@output_options
+def data_verb(config: type, out_help: str):
+    """A verb on DATA writing OUT, with every option of ``config``, --quiet and --json."""
+
+    def decorate(fn):
+        fn = output_options(fn)
+        fn = options(config, *_fields(config))(fn)
+        fn = _out_option(out_help)(fn)
+        return main.command(fn.__name__)(click.argument("data", type=click.Path(path_type=str))(fn))
+
+    return decorate
+
+
+@data_verb(ExtractConfig, "HDF5 file to write (resumed or updated if it exists).")
 def extract(data, out, quiet, as_json, **values):
     """Run BACKBONE once over DATA and cache its pooled features in OUT.
 
@@ -272,13 +283,10 @@ def backbones(as_json):
         )
 
 
-HEAD_FIELDS = [f.name for f in dataclasses.fields(HeadConfig) if f.metadata]
-
-
 @main.command("train-head")
 @click.argument("cache", type=click.Path(path_type=str))
 @_out_option("Head checkpoint to write; metrics, plots and a report go next to it.")
-@options(HeadConfig, *HEAD_FIELDS)
+@options(HeadConfig, *_fields(HeadConfig))
 @output_options
 def train_head_cmd(cache, out, quiet, as_json, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
@@ -387,14 +395,9 @@ def predict(model, images, top_k, quiet, as_json, **run):
             click.echo(f"{r['path']}: {best}")
 
 
-FINETUNE_FIELDS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata]
-
-
-@main.command()
-@click.argument("data", type=click.Path(path_type=str))
-@_out_option("Best model checkpoint; OUT.last.pt holds the latest epoch for --resume.")
-@options(FinetuneConfig, *FINETUNE_FIELDS)
-@output_options
+@data_verb(
+    FinetuneConfig, "Best model checkpoint; OUT.last.pt holds the latest epoch for --resume."
+)
 def finetune(data, out, quiet, as_json, **values):
     """Reattach a head to its backbone and train the last N blocks on DATA.
 
@@ -430,12 +433,9 @@ def finetune(data, out, quiet, as_json, **values):
     )
 
 
-COMPARE_FIELDS = [f.name for f in dataclasses.fields(CompareConfig) if f.metadata]
-
-
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
-@options(CompareConfig, *COMPARE_FIELDS)
+@options(CompareConfig, *_fields(CompareConfig))
 @output_options
 def compare(data, quiet, as_json, **values):
     """Feature extraction or fine-tuning? Time and accuracy of each approach on DATA.

@@ -26,6 +26,7 @@ from .backbones import Backbone, build_backbone
 from .config import CompareConfig
 from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
+from .heads import make_head
 from .report import figure
 from .runtime import resolve_device
 
@@ -192,7 +193,7 @@ def tutorial_recipe(
     net = bb.net.to(device).eval().to(memory_format=torch.contiguous_format)
     for p in net.parameters():
         p.requires_grad_(False)
-    classifier = torch.nn.Linear(bb.feature_dim, len(images.classes))
+    classifier = make_head("linear", bb.feature_dim, len(images.classes))
     bound = 1 / bb.feature_dim**0.5  # torch's default init, from a seeded generator
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -237,7 +237,7 @@ def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool
     split_dirs = {
         SPLIT_NAMES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_NAMES
     }
-    if unlabelled:
+    if unlabelled or not _class_dirs(root):  # asked for, or a flat folder of images
         files = _walk_images(root, ignored, root)
         return ImageSet(
             root,
@@ -266,15 +266,6 @@ def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool
             splits[split] = sorted(samples, key=lambda s: s.path)
         return ImageSet(root, "split-folders", classes, splits, ignored)
     classes_dirs = _class_dirs(root)
-    if not classes_dirs:  # a flat folder of images: unlabelled
-        files = _walk_images(root, ignored, root)
-        return ImageSet(
-            root,
-            "unlabelled",
-            [],
-            {"all": [_stat_sample(root, p, UNLABELLED) for p in files]},
-            ignored,
-        )
     classes = [d.name for d in classes_dirs]
     samples = [
         _stat_sample(root, p, i)

@@ -91,6 +91,18 @@ def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[l
     return items, batches
 
 
+def _reusable(identity: CacheIdentity, opened: list, subject: str, hint: str) -> None:
+    """Check that the last of ``opened`` holds the features asked for; on error close them all."""
+    try:
+        identity.check(
+            opened[-1].identity, subject=subject, mine="asked", theirs="existing", hint=hint
+        )
+    except EmbedcacheError:
+        for source in opened:
+            source.close()
+        raise
+
+
 def _plan(
     out: Path, identity: CacheIdentity, images: ImageSet, overwrite: bool
 ) -> tuple[str, list]:
@@ -98,40 +110,21 @@ def _plan(
     reuse: list[Cache | PartialCache] = []
     partial = partial_path(out)
     if out.exists() and not overwrite:
-        cache = open_cache(out)
-        try:
-            identity.check(
-                cache.identity,
-                subject=f"{out} holds other features",
-                mine="asked",
-                theirs="existing",
-                hint="pass --overwrite to replace it or choose another --out",
-            )
-        except EmbedcacheError:
-            cache.close()
-            raise
-        if cache.attrs.get("source_fingerprint") == images.fingerprint() and not partial.exists():
-            cache.close()
+        reuse.append(open_cache(out))
+        _reusable(identity, reuse, f"{out} holds other features", "pass --overwrite to replace it or choose another --out")  # fmt: skip
+        if (
+            reuse[0].attrs.get("source_fingerprint") == images.fingerprint()
+            and not partial.exists()
+        ):
+            reuse.pop().close()
             return "up_to_date", []
-        reuse.append(cache)
     if partial.exists() and not overwrite:
         try:
             p = PartialCache.open(partial)
         except OSError:  # killed while the file was being created: it holds nothing yet
             partial.unlink()
             return ("rebuild" if reuse else "fresh"), reuse
-        try:
-            identity.check(
-                p.identity,
-                subject=f"{partial} is an unfinished extraction with other settings",
-                mine="asked",
-                theirs="existing",
-                hint="pass --overwrite to start over",
-            )
-        except EmbedcacheError:
-            for source in (p, *reuse):
-                source.close()
-            raise
+        _reusable(identity, [*reuse, p], f"{partial} is an unfinished extraction with other settings", "pass --overwrite to start over")  # fmt: skip
         if p.h5.attrs.get("source_fingerprint") == images.fingerprint():
             for c in reuse:
                 c.close()

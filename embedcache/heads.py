@@ -29,15 +29,21 @@ class Standardize(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised nn.Linear: its weights are always set afterwards (seeded or loaded), and
+    torch's default init would draw from the caller's global random generator."""
+    return nn.utils.skip_init(nn.Linear, in_features, out_features)
+
+
 def make_head(
     kind: str, dim: int, num_classes: int, *, hidden: int = 512, dropout: float = 0.0
 ) -> nn.Module:
-    """A fresh trainable head (without standardisation)."""
+    """A head of this shape (without standardisation), uninitialised: see :func:`init_template`."""
     if kind in ("linear", "logreg"):
-        return nn.Linear(dim, num_classes)
+        return linear(dim, num_classes)
     if kind == "mlp":
         return nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), linear(hidden, num_classes)
         )
     raise EmbedcacheError(f"--head must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
 
@@ -132,12 +138,12 @@ def make_like(template: nn.Module) -> nn.Module:
     """A new module of the same architecture as a linear or MLP ``template``."""
     layers = [m for m in template.modules() if isinstance(m, nn.Linear)]
     if len(layers) == 1:
-        return nn.Linear(layers[0].in_features, layers[0].out_features)
+        return linear(layers[0].in_features, layers[0].out_features)
     return nn.Sequential(
-        nn.Linear(layers[0].in_features, layers[0].out_features),
+        linear(layers[0].in_features, layers[0].out_features),
         nn.GELU(),
         nn.Dropout(template[2].p),
-        nn.Linear(layers[1].in_features, layers[1].out_features),
+        linear(layers[1].in_features, layers[1].out_features),
     )
 
 

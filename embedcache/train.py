@@ -17,7 +17,7 @@ from .checkpoint import HeadCheckpoint, Recorded
 from .config import HeadConfig
 from .data import holdout, holdout_note
 from .errors import EmbedcacheError
-from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template
+from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
 from .runtime import resolve_device, seeded
 
 FULL_BATCH_BYTES = 64 << 20  # train features up to this size (as float32) go in one batch
@@ -330,7 +330,7 @@ def _reference(kind, train: Rows, val: Rows, classes, *, seed):
             fits.append((acc, m))
             rows.append({"C": c, "val_acc": acc})
         acc, m = max(fits, key=lambda t: t[0])
-        linear = torch.nn.Linear(x.shape[1], C)
+        linear = make_head("linear", x.shape[1], C)
         with torch.no_grad():  # sklearn's classes are the labels seen in training
             w = np.zeros((C, x.shape[1]), np.float32)
             b = np.full(C, -1e4, np.float32)  # a class never seen in training is never predicted

@@ -288,3 +288,95 @@ def test_speedup_estimate_charges_one_prefix_pass_per_epoch():
     prefix = PrefixCache(views=[None] * 4, val=None, bytes=0, where="memory", seconds=9.0)
     assert _speedup(prefix, [1.0, 1.0], n_train=100, n_val=50) == pytest.approx(4.0)
     assert _speedup(None, [1.0], n_train=100, n_val=50) is None
+
+
+def test_prefix_cache_on_disk_trains_like_in_memory_and_is_removed_after(data, tmp_path):
+    kw = {**FT, "unfreeze": 2, "epochs": 2, "augment": "none", "lr": 1e-2}
+    memory = finetune(data, out=tmp_path / "mem.pt", prefix_cache="memory", **kw)
+    disk = finetune(data, out=tmp_path / "disk.pt", prefix_cache="disk", **kw)
+    assert disk.metrics["prefix_cache"]["where"] == "disk"
+    assert disk.metrics["prefix_cache"]["bytes"] == memory.metrics["prefix_cache"]["bytes"]
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert disk.metrics["history"][key][1:] == pytest.approx(
+            memory.metrics["history"][key][1:], rel=1e-5
+        ), key
+    assert not (tmp_path / "disk.prefix.h5").exists()
+
+
+def test_auto_prefix_cache_goes_to_disk_past_max_memory(data, tmp_path):
+    r = finetune(
+        data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment="none", max_memory=1000, **FT
+    )
+    assert r.metrics["prefix_cache"]["where"] == "disk"
+
+
+def test_precision_fp32_on_cpu_runs_and_gpu_precisions_are_refused_on_cpu(data, tmp_path):
+    r = finetune(data, out=tmp_path / "m.pt", epochs=1, augment="none", precision="fp32", **FT)
+    assert r.metrics["config"]["precision"] == "fp32"
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(EmbedcacheError, match=f"--precision {precision} needs a CUDA device"):
+            finetune(data, out=tmp_path / "x.pt", epochs=1, precision=precision, **FT)
+    with pytest.raises(EmbedcacheError, match="--precision must be one of auto, fp32, bf16, fp16"):
+        finetune(data, out=tmp_path / "x.pt", epochs=1, precision="int8", **FT)
+
+
+def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(data, tmp_path):
+    import json
+
+    from PIL import Image
+
+    r = finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=2, augment="none", **FT)
+    names = {k: p.name for k, p in r.files.items()}
+    assert names == {
+        "model": "m.pt", "last": "m.last.pt", "metrics": "m.metrics.json",
+        "report": "m.report.txt", "confusion": "m.confusion.png", "curves": "m.curves.png",
+    }  # fmt: skip
+    metrics = json.loads((tmp_path / "m.metrics.json").read_text())
+    confusion = np.array(metrics["confusion"])
+    assert confusion.sum() == 16  # the val images, 8 per class
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(r.metrics["best_val_acc"])
+    assert "cat" in (tmp_path / "m.report.txt").read_text()
+    for png in ("m.confusion.png", "m.curves.png"):
+        assert Image.open(tmp_path / png).size[0] > 100
+
+
+def test_resumed_run_still_reports_the_kept_epoch(data, tmp_path):
+    kw = {**FT, "unfreeze": 1, "augment": "none", "patience": 9}
+    finetune(data, out=tmp_path / "m.pt", epochs=1, **kw)
+    (tmp_path / "m.confusion.png").unlink()
+    r = finetune(data, out=tmp_path / "m.pt", epochs=1, resume=True, **kw)  # nothing left to run
+    assert r.metrics["epochs_run"] == 1 and (tmp_path / "m.confusion.png").exists()
+
+
+def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_images(
+    tmp_path, extract_kw
+):
+    from embedcache.config import FinetuneConfig
+    from embedcache.data import holdout
+    from embedcache.finetuning import _labelled
+
+    data = make_tree(tmp_path / "d", splits=("train", "test"), per_class=10)
+    extract(data, out=tmp_path / "c.h5", **extract_kw)
+    h = train_head(tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=20, device="cpu", progress=False)  # fmt: skip
+    assert h.metrics["val_source"].startswith("no val split: held out 4 of 20 train images")
+    with open_cache(tmp_path / "c.h5") as c:
+        paths, labels = c.paths("train"), c.labels("train")
+    head_val = {paths[i] for i in holdout(paths, labels, fraction=0.2, seed=0)[1]}
+    images, _ = _labelled(data, FinetuneConfig())
+    assert {s.path for s in images.splits["val"]} == head_val
+    assert not head_val & {s.path for s in images.splits["train"]}  # no leak into fine-tuning
+    kw = {**FT, "backbone": None, "weights": None, "image_size": None}
+    r = finetune(data, out=tmp_path / "m.pt", head=tmp_path / "head.pt", unfreeze=1, epochs=1, augment="none", **kw)  # fmt: skip
+    assert r.metrics["val_source"] == h.metrics["val_source"]
+    assert r.metrics["head_val_acc_before"] == pytest.approx(h.metrics["val_acc"])
+    ev = evaluate(
+        tmp_path / "m.pt", data, split="test", device="cpu", num_workers=0, progress=False
+    )
+    assert ev["images"] == 20
+
+
+def test_finetune_leaves_the_callers_random_state_alone(data, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=1, augment="none", **FT)
+    assert torch.equal(torch.get_rng_state(), before)
