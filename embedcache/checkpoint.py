@@ -9,9 +9,11 @@ dicts: it goes through :class:`HeadCheckpoint`, :class:`ModelCheckpoint` and
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,20 +28,23 @@ MODEL_FORMAT = "embedcache.model"
 STATE_FORMAT = "embedcache.finetune-state"
 FORMAT_VERSION = 1
 
+# Exact types: subclasses (numpy scalars are float subclasses, defaultdict a dict subclass)
+# are pickled as their own class, which weights_only loading then refuses.
 _PLAIN = (str, int, float, bool, type(None))
+_MAPPINGS = (dict, collections.OrderedDict)  # state_dict() gives OrderedDicts
 
 
 def _check_plain(obj, where: str = "checkpoint") -> None:
     """Refuse anything torch.load(weights_only=True) could not read back."""
-    if isinstance(obj, (torch.Tensor, *_PLAIN)):
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
         return
-    if isinstance(obj, dict):
+    if type(obj) in _MAPPINGS:
         for k, v in obj.items():
             if not isinstance(k, str | int):
                 raise TypeError(f"{where}: key {k!r} is not a str or int")
             _check_plain(v, f"{where}[{k!r}]")
         return
-    if isinstance(obj, list | tuple):
+    if type(obj) in (list, tuple):
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]")
         return
@@ -80,9 +85,13 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:160]
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class torch refused to import
+        if found:
+            raise EmbedcacheError(
+                f"refusing to load {path}: it holds Python objects other than tensors ({found[1]})"
+            ) from None
         raise EmbedcacheError(
-            f"refusing to load {path}: it holds Python objects other than tensors ({first})"
+            f"{path} is not a readable checkpoint (not a torch file); it may be truncated or damaged"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
@@ -116,6 +125,9 @@ def _require(obj: dict, keys: tuple[str, ...], path: Path) -> None:
         )
 
 
+RECORDED_KEYS = ("backbone", "weights", "transform", "weights_arg", "feature_dim")
+
+
 @dataclass
 class Recorded:
     """The features a head or model expects: identity plus what rebuilds the backbone."""
@@ -134,7 +146,12 @@ class Recorded:
         return d if self.dtype is None else {**d, "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Recorded:
+    def from_dict(cls, d: dict, path: Path | None = None, kind: str = "head") -> Recorded:
+        missing = [k for k in (*RECORDED_KEYS,) if k not in d]
+        if missing:
+            raise EmbedcacheError(
+                f"{path} is an incomplete {kind} checkpoint (its identity lacks {', '.join(missing)})"
+            )
         return cls(
             FeatureIdentity.from_mapping(d),
             str(d["weights_arg"]),
@@ -179,7 +196,7 @@ class HeadCheckpoint:
     def from_dict(cls, obj: dict, path: Path) -> HeadCheckpoint:
         _require(obj, ("config", "state_dict", "classes", "identity"), path)
         return cls(
-            obj["config"], obj["state_dict"], list(obj["classes"]), Recorded.from_dict(obj["identity"]),
+            obj["config"], obj["state_dict"], list(obj["classes"]), Recorded.from_dict(obj["identity"], path),
             obj.get("metrics") or {}, obj.get("train_state"), Path(path),
         )  # fmt: skip
 
@@ -225,7 +242,7 @@ class ModelCheckpoint:
         keys = ("identity", "net_state_dict", "head_config", "head_state_dict", "classes", "start")
         _require(obj, keys, path)
         return cls(
-            Recorded.from_dict(obj["identity"]), obj["net_state_dict"], obj["head_config"],
+            Recorded.from_dict(obj["identity"], path, "model"), obj["net_state_dict"], obj["head_config"],
             obj["head_state_dict"], list(obj["classes"]), int(obj["start"]), obj.get("config") or {},
             obj.get("metrics") or {}, Path(path),
         )  # fmt: skip

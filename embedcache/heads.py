@@ -13,7 +13,6 @@ import math
 import torch
 from torch import nn
 
-from .config import HEAD_KINDS
 from .errors import EmbedcacheError
 
 
@@ -45,7 +44,8 @@ def make_head(
         return nn.Sequential(
             linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), linear(hidden, num_classes)
         )
-    raise EmbedcacheError(f"--head must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    kinds = ("linear", "mlp", "logreg")  # a knn head is a bank of features, built by KNNHead
+    raise EmbedcacheError(f"a trainable head is one of {', '.join(kinds)}, got {kind!r}")
 
 
 class Head(nn.Module):

@@ -180,33 +180,6 @@ def test_existing_cache_with_other_settings_is_an_error_naming_both(tree, tmp_pa
         assert c.backbone == "timm:test_efficientnet"
 
 
-def test_incomplete_cache_is_refused_with_a_hint_to_resume(tree, tmp_path, extract_kw):
-    from embedcache.cache import PartialCache
-    from embedcache.data import scan
-
-    out = tmp_path / "c.h5"
-    PartialCache.create(
-        partial_path(out),
-        attrs={
-            "format_version": 1,
-            "backbone": "resnet18",
-            "weights": "none",
-            "transform": "{}",
-            "dtype": "float16",
-        },
-        images=scan(tree),
-        feature_dim=8,
-        dtype="float16",
-    ).close()
-    with pytest.raises(
-        EmbedcacheError,
-        match=r"cache .*c\.h5 is incomplete; re-run the same `embedcache extract` command to resume",
-    ):
-        open_cache(out)
-    with pytest.raises(EmbedcacheError, match=r"incomplete \(0 of 24 images done\)"):
-        open_cache(partial_path(out))
-
-
 @pytest.mark.parametrize(
     "make_out, message",
     [
