@@ -51,6 +51,14 @@ CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 
 COPY_ROWS = 65536  # rows copied at a time when reusing features
 REASON_BYTES = 64
 TODO, DONE, SKIPPED = 0, 1, 2
+CACHE_ATTRS = (
+    "backbone",
+    "weights",
+    "transform",
+    "dtype",
+    "feature_dim",
+    "classes",
+)  # read on open
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -278,6 +286,11 @@ def open_cache(path: str | Path) -> Cache:
             )
         if not bool(h5.attrs.get("complete", False)):
             raise _incomplete_error(path, h5)
+        missing = [k for k in CACHE_ATTRS if k not in h5.attrs]
+        if missing:
+            raise EmbedcacheError(
+                f"{path} is not a complete embedcache cache (attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
+            )
         return Cache(path, h5)
     except BaseException:
         h5.close()
@@ -366,6 +379,16 @@ def _rows_per_chunk(dim: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (dim * itemsize))
 
 
+def _write_rows(dst: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """dst[rows] = values, as one slice per run of consecutive rows."""
+    order = np.argsort(rows, kind="stable")
+    rows, values = rows[order], values[order]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+        if b > a:
+            dst[int(rows[a]) : int(rows[b - 1]) + 1] = values[a:b]
+
+
 def _copy_rows(
     src: h5py.Dataset, src_rows: np.ndarray, dst: h5py.Dataset, dst_rows: np.ndarray
 ) -> None:
@@ -430,8 +453,8 @@ class PartialCache:
         self.splits = _split_names(h5)
 
     @classmethod
-    def open(cls, path: Path) -> PartialCache:
-        return cls(path, h5py.File(path, "r+"))
+    def open(cls, path: Path, mode: str = "r+") -> PartialCache:
+        return cls(path, h5py.File(path, mode))
 
     @classmethod
     def create(
@@ -473,6 +496,11 @@ class PartialCache:
             status = src["status"][:]
             index = {k: i for i, k in enumerate(_keys(src)) if status[i] != TODO}
             _reuse_rows(g, samples, index, src["features"], status, src["reasons"][:])
+
+    @property
+    def dtype(self) -> str:
+        """The stored feature dtype."""
+        return self.identity.dtype
 
     def todo(self, split: str) -> np.ndarray:
         """Row indices of ``split`` not done yet, ascending."""
@@ -518,6 +546,42 @@ class PartialCache:
             self.h5.flush()
         g["status"][lo:hi] = status
         self.h5.flush()
+
+    def merge(self, shard: Path) -> int:
+        """Take in the rows a shard file has done or skipped; returns how many.
+
+        Features are copied in runs of consecutive rows and flushed before the
+        rows are marked, as :meth:`write` does, so a kill during a merge loses nothing.
+        """
+        with h5py.File(shard, "r") as sh:
+            status = sh["status"][:]
+            done = np.flatnonzero(status != TODO)
+            where, rows = sh["split"][:], sh["row"][:]
+            for lo in range(0, len(done), COPY_ROWS):
+                pos = done[lo : lo + COPY_ROWS]
+                feats = sh["features"][int(pos[0]) : int(pos[-1]) + 1][pos - pos[0]]
+                marks = {}
+                for i, split in enumerate(self.splits):
+                    mine = np.flatnonzero(where[pos] == i)
+                    ok = mine[status[pos[mine]] == DONE]
+                    _write_rows(self.h5[split]["features"], rows[pos[ok]], feats[ok])
+                    marks[split] = mine
+                self.h5.flush()  # features before the status that points at them
+                for split, mine in marks.items():
+                    self._mark(split, rows[pos[mine]], status[pos[mine]], sh["reasons"], pos[mine])
+                self.h5.flush()
+        return len(done)
+
+    def _mark(self, split: str, rows: np.ndarray, status: np.ndarray, reasons, src: np.ndarray) -> None:  # fmt: skip
+        """Set the status of ``rows`` (and the reasons of the skipped ones, read from ``reasons[src]``)."""
+        if not len(rows):
+            return
+        g = self.h5[split]
+        for r, p in zip(rows[status == SKIPPED], src[status == SKIPPED], strict=True):
+            g["reasons"][int(r)] = reasons[int(p)]
+        all_status = g["status"][:]
+        all_status[rows] = status
+        g["status"][:] = all_status
 
     def close(self) -> None:
         self.h5.close()
@@ -570,6 +634,80 @@ class PartialCache:
             h5.attrs.modify("complete", True)  # in place: no new space needed
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def shard_path(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a torchrun extraction keeps its rows of ``out``."""
+    return Path(f"{partial_path(out)}.shard{rank}")
+
+
+def shard_paths(out: Path) -> list[Path]:
+    """Every shard file next to ``out``, by rank (left by this run or by an earlier one)."""
+    found = partial_path(out).parent.glob(glob.escape(partial_path(out).name) + ".shard*")
+    return sorted((p for p in found if p.name.rsplit("shard", 1)[-1].isdigit()), key=lambda p: int(p.name.rsplit("shard", 1)[-1]))  # fmt: skip
+
+
+class ShardFile:
+    """The rows one rank extracts, in the order it extracts them: ``split`` (index into the
+    partial file's splits), ``row``, ``features``, ``status`` and ``reasons`` per row.
+
+    Allocated in full when created, like the partial file, and filled batch by
+    batch (features flushed before their status), so a killed rank leaves rows
+    that are either done or to do; :meth:`PartialCache.merge` takes in the done ones.
+    """
+
+    def __init__(self, h5: h5py.File, splits: list[str]):
+        self.h5, self.splits = h5, splits
+        pos = {}
+        for i, (s, r) in enumerate(zip(h5["split"][:], h5["row"][:], strict=True)):
+            pos[(splits[int(s)], int(r))] = i
+        self._pos = pos
+
+    @classmethod
+    def create(cls, path: Path, splits: list[str], items: list[tuple[str, int]], *, feature_dim: int, dtype: str) -> ShardFile:  # fmt: skip
+        """A new shard file for ``items`` (split, row), in that order, opened for filling."""
+        index = {s: i for i, s in enumerate(splits)}
+
+        def layout(h5: h5py.File) -> None:
+            n = len(items)
+            h5.create_dataset("split", data=np.array([index[s] for s, _ in items], np.uint8))
+            h5.create_dataset("row", data=np.array([r for _, r in items], np.int64))
+            h5.create_dataset("features", (n, feature_dim), dtype=dtype, dcpl=_early())
+            h5.create_dataset("status", data=np.zeros(n, np.uint8))
+            h5.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
+
+        with _atomic_h5(path, layout):
+            pass
+        return cls(h5py.File(path, "r+"), splits)
+
+    @property
+    def dtype(self) -> str:
+        """The stored feature dtype."""
+        return str(self.h5["features"].dtype)
+
+    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]) -> None:  # fmt: skip
+        """Store one batch: the same contract as :meth:`PartialCache.write`."""
+        pos = np.array([self._pos[(split, int(r))] for r in rows], np.int64)
+        bad = np.array([self._pos[(split, int(r))] for r in failed], np.int64)
+        every = np.concatenate([pos, bad])
+        lo, hi = int(every.min()), int(every.max()) + 1  # one batch: contiguous positions
+        if len(pos):
+            span = self.h5["features"][lo:hi]
+            span[pos - lo] = features
+            self.h5["features"][lo:hi] = span
+            self.h5.flush()  # features reach the file before the rows are marked done
+        status, reasons = self.h5["status"][lo:hi], self.h5["reasons"][lo:hi]
+        status[pos - lo] = DONE
+        for r, reason in failed.items():
+            status[self._pos[(split, int(r))] - lo] = SKIPPED
+            reasons[self._pos[(split, int(r))] - lo] = reason.encode()[:REASON_BYTES]
+        self.h5["reasons"][lo:hi] = reasons
+        self.h5.flush()
+        self.h5["status"][lo:hi] = status
+        self.h5.flush()
+
+    def close(self) -> None:
+        self.h5.close()
 
 
 def write_cache(

@@ -21,6 +21,7 @@ from .cache import (
     FORMAT_VERSION,
     Cache,
     PartialCache,
+    ShardFile,
     check_space,
     disk_errors,
     estimate_bytes,
@@ -28,9 +29,12 @@ from .cache import (
     open_cache,
     partial_path,
     remove_stale_tmp,
+    shard_path,
+    shard_paths,
 )
 from .config import ExtractConfig
 from .data import ImageSet, decoded_batches, preprocess, scan
+from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
 from .runtime import (
@@ -38,7 +42,6 @@ from .runtime import (
     autocast_dtype,
     default_batch_size,
     default_num_workers,
-    resolve_device,
 )
 
 
@@ -55,6 +58,7 @@ class ExtractResult:
     file_bytes: int
     splits: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
+    ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
 
     @property
     def images_per_s(self) -> float:
@@ -66,9 +70,13 @@ class ExtractResult:
             return f"{self.path} is up to date ({self.images} images); nothing to extract"
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         mb = self.file_bytes / 1e6
+        per_rank = ""
+        if len(self.ranks) > 1:
+            rates = ", ".join(f"{n / s:.1f}" if s > 0 else "0" for n, s in self.ranks)
+            per_rank = f"; {len(self.ranks)} ranks at {rates} images/s"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
-            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s), "
+            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{per_rank}), "
             f"{self.reused} reused, {mb:.1f} MB"
         )
 
@@ -174,15 +182,13 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
     }  # fmt: skip
 
 
-def _result(
-    out: Path, extracted: int, reused: int, seconds: float, up_to_date=False
-) -> ExtractResult:
+def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}
         skipped = len(c.skipped)
     return ExtractResult(
         out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, up_to_date=up_to_date,
+        counts, **extra,
     )  # fmt: skip
 
 
@@ -204,47 +210,112 @@ def extract(
     cache exists, and refuses a cache made with other settings unless
     ``overwrite``. See :func:`embedcache.data.scan` for the accepted layouts.
 
+    Under torchrun each rank forwards every world-th batch of the rows to do
+    into its own shard file next to ``out``; rank 0 then joins the shards into
+    one ordinary cache, the same file a one-process run writes.
+
     Returns
     -------
     ExtractResult : counts, seconds and the file written.
     """
     cfg = ExtractConfig.build(config, **options)
     out = Path(out)
+    with process_group(cfg.device) as group:
+        dev = group.device(cfg.device)
+        bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
+        mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb))
+        if mode == "up_to_date":
+            return _result(out, 0, 0, 0.0, up_to_date=True)
+        start = time.perf_counter()
+        extracted = group.each(lambda: _extract_part(out, bb, cfg, dev, group, progress))
+        ranks = group.gather((extracted, time.perf_counter() - start))
+        group.on_main(lambda: _join(out))
+        seconds = time.perf_counter() - start
+    return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
+
+
+def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone) -> tuple[str, int]:
+    """Rank 0: scan the data, plan against existing files, write the in-progress file.
+
+    Returns (mode, rows reused): mode is up_to_date, fresh, resume or rebuild.
+    """
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
-    dev = resolve_device(cfg.device)
-    bb = model or build_backbone(
-        cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev
-    )
     identity = CacheIdentity(**bb.identity().as_dict(), dtype=cfg.dtype)
-    mode, reuse = _plan(out, identity, images, cfg.overwrite)
-    if mode == "up_to_date":
-        return _result(out, 0, 0, 0.0, up_to_date=True)
-    start = time.perf_counter()
-    remove_stale_tmp(out)
     with disk_errors(out):
+        _take_in_shards(out, keep=not cfg.overwrite)
+        mode, reuse = _plan(out, identity, images, cfg.overwrite)
+        if mode == "up_to_date":
+            return mode, 0
+        remove_stale_tmp(out)
         partial = _open_partial(out, mode, reuse, _attrs(bb, identity, images), images, bb)
         try:
-            todo = {s: partial.todo(s) for s in partial.splits}
-            reused = partial.progress()[0]
-            batch_size = cfg.batch_size or default_batch_size(dev)
-            workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
-            extracted = _run(
-                bb,
-                images,
-                partial,
-                todo,
-                batch_size=batch_size,
-                num_workers=workers,
-                device=dev,
-                progress=progress,
-            )
+            return mode, partial.progress()[0]
+        finally:
+            partial.close()
+
+
+def _take_in_shards(out: Path, *, keep: bool) -> None:
+    """Shard files an earlier torchrun left (killed before its join): merge their finished rows
+    into the in-progress file, so nothing is forwarded twice, whatever the number of ranks now."""
+    shards, partial = shard_paths(out), partial_path(out)
+    if shards and keep and partial.exists():
+        with contextlib.suppress(OSError):  # an unreadable partial file is dropped by _plan
+            p = PartialCache.open(partial)
+            try:
+                for shard in shards:
+                    with contextlib.suppress(OSError):  # killed while being created: holds nothing
+                        p.merge(shard)
+            finally:
+                p.close()
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+
+
+def _extract_part(
+    out: Path, bb: Backbone, cfg: ExtractConfig, dev: torch.device, group: Group, progress: bool
+) -> int:
+    """Forward this rank's share of the rows to do: every world-th batch, into its own shard
+    file (one process: straight into the in-progress file). Returns the images forwarded."""
+    alone = group.world == 1
+    partial = PartialCache.open(partial_path(out), "r+" if alone else "r")
+    splits, dtype = partial.splits, partial.identity.dtype
+    root = Path(str(partial.h5.attrs["source"]))
+    todo = {s: partial.todo(s) for s in splits}
+    paths = {s: partial.paths(s) for s in splits}
+    batch_size = cfg.batch_size or default_batch_size(dev)
+    flat, batches = _batches(todo, batch_size)
+    mine = batches[group.rank :: group.world]
+    writer = partial
+    if not alone:
+        partial.close()
+        items = [flat[i] for batch in mine for i in batch]
+        with disk_errors(out):
+            writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype)  # fmt: skip
+    workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
+    run = Run(dev, batch_size, workers, autocast_dtype(dev), progress and group.is_main)
+    files = [root / paths[s][r] for s, r in flat]
+    try:
+        with disk_errors(out):
+            return _run(bb, files, flat, mine, writer, run, scale=group.world)
+    finally:
+        writer.close()
+
+
+def _join(out: Path) -> None:
+    """Rank 0: take in every shard, then write the finished cache (one process: just the latter)."""
+    with disk_errors(out):
+        partial = PartialCache.open(partial_path(out))
+        try:
+            for shard in shard_paths(out):
+                partial.merge(shard)
             partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:
                 with contextlib.suppress(Exception):  # the error that got us here matters more
                     partial.close()
-    return _result(out, extracted, reused, time.perf_counter() - start)
+    for shard in shard_paths(out):
+        shard.unlink(missing_ok=True)
 
 
 def _open_partial(
@@ -269,47 +340,33 @@ def _open_partial(
             source.close()
 
 
-def _run(
-    bb: Backbone,
-    images: ImageSet,
-    partial: PartialCache,
-    todo: dict[str, np.ndarray],
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    progress: bool,
-) -> int:
-    """Forward every to-do row and write it; returns the number of images run through the backbone."""
-    flat, batches = _batches(todo, batch_size)
-    if not flat:
+def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], writer, run: Run, *, scale: int = 1) -> int:  # fmt: skip
+    """Forward ``batches`` (indices into ``flat``, (split, row) pairs, and ``files``) and write
+    each batch; returns the number of images run through the backbone. The progress bar
+    counts every rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
+    if not batches:
         return 0
-    paths = {s: partial.paths(s) for s in todo}
-    files = [images.root / paths[s][r] for s, r in flat]
     decode = functools.partial(preprocess, t=bb.transform)
-    loader = decoded_batches(files, batches, decode, device=device, num_workers=num_workers)
-    net = bb.net.to(device).eval().to(memory_format=torch.channels_last)
-    norm = Normalise(bb.transform).to(device)
-    amp = autocast_dtype(device)
-    out_dtype = np.dtype(partial.identity.dtype)
+    loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)
+    net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
+    norm = Normalise(bb.transform).to(run.device)
+    out_dtype = np.dtype(writer.dtype)
     done = skipped = 0
-    bar = tqdm(
-        total=len(files), unit="img", desc="extract", disable=not progress, dynamic_ncols=True
-    )
+    total = len(flat)
+    desc = "extract" if scale == 1 else f"extract ({scale} ranks)"
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not run.progress, dynamic_ncols=True)
     with torch.inference_mode(), bar:
         for index, batch, failed_at in loader:
-            split = flat[int(index[0]) if len(index) else next(iter(failed_at))][
-                0
-            ]  # one split per batch
+            split = flat[int(index[0]) if len(index) else next(iter(failed_at))][0]  # one per batch
             rows = np.array([flat[i][1] for i in index], dtype=np.int64)
             failed = {flat[i][1]: reason for i, reason in failed_at.items()}
             feats = np.zeros((0, bb.feature_dim), out_dtype)
             if batch is not None:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                with run.amp():
                     feats = net(norm(batch)).float().cpu().numpy().astype(out_dtype)
                 done += len(rows)
-            partial.write(split, rows, feats, failed)
-            bar.update(len(rows) + len(failed))
+            writer.write(split, rows, feats, failed)
+            bar.update(min((len(rows) + len(failed)) * scale, total - bar.n))
             if failed:
                 skipped += len(failed)
                 bar.set_postfix(skipped=skipped, refresh=False)

@@ -1,0 +1,203 @@
+"""cache.py: what open_cache refuses, what write_cache stores, reading rows in memory or streamed."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import blobs
+
+import embedcache.cache as cache_mod
+from embedcache import open_cache
+from embedcache.cache import FORMAT_VERSION, Rows, memory_budget, partial_path, write_cache
+from embedcache.errors import EmbedcacheError
+from embedcache.identity import FeatureIdentity
+
+TRANSFORM = '{"crop": 64}'
+
+
+def _write(path, splits=None, **kw):
+    if splits is None:
+        x, y = blobs(4, dim=8)
+        splits = {"train": (x, y, [f"{i}.png" for i in range(len(y))])}
+    args = {"classes": ["a", "b", "c"], "backbone": "resnet18", "weights": "none"}
+    return write_cache(path, splits, **{**args, "transform": TRANSFORM, **kw})
+
+
+def _refused(path, match: str) -> None:
+    with pytest.raises(EmbedcacheError, match=match) as e:
+        open_cache(path)
+    assert "\n" not in str(e.value)
+
+
+def test_an_hdf5_file_that_is_not_a_cache_is_refused(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("x", data=np.arange(3))
+    _refused(
+        path,
+        r"other\.h5 is an HDF5 file but not an embedcache cache \(no format_version attribute\)$",
+    )
+    with h5py.File(path, "w"):  # refusing closed the file: it can be truncated again
+        pass
+
+
+def test_a_cache_of_a_newer_format_asks_to_upgrade(tmp_path):
+    path = _write(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["format_version"] = FORMAT_VERSION + 1
+    _refused(
+        path,
+        rf"c\.h5 has format {FORMAT_VERSION + 1}, newer than this embedcache reads "
+        rf"\({FORMAT_VERSION}\); upgrade embedcache$",
+    )
+
+
+def test_a_file_that_is_not_hdf5_is_refused(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("just some text\n")
+    _refused(path, r"^.*notes\.h5 is not a readable HDF5 file \(.+\)$")
+
+
+def test_a_directory_is_refused(tmp_path):
+    _refused(tmp_path, r"is a directory; pass the \.h5 file written by `embedcache extract`$")
+
+
+def test_a_missing_cache_is_refused_with_a_hint_to_extract(tmp_path):
+    path = tmp_path / "missing.h5"
+    _refused(
+        path,
+        r"^cache .*missing\.h5 does not exist; create it with "
+        r"`embedcache extract DATA --out .*missing\.h5`$",
+    )
+
+
+def test_incomplete_cache_is_refused_with_a_hint_to_resume(tree, tmp_path):
+    from embedcache.cache import PartialCache
+    from embedcache.data import scan
+
+    out = tmp_path / "c.h5"
+    PartialCache.create(
+        partial_path(out),
+        attrs={
+            "format_version": 1,
+            "backbone": "resnet18",
+            "weights": "none",
+            "transform": "{}",
+            "dtype": "float16",
+        },
+        images=scan(tree),
+        feature_dim=8,
+        dtype="float16",
+    ).close()
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"cache .*c\.h5 is incomplete; re-run the same `embedcache extract` command to resume",
+    ):
+        open_cache(out)
+    with pytest.raises(EmbedcacheError, match=r"incomplete \(0 of 24 images done\)"):
+        open_cache(partial_path(out))
+
+
+def test_a_cache_missing_attributes_it_needs_is_refused_in_one_line(tmp_path):
+    path = _write(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as h5:
+        del h5.attrs["weights"]
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"c\.h5 is not a complete embedcache cache \(attributes missing: weights\)",
+    ):
+        open_cache(path)
+
+
+def test_write_cache_round_trips_through_open_cache(tmp_path):
+    x, y = blobs(5, dim=8, seed=0)
+    xv, yv = blobs(2, dim=8, seed=1)
+    yv[0] = -1  # unlabelled rows keep their -1
+    paths, vpaths = [f"train/{i}.png" for i in range(len(y))], ["val/é.png"] * len(yv)
+    path = write_cache(
+        tmp_path / "c.h5",
+        {"val": (xv, yv, vpaths), "train": (x, y, paths)},  # stored in the usual order
+        classes=["a", "b", "c"],
+        backbone="timm:test_efficientnet",
+        weights="weights-id",
+        transform=TRANSFORM,
+        source="somewhere",
+    )
+    with open_cache(path) as c:
+        assert c.splits == ["train", "val"] and c.classes == ["a", "b", "c"]
+        assert c.feature_dim == 8 and c.num_images("val") == len(yv)
+        assert np.array_equal(c.labels("train"), y) and c.labels("val").tolist() == yv.tolist()
+        assert c.paths("train") == paths and c.paths("val") == vpaths
+        train = c.split("train")
+        assert train.features.dtype == np.float16 and np.array_equal(train.features, x)
+        assert np.array_equal(train.labels, y) and train.paths == paths
+        assert c.features_identity == FeatureIdentity(
+            "timm:test_efficientnet", "weights-id", TRANSFORM
+        )
+        assert type(c.features_identity) is FeatureIdentity
+        assert c.identity.dtype == "float16" and c.weights_arg == "weights-id"
+        assert c.skipped == []
+        with pytest.raises(EmbedcacheError, match=r"has no split 'test'; it has train, val$"):
+            c.split("test")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.h5"]
+
+
+@pytest.mark.parametrize(
+    "val_dim, dtypes, got",
+    [
+        (4, (np.float16, np.float16), r"got dims \{(8, 4|4, 8)\}, dtypes \{'float16'\}$"),
+        (
+            8,
+            (np.float16, np.float32),
+            r"got dims \{8\}, dtypes \{'float(16|32)', 'float(16|32)'\}$",
+        ),
+        (8, (np.float64, np.float64), r"got dims \{8\}, dtypes \{'float64'\}$"),
+    ],
+    ids=["dims", "dtypes", "float64"],
+)
+def test_write_cache_refuses_mixed_or_unsupported_features(tmp_path, val_dim, dtypes, got):
+    x, y = blobs(2, dim=8, dtype=dtypes[0])
+    xv, yv = blobs(2, dim=val_dim, dtype=dtypes[1])
+    splits = {"train": (x, y, ["p"] * len(y)), "val": (xv, yv, ["q"] * len(yv))}
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"every split needs \(N, D\) features of one D and a dtype in \('float16', 'float32'\); "
+        + got,
+    ):
+        _write(tmp_path / "c.h5", splits)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["every-row", "rows-with-gaps"])
+def test_rows_in_memory_and_streamed_read_and_shuffle_the_same(tmp_path, monkeypatch, subset):
+    monkeypatch.setattr(cache_mod, "BLOCK_ROWS", 16)  # many blocks for 150 rows
+    monkeypatch.setattr(cache_mod, "SHUFFLE_ROWS", 48)  # and several shuffle buffers
+    x, y = blobs(50, dim=8)
+    path = _write(tmp_path / "c.h5", {"train": (x, y, ["p"] * len(y))})
+    rows = np.sort(np.random.default_rng(0).choice(len(y), 101, replace=False))
+    rows = rows if subset else np.arange(len(y))
+    with open_cache(path) as c:
+        memory = Rows(c.features("train"), c.labels("train"), rows, in_memory=True)
+        streamed = Rows(c.features("train"), c.labels("train"), rows, in_memory=False)
+        blocks = [list(r.blocks()) for r in (memory, streamed)]
+        batches = [list(r.batches(7, np.random.default_rng(3))) for r in (memory, streamed)]
+    assert len(blocks[0]) == len(blocks[1]) == -(-len(rows) // 16)
+    for (pa, xa), (pb, xb) in zip(*blocks, strict=True):
+        assert np.array_equal(pa, pb) and np.array_equal(xa, xb) and xa.dtype == np.float32
+    assert np.array_equal(np.concatenate([f for _, f in blocks[1]]), x[rows].astype(np.float32))
+    assert len(batches[0]) == len(batches[1]) > 1
+    for (xa, ya), (xb, yb) in zip(*batches, strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    seen = np.concatenate([f for f, _ in batches[1]])
+    assert len(seen) == len(rows) and not np.array_equal(seen, x[rows].astype(np.float32))
+    assert sorted(map(tuple, seen.tolist())) == sorted(
+        map(tuple, x[rows].astype(np.float32).tolist())
+    )
+
+
+def test_memory_budget_is_the_given_bytes_or_half_the_available_memory(monkeypatch):
+    assert memory_budget(None) > 0
+    assert memory_budget(123) == 123
+    monkeypatch.setattr(cache_mod, "available_memory_bytes", lambda: 1000)
+    assert memory_budget(None) == 500
