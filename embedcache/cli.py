@@ -203,16 +203,23 @@ def extract(data, out, quiet, as_json, **values):
     folder of images) or a CSV manifest with path,label[,split] columns.
     Unreadable files are skipped and listed in the cache. An interrupted run
     resumes where it stopped; a re-run after adding images extracts only the
-    new ones.
+    new ones. Under torchrun (python -m embedcache) each rank extracts a shard
+    and rank 0 joins them into one ordinary cache; OUT must be on a filesystem
+    every rank sees.
 
     \b
     Example:
       embedcache extract photos/ --backbone efficientnet_lite0 --out cache.h5
+      torchrun --nproc-per-node 8 -m embedcache extract photos/ --out cache.h5
     """
     from .extraction import extract as run
 
+    from .distributed import from_env
+
     cfg = settings(ExtractConfig, values)
     result = run(data, out=out, config=cfg, progress=not quiet and not as_json)
+    if not from_env().is_main:  # under torchrun, rank 0 speaks for the job
+        return
     if as_json:
         _emit_json({**vars(result), "images_per_s": result.images_per_s})
     else:

@@ -1,0 +1,44 @@
+"""torchrun entry point for tests/test_distributed.py: the CLI, with a failure injected on one rank.
+
+EMBEDCACHE_TEST_FAIL_RANK=R makes rank R fail; EMBEDCACHE_TEST_FAIL_HOW says how:
+``kill`` SIGKILLs the process after it wrote EMBEDCACHE_TEST_FAIL_AFTER batches of its shard (a
+rank lost mid-run); ``refuse`` makes building the backbone raise an expected error (a bad
+argument seen by that rank only).
+"""
+
+import os
+import signal
+
+from embedcache import backbones, cache, extraction
+from embedcache.cli import main
+from embedcache.errors import EmbedcacheError
+
+
+def _inject() -> None:
+    rank = os.environ.get("EMBEDCACHE_TEST_FAIL_RANK")
+    if rank is None or rank != os.environ.get("RANK"):
+        return
+    how = os.environ["EMBEDCACHE_TEST_FAIL_HOW"]
+    if how == "kill":
+        after = int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1"))
+        write, done = cache.ShardFile.write, []
+
+        def write_then_die(self, *args):
+            write(self, *args)
+            done.append(1)
+            if len(done) >= after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        cache.ShardFile.write = write_then_die
+    elif how == "refuse":
+
+        def refuse(*args, **kwargs):
+            raise EmbedcacheError("weights file only-rank-1.pt does not exist")
+
+        backbones.build_backbone = refuse
+        extraction.build_backbone = refuse
+
+
+if __name__ == "__main__":
+    _inject()
+    main(prog_name="embedcache")
