@@ -506,10 +506,9 @@ class PartialCache:
         """Row indices of ``split`` not done yet, ascending."""
         return np.flatnonzero(self.h5[split]["status"][:] == TODO)
 
-    def progress(self) -> tuple[int, int]:
-        """(rows done or skipped, all rows)."""
-        done = sum(int(np.count_nonzero(self.h5[s]["status"][:] != TODO)) for s in self.splits)
-        return done, sum(int(self.h5[s]["status"].shape[0]) for s in self.splits)
+    def done(self) -> int:
+        """Rows whose features are in the file already (skipped files not counted: they have none)."""
+        return sum(int(np.count_nonzero(self.h5[s]["status"][:] == DONE)) for s in self.splits)
 
     def paths(self, split: str) -> list[str]:
         return list(self.h5[split]["paths"].asstr()[:])
@@ -865,6 +864,17 @@ class Rows:
         r = self.rows[lo:hi]
         block = self._source[int(r[0]) : int(r[-1]) + 1]
         return _f32(block[r - r[0]])
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Features of the given positions, in that order, as float32 (one sorted read from HDF5)."""
+        rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        if self._data is not None:
+            return _f32(self._data[np.asarray(positions, dtype=np.int64)])
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self._source.shape[1:]), self._source.dtype)
+        if len(rows):
+            out[order] = self._source[rows[order]]  # h5py reads increasing indices
+        return _f32(out)
 
     def blocks(self):
         """(positions, features) in order, BLOCK_ROWS at a time."""

@@ -250,7 +250,7 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone) -> tuple[str, int]
         remove_stale_tmp(out)
         partial = _open_partial(out, mode, reuse, _attrs(bb, identity, images), images, bb)
         try:
-            return mode, partial.progress()[0]
+            return mode, partial.done()
         finally:
             partial.close()
 

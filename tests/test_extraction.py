@@ -113,6 +113,10 @@ def test_unreadable_files_are_skipped_recorded_and_never_touched(tmp_path, extra
     assert tree_digest(data) == before
     again = extract(data, out=tmp_path / "c.h5", **extract_kw)
     assert again.up_to_date and again.extracted == 0
+    make_image(data / "train" / "cat" / "new.png", 0, 99)
+    grown = extract(data, out=tmp_path / "c.h5", **extract_kw)
+    # skipped files carry over as skipped, never as reused features
+    assert (grown.extracted, grown.reused, grown.skipped, grown.images) == (1, 12, 3, 13)
 
 
 def test_csv_manifest_and_unlabelled_folder(tmp_path, extract_kw):
