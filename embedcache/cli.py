@@ -212,9 +212,8 @@ def extract(data, out, quiet, as_json, **values):
       embedcache extract photos/ --backbone efficientnet_lite0 --out cache.h5
       torchrun --nproc-per-node 8 -m embedcache extract photos/ --out cache.h5
     """
-    from .extraction import extract as run
-
     from .distributed import from_env
+    from .extraction import extract as run
 
     cfg = settings(ExtractConfig, values)
     result = run(data, out=out, config=cfg, progress=not quiet and not as_json)
@@ -413,17 +412,23 @@ def finetune(data, out, quiet, as_json, **values):
     The best epoch on validation is kept in OUT; metrics JSON, curves, a
     confusion matrix and a report go next to it. Without a val split,
     validation is held out of train exactly as train-head holds it out.
+    Under torchrun it trains with DistributedDataParallel; --batch-size stays
+    the global batch, split across the ranks.
 
     \b
     Example:
       embedcache finetune photos/ --head head.pt --unfreeze 2 --out model.pt
+      torchrun --nproc-per-node 8 -m embedcache finetune photos/ --head head.pt --out model.pt
     """
+    from .distributed import from_env
     from .finetuning import finetune as run
 
     quiet = quiet or as_json
     cfg = settings(FinetuneConfig, values)
     r = run(data, out=out, config=cfg, progress=not quiet, log=_say(quiet))
     m = r.metrics
+    if not from_env().is_main:  # under torchrun, rank 0 speaks for the job
+        return
     if as_json:
         _emit_json({**m, "files": {k: str(v) for k, v in r.files.items()}})
         return

@@ -217,7 +217,9 @@ class FinetuneConfig(_Config):
     backbone_lr_mult: float = setting(0.3, "Unfrozen blocks learn at lr x this.", low=0.0)
     weight_decay: float = setting(0.05, "AdamW decay (not on biases and norms).", low=0.0)
     warmup: float = setting(1.0, "Epochs of linear warm-up before the cosine decay.", low=0.0)
-    batch_size: int = setting(32, "Images per step.", low=1)
+    batch_size: int = setting(
+        32, "Images per step (under torchrun: the global batch, split across ranks).", low=1
+    )
     augment: str = setting(
         "light",
         "Train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",

@@ -30,7 +30,8 @@ from .backbones import Backbone, EvalTransform, FeatureNet, Normalise, build_bac
 from .cache import Rows, memory_budget
 from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded
 from .config import FinetuneConfig
-from .data import ImageSet, augment, scan
+from .data import ImageSet, augment, decoded_batches, scan
+from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .heads import Head, Standardize, init_template
@@ -189,6 +190,20 @@ class _Setup:
     val_source: str
     run: Run
     unfreeze: int
+    group: Group = Group()
+
+    def owns(self, items: np.ndarray) -> np.ndarray:
+        """Which of ``items`` (item numbers) this rank handles: those of every world-th block of
+        --batch-size items. Blocks, not single items, so that each rank runs the frozen prefix on
+        exactly the batches one process would: the cached float16 activations are then the
+        same bits (other batch shapes round differently, which moved gradients by ~1%)."""
+        items = np.asarray(items)
+        return (items // self.cfg.batch_size) % self.group.world == self.group.rank
+
+    def own(self, n: int) -> np.ndarray:
+        """The items of ``n`` this rank handles (all of them in one process)."""
+        items = np.arange(n)
+        return items[self.owns(items)]
 
     def config_record(self) -> dict:
         """The settings a checkpoint records and --resume compares (plain values)."""
@@ -281,8 +296,12 @@ def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str]:
     return images, val_source
 
 
-def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool) -> _Setup:
-    dev = resolve_device(cfg.device)
+def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group) -> _Setup:
+    dev = group.device(cfg.device)
+    if group.world > 1 and cfg.bn_stats and dev.type != "cuda":
+        raise EmbedcacheError(
+            "--bn-stats under torchrun needs GPUs (SyncBatchNorm runs on CUDA only); drop --bn-stats or use --device cuda"
+        )
     head_ckpt = HeadCheckpoint.load(cfg.head) if cfg.head is not None else None
     bb = _backbone_for(cfg, head_ckpt)
     images, val_source = _labelled(data, cfg)
@@ -294,12 +313,16 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool) -> _Setup:
     n = parse_unfreeze(cfg.unfreeze, n_blocks, bb.name)
     model = FinetunedModel(bb.net, head, n_blocks - n, bb.transform, cfg.bn_stats)
     table = freeze(model)
+    if group.world > 1 and cfg.bn_stats:  # statistics over the global batch, not each rank's part
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dev).to(memory_format=torch.channels_last).train()
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
-    run = Run(dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress)
+    run = Run(
+        dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress and group.is_main
+    )
     return _Setup(
         cfg, Path(data).resolve(), out, bb, classes, model, head_config, table,
-        _items(images, "train"), _items(images, "val"), val_source, run, n,
+        _items(images, "train"), _items(images, "val"), val_source, run, n, group,
     )  # fmt: skip
 
 
@@ -349,8 +372,8 @@ def _plan_prefix(setup: _Setup) -> _PrefixPlan:
     if not (deterministic and has_prefix) or cfg.prefix_cache == "off":
         return _PrefixPlan("off", (), 0)
     shape = _prefix_shape(model, setup.bb.transform.crop)
-    images = len(setup.train[0]) * max(1, cfg.num_views) + len(setup.val[0])
-    need = images * int(np.prod(shape)) * 2  # float16
+    train, val = len(setup.own(len(setup.train[0]))), len(setup.own(len(setup.val[0])))
+    need = (train * max(1, cfg.num_views) + val) * int(np.prod(shape)) * 2  # float16, this rank's
     where = cfg.prefix_cache
     if where == "auto":
         where = "memory" if need <= memory_budget(cfg.max_memory) else "disk"
@@ -367,6 +390,14 @@ class PrefixCache:
     where: str
     seconds: float
     h5: object = None  # the open h5py.File when on disk; removed on close
+    index: list[np.ndarray] = field(default_factory=list)  # per view: the train item of each row
+
+    def positions(self, view: int, items: np.ndarray) -> np.ndarray:
+        """Rows of ``view`` holding ``items`` (train item numbers); items not cached are left out."""
+        index = self.index[view]
+        at = np.searchsorted(index, items)
+        hit = (at < len(index)) & (index[np.minimum(at, len(index) - 1)] == items)
+        return at[hit]
 
     def close(self) -> None:
         if self.h5 is not None:
@@ -391,29 +422,33 @@ def build_prefix_cache(setup: _Setup, plan: _PrefixPlan) -> PrefixCache:
     views = cfg.num_views
     train_decode = functools.partial(augment, t=t, kind=cfg.augment if views else "none")
     (train_items, train_labels), (val_items, val_labels) = setup.train, setup.val
-    arrays, labels = [], []
+    mine, vmine = setup.own(len(train_items)), setup.own(len(val_items))  # under torchrun: a part
+    arrays, labels, index = [], [], []
     for v in range(max(1, views)):
-        items = [(p, (cfg.seed, 1, v, i)) for i, p in enumerate(train_items)]
+        items = [(train_items[i], (cfg.seed, 1, v, int(i))) for i in mine]
         desc = f"prefix train view {v + 1}/{views}" if views else "prefix train"
         acts, ok = _prefix_of(model, items, train_decode, setup.run, desc)
         arrays.append(acts)
-        labels.append(train_labels[ok])
+        labels.append(train_labels[mine[ok]])
+        index.append(mine[ok])
     eval_decode = functools.partial(augment, t=t, kind="none")
     vacts, vok = _prefix_of(
-        model, [(p, 0) for p in val_items], eval_decode, setup.run, "prefix val"
+        model, [(val_items[i], 0) for i in vmine], eval_decode, setup.run, "prefix val"
     )
     total = sum(a.nbytes for a in arrays) + vacts.nbytes
     h5 = None
     if plan.where == "disk":
+        rank = f".rank{setup.group.rank}" if setup.group.world > 1 else ""
         h5, arrays, vacts = _to_disk(
-            setup.out.with_name(setup.out.stem + ".prefix.h5"), arrays, vacts
+            setup.out.with_name(f"{setup.out.stem}.prefix{rank}.h5"), arrays, vacts
         )
     in_memory = plan.where == "memory"
     view_rows = [
         Rows(a, lab, np.arange(len(lab)), in_memory) for a, lab in zip(arrays, labels, strict=True)
     ]
-    val_rows = Rows(vacts, val_labels[vok], np.arange(len(vok)), in_memory)
-    return PrefixCache(view_rows, val_rows, total, plan.where, time.perf_counter() - start, h5)
+    val_rows = Rows(vacts, val_labels[vmine[vok]], np.arange(len(vok)), in_memory)
+    seconds = time.perf_counter() - start
+    return PrefixCache(view_rows, val_rows, total, plan.where, seconds, h5, index)
 
 
 def _to_disk(path: Path, arrays: list[np.ndarray], val: np.ndarray):
@@ -441,6 +476,7 @@ class _Fit:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    tail: nn.Module  # what the optimisation steps call (DDP-wrapped under torchrun)
     history: dict = field(default_factory=lambda: {k: [] for k in _HISTORY})
     best: dict = field(default_factory=lambda: {"acc": -1.0, "loss": math.inf, "epoch": -1})
     best_val: tuple[np.ndarray, np.ndarray] | None = None  # (labels, predictions) of the best epoch
@@ -461,11 +497,16 @@ def _new_fit(setup: _Setup) -> _Fit:
     scaler = torch.amp.GradScaler(
         setup.run.device.type, enabled=setup.run.autocast == torch.float16
     )
-    return _Fit(optimizer, scheduler, scaler)
+    return _Fit(optimizer, scheduler, scaler, _trainable_tail(setup))
 
 
 class _Batches:
-    """Training and validation batches: from the prefix cache, or decoded images every epoch."""
+    """Training and validation batches: from the prefix cache, or decoded images every epoch.
+
+    An epoch shuffles every training item with one seeded permutation and cuts it into global
+    batches of --batch-size; under torchrun each rank takes the items of each global batch it
+    owns (see :meth:`_Setup.own`), so the ranks together see exactly one process's batches.
+    """
 
     def __init__(self, setup: _Setup, prefix: PrefixCache | None):
         self.setup, self.prefix = setup, prefix
@@ -482,51 +523,56 @@ class _Batches:
         with torch.no_grad():  # the frozen prefix needs no graph
             return self.setup.model.prefix(self.norm(x))
 
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's items of each global batch (possibly none), in the epoch's order."""
+        cfg = self.setup.cfg
+        n = len(self.setup.train[0])
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        batches = [perm[lo : lo + cfg.batch_size] for lo in range(0, n, cfg.batch_size)]
+        return [np.sort(b[self.setup.owns(b)]) for b in batches]
+
     def train(self, epoch: int):
+        """(inputs, labels) per global batch; a rank may get an empty part of a batch."""
         cfg, run = self.setup.cfg, self.setup.run
-        rng = np.random.default_rng([cfg.seed, epoch])
+        batches = self._global_batches(epoch)
         if self.prefix is not None:
-            rows = self.prefix.views[(epoch - 1) % len(self.prefix.views)]
-            return (
-                (torch.from_numpy(x), torch.from_numpy(y))
-                for x, y in rows.batches(cfg.batch_size, rng)
-            )
-        items, labels = self.setup.train
-        seeded_items = [(p, (cfg.seed, 2, epoch, i)) for i, p in enumerate(items)]
+            view = (epoch - 1) % len(self.prefix.views)
+            rows = self.prefix.views[view]
+            for items in batches:
+                pos = self.prefix.positions(view, items)
+                yield torch.from_numpy(rows.take(pos)), torch.from_numpy(rows.labels[pos])
+            return
+        paths, labels = self.setup.train
+        seeded_items = [(p, (cfg.seed, 2, epoch, i)) for i, p in enumerate(paths)]
         decode = functools.partial(augment, t=self.setup.bb.transform, kind=cfg.augment)
-        return _image_batches(seeded_items, labels, decode, run, rng)
+        crop = self.setup.bb.transform.crop
+        empty = torch.zeros((0, crop, crop, 3), dtype=torch.uint8)  # this rank's part may be empty
+        lists = [b.tolist() for b in batches]
+        for index, x, _ in decoded_batches(seeded_items, lists, decode, device=run.device, num_workers=run.workers):  # fmt: skip
+            yield (x if x is not None else empty), torch.from_numpy(labels[index])
 
     def val(self):
+        """(inputs, labels) of this rank's validation items."""
         bs = self.setup.cfg.batch_size
         if self.prefix is not None:
             rows = self.prefix.val
-            return (
-                (
-                    torch.from_numpy(x[lo : lo + bs]),
-                    torch.from_numpy(rows.labels[pos[lo : lo + bs]]),
-                )
-                for pos, x in rows.blocks()
-                for lo in range(0, len(pos), bs)
-            )
-        items, labels = self.setup.val
+            for pos, x in rows.blocks():
+                for lo in range(0, len(pos), bs):
+                    yield torch.from_numpy(x[lo : lo + bs]), torch.from_numpy(rows.labels[pos[lo : lo + bs]])  # fmt: skip
+            return
+        paths, labels = self.setup.val
+        mine = self.setup.own(len(paths))
         decode = functools.partial(augment, t=self.setup.bb.transform, kind="none")
-        return _image_batches([(p, 0) for p in items], labels, decode, self.setup.run, None)
-
-
-def _image_batches(items, labels, decode, run: Run, rng):
-    from .data import decoded_batches
-
-    order = rng.permutation(len(items)) if rng is not None else np.arange(len(items))
-    batches = [order[i : i + run.batch_size].tolist() for i in range(0, len(order), run.batch_size)]
-    for index, x, _ in decoded_batches(
-        items, batches, decode, device=run.device, num_workers=run.workers
-    ):
-        if x is not None:
-            yield x, torch.from_numpy(labels[index])
+        run = self.setup.run
+        batches = [mine[lo : lo + bs].tolist() for lo in range(0, len(mine), bs)]
+        items = [(p, 0) for p in paths]
+        for index, x, _ in decoded_batches(items, batches, decode, device=run.device, num_workers=run.workers):  # fmt: skip
+            if x is not None:
+                yield x, torch.from_numpy(labels[index])
 
 
 def _evaluate(setup: _Setup, data: _Batches) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(loss, accuracy, labels, predictions) on validation."""
+    """(loss, accuracy, labels, predictions) on validation, every rank's part gathered."""
     model, run, ls = setup.model, setup.run, setup.cfg.label_smoothing
     model.eval()
     loss_sum, ys, preds = 0.0, [], []
@@ -534,45 +580,75 @@ def _evaluate(setup: _Setup, data: _Batches) -> tuple[float, float, np.ndarray, 
         for x, y in data.val():
             y = y.to(run.device)
             logits = model.tail(data.inputs(x)).float()
-            loss_sum += float(F.cross_entropy(logits, y, label_smoothing=ls)) * len(y)
+            loss_sum += float(F.cross_entropy(logits, y, label_smoothing=ls, reduction="sum"))
             ys.append(y.cpu().numpy())
             preds.append(logits.argmax(1).cpu().numpy())
     model.train()
     y, pred = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (ys, preds))
+    parts = setup.group.gather((loss_sum, y, pred))
+    loss_sum = sum(p[0] for p in parts)
+    y, pred = (np.concatenate([p[k] for p in parts]) for k in (1, 2))
     n = max(len(y), 1)
     return loss_sum / n, float((pred == y).sum()) / n, y, pred
 
 
+class _Tail(nn.Module):
+    """The trainable part as one module, for DistributedDataParallel: prefix output -> logits."""
+
+    def __init__(self, model: FinetunedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.tail(h)
+
+
+def _trainable_tail(setup: _Setup) -> nn.Module:
+    """The tail; under torchrun wrapped in DDP, which averages the gradients across ranks."""
+    tail = _Tail(setup.model)
+    if setup.group.world == 1:
+        return tail
+    dev = setup.run.device
+    ids = [dev.index] if dev.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(tail, device_ids=ids, broadcast_buffers=False)
+
+
+def _global_count(setup: _Setup, n: int) -> int:
+    """Images in the global batch: every rank's part, summed."""
+    if setup.group.world == 1:
+        return n
+    count = torch.tensor([n], dtype=torch.float64, device=setup.run.device)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
 def _train_epoch(setup: _Setup, fit: _Fit, data: _Batches, epoch: int) -> tuple[float, float]:
     """One epoch of optimisation steps; returns (mean train loss, train accuracy)."""
-    model, run, cfg = setup.model, setup.run, setup.cfg
-    loss_sum = correct = seen = 0
+    run, cfg, world = setup.run, setup.cfg, setup.group.world
+    loss_sum = correct = seen = 0.0
     steps = math.ceil(len(setup.train[0]) / cfg.batch_size)
-    bar = tqdm(
-        data.train(epoch),
-        total=steps,
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="batch",
-        disable=not run.progress,
-        dynamic_ncols=True,
-        leave=False,
-    )
-    with seeded(
-        cfg.seed * 1_000_003 + epoch, run.device
-    ):  # dropout: the same per epoch, resumed or not
+    bar = tqdm(data.train(epoch), total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+               disable=not run.progress, dynamic_ncols=True, leave=False)  # fmt: skip
+    with seeded(cfg.seed * 1_000_003 + epoch + setup.group.rank, run.device):  # dropout: per epoch
         for x, y in bar:
             y = y.to(run.device)
+            n = _global_count(setup, len(y))
             with run.amp():
-                logits = model.tail(data.inputs(x))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                logits = fit.tail(data.inputs(x))
+            # The sum over this rank's images / the global count, x world since DDP averages the
+            # ranks' gradients: every rank then steps with the one-process batch-mean gradient.
+            losses = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")  # fmt: skip
+            loss = losses.sum() * (world / max(n, 1))
             fit.optimizer.zero_grad(set_to_none=True)
             fit.scaler.scale(loss).backward()
             fit.scaler.step(fit.optimizer)
             fit.scaler.update()
             fit.scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(losses.detach().sum())
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
+    total = setup.group.gather((loss_sum, correct, seen))
+    loss_sum, correct, seen = (sum(t[k] for t in total) for k in range(3))
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
@@ -584,9 +660,10 @@ def _record(setup: _Setup, fit: _Fit, row: dict, val: tuple[np.ndarray, np.ndarr
     if va > best["acc"] or (va == best["acc"] and vl < best["loss"]):
         best.update(acc=va, loss=vl, epoch=row["epoch"])
         fit.best_val = val
-        _model_checkpoint(
-            setup, {"history": fit.history, "best": best, "trainable": setup.table}
-        ).save(setup.out)
+        if setup.group.is_main:  # under torchrun rank 0 writes, the others hold the same weights
+            _model_checkpoint(
+                setup, {"history": fit.history, "best": best, "trainable": setup.table}
+            ).save(setup.out)
 
 
 def _model_checkpoint(setup: _Setup, metrics: dict) -> ModelCheckpoint:
@@ -609,6 +686,8 @@ def _last_path(out: Path) -> Path:
 
 
 def _save_state(setup: _Setup, fit: _Fit) -> None:
+    if not setup.group.is_main:
+        return
     best_val = {
         "labels": torch.from_numpy(fit.best_val[0]),
         "pred": torch.from_numpy(fit.best_val[1]),
@@ -718,22 +797,21 @@ def _metrics(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | 
     }  # fmt: skip
 
 
-def _summarise(
-    setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None
-) -> FinetuneResult:
-    """Store the final metrics in the best checkpoint and write the reports next to it."""
+def _summarise(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None) -> dict:  # fmt: skip
+    """Rank 0: store the final metrics in the best checkpoint and write the reports next to it."""
     from .report import write_reports
 
     ckpt = ModelCheckpoint.load(setup.out)
-    metrics = _metrics(setup, fit, plan, prefix)
-    ckpt.metrics = metrics
+    ckpt.metrics = _metrics(setup, fit, plan, prefix)
     ckpt.save(setup.out)
     files = {"model": setup.out, "last": _last_path(setup.out)}
     if fit.best_val is not None:
         y, pred = fit.best_val
         title = f"finetune --unfreeze {setup.unfreeze} (best epoch {fit.best['epoch']})"
-        files.update(write_reports(setup.out, dict(metrics), y, pred, setup.classes, title=title))
-    return FinetuneResult(build_model(ckpt, torch.device("cpu")), metrics, setup.out, files)
+        files.update(
+            write_reports(setup.out, dict(ckpt.metrics), y, pred, setup.classes, title=title)
+        )
+    return files
 
 
 # ---------------------------------------------------------------------------
@@ -761,6 +839,10 @@ def finetune(
     deterministic). Without a val split, validation is held out of train exactly
     as train-head holds it out. ``log`` is called with one line per event.
 
+    Under torchrun it trains with DistributedDataParallel: each rank caches the
+    prefix of its part of the data, ``batch_size`` stays the global batch,
+    validation is gathered from every rank, and rank 0 writes the files.
+
     Returns
     -------
     FinetuneResult : ``model`` (the best epoch, eval mode) maps normalised images
@@ -769,24 +851,26 @@ def finetune(
         OUT.confusion.png and OUT.report.txt.
     """
     cfg = FinetuneConfig.build(config, **options)
-    say = log or (lambda line: None)
-    setup = _prepare(data, cfg, Path(out), progress)
-    say(_describe(setup))
-    if setup.val_source != "val split":
-        say(setup.val_source)
-    plan = _plan_prefix(setup)
-    prefix = None
-    try:
-        if plan.where != "off":
-            say(
-                f"prefix cache ({plan.where}): blocks up to {setup.bb.block_names[setup.model.start - 1]}, {plan.need_bytes / 1e6:.1f} MB of float16 activations"
-            )
-            prefix = build_prefix_cache(setup, plan)
-        fit = _fit(setup, _Batches(setup, prefix), say)
-    finally:
-        if prefix is not None:
-            prefix.close()
-    return _summarise(setup, fit, plan, prefix)
+    out = Path(out)
+    with process_group(cfg.device) as group:
+        say = (log or (lambda line: None)) if group.is_main else (lambda line: None)
+        setup = group.each(lambda: _prepare(data, cfg, out, progress, group))
+        say(_describe(setup))
+        if setup.val_source != "val split":
+            say(setup.val_source)
+        plan = _plan_prefix(setup)
+        prefix = None
+        try:
+            if plan.where != "off":
+                say(f"prefix cache ({plan.where}): blocks up to {setup.bb.block_names[setup.model.start - 1]}, {plan.need_bytes / 1e6:.1f} MB of float16 activations")  # fmt: skip
+                prefix = build_prefix_cache(setup, plan)
+            fit = _fit(setup, _Batches(setup, prefix), say)
+        finally:
+            if prefix is not None:
+                prefix.close()
+        files = group.on_main(lambda: _summarise(setup, fit, plan, prefix))
+    ckpt = ModelCheckpoint.load(out)
+    return FinetuneResult(build_model(ckpt, torch.device("cpu")), ckpt.metrics, out, files)
 
 
 def build_model(ckpt: ModelCheckpoint, device: torch.device) -> FinetunedModel:

@@ -2,14 +2,15 @@
 
 EMBEDCACHE_TEST_FAIL_RANK=R makes rank R fail; EMBEDCACHE_TEST_FAIL_HOW says how:
 ``kill`` SIGKILLs the process after it wrote EMBEDCACHE_TEST_FAIL_AFTER batches of its shard (a
-rank lost mid-run); ``refuse`` makes building the backbone raise an expected error (a bad
-argument seen by that rank only).
+rank lost mid-run); ``kill-after-epoch`` after it saved that many fine-tuning states;
+``refuse`` makes building the backbone raise an expected error (a bad argument seen by that
+rank only).
 """
 
 import os
 import signal
 
-from embedcache import backbones, cache, extraction
+from embedcache import backbones, cache, checkpoint, extraction
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 
@@ -19,17 +20,21 @@ def _inject() -> None:
     if rank is None or rank != os.environ.get("RANK"):
         return
     how = os.environ["EMBEDCACHE_TEST_FAIL_HOW"]
-    if how == "kill":
+    if how in ("kill", "kill-after-epoch"):
+        owner, name = (
+            (cache.ShardFile, "write") if how == "kill" else (checkpoint.FinetuneState, "save")
+        )
         after = int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1"))
-        write, done = cache.ShardFile.write, []
+        original, done = getattr(owner, name), []
 
-        def write_then_die(self, *args):
-            write(self, *args)
+        def then_die(self, *args):
+            result = original(self, *args)
             done.append(1)
             if len(done) >= after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            return result
 
-        cache.ShardFile.write = write_then_die
+        setattr(owner, name, then_die)
     elif how == "refuse":
 
         def refuse(*args, **kwargs):

@@ -15,9 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import make_image, make_tree
 
-from embedcache import open_cache
+from embedcache import extract, finetune, open_cache
 from embedcache.cache import shard_paths
 
 ENTRY = Path(__file__).with_name("dist_entry.py")
@@ -55,43 +56,56 @@ def assert_same_cache(a: Path, b: Path) -> None:
     assert sa == sb  # what `embedcache info` shows cannot tell them apart
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    root = make_tree(tmp_path / "d", per_class=11)
-    (root / "train" / "cat" / "broken.jpg").write_bytes(b"not an image")
+def one_thread(fn):
+    """``fn()`` in this process with one thread: what each torchrun rank here uses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+LIBRARY = {"backbone": "resnet18", "weights": "none", "image_size": 64, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """The data and the one-process cache of it, made once for the extract tests."""
+    root = tmp_path_factory.mktemp("dist")
+    data = make_tree(root / "d", per_class=11)
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"not an image")
+    one_thread(lambda: extract(data, out=root / "one.h5", batch_size=4, **LIBRARY))
     return root
 
 
-def test_two_ranks_write_the_cache_one_process_writes(data, tmp_path):
-    one = torchrun(1, ["extract", str(data), "--out", "one.h5", *EXTRACT], tmp_path)
-    two = torchrun(2, ["extract", str(data), "--out", "two.h5", *EXTRACT], tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert_same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
+def test_two_ranks_write_the_cache_one_process_writes(shared, tmp_path):
+    two = torchrun(2, ["extract", str(shared / "d"), "--out", "two.h5", *EXTRACT], tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert_same_cache(shared / "one.h5", tmp_path / "two.h5")
     result = json.loads(two.stdout)  # rank 0 alone prints
     assert result["extracted"] == 44 and result["skipped"] == 1 and len(result["ranks"]) == 2
     assert sum(n for n, _ in result["ranks"]) == 44 and all(n > 0 for n, _ in result["ranks"])
     assert not shard_paths(tmp_path / "two.h5")
 
 
-def test_a_rank_killed_mid_run_resumes_with_one_process_and_forwards_nothing_twice(data, tmp_path):
-    ref = torchrun(1, ["extract", str(data), "--out", "ref.h5", *EXTRACT], tmp_path)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = torchrun(2, ["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path,
-                      EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="kill", EMBEDCACHE_TEST_FAIL_AFTER="2")  # fmt: skip
+def test_a_rank_killed_mid_run_resumes_with_one_process_and_forwards_nothing_twice(shared, tmp_path):  # fmt: skip
+    args = ["extract", str(shared / "d"), "--out", "c.h5", *EXTRACT]
+    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="kill", EMBEDCACHE_TEST_FAIL_AFTER="2")  # fmt: skip
     assert killed.returncode != 0
     assert not (tmp_path / "c.h5").exists()  # nothing looks finished
     assert shard_paths(tmp_path / "c.h5")  # the killed rank's rows wait in its shard
-    resumed = torchrun(1, ["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path)
+    resumed = torchrun(1, args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     r = json.loads(resumed.stdout)
     assert r["reused"] >= 8  # at least the 2 batches of 4 rank 1 wrote before it died
-    assert r["reused"] + r["extracted"] + r["skipped"] == 45  # nothing forwarded twice
-    assert_same_cache(tmp_path / "ref.h5", tmp_path / "c.h5")
+    assert r["reused"] + r["extracted"] == 44 and r["skipped"] == 1  # nothing forwarded twice
+    assert_same_cache(shared / "one.h5", tmp_path / "c.h5")
     assert not shard_paths(tmp_path / "c.h5")
 
 
-def test_a_rank_that_fails_stops_every_rank_with_one_clear_error(data, tmp_path):
-    r = torchrun(2, ["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path,
+def test_a_rank_that_fails_stops_every_rank_with_one_clear_error(shared, tmp_path):
+    r = torchrun(2, ["extract", str(shared / "d"), "--out", "c.h5", *EXTRACT], tmp_path,
                  EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="refuse")  # fmt: skip
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
@@ -101,20 +115,69 @@ def test_a_rank_that_fails_stops_every_rank_with_one_clear_error(data, tmp_path)
     assert not [f for f in frames if "embedcache" in f]  # torchrun's own report may follow
 
 
-def test_an_unwritable_output_fails_every_rank_not_a_hang(data, tmp_path):
+def test_an_unwritable_output_fails_every_rank_not_a_hang(shared, tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    r = torchrun(2, ["extract", str(data), "--out", "file.txt/c.h5", *EXTRACT], tmp_path)
+    r = torchrun(2, ["extract", str(shared / "d"), "--out", "file.txt/c.h5", *EXTRACT], tmp_path)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 2 and all("cannot write next to --out file.txt/c.h5" in e for e in errors)
 
 
-def test_an_incremental_run_with_two_ranks_extracts_only_new_images(data, tmp_path):
-    assert torchrun(2, ["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path).returncode == 0
+def test_an_incremental_run_with_two_ranks_extracts_only_new_images(shared, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(shared / "d", data)
+    one_thread(lambda: extract(data, out=tmp_path / "c.h5", batch_size=4, **LIBRARY))
     make_image(data / "val" / "dog" / "new.png", 1, seed=999)
     r = torchrun(2, ["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["extracted"] == 1
-    fresh = torchrun(1, ["extract", str(data), "--out", "fresh.h5", *EXTRACT], tmp_path)
-    assert fresh.returncode == 0
+    one_thread(lambda: extract(data, out=tmp_path / "fresh.h5", batch_size=4, **LIBRARY))
     assert_same_cache(tmp_path / "fresh.h5", tmp_path / "c.h5")
+
+
+FINETUNE = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",
+            "--unfreeze", "2", "--batch-size", "8", "--augment", "none", "--patience", "9", "--json"]  # fmt: skip
+# lr 1e-3: at 1e-2 the random-init net diverges within a few steps and amplifies float noise
+FINETUNE_LIBRARY = {**LIBRARY, "unfreeze": 2, "batch_size": 8, "augment": "none", "patience": 9, "lr": 1e-3}  # fmt: skip
+
+
+def weights(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)
+    return {**state["net_state_dict"], **{f"head.{k}": v for k, v in state["head_state_dict"].items()}}  # fmt: skip
+
+
+def test_two_rank_finetune_equals_one_process_and_resumes_after_a_kill(tmp_path):
+    """18 train images in global batches of 8, 8 and 2, split across 2 ranks."""
+    from embedcache.backbones import build_backbone
+
+    data = make_tree(tmp_path / "d", per_class=9)
+    one = one_thread(lambda: finetune(data, out=tmp_path / "one.pt", epochs=2, **FINETUNE_LIBRARY))
+    args = ["finetune", str(data), "--epochs", "2", *FINETUNE, "--lr", "1e-3", "--out", "two.pt"]
+    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="0", EMBEDCACHE_TEST_FAIL_HOW="kill-after-epoch", EMBEDCACHE_TEST_FAIL_AFTER="1")  # fmt: skip
+    assert killed.returncode != 0 and torch.load(tmp_path / "two.last.pt", weights_only=True)["epoch"] == 1  # fmt: skip
+    resumed = torchrun(2, [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(tmp_path / "one.last.pt"), weights(tmp_path / "two.last.pt")
+    start = build_backbone("resnet18", weights="none", image_size=64).net.state_dict()
+    assert not torch.equal(
+        a["blocks.4.1.conv2.weight"], start["blocks.4.1.conv2.weight"]
+    )  # trained
+    for k in a:
+        # Adam turns float noise in near-zero gradients into steps: 2.3e-6 was the largest seen
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    ha, hb = one.metrics["history"], json.loads(resumed.stdout)["history"]
+    assert hb["epoch"] == ha["epoch"] == [0, 1, 2]
+    assert hb["val_acc"] == ha["val_acc"]  # validation gathered from both ranks: every image once
+    for key in ("train_loss", "train_acc", "val_loss"):
+        assert hb[key][1:] == pytest.approx(ha[key][1:], rel=1e-4), key
+    assert (tmp_path / "two.metrics.json").exists() and (tmp_path / "two.confusion.png").exists()
+
+
+def test_bn_stats_under_torchrun_on_cpu_is_refused_by_every_rank(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=4)
+    r = torchrun(2, ["finetune", str(data), "--out", "m.pt", "--bn-stats", *FINETUNE], tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2 and all("--bn-stats under torchrun needs GPUs" in e for e in errors)
