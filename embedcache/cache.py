@@ -21,6 +21,12 @@ batch writes its features, flushes, then marks its rows done and flushes again;
 the next run resumes from the rows marked done. The finished cache is written
 to a temporary name and renamed over ``NAME.h5`` in one step, so a file with
 that name is always complete.
+
+Under torchrun each rank writes its rows to ``NAME.h5.partial.shardR`` (see
+:class:`ShardFile`). A copy join takes them into the partial file and writes one
+ordinary cache; a virtual join writes ``NAME.h5`` with each split's ``features``
+as an HDF5 virtual dataset over the shard files, kept in ``NAME.h5.parts/``
+(relative paths, so both move together). Every other dataset is the same in both.
 """
 
 from __future__ import annotations
@@ -207,6 +213,11 @@ class Cache:
             _reuse_rows(g, samples, index, None, np.full(len(keys), SKIPPED, np.uint8), reasons)
 
     @property
+    def parts(self) -> list[Path]:
+        """The part files a virtual cache reads its features from (none for a single file)."""
+        return [self.path.parent / name for name in _virtual_parts(self._h5)]
+
+    @property
     def skipped(self) -> list[SkippedFile]:
         if "skipped" not in self._h5:
             return []
@@ -220,6 +231,9 @@ class Cache:
             "path": str(self.path),
             "file_bytes": self.path.stat().st_size,
             **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
+            "storage": "virtual" if self.parts else "single file",
+            "parts": [str(p) for p in self.parts],
+            "parts_bytes": sum(p.stat().st_size for p in self.parts),
             "classes": self.classes,
             "transform": json.loads(self.transform),
             "splits": {
@@ -291,7 +305,13 @@ def open_cache(path: str | Path) -> Cache:
             raise EmbedcacheError(
                 f"{path} is not a complete embedcache cache (attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
             )
-        return Cache(path, h5)
+        cache = Cache(path, h5)
+        lost = [p for p in cache.parts if not p.is_file()]
+        if lost:
+            raise EmbedcacheError(
+                f"cache {path} is virtual and its part file {lost[0]} is missing ({len(lost)} of {len(cache.parts)}); keep the folder {parts_dir(path).name} next to it, or re-run extract with --overwrite"
+            )
+        return cache
     except BaseException:
         h5.close()
         raise
@@ -586,44 +606,18 @@ class PartialCache:
         self.h5.close()
 
     def finalize(self, out: Path, attrs: dict) -> None:
-        """Write the finished cache to ``out`` atomically, then remove this partial file."""
-        keep = {split: np.flatnonzero(self.h5[split]["status"][:] == DONE) for split in self.splits}
+        """Write the finished cache to ``out`` atomically (features copied into it), then remove
+        this partial file and any part files an earlier virtual cache at ``out`` used."""
+        status = {s: self.h5[s]["status"][:] for s in self.splits}
+        reasons = {s: self.h5[s]["reasons"][:] for s in self.splits}
+        keep = {s: np.flatnonzero(status[s] == DONE) for s in self.splits}
 
         def layout(h5: h5py.File) -> None:
-            h5.attrs.update(dict(self.h5.attrs))
-            h5.attrs.update(attrs)
-            h5.attrs["complete"] = False
-            skipped: dict[str, list] = {k: [] for k in ("split", "path", "reason", "size", "mtime")}
-            for split in self.splits:
-                src, ok = self.h5[split], keep[split]
-                status = src["status"][:]
-                assert not np.any(status == TODO), "finalize before every row is done"
-                bad = np.flatnonzero(status == SKIPPED)
-                n, dim = len(ok), src["features"].shape[1]
-                dst = h5.create_group(split)
-                chunks = (
-                    (min(n, _rows_per_chunk(dim, src["features"].dtype.itemsize)), dim)
-                    if n
-                    else None
-                )
-                dst.create_dataset(
-                    "features", (n, dim), dtype=src["features"].dtype, chunks=chunks, dcpl=_early()
-                )
-                for name in ("labels", "sizes", "mtimes"):
-                    dst.create_dataset(name, data=src[name][:][ok])
-                paths = np.array(src["paths"].asstr()[:], dtype=object)
-                dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
-                reasons = src["reasons"][:]
-                skipped["split"] += [split] * len(bad)
-                skipped["path"] += list(paths[bad])
-                skipped["reason"] += [reasons[i].decode(errors="replace") for i in bad]
-                skipped["size"] += list(src["sizes"][:][bad])
-                skipped["mtime"] += list(src["mtimes"][:][bad])
-            g = h5.create_group("skipped")
-            for name in ("split", "path", "reason"):
-                g.create_dataset(name, data=skipped[name], dtype=_STR)
-            for name in ("size", "mtime"):
-                g.create_dataset(name, data=np.array(skipped[name], np.int64))
+            _final_layout(h5, self, attrs, status, reasons)
+            for split, ok in keep.items():
+                dim, dtype = self.h5[split]["features"].shape[1], self.h5[split]["features"].dtype
+                chunks = (min(len(ok), _rows_per_chunk(dim, dtype.itemsize)), dim) if len(ok) else None  # fmt: skip
+                h5[split].create_dataset("features", (len(ok), dim), dtype=dtype, chunks=chunks, dcpl=_early())  # fmt: skip
 
         with _atomic_h5(out, layout) as h5:
             for split, ok in keep.items():
@@ -633,6 +627,154 @@ class PartialCache:
             h5.attrs.modify("complete", True)  # in place: no new space needed
         self.close()
         self.path.unlink(missing_ok=True)
+        remove_unused_parts(out)
+
+    def finalize_virtual(self, out: Path, attrs: dict, shards: list[Path]) -> None:
+        """Write the finished cache to ``out`` with features as HDF5 virtual datasets over the
+        shard files, kept (hard-linked) in ``OUT.parts/``: rank 0 copies no shard rows, only the
+        rows this partial file holds itself (reused from an earlier cache) into one base part."""
+        status = {s: self.h5[s]["status"][:] for s in self.splits}
+        reasons = {s: self.h5[s]["reasons"][:] for s in self.splits}
+        where = {s: (np.full(len(status[s]), -1, np.int64), np.arange(len(status[s]))) for s in self.splits}  # fmt: skip
+        for i, shard in enumerate(shards):
+            with h5py.File(shard, "r") as sh:
+                _overlay(sh, i, self.splits, status, reasons, where)
+        parts = _keep_parts(out, shards, self, status, where)
+
+        def layout(h5: h5py.File) -> None:
+            _final_layout(h5, self, attrs, status, reasons)
+            for split in self.splits:
+                ok = np.flatnonzero(status[split] == DONE)
+                src, pos = where[split][0][ok], where[split][1][ok]
+                _virtual_features(h5[split], out, parts, src, pos, self.h5[split]["features"])
+
+        with _atomic_h5(out, layout) as h5:
+            h5.attrs.modify("complete", True)
+        self.close()
+        self.path.unlink(missing_ok=True)
+        remove_unused_parts(out)
+
+
+def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dict, reasons: dict) -> None:  # fmt: skip
+    """Attributes, and per split every dataset but ``features``, of the finished cache; the
+    ``skipped`` group. ``status``/``reasons`` per split say which rows are done or skipped."""
+    h5.attrs.update(dict(partial.h5.attrs))
+    h5.attrs.update(attrs)
+    h5.attrs["complete"] = False
+    skipped: dict[str, list] = {k: [] for k in ("split", "path", "reason", "size", "mtime")}
+    for split in partial.splits:
+        src, st = partial.h5[split], status[split]
+        assert not np.any(st == TODO), "finalize before every row is done"
+        ok, bad = np.flatnonzero(st == DONE), np.flatnonzero(st == SKIPPED)
+        dst = h5.create_group(split)
+        for name in ("labels", "sizes", "mtimes"):
+            dst.create_dataset(name, data=src[name][:][ok])
+        paths = np.array(src["paths"].asstr()[:], dtype=object)
+        dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
+        skipped["split"] += [split] * len(bad)
+        skipped["path"] += list(paths[bad])
+        skipped["reason"] += [reasons[split][i].decode(errors="replace") for i in bad]
+        skipped["size"] += list(src["sizes"][:][bad])
+        skipped["mtime"] += list(src["mtimes"][:][bad])
+    g = h5.create_group("skipped")
+    for name in ("split", "path", "reason"):
+        g.create_dataset(name, data=skipped[name], dtype=_STR)
+    for name in ("size", "mtime"):
+        g.create_dataset(name, data=np.array(skipped[name], np.int64))
+
+
+def _overlay(sh: h5py.File, index: int, splits: list[str], status: dict, reasons: dict, where: dict) -> None:  # fmt: skip
+    """Record what shard file ``sh`` (number ``index``) has done or skipped: its status and
+    reasons over the partial file's, and where each done row's features are (shard, position)."""
+    st, split_of, rows = sh["status"][:], sh["split"][:], sh["row"][:]
+    shard_reasons = sh["reasons"][:]
+    for i, split in enumerate(splits):
+        mine = np.flatnonzero((split_of == i) & (st != TODO))
+        r = rows[mine]
+        status[split][r] = st[mine]
+        reasons[split][r] = shard_reasons[mine]
+        where[split][0][r] = index
+        where[split][1][r] = mine
+
+
+def parts_dir(out: Path) -> Path:
+    """The folder of the files a virtual cache ``out`` reads its features from."""
+    return Path(f"{out}.parts")
+
+
+def _keep_parts(out: Path, shards: list[Path], partial: PartialCache, status: dict, where: dict) -> list[str]:  # fmt: skip
+    """Put the files a virtual cache will read into ``OUT.parts/`` under a new name each: the
+    shards (hard links, so the shards stay resumable until the cache is in place) and, when the
+    partial file holds done rows itself, a base file with those rows (index -1). Returns the
+    names relative to ``out``'s folder, by shard index, the base file last."""
+    folder = parts_dir(out)
+    folder.mkdir(exist_ok=True)
+    token = f"{os.getpid()}-{int(dt.datetime.now().timestamp() * 1e6):x}"
+    names = []
+    for i, shard in enumerate(shards):
+        name = f"{token}-shard{i}.h5"
+        try:
+            os.link(shard, folder / name)
+        except OSError:  # a filesystem without hard links: move it (resumable no longer)
+            os.replace(shard, folder / name)
+        names.append(f"{folder.name}/{name}")
+    base = f"{token}-base.h5"
+    with h5py.File(folder / base, "w") as h5:
+        for split in partial.splits:
+            own = np.flatnonzero((status[split] == DONE) & (where[split][0] == -1))
+            src = partial.h5[split]["features"]
+            dst = h5.create_dataset(split, (len(own), src.shape[1]), dtype=src.dtype)
+            _copy_rows(src, own, dst, np.arange(len(own)))
+            where[split][1][own] = np.arange(len(own))
+    return [*names, f"{folder.name}/{base}"]
+
+
+def _virtual_features(g: h5py.Group, out: Path, parts: list[str], src: np.ndarray, pos: np.ndarray, like: h5py.Dataset) -> None:  # fmt: skip
+    """``g/features`` as a virtual dataset: row k is row ``pos[k]`` of part ``src[k]`` (-1: the
+    base part), one mapping per run of consecutive rows of one part."""
+    n, dim, dtype = len(src), like.shape[1], like.dtype
+    if not n:
+        g.create_dataset("features", (0, dim), dtype=dtype)
+        return
+    layout = h5py.VirtualLayout((n, dim), dtype)
+    sources = {}
+    for i in np.unique(src).tolist():  # -1 picks the base part, the last
+        name = "features" if i >= 0 else g.name.strip("/")
+        with h5py.File(out.parent / parts[i], "r") as f:
+            shape = f[name].shape
+        sources[i] = h5py.VirtualSource(parts[i], name, shape=shape, dtype=dtype)
+    breaks = np.flatnonzero((np.diff(src) != 0) | (np.diff(pos) != 1)) + 1
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, n], strict=True):
+        layout[int(a) : int(b)] = sources[int(src[a])][int(pos[a]) : int(pos[b - 1]) + 1]
+    g.create_virtual_dataset("features", layout)
+
+
+def _virtual_parts(h5: h5py.File) -> list[str]:
+    """The files (relative to the cache's folder) the virtual features of ``h5`` read from."""
+    names = []
+    for split in _split_names(h5):
+        ds = h5[split].get("features")
+        if ds is not None and ds.is_virtual:
+            names += [m.file_name for m in ds.virtual_sources()]
+    return sorted(set(names))
+
+
+def remove_unused_parts(out: Path) -> None:
+    """Delete the part files in ``OUT.parts/`` that the cache at ``out`` does not read (left by
+    an earlier virtual cache, or by a join killed before its rename)."""
+    folder = parts_dir(out)
+    if not folder.is_dir():
+        return
+    try:
+        with h5py.File(out, "r") as h5:
+            used = {Path(name).name for name in _virtual_parts(h5)}
+    except OSError:  # no readable cache to ask: delete nothing
+        return
+    for f in folder.glob("*.h5"):
+        if f.name not in used:
+            f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty
 
 
 def shard_path(out: Path, rank: int) -> Path:

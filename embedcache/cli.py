@@ -246,6 +246,10 @@ def info(cache, as_json):
     click.echo(
         f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, created {s.get('created', '?')})"
     )
+    if s["parts"]:
+        click.echo(f"storage    virtual: features read from {len(s['parts'])} part files ({s['parts_bytes'] / 1e6:.1f} MB) in {Path(s['parts'][0]).parent}")  # fmt: skip
+    else:
+        click.echo("storage    single file")
     click.echo(f"backbone   {s['backbone']}  weights {s['weights']}")
     click.echo(
         f"features   {s['feature_dim']}-d {s['dtype']}; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"

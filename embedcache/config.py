@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 AUGMENTS = ("none", "light", "strong")
 PREFIX_MODES = ("auto", "memory", "disk", "off")
+JOINS = ("auto", "copy", "virtual")
 HEAD_KINDS = ("linear", "mlp", "logreg", "knn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -142,6 +143,13 @@ class ExtractConfig(_Config):
     seed: int = _seed()
     unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
+    join: str = setting(
+        "auto",
+        "Under torchrun, how the ranks' shard files become the cache: copy (one self-contained "
+        "file), virtual (HDF5 virtual datasets over the shards, kept in OUT.parts/), auto "
+        "(virtual from 8 GB of shards on).",
+        choices=JOINS,
+    )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ from .runtime import (
     default_num_workers,
 )
 
+# --join auto: from this many bytes of shard files on, the cache is virtual. Copying runs at
+# 7.5-20 s/GB through rank 0 here (benchmarks/results/scale_extract_cpu.md), so 8 GB is
+# minutes of every other rank waiting; below it one self-contained file is worth the wait.
+VIRTUAL_JOIN_BYTES = 8 * 10**9
+
 
 @dataclass
 class ExtractResult:
@@ -97,6 +102,13 @@ def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[l
             batches.append([len(items) + int(i) for i in part])
         items += [(split, int(r)) for r in rows]
     return items, batches
+
+
+def share(batches: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s batches: one contiguous run of them, the runs as even as can be. Contiguous
+    runs keep each shard's rows in order, so a virtual join maps a shard in a few pieces."""
+    n = len(batches)
+    return batches[n * rank // world : n * (rank + 1) // world]
 
 
 def _reusable(identity: CacheIdentity, opened: list, subject: str, hint: str) -> None:
@@ -229,7 +241,7 @@ def extract(
         start = time.perf_counter()
         extracted = group.each(lambda: _extract_part(out, bb, cfg, dev, group, progress))
         ranks = group.gather((extracted, time.perf_counter() - start))
-        group.on_main(lambda: _join(out))
+        group.on_main(lambda: _join(out, cfg.join))
         seconds = time.perf_counter() - start
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
 
@@ -285,7 +297,7 @@ def _extract_part(
     paths = {s: partial.paths(s) for s in splits}
     batch_size = cfg.batch_size or default_batch_size(dev)
     flat, batches = _batches(todo, batch_size)
-    mine = batches[group.rank :: group.world]
+    mine = share(batches, group.rank, group.world)
     writer = partial
     if not alone:
         partial.close()
@@ -302,14 +314,29 @@ def _extract_part(
         writer.close()
 
 
-def _join(out: Path) -> None:
-    """Rank 0: take in every shard, then write the finished cache (one process: just the latter)."""
+def join_kind(join: str, shards: list[Path]) -> str:
+    """copy or virtual: what ``--join`` means for these shard files (auto: virtual from
+    VIRTUAL_JOIN_BYTES of shard files on, where copying through rank 0 starts to cost minutes)."""
+    if not shards:
+        return "copy"  # one process writes one file
+    if join != "auto":
+        return join
+    return "virtual" if sum(p.stat().st_size for p in shards) >= VIRTUAL_JOIN_BYTES else "copy"
+
+
+def _join(out: Path, join: str = "auto") -> None:
+    """Rank 0: write the finished cache from the partial file and the shards, copying their
+    rows into it or, for a virtual join, mapping them where they are (one process: a copy)."""
     with disk_errors(out):
         partial = PartialCache.open(partial_path(out))
+        shards = shard_paths(out)
         try:
-            for shard in shard_paths(out):
-                partial.merge(shard)
-            partial.finalize(out, {"created": now_iso()})
+            if join_kind(join, shards) == "virtual":
+                partial.finalize_virtual(out, {"created": now_iso()}, shards)
+            else:
+                for shard in shards:
+                    partial.merge(shard)
+                partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:
                 with contextlib.suppress(Exception):  # the error that got us here matters more

@@ -43,7 +43,7 @@ def features(path: Path) -> dict[str, tuple]:
         }
 
 
-def assert_same_cache(a: Path, b: Path) -> None:
+def assert_same_cache(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
     fa, fb = features(a), features(b)
     for split in fa:
         assert np.array_equal(fa[split][0], fb[split][0]), split  # bit-identical
@@ -51,7 +51,7 @@ def assert_same_cache(a: Path, b: Path) -> None:
     with open_cache(a) as ca, open_cache(b) as cb:
         sa, sb = ca.summary(), cb.summary()
     for s in (sa, sb):
-        for k in ("path", "file_bytes", "created"):
+        for k in ("path", "file_bytes", "created", *ignore):
             s.pop(k)
     assert sa == sb  # what `embedcache info` shows cannot tell them apart
 
@@ -135,6 +135,48 @@ def test_an_incremental_run_with_two_ranks_extracts_only_new_images(shared, tmp_
     assert json.loads(r.stdout)["extracted"] == 1
     one_thread(lambda: extract(data, out=tmp_path / "fresh.h5", batch_size=4, **LIBRARY))
     assert_same_cache(tmp_path / "fresh.h5", tmp_path / "c.h5")
+
+
+def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shared, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from embedcache import train_head
+    from embedcache.cache import parts_dir
+    from embedcache.cli import main
+
+    data = tmp_path / "d"
+    shutil.copytree(shared / "d", data)
+    r = torchrun(2, ["extract", str(data), "--out", "v.h5", "--join", "virtual", *EXTRACT], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    v, parts = tmp_path / "v.h5", parts_dir(tmp_path / "v.h5")
+    with open_cache(v) as c:
+        assert c.features("train").is_virtual and len(c.parts) == 2  # one shard file per rank
+        assert all(p.parent == parts for p in c.parts)
+    assert not shard_paths(v)  # the shard names are gone: their files live on in v.h5.parts/
+    assert_same_cache(
+        shared / "one.h5", v, ignore=("storage", "parts", "parts_bytes", "source")
+    )  # data copied
+    shown = CliRunner().invoke(main, ["info", str(v)]).output
+    assert "storage    virtual: features read from 2 part files" in shown
+    heads = [train_head(c, out=tmp_path / f"{c.stem}.pt", epochs=3, progress=False) for c in (shared / "one.h5", v)]  # fmt: skip
+    assert heads[0].metrics["val_acc"] == heads[1].metrics["val_acc"]
+    make_image(data / "val" / "dog" / "new.png", 1, seed=999)  # an incremental run reads it
+    grown = one_thread(lambda: extract(data, out=v, batch_size=4, **LIBRARY))
+    assert (grown.extracted, grown.reused) == (1, 44)
+    assert not parts.exists()  # one process writes one file; the old parts are removed
+    with open_cache(v) as c:
+        assert not c.features("train").is_virtual and c.summary()["storage"] == "single file"
+
+
+def test_a_virtual_cache_without_its_parts_is_a_clear_error(shared, tmp_path):
+    r = torchrun(2, ["extract", str(shared / "d"), "--out", "v.h5", "--join", "virtual", *EXTRACT], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "v.h5").rename(tmp_path / "moved" / "v.h5")  # moved without v.h5.parts/
+    with pytest.raises(Exception, match=r"is virtual and its part file .* is missing \(2 of 2\); keep the folder v.h5.parts next to it"):  # fmt: skip
+        open_cache(tmp_path / "moved" / "v.h5")
 
 
 FINETUNE = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",

@@ -332,3 +332,43 @@ def test_disk_full_mid_run_keeps_progress_and_leaves_nothing_that_looks_complete
     monkeypatch.undo()
     r = extract(data, out=out, **extract_kw)
     assert r.images == 16 and r.extracted == (0 if fail_on_call == 2 else 16)
+
+
+def test_ranks_share_the_batches_in_even_contiguous_runs():
+    from embedcache.extraction import share
+
+    batches = list(range(10))
+    parts = [share(batches, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]  # in order, every batch once
+    assert [share([7], r, 2) for r in range(2)] == [[], [7]]  # a rank may get none
+
+
+def test_join_auto_is_virtual_from_the_size_threshold_on(tmp_path, monkeypatch):
+    from embedcache import extraction
+
+    shards = [tmp_path / "a", tmp_path / "b"]
+    for s in shards:
+        s.write_bytes(b"x" * 600)
+    monkeypatch.setattr(extraction, "VIRTUAL_JOIN_BYTES", 1200)
+    assert extraction.join_kind("auto", shards) == "virtual"
+    monkeypatch.setattr(extraction, "VIRTUAL_JOIN_BYTES", 1201)
+    assert extraction.join_kind("auto", shards) == "copy"
+    assert extraction.join_kind("virtual", shards) == "virtual"
+    assert extraction.join_kind("virtual", []) == "copy"  # one process: nothing to map
+
+
+def test_unused_parts_are_removed_but_not_when_the_cache_cannot_be_read(tmp_path):
+    from embedcache.cache import parts_dir, remove_unused_parts
+
+    out = tmp_path / "c.h5"
+    parts_dir(out).mkdir()
+    stale = parts_dir(out) / "old-shard0.h5"
+    stale.write_bytes(b"x")
+    out.write_bytes(b"not hdf5")
+    remove_unused_parts(out)
+    assert stale.exists()  # cannot tell what the cache reads: delete nothing
+    out.unlink()
+    with h5py.File(out, "w") as h5:
+        h5.create_group("train").create_dataset("features", data=np.zeros((2, 3)))
+    remove_unused_parts(out)
+    assert not stale.exists() and not parts_dir(out).exists()
