@@ -28,7 +28,7 @@ from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
 from .heads import make_head
 from .report import figure
-from .runtime import resolve_device
+from .runtime import resolve_device, tune_allocator
 
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_WDS = (0.0, 1e-4, 1e-3, 1e-2)
@@ -381,6 +381,7 @@ def compare(
         and models of each approach stay in ``workdir``).
     """
     cfg = CompareConfig.build(config, **options)
+    tune_allocator()
     say = log or (lambda line: None)
     images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed

@@ -35,7 +35,14 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .heads import Head, Standardize, init_template
-from .runtime import Run, autocast_dtype, default_num_workers, resolve_device, seeded
+from .runtime import (
+    Run,
+    autocast_dtype,
+    default_num_workers,
+    resolve_device,
+    seeded,
+    tune_allocator,
+)
 
 
 class FinetunedModel(nn.Module):
@@ -851,6 +858,7 @@ def finetune(
         OUT.confusion.png and OUT.report.txt.
     """
     cfg = FinetuneConfig.build(config, **options)
+    tune_allocator()
     out = Path(out)
     with process_group(cfg.device) as group:
         say = (log or (lambda line: None)) if group.is_main else (lambda line: None)

@@ -16,7 +16,7 @@ from .data import IMAGE_EXTENSIONS, preprocess, scan
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .finetuning import model_backbone
-from .runtime import Run, default_batch_size, default_num_workers, resolve_device
+from .runtime import Run, default_batch_size, default_num_workers, resolve_device, tune_allocator
 
 
 @dataclass
@@ -83,6 +83,8 @@ def image_features(
 
 
 def _run(device: str, batch_size: int | None, num_workers: int | None, progress: bool) -> Run:
+    """How images run through the backbone (the allocator tuned first: see tune_allocator)."""
+    tune_allocator()
     dev = resolve_device(device)
     workers = default_num_workers(dev) if num_workers is None else num_workers
     return Run(dev, batch_size or default_batch_size(dev), workers, None, progress)

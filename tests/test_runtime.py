@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
+
 import pytest
 import torch
 
@@ -58,13 +62,31 @@ def test_cuda_without_a_gpu_says_to_use_cpu(monkeypatch, name):
     assert resolve_device("auto") == CPU and resolve_device("cpu") == CPU
 
 
-def test_half_precision_on_cpu_is_refused():
-    for precision in ("bf16", "fp16"):
-        with pytest.raises(
-            EmbedcacheError,
-            match=rf"^--precision {precision} needs a CUDA device; use fp32 or auto on CPU$",
-        ):
-            autocast_dtype(CPU, precision)
+def test_half_precision_can_be_asked_for_on_cpu():
+    assert autocast_dtype(CPU, "bf16") is torch.bfloat16
+    assert autocast_dtype(CPU, "fp16") is torch.float16
+
+
+@pytest.mark.parametrize(("native", "allowed", "expected"), [
+    (True, True, torch.bfloat16), (True, False, None), (False, True, None), (False, False, None)])  # fmt: skip
+def test_auto_on_cpu_is_bf16_only_with_native_bf16_and_the_callers_consent(monkeypatch, native, allowed, expected):  # fmt: skip
+    from embedcache import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert autocast_dtype(CPU, "auto", cpu_bf16=allowed) is expected
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from embedcache import runtime
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx512f avx2", False)):  # fmt: skip
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda f, *a, _i=info, **k: real_open(_i if f == "/proc/cpuinfo" else f, *a, **k))  # fmt: skip
+        assert runtime.cpu_has_native_bf16() is expected, flags
 
 
 def test_auto_and_fp32_precision_on_cpu_mean_no_autocast():
@@ -84,3 +106,40 @@ def test_amp_is_a_no_op_without_an_autocast_dtype():
         assert torch.is_autocast_enabled("cpu")
         assert (a @ b).dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
+
+
+ALLOC_PROBE = """
+import resource, sys
+import numpy as np
+from embedcache.runtime import tune_allocator
+tuned = tune_allocator()
+assert tune_allocator() == tuned  # decided once
+np.ones(8 << 20)  # one 64 MB buffer first, so both runs start alike
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    np.ones(8 << 20)  # 64 MB, allocated and freed: what forward passes do with activations
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _probe(**env) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", ALLOC_PROBE], capture_output=True, text=True, env={**os.environ, **env}, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tuned, faults = r.stdout.split()
+    return tuned, int(faults)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_in_new_pages():
+    tuned, faults = _probe()
+    default, default_faults = _probe(EMBEDCACHE_MALLOC="default")
+    assert (tuned, default) == ("True", "False")
+    # default glibc maps each buffer anew (above its 32 MB ceiling) and the kernel faults in and
+    # zeroes fresh pages every time (fewer faults with huge pages, still some per buffer);
+    # tuned, the freed pages are reused
+    assert default_faults >= 20 * 100 and faults < default_faults / 10
