@@ -252,7 +252,7 @@ def info(cache, as_json):
         click.echo("storage    single file")
     click.echo(f"backbone   {s['backbone']}  weights {s['weights']}")
     click.echo(
-        f"features   {s['feature_dim']}-d {s['dtype']}; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"
+        f"features   {s['feature_dim']}-d {s['dtype']} from a {s.get('precision', 'unrecorded')} forward pass; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"
     )
     click.echo(f"source     {s['source']} ({s['layout']})")
     more = " ..." if len(s["classes"]) > 20 else ""

@@ -143,6 +143,12 @@ class ExtractConfig(_Config):
     seed: int = _seed()
     unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
+    precision: str = setting(
+        "auto",
+        "Forward pass: auto is bf16 on GPUs, and on CPUs with native bf16 when "
+        "benchmarks/results/precision_*.md allows it; fp32 otherwise. Part of the cache identity.",
+        choices=PRECISIONS,
+    )
     join: str = setting(
         "auto",
         "Under torchrun, how the ranks' shard files become the cache: copy (one self-contained "

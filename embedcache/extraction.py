@@ -42,12 +42,18 @@ from .runtime import (
     autocast_dtype,
     default_batch_size,
     default_num_workers,
+    precision_name,
+    tune_allocator,
 )
 
 # --join auto: from this many bytes of shard files on, the cache is virtual. Copying runs at
 # 7.5-20 s/GB through rank 0 here (benchmarks/results/scale_extract_cpu.md), so 8 GB is
 # minutes of every other rank waiting; below it one self-contained file is worth the wait.
 VIRTUAL_JOIN_BYTES = 8 * 10**9
+
+# --precision auto on a CPU with native bf16: bf16 only if heads on bf16 features were measured
+# as accurate as on fp32 features (within 0.3 points): benchmarks/results/precision_cpu.md.
+CPU_BF16_AUTO = False
 
 
 @dataclass
@@ -231,29 +237,32 @@ def extract(
     ExtractResult : counts, seconds and the file written.
     """
     cfg = ExtractConfig.build(config, **options)
+    tune_allocator()
     out = Path(out)
     with process_group(cfg.device) as group:
         dev = group.device(cfg.device)
         bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
-        mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb))
+        amp = autocast_dtype(dev, cfg.precision, cpu_bf16=CPU_BF16_AUTO)
+        mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb, precision_name(amp)))
         if mode == "up_to_date":
             return _result(out, 0, 0, 0.0, up_to_date=True)
         start = time.perf_counter()
-        extracted = group.each(lambda: _extract_part(out, bb, cfg, dev, group, progress))
+        run = _run_for(cfg, dev, amp, progress and group.is_main)
+        extracted = group.each(lambda: _extract_part(out, bb, run, group))
         ranks = group.gather((extracted, time.perf_counter() - start))
         group.on_main(lambda: _join(out, cfg.join))
         seconds = time.perf_counter() - start
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
 
 
-def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone) -> tuple[str, int]:
+def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) -> tuple[str, int]:
     """Rank 0: scan the data, plan against existing files, write the in-progress file.
 
     Returns (mode, rows reused): mode is up_to_date, fresh, resume or rebuild.
     """
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
-    identity = CacheIdentity(**bb.identity().as_dict(), dtype=cfg.dtype)
+    identity = CacheIdentity(**bb.identity().as_dict(), dtype=cfg.dtype, precision=precision)
     with disk_errors(out):
         _take_in_shards(out, keep=not cfg.overwrite)
         mode, reuse = _plan(out, identity, images, cfg.overwrite)
@@ -284,18 +293,21 @@ def _take_in_shards(out: Path, *, keep: bool) -> None:
         shard.unlink(missing_ok=True)
 
 
-def _extract_part(
-    out: Path, bb: Backbone, cfg: ExtractConfig, dev: torch.device, group: Group, progress: bool
-) -> int:
-    """Forward this rank's share of the rows to do: every world-th batch, into its own shard
-    file (one process: straight into the in-progress file). Returns the images forwarded."""
+def _run_for(cfg: ExtractConfig, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:
+    workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
+    return Run(dev, cfg.batch_size or default_batch_size(dev), workers, amp, progress)
+
+
+def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:
+    """Forward this rank's share of the rows to do: a contiguous run of the batches, into its
+    own shard file (one process: straight into the in-progress file). Returns the images forwarded."""
     alone = group.world == 1
     partial = PartialCache.open(partial_path(out), "r+" if alone else "r")
     splits, dtype = partial.splits, partial.identity.dtype
     root = Path(str(partial.h5.attrs["source"]))
     todo = {s: partial.todo(s) for s in splits}
     paths = {s: partial.paths(s) for s in splits}
-    batch_size = cfg.batch_size or default_batch_size(dev)
+    batch_size = run.batch_size
     flat, batches = _batches(todo, batch_size)
     mine = share(batches, group.rank, group.world)
     writer = partial
@@ -304,8 +316,6 @@ def _extract_part(
         items = [flat[i] for batch in mine for i in batch]
         with disk_errors(out):
             writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype)  # fmt: skip
-    workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
-    run = Run(dev, batch_size, workers, autocast_dtype(dev), progress and group.is_main)
     files = [root / paths[s][r] for s, r in flat]
     try:
         with disk_errors(out):

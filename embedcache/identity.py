@@ -63,9 +63,19 @@ class FeatureIdentity:
 
 @dataclass(frozen=True)
 class CacheIdentity(FeatureIdentity):
-    """A cache's identity: the features plus how they are stored."""
+    """A cache's identity: the features plus how they were computed and stored.
+
+    ``precision`` is the forward pass's (fp32, bf16 or fp16): features of one image
+    differ by up to a few percent between them, so one cache never mixes them.
+    Caches written before it was recorded read as ``unrecorded``.
+    """
 
     dtype: str
+    precision: str
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> CacheIdentity:
+        return cls(**FeatureIdentity.from_mapping(m).as_dict(), dtype=str(m["dtype"]), precision=str(m.get("precision", "unrecorded")))  # fmt: skip
 
 
 def _json(text: str) -> dict:

@@ -372,3 +372,27 @@ def test_unused_parts_are_removed_but_not_when_the_cache_cannot_be_read(tmp_path
         h5.create_group("train").create_dataset("features", data=np.zeros((2, 3)))
     remove_unused_parts(out)
     assert not stale.exists() and not parts_dir(out).exists()
+
+
+def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, extract_kw):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    out = tmp_path / "c.h5"
+    extract(tree, out=out, precision="bf16", **extract_kw)
+    extract(tree, out=tmp_path / "fp32.h5", precision="fp32", **extract_kw)
+    with open_cache(out) as c, open_cache(tmp_path / "fp32.h5") as d:
+        assert c.identity.precision == "bf16" and d.identity.precision == "fp32"
+        a, b = c.features("train")[:].astype(np.float32), d.features("train")[:].astype(np.float32)
+    assert not np.array_equal(a, b)  # bf16 really ran
+    assert np.abs(a - b).max() / np.abs(b).max() < 0.1
+    assert "from a bf16 forward pass" in CliRunner().invoke(main, ["info", str(out)]).output
+    with pytest.raises(EmbedcacheError, match=r"holds other features \(precision fp32 vs bf16; asked vs existing\); pass --overwrite"):  # fmt: skip
+        extract(tree, out=out, precision="fp32", **extract_kw)  # never mixed into one cache
+    with h5py.File(tmp_path / "fp32.h5", "r+") as h5:
+        del h5.attrs["precision"]  # a cache written before the precision was recorded
+    with open_cache(tmp_path / "fp32.h5") as c:
+        assert c.identity.precision == "unrecorded"
+    with pytest.raises(EmbedcacheError, match=r"precision fp32 vs unrecorded"):
+        extract(tree, out=tmp_path / "fp32.h5", precision="fp32", **extract_kw)

@@ -55,11 +55,11 @@ def test_check_passes_for_equal_identities():
 
 
 def test_a_cache_identity_against_a_feature_identity_ignores_the_dtype():
-    cache = CacheIdentity("resnet18", "none", T64, "float16")
+    cache = CacheIdentity("resnet18", "none", T64, "float16", "fp32")
     head = FeatureIdentity("resnet18", "none", T64)
     assert cache.differences(head) == [] and head.differences(cache) == []
     head.check(cache, subject="s", mine="a", theirs="b", hint="h")
-    other = CacheIdentity("resnet18", "none", T64, "float32")
+    other = CacheIdentity("resnet18", "none", T64, "float32", "fp32")
     assert cache.differences(other) == ["dtype float16 vs float32"]
 
 
@@ -74,7 +74,8 @@ def test_from_mapping_ignores_extra_keys_and_reads_strings():
     }
     assert FeatureIdentity.from_mapping(m) == FeatureIdentity("resnet18", "none", T64)
     assert type(FeatureIdentity.from_mapping(m)) is FeatureIdentity
-    assert CacheIdentity.from_mapping(m) == CacheIdentity("resnet18", "none", T64, "float16")
+    assert CacheIdentity.from_mapping(m) == CacheIdentity("resnet18", "none", T64, "float16", "unrecorded")  # fmt: skip
+    assert CacheIdentity.from_mapping({**m, "precision": "bf16"}).precision == "bf16"
     assert FeatureIdentity.from_mapping({**m, "weights": 3}).weights == "3"
 
 
