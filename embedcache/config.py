@@ -20,6 +20,7 @@ DTYPES = ("float16", "float32")
 AUGMENTS = ("none", "light", "strong")
 PREFIX_MODES = ("auto", "memory", "disk", "off")
 JOINS = ("auto", "copy", "virtual")
+DECODERS = ("auto", "cpu", "gpu")
 HEAD_KINDS = ("linear", "mlp", "logreg", "knn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -148,6 +149,12 @@ class ExtractConfig(_Config):
         "Forward pass: auto is bf16 on GPUs, and on CPUs with native bf16 when "
         "benchmarks/results/precision_*.md allows it; fp32 otherwise. Part of the cache identity.",
         choices=PRECISIONS,
+    )
+    decode: str = setting(
+        "auto",
+        "Where JPEGs are decoded: auto is the GPU (nvJPEG) when extracting on CUDA, the CPU "
+        "otherwise; other formats and files the GPU refuses always take the CPU path.",
+        choices=DECODERS,
     )
     join: str = setting(
         "auto",

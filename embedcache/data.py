@@ -577,3 +577,110 @@ def decoded_batches(
     with ThreadPoolExecutor(num_workers, thread_name_prefix="decode") as pool:
         for batch in batches:
             yield _collate(list(pool.map(dataset.__getitem__, batch)))
+
+
+# ---------------------------------------------------------------------------
+# Decoding on the GPU (nvJPEG through torchvision), with the CPU path per file as fallback
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _read(path: Path) -> bytes | str:
+    """The file's bytes, or the reason they cannot be read (as :func:`load_rgb` words it)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as e:
+        return f"cannot read: {(e.strerror or str(e))[:48]}"
+    return data if data else "empty file (0 bytes)"
+
+
+def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG bytes on ``device`` in one batch: (3, H, W) uint8 each, None where the
+    decoder refused a file (the batch is retried file by file to find which)."""
+    with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; decode_jpeg works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return _decode_jpegs(datas, device, ImageReadMode.RGB, decode_jpeg)
+
+
+def _decode_jpegs(datas: list[bytes], device: torch.device, rgb, decode_jpeg) -> list[torch.Tensor | None]:  # fmt: skip
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    if not tensors:
+        return []
+    kw = {"mode": rgb, "device": device, "apply_exif_orientation": True}
+    try:
+        return list(decode_jpeg(tensors, **kw))
+    except RuntimeError:
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, **kw))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def resize_crop(img: torch.Tensor, t: EvalTransform) -> torch.Tensor:
+    """:func:`preprocess` on a decoded (3, H, W) uint8 tensor, on its device: resize the short
+    side to ``t.resize`` (antialiased), centre-crop ``t.crop``; returns (crop, crop, 3) uint8."""
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = img.shape[-2:]
+    if w <= h:
+        nw, nh = t.resize, int(t.resize * h / w)
+    else:
+        nw, nh = int(t.resize * w / h), t.resize
+    top, left = int(round((nh - t.crop) / 2.0)), int(round((nw - t.crop) / 2.0))
+    if (nw, nh) != (w, h):
+        img = F.resize(img, [nh, nw], interpolation=F.InterpolationMode(t.interpolation), antialias=True)  # fmt: skip
+    return img[:, top : top + t.crop, left : left + t.crop].permute(1, 2, 0).contiguous()
+
+
+def _cpu_fallback(path: Path, t: EvalTransform, device: torch.device) -> torch.Tensor | str:
+    try:
+        x = torch.from_numpy(preprocess(path, t))
+    except UnreadableImage as e:
+        return str(e)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def gpu_decoded_batches(
+    files: list[Path], batches: list[list[int]], t: EvalTransform, *, device: torch.device, num_workers: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:  # fmt: skip
+    """:func:`decoded_batches` for ``preprocess`` with the JPEGs decoded, resized and cropped on
+    ``device`` (nvJPEG on CUDA), a batch at a time. Files that are not JPEG, or that the GPU
+    decoder refuses, go through the CPU path one by one; ``num_workers`` threads read the
+    next batch's bytes while this one decodes. Images come back on ``device``."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="read") as pool:
+        ahead = pool.submit(lambda b=batches[0]: [_read(files[i]) for i in b])
+        for k, batch in enumerate(batches):
+            datas = ahead.result()
+            if k + 1 < len(batches):
+                ahead = pool.submit(lambda b=batches[k + 1]: [_read(files[i]) for i in b])
+            yield _gpu_batch([files[i] for i in batch], batch, datas, t, device)
+
+
+def _gpu_batch(paths: list[Path], index: list[int], datas: list, t: EvalTransform, device: torch.device):  # fmt: skip
+    failed = {k: d for k, d in enumerate(datas) if isinstance(d, str)}
+    jpeg = [k for k, d in enumerate(datas) if isinstance(d, bytes) and d[:3] == JPEG_MAGIC]
+    images: dict[int, torch.Tensor] = {}
+    for k, img in zip(jpeg, _nvjpeg([datas[k] for k in jpeg], device), strict=True):
+        if img is not None:
+            images[k] = resize_crop(img, t)
+    for k in range(len(paths)):
+        if k not in images and k not in failed:
+            x = _cpu_fallback(paths[k], t, device)
+            if isinstance(x, str):
+                failed[k] = x
+            else:
+                images[k] = x
+    ok = sorted(images)
+    stacked = torch.stack([images[k] for k in ok]) if ok else None
+    return np.array([index[k] for k in ok], np.int64), stacked, {index[k]: r for k, r in failed.items()}  # fmt: skip

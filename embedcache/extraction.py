@@ -33,13 +33,14 @@ from .cache import (
     shard_paths,
 )
 from .config import ExtractConfig
-from .data import ImageSet, decoded_batches, preprocess, scan
+from .data import ImageSet, decoded_batches, gpu_decoded_batches, preprocess, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
 from .runtime import (
     Run,
     autocast_dtype,
+    choose_gpu_decode,
     default_batch_size,
     default_num_workers,
     precision_name,
@@ -295,7 +296,8 @@ def _take_in_shards(out: Path, *, keep: bool) -> None:
 
 def _run_for(cfg: ExtractConfig, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
-    return Run(dev, cfg.batch_size or default_batch_size(dev), workers, amp, progress)
+    gpu = choose_gpu_decode(cfg.decode, dev)
+    return Run(dev, cfg.batch_size or default_batch_size(dev), workers, amp, progress, gpu)
 
 
 def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:
@@ -383,8 +385,11 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
     counts every rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
     if not batches:
         return 0
-    decode = functools.partial(preprocess, t=bb.transform)
-    loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)
+    if run.gpu_decode:
+        loader = gpu_decoded_batches(files, batches, bb.transform, device=run.device, num_workers=run.workers)  # fmt: skip
+    else:
+        decode = functools.partial(preprocess, t=bb.transform)
+        loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)

@@ -126,6 +126,45 @@ def _set_thresholds() -> bool:
     return bool(mmap and trim)
 
 
+_nvjpeg_ok: dict[str, bool] = {}
+
+
+def choose_gpu_decode(decode: str, device: torch.device) -> bool:
+    """Whether JPEGs are decoded on ``device``: ``gpu`` asks for it (a CUDA device needed),
+    ``cpu`` never, ``auto`` on CUDA when torchvision can decode there (tried once)."""
+    if decode == "cpu":
+        return False
+    if device.type != "cuda":
+        if decode == "gpu":
+            raise EmbedcacheError("--decode gpu needs a CUDA device; use --decode cpu or auto")
+        return False
+    if str(device) not in _nvjpeg_ok:
+        _nvjpeg_ok[str(device)] = _decodes_on(device)
+    if decode == "gpu" and not _nvjpeg_ok[str(device)]:
+        raise EmbedcacheError("--decode gpu: this torchvision cannot decode JPEG on the GPU (no nvJPEG); use --decode cpu or auto")  # fmt: skip
+    return _nvjpeg_ok[str(device)]
+
+
+def _decodes_on(device: torch.device) -> bool:
+    import io
+    import warnings
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; decode_jpeg works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import decode_jpeg
+
+            decode_jpeg(data, device=device)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
 def _cores() -> int:
     return (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -173,6 +212,7 @@ class Run:
     workers: int
     autocast: torch.dtype | None = None  # None: plain fp32
     progress: bool = False
+    gpu_decode: bool = False  # JPEGs decoded on the device (see choose_gpu_decode)
 
     def amp(self):
         """The autocast context for this run's device and dtype (a no-op for fp32)."""

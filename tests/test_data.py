@@ -235,3 +235,60 @@ def test_transform_json_round_trip_and_rescale():
     assert t.with_crop(112).resize == 128
     with pytest.raises(EmbedcacheError, match="crop <= resize"):
         EvalTransform(resize=100, crop=224)
+
+
+def _smooth_jpeg(path: Path, size=(120, 90), seed=0) -> Path:
+    """A smooth photo-like JPEG (noise would make every decoder's rounding show)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    base = rng.uniform(40, 200, 3)
+    img = np.stack([base[c] + 50 * np.sin(xx / 9 + c) * np.cos(yy / 13) for c in range(3)], -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=95)
+    return path
+
+
+def test_the_gpu_decode_path_matches_the_cpu_path_and_falls_back_per_file(tmp_path):
+    """Run on the CPU (torchvision decodes JPEG there too): the batching, the per-file
+    fallback and the resize/crop arithmetic are the same code a GPU runs."""
+    from embedcache.data import gpu_decoded_batches
+
+    t = EvalTransform(resize=40, crop=32, jpeg_draft=False)
+    files = [
+        _smooth_jpeg(tmp_path / "a.jpg"),
+        make_image(tmp_path / "b.png", 0, 1, size=(50, 70)),  # not a JPEG: the CPU path
+        _smooth_jpeg(tmp_path / "c.jpg", size=(64, 96), seed=2),
+        tmp_path / "d.jpg",  # text named .jpg: the CPU path says why
+        tmp_path / "e.jpg",  # a JPEG header and nothing else: the decoder refuses, then the CPU
+        tmp_path / "f.jpg",  # empty
+    ]
+    files[3].write_text("hello")
+    files[4].write_bytes(files[0].read_bytes()[:40])
+    files[5].write_bytes(b"")
+    batches = [[0, 1, 2], [3, 4, 5]]
+    got = list(gpu_decoded_batches(files, batches, t, device=torch.device("cpu"), num_workers=2))
+    assert [list(index) for index, _, _ in got] == [[0, 1, 2], []]
+    assert got[1][1] is None
+    assert got[0][2] == {} and set(got[1][2]) == {3, 4, 5}
+    assert got[1][2][3] == "not an image (unrecognised format)"
+    assert got[1][2][5] == "empty file (0 bytes)"
+    images = got[0][1]
+    assert images.shape == (3, 32, 32, 3) and images.dtype == torch.uint8
+    for k, f in enumerate(files[:3]):
+        cpu = torch.from_numpy(preprocess(f, t)).float()
+        assert (images[k].float() - cpu).abs().mean() < 2.0, f.name  # antialiased resize vs PIL's
+
+
+def test_gpu_decode_is_chosen_only_on_cuda_and_refused_without_it(monkeypatch):
+    from embedcache import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not runtime.choose_gpu_decode("auto", cpu) and not runtime.choose_gpu_decode("cpu", cuda)  # fmt: skip
+    with pytest.raises(EmbedcacheError, match=r"^--decode gpu needs a CUDA device; use --decode cpu or auto$"):  # fmt: skip
+        runtime.choose_gpu_decode("gpu", cpu)
+    for works in (True, False):
+        monkeypatch.setattr(runtime, "_nvjpeg_ok", {})
+        monkeypatch.setattr(runtime, "_decodes_on", lambda d, w=works: w)
+        assert runtime.choose_gpu_decode("auto", cuda) is works
+    with pytest.raises(EmbedcacheError, match=r"no nvJPEG\); use --decode cpu or auto$"):
+        runtime.choose_gpu_decode("gpu", cuda)
