@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -395,6 +397,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
 
 
+_OS_REASONS = {
+    errno.ENOENT: "file not found",
+    errno.ELOOP: "symlink loop",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "I/O error",
+    errno.ENAMETOOLONG: "name too long",
+    errno.EISDIR: "a directory",
+}
+
+
+def os_reason(e: OSError) -> str:
+    """A short reason for an OS error while reading one image (what the skipped list shows)."""
+    return _OS_REASONS.get(e.errno, f"cannot read: {(e.strerror or str(e))[:48]}")
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
@@ -407,10 +425,13 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-    except FileNotFoundError:
-        raise UnreadableImage("file not found") from None
+        st = path.stat()
+    except OSError as e:
+        raise UnreadableImage(os_reason(e)) from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder forever
+        raise UnreadableImage("not a regular file")
+    if st.st_size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -588,11 +609,11 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 def _read(path: Path) -> bytes | str:
     """The file's bytes, or the reason they cannot be read (as :func:`load_rgb` words it)."""
     try:
+        if not stat.S_ISREG(Path(path).stat().st_mode):
+            return "not a regular file"
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return "file not found"
     except OSError as e:
-        return f"cannot read: {(e.strerror or str(e))[:48]}"
+        return os_reason(e)
     return data if data else "empty file (0 bytes)"
 
 

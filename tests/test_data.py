@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -292,3 +294,18 @@ def test_gpu_decode_is_chosen_only_on_cuda_and_refused_without_it(monkeypatch):
         assert runtime.choose_gpu_decode("auto", cuda) is works
     with pytest.raises(EmbedcacheError, match=r"no nvJPEG\); use --decode cpu or auto$"):
         runtime.choose_gpu_decode("gpu", cuda)
+
+
+def test_os_errors_on_one_file_become_reasons_not_a_stopped_run(tmp_path):
+    import os
+
+    good = make_image(tmp_path / "good.png", 0, 1)
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "dangling.jpg").symlink_to("nowhere.jpg")
+    os.mkfifo(tmp_path / "fifo.jpg")  # opening it would block forever
+    t = EvalTransform(resize=40, crop=32)
+    assert preprocess(good, t).shape == (32, 32, 3)
+    for name, reason in (("loop.jpg", "symlink loop"), ("dangling.jpg", "file not found"),
+                         ("fifo.jpg", "not a regular file"), ("x" * 300 + ".jpg", "name too long")):  # fmt: skip
+        with pytest.raises(UnreadableImage, match=f"^{reason}$"):
+            load_rgb(tmp_path / name)

@@ -396,3 +396,18 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
         assert c.identity.precision == "unrecorded"
     with pytest.raises(EmbedcacheError, match=r"precision fp32 vs unrecorded"):
         extract(tree, out=tmp_path / "fp32.h5", precision="fp32", **extract_kw)
+
+
+def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_path, extract_kw):
+    data = make_tree(tmp_path / "d", per_class=3)
+    (data / "train" / "cat" / "loop.jpg").symlink_to("loop.jpg")
+    (data / "train" / "cat" / "dangling.jpg").symlink_to("gone.jpg")
+    os.mkfifo(data / "val" / "dog" / "fifo.jpg")
+    r = extract(data, out=tmp_path / "c.h5", **extract_kw)
+    assert (r.images, r.skipped) == (12, 3)
+    with open_cache(tmp_path / "c.h5") as c:
+        assert {s.path: s.reason for s in c.skipped} == {
+            "train/cat/loop.jpg": "symlink loop",
+            "train/cat/dangling.jpg": "file not found",
+            "val/dog/fifo.jpg": "not a regular file",
+        }
