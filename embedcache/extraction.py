@@ -37,6 +37,7 @@ from .data import ImageSet, decoded_batches, gpu_decoded_batches, preprocess, sc
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
+from .locks import exclusive
 from .runtime import (
     Run,
     autocast_dtype,
@@ -240,10 +241,11 @@ def extract(
     cfg = ExtractConfig.build(config, **options)
     tune_allocator()
     out = Path(out)
-    with process_group(cfg.device) as group:
+    with process_group(cfg.device) as group, contextlib.ExitStack() as held:
         dev = group.device(cfg.device)
         bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
         amp = autocast_dtype(dev, cfg.precision, cpu_bf16=CPU_BF16_AUTO)
+        group.on_main(lambda: held.enter_context(exclusive(out, "extract")))  # one writer per --out
         mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb, precision_name(amp)))
         if mode == "up_to_date":
             return _result(out, 0, 0, 0.0, up_to_date=True)

@@ -12,6 +12,7 @@ best checkpoint, metrics and plots).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -35,6 +36,7 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .heads import Head, Standardize, init_template
+from .locks import exclusive
 from .runtime import (
     Run,
     autocast_dtype,
@@ -860,7 +862,10 @@ def finetune(
     cfg = FinetuneConfig.build(config, **options)
     tune_allocator()
     out = Path(out)
-    with process_group(cfg.device) as group:
+    with process_group(cfg.device) as group, contextlib.ExitStack() as held:
+        group.on_main(
+            lambda: held.enter_context(exclusive(out, "finetune"))
+        )  # one writer per --out
         say = (log or (lambda line: None)) if group.is_main else (lambda line: None)
         setup = group.each(lambda: _prepare(data, cfg, out, progress, group))
         say(_describe(setup))
