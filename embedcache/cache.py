@@ -51,7 +51,7 @@ from .data import SPLIT_ORDER, ImageSet, Sample
 from .errors import EmbedcacheError
 from .identity import CacheIdentity, FeatureIdentity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Fletcher-32 checksums on the arrays of finished caches
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
 COPY_ROWS = 65536  # rows copied at a time when reusing features
@@ -170,9 +170,39 @@ class Cache:
         """Image paths of a split, relative to the data root."""
         return list(self._group(split)["paths"].asstr()[:])
 
-    def features(self, split: str) -> h5py.Dataset:
-        """The on-disk features of a split, for reading in slices without loading it all."""
-        return self._group(split)["features"]
+    def features(self, split: str) -> CheckedFeatures:
+        """The on-disk features of a split, read in slices like the h5py dataset; a damaged
+        block or a non-finite value is an error naming the rows (see :class:`CheckedFeatures`)."""
+        return CheckedFeatures(self._group(split)["features"], self, split)
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether every split's features carry Fletcher-32 checksums (format 2, not virtual)."""
+        return all(self._group(s)["features"].fletcher32 for s in self.splits if self.num_images(s))  # fmt: skip
+
+    def _checksum_note(self) -> str:
+        if self.checksummed:
+            return "Fletcher-32 on every block, checked on every read"
+        if self.parts:
+            return "none (a virtual cache: its shard files carry none)"
+        return "none (a format 1 cache; re-extract with --overwrite to add them)"
+
+    def verify(self) -> list[str]:
+        """Read every block of every split; one line per damaged or non-finite block found."""
+        problems = []
+        for split in self.splits:
+            ds = self.features(split)
+            for lo in range(0, ds.shape[0], BLOCK_ROWS):
+                try:
+                    ds[lo : lo + BLOCK_ROWS]
+                except EmbedcacheError as e:
+                    problems.append(str(e))
+            for name in ("labels", "sizes", "mtimes"):
+                try:
+                    self._group(split)[name][:]
+                except OSError as e:
+                    problems.append(f"cache {self.path}: split {split}, {name} are damaged ({_short(e)})")  # fmt: skip
+        return problems
 
     def split(self, split: str) -> SplitData:
         """Load one split into memory."""
@@ -192,7 +222,7 @@ class Cache:
                 g,
                 samples,
                 index,
-                src["features"],
+                self.features(split),
                 np.full(n, DONE, np.uint8),
                 np.zeros(n, f"S{REASON_BYTES}"),
             )
@@ -232,6 +262,7 @@ class Cache:
             "file_bytes": self.path.stat().st_size,
             **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
             "storage": "virtual" if self.parts else "single file",
+            "checksums": self._checksum_note(),
             "parts": [str(p) for p in self.parts],
             "parts_bytes": sum(p.stat().st_size for p in self.parts),
             "classes": self.classes,
@@ -246,6 +277,53 @@ class Cache:
             },
             "skipped": [vars(s) for s in self.skipped],
         }
+
+
+def _short(e: OSError) -> str:
+    return str(e).split("(")[0].strip()[:80] or type(e).__name__
+
+
+class CheckedFeatures:
+    """A split's features on disk, sliced like the h5py dataset (``x[lo:hi]``, ``x[rows]``,
+    ``x[:]``), that never returns wrong numbers quietly: a block whose Fletcher-32 checksum
+    fails, or values that are not finite, raise an error naming the file, split and rows
+    (and the images of non-finite rows)."""
+
+    def __init__(self, ds: h5py.Dataset, cache: Cache, split: str):
+        self._ds, self._cache, self.split = ds, cache, split
+        self.shape, self.dtype = ds.shape, ds.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def is_virtual(self) -> bool:
+        return self._ds.is_virtual
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            x = self._ds[key]
+        except OSError as e:
+            rows = self._rows(key)
+            span = f"{rows.min()}-{rows.max()}" if rows.size else "none"
+            raise EmbedcacheError(
+                f"cache {self._cache.path} is damaged: split {self.split}, rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
+            ) from None
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            self._non_finite(self._rows(key), x)
+        return x
+
+    def _rows(self, key) -> np.ndarray:
+        """The row numbers ``key`` selects (only worked out when something is wrong)."""
+        return np.atleast_1d(np.arange(self.shape[0])[key[0] if isinstance(key, tuple) else key])
+
+    def _non_finite(self, rows: np.ndarray, x: np.ndarray) -> None:
+        bad = rows[~np.isfinite(x.reshape(len(rows), -1)).all(axis=1)]
+        paths = self._cache.paths(self.split)
+        named = ", ".join(f"{r} ({paths[r]})" for r in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise EmbedcacheError(
+            f"cache {self._cache.path} has non-finite features in split {self.split}: {len(bad)} row(s), {named}; re-extract them (--overwrite)"
+        )
 
 
 def _incomplete_error(path: Path, h5: h5py.File | None = None) -> EmbedcacheError:
@@ -397,6 +475,20 @@ def _early() -> h5py.h5p.PropDCID:
 
 def _rows_per_chunk(dim: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (dim * itemsize))
+
+
+def _features_dataset(g: h5py.Group, n: int, dim: int, dtype: np.dtype) -> h5py.Dataset:
+    """A finished cache's ``features``: chunks of about 1 MiB, each with a Fletcher-32 checksum
+    that HDF5 verifies on every read (format 2), allocated at creation."""
+    if not n:
+        return g.create_dataset("features", (0, dim), dtype=dtype)
+    chunks = (min(n, _rows_per_chunk(dim, dtype.itemsize)), dim)
+    return g.create_dataset("features", (n, dim), dtype=dtype, chunks=chunks, fletcher32=True, dcpl=_early())  # fmt: skip
+
+
+def _checked(g: h5py.Group, name: str, data: np.ndarray) -> None:
+    """A small array of a finished cache, checksummed like the features (when not empty)."""
+    g.create_dataset(name, data=data, fletcher32=len(data) > 0)
 
 
 def _write_rows(dst: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
@@ -615,9 +707,8 @@ class PartialCache:
         def layout(h5: h5py.File) -> None:
             _final_layout(h5, self, attrs, status, reasons)
             for split, ok in keep.items():
-                dim, dtype = self.h5[split]["features"].shape[1], self.h5[split]["features"].dtype
-                chunks = (min(len(ok), _rows_per_chunk(dim, dtype.itemsize)), dim) if len(ok) else None  # fmt: skip
-                h5[split].create_dataset("features", (len(ok), dim), dtype=dtype, chunks=chunks, dcpl=_early())  # fmt: skip
+                src = self.h5[split]["features"]
+                _features_dataset(h5[split], len(ok), src.shape[1], src.dtype)
 
         with _atomic_h5(out, layout) as h5:
             for split, ok in keep.items():
@@ -660,6 +751,7 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
     ``skipped`` group. ``status``/``reasons`` per split say which rows are done or skipped."""
     h5.attrs.update(dict(partial.h5.attrs))
     h5.attrs.update(attrs)
+    h5.attrs["format_version"] = FORMAT_VERSION  # whatever version began the partial file
     h5.attrs["complete"] = False
     skipped: dict[str, list] = {k: [] for k in ("split", "path", "reason", "size", "mtime")}
     for split in partial.splits:
@@ -668,7 +760,7 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         ok, bad = np.flatnonzero(st == DONE), np.flatnonzero(st == SKIPPED)
         dst = h5.create_group(split)
         for name in ("labels", "sizes", "mtimes"):
-            dst.create_dataset(name, data=src[name][:][ok])
+            _checked(dst, name, src[name][:][ok])
         paths = np.array(src["paths"].asstr()[:], dtype=object)
         dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
         skipped["split"] += [split] * len(bad)
@@ -887,12 +979,11 @@ def write_cache(
         for name, (_, labels, paths) in splits.items():
             n = len(labels)
             g = h5.create_group(name)
-            chunks = (min(n, _rows_per_chunk(dim, np.dtype(dtype).itemsize)), dim) if n else None
-            g.create_dataset("features", (n, dim), dtype=dtype, chunks=chunks, dcpl=_early())
-            g.create_dataset("labels", data=np.asarray(labels, np.int64))
+            _features_dataset(g, n, dim, np.dtype(dtype))
+            _checked(g, "labels", np.asarray(labels, np.int64))
             g.create_dataset("paths", data=list(paths), dtype=_STR)
-            g.create_dataset("sizes", data=np.full(n, -1, np.int64))
-            g.create_dataset("mtimes", data=np.full(n, -1, np.int64))
+            _checked(g, "sizes", np.full(n, -1, np.int64))
+            _checked(g, "mtimes", np.full(n, -1, np.int64))
         g = h5.create_group("skipped")
         for name in ("split", "path", "reason"):
             g.create_dataset(name, data=[], dtype=_STR)

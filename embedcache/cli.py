@@ -228,20 +228,29 @@ def extract(data, out, quiet, as_json, **values):
 @main.command()
 @click.argument("cache", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def info(cache, as_json):
+@click.option("--verify", is_flag=True, help="Read every block and check it (checksums, finite values); exit 1 if any is damaged.")  # fmt: skip
+def info(cache, as_json, verify):
     """Describe a cache: backbone, weights, splits, classes, skipped files.
 
     \b
     Example:
-      embedcache info cache.h5
+      embedcache info cache.h5 --verify
     """
     from .cache import open_cache
 
     with open_cache(cache) as c:
         s = c.summary()
+        if verify:
+            s["verify"] = c.verify()
     if as_json:
         _emit_json(s)
-        return
+    else:
+        _print_info(s)
+    if verify and s["verify"]:
+        sys.exit(1)
+
+
+def _print_info(s: dict) -> None:
     t = s["transform"]
     click.echo(
         f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, created {s.get('created', '?')})"
@@ -262,6 +271,12 @@ def info(cache, as_json):
     click.echo(f"skipped    {len(s['skipped'])}")
     for sk in s["skipped"][:10]:  # paths are relative to the data root: they name the split already
         click.echo(f"  {sk['path']}: {sk['reason']}")
+    click.echo(f"checksums  {s['checksums']}")
+    if "verify" in s:
+        rows = sum(sp["images"] for sp in s["splits"].values())
+        click.echo(f"verify     {len(s['verify'])} problem(s) in {rows} rows read" if s["verify"] else f"verify     every block of {rows} rows read back intact")  # fmt: skip
+        for line in s["verify"][:20]:
+            click.echo(f"  {line}")
 
 
 @main.command()

@@ -201,3 +201,52 @@ def test_memory_budget_is_the_given_bytes_or_half_the_available_memory(monkeypat
     assert memory_budget(123) == 123
     monkeypatch.setattr(cache_mod, "available_memory_bytes", lambda: 1000)
     assert memory_budget(None) == 500
+
+
+def _cache_with_blocks(tmp_path, rows=3000, dim=512):
+    """A finished cache of several checksummed chunks (features computed elsewhere)."""
+    from embedcache import write_cache
+    from embedcache.backbones import EvalTransform
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, dim)).astype(np.float16)
+    y = (x[:, 0] > 0).astype(np.int64)
+    splits = {s: (x, y, [f"{s}/{i}.jpg" for i in range(rows)]) for s in ("train", "val")}
+    return write_cache(tmp_path / "c.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=EvalTransform(resize=40, crop=32).to_json())  # fmt: skip
+
+
+def test_a_damaged_block_is_an_error_naming_the_rows_never_wrong_numbers(tmp_path):
+    from click.testing import CliRunner
+
+    from embedcache import train_head
+    from embedcache.cli import main
+
+    path = _cache_with_blocks(tmp_path)
+    with h5py.File(path) as h5:
+        info = h5["val"]["features"].id.get_chunk_info(1)  # the second block of val
+        rows_per_chunk = h5["val"]["features"].chunks[0]
+    with open(path, "r+b") as f:  # bit rot: 200 bytes in the middle of that block
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes(200))
+    lo, hi = rows_per_chunk, 2 * rows_per_chunk - 1
+    with pytest.raises(EmbedcacheError, match=rf"is damaged: split val, rows \d+-\d+ fail their checksum"):  # fmt: skip
+        train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
+    with open_cache(path) as c:
+        with pytest.raises(EmbedcacheError, match=rf"split val, rows {lo}-{hi} fail their checksum"):
+            c.features("val")[lo : hi + 1]
+        assert c.features("val")[:lo].shape == (lo, 512)  # the blocks around it still read
+    r = CliRunner().invoke(main, ["info", str(path), "--verify"])
+    assert r.exit_code == 1 and "verify     1 problem(s)" in r.output
+    assert "checksums  Fletcher-32 on every block" in r.output
+
+
+def test_non_finite_features_are_refused_naming_the_rows_and_images(tmp_path):
+    from embedcache import train_head
+
+    path = _cache_with_blocks(tmp_path)
+    with h5py.File(path, "r+") as h5:
+        h5["train"]["features"][7, 3] = np.nan  # written through HDF5: the checksum is right
+        h5["train"]["features"][9, 0] = np.inf
+    with pytest.raises(EmbedcacheError, match=r"non-finite features in split train: 2 row\(s\), 7 \(train/7.jpg\), 9 \(train/9.jpg\); re-extract"):  # fmt: skip
+        train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
+    assert not (tmp_path / "h.pt").exists()
