@@ -7,9 +7,13 @@ the library, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -26,18 +30,48 @@ RESUME_HINTS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's preemption, a closed terminal): unwinds like Ctrl-C, so
+    the partial work is flushed and closed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the body runs."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {n: signal.signal(getattr(signal, n), _terminate) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+
+
 class _Group(click.Group):
     """Turns expected mistakes into one line on stderr and exit code 1 (no traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _stop_signals():
+                return super().invoke(ctx)
         except EmbedcacheError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
-            click.echo(f"interrupted; {hint}" if hint else "interrupted", err=True)
-            sys.exit(130)
+            what = f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, Terminated) else "interrupted"  # fmt: skip
+            click.echo(f"{what}; {hint}" if hint else what, err=True)
+            sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
 
 
 @click.group(

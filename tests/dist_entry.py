@@ -2,7 +2,9 @@
 
 EMBEDCACHE_TEST_FAIL_RANK=R makes rank R fail; EMBEDCACHE_TEST_FAIL_HOW says how:
 ``kill`` SIGKILLs the process after it wrote EMBEDCACHE_TEST_FAIL_AFTER batches of its shard (a
-rank lost mid-run); ``kill-after-epoch`` after it saved that many fine-tuning states;
+rank lost mid-run), ``kill-partial`` of the in-progress file (one process);
+``kill-after-epoch`` after it saved that many fine-tuning states;
+EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP);
 ``refuse`` makes building the backbone raise an expected error (a bad argument seen by that
 rank only).
 """
@@ -20,18 +22,21 @@ def _inject() -> None:
     if rank is None or rank != os.environ.get("RANK"):
         return
     how = os.environ["EMBEDCACHE_TEST_FAIL_HOW"]
-    if how in ("kill", "kill-after-epoch"):
-        owner, name = (
-            (cache.ShardFile, "write") if how == "kill" else (checkpoint.FinetuneState, "save")
-        )
+    if how in ("kill", "kill-partial", "kill-after-epoch"):
+        owner, name = {
+            "kill": (cache.ShardFile, "write"),
+            "kill-partial": (cache.PartialCache, "write"),  # one process writes there
+            "kill-after-epoch": (checkpoint.FinetuneState, "save"),
+        }[how]
         after = int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1"))
+        sig = getattr(signal, os.environ.get("EMBEDCACHE_TEST_FAIL_SIGNAL", "SIGKILL"))
         original, done = getattr(owner, name), []
 
         def then_die(self, *args):
             result = original(self, *args)
             done.append(1)
             if len(done) >= after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return result
 
         setattr(owner, name, then_die)

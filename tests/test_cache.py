@@ -229,10 +229,12 @@ def test_a_damaged_block_is_an_error_naming_the_rows_never_wrong_numbers(tmp_pat
         f.seek(info.byte_offset + info.size // 2)
         f.write(bytes(200))
     lo, hi = rows_per_chunk, 2 * rows_per_chunk - 1
-    with pytest.raises(EmbedcacheError, match=rf"is damaged: split val, rows \d+-\d+ fail their checksum"):  # fmt: skip
+    with pytest.raises(EmbedcacheError, match=r"is damaged: split val, rows \d+-\d+ fail their checksum"):  # fmt: skip
         train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
     with open_cache(path) as c:
-        with pytest.raises(EmbedcacheError, match=rf"split val, rows {lo}-{hi} fail their checksum"):
+        with pytest.raises(
+            EmbedcacheError, match=rf"split val, rows {lo}-{hi} fail their checksum"
+        ):
             c.features("val")[lo : hi + 1]
         assert c.features("val")[:lo].shape == (lo, 512)  # the blocks around it still read
     r = CliRunner().invoke(main, ["info", str(path), "--verify"])

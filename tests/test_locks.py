@@ -55,14 +55,16 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_a_killed_holder_leav
 
 def test_finetune_takes_the_lock_on_its_output(tmp_path, extract_kw):
     data = make_tree(tmp_path / "d", per_class=2)
-    with exclusive(tmp_path / "m.pt", "finetune"):
-        with pytest.raises(EmbedcacheError, match=rf"another `embedcache finetune` \(pid {os.getpid()}\) is writing {tmp_path / 'm.pt'}"):  # fmt: skip
-            finetune(data, out=tmp_path / "m.pt", epochs=1, **{k: v for k, v in extract_kw.items() if k != "batch_size"})  # fmt: skip
+    held = rf"another `embedcache finetune` \(pid {os.getpid()}\) is writing {tmp_path / 'm.pt'}"
+    with exclusive(tmp_path / "m.pt", "finetune"), pytest.raises(EmbedcacheError, match=held):
+        finetune(data, out=tmp_path / "m.pt", epochs=1, **{k: v for k, v in extract_kw.items() if k != "batch_size"})  # fmt: skip
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_the_lock_is_refused_in_an_unwritable_place(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(EmbedcacheError, match=r"^cannot write next to --out .*file/c.h5 \(File exists\); choose a writable location$"):  # fmt: skip
-        with exclusive(tmp_path / "file" / "c.h5", "extract"):
-            pass
+    refused = (
+        r"^cannot write next to --out .*file/c.h5 \(File exists\); choose a writable location$"
+    )
+    with pytest.raises(EmbedcacheError, match=refused), exclusive(tmp_path / "file" / "c.h5", "extract"):  # fmt: skip
+        pass
