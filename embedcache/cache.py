@@ -304,7 +304,7 @@ class CheckedFeatures:
         try:
             x = self._ds[key]
         except OSError as e:
-            rows = self._rows(key)
+            rows = self._damaged(self._rows(key))
             span = f"{rows.min()}-{rows.max()}" if rows.size else "none"
             raise EmbedcacheError(
                 f"cache {self._cache.path} is damaged: split {self.split}, rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
@@ -312,6 +312,18 @@ class CheckedFeatures:
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             self._non_finite(self._rows(key), x)
         return x
+
+    def _damaged(self, rows: np.ndarray) -> np.ndarray:
+        """Of ``rows``, those of the first block that fails to read (all of them if none does
+        alone), so that the message names the damaged block, not the whole read."""
+        step = (self._ds.chunks or (len(rows),))[0]
+        for lo in range(0, len(rows), max(1, step)):
+            part = rows[lo : lo + step]
+            try:
+                self._ds[int(part.min()) : int(part.max()) + 1]
+            except OSError:
+                return part
+        return rows
 
     def _rows(self, key) -> np.ndarray:
         """The row numbers ``key`` selects (only worked out when something is wrong)."""
@@ -419,6 +431,12 @@ def disk_errors(out: Path) -> Iterator[None]:
             raise EmbedcacheError(
                 f"no space left on the device while writing {out} (progress is kept in {partial_path(out).name}); "
                 "free some space and re-run the same command to resume"
+            ) from None
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e).split("(")[0].strip() or type(e).__name__
+            raise EmbedcacheError(
+                f"cannot write {out} ({reason[:80]}; progress is kept in {partial_path(out).name}); "
+                "check the disk and re-run the same command to resume"
             ) from None
         raise
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import pickle
 import re
@@ -26,6 +27,7 @@ from .identity import FeatureIdentity
 HEAD_FORMAT = "embedcache.head"
 MODEL_FORMAT = "embedcache.model"
 STATE_FORMAT = "embedcache.finetune-state"
+DIGEST_KEY = "sha256"  # written by save_checkpoint (checkpoints from before have none)
 FORMAT_VERSION = 1
 
 # Exact types: subclasses (numpy scalars are float subclasses, defaultdict a dict subclass)
@@ -53,9 +55,42 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
     )
 
 
+def _digest(obj, h=None) -> str:
+    """SHA-256 over every key, value and tensor byte of a plain checkpoint dict, in key order."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, list | tuple):
+        h.update(b"L")
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
+def _check_digest(obj: dict, path: Path) -> None:
+    """Refuse a checkpoint whose contents no longer match the digest written with them."""
+    recorded = obj.pop(DIGEST_KEY, None)
+    if recorded is not None and recorded != _digest(obj):
+        raise EmbedcacheError(
+            f"checkpoint {path} is damaged (its contents do not match their SHA-256); re-create it"
+        )
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """Write ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``obj`` to ``path`` atomically (temporary file, fsync, rename), with a SHA-256 of
+    its contents that :func:`load_checkpoint` checks, so a damaged byte is an error."""
     _check_plain(obj)
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}  # a re-saved checkpoint's old one
+    obj = {**body, DIGEST_KEY: _digest(body)}
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +133,8 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
         raise EmbedcacheError(
             f"{path} is not a readable checkpoint ({first}); it may be truncated or damaged"
         ) from None
+    if isinstance(obj, dict):
+        _check_digest(obj, path)
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise EmbedcacheError(

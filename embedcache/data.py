@@ -163,10 +163,25 @@ def _stat_sample(root: Path, path: Path, label: int) -> Sample:
 
 
 def _walk_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
-    """All image files below ``folder`` (recursively), sorted; other files go to ``ignored``."""
-    found = []
+    """All image files below ``folder`` (recursively), sorted; other files go to ``ignored``.
+
+    Linked folders are followed once each (a link to a parent would loop); a folder named
+    like an image is listed as one, so that reading it skips it with a reason."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found += [Path(dirpath) / d for d in sorted(dirnames) if _is_image(Path(d))]
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not _is_image(Path(d))
+        )
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if _is_image(p):

@@ -1,0 +1,354 @@
+"""Fault injection: bad input, kills at random points, damaged caches, failing writes.
+
+Small data and a tiny random-init backbone; every case asserts what the user would see.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from embedcache import extract, open_cache
+from embedcache.data import scan
+
+KW = {"backbone": "resnet18", "weights": "none", "image_size": 32, "batch_size": 1, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+
+
+def _png_with_bad_crc() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    idat = data.index(b"IDAT")
+    data[idat + 8] ^= 0xFF  # a byte of the compressed data: the chunk's CRC no longer matches
+    return bytes(data)
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels and carries one byte of image data."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"x") + chunk(b"IEND", b"")
+
+
+def _bad(folder: Path) -> dict[str, str]:
+    """Write the unreadable kinds into ``folder``; returns {file name: the reason expected}."""
+    good = make_image(folder.parent / "tmp_good.jpg", 0, 5, size=(64, 48), fmt="JPEG").read_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (30, 30)).save(png, "PNG")
+    files = {
+        "zero.jpg": b"", "cut.jpg": good[: len(good) // 2], "cut.png": png.getvalue()[:60],
+        "text.jpg": b"just some words\n", "badcrc.png": _png_with_bad_crc(),
+        "hugeheader.png": _png_header_only(60000, 60000), "tinybody.png": _png_header_only(300, 300),
+        "header.jpg": good[:20], "random.webp": os.urandom(500),
+    }  # fmt: skip
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "loop.jpg").symlink_to("loop.jpg")
+    (folder / "dangling.jpg").symlink_to("nowhere.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "dir.jpg").mkdir()
+    bomb = folder / "bomb.png"  # 13,000 x 13,000: above PIL's limit, a few kB on disk
+    Image.new("1", (13000, 13000)).save(bomb)
+    reasons = {
+        "zero.jpg": "empty file (0 bytes)", "cut.jpg": "truncated image", "cut.png": None,
+        "text.jpg": "not an image (unrecognised format)", "badcrc.png": None, "hugeheader.png": None,
+        "tinybody.png": None, "header.jpg": None, "random.webp": "not an image (unrecognised format)",
+        "loop.jpg": "symlink loop", "dangling.jpg": "file not found", "fifo.jpg": "not a regular file",
+        "dir.jpg": "not a regular file", "bomb.png": "image too large (decompression bomb guard)",
+    }  # fmt: skip
+    return reasons  # None: any reason will do, as long as the file is listed
+
+
+def _odd_but_valid(folder: Path) -> list[str]:
+    """Images that are unusual but readable: they must be extracted, not skipped."""
+    rgb = np.random.default_rng(3).integers(0, 255, (40, 50, 3), np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(folder / "sixteen.png")  # fmt: skip
+    pal = Image.fromarray(rgb).convert("P")
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png", transparency=0)
+    Image.fromarray(rgb).convert("LA").save(folder / "la.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "one.png")
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb).save(folder / "ünïcødé 猫.png")
+    Image.fromarray(rgb).save(folder / "new\nline.png")
+    (folder / "trailing.jpg").write_bytes(make_image(folder / "trailing.jpg", 1, 8, fmt="JPEG").read_bytes() + b"garbage")  # fmt: skip
+    return ["cmyk.jpg", "sixteen.png", "palette.png", "la.png", "one.png", "anim.gif", "rotated.jpg",
+            "ünïcødé 猫.png", "new\nline.png", "trailing.jpg"]  # fmt: skip
+
+
+def _good(folder: Path) -> None:
+    for i in range(3):
+        make_image(folder / f"g{i}.png", 0 if "cat" in folder.name else 1, i + (10 if "cat" in folder.name else 20))  # fmt: skip
+
+
+def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_features_alone(tmp_path, monkeypatch):  # fmt: skip
+    mixed, clean = tmp_path / "mixed", tmp_path / "clean"
+    for root in (mixed, clean):
+        for cls in ("cat", "dog"):
+            (root / cls).mkdir(parents=True)
+            _good(root / cls)
+        _odd_but_valid(root / "dog")
+    expected = _bad(mixed / "cat")
+    (mixed / "dog" / "gone.png").write_bytes((mixed / "dog" / "g0.png").read_bytes())
+    real_scan = scan
+
+    def scan_then_delete(*args, **kwargs):  # a file removed between the scan and the read
+        images = real_scan(*args, **kwargs)
+        (mixed / "dog" / "gone.png").unlink(missing_ok=True)
+        return images
+
+    monkeypatch.setattr("embedcache.extraction.scan", scan_then_delete)
+    r = extract(mixed, out=tmp_path / "mixed.h5", **KW)
+    monkeypatch.setattr("embedcache.extraction.scan", real_scan)
+    extract(clean, out=tmp_path / "clean.h5", **KW)
+    with open_cache(tmp_path / "mixed.h5") as c:
+        skipped = {Path(s.path).name: s.reason for s in c.skipped}
+        mixed_rows = {p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)}  # fmt: skip
+    assert set(skipped) == {*expected, "gone.png"} and r.skipped == len(expected) + 1
+    assert len(expected) + 1 >= 15  # kinds of unreadable input (and 10 odd but valid ones below)
+    for name, reason in expected.items():
+        assert reason is None or skipped[name] == reason, name
+        assert skipped[name], name
+    assert skipped["gone.png"] == "file not found"
+    with open_cache(tmp_path / "clean.h5") as c:
+        clean_rows = {p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)}  # fmt: skip
+    assert len(clean_rows) == 6 + 10 and mixed_rows.keys() == clean_rows.keys()
+    for path, f in clean_rows.items():
+        assert np.array_equal(mixed_rows[path], f), path  # the bad files changed nothing
+
+
+ENTRY = Path(__file__).with_name("dist_entry.py")
+CLI_KW = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+
+
+def _cli(args: list[str], cwd: Path, **env):
+    import subprocess
+    import sys
+
+    full = {
+        **os.environ,
+        "RANK": "0",
+        "EMBEDCACHE_TEST_FAIL_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    return subprocess.run([sys.executable, str(ENTRY), *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_sigkill_at_ten_random_points_then_resume_gives_the_uninterrupted_cache(tmp_path):
+    """Each run is SIGKILLed at a seeded random HDF5 flush or rename (between a batch's features
+    and its status, inside the final write, before the rename ...); the next run resumes it."""
+    import torch
+    from conftest import make_tree
+
+    data = make_tree(tmp_path / "d", per_class=4)  # 16 images, 8 batches of 2
+    out = tmp_path / "c.h5"
+    rng = np.random.default_rng(12)
+    points = rng.integers(1, 5, size=10).tolist()
+    codes = []
+    for point in points:
+        r = _cli(["extract", str(data), "--out", "c.h5", *CLI_KW], tmp_path, EMBEDCACHE_TEST_FAIL_HOW="kill-io", EMBEDCACHE_TEST_FAIL_AFTER=str(point))  # fmt: skip
+        assert r.returncode in (0, -9), r.stderr[-2000:]
+        codes.append(r.returncode)
+        if out.exists():  # a file with the output's name is always a complete cache
+            with open_cache(out) as c:
+                assert sum(c.num_images(s) for s in c.splits) == 16
+    assert codes == [-9] * 10, (points, codes)  # every run was killed somewhere
+    final = _cli(["extract", str(data), "--out", "c.h5", *CLI_KW], tmp_path, EMBEDCACHE_TEST_FAIL_HOW="none")  # fmt: skip
+    assert final.returncode == 0, final.stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(data, out=tmp_path / "ref.h5", **{**KW, "batch_size": 2})
+    finally:
+        torch.set_num_threads(threads)
+    with open_cache(out) as a, open_cache(tmp_path / "ref.h5") as b:
+        for s in ("train", "val"):
+            assert a.paths(s) == b.paths(s) and np.array_equal(
+                a.features(s)[:], b.features(s)[:]
+            ), s
+    assert not list(tmp_path.glob("c.h5.*"))  # no partial, shard, lock or temporary file left
+
+
+def test_fifty_random_corruptions_of_a_cache_read_back_identical_or_fail_clearly(tmp_path):
+    import shutil
+
+    from embedcache import train_head, write_cache
+    from embedcache.backbones import EvalTransform
+    from embedcache.errors import EmbedcacheError
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 256)).astype(np.float16)
+    y = (x[:, 0] > 0).astype(np.int64)
+    splits = {s: (x, y, [f"{s}/{i}.jpg" for i in range(3000)]) for s in ("train", "val")}
+    good = write_cache(tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=EvalTransform(resize=40, crop=32).to_json())  # fmt: skip
+    size = good.stat().st_size
+    outcomes = {"identical": 0, "refused": 0}
+    trained_on_damaged = 0
+    for i in range(50):
+        bad = tmp_path / f"bad{i}.h5"
+        shutil.copyfile(good, bad)
+        start, length = int(rng.integers(0, size - 1)), int(rng.integers(1, 2000))
+        with open(bad, "r+b") as f:
+            f.seek(start)
+            f.write(rng.integers(0, 256, min(length, size - start), np.uint8).tobytes())
+        try:
+            with open_cache(bad) as c:
+                for s in ("train", "val"):
+                    assert np.array_equal(c.features(s)[:], x) and np.array_equal(c.labels(s), y)
+            outcomes["identical"] += 1
+        except EmbedcacheError:
+            outcomes["refused"] += 1
+            if trained_on_damaged < 5:  # train-head goes through the same reads: it refuses too
+                trained_on_damaged += 1
+                with pytest.raises(EmbedcacheError):
+                    train_head(bad, out=tmp_path / f"h{i}.pt", epochs=1, progress=False)
+        bad.unlink()
+    assert sum(outcomes.values()) == 50 and outcomes["refused"] >= 25, (
+        outcomes
+    )  # most bytes are features
+
+
+class _FailAt:
+    """Patch callables so that the k-th call among them raises OSError(err) instead of writing."""
+
+    def __init__(self, monkeypatch, targets: list[tuple[object, str]]):
+        self.calls, self.fail_at, self.err = 0, None, None
+        for owner, name in targets:
+            original = getattr(owner, name)
+
+            def wrapped(*args, _original=original, **kwargs):
+                self.calls += 1
+                if self.calls == self.fail_at:
+                    raise OSError(self.err, os.strerror(self.err))
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, wrapped)
+
+    def arm(self, k: int | None, err: int | None = None) -> None:
+        self.calls, self.fail_at, self.err = 0, k, err
+
+
+def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_path, monkeypatch):
+    import errno
+
+    import h5py
+    from conftest import make_tree
+
+    from embedcache.backbones import build_backbone
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", per_class=1)
+    kw = {**KW, "batch_size": 2, "model": build_backbone("resnet18", weights="none", image_size=32)}  # fmt: skip
+    extract(data, out=tmp_path / "ref.h5", **kw)
+    fail = _FailAt(monkeypatch, [(h5py.Dataset, "__setitem__"), (h5py.Group, "create_dataset"), (h5py.AttributeManager, "modify")])  # fmt: skip
+    fail.arm(None)
+    extract(data, out=tmp_path / "count.h5", **kw)
+    writes = fail.calls
+    assert writes >= 20
+    for k in range(1, writes + 1):
+        for err in (errno.ENOSPC, errno.EIO):
+            out = tmp_path / f"c{k}-{err}.h5"
+            fail.arm(k, err)
+            with pytest.raises(EmbedcacheError, match=r"(no space left on the device while writing|cannot write) .*re-run the same command to resume"):  # fmt: skip
+                extract(data, out=out, **kw)
+            assert not out.exists()  # nothing half-written looks finished
+            fail.arm(None)
+            extract(data, out=out, **kw)  # resume
+            with open_cache(out) as a, open_cache(tmp_path / "ref.h5") as b:
+                for s in ("train", "val"):
+                    assert np.array_equal(a.features(s)[:], b.features(s)[:]), (k, err)
+
+
+def test_enospc_and_eio_at_each_checkpoint_write_fail_cleanly_and_resume(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+    from conftest import make_tree
+
+    from embedcache import finetune, train_head
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", per_class=3)
+    extract(data, out=tmp_path / "c.h5", **KW)
+    fail = _FailAt(monkeypatch, [(torch, "save")])
+    ft = {k: v for k, v in KW.items() if k != "batch_size"} | {"epochs": 2, "augment": "none", "batch_size": 4}  # fmt: skip
+    runs = {
+        "head": lambda out, resume: train_head(
+            tmp_path / "c.h5", out=out, epochs=3, progress=False
+        ),
+        "model": lambda out, resume: finetune(data, out=out, resume=resume, **ft),
+    }
+    for name, run in runs.items():
+        fail.arm(None)
+        run(tmp_path / f"count-{name}.pt", False)
+        saves = fail.calls
+        assert saves >= (1 if name == "head" else 4), (
+            name,
+            saves,
+        )  # finetune: best and last, per epoch
+        for k in range(1, saves + 1):
+            # finetune runs cost a second each: there each write gets one of the two errors
+            errs = (
+                (errno.ENOSPC, errno.EIO) if name == "head" else ((errno.ENOSPC, errno.EIO)[k % 2],)
+            )
+            for err in errs:
+                out = tmp_path / f"{name}{k}-{err}.pt"
+                fail.arm(k, err)
+                with pytest.raises(EmbedcacheError, match=rf"cannot write .*{name}{k}-{err}"):
+                    run(out, False)
+                fail.arm(None)
+                run(out, out.with_suffix(".last.pt").exists())  # resume where a state was kept
+                assert out.exists(), (name, k, err)
+                assert not list(tmp_path.glob("*.tmp"))  # no temporary file left behind
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_or_reads_back_the_same(tmp_path):
+    """Twenty seeded single-byte flips of a head checkpoint: each one is refused with one
+    clear line (a damaged zip, or contents that no longer match their SHA-256), or loads
+    exactly what was saved (a flip in bytes torch never reads)."""
+    import torch
+    from conftest import make_tree
+
+    from embedcache import load_head, train_head
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", per_class=3)
+    extract(data, out=tmp_path / "c.h5", **KW)
+    train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=2, progress=False)
+    good = (tmp_path / "h.pt").read_bytes()
+    ref = load_head(tmp_path / "h.pt")[0].state_dict()
+    rng = np.random.default_rng(3)
+    refused = 0
+    for i in range(20):
+        flipped = bytearray(good)
+        at = int(rng.integers(0, len(good)))
+        flipped[at] ^= 1 << int(rng.integers(0, 8))
+        (tmp_path / f"f{i}.pt").write_bytes(bytes(flipped))
+        try:
+            state = load_head(tmp_path / f"f{i}.pt")[0].state_dict()
+        except EmbedcacheError as e:
+            assert "\n" not in str(e) and f"f{i}.pt" in str(e)
+            refused += 1
+            continue
+        assert all(torch.equal(state[k], ref[k]) for k in ref), at  # never altered weights
+    data_bytes = sum(v.numel() * v.element_size() for v in ref.values())
+    assert refused >= 20 * data_bytes / len(good) / 2  # flips in the weights' bytes are caught
