@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import embedcache.runtime as runtime_mod
 from embedcache.errors import EmbedcacheError
-from embedcache.runtime import Run, autocast_dtype, resolve_device, seeded
+from embedcache.runtime import Run, autocast_dtype, read_ahead, resolve_device, seeded
 
 CPU = torch.device("cpu")
 
@@ -84,3 +85,15 @@ def test_amp_is_a_no_op_without_an_autocast_dtype():
         assert torch.is_autocast_enabled("cpu")
         assert (a @ b).dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    "device, threads, cores, expected",
+    [("cpu", 2, 2, False), ("cpu", 1, 2, True), ("cpu", 4, 4, False), ("cuda", 2, 2, True)],
+)
+def test_streamed_features_are_read_ahead_beside_a_gpu_or_a_free_core(
+    monkeypatch, device, threads, cores, expected
+):
+    monkeypatch.setattr(runtime_mod.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(runtime_mod, "_cores", lambda: cores)
+    assert read_ahead(torch.device(device)) is expected
