@@ -18,7 +18,7 @@ from .config import HeadConfig
 from .data import holdout, holdout_note
 from .errors import EmbedcacheError
 from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
-from .runtime import resolve_device, seeded
+from .runtime import read_ahead, resolve_device, seeded
 
 FULL_BATCH_BYTES = 64 << 20  # train features up to this size (as float32) go in one batch
 STREAM_BATCH = 1024  # batch size when the features are larger than that
@@ -114,9 +114,20 @@ def _splits(cache: Cache, cfg: HeadConfig) -> tuple[Rows, Rows, str]:
 # The torch heads (linear, mlp): a sweep trained in one pass per epoch
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``a`` on ``device`` in one copy: on a GPU from pinned memory, without waiting for it.
+
+    On the CPU the tensor shares ``a``'s memory (no copy at all).
+    """
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _standardize(x: np.ndarray, norm: Standardize, device) -> torch.Tensor:
     """(x - mean) / std as Standardize computes it, in one new tensor."""
-    return torch.from_numpy(x).to(device).sub(norm.mean).div_(norm.std)
+    return _to_device(x, device).sub(norm.mean).div_(norm.std)
 
 
 def _per_head_loss(z: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -197,7 +208,7 @@ def _evaluate(sweep: _Sweep, val: Rows, device, label_smoothing: float):
     sweep.heads.eval()
     with torch.no_grad():
         for pos, x in val.blocks():
-            y = torch.from_numpy(val.labels[pos]).to(device)
+            y = _to_device(val.labels[pos], device)
             z = sweep.heads(_standardize(x, sweep.norm, device))  # (H, B, C)
             losses = losses + _per_head_loss(z, y, label_smoothing).sum(1)
             correct = correct + (z.argmax(-1) == y).sum(1)
@@ -214,7 +225,7 @@ def _train_epoch(sweep: _Sweep, train: Rows, cfg: HeadConfig, batch_size: int, d
         cfg.seed * 1_000_003 + sweep.epoch, device
     ):  # dropout: the same per epoch, resumed or not
         for xb, yb in train.batches(batch_size, rng):
-            y = torch.from_numpy(yb).to(device)
+            y = _to_device(yb, device)
             z = sweep.heads(_standardize(xb, sweep.norm, device))
             loss = _per_head_loss(z, y, cfg.label_smoothing)
             sweep.opt.zero_grad()
@@ -452,6 +463,7 @@ def _fit(
     """The head of ``cfg.head`` trained on ``train``: (module, metrics, state for --resume or None)."""
     if cfg.head in ("linear", "mlp"):
         dev = resolve_device(cfg.device)
+        train.read_ahead = val.read_ahead = read_ahead(dev)
         return _train_torch(
             train,
             val,

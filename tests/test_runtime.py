@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+import embedcache.runtime as runtime_mod
 from embedcache.errors import EmbedcacheError
-from embedcache.runtime import Run, autocast_dtype, resolve_device, seeded
+from embedcache.runtime import Run, autocast_dtype, read_ahead, resolve_device, seeded
 
 CPU = torch.device("cpu")
 
@@ -143,3 +144,15 @@ def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_in_new_page
     # zeroes fresh pages every time (fewer faults with huge pages, still some per buffer);
     # tuned, the freed pages are reused
     assert default_faults >= 20 * 100 and faults < default_faults / 10
+
+
+@pytest.mark.parametrize(
+    "device, threads, cores, expected",
+    [("cpu", 2, 2, False), ("cpu", 1, 2, True), ("cpu", 4, 4, False), ("cuda", 2, 2, True)],
+)
+def test_streamed_features_are_read_ahead_beside_a_gpu_or_a_free_core(
+    monkeypatch, device, threads, cores, expected
+):
+    monkeypatch.setattr(runtime_mod.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(runtime_mod, "_cores", lambda: cores)
+    assert read_ahead(torch.device(device)) is expected

@@ -6,9 +6,10 @@ import torch
 from conftest import blobs
 
 import embedcache.cache as cache_mod
+import embedcache.train as train_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
-from embedcache.train import load_head
+from embedcache.train import _to_device, load_head
 
 FAST = {"device": "cpu", "progress": False}
 
@@ -122,6 +123,27 @@ def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, mo
     assert streamed.metrics["history"] == memory.metrics["history"]
     for k, v in memory.head.state_dict().items():
         assert torch.equal(v, streamed.head.state_dict()[k]), k
+
+
+def test_streamed_training_reads_ahead_as_the_runtime_decides(blob_cache, monkeypatch):
+    seen = []
+    real = cache_mod.Rows.batches
+
+    def batches(self, *a):
+        seen.append(self.read_ahead)
+        return real(self, *a)
+
+    monkeypatch.setattr(cache_mod.Rows, "batches", batches)
+    for decided in (True, False):
+        monkeypatch.setattr(train_mod, "read_ahead", lambda device, d=decided: d)
+        train_head(blob_cache, max_memory=1000, epochs=1, **FAST)
+    assert seen == [True, False]
+
+
+def test_features_reach_the_cpu_without_a_copy():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    t = _to_device(a, torch.device("cpu"))
+    assert np.shares_memory(t.numpy(), a) and not t.is_pinned()
 
 
 def test_resume_continues_as_if_never_stopped(blob_cache, tmp_path):
