@@ -4,8 +4,7 @@ EMBEDCACHE_TEST_FAIL_RANK=R makes rank R fail; EMBEDCACHE_TEST_FAIL_HOW says how
 ``kill`` SIGKILLs the process after it wrote EMBEDCACHE_TEST_FAIL_AFTER batches of its shard (a
 rank lost mid-run), ``kill-partial`` of the in-progress file (one process);
 ``kill-after-epoch`` after it saved that many fine-tuning states;
-EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP); ``kill-io``
-SIGKILLs at the AFTER-th HDF5 flush or file rename (a kill anywhere in the write path);
+EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP);
 ``refuse`` makes building the backbone raise an expected error (a bad argument seen by that
 rank only).
 """
@@ -41,26 +40,6 @@ def _inject() -> None:
             return result
 
         setattr(owner, name, then_die)
-    elif how == "kill-io":  # SIGKILL at the AFTER-th flush of an HDF5 file or rename of a file
-        import h5py
-
-        after, count = int(os.environ["EMBEDCACHE_TEST_FAIL_AFTER"]), []
-        flush, replace = h5py.File.flush, os.replace
-
-        def tick() -> None:
-            count.append(1)
-            if len(count) >= after:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        def flush_then_die(self):
-            flush(self)
-            tick()
-
-        def die_then_replace(*args, **kwargs):
-            tick()
-            return replace(*args, **kwargs)
-
-        h5py.File.flush, os.replace = flush_then_die, die_then_replace
     elif how == "refuse":
 
         def refuse(*args, **kwargs):
