@@ -7,7 +7,11 @@
 on uint8 images already decoded and resized (normalised on the fly, as extract does).
 (b) runs the public API end to end (decode in workers, forward, write HDF5, finalise).
 (c) is what the transfer-learning tutorials write: torchvision ImageFolder with the
-weights' transforms, DataLoader with no workers, fp32 NCHW, torch.no_grad.
+weights' transforms, DataLoader with no workers, fp32 NCHW, torch.no_grad, run in a
+process of its own with glibc's default allocator (as the tutorial runs).
+(a0) is (a) in such a process too: what the allocator tuning (runtime.tune_allocator)
+gains. (a) and (b) run in this process with the allocator tuned, as extract runs;
+(a-bf16) is (a) under bf16 autocast.
 Rounds alternate the three so that machine noise hits all of them alike; the median
 round of each is reported.
 """
@@ -26,16 +30,25 @@ from common import save
 from embedcache import build_backbone, extract, scan
 from embedcache.backbones import Normalise
 from embedcache.data import preprocess
-from embedcache.runtime import default_batch_size, default_num_workers, resolve_device
+from embedcache.extraction import CPU_BF16_AUTO
+from embedcache.runtime import (
+    autocast_dtype,
+    default_batch_size,
+    default_num_workers,
+    precision_name,
+    resolve_device,
+    tune_allocator,
+)
 
 
-def forward_only(bb, images: torch.Tensor, batch_size: int, device, channels_last: bool) -> float:
-    """Images/s of the backbone alone on pre-decoded uint8 images."""
+def forward_only(bb, images: torch.Tensor, batch_size: int, device, channels_last: bool, amp=None) -> float:  # fmt: skip
+    """Images/s of the backbone alone on pre-decoded uint8 images (under autocast ``amp``)."""
     net = bb.net.to(device).eval()
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     norm = Normalise(bb.transform).to(device)
     batches = [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
-    with torch.inference_mode():
+    auto = torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None)
+    with torch.inference_mode(), auto:
         net(
             norm(batches[0]) if channels_last else norm(batches[0]).contiguous()
         )  # warm-up (oneDNN plans)
@@ -102,9 +115,39 @@ def tutorial(data: Path, bb, batch_size: int, device) -> float:
     return n / (time.perf_counter() - start)
 
 
+def in_own_process(what: str, args) -> float:
+    """Images/s of ``what`` (tutorial or forward) run by this script in a fresh process, with
+    glibc's default allocator: nothing this process did (tuning, warm caches) carries over."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, str(args.data), "--only", what, "--backbone", args.backbone,
+           "--weights", args.weights, "--batch-size", str(args.batch_size), "--device", args.device,
+           "--tutorial-batch-size", str(args.tutorial_batch_size)]  # fmt: skip
+    env = {**os.environ, "EMBEDCACHE_MALLOC": "default"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, check=True)
+    return float(r.stdout.split()[-1])
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _rounds(args, bb, decoded, files, device) -> dict[str, list[float]]:
+    """Every measurement once per round, rounds alternating, so drift hits all alike."""
+    rows: dict[str, list[float]] = {k: [] for k in ("forward_default_alloc", "forward_nchw", "forward_channels_last", "forward_bf16", "decode", "extract", "tutorial")}  # fmt: skip
+    for r in range(args.rounds):
+        rows["forward_default_alloc"].append(in_own_process("forward", args))
+        rows["forward_nchw"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=False))  # fmt: skip
+        rows["forward_channels_last"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=True))  # fmt: skip
+        rows["forward_bf16"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=True, amp=torch.bfloat16))  # fmt: skip
+        rows["decode"].append(decode_only(files, bb, args.num_workers or default_num_workers(device)))  # fmt: skip
+        rows["extract"].append(embedcache_extract(args.data, bb, args.batch_size, str(device), args.num_workers))  # fmt: skip
+        rows["tutorial"].append(in_own_process("tutorial", args))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -126,6 +169,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", choices=("tutorial", "forward"), help=argparse.SUPPRESS)
     p.add_argument(
         "--name",
         default=None,
@@ -141,32 +185,16 @@ def main() -> None:
     decoded = torch.stack([torch.from_numpy(preprocess(f, bb.transform)) for f in files])
     if device.type == "cuda":
         decoded = decoded.pin_memory()
-    rows: dict[str, list[float]] = {
-        "forward_nchw": [],
-        "forward_channels_last": [],
-        "decode": [],
-        "extract": [],
-        "tutorial": [],
-    }
-    for r in range(args.rounds):
-        rows["forward_nchw"].append(
-            forward_only(bb, decoded, args.batch_size, device, channels_last=False)
-        )
-        rows["forward_channels_last"].append(
-            forward_only(bb, decoded, args.batch_size, device, channels_last=True)
-        )
-        rows["decode"].append(
-            decode_only(files, bb, args.num_workers or default_num_workers(device))
-        )
-        rows["extract"].append(
-            embedcache_extract(args.data, bb, args.batch_size, str(device), args.num_workers)
-        )
-        rows["tutorial"].append(tutorial(args.data, bb, args.tutorial_batch_size, device))
-        print(
-            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True
-        )
+    if args.only:  # a fresh process for in_own_process: print images/s and stop
+        run = tutorial(args.data, bb, args.tutorial_batch_size, device) if args.only == "tutorial" else forward_only(bb, decoded, args.batch_size, device, channels_last=True)  # fmt: skip
+        print(run)
+        return
+    tuned = tune_allocator()
+    amp = autocast_dtype(device, "auto", cpu_bf16=CPU_BF16_AUTO)
+    rows = _rounds(args, bb, decoded, files, device)
     best = {k: statistics.median(v) for k, v in rows.items()}
-    ceiling = best["forward_channels_last"]
+    ceiling_key = "forward_bf16" if amp is not None else "forward_channels_last"
+    ceiling = best[ceiling_key]
     # On a CPU, decoding and the forward pass share the cores, so the best a pipeline can do
     # is one after the other: 1 / (1/forward + 1/decode).
     bound = 1 / (1 / ceiling + 1 / best["decode"]) if device.type == "cpu" else ceiling
@@ -174,25 +202,29 @@ def main() -> None:
         "extract_over_forward": best["extract"] / ceiling,
         "extract_over_tutorial": best["extract"] / best["tutorial"],
         "extract_over_shared_core_bound": best["extract"] / bound,
+        "allocator_gain": best["forward_channels_last"] / best["forward_default_alloc"],
     }
     # The same ratios taken within each round (the three ran minutes apart at most), then the
     # median: steadier than a ratio of medians on a machine whose speed drifts between rounds.
     per_round = {
         "extract_over_forward": [
-            e / f for e, f in zip(rows["extract"], rows["forward_channels_last"], strict=True)
+            e / f for e, f in zip(rows["extract"], rows[ceiling_key], strict=True)
         ],
         "extract_over_tutorial": [
             e / t for e, t in zip(rows["extract"], rows["tutorial"], strict=True)
         ],
     }
     labels = {
+        "forward_default_alloc": "(a0) forward only, fp32 channels_last, own process, glibc's default allocator",
         "forward_nchw": "(a') forward only, fp32 NCHW",
-        "forward_channels_last": "(a) forward only, channels_last (ceiling)",
+        "forward_channels_last": "(a) forward only, fp32 channels_last",
+        "forward_bf16": "(a-bf16) forward only, bf16 autocast channels_last",
         "decode": "(d) decode + resize alone, all cores",
         "extract": "(b) embedcache extract",
         "tutorial": f"(c) tutorial loop (ImageFolder, no workers, NCHW, batch {args.tutorial_batch_size})",
     }
-    md = [f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}.", "",
+    md = [f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}; "
+          f"allocator tuned in this process: {tuned}; extract's precision (auto): {precision_name(amp)}, so its ceiling (a) is the {precision_name(amp)} one.", "",
           "| what | images/s (median of rounds) | all rounds |", "| --- | ---: | --- |"]  # fmt: skip
     md += [
         f"| {labels[k]} | {best[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows
@@ -205,6 +237,7 @@ def main() -> None:
         f"(b)/(c) {', '.join(f'{v:.2f}' for v in per_round['extract_over_tutorial'])} "
         f"(median {statistics.median(per_round['extract_over_tutorial']):.2f})",
     ]
+    md += ["", f"Allocator: (a)/(a0) = **{ratios['allocator_gain']:.2f}** (the same fp32 forward pass, glibc's thresholds raised vs default)."]  # fmt: skip
     if device.type == "cpu":
         md += [
             "",
