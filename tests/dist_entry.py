@@ -4,7 +4,8 @@ EMBEDCACHE_TEST_FAIL_RANK=R makes rank R fail; EMBEDCACHE_TEST_FAIL_HOW says how
 ``kill`` SIGKILLs the process after it wrote EMBEDCACHE_TEST_FAIL_AFTER batches of its shard (a
 rank lost mid-run), ``kill-partial`` of the in-progress file (one process);
 ``kill-after-epoch`` after it saved that many fine-tuning states;
-EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP);
+EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP); ``pause`` and
+``pause-after-epoch`` print "paused" to stderr there and sleep, holding the output;
 ``refuse`` makes building the backbone raise an expected error (a bad argument seen by that
 rank only).
 """
@@ -40,6 +41,22 @@ def _inject() -> None:
             return result
 
         setattr(owner, name, then_die)
+    elif how in ("pause", "pause-after-epoch"):  # hold the output: stop after AFTER writes
+        import sys
+        import time
+
+        owner, name = (cache.PartialCache, "write") if how == "pause" else (checkpoint.FinetuneState, "save")  # fmt: skip
+        after, original, done = int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1")), getattr(owner, name), []  # fmt: skip
+
+        def then_pause(self, *args):
+            result = original(self, *args)
+            done.append(1)
+            if len(done) == after:
+                print("paused", file=sys.stderr, flush=True)
+                time.sleep(120)
+            return result
+
+        setattr(owner, name, then_pause)
     elif how == "refuse":
 
         def refuse(*args, **kwargs):

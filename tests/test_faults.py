@@ -361,3 +361,41 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_or_reads_back_the_same(tmp_
         assert all(torch.equal(state[k], ref[k]) for k in ref), at  # never altered weights
     data_bytes = sum(v.numel() * v.element_size() for v in ref.values())
     assert refused >= 20 * data_bytes / len(good) / 2  # flips in the weights' bytes are caught
+
+
+ENTRY = Path(__file__).with_name("dist_entry.py")
+
+
+@pytest.mark.parametrize("verb", ["extract", "finetune"])
+def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
+    """The first run is paused mid-way (after a batch, after an epoch) holding its output; a
+    second run with the same --out fails at once naming it; once the first is gone, it runs."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import make_tree
+
+    from embedcache import finetune
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", per_class=3)
+    out = tmp_path / ("c.h5" if verb == "extract" else "m.pt")
+    args = [verb, str(data), "--out", str(out), "-b", "resnet18", "-w", "none", "--image-size", "32",
+            "--num-workers", "0", "--device", "cpu", "--batch-size", "2"]  # fmt: skip
+    how = "pause" if verb == "extract" else "pause-after-epoch"
+    env = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", "EMBEDCACHE_TEST_FAIL_HOW": how}  # fmt: skip
+    first = subprocess.Popen([sys.executable, str(ENTRY), *args, *(["--epochs", "3", "--augment", "none"] if verb == "finetune" else [])], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while (line := first.stderr.readline()) and "paused" not in line:  # after any progress bar
+            pass
+        assert first.poll() is None, "the first run ended before it paused"
+        kw = {k: v for k, v in KW.items() if k != "progress"} | {"batch_size": 2, "progress": False}
+        second = (lambda: extract(data, out=out, **kw)) if verb == "extract" else (lambda: finetune(data, out=out, epochs=1, augment="none", **kw))  # fmt: skip
+        with pytest.raises(EmbedcacheError, match=rf"another `embedcache {verb}` \(pid {first.pid}\) is writing"):  # fmt: skip
+            second()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    second()  # the holder is gone: nothing stale is left to stop this one
+    assert out.exists()
