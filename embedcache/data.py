@@ -468,6 +468,8 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
         msg = str(e).lower()
         reason = "truncated image" if "truncated" in msg else f"cannot decode: {str(e)[:48]}"
         raise UnreadableImage(reason) from None
+    except Exception as e:  # a malformed file can make a decoder raise anything (IndexError, ...)
+        raise UnreadableImage(f"cannot decode: {type(e).__name__} {str(e)[:40]}".strip()) from None
 
 
 def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
@@ -649,12 +651,12 @@ def _decode_jpegs(datas: list[bytes], device: torch.device, rgb, decode_jpeg) ->
     kw = {"mode": rgb, "device": device, "apply_exif_orientation": True}
     try:
         return list(decode_jpeg(tensors, **kw))
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - whatever the GPU decoder raises, the CPU path decides
         out: list[torch.Tensor | None] = []
         for t in tensors:
             try:
                 out.append(decode_jpeg(t, **kw))
-            except RuntimeError:
+            except Exception:  # noqa: BLE001
                 out.append(None)
         return out
 

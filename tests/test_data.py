@@ -309,3 +309,14 @@ def test_os_errors_on_one_file_become_reasons_not_a_stopped_run(tmp_path):
                          ("fifo.jpg", "not a regular file"), ("x" * 300 + ".jpg", "name too long")):  # fmt: skip
         with pytest.raises(UnreadableImage, match=f"^{reason}$"):
             load_rgb(tmp_path / name)
+
+
+def test_any_exception_a_decoder_raises_on_one_file_is_a_reason(tmp_path, monkeypatch):
+    path = make_image(tmp_path / "a.png", 0, 1)
+
+    def broken_load(self):
+        raise IndexError("list index out of range")  # as malformed files make PIL plugins do
+
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    with pytest.raises(UnreadableImage, match=r"^cannot decode: IndexError list index out of range$"):  # fmt: skip
+        load_rgb(path)
