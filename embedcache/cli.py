@@ -100,6 +100,26 @@ def main() -> None:
 # Option types and options built from config fields
 
 
+class _IntOrAuto(click.ParamType):
+    """A whole number (at least ``low``) or the word auto."""
+
+    name = "integer|auto"
+
+    def __init__(self, low: int | None):
+        self.low = low
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"expected a whole number or auto, got {value!r}", param, ctx)
+        if self.low is not None and n < self.low:
+            self.fail(f"{n} is smaller than the minimum {self.low}", param, ctx)
+        return n
+
+
 class _FloatList(click.ParamType):
     """'1e-3,3e-3' or a repeated option -> a list of floats."""
 
@@ -140,6 +160,8 @@ def _click_type(f: dataclasses.Field, default) -> dict:
         return {"is_flag": True}
     if m["kind"] == "bytes":
         return {"type": _Bytes()}
+    if m["kind"] == "int-or-auto":
+        return {"type": _IntOrAuto(m["low"])}
     if isinstance(default, tuple):  # lists: repeat the option or separate by commas
         floats = all(isinstance(v, float) for v in default)
         return {"multiple": True, "type": _FloatList() if floats else str}

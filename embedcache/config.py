@@ -49,6 +49,8 @@ def _check_fields(cfg) -> None:
             raise EmbedcacheError(
                 f"{option} must be one of {', '.join(meta['choices'])}, got {value!r}"
             )
+        if meta["kind"] == "int-or-auto" and isinstance(value, str) and value != "auto":
+            raise EmbedcacheError(f"{option} must be a number or auto, got {value!r}")
         for v in value if isinstance(value, tuple) else (value,):
             if not isinstance(v, int | float) or isinstance(v, bool):
                 continue
@@ -133,8 +135,12 @@ class ExtractConfig(_Config):
 
     backbone: str = _backbone()
     weights: str = _weights()
-    batch_size: int | None = setting(
-        None, "Images per forward pass [default: 8 on CPU, 128 on GPU].", low=1, kind=int
+    batch_size: int | str | None = setting(
+        None,
+        "Images per forward pass, or auto: on a GPU the largest power of two up to 1024 that fits "
+        "in 80% of its memory, probed once [default: 8 on CPU, 128 on GPU].",
+        low=1,
+        kind="int-or-auto",
     )
     num_workers: int | None = _num_workers()
     device: str = _device()

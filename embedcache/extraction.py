@@ -41,9 +41,11 @@ from .locks import exclusive
 from .runtime import (
     Run,
     autocast_dtype,
+    choose_batch_size,
     choose_gpu_decode,
     default_batch_size,
     default_num_workers,
+    gpu_batch_fits,
     precision_name,
     tune_allocator,
 )
@@ -250,7 +252,7 @@ def extract(
         if mode == "up_to_date":
             return _result(out, 0, 0, 0.0, up_to_date=True)
         start = time.perf_counter()
-        run = _run_for(cfg, dev, amp, progress and group.is_main)
+        run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
         extracted = group.each(lambda: _extract_part(out, bb, run, group))
         ranks = group.gather((extracted, time.perf_counter() - start))
         group.on_main(lambda: _join(out, cfg.join))
@@ -296,10 +298,17 @@ def _take_in_shards(out: Path, *, keep: bool) -> None:
         shard.unlink(missing_ok=True)
 
 
-def _run_for(cfg: ExtractConfig, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:
+def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:  # fmt: skip
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
     gpu = choose_gpu_decode(cfg.decode, dev)
-    return Run(dev, cfg.batch_size or default_batch_size(dev), workers, amp, progress, gpu)
+    batch = cfg.batch_size or default_batch_size(dev)
+    if batch == "auto":  # probed once; on a CPU small batches are the fast ones
+        if dev.type == "cuda":
+            net = bb.net.to(dev).eval().to(memory_format=torch.channels_last)
+            batch = choose_batch_size(gpu_batch_fits(net, bb.transform.crop, dev, amp))
+        else:
+            batch = default_batch_size(dev)
+    return Run(dev, batch, workers, amp, progress, gpu)
 
 
 def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:

@@ -189,6 +189,43 @@ def read_ahead(device: torch.device) -> bool:
     return device.type == "cuda" or torch.get_num_threads() < _cores()
 
 
+AUTO_BATCH_SIZES = (64, 128, 256, 512, 1024)
+AUTO_BATCH_MEMORY = 0.8  # the share of the GPU's memory a probed batch may use at its peak
+
+
+def choose_batch_size(fits, candidates: tuple[int, ...] = AUTO_BATCH_SIZES) -> int:
+    """The largest of ``candidates`` (ascending) for which ``fits(n)`` holds, trying them in
+    order and stopping at the first that does not; the smallest one if none fits."""
+    chosen = candidates[0]
+    for n in candidates:
+        if not fits(n):
+            break
+        chosen = n
+    return chosen
+
+
+def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: torch.dtype | None):
+    """``fits(n)``: a forward pass of ``n`` images on ``device`` (channels_last, under ``amp``)
+    peaks below AUTO_BATCH_MEMORY of the GPU's memory and does not run out of it."""
+    total = torch.cuda.get_device_properties(device).total_memory
+
+    def fits(n: int) -> bool:
+        x = torch.zeros((n, 3, crop, crop), device=device).to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                net(x)
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del x
+            torch.cuda.empty_cache()
+        return torch.cuda.max_memory_allocated(device) <= AUTO_BATCH_MEMORY * total
+
+    return fits
+
+
 def default_batch_size(device: torch.device) -> int:
     """Images per forward pass: 8 on a CPU, 128 on a GPU.
 

@@ -103,3 +103,23 @@ def test_configs_are_frozen(config):
     cfg = config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.device = "cpu"
+
+
+def test_batch_size_takes_a_number_or_auto_and_auto_is_the_default_batch_on_a_cpu(tmp_path):
+    from click.testing import CliRunner
+    from conftest import make_tree
+
+    from embedcache import extract
+    from embedcache.cli import main
+    from embedcache.config import ExtractConfig
+
+    assert ExtractConfig(batch_size="auto").batch_size == "auto"
+    with pytest.raises(
+        EmbedcacheError, match=r"^--batch-size must be a number or auto, got 'big'$"
+    ):
+        ExtractConfig(batch_size="big")
+    r = CliRunner().invoke(main, ["extract", "d", "--out", "c.h5", "--batch-size", "big"])
+    assert r.exit_code == 2 and "expected a whole number or auto, got 'big'" in r.output
+    data = make_tree(tmp_path / "d", per_class=2)
+    out = extract(data, out=tmp_path / "c.h5", backbone="resnet18", weights="none", image_size=32, batch_size="auto", num_workers=0, device="cpu", progress=False)  # fmt: skip
+    assert out.extracted == 8

@@ -156,3 +156,21 @@ def test_streamed_features_are_read_ahead_beside_a_gpu_or_a_free_core(
     monkeypatch.setattr(runtime_mod.torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(runtime_mod, "_cores", lambda: cores)
     assert read_ahead(torch.device(device)) is expected
+
+
+def test_auto_batch_size_takes_the_largest_candidate_that_fits_and_stops_at_the_first_that_does_not():
+    from embedcache.runtime import choose_batch_size
+
+    tried = []
+
+    def fits_up_to(limit):
+        return lambda n: tried.append(n) or n <= limit
+
+    assert choose_batch_size(fits_up_to(300)) == 256 and tried == [64, 128, 256, 512]
+    assert choose_batch_size(fits_up_to(10**6)) == 1024
+    assert (
+        choose_batch_size(fits_up_to(10)) == 64
+    )  # nothing fits: the smallest, and let it fail loudly
+    tried.clear()
+    choose_batch_size(lambda n: tried.append(n) or n != 128)  # stops at the first failure
+    assert tried == [64, 128]
