@@ -162,6 +162,12 @@ class ExtractConfig(_Config):
         "otherwise; other formats and files the GPU refuses always take the CPU path.",
         choices=DECODERS,
     )
+    compile: str = setting(
+        "auto",
+        "torch.compile the backbone: auto does on a GPU when 10,000 or more images are to do "
+        "(a minute of compiling pays back there), never on a CPU.",
+        choices=("auto", "on", "off"),
+    )
     join: str = setting(
         "auto",
         "Under torchrun, how the ranks' shard files become the cache: copy (one self-contained "

@@ -47,6 +47,7 @@ from .runtime import (
     default_num_workers,
     gpu_batch_fits,
     precision_name,
+    should_compile,
     tune_allocator,
 )
 
@@ -308,7 +309,7 @@ def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dty
             batch = choose_batch_size(gpu_batch_fits(net, bb.transform.crop, dev, amp))
         else:
             batch = default_batch_size(dev)
-    return Run(dev, batch, workers, amp, progress, gpu)
+    return Run(dev, batch, workers, amp, progress, gpu, cfg.compile)
 
 
 def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:
@@ -402,6 +403,8 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
         decode = functools.partial(preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
+    if should_compile(run.compile, run.device, sum(len(b) for b in batches)):  # this rank's images
+        net = torch.compile(net, dynamic=False)  # the last batch's other shape compiles once more
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)
     done = skipped = 0

@@ -226,6 +226,16 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
     return fits
 
 
+COMPILE_FROM_IMAGES = 10_000
+
+
+def should_compile(compile: str, device: torch.device, images: int) -> bool:
+    """Whether to torch.compile the backbone for a run of ``images`` on ``device``."""
+    if compile != "auto":
+        return compile == "on"
+    return device.type == "cuda" and images >= COMPILE_FROM_IMAGES
+
+
 def default_batch_size(device: torch.device) -> int:
     """Images per forward pass: 8 on a CPU, 128 on a GPU.
 
@@ -261,6 +271,7 @@ class Run:
     autocast: torch.dtype | None = None  # None: plain fp32
     progress: bool = False
     gpu_decode: bool = False  # JPEGs decoded on the device (see choose_gpu_decode)
+    compile: str = "off"  # torch.compile the network: auto, on, off (see should_compile)
 
     def amp(self):
         """The autocast context for this run's device and dtype (a no-op for fp32)."""

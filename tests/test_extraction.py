@@ -412,3 +412,14 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
             "train/cat/dangling.jpg": "file not found",
             "val/dog/fifo.jpg": "not a regular file",
         }
+
+
+def test_compile_on_compiles_the_backbone_once_and_auto_does_not_on_a_cpu(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)
+    extract(tree, out=tmp_path / "on.h5", compile="on", **extract_kw)
+    assert compiled == [{"dynamic": False}]
+    extract(tree, out=tmp_path / "auto.h5", **extract_kw)  # auto on a CPU: not compiled
+    assert len(compiled) == 1

@@ -174,3 +174,12 @@ def test_auto_batch_size_takes_the_largest_candidate_that_fits_and_stops_at_the_
     tried.clear()
     choose_batch_size(lambda n: tried.append(n) or n != 128)  # stops at the first failure
     assert tried == [64, 128]
+
+
+def test_compile_auto_is_for_gpu_runs_of_ten_thousand_images_or_more():
+    from embedcache.runtime import should_compile
+
+    cuda = torch.device("cuda", 0)
+    assert should_compile("auto", cuda, 10_000) and not should_compile("auto", cuda, 9_999)
+    assert not should_compile("auto", CPU, 10**6)
+    assert should_compile("on", CPU, 1) and not should_compile("off", cuda, 10**6)
