@@ -40,6 +40,7 @@ _API = {
     "FinetuneConfig": "config",
     "CompareConfig": "config",
     "FeatureIdentity": "identity",
+    "export": "exporting",
 }
 
 __all__ = sorted(_API)

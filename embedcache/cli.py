@@ -93,6 +93,7 @@ def main() -> None:
       embedcache predict model.pt photo.jpg
       embedcache compare DATA            (every approach side by side)
       embedcache info cache.h5 | embedcache backbones | embedcache demo
+      embedcache export model.pt --out model.onnx   (serve it elsewhere)
     """
 
 
@@ -545,6 +546,38 @@ def compare(data, quiet, as_json, **values):
         return
     click.echo(r.markdown)
     click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True, help="ONNX (onnxruntime, TensorRT, ...) or TorchScript (torch.jit.load).")  # fmt: skip
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The file to write (OUT.json describes its input).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def export_cmd(model, fmt, out, as_json):
+    """Export a head (with its backbone) or a fine-tuned model for serving.
+
+    The exported network takes float32 RGB images (N, 3, crop, crop) in [0, 1],
+    resized and centre-cropped as the backbone's transform says; normalisation
+    is inside it. It returns logits; the batch size is free. ONNX needs
+    `pip install 'embedcache[export]'`.
+
+    \b
+    Example:
+      embedcache export model.pt --format onnx --out model.onnx
+    """
+    from .exporting import export
+
+    info = export(model, out=out, format=fmt)
+    if as_json:
+        _emit_json(info)
+        return
+    click.echo(
+        f"wrote {info['path']} ({fmt}, from a {info['exported_from']}) and {info['path']}.json"
+    )
+    click.echo(f"input  images: float32 {info['input_shape']}, RGB in [0, 1]; {info['preprocess']}")
+    click.echo(
+        f"output logits over {len(info['classes'])} classes: {', '.join(info['classes'][:10])}"
+    )
 
 
 @main.command()

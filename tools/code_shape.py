@@ -15,7 +15,7 @@ from pathlib import Path
 ORDER = (
     "errors", "identity", "config", "runtime", "locks", "distributed", "report", "data", "weights", "backbones",
     "cache", "heads", "checkpoint", ("extraction", "train"), "finetuning", "inference",
-    "comparison", "quickstart", "cli", "__init__", "__main__",
+    "exporting", "comparison", "quickstart", "cli", "__init__", "__main__",
 )  # fmt: skip
 RANK = {
     name: rank

@@ -1,0 +1,86 @@
+"""Export a head (with its backbone) or a fine-tuned model to ONNX or TorchScript.
+
+The exported network takes what most image pipelines already make: float32 RGB
+images of shape (N, 3, crop, crop) with values in [0, 1], resized so the short
+side is ``resize`` and centre-cropped to ``crop`` (as ``torchvision``'s
+``Resize(resize)``, ``CenterCrop(crop)``, ``ToTensor()``). The mean/std
+normalisation of the backbone's weights is inside it. It returns logits
+(N, classes); the batch size is free. A JSON file next to it says all of this,
+with the class names.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import EvalTransform
+from .errors import EmbedcacheError
+from .inference import load_classifier
+
+FORMATS = ("onnx", "torchscript")
+INSTALL = "pip install 'embedcache[export]'"
+
+
+class Exported(nn.Module):
+    """[0, 1] RGB images (N, 3, crop, crop) -> logits: normalisation, backbone, head."""
+
+    def __init__(self, net: nn.Module, head: nn.Module, t: EvalTransform):
+        super().__init__()
+        self.net, self.head = net, head
+        self.register_buffer("mean", torch.tensor(t.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(t.std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net((images - self.mean) / self.std))
+
+
+def export(model: str | Path, *, out: str | Path, format: str = "onnx") -> dict:
+    """Write ``model`` (a train-head or finetune checkpoint) as ONNX or TorchScript to ``out``,
+    and ``OUT.json`` describing its input. Returns that description (with ``path``)."""
+    if format not in FORMATS:
+        raise EmbedcacheError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    clf = load_classifier(model)
+    bb = clf.backbone(torch.device("cpu"))
+    net = Exported(bb.net.eval(), clf.head.eval(), bb.transform).eval()
+    crop, out = bb.transform.crop, Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, 3, crop, crop)
+    if format == "onnx":
+        _onnx(net, example, out)
+    else:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # torch 2.14 marks TorchScript deprecated
+            torch.jit.save(torch.jit.trace(net, example), str(out))
+    info = _describe(bb.transform, clf.classes, clf.kind, format)
+    Path(f"{out}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return {"path": str(out), **info}
+
+
+def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; onnxruntime runs the result)
+    except ImportError:
+        raise EmbedcacheError(f"ONNX export needs the onnx package: {INSTALL}") from None
+    batch = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its successor
+        torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": batch, "logits": batch}, opset_version=17, dynamo=False)  # fmt: skip
+
+
+def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> dict:
+    return {
+        "format": format, "exported_from": kind, "input": "images",
+        "input_shape": ["batch", 3, t.crop, t.crop], "input_dtype": "float32",
+        "input_range": [0.0, 1.0], "channels": "RGB",
+        "preprocess": f"resize the short side to {t.resize} ({t.interpolation}), centre-crop {t.crop}, scale to [0, 1]",
+        "normalisation": {"mean": list(t.mean), "std": list(t.std), "applied": "inside the model"},
+        "output": "logits", "classes": classes,
+    }  # fmt: skip
