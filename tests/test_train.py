@@ -231,3 +231,17 @@ def test_training_errors(make_cache, tmp_path, blob_cache):
         train_head(out, **FAST)
     with pytest.raises(EmbedcacheError, match="--lr must be at least 0.0, got -1.0"):
         train_head(blob_cache, lr=[-1.0], **FAST)
+
+
+def test_logreg_searches_thirteen_cs_and_breaks_accuracy_ties_by_validation_loss(make_cache):
+    x, y = blobs(30, classes=2, seed=0, spread=3)  # separable: many Cs tie on accuracy
+    xv, yv = blobs(20, classes=2, seed=1, spread=3)
+    r = train_head(
+        make_cache(train=(x, y), val=(xv, yv), classes=("a", "b")), head="logreg", **FAST
+    )
+    rows = r.metrics["sweep"]
+    assert len(rows) == 13 and [row["C"] for row in rows] == sorted(row["C"] for row in rows)
+    top = max(row["val_acc"] for row in rows)
+    tied = [row for row in rows if row["val_acc"] == top]
+    assert len(tied) > 1  # the case the tie-break is for
+    assert r.metrics["best"]["C"] == min(tied, key=lambda row: row["val_loss"])["C"]
