@@ -182,10 +182,10 @@ class Cache:
         """Whether every split's features carry Fletcher-32 checksums (format 2, not virtual)."""
         return all(self._group(s)["features"].fletcher32 for s in self.splits if self.num_images(s))  # fmt: skip
 
-    def _checksum_note(self) -> str:
+    def _checksum_note(self, parts: list[Path]) -> str:
         if self.checksummed:
             return "Fletcher-32 on every block, checked on every read"
-        if self.parts:
+        if parts:
             return "none (a virtual cache: its shard files carry none)"
         return "none (a format 1 cache; re-extract with --overwrite to add them)"
 
@@ -259,14 +259,15 @@ class Cache:
 
     def summary(self) -> dict:
         """Everything `embedcache info` shows, as plain JSON-ready data."""
+        parts = self.parts  # read from every split's dataset: once
         return {
             "path": str(self.path),
             "file_bytes": self.path.stat().st_size,
             **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
-            "storage": "virtual" if self.parts else "single file",
-            "checksums": self._checksum_note(),
-            "parts": [str(p) for p in self.parts],
-            "parts_bytes": sum(p.stat().st_size for p in self.parts),
+            "storage": "virtual" if parts else "single file",
+            "checksums": self._checksum_note(parts),
+            "parts": [str(p) for p in parts],
+            "parts_bytes": sum(p.stat().st_size for p in parts),
             "classes": self.classes,
             "transform": json.loads(self.transform),
             "splits": {

@@ -428,6 +428,18 @@ def os_reason(e: OSError) -> str:
     return _OS_REASONS.get(e.errno, f"cannot read: {(e.strerror or str(e))[:48]}")
 
 
+def _check_file(path: Path) -> None:
+    """Raise UnreadableImage unless ``path`` is a non-empty regular file we can stat."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise UnreadableImage(os_reason(e)) from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder forever
+        raise UnreadableImage("not a regular file")
+    if st.st_size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
@@ -439,14 +451,7 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     UnreadableImage : with a short reason (empty file, not an image, truncated, ...).
     """
     path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise UnreadableImage(os_reason(e)) from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder forever
-        raise UnreadableImage("not a regular file")
-    if st.st_size == 0:
-        raise UnreadableImage("empty file (0 bytes)")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -626,12 +631,12 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 def _read(path: Path) -> bytes | str:
     """The file's bytes, or the reason they cannot be read (as :func:`load_rgb` words it)."""
     try:
-        if not stat.S_ISREG(Path(path).stat().st_mode):
-            return "not a regular file"
-        data = Path(path).read_bytes()
+        _check_file(Path(path))
+        return Path(path).read_bytes()
+    except UnreadableImage as e:
+        return str(e)
     except OSError as e:
         return os_reason(e)
-    return data if data else "empty file (0 bytes)"
 
 
 def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
