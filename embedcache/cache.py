@@ -4,6 +4,9 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
 ``test`` or ``all``)::
 
     features  (N, D) float16|float32, chunked
+    views     (N, V, D) like features, only in a cache made with ``extract --views K``:
+              V = K for train (view 1 the mirrored eval crop, views 2..K random resized
+              crops, see :func:`embedcache.data.with_views`), V = 1 (the mirror) elsewhere
     labels    (N,)   int64, -1 when unlabelled
     paths     (N,)   UTF-8, relative to the data root
     sizes     (N,)   int64 bytes   } of the source file when extracted,
@@ -12,7 +15,9 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
 a ``skipped`` group (split, path, reason, size, mtime of each unreadable file)
 and root attributes (``format_version``, ``backbone``, ``weights``,
 ``feature_dim``, ``classes`` (JSON), ``transform`` (JSON),
-``source_fingerprint``, ``complete`` ...).
+``source_fingerprint``, ``views``, ``view_policy``, ``complete`` ...).
+``features`` and ``views`` are the *row arrays*: every write, copy, merge and
+join below treats them alike, row by row.
 
 While extraction runs, rows go to ``NAME.h5.partial``. Every dataset in it is
 allocated when the file is created, so later writes touch raw data only and
@@ -49,7 +54,7 @@ import h5py
 import numpy as np
 
 from .config import DTYPES
-from .data import SPLIT_ORDER, ImageSet, Sample
+from .data import SPLIT_ORDER, ImageSet, Sample, views_for
 from .errors import EmbedcacheError
 from .identity import CacheIdentity, FeatureIdentity
 
@@ -68,6 +73,7 @@ CACHE_ATTRS = (
     "classes",
 )  # read on open
 _STR = h5py.string_dtype("utf-8")
+ROW_ARRAYS = ("features", "views")  # per-image arrays, stored row for row alike
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,11 @@ def partial_path(path: str | Path) -> Path:
 def _split_names(h5: h5py.File) -> list[str]:
     """Split groups in the usual order (HDF5 lists groups alphabetically)."""
     return sorted((k for k in h5 if k in SPLIT_ORDER), key=SPLIT_ORDER.index)
+
+
+def _row_arrays(g) -> list[str]:
+    """The row arrays group ``g`` holds (``features``, and ``views`` in a cache with views)."""
+    return [name for name in ROW_ARRAYS if name in g]
 
 
 def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
@@ -177,6 +188,16 @@ class Cache:
         block or a non-finite value is an error naming the rows (see :class:`CheckedFeatures`)."""
         return CheckedFeatures(self._group(split)["features"], self, split)
 
+    def views(self, split: str) -> CheckedFeatures | None:
+        """The stored views of a split, (N, V, D), checked like :meth:`features`; None without views."""
+        g = self._group(split)
+        return CheckedFeatures(g["views"], self, split) if "views" in g else None
+
+    @property
+    def num_views(self) -> int:
+        """Views per training image stored by ``extract --views`` (0: none)."""
+        return self.identity.views
+
     @property
     def checksummed(self) -> bool:
         """Whether every split's features carry Fletcher-32 checksums (format 2, not virtual)."""
@@ -193,12 +214,14 @@ class Cache:
         """Read every block of every split; one line per damaged or non-finite block found."""
         problems = []
         for split in self.splits:
-            ds = self.features(split)
-            for lo in range(0, ds.shape[0], BLOCK_ROWS):
-                try:
-                    ds[lo : lo + BLOCK_ROWS]
-                except EmbedcacheError as e:
-                    problems.append(str(e))
+            for ds in (self.features(split), self.views(split)):
+                if ds is None:
+                    continue
+                for lo in range(0, ds.shape[0], BLOCK_ROWS):
+                    try:
+                        ds[lo : lo + BLOCK_ROWS]
+                    except EmbedcacheError as e:
+                        problems.append(str(e))
             for name in ("labels", "sizes", "mtimes"):
                 try:
                     self._group(split)[name][:]
@@ -224,7 +247,7 @@ class Cache:
                 g,
                 samples,
                 index,
-                self.features(split),
+                {"features": self.features(split), "views": self.views(split)},
                 np.full(n, DONE, np.uint8),
                 np.zeros(n, f"S{REASON_BYTES}"),
             )
@@ -275,6 +298,11 @@ class Cache:
                     "images": self.num_images(s),
                     "shape": list(self.features(s).shape),
                     "dtype": str(self.features(s).dtype),
+                    **(
+                        {"views_shape": list(self.views(s).shape)}
+                        if self.views(s) is not None
+                        else {}
+                    ),
                 }
                 for s in self.splits
             },
@@ -295,6 +323,7 @@ class CheckedFeatures:
     def __init__(self, ds: h5py.Dataset, cache: Cache, split: str):
         self._ds, self._cache, self.split = ds, cache, split
         self.shape, self.dtype = ds.shape, ds.dtype
+        self._what = "" if ds.name.endswith("/features") else f" ({ds.name.rsplit('/', 1)[-1]})"
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -317,7 +346,7 @@ class CheckedFeatures:
             rows = self._damaged(self._rows(key))
             span = f"{rows.min()}-{rows.max()}" if rows.size else "none"
             raise EmbedcacheError(
-                f"cache {self._cache.path} is damaged: split {self.split}, rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
+                f"cache {self._cache.path} is damaged: split {self.split}{self._what}, rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
             ) from None
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             self._non_finite(self._rows(key), x)
@@ -344,7 +373,7 @@ class CheckedFeatures:
         paths = self._cache.paths(self.split)
         named = ", ".join(f"{r} ({paths[r]})" for r in bad[:3]) + (" ..." if len(bad) > 3 else "")
         raise EmbedcacheError(
-            f"cache {self._cache.path} has non-finite features in split {self.split}: {len(bad)} row(s), {named}; re-extract them (--overwrite)"
+            f"cache {self._cache.path} has non-finite features in split {self.split}{self._what}: {len(bad)} row(s), {named}; re-extract them (--overwrite)"
         )
 
 
@@ -458,11 +487,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def estimate_bytes(images: ImageSet, feature_dim: int, dtype: str) -> int:
+def estimate_bytes(images: ImageSet, feature_dim: int, dtype: str, views: int = 0) -> int:
     """Disk needed while extracting: the in-progress file plus the finished one, with margin."""
     rows = len(images)
+    vectors = sum(len(v) * (1 + views_for(k, views)) for k, v in images.splits.items())
     paths = sum(len(s.path.encode()) + 16 for split in images.splits.values() for s in split)
-    finished = rows * (feature_dim * np.dtype(dtype).itemsize + 24) + paths
+    finished = vectors * feature_dim * np.dtype(dtype).itemsize + rows * 24 + paths
     in_progress = finished + rows * (REASON_BYTES + 1)
     return finished + in_progress + (4 << 20)
 
@@ -508,18 +538,30 @@ def _rows_per_chunk(dim: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (dim * itemsize))
 
 
-def _features_dataset(g: h5py.Group, n: int, dim: int, dtype: np.dtype) -> h5py.Dataset:
-    """A finished cache's ``features``: chunks of about 1 MiB, each with a Fletcher-32 checksum
-    that HDF5 verifies on every read (format 2), allocated at creation."""
+def _rows_dataset(g: h5py.Group, name: str, shape: tuple, dtype: np.dtype) -> h5py.Dataset:
+    """A finished cache's row array (``features``, ``views``): chunks of about 1 MiB, each with
+    a Fletcher-32 checksum that HDF5 verifies on every read (format 2), allocated at creation."""
+    n, per_row = shape[0], int(np.prod(shape[1:]))
     if not n:
-        return g.create_dataset("features", (0, dim), dtype=dtype)
-    chunks = (min(n, _rows_per_chunk(dim, dtype.itemsize)), dim)
-    return g.create_dataset("features", (n, dim), dtype=dtype, chunks=chunks, fletcher32=True, dcpl=_early())  # fmt: skip
+        return g.create_dataset(name, shape, dtype=dtype)
+    chunks = (min(n, _rows_per_chunk(per_row, dtype.itemsize)), *shape[1:])
+    return g.create_dataset(name, shape, dtype=dtype, chunks=chunks, fletcher32=True, dcpl=_early())  # fmt: skip
 
 
 def _checked(g: h5py.Group, name: str, data: np.ndarray) -> None:
     """A small array of a finished cache, checksummed like the features (when not empty)."""
     g.create_dataset(name, data=data, fletcher32=len(data) > 0)
+
+
+def _put_span(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """ds[rows] = values for ascending ``rows`` of one batch, in one write of their span."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo == len(rows):
+        ds[lo:hi] = values
+    else:  # rows with gaps (images reused from an older cache): read-modify-write the span
+        span = ds[lo:hi]
+        span[rows - lo] = values
+        ds[lo:hi] = span
 
 
 def _write_rows(dst: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
@@ -612,6 +654,8 @@ class PartialCache:
     ) -> PartialCache:
         """Write a new in-progress file, copying reusable rows from ``reuse``, and open it."""
 
+        views = int(attrs.get("views", 0))
+
         def layout(h5: h5py.File) -> None:
             h5.attrs.update(attrs)
             h5.attrs["complete"] = False
@@ -619,6 +663,9 @@ class PartialCache:
                 g = h5.create_group(split)
                 n = len(samples)
                 g.create_dataset("features", (n, feature_dim), dtype=dtype, dcpl=_early())
+                if views:
+                    shape = (n, views_for(split, views), feature_dim)
+                    g.create_dataset("views", shape, dtype=dtype, dcpl=_early())
                 g.create_dataset("status", data=np.zeros(n, np.uint8))
                 g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
                 g.create_dataset("paths", data=[s.path for s in samples], dtype=_STR)
@@ -638,7 +685,7 @@ class PartialCache:
             src = self.h5[split]
             status = src["status"][:]
             index = {k: i for i, k in enumerate(_keys(src)) if status[i] != TODO}
-            _reuse_rows(g, samples, index, src["features"], status, src["reasons"][:])
+            _reuse_rows(g, samples, index, src, status, src["reasons"][:])
 
     @property
     def dtype(self) -> str:
@@ -657,21 +704,23 @@ class PartialCache:
         return list(self.h5[split]["paths"].asstr()[:])
 
     def write(
-        self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]
+        self,
+        split: str,
+        rows: np.ndarray,
+        features: np.ndarray,
+        failed: dict[int, str],
+        views: np.ndarray | None = None,
     ) -> None:
         """Store features for ``rows`` (ascending) and mark them, and the ``failed`` rows, done.
 
         features : ndarray of shape (len(rows), D), already in the cache dtype.
+        views : ndarray of shape (len(rows), V, D) in a cache with views, else None.
         """
         g = self.h5[split]
         if len(rows):
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            if hi - lo == len(rows):
-                g["features"][lo:hi] = features
-            else:  # rows with gaps (images reused from an older cache): read-modify-write the span
-                span = g["features"][lo:hi]
-                span[rows - lo] = features
-                g["features"][lo:hi] = span
+            _put_span(g["features"], rows, features)
+            if "views" in g:
+                _put_span(g["views"], rows, views)
             self.h5.flush()  # features reach the file before the rows are marked done
         marked = [int(r) for r in rows] + [int(r) for r in failed]
         if not marked:
@@ -701,12 +750,14 @@ class PartialCache:
             where, rows = sh["split"][:], sh["row"][:]
             for lo in range(0, len(done), COPY_ROWS):
                 pos = done[lo : lo + COPY_ROWS]
-                feats = sh["features"][int(pos[0]) : int(pos[-1]) + 1][pos - pos[0]]
+                arrays = {n: sh[n][int(pos[0]) : int(pos[-1]) + 1][pos - pos[0]] for n in _row_arrays(sh)}  # fmt: skip
                 marks = {}
                 for i, split in enumerate(self.splits):
                     mine = np.flatnonzero(where[pos] == i)
                     ok = mine[status[pos[mine]] == DONE]
-                    _write_rows(self.h5[split]["features"], rows[pos[ok]], feats[ok])
+                    for name in _row_arrays(self.h5[split]):
+                        dst = self.h5[split][name]  # a shard keeps train's V views for every row
+                        _write_rows(dst, rows[pos[ok]], arrays[name][ok][:, : dst.shape[1]])
                     marks[split] = mine
                 self.h5.flush()  # features before the status that points at them
                 for split, mine in marks.items():
@@ -738,14 +789,14 @@ class PartialCache:
         def layout(h5: h5py.File) -> None:
             _final_layout(h5, self, attrs, status, reasons)
             for split, ok in keep.items():
-                src = self.h5[split]["features"]
-                _features_dataset(h5[split], len(ok), src.shape[1], src.dtype)
+                for name in _row_arrays(self.h5[split]):
+                    src = self.h5[split][name]
+                    _rows_dataset(h5[split], name, (len(ok), *src.shape[1:]), src.dtype)
 
         with _atomic_h5(out, layout) as h5:
             for split, ok in keep.items():
-                _copy_rows(
-                    self.h5[split]["features"], ok, h5[split]["features"], np.arange(len(ok))
-                )
+                for name in _row_arrays(self.h5[split]):
+                    _copy_rows(self.h5[split][name], ok, h5[split][name], np.arange(len(ok)))
             h5.attrs.modify("complete", True)  # in place: no new space needed
         self.close()
         self.path.unlink(missing_ok=True)
@@ -768,7 +819,8 @@ class PartialCache:
             for split in self.splits:
                 ok = np.flatnonzero(status[split] == DONE)
                 src, pos = where[split][0][ok], where[split][1][ok]
-                _virtual_features(h5[split], out, parts, src, pos, self.h5[split]["features"])
+                for name in _row_arrays(self.h5[split]):
+                    _virtual_rows(h5[split], name, out, parts, src, pos, self.h5[split][name])
 
         with _atomic_h5(out, layout) as h5:
             h5.attrs.modify("complete", True)
@@ -845,31 +897,40 @@ def _keep_parts(out: Path, shards: list[Path], partial: PartialCache, status: di
     with h5py.File(folder / base, "w") as h5:
         for split in partial.splits:
             own = np.flatnonzero((status[split] == DONE) & (where[split][0] == -1))
-            src = partial.h5[split]["features"]
-            dst = h5.create_dataset(split, (len(own), src.shape[1]), dtype=src.dtype)
-            _copy_rows(src, own, dst, np.arange(len(own)))
+            for name in _row_arrays(partial.h5[split]):
+                src = partial.h5[split][name]
+                dst = h5.create_dataset(_base_name(split, name), (len(own), *src.shape[1:]), dtype=src.dtype)  # fmt: skip
+                _copy_rows(src, own, dst, np.arange(len(own)))
             where[split][1][own] = np.arange(len(own))
     return [*names, f"{folder.name}/{base}"]
 
 
-def _virtual_features(g: h5py.Group, out: Path, parts: list[str], src: np.ndarray, pos: np.ndarray, like: h5py.Dataset) -> None:  # fmt: skip
-    """``g/features`` as a virtual dataset: row k is row ``pos[k]`` of part ``src[k]`` (-1: the
-    base part), one mapping per run of consecutive rows of one part."""
-    n, dim, dtype = len(src), like.shape[1], like.dtype
+def _base_name(split: str, name: str) -> str:
+    """The dataset of the base part holding a split's row array ``name``."""
+    return split if name == "features" else f"{split}.{name}"
+
+
+def _virtual_rows(g: h5py.Group, name: str, out: Path, parts: list[str], src: np.ndarray, pos: np.ndarray, like: h5py.Dataset) -> None:  # fmt: skip
+    """``g[name]`` (a row array) as a virtual dataset: row k is row ``pos[k]`` of part ``src[k]``
+    (-1: the base part), one mapping per run of consecutive rows of one part. Shards keep
+    train's views for every row; a split with fewer maps the first of them."""
+    n, tail, dtype = len(src), like.shape[1:], like.dtype
     if not n:
-        g.create_dataset("features", (0, dim), dtype=dtype)
+        g.create_dataset(name, (0, *tail), dtype=dtype)
         return
-    layout = h5py.VirtualLayout((n, dim), dtype)
+    layout = h5py.VirtualLayout((n, *tail), dtype)
     sources = {}
     for i in np.unique(src).tolist():  # -1 picks the base part, the last
-        name = "features" if i >= 0 else g.name.strip("/")
+        inner = name if i >= 0 else _base_name(g.name.strip("/"), name)
         with h5py.File(out.parent / parts[i], "r") as f:
-            shape = f[name].shape
-        sources[i] = h5py.VirtualSource(parts[i], name, shape=shape, dtype=dtype)
+            shape = f[inner].shape
+        sources[i] = h5py.VirtualSource(parts[i], inner, shape=shape, dtype=dtype)
     breaks = np.flatnonzero((np.diff(src) != 0) | (np.diff(pos) != 1)) + 1
+    within = tuple(slice(0, k) for k in tail)
     for a, b in zip(np.r_[0, breaks], np.r_[breaks, n], strict=True):
-        layout[int(a) : int(b)] = sources[int(src[a])][int(pos[a]) : int(pos[b - 1]) + 1]
-    g.create_virtual_dataset("features", layout)
+        rows = slice(int(pos[a]), int(pos[b - 1]) + 1)
+        layout[int(a) : int(b)] = sources[int(src[a])][(rows, *within)]
+    g.create_virtual_dataset(name, layout)
 
 
 def _virtual_parts(h5: h5py.File) -> list[str]:
@@ -928,8 +989,9 @@ class ShardFile:
         self._pos = pos
 
     @classmethod
-    def create(cls, path: Path, splits: list[str], items: list[tuple[str, int]], *, feature_dim: int, dtype: str) -> ShardFile:  # fmt: skip
-        """A new shard file for ``items`` (split, row), in that order, opened for filling."""
+    def create(cls, path: Path, splits: list[str], items: list[tuple[str, int]], *, feature_dim: int, dtype: str, views: int = 0) -> ShardFile:  # fmt: skip
+        """A new shard file for ``items`` (split, row), in that order, opened for filling;
+        with ``views``, room for train's number of views on every row."""
         index = {s: i for i, s in enumerate(splits)}
 
         def layout(h5: h5py.File) -> None:
@@ -937,6 +999,8 @@ class ShardFile:
             h5.create_dataset("split", data=np.array([index[s] for s, _ in items], np.uint8))
             h5.create_dataset("row", data=np.array([r for _, r in items], np.int64))
             h5.create_dataset("features", (n, feature_dim), dtype=dtype, dcpl=_early())
+            if views:
+                h5.create_dataset("views", (n, views, feature_dim), dtype=dtype, dcpl=_early())
             h5.create_dataset("status", data=np.zeros(n, np.uint8))
             h5.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
 
@@ -949,16 +1013,18 @@ class ShardFile:
         """The stored feature dtype."""
         return str(self.h5["features"].dtype)
 
-    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str]) -> None:  # fmt: skip
+    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str], views: np.ndarray | None = None) -> None:  # fmt: skip
         """Store one batch: the same contract as :meth:`PartialCache.write`."""
         pos = np.array([self._pos[(split, int(r))] for r in rows], np.int64)
         bad = np.array([self._pos[(split, int(r))] for r in failed], np.int64)
         every = np.concatenate([pos, bad])
         lo, hi = int(every.min()), int(every.max()) + 1  # one batch: contiguous positions
         if len(pos):
-            span = self.h5["features"][lo:hi]
-            span[pos - lo] = features
-            self.h5["features"][lo:hi] = span
+            for name, values in (("features", features), ("views", views)):
+                if name in self.h5:
+                    span = self.h5[name][lo:hi]
+                    span[pos - lo, : values.shape[1]] = values
+                    self.h5[name][lo:hi] = span
             self.h5.flush()  # features reach the file before the rows are marked done
         status, reasons = self.h5["status"][lo:hi], self.h5["reasons"][lo:hi]
         status[pos - lo] = DONE
@@ -983,12 +1049,16 @@ def write_cache(
     weights: str,
     transform: str,
     source: str = "",
+    views: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a complete cache from arrays: ``{split: (features (N, D), labels (N,), paths)}``.
 
     For features computed elsewhere, tests and benchmarks; the file is the same
     schema `extract` writes (without file sizes and times: they are -1).
+    ``views`` gives each split's stored views, ``{split: (N, V, D)}`` (V for train,
+    1 elsewhere), as ``extract --views V`` stores them.
     """
+    views = views or {}
     path = Path(path)
     dims = {f.shape[1] for f, _, _ in splits.values()}
     dtypes = {str(f.dtype) for f, _, _ in splits.values()}
@@ -1003,6 +1073,8 @@ def write_cache(
         "classes": json.dumps(classes), "num_classes": len(classes), "source": source, "layout": "arrays",
         "source_fingerprint": "", "created": now_iso(),
     }  # fmt: skip
+    if views:
+        attrs.update(views=int(views["train"].shape[1]), view_policy="given as arrays")
 
     def layout(h5: h5py.File) -> None:
         h5.attrs.update(attrs)
@@ -1010,7 +1082,9 @@ def write_cache(
         for name, (_, labels, paths) in splits.items():
             n = len(labels)
             g = h5.create_group(name)
-            _features_dataset(g, n, dim, np.dtype(dtype))
+            _rows_dataset(g, "features", (n, dim), np.dtype(dtype))
+            if name in views:
+                _rows_dataset(g, "views", views[name].shape, np.dtype(dtype))
             _checked(g, "labels", np.asarray(labels, np.int64))
             g.create_dataset("paths", data=list(paths), dtype=_STR)
             _checked(g, "sizes", np.full(n, -1, np.int64))
@@ -1025,6 +1099,8 @@ def write_cache(
         for name, (features, _, _) in splits.items():
             for lo in range(0, len(features), COPY_ROWS):
                 h5[name]["features"][lo : lo + COPY_ROWS] = features[lo : lo + COPY_ROWS]
+                if name in views:
+                    h5[name]["views"][lo : lo + COPY_ROWS] = views[name][lo : lo + COPY_ROWS]
         h5.attrs.modify("complete", True)
     return path
 
@@ -1039,11 +1115,12 @@ def _reuse_rows(
     g: h5py.Group,
     samples: list[Sample],
     index: dict,
-    src_features: h5py.Dataset | None,
+    src_arrays: dict | None,
     src_status: np.ndarray,
     src_reasons: np.ndarray,
 ) -> None:
-    """Copy the rows of ``samples`` found in ``index`` (key -> source row) into group ``g``."""
+    """Copy the rows of ``samples`` found in ``index`` (key -> source row) into group ``g``:
+    each row array of ``g`` from ``src_arrays`` (name -> dataset; None: skipped files only)."""
     pairs = [
         (i, index[(s.path, s.size, s.mtime_ns)])
         for i, s in enumerate(samples)
@@ -1054,7 +1131,8 @@ def _reuse_rows(
     dst_rows, src_rows = (np.array(c) for c in zip(*pairs, strict=True))
     done = src_status[src_rows] == DONE
     if done.any():
-        _copy_rows(src_features, src_rows[done], g["features"], dst_rows[done])
+        for name in _row_arrays(g):
+            _copy_rows(src_arrays[name], src_rows[done], g[name], dst_rows[done])
     status, reasons = g["status"][:], g["reasons"][:]
     status[dst_rows] = src_status[src_rows]
     reasons[dst_rows[~done]] = src_reasons[src_rows[~done]]
@@ -1270,6 +1348,62 @@ class Rows:
     def all(self) -> np.ndarray:
         """All features as float32 (only for the references that need them in memory)."""
         return np.concatenate([x for _, x in self.blocks()])
+
+
+class ViewRows(Rows):
+    """Training rows, in memory, that show one stored picture of each image per epoch: the
+    plain features or one of the image's views, drawn uniformly by :meth:`pick`.
+
+    views : (n_source, V, D) stored views of the source rows; counts : (n_source,) how many
+    of them each row has (rows joined from val have 1, the mirror; default: all V).
+    """
+
+    def __init__(self, source, views, labels: np.ndarray, rows: np.ndarray, counts=None):
+        super().__init__(source, labels, rows, in_memory=True)
+        self._plain = self._data
+        self._views = np.asarray(views[:])[self.rows] if len(self.rows) else np.asarray(views[:0])
+        full = np.full(len(labels), self._views.shape[1], np.int64)
+        self.counts = (full if counts is None else np.asarray(counts, np.int64))[self.rows]
+
+    def pick(self, rng: np.random.Generator) -> None:
+        """Draw this epoch's picture of every row: 0 the plain features, k the k-th view."""
+        choice = np.floor(rng.random(self.n) * (self.counts + 1)).astype(np.int64)
+        data = self._plain.copy()
+        viewed = np.flatnonzero(choice > 0)
+        data[viewed] = self._views[viewed, choice[viewed] - 1]
+        self._data = data
+
+    def every(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored picture of every row (plain, then each view) as float32, with labels."""
+        xs, ys = [_f32(self._plain)], [self.labels]
+        for k in range(self._views.shape[1]):
+            has = np.flatnonzero(self.counts > k)
+            xs.append(_f32(self._views[has, k]))
+            ys.append(self.labels[has])
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+def join_rows(a: Rows, b: Rows) -> Rows:
+    """The rows of ``a`` then those of ``b`` as one in-memory set (train + val for a refit);
+    views are kept for the rows that have them."""
+    if not (a.in_memory and b.in_memory):
+        raise EmbedcacheError("--refit needs the features in memory; raise --max-memory")
+    plain = [r._plain if isinstance(r, ViewRows) else r._data for r in (a, b)]
+    labels = np.concatenate([a.labels, b.labels])
+    rows = np.arange(len(labels))
+    if not isinstance(a, ViewRows):
+        return Rows(np.concatenate(plain), labels, rows, in_memory=True)
+    width = a._views.shape[1]
+    views, counts = [a._views], [a.counts]
+    if isinstance(b, ViewRows):  # fewer views (val's mirror alone): padded, never drawn
+        pad = np.zeros((b.n, width, a._views.shape[2]), a._views.dtype)
+        pad[:, : b._views.shape[1]] = b._views[:, :width]
+        views.append(pad)
+        counts.append(np.minimum(b.counts, width))
+    else:
+        views.append(np.zeros((b.n, width, a._views.shape[2]), a._views.dtype))
+        counts.append(np.zeros(b.n, np.int64))
+    return ViewRows(np.concatenate(plain), np.concatenate(views), labels, rows, np.concatenate(counts))  # fmt: skip
 
 
 def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

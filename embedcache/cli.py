@@ -374,13 +374,17 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
 
     Trains on the train split and keeps the epoch (and, in a sweep, the
-    learning rate and weight decay) with the best validation accuracy.
-    Metrics JSON, loss/accuracy curves, a confusion matrix and a
-    classification report are written next to OUT.
+    learning rate and weight decay) with the best validation accuracy, ties
+    going to the lower validation loss; --refit then trains that choice again
+    on train + val. On a cache made with `extract --views K` each epoch draws
+    one picture per image from its plain features and views. Metrics JSON,
+    loss/accuracy curves, a confusion matrix and a classification report are
+    written next to OUT.
 
     \b
     Example:
       embedcache train-head cache.h5 --lr 1e-3,3e-3,1e-2 --weight-decay 0,1e-3 --out head.pt
+      embedcache train-head views.h5 --refit --out head.pt
     """
     from .train import train_head
 
@@ -399,10 +403,25 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
             click.echo("  " + "  ".join(cells))
     best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
     epochs = f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
+    views = f"; trained on {m['views']['used']} views per image too" if m["views"]["used"] else ""
     click.echo(
-        f"{m['head']} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs}; {best}; {m['seconds']:.2f} s"
+        f"{m['head']} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs}; {best}{views}; {m['seconds']:.2f} s"
     )
+    if "val_acc_tta" in m:
+        click.echo(f"with test-time averaging (image and mirror): val accuracy {m['val_acc_tta']:.4f}")  # fmt: skip
+    if "refit" in m:
+        rf = m["refit"]
+        epochs = f" for {rf['epochs']} epochs" if "epochs" in rf else ""
+        click.echo(f"refit on train + val ({rf['images']} images){epochs}: the saved head; the accuracies above are its configuration's before the refit")  # fmt: skip
     click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
+
+
+def _tta_option(default: str):
+    return click.option(
+        "--tta/--no-tta",
+        default=None,
+        help=f"Test-time averaging: the mean of the logits of each image and its mirror [default: {default}].",
+    )
 
 
 @main.command()
@@ -415,9 +434,12 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     type=click.Path(dir_okay=False),
     help="Confusion matrix PNG [default: MODEL.SPLIT.confusion.png next to MODEL].",
 )
+@_tta_option(
+    "on when DATA is a cache that stores them (extract --views), or images and MODEL a head trained on views"
+)
 @options(ExtractConfig, "device", "batch_size", "num_workers")
 @output_options
-def evaluate(model, data, split, plot, quiet, as_json, **run):
+def evaluate(model, data, split, plot, tta, quiet, as_json, **run):
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
     MODEL is a head from train-head or a model from finetune. DATA is a cache
@@ -432,12 +454,13 @@ def evaluate(model, data, split, plot, quiet, as_json, **run):
 
     plot = plot or str(Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png"))
     r = evaluate_model(
-        model, data, split=split, plot=plot, progress=not quiet and not as_json, **run
+        model, data, split=split, plot=plot, tta=tta, progress=not quiet and not as_json, **run
     )
     if as_json:
         _emit_json(r)
         return
-    click.echo(f"{r['split']}: accuracy {r['accuracy']:.4f} on {r['images']} images")
+    how = ", logits averaged over each image and its mirror" if r["tta"] else ""
+    click.echo(f"{r['split']}: accuracy {r['accuracy']:.4f} on {r['images']} images{how}")
     click.echo(r["report"].rstrip())
     width = max(len(c) for c in r["classes"])
     click.echo("confusion (rows true, columns predicted):")
@@ -452,9 +475,10 @@ def evaluate(model, data, split, plot, quiet, as_json, **run):
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@_tta_option("on when MODEL is a head trained on views (extract --views)")
 @options(ExtractConfig, "device", "batch_size", "num_workers")
 @output_options
-def predict(model, images, top_k, quiet, as_json, **run):
+def predict(model, images, top_k, tta, quiet, as_json, **run):
     """Top classes and probabilities of each image (files or folders).
 
     \b
@@ -464,7 +488,7 @@ def predict(model, images, top_k, quiet, as_json, **run):
     from .inference import predict as predict_images
 
     rows = predict_images(
-        model, list(images), top_k=top_k, progress=not quiet and not as_json, **run
+        model, list(images), top_k=top_k, tta=tta, progress=not quiet and not as_json, **run
     )
     if as_json:
         _emit_json(rows)

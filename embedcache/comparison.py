@@ -4,13 +4,16 @@
    batch 32, up to 30 epochs with early stopping (patience 5 on validation
    loss), the whole backbone forwarded over every image on every epoch.
 2. extract + train-head: the backbone runs once, a linear head (and a sweep)
-   trains on the cache.
+   trains on the cache; then with ``extract --views K`` (K augmented views per
+   training image cached, their forward passes charged) and the same head
+   trained on them, without and with test-time averaging (image and mirror).
 3. finetune --unfreeze N: from the head trained on the cache (linear probe,
    then fine-tune) and from a fresh head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,6 +36,7 @@ from .runtime import resolve_device, tune_allocator
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_WDS = (0.0, 1e-4, 1e-3, 1e-2)
 TUTORIAL_LR, TUTORIAL_BATCH, TUTORIAL_PATIENCE = 1e-3, 32, 5  # the courses' Adam settings
+TUTORIAL_ROW = "tutorial recipe (backbone every epoch)"
 
 
 @dataclass
@@ -276,24 +280,45 @@ def _tutorial(b: _Bench) -> Approach:
     )
     h = tut["history"]
     return Approach(
-        name="tutorial recipe (backbone every epoch)", extract_s=0.0, train_s=seconds,
+        name=TUTORIAL_ROW, extract_s=0.0, train_s=seconds,
         best_val_acc=tut["best_val_acc"], epochs=tut["epochs_run"], train_images=b.n_train,
         peak_mb=peak, curve=_curve(0.0, h["seconds"], h["val_acc"]),
     )  # fmt: skip
 
 
-def _extract(b: _Bench) -> Path:
+def _extract(b: _Bench, views: int = 0) -> tuple[Path, float, float | None]:
+    """(cache, seconds, peak MB) of extracting the data (with ``views`` per training image)."""
     from .extraction import extract
 
-    cfg, cache = b.cfg, b.workdir / "cache.h5"
-    _, b.extract_s, b.extract_peak = _timed(lambda: extract(
+    cfg, cache = b.cfg, b.workdir / (f"views{views}.h5" if views else "cache.h5")
+    _, seconds, peak = _timed(lambda: extract(
         b.data, out=cache, backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size,
         device=cfg.device, seed=cfg.seed, val_fraction=cfg.val_fraction, overwrite=True, progress=b.progress,
+        views=views,
     ))  # fmt: skip
-    return cache
+    return cache, seconds, peak
 
 
-def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> Approach:
+def _views(b: _Bench) -> list[Approach]:
+    """The linear head on a cache with views: the extra forward passes charged to it, its
+    validation accuracy without and with test-time averaging (image and mirror)."""
+    cache, seconds, peak = _extract(b, b.cfg.views)
+    saved = b.extract_s, b.extract_peak
+    b.extract_s, b.extract_peak = seconds, peak
+    try:
+        row, m = _head(b, cache, f"extract --views {b.cfg.views} + train-head linear", "head_views.pt")  # fmt: skip
+    finally:
+        b.extract_s, b.extract_peak = saved
+    tta = m.get("val_acc_tta")
+    rows = [row]
+    if tta is not None:
+        point = [(round(row.total_s, 3), tta)]  # the chosen head, scored with its mirrors
+        rows.append(dataclasses.replace(row, name=f"{row.name} + TTA", best_val_acc=tta, curve=point))  # fmt: skip
+    return rows
+
+
+def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> tuple[Approach, dict]:
+    """The row of a head trained on ``cache`` (its extraction charged: ``b.extract_s``), and its metrics."""
     from .train import train_head
 
     cfg = b.cfg
@@ -316,7 +341,7 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> Approach:
         epochs=m["epochs_run"], train_images=b.n_train,
         peak_mb=max(filter(None, (peak, b.extract_peak)), default=None),
         curve=_curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
-    )  # fmt: skip
+    ), m  # fmt: skip
 
 
 def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
@@ -395,21 +420,18 @@ def compare(
     b = _Bench(Path(data), images, cfg, workdir, progress, say)
     _warm_imports()
     steps = 2 + 2 * len(cfg.unfreeze)
-    say(f"1/{steps} tutorial recipe: the frozen backbone forwarded every epoch")
-    rows = [_tutorial(b)]
+    rows = []
+    if cfg.tutorial:
+        say(f"1/{steps} tutorial recipe: the frozen backbone forwarded every epoch")
+        rows.append(_tutorial(b))
     say(f"2/{steps} extract once, then heads on the cache")
-    cache = _extract(b)
-    rows.append(_head(b, cache, "extract + train-head linear", "head.pt"))
-    rows.append(
-        _head(
-            b,
-            cache,
-            f"extract + train-head {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep",
-            "head_sweep.pt",
-            lr=SWEEP_LRS,
-            weight_decay=SWEEP_WDS,
-        )
-    )
+    cache, b.extract_s, b.extract_peak = _extract(b)
+    rows.append(_head(b, cache, "extract + train-head linear", "head.pt")[0])
+    sweep = f"extract + train-head {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
+    rows.append(_head(b, cache, sweep, "head_sweep.pt", lr=SWEEP_LRS, weight_decay=SWEEP_WDS)[0])
+    if cfg.views:
+        say(f"2/{steps} extract --views {cfg.views}, the linear head on the views")
+        rows += _views(b)
     for i, (n, cached) in enumerate((n, c) for n in cfg.unfreeze for c in (True, False)):
         say(
             f"{3 + i}/{steps} finetune --unfreeze {n} from the {'cached' if cached else 'fresh'} head"
@@ -444,7 +466,7 @@ def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
 
 def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> str:
     """The comparison as a Markdown table, fastest to slowest as run."""
-    tut = rows[0]
+    tut = rows[0] if rows and rows[0].name == TUTORIAL_ROW else None
     head = [
         f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta['finetune_augment']}.",
         "",
@@ -453,7 +475,9 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
     ]
     for r in rows:
         ratio = (
-            "1"
+            "n/a (no tutorial row)"
+            if tut is None
+            else "1"
             if r is tut
             else f"1/{tut.total_s / r.total_s:.0f}"
             if r.total_s < tut.total_s

@@ -168,6 +168,13 @@ class ExtractConfig(_Config):
         "(a minute of compiling pays back there), never on a CPU.",
         choices=("auto", "on", "off"),
     )
+    views: int = setting(
+        0,
+        "Also store this many augmented views per training image (the mirror image, then random "
+        "resized crops); val/test get the mirror alone, for test-time averaging. Each view is one "
+        "more forward pass.",
+        low=0,
+    )
     join: str = setting(
         "auto",
         "Under torchrun, how the ranks' shard files become the cache: copy (one self-contained "
@@ -213,6 +220,18 @@ class HeadConfig(_Config):
     )
     stream: bool | None = None  # force streaming (True) or loading (False); None: by max_memory
     resume: bool = setting(False, "Continue the training saved in --out.")
+    views: str = setting(
+        "use",
+        "With a cache made by extract --views: use shows each epoch one picture of every "
+        "training image, drawn from its plain features and its views; ignore trains on the "
+        "plain features alone.",
+        choices=("use", "ignore"),
+    )
+    refit: bool = setting(
+        False,
+        "After choosing the configuration (and epochs) on validation, train it again on "
+        "train + val and save that head; the reported val accuracy is the chosen one's before it.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay"):  # a single number is a one-value sweep
@@ -329,6 +348,14 @@ class CompareConfig(_Config):
         "light",
         "finetune's train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",
         choices=AUGMENTS,
+    )
+    views: int = setting(
+        4,
+        "Views per training image for the rows of a head trained on cached views (0: leave those rows out).",
+        low=0,
+    )
+    tutorial: bool = setting(
+        True, "Include the tutorial recipe (the slowest row, the time reference)."
     )
     device: str = _device()
     seed: int = _seed()

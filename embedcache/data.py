@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -526,8 +527,16 @@ def augment(
     path, seed = item
     if kind == "none":
         return preprocess(path, t)
-    rng = np.random.default_rng(seed)
+    return augmented_views(path, t, kind, [seed])[0]
+
+
+def augmented_views(path: str | Path, t: EvalTransform, kind: str, seeds: list) -> list[np.ndarray]:
+    """One :func:`augment` view per seed, the file decoded once."""
     img = load_rgb(path, short_side=t.crop if t.jpeg_draft else None)
+    return [_augmented(img, np.random.default_rng(seed), t, kind) for seed in seeds]
+
+
+def _augmented(img: Image.Image, rng: np.random.Generator, t: EvalTransform, kind: str) -> np.ndarray:  # fmt: skip
     w, h = img.size
     lo, hi = _CROP_SCALE[kind]
     box = None
@@ -552,6 +561,45 @@ def augment(
             enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i]
             img = enhancer(img).enhance(float(rng.uniform(0.6, 1.4)))
     return np.array(img, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Views stored in a cache (extract --views)
+
+VIEW_POLICY = "flip, then light random resized crops"
+
+
+def views_for(split: str, views: int) -> int:
+    """Views a cache stores per image of ``split``: all ``views`` for train, the flip alone
+    for val, test and unlabelled images (what test-time averaging uses), none without --views."""
+    if views <= 0:
+        return 0
+    return views if split == "train" else 1
+
+
+def view_policy(views: int, seed: int) -> str:
+    """How ``extract --views`` draws its views: part of the cache identity ("" without views)."""
+    return f"{VIEW_POLICY} (scale {_CROP_SCALE['light'][0]}-1), seed {seed}" if views else ""
+
+
+def view_key(seed: int, path: str) -> tuple[int, int]:
+    """The seed of one image's views: from the path relative to the data root, so the same
+    image gets the same views in a resumed, incremental or moved extraction."""
+    return seed, zlib.crc32(path.encode())
+
+
+def with_views(item: tuple[str | Path, int, tuple[int, int]], t: EvalTransform) -> np.ndarray:
+    """An image's eval crop followed by its ``n`` stored views: (1 + n, crop, crop, 3) uint8.
+
+    ``item`` is ``(path, n, key)``. View 1 is the eval crop mirrored left-right; views
+    2..n are :func:`augment`'s ``light`` views seeded by ``(*key, v)``.
+    """
+    path, n, key = item
+    plain = preprocess(path, t)
+    out = [plain, np.ascontiguousarray(plain[:, ::-1])][: 1 + n]
+    if n > 1:
+        out += augmented_views(path, t, "light", [(*key, v) for v in range(1, n)])
+    return np.stack(out)
 
 
 # ---------------------------------------------------------------------------

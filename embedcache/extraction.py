@@ -33,7 +33,17 @@ from .cache import (
     shard_paths,
 )
 from .config import ExtractConfig
-from .data import ImageSet, decoded_batches, gpu_decoded_batches, preprocess, scan
+from .data import (
+    ImageSet,
+    decoded_batches,
+    gpu_decoded_batches,
+    preprocess,
+    scan,
+    view_key,
+    view_policy,
+    views_for,
+    with_views,
+)
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
@@ -75,6 +85,7 @@ class ExtractResult:
     splits: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
     ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
+    views: int = 0  # augmented views stored per training image (extract --views)
 
     @property
     def images_per_s(self) -> float:
@@ -87,9 +98,13 @@ class ExtractResult:
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         mb = self.file_bytes / 1e6
         per_rank = ""
+        if self.views:
+            per_rank = (
+                f"; {self.views} views per train image (1 mirror elsewhere), a forward pass each"
+            )
         if len(self.ranks) > 1:
             rates = ", ".join(f"{n / s:.1f}" if s > 0 else "0" for n, s in self.ranks)
-            per_rank = f"; {len(self.ranks)} ranks at {rates} images/s"
+            per_rank += f"; {len(self.ranks)} ranks at {rates} images/s"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
             f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{per_rank}), "
@@ -208,10 +223,10 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
 def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}
-        skipped = len(c.skipped)
+        skipped, views = len(c.skipped), c.num_views
     return ExtractResult(
         out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, **extra,
+        counts, views=views, **extra,
     )  # fmt: skip
 
 
@@ -254,7 +269,7 @@ def extract(
             return _result(out, 0, 0, 0.0, up_to_date=True)
         start = time.perf_counter()
         run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
-        extracted = group.each(lambda: _extract_part(out, bb, run, group))
+        extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg.seed))
         ranks = group.gather((extracted, time.perf_counter() - start))
         group.on_main(lambda: _join(out, cfg.join))
         seconds = time.perf_counter() - start
@@ -268,7 +283,10 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
     """
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
-    identity = CacheIdentity(**bb.identity().as_dict(), dtype=cfg.dtype, precision=precision)
+    identity = CacheIdentity(
+        **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
+        view_policy=view_policy(cfg.views, cfg.seed),
+    )  # fmt: skip
     with disk_errors(out):
         _take_in_shards(out, keep=not cfg.overwrite)
         mode, reuse = _plan(out, identity, images, cfg.overwrite)
@@ -301,7 +319,9 @@ def _take_in_shards(out: Path, *, keep: bool) -> None:
 
 def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:  # fmt: skip
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
-    gpu = choose_gpu_decode(cfg.decode, dev)
+    if cfg.views and cfg.decode == "gpu":
+        raise EmbedcacheError("--views draws its crops on the CPU; use --decode cpu or auto with --views")  # fmt: skip
+    gpu = choose_gpu_decode(cfg.decode, dev) and not cfg.views
     batch = cfg.batch_size or default_batch_size(dev)
     if batch == "auto":  # probed once; on a CPU small batches are the fast ones
         if dev.type == "cuda":
@@ -312,12 +332,12 @@ def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dty
     return Run(dev, batch, workers, amp, progress, gpu, cfg.compile)
 
 
-def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:
+def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) -> int:
     """Forward this rank's share of the rows to do: a contiguous run of the batches, into its
     own shard file (one process: straight into the in-progress file). Returns the images forwarded."""
     alone = group.world == 1
     partial = PartialCache.open(partial_path(out), "r+" if alone else "r")
-    splits, dtype = partial.splits, partial.identity.dtype
+    splits, dtype, views = partial.splits, partial.identity.dtype, partial.identity.views
     root = Path(str(partial.h5.attrs["source"]))
     todo = {s: partial.todo(s) for s in splits}
     paths = {s: partial.paths(s) for s in splits}
@@ -329,8 +349,10 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group) -> int:
         partial.close()
         items = [flat[i] for batch in mine for i in batch]
         with disk_errors(out):
-            writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype)  # fmt: skip
+            writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype, views=views)  # fmt: skip
     files = [root / paths[s][r] for s, r in flat]
+    if views:  # decode items: (file, views of its split, the seed of its views)
+        files = [(f, views_for(s, views), view_key(seed, paths[s][r])) for f, (s, r) in zip(files, flat, strict=True)]  # fmt: skip
     try:
         with disk_errors(out):
             return _run(bb, files, flat, mine, writer, run, scale=group.world)
@@ -377,7 +399,7 @@ def _open_partial(
         return reuse[0]
     try:
         dtype = attrs["dtype"]
-        check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype))
+        check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype, int(attrs.get("views", 0))))  # fmt: skip
         return PartialCache.create(
             partial_path(out),
             attrs=attrs,
@@ -400,7 +422,8 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
     if run.gpu_decode:
         loader = gpu_decoded_batches(files, batches, bb.transform, device=run.device, num_workers=run.workers)  # fmt: skip
     else:
-        decode = functools.partial(preprocess, t=bb.transform)
+        views = isinstance(files[0], tuple)  # items with views: each decodes to (1 + V, H, W, 3)
+        decode = functools.partial(with_views if views else preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     if should_compile(run.compile, run.device, sum(len(b) for b in batches)):  # this rank's images
@@ -416,12 +439,17 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
             split = flat[int(index[0]) if len(index) else next(iter(failed_at))][0]  # one per batch
             rows = np.array([flat[i][1] for i in index], dtype=np.int64)
             failed = {flat[i][1]: reason for i, reason in failed_at.items()}
-            feats = np.zeros((0, bb.feature_dim), out_dtype)
+            feats, views = np.zeros((0, bb.feature_dim), out_dtype), None
             if batch is not None:
+                per_image = batch.shape[1] if batch.dim() == 5 else 0  # with views: 1 + V
                 with run.amp():
-                    feats = net(norm(batch)).float().cpu().numpy().astype(out_dtype)
+                    out = net(norm(batch.flatten(0, 1) if per_image else batch))
+                feats = out.float().cpu().numpy().astype(out_dtype)
+                if per_image:
+                    feats = feats.reshape(len(rows), per_image, -1)
+                    feats, views = feats[:, 0], feats[:, 1:]
                 done += len(rows)
-            writer.write(split, rows, feats, failed)
+            writer.write(split, rows, feats, failed, views)
             bar.update(min((len(rows) + len(failed)) * scale, total - bar.n))
             if failed:
                 skipped += len(failed)

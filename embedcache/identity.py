@@ -67,15 +67,23 @@ class CacheIdentity(FeatureIdentity):
 
     ``precision`` is the forward pass's (fp32, bf16 or fp16): features of one image
     differ by up to a few percent between them, so one cache never mixes them.
-    Caches written before it was recorded read as ``unrecorded``.
+    Caches written before it was recorded read as ``unrecorded``. ``views`` is the
+    number of augmented views per training image (``extract --views``) and
+    ``view_policy`` how they were drawn, seed included ("" without views).
     """
 
     dtype: str
     precision: str
+    views: int = 0
+    view_policy: str = ""
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> CacheIdentity:
-        return cls(**FeatureIdentity.from_mapping(m).as_dict(), dtype=str(m["dtype"]), precision=str(m.get("precision", "unrecorded")))  # fmt: skip
+        return cls(
+            **FeatureIdentity.from_mapping(m).as_dict(), dtype=str(m["dtype"]),
+            precision=str(m.get("precision", "unrecorded")), views=int(m.get("views", 0)),
+            view_policy=str(m.get("view_policy", "")),
+        )  # fmt: skip
 
 
 def _json(text: str) -> dict:

@@ -12,7 +12,7 @@ import torch
 from .backbones import Backbone, Normalise, build_backbone
 from .cache import open_cache
 from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
-from .data import IMAGE_EXTENSIONS, preprocess, scan
+from .data import IMAGE_EXTENSIONS, preprocess, scan, with_views
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .finetuning import model_backbone
@@ -38,6 +38,18 @@ class Classifier:
     def path(self) -> Path:
         return self.checkpoint.path
 
+    @property
+    def trained_on_views(self) -> bool:
+        """A head trained on a cache's views (extract --views): test-time averaging suits it."""
+        views = self.checkpoint.metrics.get("views", {}) if self.kind == "head" else {}
+        return bool(views.get("used", 0))
+
+    def logits(self, features: np.ndarray, mirror: np.ndarray | None = None) -> torch.Tensor:
+        """Logits of features (N, D); with the mirrored images' features, the mean of both."""
+        with torch.no_grad():
+            z = self.head(torch.from_numpy(features))
+            return z if mirror is None else (z + self.head(torch.from_numpy(mirror))) / 2
+
     def backbone(self, device: torch.device) -> Backbone:
         """The backbone these features come from: rebuilt from what the checkpoint recorded."""
         if isinstance(self.checkpoint, ModelCheckpoint):
@@ -61,25 +73,39 @@ def load_classifier(path: str | Path) -> Classifier:
 
 
 def image_features(
-    bb: Backbone, files: list[Path], run: Run, *, desc: str = "features"
+    bb: Backbone, files: list[Path], run: Run, *, desc: str = "features", mirror: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Run the backbone over image files.
+    """Run the backbone over image files (with ``mirror``, over each image and its mirror).
 
     Returns
     -------
-    features : ndarray of shape (n_ok, D), float32
+    features : ndarray of shape (n_ok, D), float32; with ``mirror`` (n_ok, 2, D)
     ok : ndarray of shape (n_ok,), indices into ``files``
     failed : {index: reason} for files that could not be decoded
     """
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     norm = Normalise(bb.transform).to(run.device)
-    decode = functools.partial(preprocess, t=bb.transform)
-    feats, ok, failed = forward_images(
-        lambda x: net(norm(x)).float(), files, decode, run, desc=desc
-    )
+    if mirror:  # each item decodes to (2, H, W, 3): the eval crop and its mirror
+        files = [(f, 1, (0, 0)) for f in files]
+        decode = functools.partial(with_views, t=bb.transform)
+        fn = lambda x: net(norm(x.flatten(0, 1))).float().unflatten(0, (len(x), 2))  # noqa: E731
+    else:
+        decode = functools.partial(preprocess, t=bb.transform)
+        fn = lambda x: net(norm(x)).float()  # noqa: E731
+    feats, ok, failed = forward_images(fn, files, decode, run, desc=desc)
     if feats is None:
-        feats = np.zeros((0, bb.feature_dim), np.float32)
+        feats = np.zeros((0, 2, bb.feature_dim) if mirror else (0, bb.feature_dim), np.float32)
     return feats, ok, failed
+
+
+def _tta(tta: bool | None, clf: Classifier) -> bool:
+    """--tta for images: as asked, else on for a head trained on views."""
+    return clf.trained_on_views if tta is None else tta
+
+
+def _split_mirrored(features: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(plain, mirrored or None) from image_features' output."""
+    return (features[:, 0].copy(), features[:, 1].copy()) if mirror else (features, None)
 
 
 def _run(device: str, batch_size: int | None, num_workers: int | None, progress: bool) -> Run:
@@ -101,9 +127,10 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
 
 
 def _cache_split(
-    clf: Classifier, data: Path, split: str
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features float32, labels, classes) of a cache split, checked against the head."""
+    clf: Classifier, data: Path, split: str, tta: bool | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
+    """(features float32, mirrored features or None, labels, classes) of a cache split, checked
+    against the head. The mirrors are read when ``tta``, or when None and the cache has them."""
     if clf.kind == "model":
         raise EmbedcacheError(
             f"{clf.path} is a fine-tuned model, whose features differ from any cache; pass the image folder instead of {data}"
@@ -117,12 +144,18 @@ def _cache_split(
             raise EmbedcacheError(
                 f"cache {data} has no {split!r} split (it has {', '.join(c.splits)}); pass --split"
             )
-        sd = c.split(split)
-        return sd.features.astype(np.float32), sd.labels, c.classes
+        sd, views = c.split(split), c.views(split)
+        if tta and views is None:
+            raise EmbedcacheError(
+                f"--tta needs the mirrored images, and cache {data} has none; extract it with --views 1 or more, or pass --no-tta"
+            )
+        mirror = views[:, 0].astype(np.float32) if views is not None and tta is not False else None
+        return sd.features.astype(np.float32), mirror, sd.labels, c.classes
 
 
-def _folder_split(clf: Classifier, data: Path, split: str, run: Run):
-    """(features, labels, classes, skipped) of an image folder's split, through the model's backbone."""
+def _folder_split(clf: Classifier, data: Path, split: str, run: Run, mirror: bool):
+    """(features, mirrored or None, labels, classes, skipped) of an image folder's split,
+    through the model's backbone."""
     images = scan(data)
     if split not in images.splits:
         raise EmbedcacheError(
@@ -131,11 +164,11 @@ def _folder_split(clf: Classifier, data: Path, split: str, run: Run):
     samples = images.splits[split]
     files = [images.root / s.path for s in samples]
     features, ok, failed = image_features(
-        clf.backbone(run.device), files, run, desc=f"evaluate {split}"
+        clf.backbone(run.device), files, run, desc=f"evaluate {split}", mirror=mirror
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
-    return features, labels, images.classes, skipped
+    return *_split_mirrored(features, mirror), labels, images.classes, skipped
 
 
 def _is_cache(path: Path) -> bool:
@@ -149,28 +182,33 @@ def evaluate(
     data: str | Path,
     *,
     split: str = "test",
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
     plot: str | Path | None = None,
     progress: bool = True,
+    tta: bool | None = None,
+    **run,
 ) -> dict:
     """Accuracy, per-class precision/recall and the confusion matrix of ``model`` on one split.
 
     ``data`` is a cache (a head uses its features directly, after checking they
     come from the same backbone, weights and transform) or an image folder / CSV
     (the backbone is rebuilt from the identity recorded in the checkpoint).
+    ``tta`` averages the logits of each image and its mirror; None: on for a cache
+    that stores the mirrors (extract --views), and for images with a head trained
+    on views. ``run`` takes ``device``, ``batch_size`` and ``num_workers`` for images.
     """
     from .report import classification_text, confusion, per_class, plot_confusion
 
+    unknown = set(run) - {"device", "batch_size", "num_workers"}
+    if unknown:
+        raise TypeError(f"evaluate() got unexpected keyword arguments {sorted(unknown)}")
     clf = model if isinstance(model, Classifier) else load_classifier(model)
     data = Path(data)
     skipped: dict[str, str] = {}
     if _is_cache(data):
-        features, labels, classes = _cache_split(clf, data, split)
+        features, mirror, labels, classes = _cache_split(clf, data, split, tta)
     else:
-        run = _run(device, batch_size, num_workers, progress)
-        features, labels, classes, skipped = _folder_split(clf, data, split, run)
+        on = _run(run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress)  # fmt: skip
+        features, mirror, labels, classes, skipped = _folder_split(clf, data, split, on, _tta(tta, clf))  # fmt: skip
     if len(labels) == 0:
         raise EmbedcacheError(f"the {split} split of {data} has no readable images")
     if np.any(labels < 0):
@@ -178,11 +216,11 @@ def evaluate(
             f"the {split} split of {data} is unlabelled; evaluate needs labels (use predict)"
         )
     y = _map_labels(classes, clf.classes, str(data))[labels]
-    with torch.no_grad():
-        pred = clf.head(torch.from_numpy(features)).numpy().argmax(1)
+    pred = clf.logits(features, mirror).numpy().argmax(1)
     matrix = confusion(y, pred, len(clf.classes))
     result = {
         "model": str(clf.path), "data": str(data), "split": split, "images": int(len(y)),
+        "tta": mirror is not None,
         "accuracy": float((pred == y).mean()), "classes": clf.classes,
         "per_class": per_class(y, pred, clf.classes), "confusion": matrix.tolist(),
         "report": classification_text(y, pred, clf.classes), "skipped": skipped,
@@ -218,8 +256,12 @@ def predict(
     batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    tta: bool | None = None,
 ) -> list[dict]:
     """Top-k classes and probabilities for each image (a folder expands to its images).
+
+    ``tta`` averages the logits of each image and its mirror (None: on for a head
+    trained on a cache's views, off otherwise).
 
     Returns one dict per image: ``{"path", "predictions": [{"class", "probability"}, ...]}``
     or ``{"path", "error"}`` for a file that could not be decoded.
@@ -229,9 +271,9 @@ def predict(
         raise EmbedcacheError(f"--top-k must be at least 1, got {top_k}")
     files = _image_files(images)
     run = _run(device, batch_size, num_workers, progress)
-    features, ok, failed = image_features(clf.backbone(run.device), files, run, desc="predict")
-    with torch.no_grad():
-        probs = torch.softmax(clf.head(torch.from_numpy(features)), dim=1)
+    mirror = _tta(tta, clf)
+    features, ok, failed = image_features(clf.backbone(run.device), files, run, desc="predict", mirror=mirror)  # fmt: skip
+    probs = torch.softmax(clf.logits(*_split_mirrored(features, mirror)), dim=1)
     top = probs.topk(min(top_k, len(clf.classes)), dim=1) if len(ok) else None
     out: list[dict] = [{} for _ in files]
     for row, i in enumerate(ok):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import Cache, Rows, memory_budget, open_cache
+from .cache import Cache, Rows, ViewRows, join_rows, memory_budget, open_cache
 from .checkpoint import HeadCheckpoint, Recorded
 from .config import HeadConfig
 from .data import holdout, holdout_note
@@ -77,7 +77,19 @@ def _labels(cache: Cache, split: str) -> np.ndarray:
     return labels
 
 
-def _splits(cache: Cache, cfg: HeadConfig) -> tuple[Rows, Rows, str]:
+@dataclass
+class _Data:
+    """What a head trains and is chosen on: train rows (with views when used), validation rows,
+    the mirrored validation images when the cache stores them (for test-time averaging)."""
+
+    train: Rows
+    val: Rows
+    val_source: str
+    val_mirror: Rows | None
+    views: int  # views per training image used (0: plain features only)
+
+
+def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
     """Train and validation rows of a cache, checked; and where validation comes from.
 
     Without a val split, validation is held out of train by :func:`embedcache.data.holdout`
@@ -95,20 +107,39 @@ def _splits(cache: Cache, cfg: HeadConfig) -> tuple[Rows, Rows, str]:
             f"the train split of {cache.path} has a single class ({name}); a classifier needs at least two"
         )
     feats = cache.features("train")
-    need = feats.shape[0] * feats.shape[1] * feats.dtype.itemsize
+    views = cache.views("train") if cfg.views == "use" else None
+    need = (feats.shape[0] * feats.shape[1] + (int(np.prod(views.shape)) if views is not None else 0)) * feats.dtype.itemsize  # fmt: skip
     in_memory = need <= memory_budget(cfg.max_memory) if cfg.stream is None else not cfg.stream
+    if views is not None and not in_memory:
+        raise EmbedcacheError(
+            f"training on the views of {cache.path} needs them in memory ({need / 1e9:.1f} GB); raise --max-memory or pass --views ignore"
+        )
+
+    def train_rows(rows: np.ndarray) -> Rows:
+        return ViewRows(feats, views, labels, rows) if views is not None else Rows(feats, labels, rows, in_memory)  # fmt: skip
+
+    used = views.shape[1] if views is not None else 0
     if "val" in cache:
-        vlabels = _labels(cache, "val")
-        train = Rows(feats, labels, np.arange(len(labels)), in_memory)
-        val = Rows(cache.features("val"), vlabels, np.arange(len(vlabels)), in_memory)
-        return train, val, "val split"
+        vlabels, every = _labels(cache, "val"), np.arange(len(cache.labels("val")))
+        val = Rows(cache.features("val"), vlabels, every, in_memory)
+        mirror = _mirror(cache, "val", vlabels, every, in_memory)
+        return _Data(train_rows(np.arange(len(labels))), val, "val split", mirror, used)
     tr, va = holdout(cache.paths("train"), labels, fraction=cfg.val_fraction, seed=cfg.seed)
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"
         )
     how = holdout_note(len(va), len(labels), cfg.val_fraction, cfg.seed)
-    return Rows(feats, labels, tr, in_memory), Rows(feats, labels, va, in_memory), how
+    mirror = _mirror(cache, "train", labels, va, in_memory)
+    return _Data(train_rows(tr), Rows(feats, labels, va, in_memory), how, mirror, used)
+
+
+def _mirror(cache: Cache, split: str, labels: np.ndarray, rows: np.ndarray, in_memory: bool) -> Rows | None:  # fmt: skip
+    """The mirrored images of some rows (view 1 of a cache with views), or None."""
+    views = cache.views(split)
+    if views is None or not in_memory:
+        return None
+    return Rows(views[:, 0], labels, rows, in_memory=True)
 
 
 # ---------------------------------------------------------------------------
@@ -203,14 +234,18 @@ class _Sweep:
 _HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
-def _evaluate(sweep: _Sweep, val: Rows, device, label_smoothing: float):
-    """Per-head (loss, accuracy) on validation."""
+def _evaluate(sweep: _Sweep, val: Rows, device, label_smoothing: float, mirror: Rows | None = None):  # fmt: skip
+    """Per-head (loss, accuracy) on validation; with ``mirror``, of the logits averaged over
+    each image and its mirror (test-time averaging, as evaluate does on such a cache)."""
     losses, correct = 0.0, 0.0
     sweep.heads.eval()
+    mirrored = mirror.blocks() if mirror is not None else None
     with torch.no_grad():
         for pos, x in val.blocks():
             y = _to_device(val.labels[pos], device)
             z = sweep.heads(_standardize(x, sweep.norm, device))  # (H, B, C)
+            if mirrored is not None:
+                z = (z + sweep.heads(_standardize(next(mirrored)[1], sweep.norm, device))) / 2
             losses = losses + _per_head_loss(z, y, label_smoothing).sum(1)
             correct = correct + (z.argmax(-1) == y).sum(1)
     sweep.heads.train()
@@ -221,6 +256,8 @@ def _train_epoch(sweep: _Sweep, train: Rows, cfg: HeadConfig, batch_size: int, d
     """One pass over train for every head; appends train loss and accuracy to the history."""
     H = len(sweep.grid)
     rng = np.random.default_rng([cfg.seed, sweep.epoch])
+    if isinstance(train, ViewRows):  # this epoch's picture of every image
+        train.pick(np.random.default_rng([cfg.seed, sweep.epoch, 1]))
     tl, tc = torch.zeros(H, device=device), torch.zeros(H, device=device)
     with seeded(
         cfg.seed * 1_000_003 + sweep.epoch, device
@@ -255,10 +292,11 @@ def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> Non
             sweep.best_params[name] = torch.where(mask, p, sweep.best_params[name])
 
 
-def _train_torch(
-    train: Rows, val: Rows, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None
-):
-    """Train every (lr, weight decay) head; returns (best head, metrics, resume state)."""
+def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None):  # fmt: skip
+    """Train every (lr, weight decay) head; returns (best head, metrics, resume state). Heads are
+    chosen on validation as evaluate will score them: with test-time averaging when the cache
+    stores the mirrors of the validation images."""
+    train, val = data.train, data.val
     sweep = _Sweep.create(train, len(classes), cfg, device)
     if state is not None:
         sweep.restore(state, device)
@@ -274,7 +312,7 @@ def _train_torch(
     for _ in bar:
         t_epoch = time.perf_counter()
         _train_epoch(sweep, train, cfg, batch_size, device)
-        _keep_best(sweep, *_evaluate(sweep, val, device, cfg.label_smoothing), device)
+        _keep_best(sweep, *_evaluate(sweep, val, device, cfg.label_smoothing, data.val_mirror), device)  # fmt: skip
         epoch_seconds.append(time.perf_counter() - t_epoch)
         bar.set_postfix(val_acc=f"{sweep.best['acc'][_pick(sweep.best)]:.3f}", refresh=False)
         stalled = bool(((sweep.epoch - sweep.best["epoch"]) >= cfg.patience).all())
@@ -349,44 +387,87 @@ def _logreg_path(xs, ys, xvs, yvs, seed):
     return final, rows
 
 
-def _reference(kind, train: Rows, val: Rows, classes, *, seed):
+def _reference(kind, train: Rows, val: Rows | None, classes, *, seed, chosen: dict | None = None):  # fmt: skip
+    """logreg or knn on standardised features in memory: C or k searched on ``val``, or, for a
+    refit, fitted at ``chosen`` ({"C": ...} or {"k": ...}) on ``train``. Returns (head, metrics)."""
     if not train.in_memory:
         raise EmbedcacheError(
             f"--head {kind} needs the features in memory; raise --max-memory or use --head linear"
         )
-    x, xv = train.all(), val.all()
+    x, y = train.every() if isinstance(train, ViewRows) else (train.all(), train.labels)
     mean, std = standardization(x.astype(np.float64).mean(0), x.astype(np.float64).var(0))
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    xs, xvs = (x - mean) / std, (xv - mean) / std
+    xs = (x - mean) / std
+    xvs = (val.all() - mean) / std if chosen is None else None
     norm = Standardize(torch.from_numpy(mean), torch.from_numpy(std))
     C = len(classes)
-    rows = []
     if kind == "logreg":
-        m, rows = _logreg_path(xs, train.labels, xvs, val.labels, seed)
-        linear = make_head("linear", x.shape[1], C)
-        with torch.no_grad():  # sklearn's classes are the labels seen in training
-            w = np.zeros((C, x.shape[1]), np.float32)
-            b = np.full(C, -1e4, np.float32)  # a class never seen in training is never predicted
-            coef, icpt = (
-                (np.vstack([-m.coef_, m.coef_]) / 2, np.r_[-m.intercept_, m.intercept_] / 2)
-                if len(m.classes_) == 2
-                else (m.coef_, m.intercept_)
-            )
-            w[m.classes_], b[m.classes_] = coef, icpt
-            linear.weight.copy_(torch.from_numpy(w))
-            linear.bias.copy_(torch.from_numpy(b))
-        return Head(norm, linear), {"sweep": rows, "best": {"C": m.C}}
-    fits = []
-    bank = torch.from_numpy(xs)
+        if chosen is None:
+            m, rows = _logreg_path(xs, y, xvs, val.labels, seed)
+        else:
+            from sklearn.linear_model import LogisticRegression
+
+            m = LogisticRegression(C=chosen["C"], max_iter=2000, random_state=seed)
+            m, rows = m.fit(xs, y), []
+        return Head(norm, _as_linear(m, x.shape[1], C)), {"sweep": rows, "best": {"C": m.C}}
+    bank, labels = torch.from_numpy(xs), torch.from_numpy(y)
+    if chosen is not None:
+        return Head(norm, KNNHead(bank, labels, C, chosen["k"])), {"sweep": [], "best": chosen}
+    fits, rows = [], []
     for k in KNN_KS:
         if k > len(x):
             break
-        knn = KNNHead(bank, torch.from_numpy(train.labels), C, k)
+        knn = KNNHead(bank, labels, C, k)
         acc = float((knn(torch.from_numpy(xvs)).argmax(1).numpy() == val.labels).mean())
         fits.append((acc, -k, knn))
         rows.append({"k": k, "val_acc": acc})
     acc, _, knn = max(fits, key=lambda t: (t[0], t[1]))
     return Head(norm, knn), {"sweep": rows, "best": {"k": knn.k}}
+
+
+def _as_linear(m, dim: int, num_classes: int) -> torch.nn.Linear:
+    """A fitted scikit-learn LogisticRegression as a linear layer over all ``num_classes``."""
+    linear = make_head("linear", dim, num_classes)
+    with torch.no_grad():  # sklearn's classes are the labels seen in training
+        w = np.zeros((num_classes, dim), np.float32)
+        b = np.full(
+            num_classes, -1e4, np.float32
+        )  # a class never seen in training is never predicted
+        coef, icpt = (
+            (np.vstack([-m.coef_, m.coef_]) / 2, np.r_[-m.intercept_, m.intercept_] / 2)
+            if len(m.classes_) == 2
+            else (m.coef_, m.intercept_)
+        )
+        w[m.classes_], b[m.classes_] = coef, icpt
+        linear.weight.copy_(torch.from_numpy(w))
+        linear.bias.copy_(torch.from_numpy(b))
+    return linear
+
+
+def _refit(data: _Data, classes, cfg: HeadConfig, metrics: dict, progress: bool) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+    """The chosen configuration trained again on train + val, as Kornblith et al. (2019) do:
+    a torch head for its chosen number of epochs (no selection: the last epoch is kept),
+    logreg at its chosen C, knn at its k with val in its bank. Returns (head, what was done)."""
+    both = join_rows(data.train, data.val)
+    if cfg.head not in ("linear", "mlp"):
+        module, _ = _reference(cfg.head, both, None, classes, seed=cfg.seed, chosen=metrics["best"])  # fmt: skip
+        return module, {"images": both.n, "config": metrics["best"]}
+    best, epochs = metrics["best"], int(metrics["best_epoch"])
+    one = cfg.replace(lr=(best["lr"],), weight_decay=(best["weight_decay"],), epochs=epochs)
+    dev = resolve_device(cfg.device)
+    sweep = _Sweep.create(both, len(classes), one, dev)
+    batch_size = _batch_size(cfg, both.n, both.dim)
+    for _ in tqdm(range(epochs), desc="refit on train + val", unit="epoch", disable=not progress):
+        _train_epoch(sweep, both, one, batch_size, dev)
+        sweep.epoch += 1
+    classifier = sweep.heads.export(0, sweep.template).cpu()
+    head = Head(Standardize(sweep.norm.mean.cpu(), sweep.norm.std.cpu()), classifier)
+    return head, {"images": both.n, "epochs": epochs, "config": best, "batch_size": batch_size}
+
+
+def _batch_size(cfg: HeadConfig, n: int, dim: int) -> int:
+    """--batch-size, or the whole set when it is under FULL_BATCH_BYTES as float32."""
+    return cfg.batch_size or (n if n * dim * 4 <= FULL_BATCH_BYTES else STREAM_BATCH)
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +492,13 @@ def train_head(
     When the training features exceed ``max_memory`` bytes (default: half the
     memory available), they are streamed from the file instead of loaded.
 
+    With a cache made by ``extract --views`` (and ``views="use"``), each epoch
+    shows one picture of every training image, drawn from its plain features and
+    its views (logreg and knn fit on all of them at once); validation stays on the
+    plain features, and ``metrics["val_acc_tta"]`` adds the accuracy of the logits
+    averaged over each val image and its mirror. ``refit=True`` trains the chosen
+    configuration again on train + val (see :func:`_refit`) and saves that head.
+
     Returns
     -------
     HeadResult : ``head`` maps features (N, D) to logits (N, C); ``metrics``
@@ -419,7 +507,8 @@ def train_head(
     cfg = HeadConfig.build(config, **options)
     start = time.perf_counter()
     with open_cache(cache) as c:
-        train, val, val_source = _splits(c, cfg)
+        data = _splits(c, cfg)
+        train, val = data.train, data.val
         classes = list(c.classes)
         recorded = Recorded(c.features_identity, c.weights_arg, c.feature_dim, c.identity.dtype)
         arch = {
@@ -429,41 +518,35 @@ def train_head(
             "hidden": cfg.hidden,
             "dropout": cfg.dropout,
         }
-        batch_size = cfg.batch_size or (
-            train.n if train.n * c.feature_dim * 4 <= FULL_BATCH_BYTES else STREAM_BATCH
-        )
+        batch_size = _batch_size(cfg, train.n, c.feature_dim)
         module, metrics, resume_state = _fit(
-            train,
-            val,
+            data,
             classes,
             arch,
             cfg,
             batch_size,
             progress,
-            resume=_resume_state(out, recorded, arch, cfg) if cfg.resume else None,
+            resume=_resume_state(out, recorded, arch, cfg, data.views) if cfg.resume else None,
         )
-        val_logits = _logits(module.eval(), val)
-    metrics.update(_val_metrics(val_logits, val.labels))
+        val_logits = _validate(module.eval(), data, metrics)
+        if cfg.refit:
+            module, metrics["refit"] = _refit(data, classes, cfg, metrics, progress)
     metrics.update(
         {
             "head": cfg.head, "cache": str(cache), "classes": classes, "train_images": train.n,
-            "val_images": val.n, "val_source": val_source, "streamed": not train.in_memory,
+            "val_images": val.n, "val_source": data.val_source, "streamed": not train.in_memory,
             "batch_size": batch_size, "seconds": round(time.perf_counter() - start, 3),
+            "views": {"stored": c.num_views, "used": data.views},
             "config": {**arch, "epochs": cfg.epochs, "lr": list(cfg.lr), "weight_decay": list(cfg.weight_decay), "label_smoothing": cfg.label_smoothing, "patience": cfg.patience, "seed": cfg.seed},
         }
     )  # fmt: skip
     result = HeadResult(module, metrics)
     if out is not None:
         train_state = (
-            {
-                "state": resume_state,
-                "lrs": list(cfg.lr),
-                "wds": list(cfg.weight_decay),
-                "seed": cfg.seed,
-            }
-            if resume_state
+            {"state": resume_state, "lrs": list(cfg.lr), "wds": list(cfg.weight_decay), "seed": cfg.seed, "views": data.views}
+            if resume_state and not cfg.refit  # a refit head continues nothing
             else None
-        )
+        )  # fmt: skip
         ckpt = HeadCheckpoint(
             arch, module.state_dict(), classes, recorded, _plain(metrics), train_state
         )
@@ -472,31 +555,27 @@ def train_head(
     return result
 
 
-def _fit(
-    train: Rows,
-    val: Rows,
-    classes,
-    arch: dict,
-    cfg: HeadConfig,
-    batch_size: int,
-    progress: bool,
-    resume=None,
-):
-    """The head of ``cfg.head`` trained on ``train``: (module, metrics, state for --resume or None)."""
+def _validate(module: torch.nn.Module, data: _Data, metrics: dict) -> np.ndarray:
+    """Validation loss and accuracy into ``metrics`` (and with test-time averaging over each
+    image and its mirror, ``*_tta``, when the cache stores mirrors); returns the plain logits."""
+    logits = _logits(module, data.val)
+    metrics.update(_val_metrics(logits, data.val.labels))
+    if data.val_mirror is not None:
+        tta = (logits + _logits(module, data.val_mirror)) / 2
+        metrics.update({f"{k}_tta": v for k, v in _val_metrics(tta, data.val.labels).items()})
+    return logits
+
+
+def _fit(data: _Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, progress: bool, resume=None):  # fmt: skip
+    """The head of ``cfg.head`` trained on ``data.train``: (module, metrics, state for --resume
+    or None). logreg and knn choose C and k on the plain validation features."""
     if cfg.head in ("linear", "mlp"):
         dev = resolve_device(cfg.device)
-        train.read_ahead = val.read_ahead = read_ahead(dev)
+        data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
         return _train_torch(
-            train,
-            val,
-            classes,
-            cfg,
-            batch_size=batch_size,
-            device=dev,
-            progress=progress,
-            state=resume,
+            data, classes, cfg, batch_size=batch_size, device=dev, progress=progress, state=resume
         )
-    module, metrics = _reference(cfg.head, train, val, classes, seed=cfg.seed)
+    module, metrics = _reference(cfg.head, data.train, data.val, classes, seed=cfg.seed)
     arch.update(metrics["best"])  # k for knn: part of the architecture
     return module, metrics, None
 
@@ -529,7 +608,7 @@ def _plain(obj):
     return obj
 
 
-def _resume_state(out, recorded: Recorded, arch: dict, cfg: HeadConfig) -> dict:
+def _resume_state(out, recorded: Recorded, arch: dict, cfg: HeadConfig, views: int) -> dict:
     if out is None or not Path(out).exists():
         raise EmbedcacheError(
             f"--resume needs an existing head checkpoint at --out, {out} does not exist"
@@ -546,10 +625,11 @@ def _resume_state(out, recorded: Recorded, arch: dict, cfg: HeadConfig) -> dict:
         and ts["lrs"] == list(cfg.lr)
         and ts["wds"] == list(cfg.weight_decay)
         and ts["seed"] == cfg.seed
+        and ts.get("views", 0) == views
     )
     if not same:
         raise EmbedcacheError(
-            f"{out} was trained with another cache or configuration; resume with the same cache, --head, --lr, --weight-decay, --hidden, --dropout and --seed"
+            f"{out} was trained with another cache or configuration; resume with the same cache, --head, --lr, --weight-decay, --hidden, --dropout, --seed and --views"
         )
     return ts["state"]
 

@@ -15,12 +15,14 @@ from embedcache.data import scan
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
     r = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
-                tutorial_epochs=3, finetune_epochs=2, augment="none", device="cpu", progress=False)  # fmt: skip
+                tutorial_epochs=3, finetune_epochs=2, augment="none", device="cpu", progress=False, views=2)  # fmt: skip
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
         "extract + train-head linear",
         "extract + train-head 4x4 sweep",
+        "extract --views 2 + train-head linear",
+        "extract --views 2 + train-head linear + TTA",
         "finetune --unfreeze 1 from the cached head",
         "finetune --unfreeze 1 from the fresh head",
         "finetune --unfreeze 2 from the cached head",
@@ -42,11 +44,23 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
         )
         assert row["total_s"] == pytest.approx(row["extract_s"] + row["train_s"])
     assert rows[1]["extract_s"] == rows[2]["extract_s"] > 0  # one cache serves both heads
+    assert rows[3]["extract_s"] == rows[4]["extract_s"] > 0  # the views' own extract is charged
+    assert rows[3]["train_s"] == rows[4]["train_s"]  # the same head, scored with its mirrors
+    views = torch.load(tmp_path / "w" / "head_views.pt", weights_only=True)["metrics"]
+    assert views["views"] == {"stored": 2, "used": 2}
+    assert (
+        rows[4]["best_val_acc"] == views["val_acc_tta"]
+        and rows[3]["best_val_acc"] == views["val_acc"]
+    )
     assert r.files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "w" / "cache.h5").exists() and (tmp_path / "w" / "head.pt").exists()
     model = torch.load(tmp_path / "w" / "model_u2_fresh.pt", weights_only=True)
     assert model["metrics"]["config"]["augment"] == "none"  # passed through to finetune
     assert "finetune augmentation: none" in table
+    alone = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(), workdir=tmp_path / "w2",
+                    tutorial=False, views=0, device="cpu", progress=False)  # fmt: skip
+    assert [row.name for row in alone.rows] == names[1:3]  # no tutorial, no views rows
+    assert "| n/a (no tutorial row) |" in alone.markdown
 
 
 def test_tutorial_recipe_keeps_the_backbone_frozen_and_trains_the_classifier(tmp_path):

@@ -32,8 +32,11 @@ def _same_splits(a: Path, b: Path, exact: bool = True) -> None:
             x, y = ca.split(s), cb.split(s)
             assert x.paths == y.paths
             assert np.array_equal(x.labels, y.labels)
+            vx, vy = ca.views(s), cb.views(s)
+            assert (vx is None) == (vy is None), s
             if exact:
                 assert np.array_equal(x.features, y.features), s
+                assert vx is None or np.array_equal(vx[:], vy[:]), s
             else:
                 np.testing.assert_allclose(
                     x.features.astype(np.float32),
@@ -423,3 +426,62 @@ def test_compile_on_compiles_the_backbone_once_and_auto_does_not_on_a_cpu(tree, 
     assert compiled == [{"dynamic": False}]
     extract(tree, out=tmp_path / "auto.h5", **extract_kw)  # auto on a CPU: not compiled
     assert len(compiled) == 1
+
+
+def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(tree, tmp_path, extract_kw):  # fmt: skip
+    import torch
+
+    from embedcache.backbones import Normalise, build_backbone
+    from embedcache.data import preprocess
+
+    plain, viewed = tmp_path / "p.h5", tmp_path / "v.h5"
+    extract(tree, out=plain, dtype="float32", **extract_kw)
+    r = extract(tree, out=viewed, dtype="float32", views=3, **extract_kw)
+    assert r.views == 3 and "3 views per train image" in r.summary()
+    with open_cache(plain) as p, open_cache(viewed) as v:
+        assert v.num_views == 3 and v.identity.view_policy.endswith("seed 0")
+        assert p.num_views == 0 and p.views("train") is None
+        for s in ("train", "val"):
+            assert np.array_equal(v.features(s)[:], p.features(s)[:]), s
+        train, val, paths = v.views("train")[:], v.views("val")[:], v.paths("val")
+        assert v.summary()["splits"]["train"]["views_shape"] == [12, 3, 512]
+    assert train.shape == (12, 3, 512) and val.shape == (12, 1, 512)
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    mirrored = np.stack([preprocess(tree / q, bb.transform)[:, ::-1] for q in paths[:3]])
+    with torch.no_grad():
+        expected = bb.net(Normalise(bb.transform)(torch.from_numpy(mirrored.copy()))).numpy()
+    np.testing.assert_allclose(val[:3, 0], expected, rtol=1e-4, atol=1e-4)
+    for a, b in ((0, 1), (1, 2)):  # each view is another picture of the image
+        assert np.abs(train[:, a] - train[:, b]).max(axis=1).min() > 1e-3
+    extract(tree, out=tmp_path / "again.h5", dtype="float32", views=3, **extract_kw)
+    _same_splits(viewed, tmp_path / "again.h5")  # seeded: the same views on every run
+    with pytest.raises(EmbedcacheError, match=r"holds other features \(views 2 vs 3;"):
+        extract(tree, out=viewed, dtype="float32", views=2, **extract_kw)
+
+
+def test_views_resume_after_a_crash_and_are_reused_by_an_incremental_run(tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    from embedcache.cache import PartialCache
+
+    data = make_tree(tmp_path / "d", per_class=5)
+    ref, out = tmp_path / "ref.h5", tmp_path / "c.h5"
+    extract(data, out=ref, views=2, **extract_kw)
+    write, calls = PartialCache.write, []
+
+    def crash_after_two(self, *args):
+        write(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartialCache, "write", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, out=out, views=2, **extract_kw)
+    monkeypatch.undo()
+    r = extract(data, out=out, views=2, **extract_kw)
+    assert (r.reused, r.extracted) == (8, 12)  # two batches of 4, views included
+    _same_splits(out, ref)
+    make_image(data / "train" / "cat" / "cat_new.png", 0, 100)
+    r = extract(data, out=out, views=2, **extract_kw)
+    assert (r.extracted, r.reused) == (1, 20)
+    extract(data, out=tmp_path / "fresh.h5", views=2, **extract_kw)
+    _same_splits(out, tmp_path / "fresh.h5")

@@ -55,3 +55,36 @@ def test_predict_reports_unreadable_files_and_keeps_order(trained, tmp_path):
     assert sum(p["probability"] for p in rows[0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(EmbedcacheError, match="image nope.png does not exist"):
         predict(head, ["nope.png"], device="cpu")
+
+
+def test_tta_averages_image_and_mirror_alike_from_a_cache_and_from_images(tmp_path, extract_kw):
+    import numpy as np
+    import torch
+
+    from embedcache import open_cache
+    from embedcache.inference import load_classifier
+
+    data = make_tree(tmp_path / "d", per_class=5)
+    cache, head = tmp_path / "v.h5", tmp_path / "h.pt"
+    extract(data, out=cache, views=2, dtype="float32", **extract_kw)
+    train_head(cache, out=head, epochs=10, device="cpu", progress=False)
+    run = {"device": "cpu", "num_workers": 0, "progress": False}
+    cached = evaluate(head, cache, split="val", **run)  # the cache stores the mirrors: on
+    from_images = evaluate(head, data, split="val", **run)  # a head trained on views: on
+    assert cached["tta"] and from_images["tta"] and not evaluate(head, cache, split="val", tta=False, **run)["tta"]  # fmt: skip
+    assert from_images["confusion"] == cached["confusion"]
+    with open_cache(cache) as c:
+        x, mirror, paths = c.features("val")[:1], c.views("val")[:1, 0], c.paths("val")[:1]
+    clf = load_classifier(head)
+    with torch.no_grad():
+        plain, flipped = clf.head(torch.from_numpy(x)), clf.head(torch.from_numpy(mirror))
+    for tta, z in ((None, (plain + flipped) / 2), (False, plain)):
+        row = predict(head, [data / paths[0]], top_k=1, tta=tta, device="cpu", num_workers=0)[0]
+        top = torch.softmax(z, 1).max().item()
+        assert row["predictions"][0]["probability"] == pytest.approx(top, abs=1e-4)
+    assert not np.allclose(plain.numpy(), flipped.numpy())  # the two views do differ
+    extract(data, out=tmp_path / "plain.h5", **extract_kw)
+    with pytest.raises(
+        EmbedcacheError, match="--tta needs the mirrored images, and cache .* has none"
+    ):
+        evaluate(head, tmp_path / "plain.h5", split="val", tta=True, **run)

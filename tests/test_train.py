@@ -245,3 +245,85 @@ def test_logreg_searches_thirteen_cs_and_breaks_accuracy_ties_by_validation_loss
     tied = [row for row in rows if row["val_acc"] == top]
     assert len(tied) > 1  # the case the tie-break is for
     assert r.metrics["best"]["C"] == min(tied, key=lambda row: row["val_loss"])["C"]
+
+
+def _spurious(n: int, seed: int, cue: bool, views: int = 0):
+    """Two classes told apart weakly by dimension 0, and perfectly by dimension 1 when ``cue``
+    (a cue the augmentation destroys: in views and in validation it is noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n)
+    x = rng.normal(0, 1, (2 * n, 6))
+    x[:, 0] += np.where(y == 1, 1.0, -1.0)
+    x[:, 1] = np.where(y == 1, 3.0, -3.0) if cue else rng.normal(0, 3, 2 * n)
+    v = np.repeat(x[:, None], views, axis=1)
+    v[:, :, 1] = rng.normal(0, 3, (2 * n, views))
+    return x.astype(np.float32), y, v.astype(np.float32)
+
+
+def test_views_teach_the_head_what_augmentation_leaves_unchanged(make_cache):
+    x, y, v = _spurious(200, 0, cue=True, views=4)
+    xv, yv, vv = _spurious(200, 1, cue=False, views=1)
+    cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"), views={"train": v, "val": vv})  # fmt: skip
+    kw = {"epochs": 60, "lr": 1e-2, **FAST}
+    used = train_head(cache, **kw)
+    ignored = train_head(cache, views="ignore", **kw)
+    assert used.metrics["views"] == {"stored": 4, "used": 4}
+    assert ignored.metrics["views"] == {"stored": 4, "used": 0}
+    assert used.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1, (used.metrics["val_acc"], ignored.metrics["val_acc"])  # fmt: skip
+    logreg = train_head(cache, head="logreg", **FAST)  # fitted on every view at once
+    assert logreg.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1
+
+
+def test_views_are_drawn_uniformly_per_image_and_epoch():
+    from embedcache.cache import ViewRows
+
+    plain = np.zeros((1000, 1), np.float32)
+    views = np.arange(1, 4, dtype=np.float32)[None, :, None].repeat(1000, 0)  # view k holds k
+    rows = ViewRows(plain, views, np.zeros(1000, np.int64), np.arange(1000))
+    rows.pick(np.random.default_rng(0))
+    first = rows.take(np.arange(1000))[:, 0]
+    assert np.allclose(np.bincount(first.astype(int), minlength=4) / 1000, 0.25, atol=0.05)
+    rows.pick(np.random.default_rng(1))
+    assert (rows.take(np.arange(1000))[:, 0] != first).mean() > 0.5  # another draw each epoch
+
+
+def test_tta_in_the_metrics_is_the_mean_of_the_image_and_mirror_logits(make_cache):
+    (x, y), (xv, yv) = blobs(30, seed=0), blobs(10, seed=1)
+    mirror = (xv + np.random.default_rng(2).normal(0, 3, xv.shape)).astype(np.float16)
+    cache = make_cache(train=(x, y), val=(xv, yv), views={"train": x[:, None], "val": mirror[:, None]})  # fmt: skip
+    r = train_head(cache, epochs=5, **FAST)
+    with torch.no_grad():
+        z = (r.head(torch.from_numpy(xv.astype(np.float32))) + r.head(torch.from_numpy(mirror.astype(np.float32)))) / 2  # fmt: skip
+    assert r.metrics["val_acc_tta"] == pytest.approx(float((z.argmax(1).numpy() == yv).mean()))
+    loss = torch.nn.functional.cross_entropy(z, torch.from_numpy(yv)).item()
+    assert r.metrics["val_loss_tta"] == pytest.approx(loss, rel=1e-5)
+    assert "val_acc_tta" not in train_head(make_cache("plain.h5", train=(x, y), val=(xv, yv)), epochs=2, **FAST).metrics  # fmt: skip
+
+
+def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    (x, y), (xv, yv) = blobs(30, classes=2, seed=0, spread=3), blobs(20, classes=2, seed=1, spread=3)  # fmt: skip
+    cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
+    chosen = train_head(cache, head="logreg", **FAST)
+    refit = train_head(cache, head="logreg", refit=True, **FAST)
+    assert refit.metrics["refit"] == {"images": 100, "config": chosen.metrics["best"]}
+    assert refit.metrics["val_acc"] == chosen.metrics["val_acc"]  # the choice's, before the refit
+    both = np.concatenate([x, xv]).astype(np.float32)
+    mu, sd = both.mean(0), np.sqrt(both.astype(np.float64).var(0).mean())
+    sk = LogisticRegression(C=chosen.metrics["best"]["C"], max_iter=2000).fit((both - mu) / sd, np.r_[y, yv])  # fmt: skip
+    with torch.no_grad():
+        probs = torch.softmax(refit.head(torch.from_numpy(both)), 1).numpy()
+    np.testing.assert_allclose(probs, sk.predict_proba((both - mu) / sd), atol=1e-4)
+    knn = train_head(cache, head="knn", refit=True, **FAST)  # val joins the bank
+    k1 = knn.metrics["refit"]["config"]["k"] == 1
+    assert not k1 or float((knn.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean()) == 1.0  # fmt: skip
+    sweep = train_head(cache, out=tmp_path / "h.pt", lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, refit=True, **FAST)  # fmt: skip
+    m = sweep.metrics
+    assert m["refit"]["images"] == 100 and m["refit"]["epochs"] == m["best_epoch"]
+    assert m["refit"]["config"] == m["best"]
+    assert (
+        load_head(tmp_path / "h.pt")[1].metrics["refit"] == m["refit"]
+    )  # the saved head is the refit one
+    plain = train_head(cache, lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, **FAST)
+    assert not torch.equal(plain.head.classifier.weight, sweep.head.classifier.weight)
