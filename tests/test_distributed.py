@@ -174,6 +174,24 @@ def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shar
         assert not c.features("train").is_virtual and c.summary()["storage"] == "single file"
 
 
+def test_views_under_torchrun_survive_a_killed_rank_and_join_virtually_as_one_process_writes(shared, tmp_path):  # fmt: skip
+    one = tmp_path / "one.h5"
+    one_thread(lambda: extract(shared / "d", out=one, batch_size=4, views=2, **LIBRARY))
+    args = ["extract", str(shared / "d"), "--out", "v.h5", *EXTRACT, "--views", "2"]
+    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="kill", EMBEDCACHE_TEST_FAIL_AFTER="2")  # fmt: skip
+    assert killed.returncode != 0 and shard_paths(tmp_path / "v.h5")
+    resumed = torchrun(2, [*args, "--join", "virtual"], tmp_path)  # merges the shards, then maps
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    r = json.loads(resumed.stdout)
+    assert r["views"] == 2 and r["reused"] >= 8 and r["reused"] + r["extracted"] == 44
+    with open_cache(one) as a, open_cache(tmp_path / "v.h5") as b:
+        assert b.views("train").is_virtual and b.parts  # base part (merged rows) + shards
+        for split in ("train", "val"):  # train keeps 2 views, val its mirror: bit-identical
+            assert np.array_equal(a.views(split)[:], b.views(split)[:]), split
+        assert b.verify() == []
+    assert_same_cache(one, tmp_path / "v.h5", ignore=("storage", "parts", "parts_bytes", "checksums"))  # fmt: skip
+
+
 FINETUNE = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",
             "--unfreeze", "2", "--batch-size", "8", "--augment", "none", "--patience", "9", "--json"]  # fmt: skip
 # lr 1e-3: at 1e-2 the random-init net diverges within a few steps and amplifies float noise
