@@ -320,11 +320,16 @@ def _print_info(s: dict) -> None:
     click.echo(
         f"features   {s['feature_dim']}-d {s['dtype']} from a {s.get('precision', 'unrecorded')} forward pass; transform resize {t['resize']} crop {t['crop']} {t['interpolation']}"
     )
+    if s.get("views"):
+        click.echo(
+            f"views      {s['views']} per train image, 1 per other image: {s['view_policy']}"
+        )
     click.echo(f"source     {s['source']} ({s['layout']})")
     more = " ..." if len(s["classes"]) > 20 else ""
     click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{more}")
     for name, sp in s["splits"].items():
-        click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}")
+        views = f"  views {tuple(sp['views_shape'])}" if "views_shape" in sp else ""
+        click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}{views}")
     click.echo(f"skipped    {len(s['skipped'])}")
     for sk in s["skipped"][:10]:  # paths are relative to the data root: they name the split already
         click.echo(f"  {sk['path']}: {sk['reason']}")

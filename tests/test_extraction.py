@@ -455,6 +455,13 @@ def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(t
         assert np.abs(train[:, a] - train[:, b]).max(axis=1).min() > 1e-3
     extract(tree, out=tmp_path / "again.h5", dtype="float32", views=3, **extract_kw)
     _same_splits(viewed, tmp_path / "again.h5")  # seeded: the same views on every run
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(viewed)]).output
+    assert "views      3 per train image, 1 per other image: flip, then light" in shown
+    assert "views (12, 3, 512)" in shown and "views (12, 1, 512)" in shown
     with pytest.raises(EmbedcacheError, match=r"holds other features \(views 2 vs 3;"):
         extract(tree, out=viewed, dtype="float32", views=2, **extract_kw)
 
