@@ -1373,15 +1373,6 @@ class ViewRows(Rows):
         data[viewed] = self._views[viewed, choice[viewed] - 1]
         self._data = data
 
-    def every(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored picture of every row (plain, then each view) as float32, with labels."""
-        xs, ys = [_f32(self._plain)], [self.labels]
-        for k in range(self._views.shape[1]):
-            has = np.flatnonzero(self.counts > k)
-            xs.append(_f32(self._views[has, k]))
-            ys.append(self.labels[has])
-        return np.concatenate(xs), np.concatenate(ys)
-
 
 def join_rows(a: Rows, b: Rows) -> Rows:
     """The rows of ``a`` then those of ``b`` as one in-memory set (train + val for a refit);

@@ -270,8 +270,8 @@ def test_views_teach_the_head_what_augmentation_leaves_unchanged(make_cache):
     assert used.metrics["views"] == {"stored": 4, "used": 4}
     assert ignored.metrics["views"] == {"stored": 4, "used": 0}
     assert used.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1, (used.metrics["val_acc"], ignored.metrics["val_acc"])  # fmt: skip
-    logreg = train_head(cache, head="logreg", **FAST)  # fitted on every view at once
-    assert logreg.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1
+    logreg = train_head(cache, head="logreg", **FAST)  # a reference: the plain features only
+    assert logreg.metrics["views"] == {"stored": 4, "used": 0}
 
 
 def test_views_are_drawn_uniformly_per_image_and_epoch():
@@ -327,3 +327,18 @@ def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_
     )  # the saved head is the refit one
     plain = train_head(cache, lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, **FAST)
     assert not torch.equal(plain.head.classifier.weight, sweep.head.classifier.weight)
+
+
+def test_logreg_fits_on_one_blas_thread_even_when_refitted(blob_cache, monkeypatch):
+    import sklearn.linear_model as lm
+    from threadpoolctl import threadpool_info
+
+    seen, fit = [], lm.LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(lm.LogisticRegression, "fit", spy)
+    train_head(blob_cache, head="logreg", refit=True, **FAST)
+    assert len(seen) == 15 and all(s == {1} for s in seen)  # 13 Cs, the final fit, the refit
