@@ -181,6 +181,9 @@ def _option(config: type, name: str):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     flags = ("--" + name.replace("_", "-"), *f.metadata["flags"])
     kw = _click_type(f, default)
+    if default is True:  # a flag on by default needs its off switch: --tutorial/--no-tutorial
+        flags = (f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:])
+        kw.pop("is_flag")
     shown = default is not None and default is not False and not isinstance(default, tuple)
     help_text = f.metadata["help"]
     if isinstance(default, tuple):

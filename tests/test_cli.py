@@ -254,3 +254,11 @@ def test_head_on_a_cache_of_another_backbone_is_refused(runner, tmp_path, make_c
     )
     r = runner.invoke(main, ["evaluate", str(tmp_path / "h.pt"), str(cache), "--split", "test"])
     assert r.exit_code == 1 and "has no 'test' split (it has train, val); pass --split" in r.output
+
+
+def test_a_setting_on_by_default_can_be_switched_off():
+    from embedcache.cli import main
+
+    cmd = main.commands["compare"]
+    assert cmd.make_context("compare", ["data", "--no-tutorial"]).params["tutorial"] is False
+    assert cmd.make_context("compare", ["data"]).params["tutorial"] is True
