@@ -11,10 +11,13 @@ from embedcache.backbones import build_backbone
 from embedcache.comparison import EarlyStopper, tutorial_recipe
 from embedcache.data import scan
 
+# A tiny random-init backbone: what is tested is the bookkeeping, not the backbone.
+TINY = "timm:test_efficientnet"
+
 
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
-    r = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
+    r = compare(data, backbone=TINY, weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
                 tutorial_epochs=3, finetune_epochs=2, augment="none", device="cpu", progress=False, views=2)  # fmt: skip
     names = [row.name for row in r.rows]
     assert names == [
@@ -57,7 +60,7 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     model = torch.load(tmp_path / "w" / "model_u2_fresh.pt", weights_only=True)
     assert model["metrics"]["config"]["augment"] == "none"  # passed through to finetune
     assert "finetune augmentation: none" in table
-    alone = compare(data, backbone="resnet18", weights="none", image_size=32, unfreeze=(), workdir=tmp_path / "w2",
+    alone = compare(data, backbone=TINY, weights="none", image_size=32, unfreeze=(), workdir=tmp_path / "w2",
                     tutorial=False, views=0, device="cpu", progress=False)  # fmt: skip
     assert [row.name for row in alone.rows] == names[1:3]  # no tutorial, no views rows
     assert "| n/a (no tutorial row) |" in alone.markdown
@@ -65,7 +68,7 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
 
 def test_tutorial_recipe_keeps_the_backbone_frozen_and_trains_the_classifier(tmp_path):
     data = make_tree(tmp_path / "d", per_class=4)
-    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    bb = build_backbone(TINY, weights="none", image_size=SIZE)
     before = {k: v.clone() for k, v in bb.net.state_dict().items()}
     metrics, classifier = tutorial_recipe(scan(data), bb, epochs=3, device=torch.device("cpu"))
     after = bb.net.state_dict()
@@ -115,5 +118,5 @@ def test_compare_refuses_a_bad_augmentation_before_running_anything(tmp_path):
     with pytest.raises(
         EmbedcacheError, match="--augment must be one of none, light, strong, got 'heavy'"
     ):
-        compare(data, backbone="resnet18", weights="none", workdir=tmp_path / "w", augment="heavy", progress=False)  # fmt: skip
+        compare(data, backbone=TINY, weights="none", workdir=tmp_path / "w", augment="heavy", progress=False)  # fmt: skip
     assert not (tmp_path / "w").exists()

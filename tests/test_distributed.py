@@ -192,10 +192,12 @@ def test_views_under_torchrun_survive_a_killed_rank_and_join_virtually_as_one_pr
     assert_same_cache(one, tmp_path / "v.h5", ignore=("storage", "parts", "parts_bytes", "checksums"))  # fmt: skip
 
 
-FINETUNE = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",
+# A tiny random-init backbone (7 blocks, 99k parameters): DDP's arithmetic is the same for any net
+TINY = "timm:test_efficientnet"
+FINETUNE = ["-b", TINY, "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",
             "--unfreeze", "2", "--batch-size", "8", "--augment", "none", "--patience", "9", "--json"]  # fmt: skip
-# lr 1e-3: at 1e-2 the random-init net diverges within a few steps and amplifies float noise
-FINETUNE_LIBRARY = {**LIBRARY, "unfreeze": 2, "batch_size": 8, "augment": "none", "patience": 9, "lr": 1e-3}  # fmt: skip
+# lr 1e-3: at 1e-2 a random-init net diverges within a few steps and amplifies float noise
+FINETUNE_LIBRARY = {**LIBRARY, "backbone": TINY, "unfreeze": 2, "batch_size": 8, "augment": "none", "patience": 9, "lr": 1e-3}  # fmt: skip
 
 
 def weights(path: Path) -> dict:
@@ -215,12 +217,12 @@ def test_two_rank_finetune_equals_one_process_and_resumes_after_a_kill(tmp_path)
     resumed = torchrun(2, [*args, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "one.last.pt"), weights(tmp_path / "two.last.pt")
-    start = build_backbone("resnet18", weights="none", image_size=64).net.state_dict()
-    assert not torch.equal(
-        a["blocks.4.1.conv2.weight"], start["blocks.4.1.conv2.weight"]
-    )  # trained
+    start = build_backbone(TINY, weights="none", image_size=64).net.state_dict()
+    last = [k for k in start if k.startswith("blocks.6.") and k.endswith("weight")]
+    assert last and all(not torch.equal(a[k], start[k]) for k in last)  # the last block trained
     for k in a:
         # Adam turns float noise in near-zero gradients into steps: 2.3e-6 was the largest seen
+        # (with resnet18; 6e-8 with the tiny net)
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     ha, hb = one.metrics["history"], json.loads(resumed.stdout)["history"]
     assert hb["epoch"] == ha["epoch"] == [0, 1, 2]

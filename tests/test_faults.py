@@ -20,6 +20,8 @@ from embedcache import extract, open_cache
 from embedcache.data import scan
 
 KW = {"backbone": "resnet18", "weights": "none", "image_size": 32, "batch_size": 1, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+# Where the backbone is incidental (dozens of runs, a paused run): a tiny random-init one.
+TINY = {**KW, "backbone": "timm:test_efficientnet"}
 
 
 def _png_with_bad_crc() -> bytes:
@@ -266,7 +268,7 @@ def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_pat
     from embedcache.errors import EmbedcacheError
 
     data = make_tree(tmp_path / "d", per_class=1)
-    kw = {**KW, "batch_size": 2, "model": build_backbone("resnet18", weights="none", image_size=32)}  # fmt: skip
+    kw = {**TINY, "batch_size": 2, "model": build_backbone(TINY["backbone"], weights="none", image_size=32)}  # fmt: skip
     extract(data, out=tmp_path / "ref.h5", **kw)
     fail = _FailAt(monkeypatch, [(h5py.Dataset, "__setitem__"), (h5py.Group, "create_dataset"), (h5py.AttributeManager, "modify")])  # fmt: skip
     fail.arm(None)
@@ -297,9 +299,9 @@ def test_enospc_and_eio_at_each_checkpoint_write_fail_cleanly_and_resume(tmp_pat
     from embedcache.errors import EmbedcacheError
 
     data = make_tree(tmp_path / "d", per_class=3)
-    extract(data, out=tmp_path / "c.h5", **KW)
+    extract(data, out=tmp_path / "c.h5", **TINY)
     fail = _FailAt(monkeypatch, [(torch, "save")])
-    ft = {k: v for k, v in KW.items() if k != "batch_size"} | {"epochs": 1, "augment": "none", "batch_size": 4}  # fmt: skip
+    ft = {k: v for k, v in TINY.items() if k != "batch_size"} | {"epochs": 1, "augment": "none", "batch_size": 4}  # fmt: skip
     runs = {
         "head": lambda out, resume: train_head(
             tmp_path / "c.h5", out=out, epochs=3, progress=False
@@ -381,7 +383,7 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
 
     data = make_tree(tmp_path / "d", per_class=3)
     out = tmp_path / ("c.h5" if verb == "extract" else "m.pt")
-    args = [verb, str(data), "--out", str(out), "-b", "resnet18", "-w", "none", "--image-size", "32",
+    args = [verb, str(data), "--out", str(out), "-b", TINY["backbone"], "-w", "none", "--image-size", "32",
             "--num-workers", "0", "--device", "cpu", "--batch-size", "2"]  # fmt: skip
     how = "pause" if verb == "extract" else "pause-after-epoch"
     env = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", "EMBEDCACHE_TEST_FAIL_HOW": how}  # fmt: skip
@@ -390,7 +392,10 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
         while (line := first.stderr.readline()) and "paused" not in line:  # after any progress bar
             pass
         assert first.poll() is None, "the first run ended before it paused"
-        kw = {k: v for k, v in KW.items() if k != "progress"} | {"batch_size": 2, "progress": False}
+        kw = {k: v for k, v in TINY.items() if k != "progress"} | {
+            "batch_size": 2,
+            "progress": False,
+        }
         second = (lambda: extract(data, out=out, **kw)) if verb == "extract" else (lambda: finetune(data, out=out, epochs=1, augment="none", **kw))  # fmt: skip
         with pytest.raises(EmbedcacheError, match=rf"another `embedcache {verb}` \(pid {first.pid}\) is writing"):  # fmt: skip
             second()

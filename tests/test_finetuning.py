@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,17 +28,23 @@ FT = {
     "progress": False,
 }
 
-
-@pytest.fixture
-def data(tmp_path):
-    return make_tree(tmp_path / "d", per_class=8)
+# Where the backbone is incidental: a tiny random-init one makes each epoch cheap.
+TINY = {**FT, "backbone": "timm:test_efficientnet"}
 
 
-@pytest.fixture
-def head(data, tmp_path, extract_kw):
-    extract(data, out=tmp_path / "c.h5", **extract_kw)
-    train_head(tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=30, device="cpu", progress=False)
-    return tmp_path / "head.pt"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """2 classes x 8 images in train and val, made once: no test writes into it."""
+    return make_tree(tmp_path_factory.mktemp("finetune") / "d", per_class=8)
+
+
+@pytest.fixture(scope="module")
+def head(data):
+    """A resnet18 head trained on a cache of ``data`` (next to it: c.h5), made once: read only."""
+    kw = {**FT, "batch_size": 4}
+    extract(data, out=data.parent / "c.h5", **kw)
+    train_head(data.parent / "c.h5", out=data.parent / "head.pt", epochs=30, device="cpu", progress=False)  # fmt: skip
+    return data.parent / "head.pt"
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,12 +52,14 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "bn_stats, augment, prefix", [(False, "none", "memory"), (True, "light", "off")]
-)
+    "bn_stats, augment, prefix, backbone",
+    [(False, "none", "memory", "resnet18"), (True, "light", "off", "timm:test_efficientnet")],
+)  # both providers; the run without a prefix cache (every epoch the whole net) on the tiny one
 def test_frozen_weights_and_statistics_never_move_unfrozen_weights_do(
-    data, tmp_path, bn_stats, augment, prefix
+    data, tmp_path, bn_stats, augment, prefix, backbone
 ):
-    before = _snapshot(build_backbone("resnet18", weights="none", image_size=SIZE).net)
+    net = build_backbone(backbone, weights="none", image_size=SIZE).net
+    before, n_blocks = _snapshot(net), len(net.blocks)
     r = finetune(
         data,
         out=tmp_path / "m.pt",
@@ -62,11 +71,12 @@ def test_frozen_weights_and_statistics_never_move_unfrozen_weights_do(
         prefix_cache=prefix,
         bn_stats=bn_stats,
         patience=5,
-        **FT,
+        **{**FT, "backbone": backbone},
     )
     assert r.metrics["prefix_cache"]["where"] == prefix
     after = torch.load(tmp_path / "m.last.pt", weights_only=True)["net_state_dict"]
-    frozen = [f"blocks.{i}." for i in range(3)]  # stem, layer1, layer2
+    assert n_blocks == {"resnet18": 5, "timm:test_efficientnet": 7}[backbone]
+    frozen = [f"blocks.{i}." for i in range(n_blocks - 2)]  # resnet18: stem, layer1, layer2
     for k, v in before.items():
         if any(k.startswith(f) for f in frozen):
             assert torch.equal(after[k], v), f"frozen {k} moved"
@@ -125,7 +135,7 @@ def test_the_reattached_head_predicts_as_it_did_on_the_cache(data, head, tmp_pat
     bb = build_backbone("resnet18", weights="none", image_size=SIZE)
     reattached, _ = _reattach(HeadCheckpoint.load(head), bb, ["cat", "dog"])
     model = FinetunedModel(bb.net, reattached, 3, bb.transform).eval()
-    with open_cache(tmp_path / "c.h5") as c:
+    with open_cache(head.parent / "c.h5") as c:
         val = c["val"]
     x = torch.stack([torch.from_numpy(preprocess(data / p, bb.transform)) for p in val.paths])
     cached_head, ckpt = load_head(head)
@@ -178,7 +188,7 @@ def test_model_checkpoint_loads_as_a_module_and_in_evaluate_and_predict(data, he
     with pytest.raises(
         EmbedcacheError, match="is a fine-tuned model, whose features differ from any cache"
     ):
-        evaluate(tmp_path / "m.pt", tmp_path / "c.h5", split="val")
+        evaluate(tmp_path / "m.pt", head.parent / "c.h5", split="val")
 
 
 def _progress(last):
@@ -188,38 +198,39 @@ def _progress(last):
         return 0
 
 
-def test_resume_after_a_kill_continues_with_the_same_metrics(data, tmp_path):
-    args = ["finetune", str(data), "-b", "resnet18", "-w", "none", "--image-size", "96", "--batch-size", "4", "--num-workers", "0",
-            "--device", "cpu", "--epochs", "4", "--patience", "9", "--augment", "light", "--views", "2", "--json"]  # fmt: skip
-    straight = subprocess.run(
-        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(tmp_path / "a.pt")],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    out = tmp_path / "b.pt"
-    p = subprocess.Popen(
-        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while (
-        p.poll() is None and time.monotonic() < deadline and _progress(tmp_path / "b.last.pt") < 2
-    ):
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert 2 <= _progress(tmp_path / "b.last.pt") < 4, "the kill came too late to test a resume"
-    resumed = subprocess.run(
-        [sys.executable, "-m", "embedcache.cli", *args, "--out", str(out), "--resume"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+ENTRY = Path(__file__).with_name("dist_entry.py")
+
+
+def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; tests/dist_entry.py stops it after a fine-tuning state is saved."""
+    full = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", **env}
+    return subprocess.run([sys.executable, str(ENTRY), *args], env=full, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_resume_after_a_signal_or_a_kill_continues_with_the_same_metrics(data, tmp_path):
+    """One chain of runs: SIGTERM after epoch 1 (the CLI says to resume with --resume), a
+    resumed run SIGKILLed after epoch 2, a second resume to the end: the metrics of every epoch
+    are those of a run never interrupted. A tiny backbone: resuming does not depend on its size.
+    (This also covers what tests/test_signals.py checks for extract, for finetune.)"""
     import json
 
-    a, b = json.loads(straight.stdout)["history"], json.loads(resumed.stdout)["history"]
+    kw = {**FT, "backbone": "timm:test_efficientnet", "batch_size": 4, "epochs": 4, "patience": 9, "augment": "light", "views": 2}  # fmt: skip
+    straight = finetune(data, out=tmp_path / "a.pt", **kw)
+    out, last = tmp_path / "b.pt", tmp_path / "b.last.pt"
+    args = ["finetune", str(data), "--out", str(out), "-b", kw["backbone"], "-w", "none", "--image-size", str(SIZE),
+            "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--epochs", "4", "--patience", "9",
+            "--augment", "light", "--views", "2", "--json"]  # fmt: skip
+    stop = {"EMBEDCACHE_TEST_FAIL_HOW": "kill-after-epoch", "EMBEDCACHE_TEST_FAIL_AFTER": "1"}
+    r = _cli(args, **stop, EMBEDCACHE_TEST_FAIL_SIGNAL="SIGTERM")
+    assert r.returncode == 128 + signal.SIGTERM
+    assert r.stderr.strip().splitlines()[-1] == "stopped by SIGTERM; re-run the same command with --resume to continue from OUT.last.pt"  # fmt: skip
+    assert last.exists() and _progress(last) == 1
+    killed = _cli([*args, "--resume"], **stop)  # SIGKILL once the resumed run saved epoch 2
+    assert killed.returncode == -signal.SIGKILL
+    assert 2 <= _progress(last) < 4, "the kill came too late to test a resume"
+    resumed = _cli([*args, "--resume"], EMBEDCACHE_TEST_FAIL_HOW="none")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = straight.metrics["history"], json.loads(resumed.stdout)["history"]
     assert a["epoch"] == b["epoch"] == [0, 1, 2, 3, 4]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert b[key][1:] == pytest.approx(a[key][1:], rel=1e-5), key
@@ -260,11 +271,12 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
             prefix_cache="memory",
             **base,
         )
-    finetune(data, out=tmp_path / "r.pt", unfreeze=1, **base)
+    tiny = {**base, "backbone": TINY["backbone"]}  # a run to resume: any backbone will do
+    finetune(data, out=tmp_path / "r.pt", unfreeze=1, **tiny)
     with pytest.raises(
         EmbedcacheError, match=r"r\.last\.pt is from a run with other settings \(unfreeze 1 vs 2\)"
     ):
-        finetune(data, out=tmp_path / "r.pt", unfreeze=2, resume=True, **base)
+        finetune(data, out=tmp_path / "r.pt", unfreeze=2, resume=True, **tiny)
     with pytest.raises(EmbedcacheError, match=r"--resume found no .*nope\.last\.pt"):
         finetune(data, out=tmp_path / "nope.pt", resume=True, **base)
 
@@ -272,7 +284,7 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
 def test_no_augmentation_runs_the_prefix_once_per_image_whatever_views_says(data, tmp_path):
     r = finetune(
         data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment="none", views=4,
-        prefix_cache="memory", **FT,
+        prefix_cache="memory", **TINY,
     )  # fmt: skip
     pc = r.metrics["prefix_cache"]
     n_images = 2 * 8 * 2  # train + val, two classes of 8
@@ -291,7 +303,7 @@ def test_speedup_estimate_charges_one_prefix_pass_per_epoch():
 
 
 def test_prefix_cache_on_disk_trains_like_in_memory_and_is_removed_after(data, tmp_path):
-    kw = {**FT, "unfreeze": 2, "epochs": 2, "augment": "none", "lr": 1e-2}
+    kw = {**TINY, "unfreeze": 2, "epochs": 2, "augment": "none", "lr": 1e-2}
     memory = finetune(data, out=tmp_path / "mem.pt", prefix_cache="memory", **kw)
     disk = finetune(data, out=tmp_path / "disk.pt", prefix_cache="disk", **kw)
     assert disk.metrics["prefix_cache"]["where"] == "disk"
@@ -305,21 +317,21 @@ def test_prefix_cache_on_disk_trains_like_in_memory_and_is_removed_after(data, t
 
 def test_auto_prefix_cache_goes_to_disk_past_max_memory(data, tmp_path):
     r = finetune(
-        data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment="none", max_memory=1000, **FT
+        data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment="none", max_memory=1000, **TINY
     )
     assert r.metrics["prefix_cache"]["where"] == "disk"
 
 
 def test_precision_fp32_and_bf16_run_on_cpu_and_unknown_ones_are_refused(data, tmp_path):
-    r = finetune(data, out=tmp_path / "m.pt", epochs=1, augment="none", precision="fp32", **FT)
+    r = finetune(data, out=tmp_path / "m.pt", epochs=1, augment="none", precision="fp32", **TINY)
     assert r.metrics["config"]["precision"] == "fp32"
-    b = finetune(data, out=tmp_path / "b.pt", epochs=1, augment="none", precision="bf16", **FT)
+    b = finetune(data, out=tmp_path / "b.pt", epochs=1, augment="none", precision="bf16", **TINY)
     assert b.metrics["config"]["precision"] == "bf16"
     assert (
         b.metrics["history"]["train_loss"][1] != r.metrics["history"]["train_loss"][1]
     )  # bf16 ran
     with pytest.raises(EmbedcacheError, match="--precision must be one of auto, fp32, bf16, fp16"):
-        finetune(data, out=tmp_path / "x.pt", epochs=1, precision="int8", **FT)
+        finetune(data, out=tmp_path / "x.pt", epochs=1, precision="int8", **TINY)
 
 
 def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(data, tmp_path):
@@ -327,7 +339,7 @@ def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(d
 
     from PIL import Image
 
-    r = finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=2, augment="none", **FT)
+    r = finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=2, augment="none", **TINY)
     names = {k: p.name for k, p in r.files.items()}
     assert names == {
         "model": "m.pt", "last": "m.last.pt", "metrics": "m.metrics.json",
@@ -343,7 +355,7 @@ def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(d
 
 
 def test_resumed_run_still_reports_the_kept_epoch(data, tmp_path):
-    kw = {**FT, "unfreeze": 1, "augment": "none", "patience": 9}
+    kw = {**TINY, "unfreeze": 1, "augment": "none", "patience": 9}
     finetune(data, out=tmp_path / "m.pt", epochs=1, **kw)
     (tmp_path / "m.confusion.png").unlink()
     r = finetune(data, out=tmp_path / "m.pt", epochs=1, resume=True, **kw)  # nothing left to run
@@ -358,7 +370,7 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
     from embedcache.finetuning import _labelled
 
     data = make_tree(tmp_path / "d", splits=("train", "test"), per_class=10)
-    extract(data, out=tmp_path / "c.h5", **extract_kw)
+    extract(data, out=tmp_path / "c.h5", **{**extract_kw, "backbone": TINY["backbone"]})
     h = train_head(tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=20, device="cpu", progress=False)  # fmt: skip
     assert h.metrics["val_source"].startswith("no val split: held out 4 of 20 train images")
     with open_cache(tmp_path / "c.h5") as c:
@@ -380,5 +392,5 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
 def test_finetune_leaves_the_callers_random_state_alone(data, tmp_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=1, augment="none", **FT)
+    finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=1, augment="none", **TINY)
     assert torch.equal(torch.get_rng_state(), before)
