@@ -72,12 +72,13 @@ def demo(
     """
     from .comparison import compare
 
-    title, augment = "embedcache demo", "light"
+    title, augment, views = "embedcache demo", "light", 4
     if data is None:
         data = write_digits(Path("data") / "digits")
         image_size = image_size or DEMO_IMAGE_SIZE
-        title, augment = "embedcache demo on scikit-learn's digits", DIGITS_AUGMENT
+        # a mirrored or cropped digit is another digit (or none): no augmentation, no views
+        title, augment, views = "embedcache demo on scikit-learn's digits", DIGITS_AUGMENT, 0
     return compare(
         data, backbone=LITE0, weights=demo_weights(), image_size=image_size, unfreeze=(2,), workdir=workdir,
-        tutorial_epochs=tutorial_epochs, augment=augment, title=title, progress=progress, log=log,
+        tutorial_epochs=tutorial_epochs, augment=augment, title=title, progress=progress, log=log, views=views,
     )  # fmt: skip

@@ -43,9 +43,10 @@ def test_demo_fine_tunes_the_digits_without_augmentation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     quickstart.demo(progress=False)
     assert seen["augment"] == "none" and seen["image_size"] == quickstart.DEMO_IMAGE_SIZE
+    assert seen["views"] == 0  # a mirrored digit is another digit
     assert (
         seen["data"] == tmp_path / "data" / "digits"
         or seen["data"].resolve() == tmp_path / "data" / "digits"
     )
     quickstart.demo(data=tmp_path / "data" / "digits", progress=False)  # a user's own folder
-    assert seen["augment"] == "light" and seen["image_size"] is None
+    assert seen["augment"] == "light" and seen["image_size"] is None and seen["views"] == 4
