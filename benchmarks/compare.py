@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument(
         "--views", type=int, default=4, help="views per image of the cached-views rows (0: none)"
     )
+    p.add_argument(
+        "--no-tutorial", action="store_true", help="leave out the tutorial recipe (the slow row)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--name", default=None, help="results stem [default: compare_DATA_BACKBONE_DEVICE]"
@@ -56,7 +59,7 @@ def main() -> None:
         data = write_digits(Path(tmp) / "digits") if args.data == "digits" else Path(args.data)
         r = compare(data, backbone=args.backbone, weights=args.weights, image_size=args.image_size, unfreeze=tuple(args.unfreeze or ["2"]),
                     augment=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
-                    finetune_epochs=args.finetune_epochs, views=args.views, workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
+                    finetune_epochs=args.finetune_epochs, views=args.views, tutorial=not args.no_tutorial, workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
                     log=lambda line: print(line, flush=True))  # fmt: skip
         device = json.loads(r.files["json"].read_text())["meta"]["device"].split(":")[0]
         name = (
