@@ -293,21 +293,14 @@ class Cache:
             "parts_bytes": sum(p.stat().st_size for p in parts),
             "classes": self.classes,
             "transform": json.loads(self.transform),
-            "splits": {
-                s: {
-                    "images": self.num_images(s),
-                    "shape": list(self.features(s).shape),
-                    "dtype": str(self.features(s).dtype),
-                    **(
-                        {"views_shape": list(self.views(s).shape)}
-                        if self.views(s) is not None
-                        else {}
-                    ),
-                }
-                for s in self.splits
-            },
+            "splits": {s: self._split_summary(s) for s in self.splits},
             "skipped": [vars(s) for s in self.skipped],
         }
+
+    def _split_summary(self, split: str) -> dict:
+        features, views = self.features(split), self.views(split)
+        shown = {"images": self.num_images(split), "shape": list(features.shape), "dtype": str(features.dtype)}  # fmt: skip
+        return shown if views is None else {**shown, "views_shape": list(views.shape)}
 
 
 def _short(e: OSError) -> str:
@@ -1355,7 +1348,7 @@ class ViewRows(Rows):
     plain features or one of the image's views, drawn uniformly by :meth:`pick`.
 
     views : (n_source, V, D) stored views of the source rows; counts : (n_source,) how many
-    of them each row has (rows joined from val have 1, the mirror; default: all V).
+    of them each row has (default: all V; 0 for the val rows a refit joins, see :func:`join_rows`).
     """
 
     def __init__(self, source, views, labels: np.ndarray, rows: np.ndarray, counts=None):
@@ -1374,27 +1367,19 @@ class ViewRows(Rows):
         self._data = data
 
 
-def join_rows(a: Rows, b: Rows) -> Rows:
-    """The rows of ``a`` then those of ``b`` as one in-memory set (train + val for a refit);
-    views are kept for the rows that have them."""
-    if not (a.in_memory and b.in_memory):
+def join_rows(a: Rows, val: Rows) -> Rows:
+    """The rows of ``a`` then the (plain) rows of ``val`` as one in-memory set, for a refit on
+    train + val; when ``a`` draws views, the val rows have none to draw (count 0)."""
+    if not (a.in_memory and val.in_memory):
         raise EmbedcacheError("--refit needs the features in memory; raise --max-memory")
-    plain = [r._plain if isinstance(r, ViewRows) else r._data for r in (a, b)]
-    labels = np.concatenate([a.labels, b.labels])
+    plain = np.concatenate([a._plain if isinstance(a, ViewRows) else a._data, val._data])
+    labels = np.concatenate([a.labels, val.labels])
     rows = np.arange(len(labels))
     if not isinstance(a, ViewRows):
-        return Rows(np.concatenate(plain), labels, rows, in_memory=True)
-    width = a._views.shape[1]
-    views, counts = [a._views], [a.counts]
-    if isinstance(b, ViewRows):  # fewer views (val's mirror alone): padded, never drawn
-        pad = np.zeros((b.n, width, a._views.shape[2]), a._views.dtype)
-        pad[:, : b._views.shape[1]] = b._views[:, :width]
-        views.append(pad)
-        counts.append(np.minimum(b.counts, width))
-    else:
-        views.append(np.zeros((b.n, width, a._views.shape[2]), a._views.dtype))
-        counts.append(np.zeros(b.n, np.int64))
-    return ViewRows(np.concatenate(plain), np.concatenate(views), labels, rows, np.concatenate(counts))  # fmt: skip
+        return Rows(plain, labels, rows, in_memory=True)
+    none = np.zeros((val.n, *a._views.shape[1:]), a._views.dtype)  # padding, never drawn
+    counts = np.r_[a.counts, np.zeros(val.n, np.int64)]
+    return ViewRows(plain, np.concatenate([a._views, none]), labels, rows, counts)
 
 
 def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

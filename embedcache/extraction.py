@@ -97,17 +97,17 @@ class ExtractResult:
             return f"{self.path} is up to date ({self.images} images); nothing to extract"
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         mb = self.file_bytes / 1e6
-        per_rank = ""
+        extra = ""
         if self.views:
-            per_rank = (
+            extra = (
                 f"; {self.views} views per train image (1 mirror elsewhere), a forward pass each"
             )
         if len(self.ranks) > 1:
             rates = ", ".join(f"{n / s:.1f}" if s > 0 else "0" for n, s in self.ranks)
-            per_rank += f"; {len(self.ranks)} ranks at {rates} images/s"
+            extra += f"; {len(self.ranks)} ranks at {rates} images/s"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
-            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{per_rank}), "
+            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{extra}), "
             f"{self.reused} reused, {mb:.1f} MB"
         )
 
@@ -422,8 +422,8 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
     if run.gpu_decode:
         loader = gpu_decoded_batches(files, batches, bb.transform, device=run.device, num_workers=run.workers)  # fmt: skip
     else:
-        views = isinstance(files[0], tuple)  # items with views: each decodes to (1 + V, H, W, 3)
-        decode = functools.partial(with_views if views else preprocess, t=bb.transform)
+        viewed = isinstance(files[0], tuple)  # items with views: each decodes to (1 + V, H, W, 3)
+        decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     if should_compile(run.compile, run.device, sum(len(b) for b in batches)):  # this rank's images

@@ -342,3 +342,21 @@ def test_logreg_fits_on_one_blas_thread_even_when_refitted(blob_cache, monkeypat
     monkeypatch.setattr(lm.LogisticRegression, "fit", spy)
     train_head(blob_cache, head="logreg", refit=True, **FAST)
     assert len(seen) == 15 and all(s == {1} for s in seen)  # 13 Cs, the final fit, the refit
+
+
+def test_a_refit_joins_val_rows_that_never_draw_a_view():
+    from embedcache.cache import Rows, ViewRows, join_rows
+
+    plain = np.zeros((6, 1), np.float32)
+    views = np.ones((6, 2, 1), np.float32)
+    train = ViewRows(plain, views, np.zeros(6, np.int64), np.arange(4))
+    val = Rows(np.full((3, 1), -1.0, np.float32), np.ones(3, np.int64), np.arange(3), in_memory=True)  # fmt: skip
+    both = join_rows(train, val)
+    assert isinstance(both, ViewRows) and both.n == 7 and list(both.labels) == [0] * 4 + [1] * 3
+    seen = set()
+    for seed in range(20):
+        both.pick(np.random.default_rng(seed))
+        x = both.take(np.arange(7))[:, 0]
+        assert np.all(x[4:] == -1.0)  # val rows: their plain features only
+        seen |= set(x[:4].tolist())
+    assert seen == {0.0, 1.0}  # train rows: plain and views
