@@ -429,7 +429,8 @@ def _reference(kind, train: Rows, val: Rows | None, classes, *, seed, chosen: di
 def one_blas_thread():
     """scikit-learn's BLAS on one thread. Beside torch's OpenMP threads its own compete for the
     cores: a logreg fit on the digits features took 16.3 s with 2 BLAS threads and 0.76 s with
-    one, and on 100,000 x 1280 rows 1.5 s against 1.0 s (2-core machine)."""
+    one. Where they do not fight, one thread costs a little: the whole logreg search on
+    100,000 x 1280 rows took 11.3-14.3 s against 10.2-10.6 s with two (alternated runs, 2 cores)."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")
