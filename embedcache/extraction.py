@@ -53,11 +53,12 @@ from .runtime import (
     autocast_dtype,
     choose_batch_size,
     choose_gpu_decode,
+    compile_mode,
+    compiled,
     default_batch_size,
     default_num_workers,
     gpu_batch_fits,
     precision_name,
-    should_compile,
     tune_allocator,
 )
 
@@ -426,8 +427,7 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
         decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    if should_compile(run.compile, run.device, sum(len(b) for b in batches)):  # this rank's images
-        net = torch.compile(net, dynamic=False)  # the last batch's other shape compiles once more
+    net = compiled(net, compile_mode(run.compile, run.device, sum(len(b) for b in batches), net))
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)
     done = skipped = 0

@@ -7,7 +7,8 @@ import ctypes
 import os
 import platform
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -226,14 +227,82 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
     return fits
 
 
-COMPILE_FROM_IMAGES = 10_000
+COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
+# A frozen graph on a CPU: tracing and checking cost 1-2 s, and folding BatchNorm into the
+# convolutions saves ~4 ms per lite0 image (1.4-1.6x its forward pass; resnet50 1.15x; nets
+# without BatchNorm, ViT and ConvNeXt, gain nothing): benchmarks/results/cpu_forward_variants.md.
+FREEZE_FROM_IMAGES = 256
 
 
-def should_compile(compile: str, device: torch.device, images: int) -> bool:
-    """Whether to torch.compile the backbone for a run of ``images`` on ``device``."""
-    if compile != "auto":
-        return compile == "on"
-    return device.type == "cuda" and images >= COMPILE_FROM_IMAGES
+def compile_mode(compile: str, device: torch.device, images: int, net: torch.nn.Module) -> str | None:  # fmt: skip
+    """How to compile ``net`` for a run of ``images`` on ``device``: "inductor" (torch.compile,
+    GPUs), "frozen" (a frozen TorchScript graph, CPUs) or None (eager)."""
+    if compile == "off":
+        return None
+    if device.type == "cuda":
+        return "inductor" if compile == "on" or images >= COMPILE_FROM_IMAGES else None
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    return "frozen" if compile == "on" or (images >= FREEZE_FROM_IMAGES and has_bn) else None
+
+
+def compiled(net: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` as ``mode`` (see :func:`compile_mode`) runs it; the last batch's other shape
+    compiles once more."""
+    if mode == "inductor":
+        return torch.compile(net, dynamic=False)
+    return FrozenGraph(net) if mode == "frozen" else net
+
+
+class FrozenGraph:
+    """``net`` as frozen TorchScript graphs: BatchNorm folded into the convolutions, pointwise
+    ops fused. Each new input shape is first run eager and the graph checked against it (a graph
+    from another shape, else one traced on it); a shape no graph agrees on runs eager."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self.graphs: dict[tuple, torch.jit.ScriptModule | None] = {}  # (shape, dtype) -> graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)  # fmt: skip
+        if key in self.graphs:
+            graph = self.graphs[key]
+            return self.net(x) if graph is None else graph(x)
+        ref = self.net(x)
+        graph = next((g for g in self.graphs.values() if g is not None), None)
+        if not _agrees(graph, x, ref):
+            graph = _frozen(self.net, x)
+            graph = graph if _agrees(graph, x, ref) else None
+        self.graphs[key] = graph
+        return ref
+
+    @property
+    def eager_shapes(self) -> list[tuple]:
+        """Input shapes no graph agreed on (run eager)."""
+        return [key[0] for key, graph in self.graphs.items() if graph is None]
+
+
+def _frozen(net: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | None:
+    """``net`` traced on ``x`` and frozen; None where it does not trace."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript is deprecated (torch 2.14); tracer hints
+            return torch.jit.freeze(torch.jit.trace(net, x, check_trace=False))
+    except Exception:  # any op the tracer cannot record: the run goes on eager
+        return None
+
+
+def _agrees(graph: torch.jit.ScriptModule | None, x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``graph(x)`` matches ``ref`` up to rounding (folded BatchNorm reorders sums:
+    3e-6 relative in fp32, 1% in bf16)."""
+    if graph is None:
+        return False
+    try:
+        out = graph(x)
+    except Exception:  # traced with a shape baked in: this shape gets its own graph
+        return False
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+    scale = ref.float().abs().max().clamp_min(1e-12)
+    return out.shape == ref.shape and bool((out.float() - ref.float()).abs().max() <= tol * scale)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -271,7 +340,7 @@ class Run:
     autocast: torch.dtype | None = None  # None: plain fp32
     progress: bool = False
     gpu_decode: bool = False  # JPEGs decoded on the device (see choose_gpu_decode)
-    compile: str = "off"  # torch.compile the network: auto, on, off (see should_compile)
+    compile: str = "off"  # compile the network: auto, on, off (see compile_mode)
 
     def amp(self):
         """The autocast context for this run's device and dtype (a no-op for fp32)."""

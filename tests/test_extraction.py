@@ -417,15 +417,23 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
         }
 
 
-def test_compile_on_compiles_the_backbone_once_and_auto_does_not_on_a_cpu(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
-    import torch
+def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    import embedcache.runtime as runtime
 
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)
-    extract(tree, out=tmp_path / "on.h5", compile="on", **extract_kw)
-    assert compiled == [{"dynamic": False}]
-    extract(tree, out=tmp_path / "auto.h5", **extract_kw)  # auto on a CPU: not compiled
-    assert len(compiled) == 1
+    made = []
+
+    class Spy(runtime.FrozenGraph):
+        def __init__(self, net):
+            super().__init__(net)
+            made.append(self)
+
+    monkeypatch.setattr(runtime, "FrozenGraph", Spy)
+    extract(tree, out=tmp_path / "on.h5", compile="on", dtype="float32", **extract_kw)
+    extract(tree, out=tmp_path / "auto.h5", dtype="float32", **extract_kw)  # 24 images: eager
+    assert len(made) == 1 and made[0].graphs and made[0].eager_shapes == []
+    with open_cache(tmp_path / "on.h5") as on, open_cache(tmp_path / "auto.h5") as eager:
+        for split in ("train", "val"):
+            np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
 def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(tree, tmp_path, extract_kw):  # fmt: skip

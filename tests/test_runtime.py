@@ -176,10 +176,84 @@ def test_auto_batch_size_takes_the_largest_candidate_that_fits_and_stops_at_the_
     assert tried == [64, 128]
 
 
-def test_compile_auto_is_for_gpu_runs_of_ten_thousand_images_or_more():
-    from embedcache.runtime import should_compile
+def _conv_bn(bn: bool = True) -> torch.nn.Module:
+    norm = torch.nn.BatchNorm2d(4) if bn else torch.nn.GroupNorm(2, 4)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), norm, torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # fmt: skip
+    if bn:  # statistics that are not the identity, so that folding them shows
+        with torch.no_grad():
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.uniform_(0.5, 2)  # fmt: skip
+    return net.eval()
 
-    cuda = torch.device("cuda", 0)
-    assert should_compile("auto", cuda, 10_000) and not should_compile("auto", cuda, 9_999)
-    assert not should_compile("auto", CPU, 10**6)
-    assert should_compile("on", CPU, 1) and not should_compile("off", cuda, 10**6)
+
+def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu_runs_of_batchnorm_nets():  # fmt: skip
+    from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode
+
+    cuda, bn, no_bn = torch.device("cuda", 0), _conv_bn(), _conv_bn(bn=False)
+    assert compile_mode("auto", cuda, 10_000, bn) == "inductor"
+    assert compile_mode("auto", cuda, 9_999, bn) is None
+    assert compile_mode("auto", CPU, FREEZE_FROM_IMAGES, bn) == "frozen"
+    assert compile_mode("auto", CPU, FREEZE_FROM_IMAGES - 1, bn) is None  # tracing would not pay
+    assert compile_mode("auto", CPU, 10**6, no_bn) is None  # nothing to fold: no gain measured
+    assert compile_mode("on", CPU, 1, no_bn) == "frozen" and compile_mode("on", cuda, 1, bn) == "inductor"  # fmt: skip
+    assert compile_mode("off", cuda, 10**6, bn) is None and compile_mode("off", CPU, 10**6, bn) is None  # fmt: skip
+
+
+def test_compiled_hands_gpu_runs_to_torch_compile(monkeypatch):
+    from embedcache.runtime import FrozenGraph, compiled
+
+    net = _conv_bn()
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: ("compiled", m, kw))
+    assert compiled(net, "inductor") == ("compiled", net, {"dynamic": False})
+    assert compiled(net, None) is net and isinstance(compiled(net, "frozen"), FrozenGraph)
+
+
+def test_a_frozen_graph_folds_batchnorm_matches_eager_and_serves_other_shapes(monkeypatch):
+    from embedcache.runtime import FrozenGraph
+
+    traced = []
+    trace = runtime_mod._frozen
+    monkeypatch.setattr(runtime_mod, "_frozen", lambda net, x: traced.append(x.shape) or trace(net, x))  # fmt: skip
+    net = _conv_bn()
+    frozen = FrozenGraph(net)
+    x, y = torch.randn(4, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        for z in (x, x, y, y):
+            torch.testing.assert_close(frozen(z), net(z), rtol=1e-4, atol=1e-5)
+    graphs = list(frozen.graphs.values())
+    assert len(graphs) == 2 and graphs[0] is graphs[1] is not None  # one graph, checked on both
+    assert traced == [x.shape]  # the second shape was not traced again
+    kinds = {n.kind() for n in graphs[0].graph.nodes()}
+    assert "aten::batch_norm" not in kinds and frozen.eager_shapes == []  # folded away
+
+
+class _Counting(torch.nn.Module):
+    """Python state a trace bakes in: the graph multiplies by the count at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+class _Untraceable(torch.nn.Module):
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            raise RuntimeError("not traceable")
+        return x + 1
+
+
+@pytest.mark.parametrize("net", [_Counting(), _Untraceable()], ids=["disagrees", "fails"])
+def test_a_shape_no_graph_agrees_on_runs_eager(net):
+    from embedcache.runtime import FrozenGraph
+
+    frozen, x = FrozenGraph(net), torch.ones(2, 3)
+    with torch.inference_mode():
+        first, second = frozen(x), frozen(x)
+    assert frozen.eager_shapes == [(2, 3)] and list(frozen.graphs.values()) == [None]
+    if isinstance(net, _Counting):  # eager each time: 1, (the trace ran 2), then 3
+        assert torch.equal(first, x) and torch.equal(second, 3 * x)
+    else:
+        assert torch.equal(first, x + 1) and torch.equal(second, x + 1)
