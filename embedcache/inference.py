@@ -16,7 +16,15 @@ from .data import IMAGE_EXTENSIONS, preprocess, scan, with_views
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .finetuning import model_backbone
-from .runtime import Run, default_batch_size, default_num_workers, resolve_device, tune_allocator
+from .runtime import (
+    Run,
+    compile_mode,
+    compiled,
+    default_batch_size,
+    default_num_workers,
+    resolve_device,
+    tune_allocator,
+)
 
 
 @dataclass
@@ -84,6 +92,7 @@ def image_features(
     failed : {index: reason} for files that could not be decoded
     """
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
+    net = compiled(net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net))
     norm = Normalise(bb.transform).to(run.device)
     if mirror:  # each item decodes to (2, H, W, 3): the eval crop and its mirror
         files = [(f, 1, (0, 0)) for f in files]
@@ -109,11 +118,12 @@ def _split_mirrored(features: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.
 
 
 def _run(device: str, batch_size: int | None, num_workers: int | None, progress: bool) -> Run:
-    """How images run through the backbone (the allocator tuned first: see tune_allocator)."""
+    """How images run through the backbone: the allocator tuned first (see tune_allocator), the
+    backbone compiled as --compile auto would for extract (see compile_mode)."""
     tune_allocator()
     dev = resolve_device(device)
     workers = default_num_workers(dev) if num_workers is None else num_workers
-    return Run(dev, batch_size or default_batch_size(dev), workers, None, progress)
+    return Run(dev, batch_size or default_batch_size(dev), workers, None, progress, compile="auto")
 
 
 def _map_labels(data_classes: list[str], model_classes: list[str], source: str) -> np.ndarray:

@@ -138,3 +138,19 @@ def make_cache(tmp_path):
 def blob_cache(make_cache):
     """3 classes x (40 train, 15 val) Gaussian blobs, 16-d."""
     return make_cache(train=blobs(40, seed=0), val=blobs(15, seed=1, spread=1.0))
+
+
+@pytest.fixture
+def frozen_graphs(monkeypatch) -> list:
+    """Every runtime.FrozenGraph the test makes, in order (to see which runs used one)."""
+    import embedcache.runtime as runtime
+
+    made: list = []
+
+    class Recorded(runtime.FrozenGraph):
+        def __init__(self, net):
+            super().__init__(net)
+            made.append(self)
+
+    monkeypatch.setattr(runtime, "FrozenGraph", Recorded)
+    return made

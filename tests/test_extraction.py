@@ -417,20 +417,10 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
         }
 
 
-def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
-    import embedcache.runtime as runtime
-
-    made = []
-
-    class Spy(runtime.FrozenGraph):
-        def __init__(self, net):
-            super().__init__(net)
-            made.append(self)
-
-    monkeypatch.setattr(runtime, "FrozenGraph", Spy)
+def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_path, extract_kw, frozen_graphs):  # fmt: skip
     extract(tree, out=tmp_path / "on.h5", compile="on", dtype="float32", **extract_kw)
     extract(tree, out=tmp_path / "auto.h5", dtype="float32", **extract_kw)  # 24 images: eager
-    assert len(made) == 1 and made[0].graphs and made[0].eager_shapes == []
+    assert len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []  # fmt: skip
     with open_cache(tmp_path / "on.h5") as on, open_cache(tmp_path / "auto.h5") as eager:
         for split in ("train", "val"):
             np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip

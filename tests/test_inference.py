@@ -88,3 +88,22 @@ def test_tta_averages_image_and_mirror_alike_from_a_cache_and_from_images(tmp_pa
         EmbedcacheError, match="--tta needs the mirrored images, and cache .* has none"
     ):
         evaluate(head, tmp_path / "plain.h5", split="val", tta=True, **run)
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["plain", "mirrored"])
+def test_images_through_a_frozen_graph_give_eagers_features(tmp_path, mirror, frozen_graphs):
+    import numpy as np
+    import torch
+
+    from embedcache.backbones import build_backbone
+    from embedcache.inference import image_features
+    from embedcache.runtime import Run
+
+    files = sorted(make_tree(tmp_path / "d", per_class=3).rglob("*.png"))
+    assert len(files) == 12
+    bb = build_backbone("resnet18", weights="none", image_size=32)
+    runs = {c: Run(torch.device("cpu"), 4, 0, compile=c) for c in ("on", "off")}
+    out = {c: image_features(bb, files, run, mirror=mirror) for c, run in runs.items()}
+    assert len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []  # fmt: skip
+    np.testing.assert_allclose(out["on"][0], out["off"][0], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(out["on"][1], out["off"][1])
