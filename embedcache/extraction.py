@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +354,11 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) ->
     files = [root / paths[s][r] for s, r in flat]
     if views:  # decode items: (file, views of its split, the seed of its views)
         files = [(f, views_for(s, views), view_key(seed, paths[s][r])) for f, (s, r) in zip(files, flat, strict=True)]  # fmt: skip
+    # Compiled or not is decided on the whole cache, not on the rows left, so that a resumed or
+    # incremental run computes its rows as one run over everything would (frozen graphs and
+    # eager agree only up to rounding); and every rank decides alike.
+    total = sum(len(p) for p in paths.values())
+    run = replace(run, compile="on" if compile_mode(run.compile, run.device, total, bb.net) else "off")  # fmt: skip
     try:
         with disk_errors(out):
             return _run(bb, files, flat, mine, writer, run, scale=group.world)
@@ -427,7 +432,7 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
         decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    net = compiled(net, compile_mode(run.compile, run.device, sum(len(b) for b in batches), net))
+    net = compiled(net, compile_mode(run.compile, run.device, len(flat), net))  # on/off by now
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)
     done = skipped = 0

@@ -256,7 +256,9 @@ def compiled(net: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor],
 class FrozenGraph:
     """``net`` as frozen TorchScript graphs: BatchNorm folded into the convolutions, pointwise
     ops fused. Each new input shape is first run eager and the graph checked against it (a graph
-    from another shape, else one traced on it); a shape no graph agrees on runs eager."""
+    from another shape, else one traced on it); a shape no graph agrees on runs eager. Every
+    batch of a shape a graph serves, its first included, is the graph's output, so a run gives
+    the same features whichever batch it starts at."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
@@ -269,11 +271,12 @@ class FrozenGraph:
             return self.net(x) if graph is None else graph(x)
         ref = self.net(x)
         graph = next((g for g in self.graphs.values() if g is not None), None)
-        if not _agrees(graph, x, ref):
+        out = _checked(graph, x, ref)
+        if out is None:
             graph = _frozen(self.net, x)
-            graph = graph if _agrees(graph, x, ref) else None
-        self.graphs[key] = graph
-        return ref
+            out = _checked(graph, x, ref)
+        self.graphs[key] = graph if out is not None else None
+        return ref if out is None else out
 
     @property
     def eager_shapes(self) -> list[tuple]:
@@ -291,18 +294,19 @@ def _frozen(net: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | N
         return None
 
 
-def _agrees(graph: torch.jit.ScriptModule | None, x: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether ``graph(x)`` matches ``ref`` up to rounding (folded BatchNorm reorders sums:
-    3e-6 relative in fp32, 1% in bf16)."""
+def _checked(graph: torch.jit.ScriptModule | None, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """``graph(x)`` if it matches ``ref`` up to rounding (folded BatchNorm reorders sums: 3e-6
+    relative in fp32, 1% in bf16), else None."""
     if graph is None:
-        return False
+        return None
     try:
         out = graph(x)
     except Exception:  # traced with a shape baked in: this shape gets its own graph
-        return False
+        return None
     tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
     scale = ref.float().abs().max().clamp_min(1e-12)
-    return out.shape == ref.shape and bool((out.float() - ref.float()).abs().max() <= tol * scale)
+    ok = out.shape == ref.shape and bool((out.float() - ref.float()).abs().max() <= tol * scale)
+    return out if ok else None
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -426,6 +426,35 @@ def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_pat
             np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes_the_same_bits(tree, tmp_path, extract_kw, frozen_graphs, monkeypatch):  # fmt: skip
+    """auto decides on the whole cache (24 images here, over a threshold of 20), not on the 12
+    rows left: the resumed rows are the graph's, as in one uninterrupted run."""
+    import embedcache.runtime as runtime
+    from embedcache.cache import PartialCache
+
+    monkeypatch.setattr(runtime, "FREEZE_FROM_IMAGES", 20)
+    kw = {**extract_kw, "dtype": "float32"}
+    extract(tree, out=tmp_path / "ref.h5", **kw)
+    write, calls = PartialCache.write, []
+
+    def crash_after_three(self, *args):
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        calls.append(1)
+        return write(self, *args)
+
+    monkeypatch.setattr(PartialCache, "write", crash_after_three)
+    with pytest.raises(RuntimeError, match="power cut"):
+        extract(tree, out=tmp_path / "c.h5", **kw)
+    monkeypatch.setattr(PartialCache, "write", write)
+    r = extract(tree, out=tmp_path / "c.h5", **kw)
+    assert (r.extracted, r.reused) == (12, 12) and len(frozen_graphs) == 3
+    assert all(f.graphs and not f.eager_shapes for f in frozen_graphs)
+    with open_cache(tmp_path / "c.h5") as a, open_cache(tmp_path / "ref.h5") as b:
+        for split in ("train", "val"):
+            assert np.array_equal(a.features(split)[:], b.features(split)[:]), split
+
+
 def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(tree, tmp_path, extract_kw):  # fmt: skip
     import torch
 
