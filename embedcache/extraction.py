@@ -386,8 +386,9 @@ def _join(out: Path, join: str = "auto") -> None:
             if join_kind(join, shards) == "virtual":
                 partial.finalize_virtual(out, {"created": now_iso()}, shards)
             else:
-                for shard in shards:
-                    partial.merge(shard)
+                for shard in shards:  # merged rows are flushed and marked: the shard can go,
+                    partial.merge(shard)  # so the disk holds partial + shards, then + the cache
+                    shard.unlink()
                 partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:

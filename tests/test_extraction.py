@@ -426,6 +426,43 @@ def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_pat
             np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def _power_cut(*args):
+    raise RuntimeError("power cut")
+
+
+def _crash_on_first_write(monkeypatch, run) -> None:
+    """Run ``run`` with the in-progress file's first batch write failing: the file stays, all to do."""
+    from embedcache.cache import PartialCache
+
+    write = PartialCache.write
+    monkeypatch.setattr(PartialCache, "write", _power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run()
+    monkeypatch.setattr(PartialCache, "write", write)
+
+
+def test_a_copy_join_removes_each_shard_once_merged_so_shards_and_cache_never_share_the_disk(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    from embedcache.cache import PartialCache, ShardFile, shard_path, shard_paths
+    from embedcache.extraction import _join
+
+    out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
+    extract(tree, out=ref, **extract_kw)
+    _crash_on_first_write(monkeypatch, lambda: extract(tree, out=out, **extract_kw))
+    with open_cache(ref) as c:  # two ranks' shards, holding the reference rows
+        feats = {s: c.features(s)[:] for s in c.splits}
+    items = [(s, r) for s, f in feats.items() for r in range(len(f))]
+    for rank, part in enumerate((items[: len(items) // 2], items[len(items) // 2 :])):
+        shard = ShardFile.create(shard_path(out, rank), list(feats), part, feature_dim=feats["train"].shape[1], dtype="float16")  # fmt: skip
+        for split, row in part:
+            shard.write(split, np.array([row]), feats[split][[row]], {})
+        shard.close()
+    left_at_finalize, finalize = [], PartialCache.finalize
+    monkeypatch.setattr(PartialCache, "finalize", lambda self, *a: left_at_finalize.append(shard_paths(out)) or finalize(self, *a))  # fmt: skip
+    _join(out, "copy")
+    assert left_at_finalize == [[]]
+    _same_splits(out, ref, exact=True)
+
+
 def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes_the_same_bits(tree, tmp_path, extract_kw, frozen_graphs, monkeypatch):  # fmt: skip
     """auto decides on the whole cache (24 images here, over a threshold of 20), not on the 12
     rows left: the resumed rows are the graph's, as in one uninterrupted run."""
