@@ -2,6 +2,7 @@
 (c) the tutorial loop, measured in one run on the same images, backbone and batch size.
 
     python benchmarks/extract_throughput.py ../shared/data/hymenoptera --backbone efficientnet_lite0
+    python benchmarks/extract_throughput.py --generate 2000     # 500x375 JPEGs made on the fly
 
 (a) is the compute ceiling: the backbone in eval mode, inference_mode, channels_last,
 on uint8 images already decoded and resized (normalised on the fly, as extract does).
@@ -134,6 +135,24 @@ def in_own_process(what: str, args) -> float:
     return float(r.stdout.split()[-1])
 
 
+def generate(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` photo-sized JPEGs (500x375, quality 90, smooth random content: the size and
+    entropy of a typical photo, not its pixels) in train/ and val/ (4:1), two classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / ("val" if i % 5 == 4 else "train") / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (375, 500, 3))
+        pixels = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -159,7 +178,8 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("data", type=Path, help="an image folder with split folders (train/, val/)")
+    p.add_argument("data", type=Path, nargs="?", help="an image folder with split folders (train/, val/)")  # fmt: skip
+    p.add_argument("--generate", type=int, metavar="N", help="instead of DATA: N generated 500x375 JPEGs")  # fmt: skip
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument(
         "--weights", default="none", help="weights do not change speed; default random init"
@@ -181,7 +201,17 @@ def main() -> None:
         help="results file stem [default: extract_throughput_BACKBONE_DEVICE]",
     )
     args = p.parse_args()
+    if (args.data is None) == (args.generate is None):
+        p.error("give DATA or --generate N")
+    if args.generate:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.data = generate(Path(tmp) / f"generated-{args.generate}", args.generate)
+            measure(args)
+    else:
+        measure(args)
 
+
+def measure(args) -> None:
     device = resolve_device(args.device)
     args.batch_size = args.batch_size or default_batch_size(device)
     bb = build_backbone(args.backbone, weights=args.weights, device=device)
@@ -253,6 +283,8 @@ def main() -> None:
             f"**{ratios['extract_over_shared_core_bound']:.2f}** of that.",
         ]
     name = args.name or f"extract_throughput_{args.backbone.replace(':', '_')}_{device.type}"
+    if args.generate and not args.name:
+        name += f"_generated{args.generate}"
     path = save(
         name,
         {
