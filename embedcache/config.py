@@ -166,9 +166,9 @@ class ExtractConfig(_Config):
         "auto",
         "Compile the backbone: on a GPU with torch.compile, on a CPU as a frozen TorchScript "
         "graph (BatchNorm folded into the convolutions; each batch shape checked against eager "
-        "first, eager where they differ). auto: caches of 10,000+ images on a GPU; of 256+ "
-        "images on a CPU, for nets with BatchNorm (1.5x for EfficientNets; ViT/ConvNeXt gain "
-        "nothing).",
+        "first, eager where they differ). auto: from 10,000 images of the cache per process on a "
+        "GPU, from 256 on a CPU for nets with BatchNorm (1.5x for EfficientNets; ViT/ConvNeXt "
+        "gain nothing).",
         choices=("auto", "on", "off"),
     )
     views: int = setting(

@@ -354,11 +354,11 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) ->
     files = [root / paths[s][r] for s, r in flat]
     if views:  # decode items: (file, views of its split, the seed of its views)
         files = [(f, views_for(s, views), view_key(seed, paths[s][r])) for f, (s, r) in zip(files, flat, strict=True)]  # fmt: skip
-    # Compiled or not is decided on the whole cache, not on the rows left, so that a resumed or
-    # incremental run computes its rows as one run over everything would (frozen graphs and
-    # eager agree only up to rounding); and every rank decides alike.
-    total = sum(len(p) for p in paths.values())
-    run = replace(run, compile="on" if compile_mode(run.compile, run.device, total, bb.net) else "off")  # fmt: skip
+    # Compiled or not is decided on each rank's share of the whole cache, not on the rows left,
+    # so that a resumed or incremental run computes its rows as one run over everything would
+    # (compiled and eager agree only up to rounding); and every rank decides alike.
+    share_of_all = -(-sum(len(p) for p in paths.values()) // group.world)
+    run = replace(run, compile="on" if compile_mode(run.compile, run.device, share_of_all, bb.net) else "off")  # fmt: skip
     try:
         with disk_errors(out):
             return _run(bb, files, flat, mine, writer, run, scale=group.world)
