@@ -229,8 +229,8 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
 
 COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
 # A frozen graph on a CPU: tracing and checking cost 1-2 s, and folding BatchNorm into the
-# convolutions saves ~4 ms per lite0 image (1.4-1.6x its forward pass; resnet50 1.15x; nets
-# without BatchNorm, ViT and ConvNeXt, gain nothing): benchmarks/results/cpu_forward_variants.md.
+# convolutions gives lite0 1.6x, B0 1.5x, resnet50 1.1x (nets without BatchNorm, ViT and
+# ConvNeXt, gain nothing), paying back after 200-330 images: benchmarks/results/cpu_forward_variants.md.
 FREEZE_FROM_IMAGES = 256
 
 
@@ -262,7 +262,7 @@ class FrozenGraph:
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
-        self.graphs: dict[tuple, torch.jit.ScriptModule | None] = {}  # (shape, dtype) -> graph
+        self.graphs: dict[tuple, torch.jit.ScriptModule | None] = {}  # (shape, dtype, autocast)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)  # fmt: skip
