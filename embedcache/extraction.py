@@ -358,7 +358,7 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) ->
     # so that a resumed or incremental run computes its rows as one run over everything would
     # (compiled and eager agree only up to rounding); and every rank decides alike.
     share_of_all = -(-sum(len(p) for p in paths.values()) // group.world)
-    run = replace(run, compile="on" if compile_mode(run.compile, run.device, share_of_all, bb.net) else "off")  # fmt: skip
+    run = replace(run, compile="on" if compile_mode(run.compile, run.device, share_of_all, bb.net, run.autocast) else "off")  # fmt: skip
     try:
         with disk_errors(out):
             return _run(bb, files, flat, mine, writer, run, scale=group.world)

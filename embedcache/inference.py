@@ -92,7 +92,9 @@ def image_features(
     failed : {index: reason} for files that could not be decoded
     """
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    net = compiled(net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net))
+    net = compiled(
+        net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)
+    )
     norm = Normalise(bb.transform).to(run.device)
     if mirror:  # each item decodes to (2, H, W, 3): the eval crop and its mirror
         files = [(f, 1, (0, 0)) for f in files]

@@ -234,15 +234,19 @@ COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pa
 FREEZE_FROM_IMAGES = 256
 
 
-def compile_mode(compile: str, device: torch.device, images: int, net: torch.nn.Module) -> str | None:  # fmt: skip
-    """How to compile ``net`` for a run of ``images`` on ``device``: "inductor" (torch.compile,
-    GPUs), "frozen" (a frozen TorchScript graph, CPUs) or None (eager)."""
+def compile_mode(compile: str, device: torch.device, images: int, net: torch.nn.Module, autocast: torch.dtype | None = None) -> str | None:  # fmt: skip
+    """How to compile ``net`` for a run of ``images`` on ``device`` (under ``autocast``):
+    "inductor" (torch.compile, GPUs), "frozen" (a frozen TorchScript graph, CPUs) or None (eager).
+
+    auto freezes fp32 runs only: under bf16 autocast the folded graph drifted 2.5% from eager
+    bf16 on lite0 and ran no faster where bf16 is emulated."""
     if compile == "off":
         return None
     if device.type == "cuda":
         return "inductor" if compile == "on" or images >= COMPILE_FROM_IMAGES else None
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    return "frozen" if compile == "on" or (images >= FREEZE_FROM_IMAGES and has_bn) else None
+    worth = images >= FREEZE_FROM_IMAGES and has_bn and autocast is None
+    return "frozen" if compile == "on" or worth else None
 
 
 def compiled(net: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:

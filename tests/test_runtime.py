@@ -194,6 +194,8 @@ def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu
     assert compile_mode("auto", CPU, FREEZE_FROM_IMAGES, bn) == "frozen"
     assert compile_mode("auto", CPU, FREEZE_FROM_IMAGES - 1, bn) is None  # tracing would not pay
     assert compile_mode("auto", CPU, 10**6, no_bn) is None  # nothing to fold: no gain measured
+    assert compile_mode("auto", CPU, 10**6, bn, torch.bfloat16) is None  # measured on fp32 only
+    assert compile_mode("on", CPU, 1, bn, torch.bfloat16) == "frozen"
     assert compile_mode("on", CPU, 1, no_bn) == "frozen" and compile_mode("on", cuda, 1, bn) == "inductor"  # fmt: skip
     assert compile_mode("off", cuda, 10**6, bn) is None and compile_mode("off", CPU, 10**6, bn) is None  # fmt: skip
 
