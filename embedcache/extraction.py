@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -358,10 +358,10 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) ->
     # so that a resumed or incremental run computes its rows as one run over everything would
     # (compiled and eager agree only up to rounding); and every rank decides alike.
     share_of_all = -(-sum(len(p) for p in paths.values()) // group.world)
-    run = replace(run, compile="on" if compile_mode(run.compile, run.device, share_of_all, bb.net, run.autocast) else "off")  # fmt: skip
+    mode = compile_mode(run.compile, run.device, share_of_all, bb.net, run.autocast)
     try:
         with disk_errors(out):
-            return _run(bb, files, flat, mine, writer, run, scale=group.world)
+            return _run(bb, files, flat, mine, writer, run, mode=mode, scale=group.world)
     finally:
         writer.close()
 
@@ -420,10 +420,11 @@ def _open_partial(
             source.close()
 
 
-def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], writer, run: Run, *, scale: int = 1) -> int:  # fmt: skip
+def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], writer, run: Run, *, mode: str | None, scale: int = 1) -> int:  # fmt: skip
     """Forward ``batches`` (indices into ``flat``, (split, row) pairs, and ``files``) and write
-    each batch; returns the number of images run through the backbone. The progress bar
-    counts every rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
+    each batch, the backbone compiled as ``mode`` says (see compile_mode); returns the number
+    of images run through the backbone. The progress bar counts every rank's images as
+    ``scale`` times this rank's (ranks share batches evenly)."""
     if not batches:
         return 0
     if run.gpu_decode:
@@ -433,7 +434,7 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
         decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    net = compiled(net, compile_mode(run.compile, run.device, len(flat), net))  # on/off by now
+    net = compiled(net, mode)
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)
     done = skipped = 0
