@@ -426,16 +426,20 @@ def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_pat
             np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
-def _power_cut(*args):
-    raise RuntimeError("power cut")
-
-
-def _crash_on_first_write(monkeypatch, run) -> None:
-    """Run ``run`` with the in-progress file's first batch write failing: the file stays, all to do."""
+def _crash_after(monkeypatch, batches: int, run) -> None:
+    """Run ``run`` with the in-progress file's write failing after ``batches`` batches: the
+    file stays, those rows done, the rest to do."""
     from embedcache.cache import PartialCache
 
-    write = PartialCache.write
-    monkeypatch.setattr(PartialCache, "write", _power_cut)
+    write, calls = PartialCache.write, []
+
+    def power_cut(self, *args):
+        if len(calls) == batches:
+            raise RuntimeError("power cut")
+        calls.append(1)
+        return write(self, *args)
+
+    monkeypatch.setattr(PartialCache, "write", power_cut)
     with pytest.raises(RuntimeError, match="power cut"):
         run()
     monkeypatch.setattr(PartialCache, "write", write)
@@ -447,7 +451,7 @@ def test_a_copy_join_removes_each_shard_once_merged_so_shards_and_cache_never_sh
 
     out, ref = tmp_path / "c.h5", tmp_path / "ref.h5"
     extract(tree, out=ref, **extract_kw)
-    _crash_on_first_write(monkeypatch, lambda: extract(tree, out=out, **extract_kw))
+    _crash_after(monkeypatch, 0, lambda: extract(tree, out=out, **extract_kw))
     with open_cache(ref) as c:  # two ranks' shards, holding the reference rows
         feats = {s: c.features(s)[:] for s in c.splits}
     items = [(s, r) for s, f in feats.items() for r in range(len(f))]
@@ -467,23 +471,11 @@ def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes
     """auto decides on the whole cache (24 images here, over a threshold of 20), not on the 12
     rows left: the resumed rows are the graph's, as in one uninterrupted run."""
     import embedcache.runtime as runtime
-    from embedcache.cache import PartialCache
 
     monkeypatch.setattr(runtime, "FREEZE_FROM_IMAGES", 20)
     kw = {**extract_kw, "dtype": "float32"}
     extract(tree, out=tmp_path / "ref.h5", **kw)
-    write, calls = PartialCache.write, []
-
-    def crash_after_three(self, *args):
-        if len(calls) == 3:
-            raise RuntimeError("power cut")
-        calls.append(1)
-        return write(self, *args)
-
-    monkeypatch.setattr(PartialCache, "write", crash_after_three)
-    with pytest.raises(RuntimeError, match="power cut"):
-        extract(tree, out=tmp_path / "c.h5", **kw)
-    monkeypatch.setattr(PartialCache, "write", write)
+    _crash_after(monkeypatch, 3, lambda: extract(tree, out=tmp_path / "c.h5", **kw))
     r = extract(tree, out=tmp_path / "c.h5", **kw)
     assert (r.extracted, r.reused) == (12, 12) and len(frozen_graphs) == 3
     assert all(f.graphs and not f.eager_shapes for f in frozen_graphs)
