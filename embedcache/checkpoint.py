@@ -204,6 +204,30 @@ class Recorded:
 
 
 @dataclass
+class TrainedOn:
+    """Which images a head or model has seen while training, so that no later verb scores it
+    on them: the digest of each seen split's paths (:func:`embedcache.data.paths_digest`), the
+    validation holdout it was chosen on (None: a val split), and whether it was refit on it."""
+
+    splits: dict  # split name -> digest of its paths
+    holdout: dict | None = None  # {"fraction": ..., "seed": ...} when val was held out of train
+    refit: bool = False
+
+    def to_dict(self) -> dict:
+        return {"splits": dict(self.splits), "holdout": self.holdout, "refit": self.refit}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainedOn | None:
+        if not d:
+            return None  # checkpoints from before it was recorded
+        return cls(dict(d.get("splits") or {}), d.get("holdout"), bool(d.get("refit", False)))
+
+    def seen(self, digest: str) -> str | None:
+        """The name of the seen split whose images have this digest, or None."""
+        return next((k for k, v in self.splits.items() if v == digest), None)
+
+
+@dataclass
 class HeadCheckpoint:
     """A head trained by train-head: architecture config, weights, classes, features it expects."""
 
@@ -214,28 +238,40 @@ class HeadCheckpoint:
     metrics: dict = field(default_factory=dict)
     train_state: dict | None = None  # what --resume continues from (torch heads only)
     path: Path | None = None
+    trained: TrainedOn | None = None  # None: a checkpoint from before it was recorded
+    # a refit head's weights as chosen on validation, before the refit saw the validation images
+    selected: dict | None = None
 
-    def module(self) -> torch.nn.Module:
-        """The head (standardisation included) in eval mode."""
-        return build_head_module(self.config, self.state_dict).eval()
+    def module(self, *, selected: bool = False) -> torch.nn.Module:
+        """The head (standardisation included) in eval mode; with ``selected``, as it was before
+        its refit (the weights that never saw the validation images)."""
+        state = self.selected if selected and self.selected is not None else self.state_dict
+        return build_head_module(self.config, state).eval()
 
     def save(self, path: str | Path) -> Path:
-        return save_checkpoint(
-            {
-                "format": HEAD_FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
-                "classes": list(self.classes), "state_dict": _cpu(self.state_dict),
-                "identity": self.recorded.to_dict(), "metrics": self.metrics, "train_state": self.train_state,
-            },
-            path,
-        )  # fmt: skip
+        obj = {"format": HEAD_FORMAT, "format_version": FORMAT_VERSION, "config": self.config}
+        obj.update(classes=list(self.classes), state_dict=_cpu(self.state_dict))
+        obj.update(identity=self.recorded.to_dict(), metrics=self.metrics)
+        obj.update(train_state=self.train_state)
+        obj["trained"] = self.trained.to_dict() if self.trained else None
+        obj["selected"] = _cpu(self.selected) if self.selected is not None else None
+        return save_checkpoint(obj, path)
 
     @classmethod
     def from_dict(cls, obj: dict, path: Path) -> HeadCheckpoint:
         _require(obj, ("config", "state_dict", "classes", "identity"), path)
+        recorded = Recorded.from_dict(obj["identity"], path)
         return cls(
-            obj["config"], obj["state_dict"], list(obj["classes"]), Recorded.from_dict(obj["identity"], path),
-            obj.get("metrics") or {}, obj.get("train_state"), Path(path),
-        )  # fmt: skip
+            obj["config"],
+            obj["state_dict"],
+            list(obj["classes"]),
+            recorded,
+            obj.get("metrics") or {},
+            obj.get("train_state"),
+            Path(path),
+            TrainedOn.from_dict(obj.get("trained")),
+            obj.get("selected"),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> HeadCheckpoint:
@@ -255,6 +291,7 @@ class ModelCheckpoint:
     config: dict  # the FinetuneConfig it was trained with, as plain values
     metrics: dict = field(default_factory=dict)
     path: Path | None = None
+    trained: TrainedOn | None = None  # None: a checkpoint from before it was recorded
 
     def head_module(self) -> torch.nn.Module:
         return build_head_module(self.head_config, self.head_state_dict).eval()
@@ -270,6 +307,7 @@ class ModelCheckpoint:
                 "net_state_dict": _cpu(self.net_state_dict), "head_config": self.head_config,
                 "head_state_dict": _cpu(self.head_state_dict), "classes": list(self.classes),
                 "start": int(self.start), "config": self.config, "metrics": self.metrics,
+                "trained": self.trained.to_dict() if self.trained else None,
             },
             path,
         )  # fmt: skip
@@ -281,7 +319,7 @@ class ModelCheckpoint:
         return cls(
             Recorded.from_dict(obj["identity"], path, "model"), obj["net_state_dict"], obj["head_config"],
             obj["head_state_dict"], list(obj["classes"]), int(obj["start"]), obj.get("config") or {},
-            obj.get("metrics") or {}, Path(path),
+            obj.get("metrics") or {}, Path(path), TrainedOn.from_dict(obj.get("trained")),
         )  # fmt: skip
 
     @classmethod

@@ -181,7 +181,8 @@ def _option(config: type, name: str):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     flags = ("--" + name.replace("_", "-"), *f.metadata["flags"])
     kw = _click_type(f, default)
-    if default is True:  # a flag on by default needs its off switch: --tutorial/--no-tutorial
+    # a flag on by default, or decided when unset (None), needs its off switch: --no-tutorial
+    if default is True or (default is None and f.metadata["kind"] is bool):
         flags = (f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:])
         kw.pop("is_flag")
     shown = default is not None and default is not False and not isinstance(default, tuple)
@@ -381,18 +382,23 @@ def backbones(as_json):
 def train_head_cmd(cache, out, quiet, as_json, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
 
-    Trains on the train split and keeps the epoch (and, in a sweep, the
-    learning rate and weight decay) with the best validation accuracy, ties
-    going to the lower validation loss; --refit then trains that choice again
-    on train + val. On a cache made with `extract --views K` each epoch draws
-    one picture per image from its plain features and views. Metrics JSON,
-    loss/accuracy curves, a confusion matrix and a classification report are
-    written next to OUT.
+    The default head (--head auto) is a linear probe, an L2-regularised
+    logistic regression fitted by L-BFGS with its strength chosen on
+    validation loss, unless an MLP trained beside it is significantly more
+    accurate on validation. Torch heads (linear, mlp) keep the epoch (and, in
+    a sweep, the learning rate and weight decay) with the lowest validation
+    loss. When validation was held out of train (no val split), the choice is
+    then trained again on train + val (--no-refit keeps the head chosen);
+    --refit does so with a val split too. On a cache made with `extract
+    --views K` torch heads draw one picture per image and epoch from its plain
+    features and views. Metrics JSON (top-1, balanced accuracy, top-5),
+    curves, a confusion matrix and a classification report are written next
+    to OUT.
 
     \b
     Example:
-      embedcache train-head cache.h5 --lr 1e-3,3e-3,1e-2 --weight-decay 0,1e-3 --out head.pt
-      embedcache train-head views.h5 --refit --out head.pt
+      embedcache train-head cache.h5 --out head.pt
+      embedcache train-head cache.h5 --head linear --lr 1e-3,1e-2 --weight-decay 0,1e-3 --out head.pt
     """
     from .train import train_head
 
@@ -412,8 +418,12 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
     epochs = f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
     views = f"; trained on {m['views']['used']} views per image too" if m["views"]["used"] else ""
+    kind = m["head"]
+    if "auto" in m:
+        kind = f"default head ({m['auto']['chosen']}, MLP p={m['auto']['mlp_p_value']:.3f})"
+    more = f", balanced {m['val_balanced_acc']:.4f}" + (f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else "")  # fmt: skip
     click.echo(
-        f"{m['head']} head: val accuracy {m['val_acc']:.4f} ({m['val_images']} images){epochs}; {best}{views}; {m['seconds']:.2f} s"
+        f"{kind}: val accuracy {m['val_acc']:.4f}{more} ({m['val_images']} images){epochs}; {best}{views}; {m['seconds']:.2f} s"
     )
     if "val_acc_tta" in m:
         click.echo(f"with test-time averaging (image and mirror): val accuracy {m['val_acc_tta']:.4f}")  # fmt: skip
@@ -422,6 +432,12 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
         epochs = f" for {rf['epochs']} epochs" if "epochs" in rf else ""
         click.echo(f"refit on train + val ({rf['images']} images){epochs}: the saved head; the accuracies above are its configuration's before the refit")  # fmt: skip
     click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
+
+
+def _more_scores(m: dict) -> str:
+    """ ", balanced B, top-5 T" of a finetune's kept epoch (what it measured)."""
+    out = f", balanced {m['val_balanced_acc']:.4f}" if "val_balanced_acc" in m else ""
+    return out + (f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else "")
 
 
 def _tta_option(default: str):
@@ -468,7 +484,9 @@ def evaluate(model, data, split, plot, tta, quiet, as_json, **run):
         _emit_json(r)
         return
     how = ", logits averaged over each image and its mirror" if r["tta"] else ""
-    click.echo(f"{r['split']}: accuracy {r['accuracy']:.4f} on {r['images']} images{how}")
+    top5 = f", top-5 {r['top5']:.4f}" if "top5" in r else ""
+    scores = f"accuracy {r['accuracy']:.4f}, balanced {r['balanced_accuracy']:.4f}{top5}"
+    click.echo(f"{r['split']}: {scores} on {r['images']} images{how}")
     click.echo(r["report"].rstrip())
     width = max(len(c) for c in r["classes"])
     click.echo("confusion (rows true, columns predicted):")
@@ -546,7 +564,7 @@ def finetune(data, out, quiet, as_json, **values):
         if m["estimated_speedup"] is not None:  # None when a resumed run had no epoch left
             note += f", about {m['estimated_speedup']}x faster per epoch than running the frozen blocks every epoch"
     click.echo(
-        f"best val accuracy {m['best_val_acc']:.4f} at epoch {m['best_epoch']} of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{note})"
+        f"best val accuracy {m['best_val_acc']:.4f}{_more_scores(m)} at epoch {m['best_epoch']} of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{note})"
     )
     click.echo(
         f"wrote {r.path} and {', '.join(p.name for k, p in r.files.items() if k != 'model')}"

@@ -53,6 +53,8 @@ class Approach:
     curve: list[tuple[float, float]] = field(
         default_factory=list
     )  # (cumulative seconds, val accuracy)
+    balanced_val_acc: float | None = None  # mean per-class recall (None: not measured)
+    val_top5: float | None = None  # with more than 5 classes
 
     @property
     def total_s(self) -> float:
@@ -306,7 +308,8 @@ def _views(b: _Bench) -> list[Approach]:
     saved = b.extract_s, b.extract_peak
     b.extract_s, b.extract_peak = seconds, peak
     try:
-        row, m = _head(b, cache, f"extract --views {b.cfg.views} + train-head linear", "head_views.pt")  # fmt: skip
+        name = f"extract --views {b.cfg.views} + train-head linear"
+        row, m = _head(b, cache, name, "head_views.pt", head="linear")
     finally:
         b.extract_s, b.extract_peak = saved
     tta = m.get("val_acc_tta")
@@ -317,8 +320,10 @@ def _views(b: _Bench) -> list[Approach]:
     return rows
 
 
-def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> tuple[Approach, dict]:
-    """The row of a head trained on ``cache`` (its extraction charged: ``b.extract_s``), and its metrics."""
+def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Approach, dict]:
+    """The row of a head trained on ``cache`` (its extraction charged: ``b.extract_s``), and its
+    metrics. ``epochs`` are passes over the training features: epochs of a torch head, L-BFGS
+    iterations of a probe."""
     from .train import train_head
 
     cfg = b.cfg
@@ -330,17 +335,22 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **sweep) -> tuple[Approac
             seed=cfg.seed,
             val_fraction=cfg.val_fraction,
             progress=False,
-            **sweep,
+            **options,
         )
     )
-    if not sweep:
+    if not options:
         b.linear_s = seconds
     m = r.metrics
+    if "history" in m:
+        passes, curve = m["epochs_run"], _curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"])  # fmt: skip
+    else:  # a probe: one point, when it is chosen
+        passes = sum(row.get("iterations", 0) for row in m["sweep"]) or 1
+        curve = [(round(b.extract_s + seconds, 3), m["val_acc"])]
     return Approach(
         name=name, extract_s=b.extract_s, train_s=seconds, best_val_acc=m["val_acc"],
-        epochs=m["epochs_run"], train_images=b.n_train,
-        peak_mb=max(filter(None, (peak, b.extract_peak)), default=None),
-        curve=_curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
+        epochs=passes, train_images=b.n_train,
+        peak_mb=max(filter(None, (peak, b.extract_peak)), default=None), curve=curve,
+        balanced_val_acc=m.get("val_balanced_acc"), val_top5=m.get("val_top5"),
     ), m  # fmt: skip
 
 
@@ -373,6 +383,7 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
         extract_s=(b.extract_s if cached_head else 0.0) + prefix_s,
         train_s=seconds - prefix_s + (b.linear_s if cached_head else 0.0),
         best_val_acc=fm["best_val_acc"], epochs=fm["epochs_run"], train_images=b.n_train, peak_mb=peak, curve=curve,
+        balanced_val_acc=fm.get("val_balanced_acc"), val_top5=fm.get("val_top5"),
     )  # fmt: skip
 
 
@@ -426,9 +437,10 @@ def compare(
         rows.append(_tutorial(b))
     say(f"2/{steps} extract once, then heads on the cache")
     cache, b.extract_s, b.extract_peak = _extract(b)
-    rows.append(_head(b, cache, "extract + train-head linear", "head.pt")[0])
-    sweep = f"extract + train-head {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
-    rows.append(_head(b, cache, sweep, "head_sweep.pt", lr=SWEEP_LRS, weight_decay=SWEEP_WDS)[0])
+    rows.append(_head(b, cache, "extract + train-head (default head)", "head.pt")[0])
+    sweep = f"extract + train-head linear {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
+    grid = {"lr": SWEEP_LRS, "weight_decay": SWEEP_WDS}
+    rows.append(_head(b, cache, sweep, "head_sweep.pt", head="linear", **grid)[0])
     if cfg.views:
         say(f"2/{steps} extract --views {cfg.views}, the linear head on the views")
         rows += _views(b)
@@ -470,8 +482,8 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
     head = [
         f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta['finetune_augment']}.",
         "",
-        "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time | train images/s | peak memory (MB) | best val acc | epochs |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time | train images/s | peak memory (MB) | best val acc | balanced | top-5 | epochs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = (
@@ -485,9 +497,13 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
         )
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
         head.append(
-            f"| {r.name} | {r.extract_s:.1f} | {r.train_s:.1f} | {r.total_s:.1f} | {ratio} | {r.images_per_s:.0f} | {peak} | {100 * r.best_val_acc:.2f}% | {r.epochs} |"
+            f"| {r.name} | {r.extract_s:.1f} | {r.train_s:.1f} | {r.total_s:.1f} | {ratio} | {r.images_per_s:.0f} | {peak} | {100 * r.best_val_acc:.2f}% | {_pct(r.balanced_val_acc)} | {_pct(r.val_top5)} | {r.epochs} |"
         )
     return "\n".join(head)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
 
 
 def plot(rows: list[Approach], path: Path, title: str) -> Path:

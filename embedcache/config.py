@@ -21,7 +21,7 @@ AUGMENTS = ("none", "light", "strong")
 PREFIX_MODES = ("auto", "memory", "disk", "off")
 JOINS = ("auto", "copy", "virtual")
 DECODERS = ("auto", "cpu", "gpu")
-HEAD_KINDS = ("linear", "mlp", "logreg", "knn")
+HEAD_KINDS = ("auto", "linear", "mlp", "logreg", "knn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -192,8 +192,10 @@ class HeadConfig(_Config):
     """Settings of :func:`embedcache.train_head`."""
 
     head: str = setting(
-        "linear",
-        "linear/mlp train in torch; logreg (L-BFGS) and knn are references.",
+        "auto",
+        "auto: a linear probe (L-BFGS, L2 strength chosen on validation loss), or an MLP where "
+        "its validation accuracy is significantly higher; linear/mlp train in torch (AdamW); "
+        "logreg (L-BFGS over the 45 strengths of Kornblith et al.) and knn are references.",
         choices=HEAD_KINDS,
     )
     epochs: int = setting(100, "At most this many epochs.", low=1)
@@ -210,7 +212,10 @@ class HeadConfig(_Config):
         0.1, "Label smoothing of the cross-entropy.", low=0.0, high=1.0
     )
     patience: int = setting(
-        10, "Stop after this many epochs without a better validation accuracy.", low=1
+        10,
+        "Stop after this many epochs without a lower validation loss (or half the best epoch, "
+        "if that is more).",
+        low=1,
     )
     device: str = _device()
     seed: int = _seed()
@@ -230,10 +235,12 @@ class HeadConfig(_Config):
         "plain features alone.",
         choices=("use", "ignore"),
     )
-    refit: bool = setting(
-        False,
+    refit: bool | None = setting(
+        None,
         "After choosing the configuration (and epochs) on validation, train it again on "
-        "train + val and save that head; the reported val accuracy is the chosen one's before it.",
+        "train + val and save that head; the reported val accuracy is the chosen one's before "
+        "it [default: refit when validation was held out of train, not with a val split].",
+        kind=bool,
     )
 
     def __post_init__(self) -> None:

@@ -242,6 +242,15 @@ def stratified_split(
     return split
 
 
+def paths_digest(paths: list[str]) -> str:
+    """A digest of a split's image paths (relative to the data root), in any order: how a
+    checkpoint records the images it was trained on (:class:`embedcache.checkpoint.TrainedOn`)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(os.fsencode(p) + b"\0")
+    return h.hexdigest()
+
+
 def holdout_note(n_val: int, n_train: int, fraction: float, seed: int) -> str:
     """How a held-out validation set was made, for logs and metrics."""
     return (

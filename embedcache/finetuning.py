@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone, EvalTransform, FeatureNet, Normalise, build_backbone
 from .cache import Rows, memory_budget
-from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded
+from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded, TrainedOn
 from .config import FinetuneConfig
-from .data import ImageSet, augment, decoded_batches, scan
+from .data import ImageSet, augment, decoded_batches, paths_digest, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .extraction import forward_images
@@ -200,6 +200,7 @@ class _Setup:
     run: Run
     unfreeze: int
     group: Group = Group()
+    trained: TrainedOn | None = None  # the images the model trains on, for its checkpoint
 
     def owns(self, items: np.ndarray) -> np.ndarray:
         """Which of ``items`` (item numbers) this rank handles: those of every world-th block of
@@ -257,8 +258,10 @@ def _fresh_head(bb: Backbone, classes: list[str], seed: int) -> tuple[Head, dict
     return Head(norm, classifier), config
 
 
-def _reattach(ckpt: HeadCheckpoint, bb: Backbone, classes: list[str]) -> tuple[Head, dict]:
-    """The trained head, checked against the backbone's features and the data's classes."""
+def _reattach(ckpt: HeadCheckpoint, bb: Backbone, images: ImageSet, cfg: FinetuneConfig, carved):
+    """The trained head, checked against the backbone's features and the data's classes, as
+    it was before any refit when the refit saw finetune's validation images (see
+    :func:`_unseen_val`). Returns (head, its config, a note or None)."""
     if ckpt.config["kind"] == "knn":
         raise EmbedcacheError(
             f"{ckpt.path} is a knn head, which has no weights to fine-tune; train a linear or mlp head"
@@ -267,11 +270,42 @@ def _reattach(ckpt: HeadCheckpoint, bb: Backbone, classes: list[str]) -> tuple[H
         bb.identity(), subject=f"{ckpt.path} was trained on other features than this backbone gives",
         mine="head", theirs="backbone", hint="pass --backbone and --weights as used for the cache",
     )  # fmt: skip
+    classes = images.classes
     if list(ckpt.classes) != list(classes):
         raise EmbedcacheError(
             f"{ckpt.path} was trained on classes {', '.join(ckpt.classes[:8])} but the data has {', '.join(classes[:8])}; train the head on a cache of this data"
         )
-    return ckpt.module(), dict(ckpt.config)
+    selected = _unseen_val(ckpt, images, cfg, carved)
+    note = None
+    if selected:
+        note = f"reattached {ckpt.path.name} as chosen before its refit, which saw these val images"
+    return ckpt.module(selected=selected), dict(ckpt.config), note
+
+
+def _unseen_val(ckpt: HeadCheckpoint, images: ImageSet, cfg: FinetuneConfig, carved: bool) -> bool:
+    """Whether the head must be taken as it was before its refit so that it has never seen
+    finetune's validation images (``carved``: held out of train); refuses when no version of
+    the head qualifies."""
+    trained = ckpt.trained
+    if trained is None:  # a head from before the record: nothing to check against
+        return False
+    val = paths_digest([s.path for s in images.splits["val"]])
+    if trained.holdout is not None and carved:
+        same = trained.holdout == {"fraction": cfg.val_fraction, "seed": cfg.seed}
+        if not same:
+            h = trained.holdout
+            raise EmbedcacheError(
+                f"{ckpt.path} was trained on part of finetune's validation images (it held out "
+                f"{h['fraction']:g} of train with seed {h['seed']}, finetune {cfg.val_fraction:g} "
+                f"with seed {cfg.seed}); pass --val-fraction {h['fraction']:g} --seed {h['seed']}"
+            )
+        return trained.refit
+    if trained.seen(val) == "train":
+        raise EmbedcacheError(
+            f"{ckpt.path} was trained on finetune's validation images; train the head on a cache "
+            "whose train split does not hold them"
+        )
+    return trained.seen(val) == "val" and ckpt.selected is not None
 
 
 def _backbone_for(cfg: FinetuneConfig, head: HeadCheckpoint | None) -> Backbone:
@@ -315,9 +349,14 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
     bb = _backbone_for(cfg, head_ckpt)
     images, val_source = _labelled(data, cfg)
     classes = images.classes
-    head, head_config = (
-        _reattach(head_ckpt, bb, classes) if head_ckpt else _fresh_head(bb, classes, cfg.seed)
-    )
+    carved = val_source != "val split"
+    if head_ckpt:
+        head, head_config, note = _reattach(head_ckpt, bb, images, cfg, carved)
+        val_source = f"{val_source}; {note}" if note else val_source
+    else:
+        head, head_config = _fresh_head(bb, classes, cfg.seed)
+    holdout = {"fraction": cfg.val_fraction, "seed": cfg.seed} if carved else None
+    trained = TrainedOn({"train": paths_digest([s.path for s in images.splits["train"]])}, holdout)
     n_blocks = len(bb.block_names)
     n = parse_unfreeze(cfg.unfreeze, n_blocks, bb.name)
     model = FinetunedModel(bb.net, head, n_blocks - n, bb.transform, cfg.bn_stats)
@@ -331,7 +370,7 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
     )
     return _Setup(
         cfg, Path(data).resolve(), out, bb, classes, model, head_config, table,
-        _items(images, "train"), _items(images, "val"), val_source, run, n, group,
+        _items(images, "train"), _items(images, "val"), val_source, run, n, group, trained,
     )  # fmt: skip
 
 
@@ -488,7 +527,7 @@ class _Fit:
     tail: nn.Module  # what the optimisation steps call (DDP-wrapped under torchrun)
     history: dict = field(default_factory=lambda: {k: [] for k in _HISTORY})
     best: dict = field(default_factory=lambda: {"acc": -1.0, "loss": math.inf, "epoch": -1})
-    best_val: tuple[np.ndarray, np.ndarray] | None = None  # (labels, predictions) of the best epoch
+    best_val: tuple | None = None  # (labels, predictions, top-5 hits) of the best epoch
     epoch: int = 0  # epochs done
 
 
@@ -580,11 +619,12 @@ class _Batches:
                 yield x, torch.from_numpy(labels[index])
 
 
-def _evaluate(setup: _Setup, data: _Batches) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(loss, accuracy, labels, predictions) on validation, every rank's part gathered."""
+def _evaluate(setup: _Setup, data: _Batches):
+    """(loss, accuracy, labels, predictions, top-5 hits) on validation, every rank's part
+    gathered; the top-5 hits are empty with 5 classes or fewer."""
     model, run, ls = setup.model, setup.run, setup.cfg.label_smoothing
     model.eval()
-    loss_sum, ys, preds = 0.0, [], []
+    loss_sum, ys, preds, hits = 0.0, [], [], []
     with torch.inference_mode(), run.amp():
         for x, y in data.val():
             y = y.to(run.device)
@@ -592,13 +632,16 @@ def _evaluate(setup: _Setup, data: _Batches) -> tuple[float, float, np.ndarray, 
             loss_sum += float(F.cross_entropy(logits, y, label_smoothing=ls, reduction="sum"))
             ys.append(y.cpu().numpy())
             preds.append(logits.argmax(1).cpu().numpy())
+            if logits.shape[1] > 5:
+                hits.append((logits.topk(5, 1).indices == y[:, None]).any(1).cpu().numpy())
     model.train()
-    y, pred = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (ys, preds))
-    parts = setup.group.gather((loss_sum, y, pred))
+    kinds = ((ys, np.int64), (preds, np.int64), (hits, bool))
+    local = [np.concatenate(a) if a else np.zeros(0, t) for a, t in kinds]
+    parts = setup.group.gather((loss_sum, *local))
     loss_sum = sum(p[0] for p in parts)
-    y, pred = (np.concatenate([p[k] for p in parts]) for k in (1, 2))
+    y, pred, hit5 = (np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
     n = max(len(y), 1)
-    return loss_sum / n, float((pred == y).sum()) / n, y, pred
+    return loss_sum / n, float((pred == y).sum()) / n, y, pred, hit5
 
 
 class _Tail(nn.Module):
@@ -687,6 +730,7 @@ def _model_checkpoint(setup: _Setup, metrics: dict) -> ModelCheckpoint:
         model.start,
         setup.config_record(),
         metrics,
+        trained=setup.trained,
     )
 
 
@@ -697,10 +741,8 @@ def _last_path(out: Path) -> Path:
 def _save_state(setup: _Setup, fit: _Fit) -> None:
     if not setup.group.is_main:
         return
-    best_val = {
-        "labels": torch.from_numpy(fit.best_val[0]),
-        "pred": torch.from_numpy(fit.best_val[1]),
-    }
+    names = ("labels", "pred", "top5")
+    best_val = {k: torch.from_numpy(a) for k, a in zip(names, fit.best_val, strict=False)}
     state = FinetuneState(
         setup.config_record(), fit.epoch, setup.model.net.state_dict(), setup.model.head.state_dict(),
         fit.optimizer.state_dict(), fit.scheduler.state_dict(), fit.scaler.state_dict(), fit.history, fit.best,
@@ -719,7 +761,8 @@ def _resume(setup: _Setup, fit: _Fit) -> None:
     fit.history = {k: list(v) for k, v in state.history.items()}
     fit.best, fit.epoch = dict(state.best), int(state.epoch)
     if state.best_val:  # the kept epoch's validation predictions, for the reports
-        fit.best_val = (state.best_val["labels"].numpy(), state.best_val["pred"].numpy())
+        names = ("labels", "pred", "top5")
+        fit.best_val = tuple(state.best_val[k].numpy() for k in names if k in state.best_val)
 
 
 def _fit(setup: _Setup, data: _Batches, say: Callable[[str], None]) -> _Fit:
@@ -803,7 +846,20 @@ def _metrics(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | 
         "estimated_speedup": _speedup(prefix, epoch_times, len(setup.train[0]), len(setup.val[0])),
         "head_val_acc_before": h["val_acc"][0] if h["epoch"] and h["epoch"][0] == 0 else None,
         "best_trained_val_acc": max((a for _, a in trained), default=None),
+        **_kept_scores(fit.best_val),
     }  # fmt: skip
+
+
+def _kept_scores(best_val: tuple | None) -> dict:
+    """Balanced accuracy and top-5 (more than 5 classes) of the kept epoch on validation."""
+    if best_val is None or not len(best_val[0]):
+        return {}
+    y, pred, *hit5 = best_val
+    right = pred == y
+    out = {"val_balanced_acc": float(np.mean([right[y == c].mean() for c in np.unique(y)]))}
+    if hit5 and len(hit5[0]):
+        out["val_top5"] = float(hit5[0].mean())
+    return out
 
 
 def _summarise(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None) -> dict:  # fmt: skip
@@ -815,7 +871,7 @@ def _summarise(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache 
     ckpt.save(setup.out)
     files = {"model": setup.out, "last": _last_path(setup.out)}
     if fit.best_val is not None:
-        y, pred = fit.best_val
+        y, pred = fit.best_val[:2]
         title = f"finetune --unfreeze {setup.unfreeze} (best epoch {fit.best['epoch']})"
         files.update(
             write_reports(setup.out, dict(ckpt.metrics), y, pred, setup.classes, title=title)

@@ -12,7 +12,7 @@ import torch
 from .backbones import Backbone, Normalise, build_backbone
 from .cache import open_cache
 from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
-from .data import IMAGE_EXTENSIONS, preprocess, scan, with_views
+from .data import IMAGE_EXTENSIONS, paths_digest, preprocess, scan, with_views
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .finetuning import model_backbone
@@ -156,6 +156,7 @@ def _cache_split(
             raise EmbedcacheError(
                 f"cache {data} has no {split!r} split (it has {', '.join(c.splits)}); pass --split"
             )
+        _unseen(clf, c.paths(split), f"the {split} split of {data}")
         sd, views = c.split(split), c.views(split)
         if tta and views is None:
             raise EmbedcacheError(
@@ -174,6 +175,7 @@ def _folder_split(clf: Classifier, data: Path, split: str, run: Run, mirror: boo
             f"{data} has no {split!r} split (it has {', '.join(images.splits)}); pass --split"
         )
     samples = images.splits[split]
+    _unseen(clf, [s.path for s in samples], f"the {split} split of {data}")
     files = [images.root / s.path for s in samples]
     features, ok, failed = image_features(
         clf.backbone(run.device), files, run, desc=f"evaluate {split}", mirror=mirror
@@ -181,6 +183,18 @@ def _folder_split(clf: Classifier, data: Path, split: str, run: Run, mirror: boo
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
     return *_split_mirrored(features, mirror), labels, images.classes, skipped
+
+
+def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
+    """Refuse to score a head or model on images it was trained on."""
+    trained = clf.checkpoint.trained
+    seen = trained.seen(paths_digest(paths)) if trained is not None else None
+    if seen is not None:
+        how = "refit on" if seen == "val" else "trained on"
+        raise EmbedcacheError(
+            f"{clf.path} was {how} these images ({what}); its accuracy there says nothing about "
+            "new images: evaluate a split it has not seen (--split test or val)"
+        )
 
 
 def _is_cache(path: Path) -> bool:
@@ -208,7 +222,7 @@ def evaluate(
     that stores the mirrors (extract --views), and for images with a head trained
     on views. ``run`` takes ``device``, ``batch_size`` and ``num_workers`` for images.
     """
-    from .report import classification_text, confusion, per_class, plot_confusion
+    from .report import classification_text, confusion, per_class, plot_confusion, scores
 
     unknown = set(run) - {"device", "batch_size", "num_workers"}
     if unknown:
@@ -228,15 +242,13 @@ def evaluate(
             f"the {split} split of {data} is unlabelled; evaluate needs labels (use predict)"
         )
     y = _map_labels(classes, clf.classes, str(data))[labels]
-    pred = clf.logits(features, mirror).numpy().argmax(1)
+    logits = clf.logits(features, mirror).numpy()
+    pred = logits.argmax(1)
     matrix = confusion(y, pred, len(clf.classes))
-    result = {
-        "model": str(clf.path), "data": str(data), "split": split, "images": int(len(y)),
-        "tta": mirror is not None,
-        "accuracy": float((pred == y).mean()), "classes": clf.classes,
-        "per_class": per_class(y, pred, clf.classes), "confusion": matrix.tolist(),
-        "report": classification_text(y, pred, clf.classes), "skipped": skipped,
-    }  # fmt: skip
+    result = {"model": str(clf.path), "data": str(data), "split": split, "images": int(len(y))}
+    result.update(tta=mirror is not None, **scores(logits, y), classes=clf.classes)
+    result.update(per_class=per_class(y, pred, clf.classes), confusion=matrix.tolist())
+    result.update(report=classification_text(y, pred, clf.classes), skipped=skipped)
     if plot is not None:
         title = f"{clf.path.name} on {split}: accuracy {result['accuracy']:.3f}"
         result["plot"] = str(plot_confusion(matrix, clf.classes, Path(plot), title))

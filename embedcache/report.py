@@ -34,6 +34,25 @@ def classification_text(y_true: np.ndarray, y_pred: np.ndarray, classes: list[st
     )
 
 
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 accuracy, balanced accuracy and, with more than 5 classes, top-5 accuracy.
+
+    logits : (N, C) float; labels : (N,) int in 0..C-1. Balanced accuracy is the mean
+    recall over the classes present in ``labels`` (as clip_benchmark and Kornblith et al.
+    report "mean per-class accuracy"), so a class the split lacks does not count.
+    """
+    pred = logits.argmax(1)
+    right = pred == labels
+    out = {
+        "accuracy": float(right.mean()),
+        "balanced_accuracy": float(np.mean([right[labels == c].mean() for c in np.unique(labels)])),
+    }
+    if logits.shape[1] > 5:
+        top5 = np.argpartition(-logits, 4, axis=1)[:, :5]
+        out["top5"] = float((top5 == labels[:, None]).any(1).mean())
+    return out
+
+
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """Precision, recall, F1 and support per class, as plain numbers."""
     from sklearn.metrics import precision_recall_fscore_support

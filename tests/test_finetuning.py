@@ -130,10 +130,13 @@ def test_a_step_on_the_prefix_cache_equals_a_step_on_the_full_model():
 
 
 def test_the_reattached_head_predicts_as_it_did_on_the_cache(data, head, tmp_path):
+    from embedcache.config import FinetuneConfig
+    from embedcache.data import scan
     from embedcache.train import load_head
 
     bb = build_backbone("resnet18", weights="none", image_size=SIZE)
-    reattached, _ = _reattach(HeadCheckpoint.load(head), bb, ["cat", "dog"])
+    reattached, _, note = _reattach(HeadCheckpoint.load(head), bb, scan(data), FinetuneConfig(), False)  # fmt: skip
+    assert note is None  # trained on train, chosen on val, not refit: taken as saved
     model = FinetunedModel(bb.net, reattached, 3, bb.transform).eval()
     with open_cache(head.parent / "c.h5") as c:
         val = c["val"]
@@ -380,9 +383,16 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
     assert {s.path for s in images.splits["val"]} == head_val
     assert not head_val & {s.path for s in images.splits["train"]}  # no leak into fine-tuning
     kw = {**FT, "backbone": None, "weights": None, "image_size": None}
+    assert h.metrics["refit"]["images"] == 20  # the default refits on the held-out images
     r = finetune(data, out=tmp_path / "m.pt", head=tmp_path / "head.pt", unfreeze=1, epochs=1, augment="none", **kw)  # fmt: skip
-    assert r.metrics["val_source"] == h.metrics["val_source"]
+    # the head as chosen before its refit, which never saw finetune's validation images
+    assert r.metrics["val_source"].startswith(h.metrics["val_source"])
+    assert "as chosen before its refit" in r.metrics["val_source"]
     assert r.metrics["head_val_acc_before"] == pytest.approx(h.metrics["val_acc"])
+    with pytest.raises(EmbedcacheError, match="trained on part of finetune's validation images"):
+        finetune(data, out=tmp_path / "m2.pt", head=tmp_path / "head.pt", val_fraction=0.3, **kw)
+    with pytest.raises(EmbedcacheError, match="was trained on these images"):
+        evaluate(tmp_path / "m.pt", data, split="train", device="cpu", progress=False)
     ev = evaluate(
         tmp_path / "m.pt", data, split="test", device="cpu", num_workers=0, progress=False
     )

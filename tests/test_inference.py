@@ -107,3 +107,18 @@ def test_images_through_a_frozen_graph_give_eagers_features(tmp_path, mirror, fr
     assert len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []  # fmt: skip
     np.testing.assert_allclose(out["on"][0], out["off"][0], rtol=1e-4, atol=1e-5)
     assert np.array_equal(out["on"][1], out["off"][1])
+
+
+def test_evaluate_refuses_images_the_head_was_trained_or_refit_on(trained, tmp_path):
+    data, head = trained
+    cache = tmp_path / "c.h5"
+    for split in ("val", "test"):  # chosen on val, never trained on it: both may be scored
+        assert evaluate(head, cache, split=split, progress=False)["images"] == 10
+    with pytest.raises(EmbedcacheError, match="was trained on these images \\(the train split"):
+        evaluate(head, cache, split="train", progress=False)
+    with pytest.raises(EmbedcacheError, match="was trained on these images"):  # as images too
+        evaluate(head, data, split="train", device="cpu", num_workers=0, progress=False)
+    train_head(cache, out=tmp_path / "r.pt", refit=True, epochs=5, device="cpu", progress=False)
+    with pytest.raises(EmbedcacheError, match="was refit on these images \\(the val split"):
+        evaluate(tmp_path / "r.pt", cache, split="val", progress=False)
+    assert evaluate(tmp_path / "r.pt", cache, split="test", progress=False)["images"] == 10

@@ -88,3 +88,16 @@ def test_write_reports_leaves_the_backend_and_pyplot_alone(tmp_path):
         assert plt.get_fignums() == []
     finally:
         plt.switch_backend(before)
+
+
+def test_scores_give_top1_balanced_accuracy_and_top5_beyond_five_classes():
+    from embedcache.report import scores
+
+    labels = np.array([0, 0, 0, 1])
+    two = np.array([[2.0, 1.0]] * 4)  # always class 0
+    assert scores(two, labels) == {"accuracy": 0.75, "balanced_accuracy": 0.5}  # no top-5
+    six = np.tile(np.arange(6, dtype=float)[::-1], (4, 1))  # ranks 0 > 1 > ... > 5
+    six[3] = [1, -5, 1, 1, 1, 9.0]  # the last image: class 5 first, class 1 last
+    s = scores(six, np.array([0, 4, 5, 1]))
+    assert s["accuracy"] == 0.25 and s["balanced_accuracy"] == 0.25
+    assert s["top5"] == 0.5  # 0 and 4 are in their top five, 5 and 1 are not

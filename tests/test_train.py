@@ -9,9 +9,11 @@ import embedcache.cache as cache_mod
 import embedcache.train as train_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
+from embedcache.probe import fit_logreg
 from embedcache.train import _to_device, load_head
 
 FAST = {"device": "cpu", "progress": False}
+LINEAR = {**FAST, "head": "linear"}  # the AdamW-trained torch head, for what trains in epochs
 
 
 def _val(cache):
@@ -48,7 +50,9 @@ def test_sweep_picks_the_same_head_as_separate_runs(blob_cache, kind, extra):
     chosen = single[(best["lr"], best["weight_decay"])].head.state_dict()
     for k, v in sweep.head.state_dict().items():
         torch.testing.assert_close(v, chosen[k], rtol=1e-4, atol=1e-5)
-    assert sweep.metrics["val_acc"] == max(s.metrics["val_acc"] for s in single.values())
+    assert sweep.metrics["val_loss"] == pytest.approx(
+        min(s.metrics["val_loss"] for s in single.values()), rel=1e-5
+    )
 
 
 def test_early_stopping_keeps_the_best_epoch(make_cache):
@@ -58,11 +62,12 @@ def test_early_stopping_keeps_the_best_epoch(make_cache):
         yv
     )  # noisy validation: it peaks early, then the loss rises
     cache = make_cache(train=(x, y), val=(xv, yv))
-    r = train_head(cache, lr=0.1, epochs=200, patience=4, **FAST)
+    r = train_head(cache, lr=0.1, epochs=200, patience=4, **LINEAR)
     m = r.metrics
-    assert m["epochs_run"] == m["best_epoch"] + 4 < 200
     best = m["best_epoch"] - 1
-    assert m["history"]["val_acc"][best] == max(m["history"]["val_acc"])
+    # patience 4, or half the best epoch when that is more: a late improver waits longer
+    assert m["epochs_run"] == m["best_epoch"] + max(4, best // 2) < 200
+    assert m["history"]["val_loss"][best] == min(m["history"]["val_loss"])
     with torch.no_grad():
         pred = r.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy()
     assert (pred == yv).mean() == pytest.approx(m["history"]["val_acc"][best])
@@ -71,7 +76,7 @@ def test_early_stopping_keeps_the_best_epoch(make_cache):
 
 def test_checkpoint_round_trips_and_writes_reports(blob_cache, tmp_path):
     out = tmp_path / "head.pt"
-    r = train_head(blob_cache, out=out, epochs=5, **FAST)
+    r = train_head(blob_cache, out=out, epochs=5, **LINEAR)
     head, ckpt = load_head(out)
     xv, yv = _val(blob_cache)
     with torch.no_grad():
@@ -84,7 +89,7 @@ def test_checkpoint_round_trips_and_writes_reports(blob_cache, tmp_path):
 
 
 def test_standardisation_uses_train_statistics_at_train_and_predict_time(blob_cache, tmp_path):
-    r = train_head(blob_cache, out=tmp_path / "h.pt", epochs=3, **FAST)
+    r = train_head(blob_cache, out=tmp_path / "h.pt", epochs=3, **LINEAR)
     with open_cache(blob_cache) as c:
         x = c["train"].features.astype(np.float64)
     head, _ = load_head(tmp_path / "h.pt")
@@ -109,14 +114,14 @@ def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
         val=(np.hstack([xv, dead(len(yv))]).astype(np.float32), yv),
         classes=("a", "b"),
     )
-    r = train_head(cache, epochs=50, **FAST)
+    r = train_head(cache, epochs=50, **LINEAR)
     assert r.metrics["val_acc"] >= 0.95
 
 
 def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, monkeypatch):
     monkeypatch.setattr(cache_mod, "BLOCK_ROWS", 16)  # many blocks for 120 rows
     monkeypatch.setattr(cache_mod, "SHUFFLE_ROWS", 48)
-    kw = {"lr": [1e-2, 3e-2], "epochs": 6, "batch_size": 10, **FAST}
+    kw = {"lr": [1e-2, 3e-2], "epochs": 6, "batch_size": 10, **LINEAR}
     memory = train_head(blob_cache, stream=False, **kw)
     streamed = train_head(blob_cache, max_memory=1000, **kw)  # 120 x 16 float32 is 7,680 bytes
     assert streamed.metrics["streamed"] and not memory.metrics["streamed"]
@@ -136,7 +141,7 @@ def test_streamed_training_reads_ahead_as_the_runtime_decides(blob_cache, monkey
     monkeypatch.setattr(cache_mod.Rows, "batches", batches)
     for decided in (True, False):
         monkeypatch.setattr(train_mod, "read_ahead", lambda device, d=decided: d)
-        train_head(blob_cache, max_memory=1000, epochs=1, **FAST)
+        train_head(blob_cache, max_memory=1000, epochs=1, **LINEAR)
     assert seen == [True, False]
 
 
@@ -147,7 +152,7 @@ def test_features_reach_the_cpu_without_a_copy():
 
 
 def test_resume_continues_as_if_never_stopped(blob_cache, tmp_path):
-    kw = {"lr": [1e-2, 1e-1], "patience": 50, **FAST}
+    kw = {"lr": [1e-2, 1e-1], "patience": 50, **LINEAR}
     straight = train_head(blob_cache, out=tmp_path / "a.pt", epochs=8, **kw)
     train_head(blob_cache, out=tmp_path / "b.pt", epochs=3, **kw)
     resumed = train_head(blob_cache, out=tmp_path / "b.pt", epochs=8, resume=True, **kw)
@@ -168,25 +173,25 @@ def test_reference_heads(blob_cache, tmp_path, kind):
         )
 
 
-def test_binary_logreg_matches_scikit_learn(make_cache):
+def test_logreg_is_scikit_learns_multinomial_regression_at_the_same_strength(make_cache):
     from sklearn.linear_model import LogisticRegression
 
-    x, y = blobs(30, classes=2, seed=0, spread=3)
-    xv, yv = blobs(20, classes=2, seed=1, spread=3)
-    cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
+    x, y = blobs(30, classes=3, seed=0, spread=1.5)
+    xv, yv = blobs(20, classes=3, seed=1, spread=1.5)
+    cache = make_cache(train=(x, y), val=(xv, yv))
     r = train_head(cache, head="logreg", **FAST)
     x32, xv32 = x.astype(np.float32), xv.astype(np.float32)
     mu, sd = x32.mean(0), np.sqrt(x32.astype(np.float64).var(0).mean())
-    sk = LogisticRegression(C=r.metrics["best"]["C"], max_iter=2000).fit((x32 - mu) / sd, y)
-    expected = sk.predict_proba((xv32 - mu) / sd)
+    C = 1.0 / (r.metrics["best"]["lam"] * len(y))  # mean loss + lam/2 |W|^2 is C * sum + |W|^2/2
+    sk = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit((x32 - mu) / sd, y)
     with torch.no_grad():
         probs = torch.softmax(r.head(torch.from_numpy(xv32)), 1).numpy()
-    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    np.testing.assert_allclose(probs, sk.predict_proba((xv32 - mu) / sd), atol=5e-3)
 
 
 def test_no_val_split_holds_out_a_stratified_fraction(make_cache):
     cache = make_cache(train=blobs(20))
-    r = train_head(cache, val_fraction=0.25, epochs=3, **FAST)
+    r = train_head(cache, val_fraction=0.25, epochs=3, **LINEAR)
     assert (
         r.metrics["val_source"]
         == "no val split: held out 15 of 60 train images (25%, stratified, seed 0)"
@@ -233,18 +238,18 @@ def test_training_errors(make_cache, tmp_path, blob_cache):
         train_head(blob_cache, lr=[-1.0], **FAST)
 
 
-def test_logreg_searches_thirteen_cs_and_breaks_accuracy_ties_by_validation_loss(make_cache):
-    x, y = blobs(30, classes=2, seed=0, spread=3)  # separable: many Cs tie on accuracy
+def test_logreg_searches_the_45_kornblith_strengths_and_keeps_the_lowest_val_loss(make_cache):
+    x, y = blobs(30, classes=2, seed=0, spread=3)  # separable: many strengths tie on accuracy
     xv, yv = blobs(20, classes=2, seed=1, spread=3)
     r = train_head(
         make_cache(train=(x, y), val=(xv, yv), classes=("a", "b")), head="logreg", **FAST
     )
     rows = r.metrics["sweep"]
-    assert len(rows) == 13 and [row["C"] for row in rows] == sorted(row["C"] for row in rows)
-    top = max(row["val_acc"] for row in rows)
-    tied = [row for row in rows if row["val_acc"] == top]
-    assert len(tied) > 1  # the case the tie-break is for
-    assert r.metrics["best"]["C"] == min(tied, key=lambda row: row["val_loss"])["C"]
+    lams = [row["lam"] for row in rows]
+    assert len(rows) == 45 and lams == sorted(lams)
+    assert lams[0] == pytest.approx(1e-6) and lams[-1] == pytest.approx(1e5)
+    assert r.metrics["best"]["lam"] == min(rows, key=lambda row: row["val_loss"])["lam"]
+    assert r.metrics["val_loss"] == pytest.approx(min(row["val_loss"] for row in rows), rel=1e-5)
 
 
 def _spurious(n: int, seed: int, cue: bool, views: int = 0):
@@ -264,7 +269,7 @@ def test_views_teach_the_head_what_augmentation_leaves_unchanged(make_cache):
     x, y, v = _spurious(200, 0, cue=True, views=4)
     xv, yv, vv = _spurious(200, 1, cue=False, views=1)
     cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"), views={"train": v, "val": vv})  # fmt: skip
-    kw = {"epochs": 60, "lr": 1e-2, **FAST}
+    kw = {"epochs": 60, "lr": 1e-2, **LINEAR}
     used = train_head(cache, **kw)
     ignored = train_head(cache, views="ignore", **kw)
     assert used.metrics["views"] == {"stored": 4, "used": 4}
@@ -291,57 +296,43 @@ def test_tta_in_the_metrics_is_the_mean_of_the_image_and_mirror_logits(make_cach
     (x, y), (xv, yv) = blobs(30, seed=0), blobs(10, seed=1)
     mirror = (xv + np.random.default_rng(2).normal(0, 3, xv.shape)).astype(np.float16)
     cache = make_cache(train=(x, y), val=(xv, yv), views={"train": x[:, None], "val": mirror[:, None]})  # fmt: skip
-    r = train_head(cache, epochs=5, **FAST)
+    r = train_head(cache, epochs=5, **LINEAR)
     with torch.no_grad():
         z = (r.head(torch.from_numpy(xv.astype(np.float32))) + r.head(torch.from_numpy(mirror.astype(np.float32)))) / 2  # fmt: skip
     assert r.metrics["val_acc_tta"] == pytest.approx(float((z.argmax(1).numpy() == yv).mean()))
     loss = torch.nn.functional.cross_entropy(z, torch.from_numpy(yv)).item()
     assert r.metrics["val_loss_tta"] == pytest.approx(loss, rel=1e-5)
-    assert "val_acc_tta" not in train_head(make_cache("plain.h5", train=(x, y), val=(xv, yv)), epochs=2, **FAST).metrics  # fmt: skip
+    assert "val_acc_tta" not in train_head(make_cache("plain.h5", train=(x, y), val=(xv, yv)), epochs=2, **LINEAR).metrics  # fmt: skip
 
 
 def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_path):
-    from sklearn.linear_model import LogisticRegression
-
     (x, y), (xv, yv) = blobs(30, classes=2, seed=0, spread=3), blobs(20, classes=2, seed=1, spread=3)  # fmt: skip
     cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
     chosen = train_head(cache, head="logreg", **FAST)
     refit = train_head(cache, head="logreg", refit=True, **FAST)
-    assert refit.metrics["refit"] == {"images": 100, "config": chosen.metrics["best"]}
+    assert refit.metrics["refit"]["images"] == 100
+    assert refit.metrics["refit"]["config"] == chosen.metrics["best"]
     assert refit.metrics["val_acc"] == chosen.metrics["val_acc"]  # the choice's, before the refit
     both = np.concatenate([x, xv]).astype(np.float32)
-    mu, sd = both.mean(0), np.sqrt(both.astype(np.float64).var(0).mean())
-    sk = LogisticRegression(C=chosen.metrics["best"]["C"], max_iter=2000).fit((both - mu) / sd, np.r_[y, yv])  # fmt: skip
+    mu, sd = both.mean(0), np.float32(np.sqrt(both.astype(np.float64).var(0).mean()))
+    xs, yb = torch.from_numpy((both - mu) / sd), torch.from_numpy(np.r_[y, yv])
+    fit = fit_logreg(xs, yb, 2, lam=chosen.metrics["best"]["lam"])
+    expected = torch.softmax(xs @ fit.weight.T + fit.bias, 1)
     with torch.no_grad():
-        probs = torch.softmax(refit.head(torch.from_numpy(both)), 1).numpy()
-    np.testing.assert_allclose(probs, sk.predict_proba((both - mu) / sd), atol=1e-4)
+        probs = torch.softmax(refit.head(torch.from_numpy(both)), 1)
+    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
     knn = train_head(cache, head="knn", refit=True, **FAST)  # val joins the bank
     k1 = knn.metrics["refit"]["config"]["k"] == 1
     assert not k1 or float((knn.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean()) == 1.0  # fmt: skip
-    sweep = train_head(cache, out=tmp_path / "h.pt", lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, refit=True, **FAST)  # fmt: skip
+    sweep = train_head(cache, out=tmp_path / "h.pt", lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, refit=True, **LINEAR)  # fmt: skip
     m = sweep.metrics
     assert m["refit"]["images"] == 100 and m["refit"]["epochs"] == m["best_epoch"]
     assert m["refit"]["config"] == m["best"]
     assert (
         load_head(tmp_path / "h.pt")[1].metrics["refit"] == m["refit"]
     )  # the saved head is the refit one
-    plain = train_head(cache, lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, **FAST)
+    plain = train_head(cache, lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, **LINEAR)
     assert not torch.equal(plain.head.classifier.weight, sweep.head.classifier.weight)
-
-
-def test_logreg_fits_on_one_blas_thread_even_when_refitted(blob_cache, monkeypatch):
-    import sklearn.linear_model as lm
-    from threadpoolctl import threadpool_info
-
-    seen, fit = [], lm.LogisticRegression.fit
-
-    def spy(self, *args, **kwargs):
-        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
-        return fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(lm.LogisticRegression, "fit", spy)
-    train_head(blob_cache, head="logreg", refit=True, **FAST)
-    assert len(seen) == 15 and all(s == {1} for s in seen)  # 13 Cs, the final fit, the refit
 
 
 def test_a_refit_joins_val_rows_that_never_draw_a_view():
@@ -360,3 +351,69 @@ def test_a_refit_joins_val_rows_that_never_draw_a_view():
         assert np.all(x[4:] == -1.0)  # val rows: their plain features only
         seen |= set(x[:4].tolist())
     assert seen == {0.0, 1.0}  # train rows: plain and views
+
+
+def _xor(n: int, seed: int):
+    """Two classes that no linear head separates: the label is the sign of x0 * x1."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    y = (x[:, 0] * x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def test_default_head_is_the_linear_probe_where_an_mlp_is_no_better(blob_cache, tmp_path):
+    r = train_head(blob_cache, out=tmp_path / "h.pt", **FAST)
+    auto = r.metrics["auto"]
+    assert r.metrics["head"] == "auto" and auto["chosen"] == "linear"
+    assert auto["mlp_p_value"] >= train_mod.MLP_P_VALUE
+    assert "lam" in r.metrics["best"] and r.metrics["val_acc"] >= 0.9
+    assert load_head(tmp_path / "h.pt")[1].config["kind"] == "linear"
+
+
+def test_default_head_takes_the_mlp_where_the_classes_are_not_linearly_separable(make_cache):
+    cache = make_cache(train=_xor(300, 0), val=_xor(100, 1), classes=("a", "b"))
+    r = train_head(cache, **FAST)
+    auto = r.metrics["auto"]
+    assert auto["chosen"] == "mlp" and auto["mlp_p_value"] < train_mod.MLP_P_VALUE
+    assert auto["linear"]["val_acc"] < 0.7 < 0.85 < auto["mlp"]["val_acc"]
+    assert r.metrics["val_acc"] == pytest.approx(auto["mlp"]["val_acc"])
+
+
+def test_mlp_must_beat_the_probe_significantly_on_the_same_images():
+    right = np.array([True] * 5)
+    assert train_mod.better_p_value(right, ~right) == pytest.approx(1 / 32)  # 5 wins, 0 losses
+    a, b = np.array([True, False, True]), np.array([False, True, True])
+    assert train_mod.better_p_value(a, b) == pytest.approx(3 / 4)  # 1 win, 1 loss
+    assert train_mod.better_p_value(right, right) == 1.0  # never told apart
+
+
+def test_default_refits_on_held_out_validation_only_and_records_what_it_saw(make_cache, tmp_path):
+    from embedcache.checkpoint import HeadCheckpoint
+    from embedcache.data import paths_digest
+
+    held = make_cache("held.h5", train=blobs(40, seed=0))
+    r = train_head(held, out=tmp_path / "a.pt", **FAST)
+    assert r.metrics["refit"]["images"] == 120  # 96 trained on, then the 24 held out joined
+    ckpt = HeadCheckpoint.load(tmp_path / "a.pt")
+    train_paths = [f"train/{i}" + ".png" for i in range(120)]
+    assert ckpt.trained.splits == {"train": paths_digest(train_paths)}
+    assert ckpt.trained.holdout == {"fraction": 0.2, "seed": 0} and ckpt.trained.refit
+    before = ckpt.module(selected=True).state_dict()
+    assert not torch.equal(before["classifier.weight"], ckpt.state_dict["classifier.weight"])
+    kept = train_head(held, out=tmp_path / "b.pt", refit=False, **FAST)
+    assert "refit" not in kept.metrics and HeadCheckpoint.load(tmp_path / "b.pt").selected is None
+    given = make_cache("given.h5", train=blobs(40, seed=0), val=blobs(15, seed=1))
+    assert "refit" not in train_head(given, **FAST).metrics  # a val split of its own: no refit
+    both = train_head(given, out=tmp_path / "c.pt", refit=True, **FAST)
+    assert set(HeadCheckpoint.load(tmp_path / "c.pt").trained.splits) == {"train", "val"}
+    assert both.metrics["refit"]["images"] == 165
+
+
+def test_metrics_report_balanced_accuracy_and_top5_beyond_five_classes(make_cache):
+    names = tuple("abcdefg")
+    x, y = blobs(20, classes=7, seed=0, spread=4.0)
+    xv, yv = blobs(6, classes=7, seed=1, spread=4.0)
+    m = train_head(make_cache(train=(x, y), val=(xv, yv), classes=names), **FAST).metrics
+    assert 0 < m["val_balanced_acc"] <= 1 and m["val_acc"] <= m["val_top5"] <= 1
+    small = train_head(make_cache("b.h5", train=blobs(20), val=blobs(6, seed=1)), **FAST).metrics
+    assert "val_top5" not in small and "val_balanced_acc" in small

@@ -1,0 +1,150 @@
+"""Linear probes by L-BFGS: L2-regularised multinomial logistic regression in torch.
+
+The protocol of Kornblith et al. (2019), "Do Better ImageNet Models Transfer
+Better?": standardised features, one softmax layer, the L2 strength searched
+over 45 log-spaced values and the best kept on validation. Here the fit is a
+full-batch L-BFGS in torch on the cached tensor (CPU, or GPU when there is
+one), each value warm-started from the previous, stronger one.
+
+The objective for one strength ``lam`` is::
+
+    mean_i CE(x_i W + b, y_i) + lam / 2 * ||W||^2       (the bias is not penalised)
+
+so ``lam`` is scikit-learn's ``1 / (C * n_train)``. This module knows nothing
+of caches or checkpoints: it maps arrays to weights, for train-head and for
+the dataset checks alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Kornblith et al. (2019): 45 log-spaced L2 strengths from 1e-6 to 1e5
+KORNBLITH_LAMBDAS = tuple(float(v) for v in np.logspace(-6, 5, 45))
+MAX_ITER = 100  # L-BFGS iterations for one strength, as scikit-learn (warm starts stop sooner)
+# stop when the largest gradient entry is below this: probabilities then within ~2e-3 of a
+# converged scikit-learn fit (1e-4, its default tolerance, left 2e-2 at lam 1e-3)
+GRAD_TOL = 1e-5
+# The default head's path: every other strength (half a decade apart) and a looser tolerance.
+# On grocery81 (2,640 x 1280, 81 classes, 1 thread) the full 45 at 1e-5 took 43.6 s, these
+# 23 at 1e-3 7.0 s; test accuracy of the loss pick 76.98% vs 76.86% (3 images of 2,485).
+DEFAULT_LAMBDAS = KORNBLITH_LAMBDAS[::2]
+DEFAULT_GRAD_TOL = 1e-3
+
+
+@dataclass
+class LinearFit:
+    """Weights of a linear probe: logits = x @ weight.T + bias for standardised x."""
+
+    weight: torch.Tensor  # (C, D) float32
+    bias: torch.Tensor  # (C,) float32
+    lam: float
+    iterations: int
+
+
+def _objective(x, y, w, b, lam, weights=None):
+    logits = torch.addmm(b, x, w)
+    if weights is None:
+        ce = F.cross_entropy(logits, y)
+    else:
+        ce = (F.cross_entropy(logits, y, reduction="none") * weights).sum() / weights.sum()
+    return ce + 0.5 * lam * w.pow(2).sum()
+
+
+def fit_logreg(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    lam: float,
+    start: LinearFit | None = None,
+    max_iter: int = MAX_ITER,
+    grad_tol: float = GRAD_TOL,
+) -> LinearFit:
+    """One L2-regularised softmax regression, fitted by full-batch L-BFGS.
+
+    Parameters
+    ----------
+    x : tensor of shape (n, dim), float32, standardised
+    y : tensor of shape (n,), int64 in ``0..num_classes-1``
+    lam : the L2 strength (see the module docstring)
+    start : a previous fit to warm-start from (same shapes)
+    """
+    D = x.shape[1]
+    if start is None:
+        w = torch.zeros(D, num_classes, device=x.device)
+        b = torch.zeros(num_classes, device=x.device)
+    else:
+        w = start.weight.T.to(x.device).clone(memory_format=torch.contiguous_format)
+        b = start.bias.clone().to(x.device)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=grad_tol,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = _objective(x, y, w, b, lam)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return LinearFit(w.detach().T.contiguous(), b.detach().clone(), lam, iterations)
+
+
+def _scores(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a fit on labelled rows."""
+    with torch.no_grad():
+        logits = torch.addmm(fit.bias, x, fit.weight.T)
+        return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
+def logreg_path(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    num_classes: int,
+    *,
+    lambdas: tuple[float, ...] = KORNBLITH_LAMBDAS,
+    patience: int | None = None,
+    grad_tol: float = GRAD_TOL,
+) -> tuple[LinearFit, list[dict]]:
+    """Fit along ``lambdas`` from strong to weak, each warm-started; keep the best on validation.
+
+    The best has the lowest validation cross-entropy. Chosen on accuracy, a
+    small validation set picks noise: on flowers12 (144 held-out images, 12
+    classes) 20 of 23 strengths tied within two images, the accuracy pick
+    (lam 3.2) scored 92.50% on test, the loss pick (lam 3e-5) 96.25%. With
+    ``patience``, the path stops after that many strengths in a row worse than
+    the best (weak strengths are the slow fits). Returns (best fit, one row per
+    strength fitted: lam, val_acc, val_loss, iterations, ascending in lam).
+    """
+    rows, best, fit, worse = [], None, None, 0
+    for lam in sorted(lambdas, reverse=True):
+        fit = fit_logreg(x, y, num_classes, lam=lam, start=fit, grad_tol=grad_tol)
+        acc, loss = _scores(fit, xv, yv)
+        rows.append({"lam": lam, "val_acc": acc, "val_loss": loss, "iterations": fit.iterations})
+        worse = 0 if best is None or loss < best[0] else worse + 1
+        if worse == 0:
+            best = (loss, fit)
+        if patience is not None and worse >= patience:
+            break
+    return best[1], sorted(rows, key=lambda r: r["lam"])
+
+
+def finite(fit: LinearFit) -> bool:
+    """Whether every weight of a fit is a finite number."""
+    return bool(torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias).all())
