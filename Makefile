@@ -12,7 +12,7 @@ TORCH   = torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[lite0,dev]'
+	$(BIN)/python -m pip install -q -e '.[lite,dev]'
 	touch $@
 
 demo: $(VENV)/.installed

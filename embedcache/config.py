@@ -86,7 +86,7 @@ class _Config:
 def _backbone():
     return setting(
         DEFAULT_BACKBONE,
-        "torchvision name, efficientnet_lite0, or timm:NAME (see `embedcache backbones`).",
+        "torchvision name, efficientnet_lite0/1/2, or timm:NAME (see `embedcache backbones`).",
         flags=("-b",),
     )
 

