@@ -418,7 +418,7 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
     epochs = f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
     views = f"; trained on {m['views']['used']} views per image too" if m["views"]["used"] else ""
-    kind = m["head"]
+    kind = f"{m['head']} head"
     if "auto" in m:
         kind = f"default head ({m['auto']['chosen']}, MLP p={m['auto']['mlp_p_value']:.3f})"
     more = f", balanced {m['val_balanced_acc']:.4f}" + (f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else "")  # fmt: skip

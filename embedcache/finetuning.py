@@ -356,7 +356,9 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
     else:
         head, head_config = _fresh_head(bb, classes, cfg.seed)
     holdout = {"fraction": cfg.val_fraction, "seed": cfg.seed} if carved else None
-    trained = TrainedOn({"train": paths_digest([s.path for s in images.splits["train"]])}, holdout)
+    # the train split as the data has it (with the held-out images): what evaluate is given
+    seen = [s.path for split in ("train", "val")[: 1 + carved] for s in images.splits[split]]
+    trained = TrainedOn({"train": paths_digest(seen)}, holdout)
     n_blocks = len(bb.block_names)
     n = parse_unfreeze(cfg.unfreeze, n_blocks, bb.name)
     model = FinetunedModel(bb.net, head, n_blocks - n, bb.transform, cfg.bn_stats)

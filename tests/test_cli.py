@@ -162,6 +162,8 @@ def test_train_head_evaluate_predict_end_to_end(runner, tmp_path):
             str(cache),
             "--out",
             str(head),
+            "--head",
+            "linear",
             "--lr",
             "1e-3,1e-2",
             "--weight-decay",

@@ -22,8 +22,8 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
-        "extract + train-head linear",
-        "extract + train-head 4x4 sweep",
+        "extract + train-head (default head)",
+        "extract + train-head linear 4x4 sweep",
         "extract --views 2 + train-head linear",
         "extract --views 2 + train-head linear + TTA",
         "finetune --unfreeze 1 from the cached head",
