@@ -17,6 +17,7 @@ from .checkpoint import HeadCheckpoint, Recorded
 from .config import HeadConfig
 from .data import holdout, holdout_note
 from .errors import EmbedcacheError
+from .exclusion import read_exclude
 from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
 from .runtime import read_ahead, resolve_device, seeded
 
@@ -106,6 +107,13 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
         raise EmbedcacheError(
             f"the train split of {cache.path} has a single class ({name}); a classifier needs at least two"
         )
+    drop = read_exclude(cfg.exclude)
+    if drop is not None:
+        drop.check_used([p for s in cache.splits for p in cache.paths(s)], f"cache {cache.path}")
+
+    def kept(split: str, rows: np.ndarray) -> np.ndarray:  # the rows --exclude leaves in
+        return rows if drop is None else rows[drop.keep(cache.paths(split))[rows]]
+
     feats = cache.features("train")
     # views train the epoch-based heads; logreg on plain + 4 views of the digits took 268 s against 4 s
     views = cache.views("train") if cfg.views == "use" and cfg.head in ("linear", "mlp") else None
@@ -121,11 +129,14 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
 
     used = views.shape[1] if views is not None else 0
     if "val" in cache:
-        vlabels, every = _labels(cache, "val"), np.arange(len(cache.labels("val")))
+        vlabels, every = _labels(cache, "val"), kept("val", np.arange(len(cache.labels("val"))))
         val = Rows(cache.features("val"), vlabels, every, in_memory)
         mirror = _mirror(cache, "val", vlabels, every, in_memory)
-        return _Data(train_rows(np.arange(len(labels))), val, "val split", mirror, used)
+        return _Data(
+            train_rows(kept("train", np.arange(len(labels)))), val, "val split", mirror, used
+        )
     tr, va = holdout(cache.paths("train"), labels, fraction=cfg.val_fraction, seed=cfg.seed)
+    tr, va = kept("train", tr), kept("train", va)
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"
