@@ -103,7 +103,7 @@ def test_out_of_fold_probabilities_rank_flipped_labels_first():
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     issues = label_issues(probs, noisy)
     assert set(issues.order[:4]) == set(flipped)
-    assert set(np.flatnonzero(issues.flagged)) >= set(flipped)
+    assert issues.flagged[flipped].sum() >= 3 and issues.flagged.sum() <= 8
     np.testing.assert_array_equal(issues.suggested[flipped], y[flipped])
 
 

@@ -117,7 +117,10 @@ def _check_labels(pool: Pool, cfg: AuditConfig, say) -> tuple[list[dict], list[s
         return [], [], why
     say(f"label errors: {cfg.folds}-fold out-of-fold probabilities on {len(rows)} images")
     probs = out_of_fold_probabilities(
-        pool.features[rows], pool.labels[rows], folds=cfg.folds, seed=cfg.seed
+        pool.features if len(rows) == len(pool) else pool.features[rows],
+        pool.labels[rows],
+        folds=cfg.folds,
+        seed=cfg.seed,
     )
     issues = label_issues(probs, pool.labels[rows])
     ranking = [pool.paths[rows[i]] for i in issues.order]
@@ -132,9 +135,9 @@ def _findings(
     exact, groups = exact_pairs(pool)
     device = resolve_device(cfg.device)
     say(f"neighbours: exact cosine search over {len(pool)} images on {device}")
-    index, sims = nearest(
-        unit_rows(pool.features), k=cfg.neighbours, device=device, progress=progress
-    )
+    # scaled in place: the search and the label check both use the unit rows, one copy in memory
+    unit = unit_rows(pool.features, out=pool.features)
+    index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
     near = near_pairs(pool, index, sims, cfg.near_threshold, exact)
     leak: Leaks = leaks(pool, exact, near)
     found, distance = outliers(sims, z=cfg.outlier_z)

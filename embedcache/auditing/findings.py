@@ -15,6 +15,7 @@ from ..cache import Cache, duplicate_groups
 from ..data import SPLIT_ORDER
 
 MAD_SCALE = 1.4826  # median absolute deviation to the standard deviation of a normal
+READ_ROWS = 65536  # rows read from the cache at a time
 
 
 @dataclass
@@ -37,13 +38,19 @@ class Pool:
     @classmethod
     def read(cls, cache: Cache) -> Pool:
         names = [s for s in cache.splits if cache.num_images(s)]
-        feats = [cache.features(s)[:] for s in names]
+        sizes = [cache.num_images(s) for s in names]
+        dtype = cache.features(names[0]).dtype if names else np.float16
+        features = np.empty((sum(sizes), cache.feature_dim), dtype)  # filled in place: one copy
+        at = 0
+        for name, n in zip(names, sizes, strict=True):
+            source = cache.features(name)
+            for lo in range(0, n, READ_ROWS):
+                features[at + lo : at + min(n, lo + READ_ROWS)] = source[lo : lo + READ_ROWS]
+            at += n
         hashes = [cache.hashes(s) for s in names]
         return cls(
-            np.concatenate(feats) if feats else np.zeros((0, cache.feature_dim), np.float16),
-            np.concatenate(
-                [np.full(len(f), i) for i, f in enumerate(feats)] or [np.zeros(0)]
-            ).astype(np.int64),
+            features,
+            np.repeat(np.arange(len(names)), sizes).astype(np.int64),
             np.concatenate([cache.labels(s) for s in names] or [np.zeros(0, np.int64)]),
             [p for s in names for p in cache.paths(s)],
             None if any(h is None for h in hashes) or not hashes else np.concatenate(hashes),

@@ -19,14 +19,15 @@ KEY_ROWS = 32768
 NORM_ROWS = 65536  # rows normalised at a time
 
 
-def unit_rows(features, *, dtype: np.dtype | None = None) -> np.ndarray:
-    """``features`` scaled to unit length, in blocks, kept in ``dtype`` (default: theirs).
+def unit_rows(features, *, out: np.ndarray | None = None) -> np.ndarray:
+    """``features`` scaled to unit length, in blocks, into ``out`` (default: a new array of
+    their dtype; ``out=features`` scales them in place).
 
     features : array-like of shape (n, d) (an ndarray or a cache's features, read in slices)
     Returns ndarray of shape (n, d); all-zero rows stay zero.
     """
     n, d = features.shape
-    out = np.empty((n, d), dtype or features.dtype)
+    out = np.empty((n, d), features.dtype) if out is None else out
     for lo in range(0, n, NORM_ROWS):
         x = torch.from_numpy(np.asarray(features[lo : lo + NORM_ROWS])).float()
         x = torch.nn.functional.normalize(x, dim=1)
