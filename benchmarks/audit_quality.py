@@ -314,6 +314,42 @@ def markdown(results: dict) -> str:
     return "```json\n" + __import__("json").dumps(results, indent=1) + "\n```"
 
 
+def screenshot(cache: Path, work: Path) -> Path:
+    """Render an audit report of ``cache`` (3 entries per finding) in headless Chromium to
+    results/audit_report_flowers12.png."""
+    import subprocess
+    import tempfile
+
+    from common import RESULTS
+
+    from embedcache import audit
+
+    audit(cache, out=work / "audit_shot", progress=False, report_rows=3)
+    shot = RESULTS / "audit_report_flowers12.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--screenshot={shot}",
+                "--window-size=1280,2400",
+                (work / "audit_shot" / "report.html").as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    return shot
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/audit_work"))
@@ -330,6 +366,8 @@ def main() -> None:
         results[name] = score(name, truth, clean, corrupt, args.work)
     if not args.extract_only:
         save("audit_quality", {"sets": results}, markdown(results))
+    if "flowers12" in names and shutil.which("chromium"):
+        screenshot(args.work / "flowers12" / "corrupt.h5", args.work / "flowers12")
 
 
 if __name__ == "__main__":

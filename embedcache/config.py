@@ -414,7 +414,7 @@ class AuditConfig(_Config):
         5, "Folds of the out-of-fold probabilities that rank likely label errors.", low=2
     )
     report_rows: int = setting(
-        60, "Entries per finding shown with thumbnails in report.html (the CSVs hold all).", low=0
+        30, "Entries per finding shown with thumbnails in report.html (the CSVs hold all).", low=0
     )
     device: str = _device()
     seed: int = _seed()

@@ -435,8 +435,9 @@ HASH_BYTES = 16  # blake2b-128 of a file's bytes: the content hash a cache recor
 def content_hash(path: str | Path) -> bytes:
     """The blake2b-128 digest of a file's bytes (``HASH_BYTES`` long; all zeros if unreadable).
 
-    Extraction hashes each image right after decoding it, from the page cache: 0.1-0.2 ms for
-    a 100 kB JPEG against 10-20 ms to decode and forward it.
+    Extraction hashes each image right after decoding it, from the page cache: on the 110 kB
+    hymenoptera JPEGs 1.7 ms a file against 28 ms to decode it (2 busy cores), about 2% of the
+    image's decode and forward pass.
     """
     h = hashlib.blake2b(digest_size=HASH_BYTES)
     try:

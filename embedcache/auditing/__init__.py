@@ -76,7 +76,7 @@ def _label_rows(pool: Pool, rows: np.ndarray, issues: LabelIssues, probs: np.nda
     return [
         {
             "rank": rank + 1,
-            "self_confidence": round(float(issues.self_confidence[i]), 4),
+            "self_confidence": float(f"{issues.self_confidence[i]:.4g}"),
             "path": pool.paths[rows[i]],
             "split": pool.split_name(rows[i]),
             "given": pool.label_name(rows[i]),

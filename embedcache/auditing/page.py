@@ -29,7 +29,7 @@ table.counts td.n{text-align:right;font-variant-numeric:tabular-nums}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;max-width:360px}
 .card .score{font-weight:600;margin-bottom:6px} .pair{display:flex;gap:8px}
 figure{margin:0;width:160px} figure img{width:160px;height:160px;object-fit:contain;background:#eee;border-radius:3px;display:block}
-figcaption{font-size:12px;color:#444;word-break:break-all;margin-top:3px}
+figcaption{font-size:12px;color:#444;margin-top:3px} .path{word-break:break-all;color:#666}
 .missing{width:160px;height:160px;background:#eee;color:#999;display:flex;align-items:center;justify-content:center;font-size:12px}
 .given{color:#b00020;font-weight:600} .suggested{color:#1b7f3b;font-weight:600} .tag{font-size:12px;color:#fff;background:#777;border-radius:3px;padding:1px 5px;margin-left:6px}
 """
@@ -73,7 +73,8 @@ class Images:
         if f is not None:
             href = quote(Path(os.path.relpath(f.resolve(), self.report_dir.resolve())).as_posix())
             img = f'<a href="{href}">{img}</a>'
-        return f"<figure>{img}<figcaption>{caption}<br>{html.escape(path)}</figcaption></figure>"
+        path_html = f'<span class="path">{html.escape(path)}</span>'
+        return f"<figure>{img}<figcaption>{caption}<br>{path_html}</figcaption></figure>"
 
 
 def _card(score: str, body: str) -> str:
@@ -111,7 +112,7 @@ def label_cards(images: Images, rows: list[dict], shown: int) -> str:
             f' &rarr; suggested <span class="suggested">{html.escape(r["suggested"])}</span>'
             f" ({float(r['suggested_probability']):.2f})"
         )
-        score = f"#{r['rank']} &middot; self-confidence {float(r['self_confidence']):.3f}"
+        score = f"#{r['rank']} &middot; p(given) {float(r['self_confidence']):.2g}"
         cards.append(_card(score, images.figure(r["path"], caption)))
     return f'<div class="cards">{"".join(cards)}</div>'
 
