@@ -55,3 +55,15 @@ def test_finetune_and_compare_drop_the_samples_of_an_image_set(tree, tmp_path):
     paths = {s.path for v in images.splits.values() for s in v}
     assert len(paths) == 22 and "train/cat/cat_000.png" not in paths
     assert "val/dog/dog_001.png" not in paths
+
+
+@pytest.mark.parametrize("verb", ["finetune", "compare"])
+def test_finetune_and_compare_read_the_exclusion_file(verb, tree, tmp_path):
+    import embedcache
+
+    drop = tmp_path / "drop.csv"
+    drop.write_text("path\nsomewhere/else.png\n")
+    kw = {"backbone": "resnet18", "weights": "none", "device": "cpu", "progress": False}
+    where = {"finetune": {"out": tmp_path / "m.pt"}, "compare": {"workdir": tmp_path / "w"}}[verb]
+    with pytest.raises(EmbedcacheError, match="none of the 1 paths in --exclude"):
+        getattr(embedcache, verb)(tree, exclude=drop, **kw, **where)
