@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,16 @@ class Exclusion:
                 f"none of the {len(self.paths)} paths in --exclude {self.file} is in {where} "
                 f"(e.g. {example!r}); paths must be relative to the data root, as the audit CSVs write them"
             )
+
+
+def row_filter(cache, file: str | Path | None) -> Callable[[str, np.ndarray], np.ndarray]:
+    """For a cache (:class:`embedcache.cache.Cache`), a function ``(split, rows) -> rows`` that
+    keeps the rows (int64 ndarray) whose image ``file`` does not list."""
+    drop = read_exclude(file)
+    if drop is None:
+        return lambda split, rows: rows
+    drop.check_used([p for s in cache.splits for p in cache.paths(s)], f"cache {cache.path}")
+    return lambda split, rows: rows[drop.keep(cache.paths(split))[rows]]
 
 
 def excluded(images, file: str | Path | None, where: str):

@@ -17,7 +17,7 @@ from .checkpoint import HeadCheckpoint, Recorded
 from .config import HeadConfig
 from .data import holdout, holdout_note
 from .errors import EmbedcacheError
-from .exclusion import read_exclude
+from .exclusion import row_filter
 from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
 from .runtime import read_ahead, resolve_device, seeded
 
@@ -107,13 +107,7 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
         raise EmbedcacheError(
             f"the train split of {cache.path} has a single class ({name}); a classifier needs at least two"
         )
-    drop = read_exclude(cfg.exclude)
-    if drop is not None:
-        drop.check_used([p for s in cache.splits for p in cache.paths(s)], f"cache {cache.path}")
-
-    def kept(split: str, rows: np.ndarray) -> np.ndarray:  # the rows --exclude leaves in
-        return rows if drop is None else rows[drop.keep(cache.paths(split))[rows]]
-
+    kept = row_filter(cache, cfg.exclude)  # (split, rows) -> the rows --exclude leaves in
     feats = cache.features("train")
     # views train the epoch-based heads; logreg on plain + 4 views of the digits took 268 s against 4 s
     views = cache.views("train") if cfg.views == "use" and cfg.head in ("linear", "mlp") else None
