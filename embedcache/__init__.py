@@ -41,6 +41,9 @@ _API = {
     "CompareConfig": "config",
     "FeatureIdentity": "identity",
     "export": "exporting",
+    "audit": "auditing",
+    "AuditResult": "auditing",
+    "AuditConfig": "config",
 }
 
 __all__ = sorted(_API)

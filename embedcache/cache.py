@@ -11,6 +11,8 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
     paths     (N,)   UTF-8, relative to the data root
     sizes     (N,)   int64 bytes   } of the source file when extracted,
     mtimes    (N,)   int64 ns      } used to re-extract only what changed
+    hashes    (N, 16) uint8, blake2b-128 of the file's bytes (format 3; all zeros: unknown,
+              a row reused from a format 2 cache), what ``audit`` finds exact duplicates by
 
 a ``skipped`` group (split, path, reason, size, mtime of each unreadable file)
 and root attributes (``format_version``, ``backbone``, ``weights``,
@@ -54,11 +56,11 @@ import h5py
 import numpy as np
 
 from .config import DTYPES
-from .data import SPLIT_ORDER, ImageSet, Sample, views_for
+from .data import HASH_BYTES, SPLIT_ORDER, ImageSet, Sample, views_for
 from .errors import EmbedcacheError
 from .identity import CacheIdentity, FeatureIdentity
 
-FORMAT_VERSION = 2  # 2: Fletcher-32 checksums on the arrays of finished caches
+FORMAT_VERSION = 3  # 2: Fletcher-32 checksums on the arrays of finished caches; 3: hashes
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
 COPY_ROWS = 65536  # rows copied at a time when reusing features
@@ -73,7 +75,7 @@ CACHE_ATTRS = (
     "classes",
 )  # read on open
 _STR = h5py.string_dtype("utf-8")
-ROW_ARRAYS = ("features", "views")  # per-image arrays, stored row for row alike
+ROW_ARRAYS = ("features", "views", "hashes")  # per-image arrays, stored row for row alike
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,12 @@ class Cache:
         g = self._group(split)
         return CheckedFeatures(g["views"], self, split) if "views" in g else None
 
+    def hashes(self, split: str) -> np.ndarray | None:
+        """Content hashes of a split, uint8 of shape (n_images, 16) (all zeros: unknown), or
+        None for a cache written before format 3 (re-extract it to record them)."""
+        g = self._group(split)
+        return g["hashes"][:] if "hashes" in g else None
+
     @property
     def num_views(self) -> int:
         """Views per training image stored by ``extract --views`` (0: none)."""
@@ -222,7 +230,9 @@ class Cache:
                         ds[lo : lo + BLOCK_ROWS]
                     except EmbedcacheError as e:
                         problems.append(str(e))
-            for name in ("labels", "sizes", "mtimes"):
+            for name in ("labels", "sizes", "mtimes", "hashes"):
+                if name not in self._group(split):
+                    continue
                 try:
                     self._group(split)[name][:]
                 except OSError as e:
@@ -247,7 +257,11 @@ class Cache:
                 g,
                 samples,
                 index,
-                {"features": self.features(split), "views": self.views(split)},
+                {
+                    "features": self.features(split),
+                    "views": self.views(split),
+                    "hashes": src.get("hashes"),
+                },
                 np.full(n, DONE, np.uint8),
                 np.zeros(n, f"S{REASON_BYTES}"),
             )
@@ -301,6 +315,33 @@ class Cache:
         features, views = self.features(split), self.views(split)
         shown = {"images": self.num_images(split), "shape": list(features.shape), "dtype": str(features.dtype)}  # fmt: skip
         return shown if views is None else {**shown, "views_shape": list(views.shape)}
+
+
+def duplicate_groups(hashes: np.ndarray) -> list[np.ndarray]:
+    """Rows sharing one content hash: each group (2 rows or more) ascending, groups by first row.
+
+    hashes : ndarray of shape (n, 16), uint8; all-zero rows (unknown) are in no group.
+    """
+    if not len(hashes):
+        return []
+    known = np.flatnonzero(hashes.any(axis=1))
+    keys = np.ascontiguousarray(hashes[known]).view(f"V{hashes.shape[1]}").ravel()
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(counts)[:-1]
+    groups = [known[g] for g in np.split(order, bounds) if len(g) > 1]
+    return sorted(groups, key=lambda g: int(g[0]))
+
+
+def cross_split_duplicates(cache: Cache) -> int | None:
+    """Files whose bytes equal a file's in another split (the copies outside the first split
+    each content is in), or None when the cache records no hashes."""
+    hashes = [cache.hashes(s) for s in cache.splits]
+    if any(h is None for h in hashes):
+        return None
+    split_of = np.concatenate([np.full(len(h), i) for i, h in enumerate(hashes)])
+    groups = duplicate_groups(np.concatenate(hashes)) if hashes else []
+    return sum(int(np.count_nonzero(split_of[g] != split_of[g].min())) for g in groups)
 
 
 def _short(e: OSError) -> str:
@@ -659,6 +700,7 @@ class PartialCache:
                 if views:
                     shape = (n, views_for(split, views), feature_dim)
                     g.create_dataset("views", shape, dtype=dtype, dcpl=_early())
+                g.create_dataset("hashes", data=np.zeros((n, HASH_BYTES), np.uint8))
                 g.create_dataset("status", data=np.zeros(n, np.uint8))
                 g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
                 g.create_dataset("paths", data=[s.path for s in samples], dtype=_STR)
@@ -703,17 +745,21 @@ class PartialCache:
         features: np.ndarray,
         failed: dict[int, str],
         views: np.ndarray | None = None,
+        hashes: np.ndarray | None = None,
     ) -> None:
         """Store features for ``rows`` (ascending) and mark them, and the ``failed`` rows, done.
 
         features : ndarray of shape (len(rows), D), already in the cache dtype.
         views : ndarray of shape (len(rows), V, D) in a cache with views, else None.
+        hashes : ndarray of shape (len(rows), 16), uint8, the files' content hashes (None: unknown).
         """
         g = self.h5[split]
         if len(rows):
             _put_span(g["features"], rows, features)
             if "views" in g:
                 _put_span(g["views"], rows, views)
+            if hashes is not None and "hashes" in g:
+                _put_span(g["hashes"], rows, hashes)
             self.h5.flush()  # features reach the file before the rows are marked done
         marked = [int(r) for r in rows] + [int(r) for r in failed]
         if not marked:
@@ -748,7 +794,7 @@ class PartialCache:
                 for i, split in enumerate(self.splits):
                     mine = np.flatnonzero(where[pos] == i)
                     ok = mine[status[pos[mine]] == DONE]
-                    for name in _row_arrays(self.h5[split]):
+                    for name in (n for n in _row_arrays(self.h5[split]) if n in arrays):
                         dst = self.h5[split][name]  # a shard keeps train's V views for every row
                         _write_rows(dst, rows[pos[ok]], arrays[name][ok][:, : dst.shape[1]])
                     marks[split] = mine
@@ -994,6 +1040,7 @@ class ShardFile:
             h5.create_dataset("features", (n, feature_dim), dtype=dtype, dcpl=_early())
             if views:
                 h5.create_dataset("views", (n, views, feature_dim), dtype=dtype, dcpl=_early())
+            h5.create_dataset("hashes", data=np.zeros((n, HASH_BYTES), np.uint8))
             h5.create_dataset("status", data=np.zeros(n, np.uint8))
             h5.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
 
@@ -1006,15 +1053,15 @@ class ShardFile:
         """The stored feature dtype."""
         return str(self.h5["features"].dtype)
 
-    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str], views: np.ndarray | None = None) -> None:  # fmt: skip
+    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str], views: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:  # fmt: skip
         """Store one batch: the same contract as :meth:`PartialCache.write`."""
         pos = np.array([self._pos[(split, int(r))] for r in rows], np.int64)
         bad = np.array([self._pos[(split, int(r))] for r in failed], np.int64)
         every = np.concatenate([pos, bad])
         lo, hi = int(every.min()), int(every.max()) + 1  # one batch: contiguous positions
         if len(pos):
-            for name, values in (("features", features), ("views", views)):
-                if name in self.h5:
+            for name, values in (("features", features), ("views", views), ("hashes", hashes)):
+                if name in self.h5 and values is not None:
                     span = self.h5[name][lo:hi]
                     span[pos - lo, : values.shape[1]] = values
                     self.h5[name][lo:hi] = span
@@ -1125,7 +1172,8 @@ def _reuse_rows(
     done = src_status[src_rows] == DONE
     if done.any():
         for name in _row_arrays(g):
-            _copy_rows(src_arrays[name], src_rows[done], g[name], dst_rows[done])
+            if src_arrays.get(name) is not None:  # hashes of a format 2 cache: stay unknown
+                _copy_rows(src_arrays[name], src_rows[done], g[name], dst_rows[done])
     status, reasons = g["status"][:], g["reasons"][:]
     status[dst_rows] = src_status[src_rows]
     reasons[dst_rows[~done]] = src_reasons[src_rows[~done]]

@@ -19,7 +19,14 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import CompareConfig, ExtractConfig, FinetuneConfig, HeadConfig
+from .config import (
+    EXCLUDE_HELP,
+    AuditConfig,
+    CompareConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadConfig,
+)
 from .errors import EmbedcacheError
 
 # What to do after Ctrl-C (or a scheduler's SIGTERM), per verb.
@@ -92,6 +99,7 @@ def main() -> None:
       embedcache evaluate model.pt DATA --split val
       embedcache predict model.pt photo.jpg
       embedcache compare DATA            (every approach side by side)
+      embedcache audit cache.h5 --out audit/   (duplicates, leaks, label errors, outliers)
       embedcache info cache.h5 | embedcache backbones | embedcache demo
       embedcache export model.pt --out model.onnx   (serve it elsewhere)
     """
@@ -461,9 +469,10 @@ def _tta_option(default: str):
 @_tta_option(
     "on when DATA is a cache that stores them (extract --views), or images and MODEL a head trained on views"
 )
+@click.option("--exclude", default=None, type=click.Path(dir_okay=False), help=EXCLUDE_HELP)
 @options(ExtractConfig, "device", "batch_size", "num_workers")
 @output_options
-def evaluate(model, data, split, plot, tta, quiet, as_json, **run):
+def evaluate(model, data, split, plot, tta, exclude, quiet, as_json, **run):
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
     MODEL is a head from train-head or a model from finetune. DATA is a cache
@@ -478,7 +487,14 @@ def evaluate(model, data, split, plot, tta, quiet, as_json, **run):
 
     plot = plot or str(Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png"))
     r = evaluate_model(
-        model, data, split=split, plot=plot, tta=tta, progress=not quiet and not as_json, **run
+        model,
+        data,
+        split=split,
+        plot=plot,
+        tta=tta,
+        exclude=exclude,
+        progress=not quiet and not as_json,
+        **run,
     )
     if as_json:
         _emit_json(r)
@@ -596,6 +612,56 @@ def compare(data, quiet, as_json, **values):
         return
     click.echo(r.markdown)
     click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=str))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the CSVs, summary.json and report.html.",
+)
+@options(AuditConfig, *_fields(AuditConfig))
+@output_options
+def audit(cache, out, quiet, as_json, **values):
+    """Check the images of CACHE: duplicates, leaks, likely label errors, outliers.
+
+    \b
+    exact_duplicates.csv  byte-identical files (content hashes recorded by extract)
+    near_duplicates.csv   pairs at cosine similarity >= --near-threshold (exact search)
+    leaks.csv             duplicates across train/val/test, or whose copies disagree on the label
+    label_errors.csv      out-of-fold predictions that disagree with the label (confident
+                          learning), ranked by the probability of the given label, lowest first
+    outliers.csv          mean distance to the nearest neighbours far above the median
+
+    OUT/report.html shows them with thumbnails and opens offline; OUT/summary.json counts them.
+    Each CSV has a path column (the copy or image to leave out) that train-head, finetune,
+    evaluate and compare take as --exclude FILE.csv.
+
+    \b
+    Example:
+      embedcache audit cache.h5 --out audit/
+      embedcache train-head cache.h5 --exclude audit/leaks.csv --out head.pt
+    """
+    from .auditing import audit as run
+
+    r = run(
+        cache,
+        out=out,
+        config=settings(AuditConfig, values),
+        progress=not quiet and not as_json,
+        log=_say(quiet or as_json),
+    )
+    if as_json:
+        _emit_json(r.summary)
+        return
+    for name in ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers"):
+        section = r.summary[name]
+        count = "not checked" if section["count"] is None else section["count"]
+        click.echo(f"{name.replace('_', ' '):<16} {count}  ({section['how']})")
+    click.echo(f"wrote {r.files['report']}, {r.files['summary']} and one CSV per finding in {out}")
 
 
 @main.command("export")

@@ -29,6 +29,7 @@ from .backbones import Backbone, build_backbone
 from .config import CompareConfig
 from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
+from .exclusion import excluded
 from .heads import make_head
 from .report import figure
 from .runtime import resolve_device, tune_allocator
@@ -334,6 +335,7 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Appro
             device=cfg.device,
             seed=cfg.seed,
             val_fraction=cfg.val_fraction,
+            exclude=cfg.exclude,
             progress=False,
             **options,
         )
@@ -367,7 +369,7 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
     out = b.workdir / f"model_u{unfreeze}_{start.split()[0]}.pt"
     r, seconds, peak = _timed(lambda: finetune(
         b.data, out=out, unfreeze=unfreeze, epochs=cfg.finetune_epochs, augment=cfg.augment, device=cfg.device,
-        seed=cfg.seed, val_fraction=cfg.val_fraction, progress=b.progress, **kw,
+        seed=cfg.seed, val_fraction=cfg.val_fraction, exclude=cfg.exclude, progress=b.progress, **kw,
     ))  # fmt: skip
     fm, h = r.metrics, r.metrics["history"]
     before = b.extract_s + b.linear_s if cached_head else 0.0
@@ -422,6 +424,7 @@ def compare(
     images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
+    images = excluded(images, cfg.exclude, str(data))  # every approach leaves the same images out
     if "train" not in images.splits or "val" not in images.splits or not images.classes:
         raise EmbedcacheError(
             f"{data} needs labelled train and val splits to compare approaches (class folders, or train/ and val/)"

@@ -83,6 +83,16 @@ class _Config:
 
 
 # Settings shared by several verbs (one help text each).
+EXCLUDE_HELP = (
+    "CSV of images to leave out: its path column (every audit CSV has one: the copy or image to "
+    "drop), or one path per line; paths relative to the data root, as in the cache."
+)
+
+
+def _exclude():
+    return setting(None, EXCLUDE_HELP, kind=str)
+
+
 def _backbone():
     return setting(
         DEFAULT_BACKBONE,
@@ -242,6 +252,7 @@ class HeadConfig(_Config):
         "it [default: refit when validation was held out of train, not with a val split].",
         kind=bool,
     )
+    exclude: str | None = _exclude()
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay"):  # a single number is a one-value sweep
@@ -319,6 +330,7 @@ class FinetuneConfig(_Config):
         low=1,
         kind="bytes",
     )
+    exclude: str | None = _exclude()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", str(self.unfreeze).lower())
@@ -370,9 +382,46 @@ class CompareConfig(_Config):
     device: str = _device()
     seed: int = _seed()
     val_fraction: float = _val_fraction()
+    exclude: str | None = _exclude()
     title: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", tuple(str(u) for u in self.unfreeze))
         object.__setattr__(self, "workdir", str(self.workdir))
         super().__post_init__()
+
+
+@dataclass(frozen=True)
+class AuditConfig(_Config):
+    """Settings of :func:`embedcache.audit`."""
+
+    near_threshold: float = setting(
+        0.85,
+        "Cosine similarity from which two images are near duplicates. Chosen on efficientnet_lite0 "
+        "features (benchmarks/results/audit_quality.md): every JPEG q60 and 90%-crop copy of "
+        "flowers12 and hymenoptera is above it and no clean hymenoptera image pairs at it; 0.5x "
+        "resized copies reach it only in part (lower finds more, and more look-alikes). Other "
+        "backbones may need another value.",
+        low=-1.0,
+    )
+    neighbours: int = setting(
+        10,
+        "Nearest neighbours searched per image: the outlier score is the mean cosine distance to "
+        "them, and near duplicates are found among them.",
+        low=1,
+    )
+    outlier_z: float = setting(
+        3.5,
+        "An image is an outlier when its score is this many robust standard deviations (median "
+        "absolute deviation x 1.4826) above the median score (3.5 flagged at most 1% of the clean "
+        "images of each set measured).",
+        low=0.0,
+    )
+    folds: int = setting(
+        5, "Folds of the out-of-fold probabilities that rank likely label errors.", low=2
+    )
+    report_rows: int = setting(
+        30, "Entries per finding shown with thumbnails in report.html (the CSVs hold all).", low=0
+    )
+    device: str = _device()
+    seed: int = _seed()

@@ -438,6 +438,26 @@ def os_reason(e: OSError) -> str:
     return _OS_REASONS.get(e.errno, f"cannot read: {(e.strerror or str(e))[:48]}")
 
 
+HASH_BYTES = 16  # blake2b-128 of a file's bytes: the content hash a cache records per image
+
+
+def content_hash(path: str | Path) -> bytes:
+    """The blake2b-128 digest of a file's bytes (``HASH_BYTES`` long; all zeros if unreadable).
+
+    Extraction hashes each image right after decoding it, from the page cache: on the 110 kB
+    hymenoptera JPEGs 1.7 ms a file against 28 ms to decode it (2 busy cores), about 2% of the
+    image's decode and forward pass.
+    """
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError:
+        return bytes(HASH_BYTES)
+    return h.digest()
+
+
 def _check_file(path: Path) -> None:
     """Raise UnreadableImage unless ``path`` is a non-empty regular file we can stat."""
     try:

@@ -23,6 +23,7 @@ from .cache import (
     PartialCache,
     ShardFile,
     check_space,
+    cross_split_duplicates,
     disk_errors,
     estimate_bytes,
     now_iso,
@@ -34,7 +35,9 @@ from .cache import (
 )
 from .config import ExtractConfig
 from .data import (
+    HASH_BYTES,
     ImageSet,
+    content_hash,
     decoded_batches,
     gpu_decoded_batches,
     preprocess,
@@ -87,6 +90,7 @@ class ExtractResult:
     up_to_date: bool = False
     ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
     views: int = 0  # augmented views stored per training image (extract --views)
+    leaks: int | None = None  # files byte-identical to one in another split (None: no hashes)
 
     @property
     def images_per_s(self) -> float:
@@ -109,7 +113,15 @@ class ExtractResult:
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
             f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{extra}), "
-            f"{self.reused} reused, {mb:.1f} MB"
+            f"{self.reused} reused, {mb:.1f} MB{self._leak_warning()}"
+        )
+
+    def _leak_warning(self) -> str:
+        if not self.leaks:
+            return ""
+        return (
+            f"\nwarning: {self.leaks} file(s) are byte-identical to a file in another split, so "
+            f"accuracy measured on those splits is inflated; run `embedcache audit {self.path} --out audit/`"
         )
 
 
@@ -224,10 +236,10 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
 def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}
-        skipped, views = len(c.skipped), c.num_views
+        skipped, views, leaks = len(c.skipped), c.num_views, cross_split_duplicates(c)
     return ExtractResult(
         out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, views=views, **extra,
+        counts, views=views, leaks=leaks, **extra,
     )  # fmt: skip
 
 
@@ -456,12 +468,20 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
                     feats = feats.reshape(len(rows), per_image, -1)
                     feats, views = feats[:, 0], feats[:, 1:]
                 done += len(rows)
-            writer.write(split, rows, feats, failed, views)
+            writer.write(split, rows, feats, failed, views, _hashes([files[i] for i in index]))
             bar.update(min((len(rows) + len(failed)) * scale, total - bar.n))
             if failed:
                 skipped += len(failed)
                 bar.set_postfix(skipped=skipped, refresh=False)
     return done
+
+
+def _hashes(files: list) -> np.ndarray:
+    """Content hashes of a batch's decoded files (items with views are (file, n, key)):
+    (n, HASH_BYTES) uint8, read back from the page cache the decoder just filled."""
+    paths = [f[0] if isinstance(f, tuple) else f for f in files]
+    digests = b"".join(content_hash(p) for p in paths)
+    return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES)
 
 
 def forward_images(

@@ -34,6 +34,7 @@ from .config import FinetuneConfig
 from .data import ImageSet, augment, decoded_batches, paths_digest, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
+from .exclusion import excluded
 from .extraction import forward_images
 from .heads import Head, Standardize, init_template
 from .locks import exclusive
@@ -323,6 +324,7 @@ def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str]:
     images, val_source = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
+    images = excluded(images, cfg.exclude, str(data))
     if "train" not in images.splits or not images.classes:
         raise EmbedcacheError(
             f"{data} has no labelled train split; finetune needs class folders or a CSV with labels"

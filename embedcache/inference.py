@@ -14,6 +14,7 @@ from .cache import open_cache
 from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
 from .data import IMAGE_EXTENSIONS, paths_digest, preprocess, scan, with_views
 from .errors import EmbedcacheError
+from .exclusion import Exclusion, read_exclude
 from .extraction import forward_images
 from .finetuning import model_backbone
 from .runtime import (
@@ -139,7 +140,7 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
 
 
 def _cache_split(
-    clf: Classifier, data: Path, split: str, tta: bool | None
+    clf: Classifier, data: Path, split: str, tta: bool | None, drop: Exclusion | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
     """(features float32, mirrored features or None, labels, classes) of a cache split, checked
     against the head. The mirrors are read when ``tta``, or when None and the cache has them."""
@@ -163,12 +164,18 @@ def _cache_split(
                 f"--tta needs the mirrored images, and cache {data} has none; extract it with --views 1 or more, or pass --no-tta"
             )
         mirror = views[:, 0].astype(np.float32) if views is not None and tta is not False else None
-        return sd.features.astype(np.float32), mirror, sd.labels, c.classes
+        keep = drop.keep(sd.paths) if drop is not None else np.ones(len(sd), bool)
+        if drop is not None:
+            drop.check_used(sd.paths, f"the {split} split of {data}")
+        mirror = mirror[keep] if mirror is not None else None
+        return sd.features[keep].astype(np.float32), mirror, sd.labels[keep], c.classes
 
 
-def _folder_split(clf: Classifier, data: Path, split: str, run: Run, mirror: bool):
+def _folder_split(
+    clf: Classifier, data: Path, split: str, run: Run, mirror: bool, drop: Exclusion | None = None
+):
     """(features, mirrored or None, labels, classes, skipped) of an image folder's split,
-    through the model's backbone."""
+    through the model's backbone, without the images ``drop`` lists."""
     images = scan(data)
     if split not in images.splits:
         raise EmbedcacheError(
@@ -176,6 +183,9 @@ def _folder_split(clf: Classifier, data: Path, split: str, run: Run, mirror: boo
         )
     samples = images.splits[split]
     _unseen(clf, [s.path for s in samples], f"the {split} split of {data}")
+    if drop is not None:
+        drop.check_used([s.path for s in samples], f"the {split} split of {data}")
+        samples = drop.filter({split: samples})[split]
     files = [images.root / s.path for s in samples]
     features, ok, failed = image_features(
         clf.backbone(run.device), files, run, desc=f"evaluate {split}", mirror=mirror
@@ -211,6 +221,7 @@ def evaluate(
     plot: str | Path | None = None,
     progress: bool = True,
     tta: bool | None = None,
+    exclude: str | Path | None = None,
     **run,
 ) -> dict:
     """Accuracy, per-class precision/recall and the confusion matrix of ``model`` on one split.
@@ -221,6 +232,7 @@ def evaluate(
     ``tta`` averages the logits of each image and its mirror; None: on for a cache
     that stores the mirrors (extract --views), and for images with a head trained
     on views. ``run`` takes ``device``, ``batch_size`` and ``num_workers`` for images.
+    ``exclude`` is a CSV of images to leave out (see :mod:`embedcache.exclusion`).
     """
     from .report import classification_text, confusion, per_class, plot_confusion, scores
 
@@ -230,11 +242,12 @@ def evaluate(
     clf = model if isinstance(model, Classifier) else load_classifier(model)
     data = Path(data)
     skipped: dict[str, str] = {}
+    drop = read_exclude(exclude)
     if _is_cache(data):
-        features, mirror, labels, classes = _cache_split(clf, data, split, tta)
+        features, mirror, labels, classes = _cache_split(clf, data, split, tta, drop)
     else:
         on = _run(run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress)  # fmt: skip
-        features, mirror, labels, classes, skipped = _folder_split(clf, data, split, on, _tta(tta, clf))  # fmt: skip
+        features, mirror, labels, classes, skipped = _folder_split(clf, data, split, on, _tta(tta, clf), drop)  # fmt: skip
     if len(labels) == 0:
         raise EmbedcacheError(f"the {split} split of {data} has no readable images")
     if np.any(labels < 0):

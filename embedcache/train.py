@@ -17,6 +17,7 @@ from .checkpoint import HeadCheckpoint, Recorded, TrainedOn
 from .config import HeadConfig
 from .data import holdout, holdout_note, paths_digest
 from .errors import EmbedcacheError
+from .exclusion import row_filter
 from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
 from .probe import (
     DEFAULT_GRAD_TOL,
@@ -116,6 +117,7 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
         raise EmbedcacheError(
             f"the train split of {cache.path} has a single class ({name}); a classifier needs at least two"
         )
+    kept = row_filter(cache, cfg.exclude)  # (split, rows) -> the rows --exclude leaves in
     feats = cache.features("train")
     # views train the epoch-based heads; logreg on plain + 4 views of the digits took 268 s against 4 s
     torch_head = cfg.head in ("auto", "linear", "mlp")
@@ -139,13 +141,14 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
     paths = cache.paths("train")
     digests = {"train": paths_digest(paths)}
     if "val" in cache:
-        vlabels, every = _labels(cache, "val"), np.arange(len(cache.labels("val")))
+        vlabels, every = _labels(cache, "val"), kept("val", np.arange(len(cache.labels("val"))))
         val = Rows(cache.features("val"), vlabels, every, in_memory)
         mirror = _mirror(cache, "val", vlabels, every, in_memory)
         digests["val"] = paths_digest(cache.paths("val"))
-        train = train_rows(np.arange(len(labels)))
+        train = train_rows(kept("train", np.arange(len(labels))))
         return _Data(train, val, "val split", mirror, used, False, digests)
     tr, va = holdout(paths, labels, fraction=cfg.val_fraction, seed=cfg.seed)
+    tr, va = kept("train", tr), kept("train", va)
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"

@@ -53,7 +53,7 @@ def test_cache_schema(tree, tmp_path, extract_kw, backbone):
     assert (r.images, r.extracted, r.skipped, r.reused) == (24, 24, 0, 0)
     with h5py.File(out, "r") as h5:
         a = h5.attrs
-        assert a["format_version"] == 2 and bool(a["complete"]) is True
+        assert a["format_version"] == 3 and bool(a["complete"]) is True
         assert a["backbone"] == backbone and a["weights"] == "none"
         assert json.loads(a["classes"]) == ["cat", "dog"]
         assert json.loads(a["transform"])["crop"] == SIZE
@@ -66,6 +66,7 @@ def test_cache_schema(tree, tmp_path, extract_kw, backbone):
             assert g["features"].fletcher32 and g["labels"].fletcher32  # checksummed (format 2)
             assert g["labels"][:].tolist() == [0] * 6 + [1] * 6
             assert g["paths"].asstr()[0] == f"{split}/cat/cat_000.png"
+            assert g["hashes"].shape == (12, 16) and g["hashes"].fletcher32  # format 3
         assert h5["skipped"]["path"].shape == (0,)
     assert not partial_path(out).exists()
 

@@ -1,0 +1,324 @@
+"""`embedcache audit`: dataset checks on a cache, with CSVs, a JSON summary and an HTML report.
+
+Findings (:mod:`.findings`): exact duplicates (content hashes recorded at extract), near
+duplicates (exact cosine kNN over the cached features, :mod:`.search`), leaks (duplicates across
+splits or with different labels), likely label errors (out-of-fold probabilities ranked by
+self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust threshold). Each is a
+CSV in OUT, a section of OUT/summary.json and of OUT/report.html (:mod:`.page`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import html
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cache import open_cache
+from ..config import AuditConfig
+from ..errors import EmbedcacheError
+from ..runtime import resolve_device
+from . import page
+from .findings import Leaks, Outliers, Pairs, Pool, exact_pairs, leaks, near_pairs, outliers
+from .labels import LabelIssues, label_issues, out_of_fold_probabilities
+from .search import nearest, unit_rows
+
+FINDINGS = ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
+NO_HASHES = "no hashes (cache written before format 3); re-extract with --overwrite to check"
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` found and wrote.
+
+    tables : finding -> its CSV rows (dicts), in file order
+    ranking : paths of the labelled images by self-confidence, lowest (likeliest error) first
+    paths : every image of the cache (train, val, test order); nearest : (n,) float32, each
+        image's highest cosine similarity to another; distance : (n,) float32, the outlier score
+    """
+
+    out: Path
+    summary: dict
+    files: dict[str, Path]
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    ranking: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    nearest: np.ndarray | None = None
+    distance: np.ndarray | None = None
+
+
+def _pair_rows(pool: Pool, pairs: Pairs, extra=None, drop: str = "b") -> list[dict]:
+    """CSV rows of pairs; ``path`` names the copy to leave out (``drop``: a or b)."""
+    rows = []
+    for i, (a, b, s) in enumerate(
+        zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist(), strict=True)
+    ):
+        row = {"similarity": round(s, 4)}
+        for side, r in (("a", a), ("b", b)):
+            row |= {
+                f"path_{side}": pool.paths[r],
+                f"split_{side}": pool.split_name(r),
+                f"label_{side}": pool.label_name(r),
+            }
+        row |= extra(i) if extra else {}
+        rows.append({**row, "path": row[f"path_{drop}"]})
+    return rows
+
+
+def _label_rows(pool: Pool, rows: np.ndarray, issues: LabelIssues, probs: np.ndarray) -> list[dict]:
+    flagged = [int(i) for i in issues.order if issues.flagged[i]]
+    return [
+        {
+            "rank": rank + 1,
+            "self_confidence": float(f"{issues.self_confidence[i]:.4g}"),
+            "path": pool.paths[rows[i]],
+            "split": pool.split_name(rows[i]),
+            "given": pool.label_name(rows[i]),
+            "suggested": pool.classes[int(issues.suggested[i])],
+            "suggested_probability": round(float(probs[i, issues.suggested[i]]), 4),
+        }
+        for rank, i in enumerate(flagged)
+    ]
+
+
+def _outlier_rows(pool: Pool, found: Outliers) -> list[dict]:
+    return [
+        {
+            "score": round(float(s), 4),
+            "robust_z": round(float(z), 2),
+            "path": pool.paths[r],
+            "split": pool.split_name(r),
+            "label": pool.label_name(r),
+        }
+        for r, s, z in zip(found.rows.tolist(), found.score, found.z, strict=True)
+    ]
+
+
+def _labelled(pool: Pool, cfg: AuditConfig) -> tuple[np.ndarray, str | None]:
+    """Rows the label check scores, or none and why."""
+    rows = np.flatnonzero(pool.labels >= 0)
+    counts = np.bincount(pool.labels[rows], minlength=max(1, len(pool.classes)))
+    if len(np.flatnonzero(counts)) < 2:
+        return rows[:0], "skipped: needs labelled images of at least two classes"
+    if len(rows) < 2 * cfg.folds:
+        return rows[:0], f"skipped: {len(rows)} labelled images are too few for {cfg.folds} folds"
+    return rows, None
+
+
+def _check_labels(pool: Pool, cfg: AuditConfig, say) -> tuple[list[dict], list[str], str]:
+    rows, why = _labelled(pool, cfg)
+    if why:
+        return [], [], why
+    say(f"label errors: {cfg.folds}-fold out-of-fold probabilities on {len(rows)} images")
+    probs = out_of_fold_probabilities(
+        pool.features if len(rows) == len(pool) else pool.features[rows],
+        pool.labels[rows],
+        folds=cfg.folds,
+        seed=cfg.seed,
+    )
+    issues = label_issues(probs, pool.labels[rows])
+    ranking = [pool.paths[rows[i]] for i in issues.order]
+    how = f"{cfg.folds}-fold out-of-fold logistic regression; confident learning flags, ranked by self-confidence"
+    return _label_rows(pool, rows, issues, probs), ranking, how
+
+
+def _findings(
+    pool: Pool, cfg: AuditConfig, progress: bool, say
+) -> tuple[dict, dict, list[str], np.ndarray]:
+    """Every finding's CSV rows and how it was found; the label ranking; nearest similarities."""
+    exact, groups = exact_pairs(pool)
+    device = resolve_device(cfg.device)
+    say(f"neighbours: exact cosine search over {len(pool)} images on {device}")
+    # scaled in place: the search and the label check both use the unit rows, one copy in memory
+    unit = unit_rows(pool.features, out=pool.features)
+    index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
+    near = near_pairs(pool, index, sims, cfg.near_threshold, exact)
+    leak: Leaks = leaks(pool, exact, near)
+    found, distance = outliers(sims, z=cfg.outlier_z)
+    label_rows, ranking, label_how = _check_labels(pool, cfg, say)
+    tables = {
+        "exact_duplicates": _pair_rows(pool, exact),
+        "near_duplicates": _pair_rows(pool, near),
+        "leaks": _pair_rows(
+            pool, leak.pairs, lambda i: {"kind": leak.kind[i], "reason": leak.reason[i]}, drop="a"
+        ),
+        "label_errors": label_rows,
+        "outliers": _outlier_rows(pool, found),
+    }
+    for row in tables["exact_duplicates"]:
+        row.pop("similarity")
+    how = {
+        "exact_duplicates": NO_HASHES
+        if pool.hashes is None
+        else f"identical blake2b-128 content hashes, {groups} group(s)",
+        "near_duplicates": f"cosine similarity >= {cfg.near_threshold} among the {cfg.neighbours} nearest neighbours, byte-identical pairs left out",
+        "leaks": "exact or near duplicates across splits or with different labels; path is the copy in the earlier split",
+        "label_errors": label_how,
+        "outliers": f"mean cosine distance to the {cfg.neighbours} nearest neighbours above median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
+    }
+    top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
+    return tables, how, ranking, (top, distance)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+COLUMNS = {
+    "exact_duplicates": ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "path"],
+    "near_duplicates": [
+        "similarity",
+        "path_a",
+        "split_a",
+        "label_a",
+        "path_b",
+        "split_b",
+        "label_b",
+        "path",
+    ],
+    "leaks": [
+        "kind",
+        "reason",
+        "similarity",
+        "path_a",
+        "split_a",
+        "label_a",
+        "path_b",
+        "split_b",
+        "label_b",
+        "path",
+    ],
+    "label_errors": [
+        "rank",
+        "self_confidence",
+        "path",
+        "split",
+        "given",
+        "suggested",
+        "suggested_probability",
+    ],
+    "outliers": ["score", "robust_z", "path", "split", "label"],
+}
+TITLES = {
+    "exact_duplicates": "Exact duplicates",
+    "near_duplicates": "Near duplicates",
+    "leaks": "Leaks across splits and label conflicts",
+    "label_errors": "Likely label errors",
+    "outliers": "Outliers",
+}
+
+
+def audit(
+    cache: str | Path,
+    *,
+    out: str | Path,
+    config: AuditConfig | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> AuditResult:
+    """Check the images of a cache: duplicates, leaks, likely label errors, outliers.
+
+    ``options`` are the fields of :class:`embedcache.config.AuditConfig` (or pass ``config``).
+    Writes to the folder ``out``: one CSV per finding (``exact_duplicates``, ``near_duplicates``,
+    ``leaks``, ``label_errors``, ``outliers``; one row per pair or image, paths relative to the
+    data root as in the cache, ``path`` naming the copy or image to leave out, so each CSV can
+    be passed as ``--exclude`` to the other verbs), ``summary.json`` and ``report.html``.
+
+    Returns
+    -------
+    AuditResult : the summary, the files, every finding's rows and the label ranking.
+    """
+    cfg = AuditConfig.build(config, **options)
+    say = log or (lambda line: None)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmbedcacheError(f"--out {out} is a file; give a folder for the audit, e.g. audit/")
+    with open_cache(cache) as c:
+        pool = Pool.read(c)
+        root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
+        identity = f"{c.backbone}, weights {c.weights}"
+    if not len(pool):
+        raise EmbedcacheError(f"cache {cache} holds no images to audit")
+    tables, how, ranking, (top, distance) = _findings(pool, cfg, progress, say)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in FINDINGS:
+        files[name] = out / f"{name}.csv"
+        _write_csv(files[name], tables[name], COLUMNS[name])
+    summary = _summary(cache, pool, cfg, tables, how, identity)
+    files["report"] = _write_report(out, root, summary, tables, cfg)
+    files["summary"] = out / "summary.json"  # last: a folder with it is a finished audit
+    _atomic_text(files["summary"], json.dumps(summary, indent=2) + "\n")
+    return AuditResult(out, summary, files, tables, ranking, list(pool.paths), top, distance)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, identity: str) -> dict:
+    splits = {s: int(np.count_nonzero(pool.split == i)) for i, s in enumerate(pool.splits)}
+    sections = {
+        name: {"count": len(tables[name]), "how": how[name], "csv": f"{name}.csv"}
+        for name in FINDINGS
+    }
+    if pool.hashes is None:
+        sections["exact_duplicates"]["count"] = None
+    leak_rows = tables["leaks"]
+    sections["leaks"]["cross_split"] = sum("cross-split" in r["reason"] for r in leak_rows)
+    sections["leaks"]["different_labels"] = sum(
+        "different labels" in r["reason"] for r in leak_rows
+    )
+    return {
+        "cache": str(cache),
+        "features": identity,
+        "images": len(pool),
+        "splits": splits,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in vars(cfg).items()},
+        **sections,
+    }
+
+
+def _write_report(
+    out: Path, root: Path | None, summary: dict, tables: dict, cfg: AuditConfig
+) -> Path:
+    images = page.Images(root, out)
+    cards = {
+        "exact_duplicates": page.pair_cards,
+        "near_duplicates": page.pair_cards,
+        "leaks": page.pair_cards,
+        "label_errors": page.label_cards,
+        "outliers": page.outlier_cards,
+    }
+    counts, sections = [], []
+    for name in FINDINGS:
+        n = summary[name]["count"]
+        counts.append(
+            (TITLES[name], "&ndash;" if n is None else str(n), html.escape(summary[name]["how"]))
+        )
+        shown = min(cfg.report_rows, len(tables[name]))
+        more = f"; the first {shown} shown, all in {name}.csv" if shown < len(tables[name]) else ""
+        head = f'<h2>{TITLES[name]} ({"&ndash;" if n is None else n})</h2><div class="note">{html.escape(summary[name]["how"])}{more}</div>'
+        sections.append((name, head, cards[name](images, tables[name], cfg.report_rows)))
+    splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
+    meta = html.escape(
+        f"{summary['cache']}: {summary['images']} images ({splits}); {summary['features']}; {summary['created']}"
+    )
+    path = out / "report.html"
+    _atomic_text(path, page.page("embedcache audit", meta, counts, sections))
+    return path

@@ -1,0 +1,223 @@
+"""embedcache.audit: content hashes at extract, each finding, the CSVs, summary and HTML report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_image, make_tree
+from PIL import Image
+
+import embedcache
+from embedcache import audit, extract, open_cache, write_cache
+from embedcache.auditing import search
+from embedcache.auditing.labels import label_issues, out_of_fold_probabilities
+from embedcache.cli import main
+from embedcache.errors import EmbedcacheError
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _separated(n_per_class: int, classes: int = 3, dim: int = 64, seed: int = 0, scale=1.0):
+    """Classes far apart on the sphere, images of one class far from each other too."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 1, (classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    return (centres[labels] * scale + rng.normal(0, 1, (len(labels), dim))).astype(
+        np.float32
+    ), labels
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A cache with one near copy across splits, one flipped label and one far-away image."""
+    xt, yt = _separated(40)
+    xv, yv = _separated(15, seed=1)
+    xv[0] = xt[3] + np.random.default_rng(5).normal(0, 0.01, xt.shape[1])  # val/0 copies train/3
+    yt[7] = (yt[7] + 1) % 3  # train/7 mislabelled
+    xt[11] = np.random.default_rng(6).normal(0, 1, xt.shape[1]) * 0.1 - 40  # train/11 far away
+    path = write_cache(
+        tmp_path / "planted.h5",
+        {
+            "train": (xt, yt, [f"train/{i}.png" for i in range(len(yt))]),
+            "val": (xv, yv, [f"val/{i}.png" for i in range(len(yv))]),
+        },
+        classes=["a", "b", "c"],
+        backbone="resnet18",
+        weights="none",
+        transform='{"crop": 64}',
+    )
+    return path, int(_separated(40)[1][7])
+
+
+def test_audit_finds_the_planted_copy_flipped_label_and_outlier(planted, tmp_path):
+    cache, true_label = planted
+    r = audit(cache, out=tmp_path / "audit", progress=False, device="cpu")
+    near = r.tables["near_duplicates"]
+    assert [(p["path_a"], p["path_b"]) for p in near] == [("train/3.png", "val/0.png")]
+    assert [(p["kind"], p["reason"], p["path"]) for p in r.tables["leaks"]] == [
+        ("near", "cross-split", "train/3.png")
+    ]
+    errors = {e["path"]: e for e in r.tables["label_errors"][:2]}  # with the far-away image
+    assert errors["train/7.png"]["suggested"] == "abc"[true_label]
+    assert "train/7.png" in r.ranking[:2]
+    assert [o["path"] for o in r.tables["outliers"]] == ["train/11.png"]
+    # a cache from arrays records no content hashes: the audit says so instead of counting
+    assert r.summary["exact_duplicates"]["count"] is None
+    assert "re-extract" in r.summary["exact_duplicates"]["how"]
+    summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
+    assert summary["near_duplicates"]["count"] == 1 and summary["leaks"]["cross_split"] == 1
+    assert _rows(tmp_path / "audit" / "leaks.csv")[0]["path_b"] == "val/0.png"
+
+
+def test_blocked_search_equals_brute_force(monkeypatch):
+    monkeypatch.setattr(search, "QUERY_ROWS", 7)
+    monkeypatch.setattr(search, "KEY_ROWS", 5)
+    x = search.unit_rows(np.random.default_rng(0).normal(size=(53, 12)).astype(np.float32))
+    index, sims = search.nearest(x, k=4, device=torch.device("cpu"))
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1)[:, :4]
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(full, expected, 1), rtol=1e-5)
+
+
+def test_out_of_fold_probabilities_rank_flipped_labels_first():
+    x, y = _separated(30, classes=4, dim=32, scale=2.0)
+    noisy = y.copy()
+    flipped = np.array([0, 35, 70, 100])
+    noisy[flipped] = (y[flipped] + 1) % 4
+    probs = out_of_fold_probabilities(x, noisy, folds=5, seed=0)
+    assert probs.shape == (120, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    issues = label_issues(probs, noisy)
+    assert set(issues.order[:4]) == set(flipped)
+    assert issues.flagged[flipped].sum() >= 3 and issues.flagged.sum() <= 8
+    np.testing.assert_array_equal(issues.suggested[flipped], y[flipped])
+
+
+@pytest.fixture
+def extracted(tmp_path, extract_kw):
+    """A real extraction with a byte-for-byte copy of a train image in val."""
+    root = make_tree(tmp_path / "data", per_class=4)
+    shutil.copyfile(root / "train/cat/cat_000.png", root / "val/dog/copy.png")
+    result = extract(root, out=tmp_path / "c.h5", **extract_kw)
+    return root, tmp_path / "c.h5", result
+
+
+def test_extract_records_content_hashes_and_warns_of_copies_across_splits(extracted):
+    root, cache, result = extracted
+    with open_cache(cache) as c:
+        assert c.attrs["format_version"] == 3
+        train, val = c.hashes("train"), c.hashes("val")
+        copy = c.paths("val").index("val/dog/copy.png")
+        assert train.shape == (8, 16) and train.dtype == np.uint8
+        np.testing.assert_array_equal(
+            val[copy], train[c.paths("train").index("train/cat/cat_000.png")]
+        )  # noqa: E501
+        assert len({bytes(h) for h in np.concatenate([train, val])}) == 16  # one pair alike
+    assert result.leaks == 1
+    assert "1 file(s) are byte-identical to a file in another split" in result.summary()
+
+
+def test_audit_of_an_extracted_cache_pairs_the_copy_and_writes_a_report(extracted, tmp_path):
+    root, cache, _ = extracted
+    out = tmp_path / "audit"
+    r = audit(cache, out=out, progress=False, device="cpu")
+    exact = r.tables["exact_duplicates"]
+    assert [(e["path_a"], e["path_b"], e["label_a"], e["label_b"]) for e in exact] == [
+        ("train/cat/cat_000.png", "val/dog/copy.png", "cat", "dog")
+    ]
+    leak = [row for row in r.tables["leaks"] if row["kind"] == "exact"]
+    assert leak[0]["reason"] == "cross-split, different labels"
+    page = (out / "report.html").read_text()
+    assert "Exact duplicates (1)" in page
+    assert page.count("data:image/jpeg;base64,") >= 2  # both copies shown inline
+    href = Path("..") / "data" / "val" / "dog" / "copy.png"
+    assert f'href="{href.as_posix()}"' in page  # and each links to its file
+    assert (out / href).resolve() == (root / "val/dog/copy.png").resolve()
+
+
+def test_report_shows_given_and_suggested_labels(planted, tmp_path):
+    cache, true_label = planted
+    audit(cache, out=tmp_path / "a", progress=False, device="cpu", report_rows=5)
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert '<span class="given">b</span>' in page or '<span class="given">c</span>' in page
+    assert f'<span class="suggested">{"abc"[true_label]}</span>' in page
+    assert "image not found" in page  # the arrays cache points at no files: placeholders
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
+)  # noqa: E501
+def test_report_renders_in_headless_chromium(extracted, tmp_path):
+    _, cache, _ = extracted
+    audit(cache, out=tmp_path / "audit", progress=False, device="cpu")
+    shot = tmp_path / "shot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--screenshot={shot}",
+                "--window-size=1000,900",
+                (tmp_path / "audit" / "report.html").as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    pixels = np.asarray(Image.open(shot).convert("RGB"), np.float32)
+    assert pixels.shape[:2] == (900, 1000)
+    # the thumbnails are drawn: the class colours of the test images (red cat, blue dog) appear
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)
+    assert red.sum() > 2000
+
+
+def test_cli_audit_prints_counts_and_refuses_a_file_as_out(tmp_path, planted):
+    cache, _ = planted
+    runner = CliRunner()
+    r = runner.invoke(
+        main, ["audit", str(cache), "--out", str(tmp_path / "o"), "-q", "--device", "cpu"]
+    )  # noqa: E501
+    assert r.exit_code == 0, r.output
+    assert "near duplicates  1" in r.output and "report.html" in r.output
+    (tmp_path / "f").write_text("x")
+    r = runner.invoke(main, ["audit", str(cache), "--out", str(tmp_path / "f")])
+    assert r.exit_code != 0
+
+
+def test_audit_out_must_be_a_folder(planted, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EmbedcacheError, match="is a file; give a folder"):
+        audit(planted[0], out=tmp_path / "file", progress=False)
+
+
+def test_audit_is_in_the_public_api():
+    assert embedcache.audit is audit and "AuditConfig" in embedcache.__all__
+
+
+def test_extract_of_a_new_image_keeps_the_hashes_of_reused_rows(extracted, extract_kw):
+    root, cache, _ = extracted
+    make_image(root / "train/dog/new.png", 1, 77)
+    extract(root, out=cache, **extract_kw)
+    with open_cache(cache) as c:
+        assert c.hashes("train").any(axis=1).all()
