@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runtime import threads_for
+
 # Kornblith et al. (2019): 45 log-spaced L2 strengths from 1e-6 to 1e5
 KORNBLITH_LAMBDAS = tuple(float(v) for v in np.logspace(-6, 5, 45))
 MAX_ITER = 100  # L-BFGS iterations for one strength, as scikit-learn (warm starts stop sooner)
@@ -99,7 +101,8 @@ def fit_logreg(
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with threads_for(x.shape[0] * D * num_classes, x.device):
+        opt.step(closure)
     iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
     return LinearFit(w.detach().T.contiguous(), b.detach().clone(), lam, iterations)
 

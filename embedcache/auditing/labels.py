@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..runtime import threads_for
+
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # lambda of the mean cross-entropy + lambda/2 |W|^2
 MAX_ITER = 100  # L-BFGS iterations per fit (each about one pass over the rows)
 L2_SEARCH_ROWS = 20_000  # lambda is chosen on a sample of at most this many rows
-# Below this many multiply-adds per pass (rows x dim x classes) the fits run on one thread: on
-# 930 x 1280 x 12 a pass took 2.6 ms on one thread and 43 ms on two beside another busy process
-# (OpenMP threads spin waiting for a core), and small passes gain nothing from a second thread.
-ONE_THREAD_MACS = 1 << 27
 
 
 def folds_of(labels: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
@@ -108,18 +106,13 @@ def out_of_fold_probabilities(
     classes = int(y.max()) + 1
     fold = torch.from_numpy(folds_of(labels, folds=folds, seed=seed))
     probs = np.zeros((len(y), classes), np.float32)
-    threads = torch.get_num_threads()
-    if x.shape[0] * x.shape[1] * classes < ONE_THREAD_MACS:
-        torch.set_num_threads(1)
-    try:
+    with threads_for(x.shape[0] * x.shape[1] * classes, torch.device("cpu")):
         l2 = _choose_l2(x, y, classes, seed)
         for f in range(folds):
             held = fold == f
             if held.any():
                 w, b, mean, std = _fit(x, y, (~held).float(), classes, l2)
                 probs[held.numpy()] = torch.softmax(_logits(x[held], w, b, mean, std), 1).numpy()
-    finally:
-        torch.set_num_threads(threads)
     return probs
 
 
