@@ -48,6 +48,7 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
 from .locks import exclusive
+from .outputs import claim
 from .runtime import (
     Run,
     autocast_dtype,
@@ -282,6 +283,7 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
 
     Returns (mode, rows reused): mode is up_to_date, fresh, resume or rebuild.
     """
+    claim(out, kind="cache", verb="extract", inputs=[("the data", data)])
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
     identity = CacheIdentity(

@@ -690,6 +690,18 @@ def _model_checkpoint(setup: _Setup, metrics: dict) -> ModelCheckpoint:
     )
 
 
+def _claim(out: Path, data, cfg: FinetuneConfig) -> None:
+    """Refuse an --out that is an input (the head, the data), another kind of file, or puts the
+    plots among the images."""
+    from .outputs import claim
+    from .report import side_files
+
+    inputs = [("the head", cfg.head), ("the data", data)]
+    root = Path(data) if Path(data).is_dir() else None
+    claim(out, kind="model", verb="finetune", inputs=inputs, beside=side_files(out), data_root=root)
+    claim(_last_path(out), kind="state", verb="finetune", inputs=inputs)
+
+
 def _last_path(out: Path) -> Path:
     return out.with_name(out.stem + ".last" + out.suffix)
 
@@ -863,6 +875,7 @@ def finetune(
     tune_allocator()
     out = Path(out)
     with process_group(cfg.device) as group, contextlib.ExitStack() as held:
+        group.on_main(lambda: _claim(out, data, cfg))
         group.on_main(
             lambda: held.enter_context(exclusive(out, "finetune"))
         )  # one writer per --out

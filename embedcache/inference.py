@@ -16,6 +16,7 @@ from .data import IMAGE_EXTENSIONS, preprocess, scan, with_views
 from .errors import EmbedcacheError
 from .extraction import forward_images
 from .finetuning import model_backbone
+from .outputs import claim
 from .runtime import (
     Run,
     compile_mode,
@@ -215,6 +216,10 @@ def evaluate(
         raise TypeError(f"evaluate() got unexpected keyword arguments {sorted(unknown)}")
     clf = model if isinstance(model, Classifier) else load_classifier(model)
     data = Path(data)
+    if plot is not None:
+        root = data if data.is_dir() else None
+        inputs = [("the model", clf.path), ("the data", data)]
+        claim(plot, kind="plot", verb="evaluate", inputs=inputs, data_root=root, option="--plot")
     skipped: dict[str, str] = {}
     if _is_cache(data):
         features, mirror, labels, classes = _cache_split(clf, data, split, tta)

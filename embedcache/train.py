@@ -519,6 +519,7 @@ def train_head(
     cfg = HeadConfig.build(config, **options)
     start = time.perf_counter()
     with open_cache(cache) as c:
+        _claim(out, cache, c)
         data = _splits(c, cfg)
         train, val = data.train, data.val
         classes = list(c.classes)
@@ -596,6 +597,24 @@ def _fit(data: _Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, pro
 def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     return {"val_acc": float((logits.argmax(1) == labels).mean()), "val_loss": float(loss)}
+
+
+def _claim(out, cache, c: Cache) -> None:
+    """Refuse an --out that is the cache, another kind of file, or puts plots among the images."""
+    from .outputs import claim
+    from .report import side_files
+
+    if out is not None:
+        root = c.attrs.get("source") if c.attrs.get("layout") not in ("csv", "arrays") else None
+        sides = side_files(Path(out))
+        claim(
+            out,
+            kind="head",
+            verb="train-head",
+            inputs=[("the cache", cache)],
+            beside=sides,
+            data_root=root or None,
+        )
 
 
 def _reports(out: Path, metrics: dict, y_true, y_pred, classes) -> dict[str, Path]:

@@ -404,3 +404,159 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
         first.wait(timeout=30)
     second()  # the holder is gone: nothing stale is left to stop this one
     assert out.exists()
+
+
+# ---------------------------------------------------------------------------
+# Probes of a hostile but realistic user (issue 19): each ends in one line or a correct result
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, *patterns: str) -> str:
+    """The CLI's error, checked to be one line with no traceback, matching every pattern."""
+    import re
+
+    text = result.output
+    assert result.exit_code == 1, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    for p in patterns:
+        assert re.search(p, text), (p, text)
+    return text
+
+
+@pytest.fixture
+def probe(tmp_path):
+    """Two classes of six tiny JPEGs, their cache and a head: the issue's reproducer setup."""
+    from conftest import make_tree
+
+    from embedcache import train_head
+
+    data = make_tree(tmp_path / "d", splits=(), classes=("a", "b"), per_class=6, ext=".jpg")
+    extract(data, out=tmp_path / "c.h5", **TINY)
+    train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=2, progress=False)
+    return tmp_path
+
+
+def test_no_output_replaces_an_input_or_a_file_of_another_kind(probe):
+    """#2: every verb's --out may replace only its own kind of file, never an input."""
+    from conftest import tree_digest
+
+    d, c, h = probe / "d", probe / "c.h5", probe / "h.pt"
+    before = {**tree_digest(d), "c": c.read_bytes(), "h": h.read_bytes()}
+    tiny = ["-b", TINY["backbone"], "-w", "none", "--image-size", "32", "-q"]
+    (probe / "m.csv").write_text("path,label\nd/a/a_000.jpg,a\nd/b/b_000.jpg,b\n")
+    cases = {
+        (
+            "extract",
+            d,
+            *tiny,
+            "--overwrite",
+            "--out",
+            d / "a" / "a_000.jpg",
+        ): r"is an image; extract replaces only an embedcache cache: pass another --out",
+        (
+            "extract",
+            probe / "m.csv",
+            *tiny,
+            "--out",
+            probe / "m.csv",
+        ): r"would overwrite .*m\.csv \(the data extract reads\); pass another --out",
+        (
+            "extract",
+            d,
+            *tiny,
+            "--overwrite",
+            "--out",
+            h,
+        ): r"is a head checkpoint; extract replaces only",
+        (
+            "train-head",
+            c,
+            "--out",
+            c,
+            "-q",
+        ): r"would overwrite .*c\.h5 \(the cache train-head reads\)",
+        (
+            "train-head",
+            c,
+            "--out",
+            d / "b" / "b_001.jpg",
+            "-q",
+        ): r"is an image; train-head replaces only a head",
+        (
+            "train-head",
+            c,
+            "--out",
+            probe / "new.png",
+            "-q",
+        ): r"is named like an image; pass a name such as .*new\.pt",
+        (
+            "finetune",
+            d,
+            "--head",
+            h,
+            "--out",
+            c,
+            "--epochs",
+            "1",
+            "-q",
+        ): r"is an embedcache cache; finetune replaces only a fine-tuned model",
+        (
+            "finetune",
+            d,
+            "--head",
+            h,
+            "--out",
+            h,
+            "--epochs",
+            "1",
+            "-q",
+        ): r"would overwrite .*h\.pt \(the head finetune reads\)",
+        (
+            "export",
+            h,
+            "--out",
+            h,
+        ): r"would overwrite .*h\.pt \(the model export reads\); pass another --out .*h\.onnx",
+        (
+            "export",
+            h,
+            "--format",
+            "torchscript",
+            "--out",
+            c,
+        ): r"is an embedcache cache; export replaces only an exported model",
+        (
+            "evaluate",
+            h,
+            c,
+            "--split",
+            "val",
+            "--plot",
+            d / "a" / "a_002.jpg",
+        ): r"--plot .* is an image; evaluate replaces only a plot",
+    }
+    for args, pattern in cases.items():
+        _one_line_error(_cli(*args), pattern)
+    assert {**tree_digest(d), "c": c.read_bytes(), "h": h.read_bytes()} == before
+    # its own kind it replaces: a head over a head, a cache over a cache
+    assert _cli("train-head", c, "--out", h, "-q", "--epochs", "1").exit_code == 0
+    assert _cli("extract", d, *tiny, "--overwrite", "--out", c).exit_code == 0
+
+
+def test_plots_never_go_inside_the_image_folder(probe):
+    """#13: head.confusion.png next to --out inside the data would be extracted next time."""
+    r = _cli("train-head", probe / "c.h5", "--out", probe / "d" / "a" / "head.pt", "-q")
+    _one_line_error(
+        r,
+        r"would put the plot head\.confusion\.png inside the image folder .*; pass an --out outside",
+    )
+    assert sorted(p.name for p in (probe / "d" / "a").iterdir()) == [
+        f"a_{i:03d}.jpg" for i in range(6)
+    ]
