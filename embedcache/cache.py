@@ -54,7 +54,7 @@ import h5py
 import numpy as np
 
 from .config import DTYPES
-from .data import SPLIT_ORDER, ImageSet, Sample, views_for
+from .data import SPLIT_ORDER, ImageSet, Sample, name_bytes, views_for
 from .errors import EmbedcacheError
 from .identity import CacheIdentity, FeatureIdentity
 
@@ -115,6 +115,16 @@ def _split_names(h5: h5py.File) -> list[str]:
 def _row_arrays(g) -> list[str]:
     """The row arrays group ``g`` holds (``features``, and ``views`` in a cache with views)."""
     return [name for name in ROW_ARRAYS if name in g]
+
+
+def _names(g: h5py.Group, name: str, names: list[str]) -> h5py.Dataset:
+    """A dataset of file names, stored as the file system's bytes (names need not be UTF-8)."""
+    return g.create_dataset(name, data=[name_bytes(str(n)) for n in names], dtype=_STR)
+
+
+def read_names(ds: h5py.Dataset) -> list[str]:
+    """The names :func:`_names` stored, as Python reads file names (surrogates for non-UTF-8)."""
+    return list(ds.asstr(errors="surrogateescape")[:])
 
 
 def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
@@ -181,7 +191,7 @@ class Cache:
 
     def paths(self, split: str) -> list[str]:
         """Image paths of a split, relative to the data root."""
-        return list(self._group(split)["paths"].asstr()[:])
+        return read_names(self._group(split)["paths"])
 
     def features(self, split: str) -> CheckedFeatures:
         """The on-disk features of a split, read in slices like the h5py dataset; a damaged
@@ -255,7 +265,7 @@ class Cache:
             sk = h5["skipped"]
             keys = list(
                 zip(
-                    sk["path"].asstr()[:],
+                    read_names(sk["path"]),
                     sk["size"][:].tolist(),
                     sk["mtime"][:].tolist(),
                     strict=True,
@@ -277,7 +287,7 @@ class Cache:
         if "skipped" not in self._h5:
             return []
         g = self._h5["skipped"]
-        cols = [g[k].asstr()[:] for k in ("split", "path", "reason")]
+        cols = [read_names(g[k]) for k in ("split", "path", "reason")]
         return [SkippedFile(*row) for row in zip(*cols, strict=True)]
 
     def summary(self) -> dict:
@@ -484,7 +494,7 @@ def estimate_bytes(images: ImageSet, feature_dim: int, dtype: str, views: int = 
     """Disk needed while extracting: the in-progress file plus the finished one, with margin."""
     rows = len(images)
     vectors = sum(len(v) * (1 + views_for(k, views)) for k, v in images.splits.items())
-    paths = sum(len(s.path.encode()) + 16 for split in images.splits.values() for s in split)
+    paths = sum(len(name_bytes(s.path)) + 16 for split in images.splits.values() for s in split)
     finished = vectors * feature_dim * np.dtype(dtype).itemsize + rows * 24 + paths
     in_progress = finished + rows * (REASON_BYTES + 1)
     return finished + in_progress + (4 << 20)
@@ -661,7 +671,7 @@ class PartialCache:
                     g.create_dataset("views", shape, dtype=dtype, dcpl=_early())
                 g.create_dataset("status", data=np.zeros(n, np.uint8))
                 g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
-                g.create_dataset("paths", data=[s.path for s in samples], dtype=_STR)
+                _names(g, "paths", [s.path for s in samples])
                 g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
                 g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
                 g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
@@ -694,7 +704,7 @@ class PartialCache:
         return sum(int(np.count_nonzero(self.h5[s]["status"][:] == DONE)) for s in self.splits)
 
     def paths(self, split: str) -> list[str]:
-        return list(self.h5[split]["paths"].asstr()[:])
+        return read_names(self.h5[split]["paths"])
 
     def write(
         self,
@@ -837,8 +847,8 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         dst = h5.create_group(split)
         for name in ("labels", "sizes", "mtimes"):
             _checked(dst, name, src[name][:][ok])
-        paths = np.array(src["paths"].asstr()[:], dtype=object)
-        dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
+        paths = np.array(read_names(src["paths"]), dtype=object)
+        _names(dst, "paths", list(paths[ok]))
         skipped["split"] += [split] * len(bad)
         skipped["path"] += list(paths[bad])
         skipped["reason"] += [reasons[split][i].decode(errors="replace") for i in bad]
@@ -846,7 +856,7 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         skipped["mtime"] += list(src["mtimes"][:][bad])
     g = h5.create_group("skipped")
     for name in ("split", "path", "reason"):
-        g.create_dataset(name, data=skipped[name], dtype=_STR)
+        _names(g, name, skipped[name])
     for name in ("size", "mtime"):
         g.create_dataset(name, data=np.array(skipped[name], np.int64))
 
@@ -1079,7 +1089,7 @@ def write_cache(
             if name in views:
                 _rows_dataset(g, "views", views[name].shape, np.dtype(dtype))
             _checked(g, "labels", np.asarray(labels, np.int64))
-            g.create_dataset("paths", data=list(paths), dtype=_STR)
+            _names(g, "paths", list(paths))
             _checked(g, "sizes", np.full(n, -1, np.int64))
             _checked(g, "mtimes", np.full(n, -1, np.int64))
         g = h5.create_group("skipped")
@@ -1100,7 +1110,7 @@ def write_cache(
 
 def _keys(g: h5py.Group) -> list[tuple[str, int, int]]:
     return list(
-        zip(g["paths"].asstr()[:], g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)
+        zip(read_names(g["paths"]), g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)
     )
 
 

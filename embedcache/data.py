@@ -145,8 +145,14 @@ class ImageSet:
         h = hashlib.sha256()
         for split in self.splits:
             for s in self.splits[split]:
-                h.update(f"{split}\t{s.path}\t{s.size}\t{s.mtime_ns}\t{s.label}\n".encode())
+                h.update(name_bytes(f"{split}\t{s.path}\t{s.size}\t{s.mtime_ns}\t{s.label}\n"))
         return h.hexdigest()
+
+
+def name_bytes(name: str) -> bytes:
+    """The bytes of a file name as the file system holds them: UTF-8, and the bytes of a name
+    that is not UTF-8 as they are (Python reads them as surrogates: ``os.fsencode``)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _is_image(p: Path) -> bool:
@@ -198,7 +204,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def _holdout_key(seed: int, path: str) -> str:
     # Hash order, not a shuffled list: adding images later moves few others across splits.
-    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+    return hashlib.sha256(name_bytes(f"{seed}:{path}")).hexdigest()
 
 
 def holdout(
@@ -585,7 +591,7 @@ def view_policy(views: int, seed: int) -> str:
 def view_key(seed: int, path: str) -> tuple[int, int]:
     """The seed of one image's views: from the path relative to the data root, so the same
     image gets the same views in a resumed, incremental or moved extraction."""
-    return seed, zlib.crc32(path.encode())
+    return seed, zlib.crc32(name_bytes(path))
 
 
 def with_views(item: tuple[str | Path, int, tuple[int, int]], t: EvalTransform) -> np.ndarray:

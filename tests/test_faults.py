@@ -430,13 +430,15 @@ def _one_line_error(result, *patterns: str) -> str:
     return text
 
 
-@pytest.fixture
-def probe(tmp_path):
-    """Two classes of six tiny JPEGs, their cache and a head: the issue's reproducer setup."""
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """Two classes of six tiny JPEGs, their cache and a head: the issue's reproducer setup,
+    shared by the probes below (those that change a file work on a copy)."""
     from conftest import make_tree
 
     from embedcache import train_head
 
+    tmp_path = tmp_path_factory.mktemp("probe")
     data = make_tree(tmp_path / "d", splits=(), classes=("a", "b"), per_class=6, ext=".jpg")
     extract(data, out=tmp_path / "c.h5", **TINY)
     train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=2, progress=False)
@@ -560,3 +562,30 @@ def test_plots_never_go_inside_the_image_folder(probe):
     assert sorted(p.name for p in (probe / "d" / "a").iterdir()) == [
         f"a_{i:03d}.jpg" for i in range(6)
     ]
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "split-folders", "unlabelled"])
+def test_a_file_name_that_is_not_utf8_is_extracted_and_shown_escaped(tmp_path, layout):
+    """#1: one latin-1 byte in a file name (and a folder name) aborted the whole extract."""
+    from conftest import make_tree
+
+    splits = ("train", "val") if layout == "split-folders" else ()
+    data = make_tree(tmp_path / "d", splits=splits, classes=("a", "b"), per_class=3)
+    folder = data / ("train/a" if splits else "a")
+    raw = os.fsdecode(b"caf\xe9")
+    make_image(folder / f"{raw}.png", 0, 99)
+    make_image(data / ("train" if splits else "") / "b" / raw / "x.png", 1, 98)
+    kw = {**TINY, "unlabelled": layout == "unlabelled"}
+    extract(data, out=tmp_path / "c.h5", **kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        paths = [p for s in c.splits for p in c.paths(s)]
+    assert len(paths) == (2 * 3 * len(splits or "x") + 2) and any(raw in p for p in paths)
+    assert extract(data, out=tmp_path / "c.h5", **kw).up_to_date  # the names read back the same
+    shown = _cli("info", tmp_path / "c.h5", "--verify")
+    assert shown.exit_code == 0 and "intact" in shown.output, shown.output
+    if layout == "class-folders":
+        from embedcache import train_head
+
+        train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=1, progress=False)
+        r = _cli("predict", tmp_path / "h.pt", folder, "-q", "--device", "cpu")
+        assert r.exit_code == 0 and "caf\\xe9.png: " in r.output, r.output
