@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import Cache, Rows, ViewRows, join_rows, memory_budget, open_cache
-from .checkpoint import HeadCheckpoint, Recorded
+from .checkpoint import HeadCheckpoint, Recorded, check_finite
 from .config import HeadConfig
 from .data import holdout, holdout_note
 from .errors import EmbedcacheError
@@ -282,6 +282,7 @@ def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> Non
     sweep.history["val_loss"].append(vl)
     sweep.history["val_acc"].append(va)
     improved = (va > best["acc"]) | ((va == best["acc"]) & (vl < best["loss"]))
+    improved &= torch.isfinite(vl)  # a diverged head is never kept
     best["acc"] = torch.where(improved, va, best["acc"])
     best["loss"] = torch.where(improved, vl, best["loss"])
     best["epoch"] = torch.where(
@@ -313,6 +314,7 @@ def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, p
     for _ in bar:
         t_epoch = time.perf_counter()
         _train_epoch(sweep, train, cfg, batch_size, device)
+        _stop_if_diverged(sweep, cfg)
         _keep_best(sweep, *_evaluate(sweep, val, device, cfg.label_smoothing, data.val_mirror), device)  # fmt: skip
         epoch_seconds.append(time.perf_counter() - t_epoch)
         bar.set_postfix(val_acc=f"{sweep.best['acc'][_pick(sweep.best)]:.3f}", refresh=False)
@@ -321,6 +323,16 @@ def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, p
         if stalled:
             break
     return _best_head(sweep, device), _sweep_metrics(sweep, epoch_seconds), sweep.state()
+
+
+def _stop_if_diverged(sweep: _Sweep, cfg: HeadConfig) -> None:
+    """Stop with a clear error once the training loss of every head is not finite."""
+    if not torch.isfinite(sweep.history["train_loss"][-1]).any():
+        lrs = ",".join(f"{v:g}" for v in cfg.lr)
+        raise EmbedcacheError(
+            f"training diverged at epoch {sweep.epoch + 1}: the loss is not finite "
+            f"(--lr {lrs}); lower --lr"
+        )
 
 
 def _best_head(sweep: _Sweep, device) -> Head:
@@ -553,6 +565,7 @@ def train_head(
             "config": {**arch, "epochs": cfg.epochs, "lr": list(cfg.lr), "weight_decay": list(cfg.weight_decay), "label_smoothing": cfg.label_smoothing, "patience": cfg.patience, "seed": cfg.seed},
         }
     )  # fmt: skip
+    check_finite(module.state_dict(), out, "head")  # a diverged head is never a result
     result = HeadResult(module, metrics)
     if out is not None:
         train_state = (

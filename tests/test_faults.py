@@ -589,3 +589,29 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_shown_escaped(tmp_path, l
         train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=1, progress=False)
         r = _cli("predict", tmp_path / "h.pt", folder, "-q", "--device", "cpu")
         assert r.exit_code == 0 and "caf\\xe9.png: " in r.output, r.output
+
+
+def test_a_diverged_head_stops_with_a_clear_error_and_is_never_written(blob_cache, tmp_path):
+    """#8: --lr 1e308 went to NaN weights, saved as a success; predict printed nan."""
+    import torch
+
+    from embedcache import load_head, train_head
+    from embedcache.checkpoint import HEAD_FORMAT, save_checkpoint
+    from embedcache.errors import EmbedcacheError
+
+    out = tmp_path / "hn.pt"
+    with pytest.raises(EmbedcacheError, match=r"training diverged at epoch \d+: the loss is not finite \(--lr 1e\+308\); lower --lr"):  # fmt: skip
+        train_head(blob_cache, out=out, lr=1e308, progress=False)
+    assert not list(tmp_path.glob("hn*"))
+    r = train_head(blob_cache, out=out, lr=[1e308, 1e-2], progress=False)  # a sweep keeps a finite head
+    assert r.metrics["best"]["lr"] == 1e-2 and r.metrics["val_acc"] > 0.9
+    ckpt = load_head(out)[1]
+    ckpt.state_dict = {k: torch.full_like(v, float("nan")) for k, v in ckpt.state_dict.items()}
+    with pytest.raises(EmbedcacheError, match=r"the head has non-finite weights .*training diverged"):
+        ckpt.save(tmp_path / "nan.pt")
+    body = {"format": HEAD_FORMAT, "format_version": 1, "config": ckpt.config, "classes": ckpt.classes,
+            "state_dict": ckpt.state_dict, "identity": ckpt.recorded.to_dict(), "metrics": {}}  # fmt: skip
+    save_checkpoint(body, tmp_path / "old-nan.pt")  # as versions before this check wrote it
+    for args in (("predict", tmp_path / "old-nan.pt", tmp_path / "x.png"), ("export", tmp_path / "old-nan.pt", "--out", tmp_path / "e.onnx")):  # fmt: skip
+        make_image(tmp_path / "x.png", 0, 1)
+        _one_line_error(_cli(*args), r"old-nan\.pt: the head has non-finite weights")
