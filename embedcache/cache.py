@@ -40,6 +40,7 @@ import contextlib
 import datetime as dt
 import errno
 import glob
+import hashlib
 import json
 import os
 import queue
@@ -132,6 +133,96 @@ def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
 
 
 # ---------------------------------------------------------------------------
+# Integrity: what the Fletcher-32 checksums of the arrays do not cover
+
+# Root attributes that say what a cache holds: sealed by a SHA-256 (``identity_digest``). Each
+# split's labels and paths are sealed by another (its ``contents_digest``): HDF5 has no
+# checksum for strings, and an edit through h5py rewrites a label's checksum with it.
+SEALED_ATTRS = (
+    "format_version",
+    "backbone",
+    "weights",
+    "weights_arg",
+    "transform",
+    "dtype",
+    "precision",
+    "feature_dim",
+    "image_size",
+    "classes",
+    "num_classes",
+    "views",
+    "view_policy",
+    "source",
+    "layout",
+    "source_fingerprint",
+)
+_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError)
+
+
+def _identity_digest(attrs) -> str:
+    values = {k: attrs[k] for k in SEALED_ATTRS if k in attrs}
+    plain = {k: v.item() if hasattr(v, "item") else v for k, v in values.items()}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _contents_digest(labels: np.ndarray, raw_paths) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(labels, "<i8").tobytes())
+    for p in raw_paths:
+        h.update(bytes(p) + b"\0")
+    return h.hexdigest()
+
+
+def _seal(h5: h5py.File) -> None:
+    """Record the digests :func:`open_cache` and :meth:`Cache.verify` check (a new cache)."""
+    for split in _split_names(h5):
+        g = h5[split]
+        g.attrs["contents_digest"] = _contents_digest(g["labels"][:], g["paths"][:])
+    h5.attrs["identity_digest"] = _identity_digest(h5.attrs)
+
+
+@contextlib.contextmanager
+def _damage(path: Path, what: str) -> Iterator[None]:
+    """Any error reading ``what`` of the cache at ``path`` becomes the one-line 'damaged' error."""
+    try:
+        yield
+    except EmbedcacheError:
+        raise
+    except _READ_ERRORS as e:
+        raise _damaged(path, f"{what} cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:80]
+
+
+def _damaged(path: Path, what: str) -> EmbedcacheError:
+    return EmbedcacheError(f"cache {path} is damaged: {what}; re-run extract with --overwrite")
+
+
+def _check_layout(path: Path, h5: h5py.File, dim: int, classes: list) -> None:
+    """Every split has its datasets, one row each per image, features of the recorded width."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _damaged(path, "its classes are not a list of names")
+    if "identity_digest" in h5.attrs and h5.attrs["identity_digest"] != _identity_digest(h5.attrs):
+        what = "its attributes (backbone, weights, transform, classes ...)"
+        raise _damaged(path, f"{what} do not match their SHA-256")
+    for split in _split_names(h5):
+        g = h5[split]
+        missing = [k for k in ("features", "labels", "paths") if k not in g]
+        if missing:
+            raise _damaged(path, f"split {split} has no {', '.join(missing)}")
+        names = (*ROW_ARRAYS, "labels", "paths", "sizes", "mtimes")
+        rows = {k: g[k].shape[0] for k in names if k in g}
+        if len(set(rows.values())) != 1:
+            counts = ", ".join(f"{k} {v}" for k, v in rows.items())
+            raise _damaged(path, f"the row counts of split {split} disagree ({counts})")
+        if g["features"].shape[1:] != (dim,):
+            shape = g["features"].shape
+            raise _damaged(path, f"split {split} has features {shape}, not {dim} values per row")
+
+
+# ---------------------------------------------------------------------------
 # Reading
 
 
@@ -150,6 +241,7 @@ class Cache:
         self.feature_dim = int(a["feature_dim"])
         self.classes: list[str] = json.loads(a["classes"])
         self.splits: list[str] = _split_names(h5)
+        self._read: dict[str, tuple[np.ndarray, list[str]]] = {}  # checked labels and paths
 
     def __enter__(self) -> Cache:
         return self
@@ -187,11 +279,30 @@ class Cache:
 
     def labels(self, split: str) -> np.ndarray:
         """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
-        return self._group(split)["labels"][:]
+        return self._contents(split)[0].copy()
 
     def paths(self, split: str) -> list[str]:
         """Image paths of a split, relative to the data root."""
-        return read_names(self._group(split)["paths"])
+        return list(self._contents(split)[1])
+
+    def _contents(self, split: str) -> tuple[np.ndarray, list[str]]:
+        """Labels and paths of a split, read once and checked: their digest, the label range."""
+        if split not in self._read:
+            g = self._group(split)
+            with _damage(self.path, f"the labels or paths of split {split}"):
+                labels, raw = g["labels"][:], g["paths"][:]
+                paths = read_names(g["paths"])
+            sealed = g.attrs.get("contents_digest")
+            if sealed is not None and sealed != _contents_digest(labels, raw):
+                what = f"the labels or paths of split {split}"
+                raise _damaged(self.path, f"{what} do not match their SHA-256")
+            bad = (labels < -1) | (labels >= len(self.classes))
+            if bad.any():
+                row, n = int(np.flatnonzero(bad)[0]), len(self.classes)
+                label = f"split {split} has label {int(labels[row])} at row {row}"
+                raise _damaged(self.path, f"{label}, outside -1..{n - 1} for {n} classes")
+            self._read[split] = (labels, paths)
+        return self._read[split]
 
     def features(self, split: str) -> CheckedFeatures:
         """The on-disk features of a split, read in slices like the h5py dataset; a damaged
@@ -224,6 +335,10 @@ class Cache:
         """Read every block of every split; one line per damaged or non-finite block found."""
         problems = []
         for split in self.splits:
+            try:
+                self._contents(split)
+            except EmbedcacheError as e:
+                problems.append(str(e))
             for ds in (self.features(split), self.views(split)):
                 if ds is None:
                     continue
@@ -287,8 +402,9 @@ class Cache:
         if "skipped" not in self._h5:
             return []
         g = self._h5["skipped"]
-        cols = [read_names(g[k]) for k in ("split", "path", "reason")]
-        return [SkippedFile(*row) for row in zip(*cols, strict=True)]
+        with _damage(self.path, "its list of skipped files"):
+            cols = [read_names(g[k]) for k in ("split", "path", "reason")]
+            return [SkippedFile(*row) for row in zip(*cols, strict=True)]
 
     def summary(self) -> dict:
         """Everything `embedcache info` shows, as plain JSON-ready data."""
@@ -441,12 +557,18 @@ def open_cache(path: str | Path) -> Cache:
                 f"{path} is not a complete embedcache cache (attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
             )
         cache = Cache(path, h5)
+        _check_layout(path, h5, cache.feature_dim, cache.classes)
         lost = [p for p in cache.parts if not p.is_file()]
         if lost:
             raise EmbedcacheError(
                 f"cache {path} is virtual and its part file {lost[0]} is missing ({len(lost)} of {len(cache.parts)}); keep the folder {parts_dir(path).name} next to it, or re-run extract with --overwrite"
             )
         return cache
+    except _READ_ERRORS as e:  # a damaged attribute, heap or object header
+        h5.close()
+        raise _damaged(
+            path, f"its attributes or layout cannot be read ({_first_line(e)})"
+        ) from None
     except BaseException:
         h5.close()
         raise
@@ -859,6 +981,7 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         _names(g, name, skipped[name])
     for name in ("size", "mtime"):
         g.create_dataset(name, data=np.array(skipped[name], np.int64))
+    _seal(h5)
 
 
 def _overlay(sh: h5py.File, index: int, splits: list[str], status: dict, reasons: dict, where: dict) -> None:  # fmt: skip
@@ -1097,6 +1220,7 @@ def write_cache(
             g.create_dataset(name, data=[], dtype=_STR)
         for name in ("size", "mtime"):
             g.create_dataset(name, data=np.zeros(0, np.int64))
+        _seal(h5)
 
     with _atomic_h5(path, layout) as h5:
         for name, (features, _, _) in splits.items():

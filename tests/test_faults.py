@@ -615,3 +615,63 @@ def test_a_diverged_head_stops_with_a_clear_error_and_is_never_written(blob_cach
     for args in (("predict", tmp_path / "old-nan.pt", tmp_path / "x.png"), ("export", tmp_path / "old-nan.pt", "--out", tmp_path / "e.onnx")):  # fmt: skip
         make_image(tmp_path / "x.png", 0, 1)
         _one_line_error(_cli(*args), r"old-nan\.pt: the head has non-finite weights")
+
+
+def _damaged_caches(good: Path) -> dict[str, Path]:
+    """Copies of ``good`` damaged the ways a disk or a hand edit damages them (#3, #4, #5)."""
+    import shutil
+
+    import h5py
+
+    def flipped(name: str, at: int, bit: int = 4) -> Path:
+        data = bytearray(good.read_bytes())
+        data[at] ^= bit
+        (good.parent / name).write_bytes(bytes(data))
+        return good.parent / name
+
+    raw = good.read_bytes()
+    with h5py.File(good) as f:
+        labels_at = f["train/labels"].id.get_chunk_info(0).byte_offset
+    out = {
+        "a byte of a path": flipped("path.h5", raw.find(b"train/1.png")),
+        "the string heap": flipped("heap.h5", raw.find(b"GCOL") + 16, 0x55),  # an object index
+        "the labels chunk": flipped("labels.h5", labels_at, 1),
+    }
+    edits = {
+        "a label past the classes": lambda f: f["train/labels"].__setitem__(0, 7),
+        "classes not JSON": lambda f: f.attrs.__setitem__("classes", "not json"),
+        "another backbone": lambda f: f.attrs.__setitem__("backbone", "resnet50"),
+        "a missing dataset": lambda f: f["val"].__delitem__("labels"),
+        "one val label for two rows": lambda f: (
+            f["val"].__delitem__("labels"),
+            f["val"].create_dataset("labels", data=np.zeros(1, np.int64)),
+        ),
+    }
+    for i, (what, edit) in enumerate(edits.items()):
+        out[what] = shutil.copy(good, good.parent / f"edit{i}.h5")
+        with h5py.File(out[what], "r+") as f:
+            edit(f)
+    return out
+
+
+def test_info_verify_and_every_reader_call_each_damaged_cache_damaged(tmp_path):
+    """#3, #4, #5: paths outside the checksums passed verify; heap, attribute and labels damage
+    gave tracebacks; labels past the classes, broken classes and uneven rows went unchecked."""
+    from embedcache import EvalTransform, evaluate, train_head, write_cache
+    from embedcache.errors import EmbedcacheError
+
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float16)
+    y = np.arange(40) % 2
+    splits = {s: (x[:20] if s == "val" else x, y[:20] if s == "val" else y, [f"{s}/{i}.png" for i in range(20 if s == "val" else 40)]) for s in ("train", "val")}  # fmt: skip
+    t = EvalTransform(resize=40, crop=32).to_json()
+    good = write_cache(tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=t)  # fmt: skip
+    assert _cli("info", "--verify", good).exit_code == 0
+    head = train_head(good, out=tmp_path / "h.pt", epochs=1, progress=False).path
+    for what, bad in _damaged_caches(good).items():
+        r = _cli("info", "--verify", bad)
+        assert r.exit_code == 1 and f"cache {bad} is damaged" in r.output, (what, r.output)
+        assert "Traceback" not in r.output, what
+        with pytest.raises(EmbedcacheError, match=rf"cache {bad} is damaged: .*re-run extract with --overwrite"):  # fmt: skip
+            train_head(bad, out=tmp_path / "h2.pt", epochs=1, progress=False)
+        with pytest.raises(EmbedcacheError, match=r"is damaged"):
+            evaluate(head, bad, split="train", progress=False)
