@@ -11,6 +11,7 @@ with the class names.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -69,7 +70,9 @@ def export(model: str | Path, *, out: str | Path, format: str = "onnx") -> dict:
 def _torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated
-        torch.jit.save(torch.jit.trace(net, example), str(out))
+        buffer = io.BytesIO()  # torch.jit.save to a file aborts the process when the disk fills
+        torch.jit.save(torch.jit.trace(net, example), buffer)
+    out.write_bytes(buffer.getvalue())
 
 
 def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
@@ -80,8 +83,10 @@ def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its successor
-        torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
+        buffer = io.BytesIO()  # as for TorchScript: a full disk must be a Python error
+        torch.onnx.export(net, (example,), buffer, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": batch, "logits": batch}, opset_version=17, dynamo=False)  # fmt: skip
+    out.write_bytes(buffer.getvalue())
 
 
 def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> dict:

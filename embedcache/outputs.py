@@ -205,16 +205,21 @@ _TEXTS = {
 def write_reason(e: BaseException) -> str | None:
     """Why a write failed, in a few words, or None if ``e`` is no failed write (a bug: re-raise).
 
-    torch.save reports a failed write as a RuntimeError whose text carries the errno.
+    torch.save reports a failed write as a RuntimeError (from inline_container.cc) raised
+    while it cleans up after the OSError of the write itself.
     """
     if isinstance(e, OSError):
         return _REASONS.get(e.errno) or (e.strerror or str(e) or type(e).__name__)[:80]
+    if isinstance(e.__context__, OSError):  # torch.save's cleanup after the failed write
+        return write_reason(e.__context__)
     text = str(e)
     for needle, code in _TEXTS.items():
         if needle in text:
             return _REASONS[code]
-    if isinstance(e, RuntimeError) and "failed writing" in text:
-        return "the write failed"
+    if isinstance(e, RuntimeError) and any(
+        t in text for t in ("failed writing", "inline_container")
+    ):
+        return "the write failed; is the disk full?"
     return None
 
 

@@ -675,3 +675,54 @@ def test_info_verify_and_every_reader_call_each_damaged_cache_damaged(tmp_path):
             train_head(bad, out=tmp_path / "h2.pt", epochs=1, progress=False)
         with pytest.raises(EmbedcacheError, match=r"is damaged"):
             evaluate(head, bad, split="train", progress=False)
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_failed_write_of_any_output_is_one_line_and_leaves_no_temporary_file(probe, tmp_path, monkeypatch, err):  # fmt: skip
+    """#6, #7: disk full while torch.save wrote (a RuntimeError from inline_container.cc), a
+    report or a plot, or a read-only folder: tracebacks, and OUT.PID.tmp left behind."""
+    import errno
+
+    import torch
+    from matplotlib.figure import Figure
+
+    from embedcache import finetune, train_head
+    from embedcache.errors import EmbedcacheError
+
+    code = getattr(errno, err)
+    real_save = torch.save
+
+    def torch_fails(obj, f, *a, **k):  # what torch 2.14 raises when the disk fills mid-write
+        f.write(b"part of a checkpoint")
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:  # its cleanup fails next, and that error is the one raised
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1577024 vs 1576920")  # noqa: B904
+
+    def os_fails(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    c = probe / "c.h5"
+    runs = {
+        "checkpoint": (torch, "save", torch_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
+        "report": (Path, "write_text", os_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
+        "plot": (Figure, "savefig", os_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
+        "model": (torch, "save", torch_fails, lambda out: finetune(probe / "d", out=out, head=probe / "h.pt", epochs=1, augment="none", **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")})),  # fmt: skip
+    }
+    reason = {"ENOSPC": "no space left on the device", "EROFS": "read-only file system", "EACCES": "permission denied"}[err]  # fmt: skip
+    for what, (owner, name, fake, run) in runs.items():
+        out = tmp_path / what / "out.pt"
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, fake)
+            with pytest.raises(EmbedcacheError, match=rf"^cannot write {tmp_path}/{what}/out\.\S+ \({reason}\); free some space or choose a writable location$"):  # fmt: skip
+                run(out)
+        assert not list((tmp_path / what).glob("*.tmp")), what
+    assert real_save is torch.save
+
+
+def test_evaluate_with_a_model_in_a_read_only_folder_prints_its_result(probe, monkeypatch):
+    """#7: the default plot next to a read-only model was a traceback and no result."""
+    monkeypatch.setattr("embedcache.outputs.writable", lambda folder: False)
+    r = _cli("evaluate", probe / "h.pt", probe / "c.h5", "--split", "val")
+    assert r.exit_code == 0 and "val: accuracy" in r.output, r.output
+    assert "no confusion plot" in r.output and not list(probe.glob("h.val.confusion.png"))
