@@ -54,7 +54,9 @@ def _check_fields(cfg) -> None:
         for v in value if isinstance(value, tuple) else (value,):
             if not isinstance(v, int | float) or isinstance(v, bool):
                 continue
-            if not math.isfinite(v) or (meta["low"] is not None and v < meta["low"]):
+            if not math.isfinite(v):
+                raise EmbedcacheError(f"{option} must be a finite number, got {v}")
+            if meta["low"] is not None and v < meta["low"]:
                 raise EmbedcacheError(f"{option} must be at least {meta['low']}, got {v}")
             if meta["high"] is not None and v >= meta["high"]:
                 raise EmbedcacheError(f"{option} must be below {meta['high']}, got {v}")

@@ -453,7 +453,7 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
                 per_image = batch.shape[1] if batch.dim() == 5 else 0  # with views: 1 + V
                 with run.amp():
                     out = net(norm(batch.flatten(0, 1) if per_image else batch))
-                feats = out.float().cpu().numpy().astype(out_dtype)
+                feats = _finite(out.float().cpu().numpy().astype(out_dtype), bb, out_dtype)
                 if per_image:
                     feats = feats.reshape(len(rows), per_image, -1)
                     feats, views = feats[:, 0], feats[:, 1:]
@@ -464,6 +464,17 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
                 skipped += len(failed)
                 bar.set_postfix(skipped=skipped, refresh=False)
     return done
+
+
+def _finite(feats: np.ndarray, bb: Backbone, dtype: np.dtype) -> np.ndarray:
+    """``feats`` if every value is finite; else stop: a cache of NaN would help nobody."""
+    if np.isfinite(feats).all():
+        return feats
+    hint = " or --dtype float32 (float16 overflows past 65504)" if dtype == np.float16 else ""
+    raise EmbedcacheError(
+        f"{bb.name} with weights {bb.weights} gave non-finite features (NaN or infinity); "
+        f"check the weights (--weights){hint}"
+    )
 
 
 def forward_images(

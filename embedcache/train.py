@@ -126,6 +126,11 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
         mirror = _mirror(cache, "val", vlabels, every, in_memory)
         return _Data(train_rows(np.arange(len(labels))), val, "val split", mirror, used)
     tr, va = holdout(cache.paths("train"), labels, fraction=cfg.val_fraction, seed=cfg.seed)
+    if len(va) == 0 and cfg.val_fraction == 0:
+        raise EmbedcacheError(
+            f"cache {cache.path} has no val split and --val-fraction is 0: nothing to validate on; "
+            "pass a --val-fraction above 0 (e.g. 0.2) or extract data with a val split"
+        )
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"

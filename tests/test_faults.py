@@ -726,3 +726,48 @@ def test_evaluate_with_a_model_in_a_read_only_folder_prints_its_result(probe, mo
     r = _cli("evaluate", probe / "h.pt", probe / "c.h5", "--split", "val")
     assert r.exit_code == 0 and "val: accuracy" in r.output, r.output
     assert "no confusion plot" in r.output and not list(probe.glob("h.val.confusion.png"))
+
+
+def test_nan_backbone_weights_are_refused_before_any_feature_is_written(probe, tmp_path):
+    """#14: NaN in conv1.weight made a cache that was 100% NaN, reported as a success."""
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "wn.pt")
+    r = _cli("extract", probe / "d", "-b", "resnet18", "-w", tmp_path / "wn.pt", "--image-size", "32", "-q", "--out", tmp_path / "wn.h5")  # fmt: skip
+    _one_line_error(r, r"weights file .*wn\.pt holds non-finite values \(NaN or infinity\) in conv1\.weight")  # fmt: skip
+    assert not list(tmp_path.glob("wn.h5*"))
+
+
+def test_a_backbone_that_overflows_stops_extract_with_a_clear_error(probe, tmp_path):
+    """#14: features past float16's range became inf in the cache; extract now stops and says why."""
+    import torch
+
+    from embedcache.backbones import build_backbone
+    from embedcache.errors import EmbedcacheError
+
+    bb = build_backbone(TINY["backbone"], weights="none", image_size=32)
+    with torch.no_grad():
+        for p in bb.net.parameters():
+            p.mul_(1e6)
+    with pytest.raises(EmbedcacheError, match=r"gave non-finite features .* or --dtype float32"):
+        extract(probe / "d", out=tmp_path / "big.h5", model=bb, **TINY)
+    assert not (tmp_path / "big.h5").exists()
+
+
+def test_misleading_messages_now_say_what_is_wrong(make_cache, tmp_path):
+    """#18: --weights DIR said 'does not exist', --val-fraction 0 without a val split 'too few
+    training images', --lr inf 'must be at least 0.0'."""
+    from conftest import blobs
+
+    cache = make_cache(train=blobs(10))
+    (tmp_path / "wdir").mkdir()
+    cases = {
+        ("extract", tmp_path, "-b", "resnet18", "-w", tmp_path / "wdir", "--out", tmp_path / "x.h5"): r"--weights .*wdir is a folder; pass the state-dict file in it",  # fmt: skip
+        ("train-head", cache, "--val-fraction", "0", "--out", tmp_path / "h.pt"): r"has no val split and --val-fraction is 0: nothing to validate on; pass a --val-fraction above 0",  # fmt: skip
+        ("train-head", cache, "--lr", "inf", "--out", tmp_path / "h.pt"): r"--lr must be a finite number, got inf",  # fmt: skip
+    }
+    for args, pattern in cases.items():
+        _one_line_error(_cli(*args), pattern)
