@@ -22,6 +22,7 @@ from .cache import (
     Cache,
     PartialCache,
     ShardFile,
+    available_memory_bytes,
     check_space,
     disk_errors,
     estimate_bytes,
@@ -68,6 +69,12 @@ from .runtime import (
 # minutes of every other rank waiting; below it one self-contained file is worth the wait.
 VIRTUAL_JOIN_BYTES = 8 * 10**9
 
+# Peak memory of a forward pass as a multiple of its float32 input batch, measured on a CPU at
+# 768 px (ru_maxrss): resnet18 7x, efficientnet_lite0 25x, timm test_efficientnet 9x. Training
+# keeps the activations for the backward pass: three times that, as a floor.
+FORWARD_MEMORY_FACTOR = 32
+TRAINING_MEMORY_FACTOR = 3 * FORWARD_MEMORY_FACTOR
+
 # --precision auto on a CPU with native bf16: bf16 only if heads on bf16 features were measured
 # as accurate as on fp32 features (within 0.3 points): benchmarks/results/precision_cpu.md.
 CPU_BF16_AUTO = False
@@ -111,6 +118,24 @@ class ExtractResult:
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
             f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{extra}), "
             f"{self.reused} reused, {mb:.1f} MB"
+        )
+
+
+def check_batch_memory(
+    batch_size: int, crop: int, device: torch.device, *, training: bool = False
+) -> None:
+    """Refuse a batch of ``batch_size`` images of ``crop`` pixels whose forward pass (and backward,
+    ``training``) cannot fit in the memory available now, before any work (on a GPU the batch
+    is the device's business: --batch-size auto probes it)."""
+    if device.type == "cuda":
+        return
+    factor = TRAINING_MEMORY_FACTOR if training else FORWARD_MEMORY_FACTOR
+    need, free = batch_size * 3 * crop * crop * 4 * factor, available_memory_bytes()
+    if need > free:
+        raise EmbedcacheError(
+            f"a batch of {batch_size} images of {crop} x {crop} pixels needs about "
+            f"{need / 1e9:.1f} GB and {free / 1e9:.1f} GB of memory is available; "
+            "lower --image-size or --batch-size"
         )
 
 
@@ -265,6 +290,9 @@ def extract(
         dev = group.device(cfg.device)
         bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
         amp = autocast_dtype(dev, cfg.precision, cpu_bf16=CPU_BF16_AUTO)
+        batch = cfg.batch_size if isinstance(cfg.batch_size, int) else default_batch_size(dev)
+        if isinstance(batch, int):  # before any file is written
+            check_batch_memory(batch, bb.transform.crop, dev)
         group.on_main(lambda: held.enter_context(exclusive(out, "extract")))  # one writer per --out
         mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb, precision_name(amp)))
         if mode == "up_to_date":

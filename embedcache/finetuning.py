@@ -34,7 +34,7 @@ from .config import FinetuneConfig
 from .data import ImageSet, augment, decoded_batches, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
-from .extraction import forward_images
+from .extraction import check_batch_memory, forward_images
 from .heads import Head, Standardize, init_template
 from .locks import exclusive
 from .runtime import (
@@ -325,6 +325,8 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
     if group.world > 1 and cfg.bn_stats:  # statistics over the global batch, not each rank's part
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dev).to(memory_format=torch.channels_last).train()
+    n_train = len(images.splits["train"])
+    check_batch_memory(min(cfg.batch_size, n_train), bb.transform.crop, dev, training=True)
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
     run = Run(
         dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress and group.is_main

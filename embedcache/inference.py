@@ -14,7 +14,7 @@ from .cache import open_cache
 from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
 from .data import IMAGE_EXTENSIONS, preprocess, scan, with_views
 from .errors import EmbedcacheError
-from .extraction import forward_images
+from .extraction import check_batch_memory, forward_images
 from .finetuning import model_backbone
 from .outputs import claim
 from .runtime import (
@@ -92,6 +92,8 @@ def image_features(
     ok : ndarray of shape (n_ok,), indices into ``files``
     failed : {index: reason} for files that could not be decoded
     """
+    batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
+    check_batch_memory(batch, bb.transform.crop, run.device)
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(
         net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)

@@ -771,3 +771,19 @@ def test_misleading_messages_now_say_what_is_wrong(make_cache, tmp_path):
     }
     for args, pattern in cases.items():
         _one_line_error(_cli(*args), pattern)
+
+
+def test_image_and_batch_sizes_past_the_memory_are_refused_before_any_work(probe, tmp_path):
+    """#9: --image-size 100000 grew to 23.6 GB until the kernel killed it."""
+    from embedcache.errors import EmbedcacheError
+
+    kw = {k: v for k, v in TINY.items() if k not in ("image_size", "batch_size")}
+    huge = {"image_size": 100000}, {"image_size": 32, "batch_size": 10**9}
+    for size in huge:
+        with pytest.raises(EmbedcacheError, match=r"^a batch of \d+ images of \d+ x \d+ pixels needs about [\d.]+ GB and [\d.]+ GB of memory is available; lower --image-size or --batch-size$"):  # fmt: skip
+            extract(probe / "d", out=tmp_path / "big.h5", **kw, **size)
+    assert not list(tmp_path.iterdir())  # refused before any file was written
+    r = _cli("finetune", probe / "d", "-b", TINY["backbone"], "-w", "none", "--image-size", "100000", "--out", tmp_path / "m.pt")  # fmt: skip
+    _one_line_error(r, r"needs about .* GB of memory is available; lower --image-size")
+    r = _cli("predict", probe / "h.pt", probe / "d", "--batch-size", str(10**9))
+    assert r.exit_code == 0, r.output  # the batch holds the 12 images there are: it fits
