@@ -123,6 +123,13 @@ def _names(g: h5py.Group, name: str, names: list[str]) -> h5py.Dataset:
     return g.create_dataset(name, data=[name_bytes(str(n)) for n in names], dtype=_STR)
 
 
+def _ignored(h5: h5py.File, items: list[tuple[str, str]]) -> None:
+    """The ``ignored`` group: path and reason of each file or folder the scan did not read."""
+    g = h5.create_group("ignored")
+    _names(g, "path", [p for p, _ in items])
+    _names(g, "reason", [r for _, r in items])
+
+
 def read_names(ds: h5py.Dataset) -> list[str]:
     """The names :func:`_names` stored, as Python reads file names (surrogates for non-UTF-8)."""
     return list(ds.asstr(errors="surrogateescape")[:])
@@ -406,6 +413,16 @@ class Cache:
             cols = [read_names(g[k]) for k in ("split", "path", "reason")]
             return [SkippedFile(*row) for row in zip(*cols, strict=True)]
 
+    @property
+    def ignored(self) -> list[dict]:
+        """Files and folders the scan did not read (not images, unreadable folders): path, reason."""
+        if "ignored" not in self._h5:
+            return []
+        g = self._h5["ignored"]
+        with _damage(self.path, "its list of ignored files"):
+            pairs = zip(read_names(g["path"]), read_names(g["reason"]), strict=True)
+            return [{"path": p, "reason": r} for p, r in pairs]
+
     def summary(self) -> dict:
         """Everything `embedcache info` shows, as plain JSON-ready data."""
         parts = self.parts  # read from every split's dataset: once
@@ -421,6 +438,7 @@ class Cache:
             "transform": json.loads(self.transform),
             "splits": {s: self._split_summary(s) for s in self.splits},
             "skipped": [vars(s) for s in self.skipped],
+            "ignored": self.ignored,
         }
 
     def _split_summary(self, split: str) -> dict:
@@ -797,6 +815,7 @@ class PartialCache:
                 g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
                 g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
                 g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
+            _ignored(h5, images.not_read())
 
         with _atomic_h5(path, layout) as h5:
             for split, samples in images.splits.items():
@@ -981,6 +1000,9 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         _names(g, name, skipped[name])
     for name in ("size", "mtime"):
         g.create_dataset(name, data=np.array(skipped[name], np.int64))
+    if "ignored" in partial.h5:
+        ig = partial.h5["ignored"]
+        _ignored(h5, list(zip(read_names(ig["path"]), read_names(ig["reason"]), strict=True)))
     _seal(h5)
 
 

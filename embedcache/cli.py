@@ -337,6 +337,10 @@ def _print_info(s: dict) -> None:
     click.echo(f"skipped    {len(s['skipped'])}")
     for sk in s["skipped"][:10]:  # paths are relative to the data root: they name the split already
         click.echo(f"  {shown(sk['path'])}: {shown(sk['reason'])}")
+    if s["ignored"]:
+        click.echo(f"ignored    {len(s['ignored'])} (not read as images)")
+        for item in s["ignored"][:10]:
+            click.echo(f"  {shown(item['path'])}: {item['reason']}")
     click.echo(f"checksums  {s['checksums']}")
     if "verify" in s:
         rows = sum(sp["images"] for sp in s["splits"].values())

@@ -152,6 +152,10 @@ class ExtractConfig(_Config):
     seed: int = _seed()
     unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
+    allow_empty_class: bool = setting(
+        False,
+        "Write the cache even when a class has no readable image (a warning instead of an error).",
+    )
     precision: str = setting(
         "auto",
         "Forward pass: auto is bf16 on GPUs, and on CPUs with native bf16 when "

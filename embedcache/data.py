@@ -120,7 +120,8 @@ class ImageSet:
     layout: str
     classes: list[str]
     splits: dict[str, list[Sample]]
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files of other kinds, not read
+    unreadable: dict[str, str] = field(default_factory=dict)  # folders not listed: reason
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.splits.values())
@@ -139,6 +140,11 @@ class ImageSet:
         splits = {k: v for k, v in self.splits.items() if k != "train"}
         images = dataclasses.replace(self, splits={**parts, **splits})
         return images, holdout_note(len(parts["val"]), len(train), val_fraction, seed)
+
+    def not_read(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file and folder the scan did not take as an image."""
+        files = [(p, f"not an image file ({Path(p).suffix.lower() or 'no extension'})") for p in self.ignored]  # fmt: skip
+        return files + [(p, f"folder not readable: {r}") for p, r in self.unreadable.items()]
 
     def fingerprint(self) -> str:
         """A digest of every (split, path, size, mtime, label): changes when any file does."""
@@ -169,37 +175,71 @@ def _stat_sample(root: Path, path: Path, label: int) -> Sample:
     return Sample(rel, label, size, mtime)
 
 
-def _walk_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
-    """All image files below ``folder`` (recursively), sorted; other files go to ``ignored``.
+@dataclass
+class _Found:
+    """What a folder scan found besides images: files it does not read (``ignored``), folders
+    it could not list (``unreadable``: path -> reason), and which split/class each folder it
+    walked belongs to, so that a linked folder cannot give one image two labels or two splits."""
+
+    root: Path
+    ignored: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    owners: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
+
+    def rel(self, path: str | Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def owned(self, dirpath: str, owner: str) -> bool:
+        """Record that ``dirpath`` is walked for ``owner``; False if it was walked already."""
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            self.unreadable[self.rel(dirpath)] = os_reason(e)
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.owners and self.owners[key][0] != owner:
+            first, where = self.owners[key]
+            raise EmbedcacheError(
+                f"{self.rel(dirpath)} (in {owner}) and {where} (in {first}) are the same folder "
+                "through a link: its images would be in two classes or splits; remove the link"
+            )
+        return self.owners.setdefault(key, (owner, self.rel(dirpath)))[1] == self.rel(dirpath)
+
+
+def _walk_images(folder: Path, found: _Found, owner: str) -> list[Path]:
+    """All image files below ``folder`` (recursively), sorted; other files go to ``found``.
 
     Linked folders are followed once each (a link to a parent would loop); a folder named
     like an image is listed as one, so that reading it skips it with a reason."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
+    images = []
+
+    def unreadable(e: OSError) -> None:
+        found.unreadable[found.rel(e.filename)] = os_reason(e)
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        if not found.owned(dirpath, owner):
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        found += [Path(dirpath) / d for d in sorted(dirnames) if _is_image(Path(d))]
+        images += [Path(dirpath) / d for d in sorted(dirnames) if _is_image(Path(d))]
         dirnames[:] = sorted(
             d for d in dirnames if not d.startswith(".") and not _is_image(Path(d))
         )
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if _is_image(p):
-                found.append(p)
+                images.append(p)
             elif not name.startswith("."):
-                ignored.append(p.relative_to(root).as_posix())
-    return found
+                found.ignored.append(found.rel(p))
+    return images
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as e:
+        raise EmbedcacheError(
+            f"cannot list the data folder {folder} ({os_reason(e)}); check its permissions"
+        ) from None
 
 
 def _holdout_key(seed: int, path: str) -> str:
@@ -257,19 +297,14 @@ def holdout_note(n_val: int, n_train: int, fraction: float, seed: int) -> str:
 
 
 def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool) -> ImageSet:
-    ignored: list[str] = []
+    found = _Found(root)
     split_dirs = {
         SPLIT_NAMES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_NAMES
     }
     if unlabelled or not _class_dirs(root):  # asked for, or a flat folder of images
-        files = _walk_images(root, ignored, root)
-        return ImageSet(
-            root,
-            "unlabelled",
-            [],
-            {"all": [_stat_sample(root, p, UNLABELLED) for p in files]},
-            ignored,
-        )
+        files = _walk_images(root, found, "all")
+        samples = {"all": [_stat_sample(root, p, UNLABELLED) for p in files]}
+        return ImageSet(root, "unlabelled", [], samples, found.ignored, found.unreadable)
     if split_dirs:
         classes = sorted({c.name for d in split_dirs.values() for c in _class_dirs(d)})
         index = {c: i for i, c in enumerate(classes)}
@@ -285,24 +320,26 @@ def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool
             ]
             for c in _class_dirs(d):
                 samples += [
-                    _stat_sample(root, p, index[c.name]) for p in _walk_images(c, ignored, root)
+                    _stat_sample(root, p, index[c.name])
+                    for p in _walk_images(c, found, f"{split}/{c.name}")
                 ]
             splits[split] = sorted(samples, key=lambda s: s.path)
-        return ImageSet(root, "split-folders", classes, splits, ignored)
+        return ImageSet(root, "split-folders", classes, splits, found.ignored, found.unreadable)
     classes_dirs = _class_dirs(root)
     classes = [d.name for d in classes_dirs]
     samples = [
         _stat_sample(root, p, i)
         for i, d in enumerate(classes_dirs)
-        for p in _walk_images(d, ignored, root)
+        for p in _walk_images(d, found, d.name)
     ]
-    ignored += [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    found.ignored += [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     return ImageSet(
         root,
         "class-folders",
         classes,
         stratified_split(samples, val_fraction=val_fraction, seed=seed),
-        ignored,
+        found.ignored,
+        found.unreadable,
     )
 
 

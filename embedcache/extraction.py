@@ -49,7 +49,7 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
 from .locks import exclusive
-from .outputs import claim
+from .outputs import claim, shown
 from .runtime import (
     Run,
     autocast_dtype,
@@ -95,6 +95,8 @@ class ExtractResult:
     up_to_date: bool = False
     ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
     views: int = 0  # augmented views stored per training image (extract --views)
+    ignored: list[dict] = field(default_factory=list)  # files not read: path, reason
+    empty_classes: list[str] = field(default_factory=list)  # with --allow-empty-class
 
     @property
     def images_per_s(self) -> float:
@@ -116,9 +118,21 @@ class ExtractResult:
             extra += f"; {len(self.ranks)} ranks at {rates} images/s"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
-            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{extra}), "
-            f"{self.reused} reused, {mb:.1f} MB"
+            f"{self._ignored()}{self.extracted} extracted in {self.seconds:.1f} s "
+            f"({self.images_per_s:.1f} images/s{extra}), {self.reused} reused, {mb:.1f} MB"
+            + "".join(f"\nwarning: class {shown(k)!r} has no image" for k in self.empty_classes)
         )
+
+    def _ignored(self) -> str:
+        """'3 ignored (2 .heic, 1 folder), ' for the files the scan did not read, or ''."""
+        if not self.ignored:
+            return ""
+        kinds: dict[str, int] = {}
+        for item in self.ignored:
+            kind = item["reason"].split("(")[-1].rstrip(")") if "(" in item["reason"] else "folder"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        top = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+        return f"{len(self.ignored)} ignored ({top}; see embedcache info), "
 
 
 def check_batch_memory(
@@ -185,11 +199,9 @@ def _plan(
     if out.exists() and not overwrite:
         reuse.append(open_cache(out))
         _reusable(identity, reuse, f"{out} holds other features", "pass --overwrite to replace it or choose another --out")  # fmt: skip
-        if (
-            reuse[0].attrs.get("source_fingerprint") == images.fingerprint()
-            and not partial.exists()
-        ):
+        if reuse[0].attrs.get("source_fingerprint") == images.fingerprint():
             reuse.pop().close()
+            partial.unlink(missing_ok=True)  # stale: the finished cache holds every row it could
             return "up_to_date", []
     if partial.exists() and not overwrite:
         try:
@@ -250,11 +262,51 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
 def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}
-        skipped, views = len(c.skipped), c.num_views
+        skipped, views, ignored = len(c.skipped), c.num_views, c.ignored
+        labels = np.concatenate([c.labels(s) for s in c.splits])
+        empty = [k for i, k in enumerate(c.classes) if not np.any(labels == i)]
     return ExtractResult(
         out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, views=views, **extra,
+        counts, views=views, ignored=ignored, empty_classes=empty, **extra,
     )  # fmt: skip
+
+
+def _listed_per_class(images: ImageSet) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """(classes, files listed per class, why a class has none): before any work."""
+    labels = np.array([s.label for v in images.splits.values() for s in v], np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=len(images.classes))
+    why = {}
+    for i, name in enumerate(images.classes):
+        lost = [f"{k}: {r}" for k, r in images.unreadable.items() if name in k.split("/")[:2]]
+        why[i] = f"folder {lost[0]}" if lost else "no image file in its folder"
+    return images.classes, counts, why
+
+
+def _extracted_per_class(partial: PartialCache) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """(classes, images extracted per class, why a class has none): before the cache is written."""
+    classes = json.loads(partial.h5.attrs["classes"])
+    counts, reasons = np.zeros(len(classes), np.int64), {i: [] for i in range(len(classes))}
+    for split in partial.splits:
+        g = partial.h5[split]
+        labels, status, why = g["labels"][:], g["status"][:], g["reasons"][:]
+        done = labels[(status == 1) & (labels >= 0)]
+        counts += np.bincount(done, minlength=len(classes))
+        for r in np.flatnonzero((status == 2) & (labels >= 0)):
+            reasons[int(labels[r])].append(why[r].decode(errors="replace"))
+    why = {i: f"all {len(r)} of its files were skipped: {', '.join(sorted(set(r))[:3])}" for i, r in reasons.items()}  # fmt: skip
+    return classes, counts, why
+
+
+def _check_classes(classes: list[str], counts: np.ndarray, why: dict[int, str], *, allow: bool) -> None:  # fmt: skip
+    """Refuse a class with no image (unless ``allow``): a head would train without a word on it."""
+    empty = np.flatnonzero(counts == 0)
+    if len(empty) and not allow:
+        i = int(empty[0])
+        more = f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""
+        raise EmbedcacheError(
+            f"class {shown(classes[i])!r} has no readable image ({why[i]}){more}; "
+            "fix its files, or pass --allow-empty-class to write the cache without them"
+        )
 
 
 def extract(
@@ -301,7 +353,7 @@ def extract(
         run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
         extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg.seed))
         ranks = group.gather((extracted, time.perf_counter() - start))
-        group.on_main(lambda: _join(out, cfg.join))
+        group.on_main(lambda: _join(out, cfg.join, cfg.allow_empty_class))
         seconds = time.perf_counter() - start
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
 
@@ -314,6 +366,7 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
     claim(out, kind="cache", verb="extract", inputs=[("the data", data)])
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    _check_classes(*_listed_per_class(images), allow=cfg.allow_empty_class)
     identity = CacheIdentity(
         **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
         view_policy=view_policy(cfg.views, cfg.seed),
@@ -406,7 +459,7 @@ def join_kind(join: str, shards: list[Path]) -> str:
     return "virtual" if sum(p.stat().st_size for p in shards) >= VIRTUAL_JOIN_BYTES else "copy"
 
 
-def _join(out: Path, join: str = "auto") -> None:
+def _join(out: Path, join: str = "auto", allow_empty_class: bool = False) -> None:
     """Rank 0: write the finished cache from the partial file and the shards, copying their
     rows into it or, for a virtual join, mapping them where they are (one process: a copy)."""
     with disk_errors(out):
@@ -419,6 +472,7 @@ def _join(out: Path, join: str = "auto") -> None:
                 for shard in shards:  # merged rows are flushed and marked: the shard can go,
                     partial.merge(shard)  # so the disk holds partial + shards, then + the cache
                     shard.unlink()
+                _check_classes(*_extracted_per_class(partial), allow=allow_empty_class)
                 partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:

@@ -787,3 +787,49 @@ def test_image_and_batch_sizes_past_the_memory_are_refused_before_any_work(probe
     _one_line_error(r, r"needs about .* GB of memory is available; lower --image-size")
     r = _cli("predict", probe / "h.pt", probe / "d", "--batch-size", str(10**9))
     assert r.exit_code == 0, r.output  # the batch holds the 12 images there are: it fits
+
+
+def test_every_file_not_extracted_is_accounted_for(tmp_path, monkeypatch):
+    """#11, #16: an unreadable class folder or a class of unreadable files was dropped without a
+    word; .heic and other extensions were ignored silently (the ignored list never shown)."""
+    from conftest import make_tree
+
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", splits=(), classes=("a", "b", "c"), per_class=3)
+    (data / "a" / "photo.heic").write_bytes(b"ftypheic")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission gives a user who is not root
+        if Path(path).name == "c":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        with pytest.raises(EmbedcacheError, match=r"class 'c' has no readable image \(folder c: permission denied\); fix its files, or pass --allow-empty-class"):  # fmt: skip
+            extract(data, out=tmp_path / "c.h5", **TINY)
+        assert not list(tmp_path.glob("c.h5*"))  # refused before any work
+        r = extract(data, out=tmp_path / "c.h5", allow_empty_class=True, **TINY)
+    assert r.empty_classes == ["c"] and "warning: class 'c' has no image" in r.summary()
+    assert "2 ignored (1 .heic, 1 folder" in r.summary()
+    with open_cache(tmp_path / "c.h5") as c:
+        assert {i["path"]: i["reason"] for i in c.ignored} == {"a/photo.heic": "not an image file (.heic)", "c": "folder not readable: permission denied"}  # fmt: skip
+    shown = _cli("info", tmp_path / "c.h5").output
+    assert "ignored    2" in shown and "a/photo.heic: not an image file (.heic)" in shown
+    for f in (data / "c").iterdir():  # now readable, but every file is damaged
+        f.write_bytes(b"not an image")
+    with pytest.raises(EmbedcacheError, match=r"class 'c' has no readable image \(all 3 of its files were skipped: not an image"):  # fmt: skip
+        extract(data, out=tmp_path / "d.h5", **TINY)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_a_finished_cache_beside_a_stale_partial_file_is_up_to_date(probe, tmp_path):
+    """Also seen: a stale OUT.partial next to a finished cache made extract redo its images."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    shutil.copy(probe / "c.h5", out)
+    (tmp_path / "c.h5.partial").write_bytes(b"left by a run killed long ago")
+    r = extract(probe / "d", out=out, **TINY)
+    assert r.up_to_date and r.extracted == 0 and not (tmp_path / "c.h5.partial").exists()
