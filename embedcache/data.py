@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -343,10 +344,45 @@ def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool
     )
 
 
+def _manifest_text(csv_path: Path) -> str:
+    """The manifest as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; else one line saying
+    where the first byte that is not UTF-8 is."""
+    data = csv_path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise EmbedcacheError(
+            f"CSV manifest {csv_path} is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def _once_each(csv_path: Path, root: Path, entries: list, *, first: int) -> list:
+    """``entries`` (path, label, split) with each path in one form (``./a.jpg`` is ``a.jpg``);
+    a file listed twice (with two labels it would be in two classes, or train and val) is an
+    error that names both lines."""
+    seen: dict[str, int] = {}
+    out = []
+    for lineno, (path, label, split) in enumerate(entries, start=first):
+        key = os.path.normpath(root / path)
+        if key in seen:
+            raise EmbedcacheError(
+                f"{csv_path} lists {path} twice (lines {seen[key]} and {lineno}); "
+                "list each file once, with one label"
+            )
+        seen[key] = lineno
+        rel = Path(key).relative_to(root).as_posix() if Path(key).is_relative_to(root) else path
+        out.append((rel, label, split))
+    return out
+
+
 def _scan_csv(csv_path: Path, *, val_fraction: float, seed: int) -> ImageSet:
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    text = _manifest_text(csv_path)
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
     if not rows:
         raise EmbedcacheError(
             f"CSV manifest {csv_path} is empty; expected rows of path,label[,split]"
@@ -372,6 +408,7 @@ def _scan_csv(csv_path: Path, *, val_fraction: float, seed: int) -> ImageSet:
                 f"{csv_path} line {lineno}: split must be train, val or test, got {split!r}"
             )
         entries.append((path, label, SPLIT_NAMES.get(split, "")))
+    entries = _once_each(csv_path, root, entries, first=2 if "path" in header else 1)
     classes = sorted({label for _, label, _ in entries if label})
     index = {c: i for i, c in enumerate(classes)}
     samples: dict[str, list[Sample]] = defaultdict(list)
@@ -484,6 +521,29 @@ def _check_file(path: Path) -> None:
         raise UnreadableImage("empty file (0 bytes)")
 
 
+def _open_image(path: Path, short_side: int | None) -> Image.Image:
+    """``Image.open``, except that a JPEG is drafted (see :func:`load_rgb`) before PIL's pixel
+    limit is applied: the limit guards the pixels decoded, and libjpeg decodes a 100 MP photo
+    at 1/8 scale for a 256 px crop, so it is cheap, not a decompression bomb."""
+    with open(path, "rb") as f:
+        if f.read(3) != JPEG_MAGIC:
+            return Image.open(path)
+    from PIL import JpegImagePlugin
+
+    img = JpegImagePlugin.JpegImageFile(str(path))  # no pixel limit on the declared size
+    try:
+        if short_side:
+            w, h = img.size
+            scale = short_side / min(w, h)
+            img.draft("RGB", (int(w * scale), int(h * scale)))
+        if img.size[0] * img.size[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
+            raise Image.DecompressionBombError(f"{img.size} pixels to decode")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
@@ -499,11 +559,7 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if short_side and img.format == "JPEG":
-                    w, h = img.size
-                    scale = short_side / min(w, h)
-                    img.draft("RGB", (int(w * scale), int(h * scale)))
+            with _open_image(path, short_side) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)

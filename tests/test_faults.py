@@ -833,3 +833,74 @@ def test_a_finished_cache_beside_a_stale_partial_file_is_up_to_date(probe, tmp_p
     (tmp_path / "c.h5.partial").write_bytes(b"left by a run killed long ago")
     r = extract(probe / "d", out=out, **TINY)
     assert r.up_to_date and r.extracted == 0 and not (tmp_path / "c.h5.partial").exists()
+
+
+def test_a_manifest_that_is_not_utf8_is_read_or_refused_in_one_line(probe, tmp_path):
+    """#10: a latin-1 or UTF-16 CSV was a UnicodeDecodeError traceback."""
+    from embedcache.data import scan
+    from embedcache.errors import EmbedcacheError
+
+    d = probe / "d"
+    (tmp_path / "l1.csv").write_bytes(f"path,label\n{d}/a/a_000.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(EmbedcacheError, match=r"l1\.csv is not UTF-8 \(byte 0xe9 on line 2\); save it as UTF-8"):  # fmt: skip
+        scan(tmp_path / "l1.csv")
+    rows = f"path,label\n{d}/a/a_000.jpg,café\n{d}/b/b_000.jpg,b\n"
+    (tmp_path / "u16.csv").write_bytes(rows.encode("utf-16"))  # with its byte-order mark
+    assert scan(tmp_path / "u16.csv").classes == ["b", "café"]
+
+
+def test_one_file_never_gets_two_labels_or_two_splits(probe, tmp_path):
+    """#12: duplicate CSV rows (and ./ variants) gave one file two labels; a linked class folder
+    put another class's images under a second label, split apart: a train/val leak."""
+    import shutil
+
+    from embedcache.data import scan
+    from embedcache.errors import EmbedcacheError
+
+    shutil.copytree(probe / "d", tmp_path / "d")
+    manifests = {
+        "dup.csv": "path,label\nd/a/a_000.jpg,a\nd/b/b_000.jpg,b\nd/a/a_000.jpg,b\n",
+        "dot.csv": "path,label\nd/a/a_000.jpg,a\n./d/a/a_000.jpg,a\n",
+    }
+    for name, text in manifests.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(EmbedcacheError, match=rf"{name} lists \S+a_000\.jpg twice \(lines 2 and \d\); list each file once"):  # fmt: skip
+            scan(tmp_path / name)
+    (tmp_path / "d" / "a" / "linkb").symlink_to("../b")
+    with pytest.raises(EmbedcacheError, match=r"are the same folder through a link: its images would be in two classes or splits; remove the link"):  # fmt: skip
+        scan(tmp_path / "d")
+    (tmp_path / "d" / "a" / "linkb").unlink()
+    (tmp_path / "d" / "a" / "again").symlink_to(".")  # a loop within one class: followed once
+    assert len(scan(tmp_path / "d")) == 12
+
+
+def test_compare_refuses_a_file_as_workdir_and_a_bad_unfreeze_before_any_work(probe, monkeypatch):
+    """#15 and also seen: --workdir naming a file was a FileExistsError traceback; --unfreeze 9
+    was refused only after 26 s of work."""
+    import embedcache.comparison as comparison
+
+    monkeypatch.setattr(comparison, "scan", lambda *a, **k: pytest.fail("work began"))
+    base = ("compare", probe / "d", "-b", "resnet18", "-w", "none", "--no-tutorial", "-q")
+    _one_line_error(_cli(*base, "--unfreeze", "9"), r"--unfreeze must be between 0 and 5 for resnet18 \(or all\), got 9")  # fmt: skip
+    monkeypatch.undo()
+    _one_line_error(_cli(*base, "--unfreeze", "1", "--workdir", probe / "c.h5"), r"--workdir .*c\.h5 is a file; pass a folder")  # fmt: skip
+
+
+def test_a_large_jpeg_photo_is_decoded_at_a_draft_scale_not_skipped(tmp_path):
+    """#17: photos of 89.5 MP or more (11648 x 8736) were skipped as decompression bombs."""
+    from embedcache.data import EvalTransform, UnreadableImage, load_rgb, preprocess
+
+    Image.new("RGB", (11648, 8736), (30, 90, 200)).save(tmp_path / "g.jpg", quality=50)
+    x = preprocess(tmp_path / "g.jpg", EvalTransform(resize=256, crop=224))
+    assert x.shape == (224, 224, 3) and abs(int(x[..., 2].mean()) - 200) < 5
+    with pytest.raises(UnreadableImage, match="decompression bomb guard"):
+        load_rgb(tmp_path / "g.jpg")  # decoded in full, it is one: the guard still holds
+
+
+def test_predict_and_info_escape_names_so_none_can_forge_a_line(probe, tmp_path):
+    """#19: a file named 'x.jpg: b 0.999\\nfake.jpg' printed a forged result line."""
+    forged = tmp_path / "p" / "x.jpg: b 0.999\nfake.jpg"
+    make_image(forged, 0, 5, fmt="JPEG")
+    r = _cli("predict", probe / "h.pt", tmp_path / "p", "-q")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "x.jpg: b 0.999\\nfake.jpg: " in r.output
