@@ -415,7 +415,7 @@ class Cache:
 
     @property
     def ignored(self) -> list[dict]:
-        """Files and folders the scan did not read (not images, unreadable folders): path, reason."""
+        """Files and folders the scan did not read (not images, unreadable folders)."""
         if "ignored" not in self._h5:
             return []
         g = self._h5["ignored"]

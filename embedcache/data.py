@@ -144,7 +144,8 @@ class ImageSet:
 
     def not_read(self) -> list[tuple[str, str]]:
         """(path, reason) of every file and folder the scan did not take as an image."""
-        files = [(p, f"not an image file ({Path(p).suffix.lower() or 'no extension'})") for p in self.ignored]  # fmt: skip
+        kind = [Path(p).suffix.lower() or "no extension" for p in self.ignored]
+        files = [(p, f"not an image file ({k})") for p, k in zip(self.ignored, kind, strict=True)]
         return files + [(p, f"folder not readable: {r}") for p, r in self.unreadable.items()]
 
     def fingerprint(self) -> str:

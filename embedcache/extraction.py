@@ -293,11 +293,16 @@ def _extracted_per_class(partial: PartialCache) -> tuple[list[str], np.ndarray, 
         counts += np.bincount(done, minlength=len(classes))
         for r in np.flatnonzero((status == 2) & (labels >= 0)):
             reasons[int(labels[r])].append(why[r].decode(errors="replace"))
-    why = {i: f"all {len(r)} of its files were skipped: {', '.join(sorted(set(r))[:3])}" for i, r in reasons.items()}  # fmt: skip
+    why = {
+        i: f"all {len(r)} of its files were skipped: {', '.join(sorted(set(r))[:3])}"
+        for i, r in reasons.items()
+    }
     return classes, counts, why
 
 
-def _check_classes(classes: list[str], counts: np.ndarray, why: dict[int, str], *, allow: bool) -> None:  # fmt: skip
+def _check_classes(
+    classes: list[str], counts: np.ndarray, why: dict[int, str], *, allow: bool
+) -> None:
     """Refuse a class with no image (unless ``allow``): a head would train without a word on it."""
     empty = np.flatnonzero(counts == 0)
     if len(empty) and not allow:

@@ -56,7 +56,7 @@ def _image_suffix(path: Path) -> bool:
 
 
 def _checkpoint_kind(path: Path) -> str:
-    """head, model or state for an embedcache checkpoint; export for TorchScript; else checkpoint."""
+    """head, model or state (an embedcache checkpoint), export (TorchScript), else checkpoint."""
     import zipfile
 
     import torch
@@ -265,8 +265,9 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def shown(name: object) -> str:
-    """``name`` as one printable line: control characters (a newline in a file name could forge
-    a result line) and bytes that are not UTF-8 escaped as Python writes them (``\\n``, ``\\xe9``)."""
+    """``name`` as one printable line: control characters (a newline in a file name could
+    forge a result line) and bytes that are not UTF-8 escaped as Python writes them
+    (``\\n``, ``\\xe9``)."""
     text = str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if text.isprintable():
         return text

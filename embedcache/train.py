@@ -570,7 +570,6 @@ def train_head(
             "config": {**arch, "epochs": cfg.epochs, "lr": list(cfg.lr), "weight_decay": list(cfg.weight_decay), "label_smoothing": cfg.label_smoothing, "patience": cfg.patience, "seed": cfg.seed},
         }
     )  # fmt: skip
-    check_finite(module.state_dict(), out, "head")  # a diverged head is never a result
     result = HeadResult(module, metrics)
     if out is not None:
         train_state = (
@@ -589,6 +588,7 @@ def train_head(
 def _validate(module: torch.nn.Module, data: _Data, metrics: dict) -> np.ndarray:
     """Validation loss and accuracy into ``metrics`` (and with test-time averaging over each
     image and its mirror, ``*_tta``, when the cache stores mirrors); returns the plain logits."""
+    check_finite(module.state_dict(), None, "head")  # a diverged head is never a result
     logits = _logits(module, data.val)
     metrics.update(_val_metrics(logits, data.val.labels))
     if data.val_mirror is not None:

@@ -239,7 +239,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         raise EmbedcacheError(
-            f"--weights {path} is a folder; pass the state-dict file in it (.pt, .pth or .safetensors)"
+            f"--weights {path} is a folder; "
+            "pass the state-dict file in it (.pt, .pth or .safetensors)"
         )
     if not path.is_file():
         raise EmbedcacheError(

@@ -557,7 +557,8 @@ def test_plots_never_go_inside_the_image_folder(probe):
     r = _cli("train-head", probe / "c.h5", "--out", probe / "d" / "a" / "head.pt", "-q")
     _one_line_error(
         r,
-        r"would put the plot head\.confusion\.png inside the image folder .*; pass an --out outside",
+        r"would put the plot head\.confusion\.png inside the image folder .*; "
+        r"pass an --out outside",
     )
     assert sorted(p.name for p in (probe / "d" / "a").iterdir()) == [
         f"a_{i:03d}.jpg" for i in range(6)
@@ -600,19 +601,37 @@ def test_a_diverged_head_stops_with_a_clear_error_and_is_never_written(blob_cach
     from embedcache.errors import EmbedcacheError
 
     out = tmp_path / "hn.pt"
-    with pytest.raises(EmbedcacheError, match=r"training diverged at epoch \d+: the loss is not finite \(--lr 1e\+308\); lower --lr"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"training diverged at epoch \d+: the loss is not finite \(--lr 1e\+308\); "
+        r"lower --lr",
+    ):
         train_head(blob_cache, out=out, lr=1e308, progress=False)
     assert not list(tmp_path.glob("hn*"))
-    r = train_head(blob_cache, out=out, lr=[1e308, 1e-2], progress=False)  # a sweep keeps a finite head
+    r = train_head(
+        blob_cache, out=out, lr=[1e308, 1e-2], progress=False
+    )  # a sweep keeps a finite head
     assert r.metrics["best"]["lr"] == 1e-2 and r.metrics["val_acc"] > 0.9
     ckpt = load_head(out)[1]
     ckpt.state_dict = {k: torch.full_like(v, float("nan")) for k, v in ckpt.state_dict.items()}
-    with pytest.raises(EmbedcacheError, match=r"the head has non-finite weights .*training diverged"):
+    with pytest.raises(
+        EmbedcacheError, match=r"the head has non-finite weights .*training diverged"
+    ):
         ckpt.save(tmp_path / "nan.pt")
-    body = {"format": HEAD_FORMAT, "format_version": 1, "config": ckpt.config, "classes": ckpt.classes,
-            "state_dict": ckpt.state_dict, "identity": ckpt.recorded.to_dict(), "metrics": {}}  # fmt: skip
+    body = {
+        "format": HEAD_FORMAT,
+        "format_version": 1,
+        "config": ckpt.config,
+        "classes": ckpt.classes,
+        "state_dict": ckpt.state_dict,
+        "identity": ckpt.recorded.to_dict(),
+        "metrics": {},
+    }
     save_checkpoint(body, tmp_path / "old-nan.pt")  # as versions before this check wrote it
-    for args in (("predict", tmp_path / "old-nan.pt", tmp_path / "x.png"), ("export", tmp_path / "old-nan.pt", "--out", tmp_path / "e.onnx")):  # fmt: skip
+    for args in (
+        ("predict", tmp_path / "old-nan.pt", tmp_path / "x.png"),
+        ("export", tmp_path / "old-nan.pt", "--out", tmp_path / "e.onnx"),
+    ):
         make_image(tmp_path / "x.png", 0, 1)
         _one_line_error(_cli(*args), r"old-nan\.pt: the head has non-finite weights")
 
@@ -662,23 +681,36 @@ def test_info_verify_and_every_reader_call_each_damaged_cache_damaged(tmp_path):
 
     x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float16)
     y = np.arange(40) % 2
-    splits = {s: (x[:20] if s == "val" else x, y[:20] if s == "val" else y, [f"{s}/{i}.png" for i in range(20 if s == "val" else 40)]) for s in ("train", "val")}  # fmt: skip
+    splits = {
+        s: (
+            x[:20] if s == "val" else x,
+            y[:20] if s == "val" else y,
+            [f"{s}/{i}.png" for i in range(20 if s == "val" else 40)],
+        )
+        for s in ("train", "val")
+    }
     t = EvalTransform(resize=40, crop=32).to_json()
-    good = write_cache(tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=t)  # fmt: skip
+    good = write_cache(
+        tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=t
+    )
     assert _cli("info", "--verify", good).exit_code == 0
     head = train_head(good, out=tmp_path / "h.pt", epochs=1, progress=False).path
     for what, bad in _damaged_caches(good).items():
         r = _cli("info", "--verify", bad)
         assert r.exit_code == 1 and f"cache {bad} is damaged" in r.output, (what, r.output)
         assert "Traceback" not in r.output, what
-        with pytest.raises(EmbedcacheError, match=rf"cache {bad} is damaged: .*re-run extract with --overwrite"):  # fmt: skip
+        with pytest.raises(
+            EmbedcacheError, match=rf"cache {bad} is damaged: .*re-run extract with --overwrite"
+        ):
             train_head(bad, out=tmp_path / "h2.pt", epochs=1, progress=False)
         with pytest.raises(EmbedcacheError, match=r"is damaged"):
             evaluate(head, bad, split="train", progress=False)
 
 
 @pytest.mark.parametrize("err", ["ENOSPC", "EROFS", "EACCES"])
-def test_a_failed_write_of_any_output_is_one_line_and_leaves_no_temporary_file(probe, tmp_path, monkeypatch, err):  # fmt: skip
+def test_a_failed_write_of_any_output_is_one_line_and_leaves_no_temporary_file(
+    probe, tmp_path, monkeypatch, err
+):
     """#6, #7: disk full while torch.save wrote (a RuntimeError from inline_container.cc), a
     report or a plot, or a read-only folder: tracebacks, and OUT.PID.tmp left behind."""
     import errno
@@ -697,24 +729,61 @@ def test_a_failed_write_of_any_output_is_one_line_and_leaves_no_temporary_file(p
         try:
             raise OSError(code, os.strerror(code))
         except OSError:  # its cleanup fails next, and that error is the one raised
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1577024 vs 1576920")  # noqa: B904
+            raise RuntimeError(  # noqa: B904
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1577024 vs 1576920"
+            )
 
     def os_fails(*a, **k):
         raise OSError(code, os.strerror(code))
 
     c = probe / "c.h5"
     runs = {
-        "checkpoint": (torch, "save", torch_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
-        "report": (Path, "write_text", os_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
-        "plot": (Figure, "savefig", os_fails, lambda out: train_head(c, out=out, epochs=1, progress=False)),  # fmt: skip
-        "model": (torch, "save", torch_fails, lambda out: finetune(probe / "d", out=out, head=probe / "h.pt", epochs=1, augment="none", **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")})),  # fmt: skip
+        "checkpoint": (
+            torch,
+            "save",
+            torch_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "report": (
+            Path,
+            "write_text",
+            os_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "plot": (
+            Figure,
+            "savefig",
+            os_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "model": (
+            torch,
+            "save",
+            torch_fails,
+            lambda out: finetune(
+                probe / "d",
+                out=out,
+                head=probe / "h.pt",
+                epochs=1,
+                augment="none",
+                **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")},
+            ),
+        ),
     }
-    reason = {"ENOSPC": "no space left on the device", "EROFS": "read-only file system", "EACCES": "permission denied"}[err]  # fmt: skip
+    reason = {
+        "ENOSPC": "no space left on the device",
+        "EROFS": "read-only file system",
+        "EACCES": "permission denied",
+    }[err]
     for what, (owner, name, fake, run) in runs.items():
         out = tmp_path / what / "out.pt"
         with monkeypatch.context() as m:
             m.setattr(owner, name, fake)
-            with pytest.raises(EmbedcacheError, match=rf"^cannot write {tmp_path}/{what}/out\.\S+ \({reason}\); free some space or choose a writable location$"):  # fmt: skip
+            with pytest.raises(
+                EmbedcacheError,
+                match=rf"^cannot write {tmp_path}/{what}/out\.\S+ \({reason}\); "
+                r"free some space or choose a writable location$",
+            ):
                 run(out)
         assert not list((tmp_path / what).glob("*.tmp")), what
     assert real_save is torch.save
@@ -736,13 +805,27 @@ def test_nan_backbone_weights_are_refused_before_any_feature_is_written(probe, t
     state = torchvision.models.resnet18().state_dict()
     state["conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "wn.pt")
-    r = _cli("extract", probe / "d", "-b", "resnet18", "-w", tmp_path / "wn.pt", "--image-size", "32", "-q", "--out", tmp_path / "wn.h5")  # fmt: skip
-    _one_line_error(r, r"weights file .*wn\.pt holds non-finite values \(NaN or infinity\) in conv1\.weight")  # fmt: skip
+    r = _cli(
+        "extract",
+        probe / "d",
+        "-b",
+        "resnet18",
+        "-w",
+        tmp_path / "wn.pt",
+        "--image-size",
+        "32",
+        "-q",
+        "--out",
+        tmp_path / "wn.h5",
+    )
+    _one_line_error(
+        r, r"weights file .*wn\.pt holds non-finite values \(NaN or infinity\) in conv1\.weight"
+    )
     assert not list(tmp_path.glob("wn.h5*"))
 
 
 def test_a_backbone_that_overflows_stops_extract_with_a_clear_error(probe, tmp_path):
-    """#14: features past float16's range became inf in the cache; extract now stops and says why."""
+    """#14: features past float16's range became inf in the cache; now extract stops, saying why."""
     import torch
 
     from embedcache.backbones import build_backbone
@@ -765,9 +848,33 @@ def test_misleading_messages_now_say_what_is_wrong(make_cache, tmp_path):
     cache = make_cache(train=blobs(10))
     (tmp_path / "wdir").mkdir()
     cases = {
-        ("extract", tmp_path, "-b", "resnet18", "-w", tmp_path / "wdir", "--out", tmp_path / "x.h5"): r"--weights .*wdir is a folder; pass the state-dict file in it",  # fmt: skip
-        ("train-head", cache, "--val-fraction", "0", "--out", tmp_path / "h.pt"): r"has no val split and --val-fraction is 0: nothing to validate on; pass a --val-fraction above 0",  # fmt: skip
-        ("train-head", cache, "--lr", "inf", "--out", tmp_path / "h.pt"): r"--lr must be a finite number, got inf",  # fmt: skip
+        (
+            "extract",
+            tmp_path,
+            "-b",
+            "resnet18",
+            "-w",
+            tmp_path / "wdir",
+            "--out",
+            tmp_path / "x.h5",
+        ): r"--weights .*wdir is a folder; pass the state-dict file in it",
+        (
+            "train-head",
+            cache,
+            "--val-fraction",
+            "0",
+            "--out",
+            tmp_path / "h.pt",
+        ): r"has no val split and --val-fraction is 0: nothing to validate on; "
+        r"pass a --val-fraction above 0",
+        (
+            "train-head",
+            cache,
+            "--lr",
+            "inf",
+            "--out",
+            tmp_path / "h.pt",
+        ): r"--lr must be a finite number, got inf",
     }
     for args, pattern in cases.items():
         _one_line_error(_cli(*args), pattern)
@@ -780,10 +887,25 @@ def test_image_and_batch_sizes_past_the_memory_are_refused_before_any_work(probe
     kw = {k: v for k, v in TINY.items() if k not in ("image_size", "batch_size")}
     huge = {"image_size": 100000}, {"image_size": 32, "batch_size": 10**9}
     for size in huge:
-        with pytest.raises(EmbedcacheError, match=r"^a batch of \d+ images of \d+ x \d+ pixels needs about [\d.]+ GB and [\d.]+ GB of memory is available; lower --image-size or --batch-size$"):  # fmt: skip
+        with pytest.raises(
+            EmbedcacheError,
+            match=r"^a batch of \d+ images of \d+ x \d+ pixels needs about [\d.]+ GB and "
+            r"[\d.]+ GB of memory is available; lower --image-size or --batch-size$",
+        ):
             extract(probe / "d", out=tmp_path / "big.h5", **kw, **size)
     assert not list(tmp_path.iterdir())  # refused before any file was written
-    r = _cli("finetune", probe / "d", "-b", TINY["backbone"], "-w", "none", "--image-size", "100000", "--out", tmp_path / "m.pt")  # fmt: skip
+    r = _cli(
+        "finetune",
+        probe / "d",
+        "-b",
+        TINY["backbone"],
+        "-w",
+        "none",
+        "--image-size",
+        "100000",
+        "--out",
+        tmp_path / "m.pt",
+    )
     _one_line_error(r, r"needs about .* GB of memory is available; lower --image-size")
     r = _cli("predict", probe / "h.pt", probe / "d", "--batch-size", str(10**9))
     assert r.exit_code == 0, r.output  # the batch holds the 12 images there are: it fits
@@ -807,19 +929,29 @@ def test_every_file_not_extracted_is_accounted_for(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(os, "scandir", scandir)
-        with pytest.raises(EmbedcacheError, match=r"class 'c' has no readable image \(folder c: permission denied\); fix its files, or pass --allow-empty-class"):  # fmt: skip
+        with pytest.raises(
+            EmbedcacheError,
+            match=r"class 'c' has no readable image \(folder c: permission denied\); "
+            r"fix its files, or pass --allow-empty-class",
+        ):
             extract(data, out=tmp_path / "c.h5", **TINY)
         assert not list(tmp_path.glob("c.h5*"))  # refused before any work
         r = extract(data, out=tmp_path / "c.h5", allow_empty_class=True, **TINY)
     assert r.empty_classes == ["c"] and "warning: class 'c' has no image" in r.summary()
     assert "2 ignored (1 .heic, 1 folder" in r.summary()
     with open_cache(tmp_path / "c.h5") as c:
-        assert {i["path"]: i["reason"] for i in c.ignored} == {"a/photo.heic": "not an image file (.heic)", "c": "folder not readable: permission denied"}  # fmt: skip
+        assert {i["path"]: i["reason"] for i in c.ignored} == {
+            "a/photo.heic": "not an image file (.heic)",
+            "c": "folder not readable: permission denied",
+        }
     shown = _cli("info", tmp_path / "c.h5").output
     assert "ignored    2" in shown and "a/photo.heic: not an image file (.heic)" in shown
     for f in (data / "c").iterdir():  # now readable, but every file is damaged
         f.write_bytes(b"not an image")
-    with pytest.raises(EmbedcacheError, match=r"class 'c' has no readable image \(all 3 of its files were skipped: not an image"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"class 'c' has no readable image \(all 3 of its files were skipped: not an image",
+    ):
         extract(data, out=tmp_path / "d.h5", **TINY)
     assert not (tmp_path / "d.h5").exists()
 
@@ -842,7 +974,9 @@ def test_a_manifest_that_is_not_utf8_is_read_or_refused_in_one_line(probe, tmp_p
 
     d = probe / "d"
     (tmp_path / "l1.csv").write_bytes(f"path,label\n{d}/a/a_000.jpg,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(EmbedcacheError, match=r"l1\.csv is not UTF-8 \(byte 0xe9 on line 2\); save it as UTF-8"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError, match=r"l1\.csv is not UTF-8 \(byte 0xe9 on line 2\); save it as UTF-8"
+    ):
         scan(tmp_path / "l1.csv")
     rows = f"path,label\n{d}/a/a_000.jpg,café\n{d}/b/b_000.jpg,b\n"
     (tmp_path / "u16.csv").write_bytes(rows.encode("utf-16"))  # with its byte-order mark
@@ -864,10 +998,17 @@ def test_one_file_never_gets_two_labels_or_two_splits(probe, tmp_path):
     }
     for name, text in manifests.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(EmbedcacheError, match=rf"{name} lists \S+a_000\.jpg twice \(lines 2 and \d\); list each file once"):  # fmt: skip
+        with pytest.raises(
+            EmbedcacheError,
+            match=rf"{name} lists \S+a_000\.jpg twice \(lines 2 and \d\); list each file once",
+        ):
             scan(tmp_path / name)
     (tmp_path / "d" / "a" / "linkb").symlink_to("../b")
-    with pytest.raises(EmbedcacheError, match=r"are the same folder through a link: its images would be in two classes or splits; remove the link"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"are the same folder through a link: its images would be in two classes or "
+        r"splits; remove the link",
+    ):
         scan(tmp_path / "d")
     (tmp_path / "d" / "a" / "linkb").unlink()
     (tmp_path / "d" / "a" / "again").symlink_to(".")  # a loop within one class: followed once
@@ -881,9 +1022,15 @@ def test_compare_refuses_a_file_as_workdir_and_a_bad_unfreeze_before_any_work(pr
 
     monkeypatch.setattr(comparison, "scan", lambda *a, **k: pytest.fail("work began"))
     base = ("compare", probe / "d", "-b", "resnet18", "-w", "none", "--no-tutorial", "-q")
-    _one_line_error(_cli(*base, "--unfreeze", "9"), r"--unfreeze must be between 0 and 5 for resnet18 \(or all\), got 9")  # fmt: skip
+    _one_line_error(
+        _cli(*base, "--unfreeze", "9"),
+        r"--unfreeze must be between 0 and 5 for resnet18 \(or all\), got 9",
+    )
     monkeypatch.undo()
-    _one_line_error(_cli(*base, "--unfreeze", "1", "--workdir", probe / "c.h5"), r"--workdir .*c\.h5 is a file; pass a folder")  # fmt: skip
+    _one_line_error(
+        _cli(*base, "--unfreeze", "1", "--workdir", probe / "c.h5"),
+        r"--workdir .*c\.h5 is a file; pass a folder",
+    )
 
 
 def test_a_large_jpeg_photo_is_decoded_at_a_draft_scale_not_skipped(tmp_path):

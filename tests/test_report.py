@@ -88,3 +88,25 @@ def test_write_reports_leaves_the_backend_and_pyplot_alone(tmp_path):
         assert plt.get_fignums() == []
     finally:
         plt.switch_backend(before)
+
+
+def test_metrics_json_grows_with_the_val_images_not_the_square_of_the_classes(tmp_path):
+    """Issue 19, also seen: 2,000 classes made a 36 MB metrics.json (the dense C x C matrix)."""
+    from embedcache.report import DENSE_CONFUSION_CLASSES, confusion_record
+
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for n in (200, 800):
+        classes = [f"c{i}" for i in range(n)]
+        y = rng.integers(0, n, 500)
+        pred = np.where(rng.random(500) < 0.8, y, rng.integers(0, n, 500))
+        files = write_reports(tmp_path / f"h{n}.pt", {"val_acc": 0.8}, y, pred, classes, title="t")
+        metrics = json.loads(files["metrics"].read_text())
+        assert "confusion" not in metrics and len(metrics["confusion_cells"]) <= 500
+        cells = {(i, j): c for i, j, c in metrics["confusion_cells"]}
+        assert sum(cells.values()) == 500 and cells.get((y[0], pred[0]), 0) >= 1
+        sizes[n] = files["metrics"].stat().st_size
+    assert sizes[800] < 6 * sizes[200]  # per-class scores grow linearly (4x); C^2 would be 16x
+    small = np.array([[2, 1], [0, 3]])
+    assert confusion_record(small) == {"confusion": [[2, 1], [0, 3]]}
+    assert DENSE_CONFUSION_CLASSES >= 30
