@@ -429,7 +429,11 @@ class Cache:
         return {
             "path": str(self.path),
             "file_bytes": self.path.stat().st_size,
-            **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
+            **{
+                k: v
+                for k, v in self.attrs.items()
+                if k not in ("classes", "transform", "identity_digest")
+            },
             "storage": "virtual" if parts else "single file",
             "checksums": self._checksum_note(parts),
             "parts": [str(p) for p in parts],

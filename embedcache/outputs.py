@@ -138,8 +138,8 @@ def claim(
     out = Path(out)
     what = KINDS[kind].split(" ", 1)[1]
     if out.is_dir():
-        example = out / ("out" + SUFFIX.get(kind, ""))
-        raise EmbedcacheError(f"{option} {out} is a folder; pass a file name such as {example}")
+        example = out / (kind + SUFFIX.get(kind, ""))
+        raise EmbedcacheError(f"{option} {out} is a directory; give a file name such as {example}")
     ins = [(name, Path(p)) for name, p in inputs if p is not None]
     for path in (out, *beside):
         for name, src in ins:
