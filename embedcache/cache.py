@@ -124,7 +124,10 @@ def _names(g: h5py.Group, name: str, names: list[str]) -> h5py.Dataset:
 
 
 def _ignored(h5: h5py.File, items: list[tuple[str, str]]) -> None:
-    """The ``ignored`` group: path and reason of each file or folder the scan did not read."""
+    """The ``ignored`` group: path and reason of each file or folder the scan did not read
+    (none when there is none)."""
+    if not items:
+        return
     g = h5.create_group("ignored")
     _names(g, "path", [p for p, _ in items])
     _names(g, "reason", [r for _, r in items])
