@@ -42,6 +42,7 @@ import contextlib
 import datetime as dt
 import errno
 import glob
+import hashlib
 import json
 import os
 import queue
@@ -56,7 +57,7 @@ import h5py
 import numpy as np
 
 from .config import DTYPES
-from .data import HASH_BYTES, SPLIT_ORDER, ImageSet, Sample, views_for
+from .data import HASH_BYTES, SPLIT_ORDER, ImageSet, Sample, name_bytes, views_for
 from .errors import EmbedcacheError
 from .identity import CacheIdentity, FeatureIdentity
 
@@ -119,8 +120,118 @@ def _row_arrays(g) -> list[str]:
     return [name for name in ROW_ARRAYS if name in g]
 
 
+def _names(g: h5py.Group, name: str, names: list[str]) -> h5py.Dataset:
+    """A dataset of file names, stored as the file system's bytes (names need not be UTF-8)."""
+    return g.create_dataset(name, data=[name_bytes(str(n)) for n in names], dtype=_STR)
+
+
+def _ignored(h5: h5py.File, items: list[tuple[str, str]]) -> None:
+    """The ``ignored`` group: path and reason of each file or folder the scan did not read
+    (none when there is none)."""
+    if not items:
+        return
+    g = h5.create_group("ignored")
+    _names(g, "path", [p for p, _ in items])
+    _names(g, "reason", [r for _, r in items])
+
+
+def read_names(ds: h5py.Dataset) -> list[str]:
+    """The names :func:`_names` stored, as Python reads file names (surrogates for non-UTF-8)."""
+    return list(ds.asstr(errors="surrogateescape")[:])
+
+
 def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
     return EmbedcacheError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0][:120]})")
+
+
+# ---------------------------------------------------------------------------
+# Integrity: what the Fletcher-32 checksums of the arrays do not cover
+
+# Root attributes that say what a cache holds: sealed by a SHA-256 (``identity_digest``). Each
+# split's labels and paths are sealed by another (its ``contents_digest``): HDF5 has no
+# checksum for strings, and an edit through h5py rewrites a label's checksum with it.
+SEALED_ATTRS = (
+    "format_version",
+    "backbone",
+    "weights",
+    "weights_arg",
+    "transform",
+    "dtype",
+    "precision",
+    "feature_dim",
+    "image_size",
+    "classes",
+    "num_classes",
+    "views",
+    "view_policy",
+    "source",
+    "layout",
+    "source_fingerprint",
+)
+_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError)
+
+
+def _identity_digest(attrs) -> str:
+    values = {k: attrs[k] for k in SEALED_ATTRS if k in attrs}
+    plain = {k: v.item() if hasattr(v, "item") else v for k, v in values.items()}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _contents_digest(labels: np.ndarray, raw_paths) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(labels, "<i8").tobytes())
+    for p in raw_paths:
+        h.update(bytes(p) + b"\0")
+    return h.hexdigest()
+
+
+def _seal(h5: h5py.File) -> None:
+    """Record the digests :func:`open_cache` and :meth:`Cache.verify` check (a new cache)."""
+    for split in _split_names(h5):
+        g = h5[split]
+        g.attrs["contents_digest"] = _contents_digest(g["labels"][:], g["paths"][:])
+    h5.attrs["identity_digest"] = _identity_digest(h5.attrs)
+
+
+@contextlib.contextmanager
+def _damage(path: Path, what: str) -> Iterator[None]:
+    """Any error reading ``what`` of the cache at ``path`` becomes the one-line 'damaged' error."""
+    try:
+        yield
+    except EmbedcacheError:
+        raise
+    except _READ_ERRORS as e:
+        raise _damaged(path, f"{what} cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:80]
+
+
+def _damaged(path: Path, what: str) -> EmbedcacheError:
+    return EmbedcacheError(f"cache {path} is damaged: {what}; re-run extract with --overwrite")
+
+
+def _check_layout(path: Path, h5: h5py.File, dim: int, classes: list) -> None:
+    """Every split has its datasets, one row each per image, features of the recorded width."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _damaged(path, "its classes are not a list of names")
+    if "identity_digest" in h5.attrs and h5.attrs["identity_digest"] != _identity_digest(h5.attrs):
+        what = "its attributes (backbone, weights, transform, classes ...)"
+        raise _damaged(path, f"{what} do not match their SHA-256")
+    for split in _split_names(h5):
+        g = h5[split]
+        missing = [k for k in ("features", "labels", "paths") if k not in g]
+        if missing:
+            raise _damaged(path, f"split {split} has no {', '.join(missing)}")
+        names = (*ROW_ARRAYS, "labels", "paths", "sizes", "mtimes")
+        rows = {k: g[k].shape[0] for k in names if k in g}
+        if len(set(rows.values())) != 1:
+            counts = ", ".join(f"{k} {v}" for k, v in rows.items())
+            raise _damaged(path, f"the row counts of split {split} disagree ({counts})")
+        if g["features"].shape[1:] != (dim,):
+            shape = g["features"].shape
+            raise _damaged(path, f"split {split} has features {shape}, not {dim} values per row")
 
 
 # ---------------------------------------------------------------------------
@@ -142,6 +253,7 @@ class Cache:
         self.feature_dim = int(a["feature_dim"])
         self.classes: list[str] = json.loads(a["classes"])
         self.splits: list[str] = _split_names(h5)
+        self._read: dict[str, tuple[np.ndarray, list[str]]] = {}  # checked labels and paths
 
     def __enter__(self) -> Cache:
         return self
@@ -179,11 +291,30 @@ class Cache:
 
     def labels(self, split: str) -> np.ndarray:
         """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
-        return self._group(split)["labels"][:]
+        return self._contents(split)[0].copy()
 
     def paths(self, split: str) -> list[str]:
         """Image paths of a split, relative to the data root."""
-        return list(self._group(split)["paths"].asstr()[:])
+        return list(self._contents(split)[1])
+
+    def _contents(self, split: str) -> tuple[np.ndarray, list[str]]:
+        """Labels and paths of a split, read once and checked: their digest, the label range."""
+        if split not in self._read:
+            g = self._group(split)
+            with _damage(self.path, f"the labels or paths of split {split}"):
+                labels, raw = g["labels"][:], g["paths"][:]
+                paths = read_names(g["paths"])
+            sealed = g.attrs.get("contents_digest")
+            if sealed is not None and sealed != _contents_digest(labels, raw):
+                what = f"the labels or paths of split {split}"
+                raise _damaged(self.path, f"{what} do not match their SHA-256")
+            bad = (labels < -1) | (labels >= len(self.classes))
+            if bad.any():
+                row, n = int(np.flatnonzero(bad)[0]), len(self.classes)
+                label = f"split {split} has label {int(labels[row])} at row {row}"
+                raise _damaged(self.path, f"{label}, outside -1..{n - 1} for {n} classes")
+            self._read[split] = (labels, paths)
+        return self._read[split]
 
     def features(self, split: str) -> CheckedFeatures:
         """The on-disk features of a split, read in slices like the h5py dataset; a damaged
@@ -222,6 +353,10 @@ class Cache:
         """Read every block of every split; one line per damaged or non-finite block found."""
         problems = []
         for split in self.splits:
+            try:
+                self._contents(split)
+            except EmbedcacheError as e:
+                problems.append(str(e))
             for ds in (self.features(split), self.views(split)):
                 if ds is None:
                     continue
@@ -269,7 +404,7 @@ class Cache:
             sk = h5["skipped"]
             keys = list(
                 zip(
-                    sk["path"].asstr()[:],
+                    read_names(sk["path"]),
                     sk["size"][:].tolist(),
                     sk["mtime"][:].tolist(),
                     strict=True,
@@ -291,8 +426,19 @@ class Cache:
         if "skipped" not in self._h5:
             return []
         g = self._h5["skipped"]
-        cols = [g[k].asstr()[:] for k in ("split", "path", "reason")]
-        return [SkippedFile(*row) for row in zip(*cols, strict=True)]
+        with _damage(self.path, "its list of skipped files"):
+            cols = [read_names(g[k]) for k in ("split", "path", "reason")]
+            return [SkippedFile(*row) for row in zip(*cols, strict=True)]
+
+    @property
+    def ignored(self) -> list[dict]:
+        """Files and folders the scan did not read (not images, unreadable folders)."""
+        if "ignored" not in self._h5:
+            return []
+        g = self._h5["ignored"]
+        with _damage(self.path, "its list of ignored files"):
+            pairs = zip(read_names(g["path"]), read_names(g["reason"]), strict=True)
+            return [{"path": p, "reason": r} for p, r in pairs]
 
     def summary(self) -> dict:
         """Everything `embedcache info` shows, as plain JSON-ready data."""
@@ -300,7 +446,11 @@ class Cache:
         return {
             "path": str(self.path),
             "file_bytes": self.path.stat().st_size,
-            **{k: v for k, v in self.attrs.items() if k not in ("classes", "transform")},
+            **{
+                k: v
+                for k, v in self.attrs.items()
+                if k not in ("classes", "transform", "identity_digest")
+            },
             "storage": "virtual" if parts else "single file",
             "checksums": self._checksum_note(parts),
             "parts": [str(p) for p in parts],
@@ -309,6 +459,7 @@ class Cache:
             "transform": json.loads(self.transform),
             "splits": {s: self._split_summary(s) for s in self.splits},
             "skipped": [vars(s) for s in self.skipped],
+            "ignored": self.ignored,
         }
 
     def _split_summary(self, split: str) -> dict:
@@ -472,12 +623,18 @@ def open_cache(path: str | Path) -> Cache:
                 f"{path} is not a complete embedcache cache (attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
             )
         cache = Cache(path, h5)
+        _check_layout(path, h5, cache.feature_dim, cache.classes)
         lost = [p for p in cache.parts if not p.is_file()]
         if lost:
             raise EmbedcacheError(
                 f"cache {path} is virtual and its part file {lost[0]} is missing ({len(lost)} of {len(cache.parts)}); keep the folder {parts_dir(path).name} next to it, or re-run extract with --overwrite"
             )
         return cache
+    except _READ_ERRORS as e:  # a damaged attribute, heap or object header
+        h5.close()
+        raise _damaged(
+            path, f"its attributes or layout cannot be read ({_first_line(e)})"
+        ) from None
     except BaseException:
         h5.close()
         raise
@@ -525,7 +682,7 @@ def estimate_bytes(images: ImageSet, feature_dim: int, dtype: str, views: int = 
     """Disk needed while extracting: the in-progress file plus the finished one, with margin."""
     rows = len(images)
     vectors = sum(len(v) * (1 + views_for(k, views)) for k, v in images.splits.items())
-    paths = sum(len(s.path.encode()) + 16 for split in images.splits.values() for s in split)
+    paths = sum(len(name_bytes(s.path)) + 16 for split in images.splits.values() for s in split)
     finished = vectors * feature_dim * np.dtype(dtype).itemsize + rows * 24 + paths
     in_progress = finished + rows * (REASON_BYTES + 1)
     return finished + in_progress + (4 << 20)
@@ -703,10 +860,11 @@ class PartialCache:
                 g.create_dataset("hashes", data=np.zeros((n, HASH_BYTES), np.uint8))
                 g.create_dataset("status", data=np.zeros(n, np.uint8))
                 g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
-                g.create_dataset("paths", data=[s.path for s in samples], dtype=_STR)
+                _names(g, "paths", [s.path for s in samples])
                 g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
                 g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
                 g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
+            _ignored(h5, images.not_read())
 
         with _atomic_h5(path, layout) as h5:
             for split, samples in images.splits.items():
@@ -736,7 +894,7 @@ class PartialCache:
         return sum(int(np.count_nonzero(self.h5[s]["status"][:] == DONE)) for s in self.splits)
 
     def paths(self, split: str) -> list[str]:
-        return list(self.h5[split]["paths"].asstr()[:])
+        return read_names(self.h5[split]["paths"])
 
     def write(
         self,
@@ -883,8 +1041,8 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         dst = h5.create_group(split)
         for name in ("labels", "sizes", "mtimes"):
             _checked(dst, name, src[name][:][ok])
-        paths = np.array(src["paths"].asstr()[:], dtype=object)
-        dst.create_dataset("paths", data=list(paths[ok]), dtype=_STR)
+        paths = np.array(read_names(src["paths"]), dtype=object)
+        _names(dst, "paths", list(paths[ok]))
         skipped["split"] += [split] * len(bad)
         skipped["path"] += list(paths[bad])
         skipped["reason"] += [reasons[split][i].decode(errors="replace") for i in bad]
@@ -892,9 +1050,13 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
         skipped["mtime"] += list(src["mtimes"][:][bad])
     g = h5.create_group("skipped")
     for name in ("split", "path", "reason"):
-        g.create_dataset(name, data=skipped[name], dtype=_STR)
+        _names(g, name, skipped[name])
     for name in ("size", "mtime"):
         g.create_dataset(name, data=np.array(skipped[name], np.int64))
+    if "ignored" in partial.h5:
+        ig = partial.h5["ignored"]
+        _ignored(h5, list(zip(read_names(ig["path"]), read_names(ig["reason"]), strict=True)))
+    _seal(h5)
 
 
 def _overlay(sh: h5py.File, index: int, splits: list[str], status: dict, reasons: dict, where: dict) -> None:  # fmt: skip
@@ -1126,7 +1288,7 @@ def write_cache(
             if name in views:
                 _rows_dataset(g, "views", views[name].shape, np.dtype(dtype))
             _checked(g, "labels", np.asarray(labels, np.int64))
-            g.create_dataset("paths", data=list(paths), dtype=_STR)
+            _names(g, "paths", list(paths))
             _checked(g, "sizes", np.full(n, -1, np.int64))
             _checked(g, "mtimes", np.full(n, -1, np.int64))
         g = h5.create_group("skipped")
@@ -1134,6 +1296,7 @@ def write_cache(
             g.create_dataset(name, data=[], dtype=_STR)
         for name in ("size", "mtime"):
             g.create_dataset(name, data=np.zeros(0, np.int64))
+        _seal(h5)
 
     with _atomic_h5(path, layout) as h5:
         for name, (features, _, _) in splits.items():
@@ -1147,7 +1310,7 @@ def write_cache(
 
 def _keys(g: h5py.Group) -> list[tuple[str, int, int]]:
     return list(
-        zip(g["paths"].asstr()[:], g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)
+        zip(read_names(g["paths"]), g["sizes"][:].tolist(), g["mtimes"][:].tolist(), strict=True)
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from .errors import EmbedcacheError
 from .heads import build_head_module
 from .identity import FeatureIdentity
+from .outputs import write_file
 
 HEAD_FORMAT = "embedcache.head"
 MODEL_FORMAT = "embedcache.model"
@@ -91,21 +91,12 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
     _check_plain(obj)
     body = {k: v for k, v in obj.items() if k != DIGEST_KEY}  # a re-saved checkpoint's old one
     obj = {**body, DIGEST_KEY: _digest(body)}
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)
-        raise EmbedcacheError(
-            f"cannot write {path} ({e.strerror or e}); choose a writable location"
-        ) from None
-    return path
+    return write_file(path, lambda tmp: _save(obj, tmp))
+
+
+def _save(obj: dict, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
@@ -152,6 +143,24 @@ _NAMES = {HEAD_FORMAT: "head", MODEL_FORMAT: "model", STATE_FORMAT: "fine-tuning
 
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def check_finite(state: dict, path: Path | str | None, what: str) -> None:
+    """Refuse weights that hold NaN or infinity: a diverged training must not look like a result."""
+    floats = {
+        k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
+    if bad:
+        where = f"{path}: " if path is not None else ""
+        raise EmbedcacheError(
+            f"{where}the {what} has non-finite weights ({_describe_keys(bad)}): training diverged; "
+            "lower the learning rate (--lr) and train again"
+        )
+
+
+def _describe_keys(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def _require(obj: dict, keys: tuple[str, ...], path: Path) -> None:
@@ -249,6 +258,7 @@ class HeadCheckpoint:
         return build_head_module(self.config, state).eval()
 
     def save(self, path: str | Path) -> Path:
+        check_finite(self.state_dict, path, "head")
         obj = {"format": HEAD_FORMAT, "format_version": FORMAT_VERSION, "config": self.config}
         obj.update(classes=list(self.classes), state_dict=_cpu(self.state_dict))
         obj.update(identity=self.recorded.to_dict(), metrics=self.metrics)
@@ -260,6 +270,7 @@ class HeadCheckpoint:
     @classmethod
     def from_dict(cls, obj: dict, path: Path) -> HeadCheckpoint:
         _require(obj, ("config", "state_dict", "classes", "identity"), path)
+        check_finite(obj["state_dict"], path, "head")
         recorded = Recorded.from_dict(obj["identity"], path)
         return cls(
             obj["config"],
@@ -301,6 +312,7 @@ class ModelCheckpoint:
         return bool(self.config.get("bn_stats", False))
 
     def save(self, path: str | Path) -> Path:
+        check_finite({**self.net_state_dict, **self.head_state_dict}, path, "model")
         return save_checkpoint(
             {
                 "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "identity": self.recorded.to_dict(),
@@ -316,6 +328,7 @@ class ModelCheckpoint:
     def from_dict(cls, obj: dict, path: Path) -> ModelCheckpoint:
         keys = ("identity", "net_state_dict", "head_config", "head_state_dict", "classes", "start")
         _require(obj, keys, path)
+        check_finite({**obj["net_state_dict"], **obj["head_state_dict"]}, path, "model")
         return cls(
             Recorded.from_dict(obj["identity"], path, "model"), obj["net_state_dict"], obj["head_config"],
             obj["head_state_dict"], list(obj["classes"]), int(obj["start"]), obj.get("config") or {},
@@ -350,6 +363,7 @@ class FinetuneState:
     best_val: dict | None = None  # labels and predictions of the kept epoch on validation
 
     def save(self, path: str | Path) -> Path:
+        check_finite({**self.net_state_dict, **self.head_state_dict}, path, "model")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
         d["net_state_dict"], d["head_state_dict"] = (
             _cpu(self.net_state_dict),

@@ -28,6 +28,7 @@ from .config import (
     HeadConfig,
 )
 from .errors import EmbedcacheError
+from .outputs import shown
 
 # What to do after Ctrl-C (or a scheduler's SIGTERM), per verb.
 RESUME_HINTS = {
@@ -73,7 +74,7 @@ class _Group(click.Group):
             with _stop_signals():
                 return super().invoke(ctx)
         except EmbedcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(shown(e)) from None
         except KeyboardInterrupt as e:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
             what = f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, Terminated) else "interrupted"  # fmt: skip
@@ -338,19 +339,23 @@ def _print_info(s: dict) -> None:
         )
     click.echo(f"source     {s['source']} ({s['layout']})")
     more = " ..." if len(s["classes"]) > 20 else ""
-    click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:20])}{more}")
+    click.echo(f"classes    {len(s['classes'])}: {', '.join(map(shown, s['classes'][:20]))}{more}")
     for name, sp in s["splits"].items():
         views = f"  views {tuple(sp['views_shape'])}" if "views_shape" in sp else ""
         click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}{views}")
     click.echo(f"skipped    {len(s['skipped'])}")
     for sk in s["skipped"][:10]:  # paths are relative to the data root: they name the split already
-        click.echo(f"  {sk['path']}: {sk['reason']}")
+        click.echo(f"  {shown(sk['path'])}: {shown(sk['reason'])}")
+    if s["ignored"]:
+        click.echo(f"ignored    {len(s['ignored'])} (not read as images)")
+        for item in s["ignored"][:10]:
+            click.echo(f"  {shown(item['path'])}: {item['reason']}")
     click.echo(f"checksums  {s['checksums']}")
     if "verify" in s:
         rows = sum(sp["images"] for sp in s["splits"].values())
         click.echo(f"verify     {len(s['verify'])} problem(s) in {rows} rows read" if s["verify"] else f"verify     every block of {rows} rows read back intact")  # fmt: skip
         for line in s["verify"][:20]:
-            click.echo(f"  {line}")
+            click.echo(f"  {shown(line)}")
 
 
 @main.command()
@@ -485,7 +490,7 @@ def evaluate(model, data, split, plot, tta, exclude, quiet, as_json, **run):
     """
     from .inference import evaluate as evaluate_model
 
-    plot = plot or str(Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png"))
+    plot = plot or _default_plot(model, data, split)
     r = evaluate_model(
         model,
         data,
@@ -504,13 +509,31 @@ def evaluate(model, data, split, plot, tta, exclude, quiet, as_json, **run):
     scores = f"accuracy {r['accuracy']:.4f}, balanced {r['balanced_accuracy']:.4f}{top5}"
     click.echo(f"{r['split']}: {scores} on {r['images']} images{how}")
     click.echo(r["report"].rstrip())
-    width = max(len(c) for c in r["classes"])
+    classes = [shown(c) for c in r["classes"]]
+    width = max(len(c) for c in classes)
     click.echo("confusion (rows true, columns predicted):")
-    for c, row in zip(r["classes"], r["confusion"], strict=True):
+    for c, row in zip(classes, r["confusion"], strict=True):
         click.echo(f"  {c:>{width}}  " + " ".join(f"{v:>5}" for v in row))
     if r["skipped"]:
         click.echo(f"skipped {len(r['skipped'])} unreadable images")
-    click.echo(f"wrote {r['plot']}")
+    if "plot" in r:
+        click.echo(f"wrote {shown(r['plot'])}")
+
+
+def _default_plot(model: str, data: str, split: str) -> str | None:
+    """MODEL.SPLIT.confusion.png next to MODEL, unless that folder takes no new file or is
+    inside the image folder: then no plot (with a note), the results are printed all the same."""
+    from .outputs import inside, writable
+
+    plot = Path(model).with_name(f"{Path(model).stem}.{split}.confusion.png")
+    if writable(plot.parent) and not inside(plot, Path(data) if Path(data).is_dir() else None):
+        return str(plot)
+    click.echo(
+        f"no confusion plot: {plot.parent} is read-only or holds the images; "
+        "pass --plot to choose where",
+        err=True,
+    )
+    return None
 
 
 @main.command()
@@ -537,10 +560,12 @@ def predict(model, images, top_k, tta, quiet, as_json, **run):
         return
     for r in rows:
         if "error" in r:
-            click.echo(f"{r['path']}: skipped ({r['error']})")
+            click.echo(f"{shown(r['path'])}: skipped ({r['error']})")
         else:
-            best = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-            click.echo(f"{r['path']}: {best}")
+            best = ", ".join(
+                f"{shown(p['class'])} {p['probability']:.3f}" for p in r["predictions"]
+            )
+            click.echo(f"{shown(r['path'])}: {best}")
 
 
 @data_verb(

@@ -31,6 +31,7 @@ from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
 from .exclusion import excluded
 from .heads import make_head
+from .outputs import write_error, write_file, write_text
 from .report import figure
 from .runtime import resolve_device, tune_allocator
 
@@ -419,6 +420,7 @@ def compare(
         and models of each approach stay in ``workdir``).
     """
     cfg = CompareConfig.build(config, **options)
+    _check_unfreeze(cfg)  # before any work: a bad value used to be refused after 26 s of it
     tune_allocator()
     say = log or (lambda line: None)
     images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
@@ -429,8 +431,7 @@ def compare(
         raise EmbedcacheError(
             f"{data} needs labelled train and val splits to compare approaches (class folders, or train/ and val/)"
         )
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _workdir(cfg)
     b = _Bench(Path(data), images, cfg, workdir, progress, say)
     _warm_imports()
     steps = 2 + 2 * len(cfg.unfreeze)
@@ -455,6 +456,29 @@ def compare(
     return _write(b, rows, cache)
 
 
+def _check_unfreeze(cfg: CompareConfig) -> None:
+    """Every --unfreeze value against the backbone's blocks (the architecture alone: no weights)."""
+    from .finetuning import parse_unfreeze
+
+    bb = build_backbone(cfg.backbone, weights="none", image_size=cfg.image_size)
+    for value in cfg.unfreeze:
+        parse_unfreeze(value, len(bb.block_names), bb.name)
+
+
+def _workdir(cfg: CompareConfig) -> Path:
+    """The work folder, made if needed; a file of that name is a one-line error."""
+    workdir = Path(cfg.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise EmbedcacheError(
+            f"--workdir {workdir} is a file; pass a folder for the cache, heads and results"
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(workdir, e) from None
+    return workdir
+
+
 def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
     """compare.md, compare.json and compare.png in the work folder."""
     from .cache import open_cache
@@ -472,9 +496,9 @@ def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
         k: b.workdir / f"compare.{ext}"
         for k, ext in (("markdown", "md"), ("json", "json"), ("plot", "png"))
     }
-    files["markdown"].write_text(md + "\n")
+    write_text(files["markdown"], md + "\n")
     table = [{**asdict(r), "total_s": r.total_s, "images_per_s": r.images_per_s} for r in rows]
-    files["json"].write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
+    write_text(files["json"], json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
     plot(rows, files["plot"], cfg.title or f"{cfg.backbone} on {b.data.name}")
     return Comparison(rows, md, files)
 
@@ -524,5 +548,4 @@ def plot(rows: list[Approach], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -54,7 +54,9 @@ def _check_fields(cfg) -> None:
         for v in value if isinstance(value, tuple) else (value,):
             if not isinstance(v, int | float) or isinstance(v, bool):
                 continue
-            if not math.isfinite(v) or (meta["low"] is not None and v < meta["low"]):
+            if not math.isfinite(v):
+                raise EmbedcacheError(f"{option} must be a finite number, got {v}")
+            if meta["low"] is not None and v < meta["low"]:
                 raise EmbedcacheError(f"{option} must be at least {meta['low']}, got {v}")
             if meta["high"] is not None and v >= meta["high"]:
                 raise EmbedcacheError(f"{option} must be below {meta['high']}, got {v}")
@@ -160,6 +162,10 @@ class ExtractConfig(_Config):
     seed: int = _seed()
     unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
+    allow_empty_class: bool = setting(
+        False,
+        "Write the cache even when a class has no readable image (a warning instead of an error).",
+    )
     precision: str = setting(
         "auto",
         "Forward pass: auto is bf16 on GPUs, and on CPUs with native bf16 when "

@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -120,7 +121,8 @@ class ImageSet:
     layout: str
     classes: list[str]
     splits: dict[str, list[Sample]]
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files of other kinds, not read
+    unreadable: dict[str, str] = field(default_factory=dict)  # folders not listed: reason
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.splits.values())
@@ -140,13 +142,25 @@ class ImageSet:
         images = dataclasses.replace(self, splits={**parts, **splits})
         return images, holdout_note(len(parts["val"]), len(train), val_fraction, seed)
 
+    def not_read(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file and folder the scan did not take as an image."""
+        kind = [Path(p).suffix.lower() or "no extension" for p in self.ignored]
+        files = [(p, f"not an image file ({k})") for p, k in zip(self.ignored, kind, strict=True)]
+        return files + [(p, f"folder not readable: {r}") for p, r in self.unreadable.items()]
+
     def fingerprint(self) -> str:
         """A digest of every (split, path, size, mtime, label): changes when any file does."""
         h = hashlib.sha256()
         for split in self.splits:
             for s in self.splits[split]:
-                h.update(f"{split}\t{s.path}\t{s.size}\t{s.mtime_ns}\t{s.label}\n".encode())
+                h.update(name_bytes(f"{split}\t{s.path}\t{s.size}\t{s.mtime_ns}\t{s.label}\n"))
         return h.hexdigest()
+
+
+def name_bytes(name: str) -> bytes:
+    """The bytes of a file name as the file system holds them: UTF-8, and the bytes of a name
+    that is not UTF-8 as they are (Python reads them as surrogates: ``os.fsencode``)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _is_image(p: Path) -> bool:
@@ -163,42 +177,76 @@ def _stat_sample(root: Path, path: Path, label: int) -> Sample:
     return Sample(rel, label, size, mtime)
 
 
-def _walk_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
-    """All image files below ``folder`` (recursively), sorted; other files go to ``ignored``.
+@dataclass
+class _Found:
+    """What a folder scan found besides images: files it does not read (``ignored``), folders
+    it could not list (``unreadable``: path -> reason), and which split/class each folder it
+    walked belongs to, so that a linked folder cannot give one image two labels or two splits."""
+
+    root: Path
+    ignored: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    owners: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
+
+    def rel(self, path: str | Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def owned(self, dirpath: str, owner: str) -> bool:
+        """Record that ``dirpath`` is walked for ``owner``; False if it was walked already."""
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            self.unreadable[self.rel(dirpath)] = os_reason(e)
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.owners and self.owners[key][0] != owner:
+            first, where = self.owners[key]
+            raise EmbedcacheError(
+                f"{self.rel(dirpath)} (in {owner}) and {where} (in {first}) are the same folder "
+                "through a link: its images would be in two classes or splits; remove the link"
+            )
+        return self.owners.setdefault(key, (owner, self.rel(dirpath)))[1] == self.rel(dirpath)
+
+
+def _walk_images(folder: Path, found: _Found, owner: str) -> list[Path]:
+    """All image files below ``folder`` (recursively), sorted; other files go to ``found``.
 
     Linked folders are followed once each (a link to a parent would loop); a folder named
     like an image is listed as one, so that reading it skips it with a reason."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
+    images = []
+
+    def unreadable(e: OSError) -> None:
+        found.unreadable[found.rel(e.filename)] = os_reason(e)
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        if not found.owned(dirpath, owner):
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        found += [Path(dirpath) / d for d in sorted(dirnames) if _is_image(Path(d))]
+        images += [Path(dirpath) / d for d in sorted(dirnames) if _is_image(Path(d))]
         dirnames[:] = sorted(
             d for d in dirnames if not d.startswith(".") and not _is_image(Path(d))
         )
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if _is_image(p):
-                found.append(p)
+                images.append(p)
             elif not name.startswith("."):
-                ignored.append(p.relative_to(root).as_posix())
-    return found
+                found.ignored.append(found.rel(p))
+    return images
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as e:
+        raise EmbedcacheError(
+            f"cannot list the data folder {folder} ({os_reason(e)}); check its permissions"
+        ) from None
 
 
 def _holdout_key(seed: int, path: str) -> str:
     # Hash order, not a shuffled list: adding images later moves few others across splits.
-    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+    return hashlib.sha256(name_bytes(f"{seed}:{path}")).hexdigest()
 
 
 def holdout(
@@ -260,19 +308,14 @@ def holdout_note(n_val: int, n_train: int, fraction: float, seed: int) -> str:
 
 
 def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool) -> ImageSet:
-    ignored: list[str] = []
+    found = _Found(root)
     split_dirs = {
         SPLIT_NAMES[d.name.lower()]: d for d in _class_dirs(root) if d.name.lower() in SPLIT_NAMES
     }
     if unlabelled or not _class_dirs(root):  # asked for, or a flat folder of images
-        files = _walk_images(root, ignored, root)
-        return ImageSet(
-            root,
-            "unlabelled",
-            [],
-            {"all": [_stat_sample(root, p, UNLABELLED) for p in files]},
-            ignored,
-        )
+        files = _walk_images(root, found, "all")
+        samples = {"all": [_stat_sample(root, p, UNLABELLED) for p in files]}
+        return ImageSet(root, "unlabelled", [], samples, found.ignored, found.unreadable)
     if split_dirs:
         classes = sorted({c.name for d in split_dirs.values() for c in _class_dirs(d)})
         index = {c: i for i, c in enumerate(classes)}
@@ -288,31 +331,68 @@ def _scan_folder(root: Path, *, val_fraction: float, seed: int, unlabelled: bool
             ]
             for c in _class_dirs(d):
                 samples += [
-                    _stat_sample(root, p, index[c.name]) for p in _walk_images(c, ignored, root)
+                    _stat_sample(root, p, index[c.name])
+                    for p in _walk_images(c, found, f"{split}/{c.name}")
                 ]
             splits[split] = sorted(samples, key=lambda s: s.path)
-        return ImageSet(root, "split-folders", classes, splits, ignored)
+        return ImageSet(root, "split-folders", classes, splits, found.ignored, found.unreadable)
     classes_dirs = _class_dirs(root)
     classes = [d.name for d in classes_dirs]
     samples = [
         _stat_sample(root, p, i)
         for i, d in enumerate(classes_dirs)
-        for p in _walk_images(d, ignored, root)
+        for p in _walk_images(d, found, d.name)
     ]
-    ignored += [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    found.ignored += [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     return ImageSet(
         root,
         "class-folders",
         classes,
         stratified_split(samples, val_fraction=val_fraction, seed=seed),
-        ignored,
+        found.ignored,
+        found.unreadable,
     )
+
+
+def _manifest_text(csv_path: Path) -> str:
+    """The manifest as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; else one line saying
+    where the first byte that is not UTF-8 is."""
+    data = csv_path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise EmbedcacheError(
+            f"CSV manifest {csv_path} is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def _once_each(csv_path: Path, root: Path, entries: list, *, first: int) -> list:
+    """``entries`` (path, label, split) with each path in one form (``./a.jpg`` is ``a.jpg``);
+    a file listed twice (with two labels it would be in two classes, or train and val) is an
+    error that names both lines."""
+    seen: dict[str, int] = {}
+    out = []
+    for lineno, (path, label, split) in enumerate(entries, start=first):
+        key = os.path.normpath(root / path)
+        if key in seen:
+            raise EmbedcacheError(
+                f"{csv_path} lists {path} twice (lines {seen[key]} and {lineno}); "
+                "list each file once, with one label"
+            )
+        seen[key] = lineno
+        rel = Path(key).relative_to(root).as_posix() if Path(key).is_relative_to(root) else path
+        out.append((rel, label, split))
+    return out
 
 
 def _scan_csv(csv_path: Path, *, val_fraction: float, seed: int) -> ImageSet:
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    text = _manifest_text(csv_path)
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
     if not rows:
         raise EmbedcacheError(
             f"CSV manifest {csv_path} is empty; expected rows of path,label[,split]"
@@ -338,6 +418,7 @@ def _scan_csv(csv_path: Path, *, val_fraction: float, seed: int) -> ImageSet:
                 f"{csv_path} line {lineno}: split must be train, val or test, got {split!r}"
             )
         entries.append((path, label, SPLIT_NAMES.get(split, "")))
+    entries = _once_each(csv_path, root, entries, first=2 if "path" in header else 1)
     classes = sorted({label for _, label, _ in entries if label})
     index = {c: i for i, c in enumerate(classes)}
     samples: dict[str, list[Sample]] = defaultdict(list)
@@ -470,6 +551,29 @@ def _check_file(path: Path) -> None:
         raise UnreadableImage("empty file (0 bytes)")
 
 
+def _open_image(path: Path, short_side: int | None) -> Image.Image:
+    """``Image.open``, except that a JPEG is drafted (see :func:`load_rgb`) before PIL's pixel
+    limit is applied: the limit guards the pixels decoded, and libjpeg decodes a 100 MP photo
+    at 1/8 scale for a 256 px crop, so it is cheap, not a decompression bomb."""
+    with open(path, "rb") as f:
+        if f.read(3) != JPEG_MAGIC:
+            return Image.open(path)
+    from PIL import JpegImagePlugin
+
+    img = JpegImagePlugin.JpegImageFile(str(path))  # no pixel limit on the declared size
+    try:
+        if short_side:
+            w, h = img.size
+            scale = short_side / min(w, h)
+            img.draft("RGB", (int(w * scale), int(h * scale)))
+        if img.size[0] * img.size[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
+            raise Image.DecompressionBombError(f"{img.size} pixels to decode")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
@@ -485,11 +589,7 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if short_side and img.format == "JPEG":
-                    w, h = img.size
-                    scale = short_side / min(w, h)
-                    img.draft("RGB", (int(w * scale), int(h * scale)))
+            with _open_image(path, short_side) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
@@ -614,7 +714,7 @@ def view_policy(views: int, seed: int) -> str:
 def view_key(seed: int, path: str) -> tuple[int, int]:
     """The seed of one image's views: from the path relative to the data root, so the same
     image gets the same views in a resumed, incremental or moved extraction."""
-    return seed, zlib.crc32(path.encode())
+    return seed, zlib.crc32(name_bytes(path))
 
 
 def with_views(item: tuple[str | Path, int, tuple[int, int]], t: EvalTransform) -> np.ndarray:

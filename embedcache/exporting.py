@@ -11,6 +11,7 @@ with the class names.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from .backbones import EvalTransform
 from .errors import EmbedcacheError
 from .inference import load_classifier
+from .outputs import claim, write_file, write_text
 
 FORMATS = ("onnx", "torchscript")
 INSTALL = "pip install 'embedcache[export]'"
@@ -44,23 +46,33 @@ def export(model: str | Path, *, out: str | Path, format: str = "onnx") -> dict:
     and ``OUT.json`` describing its input. Returns that description (with ``path``)."""
     if format not in FORMATS:
         raise EmbedcacheError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = claim(
+        out,
+        kind="export",
+        verb="export",
+        inputs=[("the model", model)],
+        beside=[Path(f"{out}.json")],
+    )
     clf = load_classifier(model)
     bb = clf.backbone(torch.device("cpu"))
     net = Exported(bb.net.eval(), clf.head.eval(), bb.transform).eval()
-    crop, out = bb.transform.crop, Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    crop = bb.transform.crop
     example = torch.rand(2, 3, crop, crop)
     if format == "onnx":
-        _onnx(net, example, out)
+        write_file(out, lambda tmp: _onnx(net, example, tmp))
     else:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter(
-                "ignore", FutureWarning
-            )  # torch 2.14 marks TorchScript deprecated
-            torch.jit.save(torch.jit.trace(net, example), str(out))
+        write_file(out, lambda tmp: _torchscript(net, example, tmp))
     info = _describe(bb.transform, clf.classes, clf.kind, format)
-    Path(f"{out}.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text(f"{out}.json", json.dumps(info, indent=2) + "\n")
     return {"path": str(out), **info}
+
+
+def _torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated
+        buffer = io.BytesIO()  # torch.jit.save to a file aborts the process when the disk fills
+        torch.jit.save(torch.jit.trace(net, example), buffer)
+    out.write_bytes(buffer.getvalue())
 
 
 def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
@@ -71,8 +83,10 @@ def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its successor
-        torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
+        buffer = io.BytesIO()  # as for TorchScript: a full disk must be a Python error
+        torch.onnx.export(net, (example,), buffer, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": batch, "logits": batch}, opset_version=17, dynamo=False)  # fmt: skip
+    out.write_bytes(buffer.getvalue())
 
 
 def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> dict:

@@ -22,6 +22,7 @@ from .cache import (
     Cache,
     PartialCache,
     ShardFile,
+    available_memory_bytes,
     check_space,
     cross_split_duplicates,
     disk_errors,
@@ -51,6 +52,7 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .identity import CacheIdentity
 from .locks import exclusive
+from .outputs import claim, shown
 from .runtime import (
     Run,
     autocast_dtype,
@@ -69,6 +71,12 @@ from .runtime import (
 # 7.5-20 s/GB through rank 0 here (benchmarks/results/scale_extract_cpu.md), so 8 GB is
 # minutes of every other rank waiting; below it one self-contained file is worth the wait.
 VIRTUAL_JOIN_BYTES = 8 * 10**9
+
+# Peak memory of a forward pass as a multiple of its float32 input batch, measured on a CPU at
+# 768 px (ru_maxrss): resnet18 7x, efficientnet_lite0 25x, timm test_efficientnet 9x. Training
+# keeps the activations for the backward pass: three times that, as a floor.
+FORWARD_MEMORY_FACTOR = 32
+TRAINING_MEMORY_FACTOR = 3 * FORWARD_MEMORY_FACTOR
 
 # --precision auto on a CPU with native bf16: bf16 only if heads on bf16 features were measured
 # as accurate as on fp32 features (within 0.3 points): benchmarks/results/precision_cpu.md.
@@ -91,6 +99,8 @@ class ExtractResult:
     ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
     views: int = 0  # augmented views stored per training image (extract --views)
     leaks: int | None = None  # files byte-identical to one in another split (None: no hashes)
+    ignored: list[dict] = field(default_factory=list)  # files not read: path, reason
+    empty_classes: list[str] = field(default_factory=list)  # with --allow-empty-class
 
     @property
     def images_per_s(self) -> float:
@@ -112,8 +122,10 @@ class ExtractResult:
             extra += f"; {len(self.ranks)} ranks at {rates} images/s"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
-            f"{self.extracted} extracted in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s{extra}), "
-            f"{self.reused} reused, {mb:.1f} MB{self._leak_warning()}"
+            f"{self._ignored()}{self.extracted} extracted in {self.seconds:.1f} s "
+            f"({self.images_per_s:.1f} images/s{extra}), {self.reused} reused, {mb:.1f} MB"
+            + "".join(f"\nwarning: class {shown(k)!r} has no image" for k in self.empty_classes)
+            + self._leak_warning()
         )
 
     def _leak_warning(self) -> str:
@@ -122,6 +134,35 @@ class ExtractResult:
         return (
             f"\nwarning: {self.leaks} file(s) are byte-identical to a file in another split, so "
             f"accuracy measured on those splits is inflated; run `embedcache audit {self.path} --out audit/`"
+        )
+
+    def _ignored(self) -> str:
+        """'3 ignored (2 .heic, 1 folder), ' for the files the scan did not read, or ''."""
+        if not self.ignored:
+            return ""
+        kinds: dict[str, int] = {}
+        for item in self.ignored:
+            kind = item["reason"].split("(")[-1].rstrip(")") if "(" in item["reason"] else "folder"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        top = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+        return f"{len(self.ignored)} ignored ({top}; see embedcache info), "
+
+
+def check_batch_memory(
+    batch_size: int, crop: int, device: torch.device, *, training: bool = False
+) -> None:
+    """Refuse a batch of ``batch_size`` images of ``crop`` pixels whose forward pass (and backward,
+    ``training``) cannot fit in the memory available now, before any work (on a GPU the batch
+    is the device's business: --batch-size auto probes it)."""
+    if device.type == "cuda":
+        return
+    factor = TRAINING_MEMORY_FACTOR if training else FORWARD_MEMORY_FACTOR
+    need, free = batch_size * 3 * crop * crop * 4 * factor, available_memory_bytes()
+    if need > free:
+        raise EmbedcacheError(
+            f"a batch of {batch_size} images of {crop} x {crop} pixels needs about "
+            f"{need / 1e9:.1f} GB and {free / 1e9:.1f} GB of memory is available; "
+            "lower --image-size or --batch-size"
         )
 
 
@@ -171,11 +212,9 @@ def _plan(
     if out.exists() and not overwrite:
         reuse.append(open_cache(out))
         _reusable(identity, reuse, f"{out} holds other features", "pass --overwrite to replace it or choose another --out")  # fmt: skip
-        if (
-            reuse[0].attrs.get("source_fingerprint") == images.fingerprint()
-            and not partial.exists()
-        ):
+        if reuse[0].attrs.get("source_fingerprint") == images.fingerprint():
             reuse.pop().close()
+            partial.unlink(missing_ok=True)  # stale: the finished cache holds every row it could
             return "up_to_date", []
     if partial.exists() and not overwrite:
         try:
@@ -236,11 +275,57 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
 def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
     with open_cache(out) as c:
         counts = {s: c.num_images(s) for s in c.splits}
-        skipped, views, leaks = len(c.skipped), c.num_views, cross_split_duplicates(c)
+        skipped, views, ignored = len(c.skipped), c.num_views, c.ignored
+        leaks = cross_split_duplicates(c)
+        labels = np.concatenate([c.labels(s) for s in c.splits])
+        empty = [k for i, k in enumerate(c.classes) if not np.any(labels == i)]
     return ExtractResult(
         out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, views=views, leaks=leaks, **extra,
+        counts, views=views, ignored=ignored, empty_classes=empty, leaks=leaks, **extra,
     )  # fmt: skip
+
+
+def _listed_per_class(images: ImageSet) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """(classes, files listed per class, why a class has none): before any work."""
+    labels = np.array([s.label for v in images.splits.values() for s in v], np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=len(images.classes))
+    why = {}
+    for i, name in enumerate(images.classes):
+        lost = [f"{k}: {r}" for k, r in images.unreadable.items() if name in k.split("/")[:2]]
+        why[i] = f"folder {lost[0]}" if lost else "no image file in its folder"
+    return images.classes, counts, why
+
+
+def _extracted_per_class(partial: PartialCache) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """(classes, images extracted per class, why a class has none): before the cache is written."""
+    classes = json.loads(partial.h5.attrs["classes"])
+    counts, reasons = np.zeros(len(classes), np.int64), {i: [] for i in range(len(classes))}
+    for split in partial.splits:
+        g = partial.h5[split]
+        labels, status, why = g["labels"][:], g["status"][:], g["reasons"][:]
+        done = labels[(status == 1) & (labels >= 0)]
+        counts += np.bincount(done, minlength=len(classes))
+        for r in np.flatnonzero((status == 2) & (labels >= 0)):
+            reasons[int(labels[r])].append(why[r].decode(errors="replace"))
+    why = {
+        i: f"all {len(r)} of its files were skipped: {', '.join(sorted(set(r))[:3])}"
+        for i, r in reasons.items()
+    }
+    return classes, counts, why
+
+
+def _check_classes(
+    classes: list[str], counts: np.ndarray, why: dict[int, str], *, allow: bool
+) -> None:
+    """Refuse a class with no image (unless ``allow``): a head would train without a word on it."""
+    empty = np.flatnonzero(counts == 0)
+    if len(empty) and not allow:
+        i = int(empty[0])
+        more = f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""
+        raise EmbedcacheError(
+            f"class {shown(classes[i])!r} has no readable image ({why[i]}){more}; "
+            "fix its files, or pass --allow-empty-class to write the cache without them"
+        )
 
 
 def extract(
@@ -276,6 +361,9 @@ def extract(
         dev = group.device(cfg.device)
         bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
         amp = autocast_dtype(dev, cfg.precision, cpu_bf16=CPU_BF16_AUTO)
+        batch = cfg.batch_size if isinstance(cfg.batch_size, int) else default_batch_size(dev)
+        if isinstance(batch, int):  # before any file is written
+            check_batch_memory(batch, bb.transform.crop, dev)
         group.on_main(lambda: held.enter_context(exclusive(out, "extract")))  # one writer per --out
         mode, reused = group.on_main(lambda: _begin(data, out, cfg, bb, precision_name(amp)))
         if mode == "up_to_date":
@@ -284,7 +372,7 @@ def extract(
         run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
         extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg.seed))
         ranks = group.gather((extracted, time.perf_counter() - start))
-        group.on_main(lambda: _join(out, cfg.join))
+        group.on_main(lambda: _join(out, cfg.join, cfg.allow_empty_class))
         seconds = time.perf_counter() - start
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
 
@@ -294,8 +382,10 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
 
     Returns (mode, rows reused): mode is up_to_date, fresh, resume or rebuild.
     """
+    claim(out, kind="cache", verb="extract", inputs=[("the data", data)])
     _check_writable(out)
     images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    _check_classes(*_listed_per_class(images), allow=cfg.allow_empty_class)
     identity = CacheIdentity(
         **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
         view_policy=view_policy(cfg.views, cfg.seed),
@@ -388,7 +478,7 @@ def join_kind(join: str, shards: list[Path]) -> str:
     return "virtual" if sum(p.stat().st_size for p in shards) >= VIRTUAL_JOIN_BYTES else "copy"
 
 
-def _join(out: Path, join: str = "auto") -> None:
+def _join(out: Path, join: str = "auto", allow_empty_class: bool = False) -> None:
     """Rank 0: write the finished cache from the partial file and the shards, copying their
     rows into it or, for a virtual join, mapping them where they are (one process: a copy)."""
     with disk_errors(out):
@@ -401,6 +491,7 @@ def _join(out: Path, join: str = "auto") -> None:
                 for shard in shards:  # merged rows are flushed and marked: the shard can go,
                     partial.merge(shard)  # so the disk holds partial + shards, then + the cache
                     shard.unlink()
+                _check_classes(*_extracted_per_class(partial), allow=allow_empty_class)
                 partial.finalize(out, {"created": now_iso()})
         finally:
             if partial.h5.id.valid:
@@ -463,7 +554,7 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
                 per_image = batch.shape[1] if batch.dim() == 5 else 0  # with views: 1 + V
                 with run.amp():
                     out = net(norm(batch.flatten(0, 1) if per_image else batch))
-                feats = out.float().cpu().numpy().astype(out_dtype)
+                feats = _finite(out.float().cpu().numpy().astype(out_dtype), bb, out_dtype)
                 if per_image:
                     feats = feats.reshape(len(rows), per_image, -1)
                     feats, views = feats[:, 0], feats[:, 1:]
@@ -482,6 +573,17 @@ def _hashes(files: list) -> np.ndarray:
     paths = [f[0] if isinstance(f, tuple) else f for f in files]
     digests = b"".join(content_hash(p) for p in paths)
     return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES)
+
+
+def _finite(feats: np.ndarray, bb: Backbone, dtype: np.dtype) -> np.ndarray:
+    """``feats`` if every value is finite; else stop: a cache of NaN would help nobody."""
+    if np.isfinite(feats).all():
+        return feats
+    hint = " or --dtype float32 (float16 overflows past 65504)" if dtype == np.float16 else ""
+    raise EmbedcacheError(
+        f"{bb.name} with weights {bb.weights} gave non-finite features (NaN or infinity); "
+        f"check the weights (--weights){hint}"
+    )
 
 
 def forward_images(

@@ -35,7 +35,7 @@ from .data import ImageSet, augment, decoded_batches, paths_digest, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .exclusion import excluded
-from .extraction import forward_images
+from .extraction import check_batch_memory, forward_images
 from .heads import Head, Standardize, init_template
 from .locks import exclusive
 from .runtime import (
@@ -368,6 +368,8 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
     if group.world > 1 and cfg.bn_stats:  # statistics over the global batch, not each rank's part
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dev).to(memory_format=torch.channels_last).train()
+    n_train = len(images.splits["train"])
+    check_batch_memory(min(cfg.batch_size, n_train), bb.transform.crop, dev, training=True)
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
     run = Run(
         dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress and group.is_main
@@ -738,6 +740,18 @@ def _model_checkpoint(setup: _Setup, metrics: dict) -> ModelCheckpoint:
     )
 
 
+def _claim(out: Path, data, cfg: FinetuneConfig) -> None:
+    """Refuse an --out that is an input (the head, the data), another kind of file, or puts the
+    plots among the images."""
+    from .outputs import claim
+    from .report import side_files
+
+    inputs = [("the head", cfg.head), ("the data", data)]
+    root = Path(data) if Path(data).is_dir() else None
+    claim(out, kind="model", verb="finetune", inputs=inputs, beside=side_files(out), data_root=root)
+    claim(_last_path(out), kind="state", verb="finetune", inputs=inputs)
+
+
 def _last_path(out: Path) -> Path:
     return out.with_name(out.stem + ".last" + out.suffix)
 
@@ -923,6 +937,7 @@ def finetune(
     tune_allocator()
     out = Path(out)
     with process_group(cfg.device) as group, contextlib.ExitStack() as held:
+        group.on_main(lambda: _claim(out, data, cfg))
         group.on_main(
             lambda: held.enter_context(exclusive(out, "finetune"))
         )  # one writer per --out

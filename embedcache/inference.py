@@ -15,8 +15,9 @@ from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpo
 from .data import IMAGE_EXTENSIONS, paths_digest, preprocess, scan, with_views
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, read_exclude
-from .extraction import forward_images
+from .extraction import check_batch_memory, forward_images
 from .finetuning import model_backbone
+from .outputs import claim
 from .runtime import (
     Run,
     compile_mode,
@@ -92,6 +93,8 @@ def image_features(
     ok : ndarray of shape (n_ok,), indices into ``files``
     failed : {index: reason} for files that could not be decoded
     """
+    batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
+    check_batch_memory(batch, bb.transform.crop, run.device)
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(
         net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)
@@ -241,6 +244,10 @@ def evaluate(
         raise TypeError(f"evaluate() got unexpected keyword arguments {sorted(unknown)}")
     clf = model if isinstance(model, Classifier) else load_classifier(model)
     data = Path(data)
+    if plot is not None:
+        root = data if data.is_dir() else None
+        inputs = [("the model", clf.path), ("the data", data)]
+        claim(plot, kind="plot", verb="evaluate", inputs=inputs, data_root=root, option="--plot")
     skipped: dict[str, str] = {}
     drop = read_exclude(exclude)
     if _is_cache(data):

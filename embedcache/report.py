@@ -7,6 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import write_file, write_text
+
+# Up to this many classes metrics.json holds the confusion matrix itself; above, only its
+# non-zero cells (it grew with the square of the class count: 36 MB for 2,000 classes).
+DENSE_CONFUSION_CLASSES = 100
+
+
+SIDE_FILES = (".metrics.json", ".report.txt", ".confusion.png", ".curves.png")
+
+
+def side_files(out: Path) -> list[Path]:
+    """The files :func:`write_reports` writes next to ``out``."""
+    return [_sidecar(Path(out), suffix) for suffix in SIDE_FILES]
+
 
 def _sidecar(out: Path, suffix: str) -> Path:
     """head.pt -> head.metrics.json etc., next to the checkpoint."""
@@ -103,8 +117,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
 
 
 def _series(values: list) -> np.ndarray:
@@ -128,8 +141,21 @@ def plot_curves(history: dict, path: Path, title: str) -> Path:
     b.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    return write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
+def confusion_record(matrix: np.ndarray) -> dict:
+    """The confusion matrix as metrics.json holds it: ``confusion`` (C, C) for up to
+    DENSE_CONFUSION_CLASSES classes, else ``confusion_cells``, [true, predicted, count] per
+    non-zero cell (at most one per validation image)."""
+    if len(matrix) <= DENSE_CONFUSION_CLASSES:
+        return {"confusion": matrix.tolist()}
+    cells = np.argwhere(matrix)
+    return {"confusion_cells": [[int(i), int(j), int(matrix[i, j])] for i, j in cells]}
 
 
 def write_reports(
@@ -149,12 +175,12 @@ def write_reports(
     """
     files = {}
     matrix = confusion(y_true, y_pred, len(classes))
-    metrics["confusion"] = matrix.tolist()
+    metrics.update(confusion_record(matrix))
     metrics["per_class"] = per_class(y_true, y_pred, classes)
-    files["metrics"] = _sidecar(out, ".metrics.json")
-    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
-    files["report"] = _sidecar(out, ".report.txt")
-    files["report"].write_text(classification_text(y_true, y_pred, classes))
+    text = json.dumps(metrics, indent=2) + "\n"
+    files["metrics"] = write_text(_sidecar(out, ".metrics.json"), text)
+    report = classification_text(y_true, y_pred, classes)
+    files["report"] = write_text(_sidecar(out, ".report.txt"), report)
     files["confusion"] = plot_confusion(
         matrix,
         classes,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import Cache, Rows, ViewRows, join_rows, memory_budget, open_cache
-from .checkpoint import HeadCheckpoint, Recorded, TrainedOn
+from .checkpoint import HeadCheckpoint, Recorded, TrainedOn, check_finite
 from .config import HeadConfig
 from .data import holdout, holdout_note, paths_digest
 from .errors import EmbedcacheError
@@ -149,6 +149,11 @@ def _splits(cache: Cache, cfg: HeadConfig) -> _Data:
         return _Data(train, val, "val split", mirror, used, False, digests)
     tr, va = holdout(paths, labels, fraction=cfg.val_fraction, seed=cfg.seed)
     tr, va = kept("train", tr), kept("train", va)
+    if len(va) == 0 and cfg.val_fraction == 0:
+        raise EmbedcacheError(
+            f"cache {cache.path} has no val split and --val-fraction is 0: nothing to validate on; "
+            "pass a --val-fraction above 0 (e.g. 0.2) or extract data with a val split"
+        )
     if len(va) == 0:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"
@@ -307,7 +312,7 @@ def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> Non
     best = sweep.best
     sweep.history["val_loss"].append(vl)
     sweep.history["val_acc"].append(va)
-    improved = vl < best["loss"]
+    improved = vl < best["loss"]  # a diverged head (NaN loss) is never kept
     best["acc"] = torch.where(improved, va, best["acc"])
     best["loss"] = torch.where(improved, vl, best["loss"])
     best["epoch"] = torch.where(
@@ -339,7 +344,7 @@ def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, p
     for _ in bar:
         t_epoch = time.perf_counter()
         _train_epoch(sweep, train, cfg, batch_size, device)
-        _check_finite(sweep)
+        _stop_if_diverged(sweep, cfg)
         _keep_best(sweep, *_evaluate(sweep, val, device, data.val_mirror), device)
         epoch_seconds.append(time.perf_counter() - t_epoch)
         bar.set_postfix(val_acc=f"{sweep.best['acc'][_pick(sweep.best)]:.3f}", refresh=False)
@@ -350,12 +355,13 @@ def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, p
     return _best_head(sweep, device), _sweep_metrics(sweep, epoch_seconds), sweep.state()
 
 
-def _check_finite(sweep: _Sweep) -> None:
-    """Stop once no head's training loss is a finite number (a diverged head of a sweep is
-    never kept: its validation loss is never lower than a number)."""
+def _stop_if_diverged(sweep: _Sweep, cfg: HeadConfig) -> None:
+    """Stop with a clear error once the training loss of every head is not finite."""
     if not torch.isfinite(sweep.history["train_loss"][-1]).any():
+        lrs = ",".join(f"{v:g}" for v in cfg.lr)
         raise EmbedcacheError(
-            "training diverged: the loss is no longer a finite number; lower --lr"
+            f"training diverged at epoch {sweep.epoch + 1}: the loss is not finite "
+            f"(--lr {lrs}); lower --lr"
         )
 
 
@@ -540,7 +546,7 @@ def _refit(data: _Data, classes, cfg: HeadConfig, metrics: dict, progress: bool)
     batch_size = _batch_size(cfg, both.n, both.dim)
     for _ in tqdm(range(epochs), desc="refit on train + val", unit="epoch", disable=not progress):
         _train_epoch(sweep, both, one, batch_size, dev)
-        _check_finite(sweep)
+        _stop_if_diverged(sweep, one)
         sweep.epoch += 1
     classifier = sweep.heads.export(0, sweep.template).cpu()
     head = Head(Standardize(sweep.norm.mean.cpu(), sweep.norm.std.cpu()), classifier)
@@ -592,6 +598,7 @@ def train_head(
     cfg = HeadConfig.build(config, **options)
     start = time.perf_counter()
     with open_cache(cache) as c:
+        _claim(out, cache, c)
         data = _splits(c, cfg)
         classes = list(c.classes)
         recorded = Recorded(c.features_identity, c.weights_arg, c.feature_dim, c.identity.dtype)
@@ -655,6 +662,7 @@ def _trained_on(cfg: HeadConfig, data: _Data, refit: bool) -> TrainedOn:
 def _validate(module: torch.nn.Module, data: _Data, metrics: dict) -> np.ndarray:
     """Validation loss and accuracy into ``metrics`` (and with test-time averaging over each
     image and its mirror, ``*_tta``, when the cache stores mirrors); returns the plain logits."""
+    check_finite(module.state_dict(), None, "head")  # a diverged head is never a result
     logits = _logits(module, data.val)
     metrics.update(_val_metrics(logits, data.val.labels))
     if data.val_mirror is not None:
@@ -692,6 +700,24 @@ def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     named = {"accuracy": "val_acc", "balanced_accuracy": "val_balanced_acc", "top5": "val_top5"}
     return {**{named[k]: v for k, v in scores(logits, labels).items()}, "val_loss": float(loss)}
+
+
+def _claim(out, cache, c: Cache) -> None:
+    """Refuse an --out that is the cache, another kind of file, or puts plots among the images."""
+    from .outputs import claim
+    from .report import side_files
+
+    if out is not None:
+        root = c.attrs.get("source") if c.attrs.get("layout") not in ("csv", "arrays") else None
+        sides = side_files(Path(out))
+        claim(
+            out,
+            kind="head",
+            verb="train-head",
+            inputs=[("the cache", cache)],
+            beside=sides,
+            data_root=root or None,
+        )
 
 
 def _reports(out: Path, metrics: dict, y_true, y_pred, classes) -> dict[str, Path]:

@@ -250,6 +250,11 @@ def _file_digest(path: Path) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a ``.pt/.pth`` (tensors only, never pickled code) or ``.safetensors``."""
     path = Path(path)
+    if path.is_dir():
+        raise EmbedcacheError(
+            f"--weights {path} is a folder; "
+            "pass the state-dict file in it (.pt, .pth or .safetensors)"
+        )
     if not path.is_file():
         raise EmbedcacheError(
             f"weights file {path} does not exist; pass --weights DEFAULT, none or a state-dict file"
@@ -327,7 +332,18 @@ def load_into(
             parts.append(f"unexpected {_describe(unexpected)}")
         raise EmbedcacheError(f"{source} does not fit this backbone: {'; '.join(parts)}")
     usable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    _check_finite(usable, source)
     model.load_state_dict(usable, strict=False)
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: every feature of the backbone would be NaN."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise EmbedcacheError(
+            f"{source} holds non-finite values (NaN or infinity) in {_describe(bad)}; "
+            "it is damaged or from a diverged training: pass other weights"
+        )
 
 
 def _rename_by_order(

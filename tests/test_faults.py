@@ -404,3 +404,650 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
         first.wait(timeout=30)
     second()  # the holder is gone: nothing stale is left to stop this one
     assert out.exists()
+
+
+# ---------------------------------------------------------------------------
+# Probes of a hostile but realistic user (issue 19): each ends in one line or a correct result
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, *patterns: str) -> str:
+    """The CLI's error, checked to be one line with no traceback, matching every pattern."""
+    import re
+
+    text = result.output
+    assert result.exit_code == 1, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    for p in patterns:
+        assert re.search(p, text), (p, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """Two classes of six tiny JPEGs, their cache and a head: the issue's reproducer setup,
+    shared by the probes below (those that change a file work on a copy)."""
+    from conftest import make_tree
+
+    from embedcache import train_head
+
+    tmp_path = tmp_path_factory.mktemp("probe")
+    data = make_tree(tmp_path / "d", splits=(), classes=("a", "b"), per_class=6, ext=".jpg")
+    extract(data, out=tmp_path / "c.h5", **TINY)
+    train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=2, progress=False)
+    return tmp_path
+
+
+def test_no_output_replaces_an_input_or_a_file_of_another_kind(probe):
+    """#2: every verb's --out may replace only its own kind of file, never an input."""
+    from conftest import tree_digest
+
+    d, c, h = probe / "d", probe / "c.h5", probe / "h.pt"
+    before = {**tree_digest(d), "c": c.read_bytes(), "h": h.read_bytes()}
+    tiny = ["-b", TINY["backbone"], "-w", "none", "--image-size", "32", "-q"]
+    (probe / "m.csv").write_text("path,label\nd/a/a_000.jpg,a\nd/b/b_000.jpg,b\n")
+    cases = {
+        (
+            "extract",
+            d,
+            *tiny,
+            "--overwrite",
+            "--out",
+            d / "a" / "a_000.jpg",
+        ): r"is an image; extract replaces only an embedcache cache: pass another --out",
+        (
+            "extract",
+            probe / "m.csv",
+            *tiny,
+            "--out",
+            probe / "m.csv",
+        ): r"would overwrite .*m\.csv \(the data extract reads\); pass another --out",
+        (
+            "extract",
+            d,
+            *tiny,
+            "--overwrite",
+            "--out",
+            h,
+        ): r"is a head checkpoint; extract replaces only",
+        (
+            "train-head",
+            c,
+            "--out",
+            c,
+            "-q",
+        ): r"would overwrite .*c\.h5 \(the cache train-head reads\)",
+        (
+            "train-head",
+            c,
+            "--out",
+            d / "b" / "b_001.jpg",
+            "-q",
+        ): r"is an image; train-head replaces only a head",
+        (
+            "train-head",
+            c,
+            "--out",
+            probe / "new.png",
+            "-q",
+        ): r"is named like an image; pass a name such as .*new\.pt",
+        (
+            "finetune",
+            d,
+            "--head",
+            h,
+            "--out",
+            c,
+            "--epochs",
+            "1",
+            "-q",
+        ): r"is an embedcache cache; finetune replaces only a fine-tuned model",
+        (
+            "finetune",
+            d,
+            "--head",
+            h,
+            "--out",
+            h,
+            "--epochs",
+            "1",
+            "-q",
+        ): r"would overwrite .*h\.pt \(the head finetune reads\)",
+        (
+            "export",
+            h,
+            "--out",
+            h,
+        ): r"would overwrite .*h\.pt \(the model export reads\); pass another --out .*h\.onnx",
+        (
+            "export",
+            h,
+            "--format",
+            "torchscript",
+            "--out",
+            c,
+        ): r"is an embedcache cache; export replaces only an exported model",
+        (
+            "evaluate",
+            h,
+            c,
+            "--split",
+            "val",
+            "--plot",
+            d / "a" / "a_002.jpg",
+        ): r"--plot .* is an image; evaluate replaces only a plot",
+    }
+    for args, pattern in cases.items():
+        _one_line_error(_cli(*args), pattern)
+    assert {**tree_digest(d), "c": c.read_bytes(), "h": h.read_bytes()} == before
+    # its own kind it replaces: a head over a head, a cache over a cache
+    assert _cli("train-head", c, "--out", h, "-q", "--epochs", "1").exit_code == 0
+    assert _cli("extract", d, *tiny, "--overwrite", "--out", c).exit_code == 0
+
+
+def test_plots_never_go_inside_the_image_folder(probe):
+    """#13: head.confusion.png next to --out inside the data would be extracted next time."""
+    r = _cli("train-head", probe / "c.h5", "--out", probe / "d" / "a" / "head.pt", "-q")
+    _one_line_error(
+        r,
+        r"would put the plot head\.confusion\.png inside the image folder .*; "
+        r"pass an --out outside",
+    )
+    assert sorted(p.name for p in (probe / "d" / "a").iterdir()) == [
+        f"a_{i:03d}.jpg" for i in range(6)
+    ]
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "split-folders", "unlabelled"])
+def test_a_file_name_that_is_not_utf8_is_extracted_and_shown_escaped(tmp_path, layout):
+    """#1: one latin-1 byte in a file name (and a folder name) aborted the whole extract."""
+    from conftest import make_tree
+
+    splits = ("train", "val") if layout == "split-folders" else ()
+    data = make_tree(tmp_path / "d", splits=splits, classes=("a", "b"), per_class=3)
+    folder = data / ("train/a" if splits else "a")
+    raw = os.fsdecode(b"caf\xe9")
+    make_image(folder / f"{raw}.png", 0, 99)
+    make_image(data / ("train" if splits else "") / "b" / raw / "x.png", 1, 98)
+    kw = {**TINY, "unlabelled": layout == "unlabelled"}
+    extract(data, out=tmp_path / "c.h5", **kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        paths = [p for s in c.splits for p in c.paths(s)]
+    assert len(paths) == (2 * 3 * len(splits or "x") + 2) and any(raw in p for p in paths)
+    assert extract(data, out=tmp_path / "c.h5", **kw).up_to_date  # the names read back the same
+    shown = _cli("info", tmp_path / "c.h5", "--verify")
+    assert shown.exit_code == 0 and "intact" in shown.output, shown.output
+    if layout == "class-folders":
+        from embedcache import train_head
+
+        train_head(tmp_path / "c.h5", out=tmp_path / "h.pt", epochs=1, progress=False)
+        r = _cli("predict", tmp_path / "h.pt", folder, "-q", "--device", "cpu")
+        assert r.exit_code == 0 and "caf\\xe9.png: " in r.output, r.output
+
+
+def test_a_diverged_head_stops_with_a_clear_error_and_is_never_written(blob_cache, tmp_path):
+    """#8: --lr 1e308 went to NaN weights, saved as a success; predict printed nan."""
+    import torch
+
+    from embedcache import load_head, train_head
+    from embedcache.checkpoint import HEAD_FORMAT, save_checkpoint
+    from embedcache.errors import EmbedcacheError
+
+    out = tmp_path / "hn.pt"
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"training diverged at epoch \d+: the loss is not finite \(--lr 1e\+308\); "
+        r"lower --lr",
+    ):
+        train_head(blob_cache, out=out, lr=1e308, progress=False)
+    assert not list(tmp_path.glob("hn*"))
+    r = train_head(
+        blob_cache, out=out, lr=[1e308, 1e-2], progress=False
+    )  # a sweep keeps a finite head
+    assert r.metrics["best"]["lr"] == 1e-2 and r.metrics["val_acc"] > 0.9
+    ckpt = load_head(out)[1]
+    ckpt.state_dict = {k: torch.full_like(v, float("nan")) for k, v in ckpt.state_dict.items()}
+    with pytest.raises(
+        EmbedcacheError, match=r"the head has non-finite weights .*training diverged"
+    ):
+        ckpt.save(tmp_path / "nan.pt")
+    body = {
+        "format": HEAD_FORMAT,
+        "format_version": 1,
+        "config": ckpt.config,
+        "classes": ckpt.classes,
+        "state_dict": ckpt.state_dict,
+        "identity": ckpt.recorded.to_dict(),
+        "metrics": {},
+    }
+    save_checkpoint(body, tmp_path / "old-nan.pt")  # as versions before this check wrote it
+    for args in (
+        ("predict", tmp_path / "old-nan.pt", tmp_path / "x.png"),
+        ("export", tmp_path / "old-nan.pt", "--out", tmp_path / "e.onnx"),
+    ):
+        make_image(tmp_path / "x.png", 0, 1)
+        _one_line_error(_cli(*args), r"old-nan\.pt: the head has non-finite weights")
+
+
+def _damaged_caches(good: Path) -> dict[str, Path]:
+    """Copies of ``good`` damaged the ways a disk or a hand edit damages them (#3, #4, #5)."""
+    import shutil
+
+    import h5py
+
+    def flipped(name: str, at: int, bit: int = 4) -> Path:
+        data = bytearray(good.read_bytes())
+        data[at] ^= bit
+        (good.parent / name).write_bytes(bytes(data))
+        return good.parent / name
+
+    raw = good.read_bytes()
+    with h5py.File(good) as f:
+        labels_at = f["train/labels"].id.get_chunk_info(0).byte_offset
+    out = {
+        "a byte of a path": flipped("path.h5", raw.find(b"train/1.png")),
+        "the string heap": flipped("heap.h5", raw.find(b"GCOL") + 16, 0x55),  # an object index
+        "the labels chunk": flipped("labels.h5", labels_at, 1),
+    }
+    edits = {
+        "a label past the classes": lambda f: f["train/labels"].__setitem__(0, 7),
+        "classes not JSON": lambda f: f.attrs.__setitem__("classes", "not json"),
+        "another backbone": lambda f: f.attrs.__setitem__("backbone", "resnet50"),
+        "a missing dataset": lambda f: f["val"].__delitem__("labels"),
+        "one val label for two rows": lambda f: (
+            f["val"].__delitem__("labels"),
+            f["val"].create_dataset("labels", data=np.zeros(1, np.int64)),
+        ),
+    }
+    for i, (what, edit) in enumerate(edits.items()):
+        out[what] = shutil.copy(good, good.parent / f"edit{i}.h5")
+        with h5py.File(out[what], "r+") as f:
+            edit(f)
+    return out
+
+
+def test_info_verify_and_every_reader_call_each_damaged_cache_damaged(tmp_path):
+    """#3, #4, #5: paths outside the checksums passed verify; heap, attribute and labels damage
+    gave tracebacks; labels past the classes, broken classes and uneven rows went unchecked."""
+    from embedcache import EvalTransform, evaluate, train_head, write_cache
+    from embedcache.errors import EmbedcacheError
+
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float16)
+    y = np.arange(40) % 2
+    splits = {
+        s: (
+            x[:20] if s == "val" else x,
+            y[:20] if s == "val" else y,
+            [f"{s}/{i}.png" for i in range(20 if s == "val" else 40)],
+        )
+        for s in ("train", "val")
+    }
+    t = EvalTransform(resize=40, crop=32).to_json()
+    good = write_cache(
+        tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=t
+    )
+    assert _cli("info", "--verify", good).exit_code == 0
+    head = train_head(good, out=tmp_path / "h.pt", epochs=1, progress=False).path
+    for what, bad in _damaged_caches(good).items():
+        r = _cli("info", "--verify", bad)
+        assert r.exit_code == 1 and f"cache {bad} is damaged" in r.output, (what, r.output)
+        assert "Traceback" not in r.output, what
+        with pytest.raises(
+            EmbedcacheError, match=rf"cache {bad} is damaged: .*re-run extract with --overwrite"
+        ):
+            train_head(bad, out=tmp_path / "h2.pt", epochs=1, progress=False)
+        with pytest.raises(EmbedcacheError, match=r"is damaged"):
+            evaluate(head, bad, split="train", progress=False)
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_failed_write_of_any_output_is_one_line_and_leaves_no_temporary_file(
+    probe, tmp_path, monkeypatch, err
+):
+    """#6, #7: disk full while torch.save wrote (a RuntimeError from inline_container.cc), a
+    report or a plot, or a read-only folder: tracebacks, and OUT.PID.tmp left behind."""
+    import errno
+
+    import torch
+    from matplotlib.figure import Figure
+
+    from embedcache import finetune, train_head
+    from embedcache.errors import EmbedcacheError
+
+    code = getattr(errno, err)
+    real_save = torch.save
+
+    def torch_fails(obj, f, *a, **k):  # what torch 2.14 raises when the disk fills mid-write
+        f.write(b"part of a checkpoint")
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:  # its cleanup fails next, and that error is the one raised
+            raise RuntimeError(  # noqa: B904
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1577024 vs 1576920"
+            )
+
+    def os_fails(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    c = probe / "c.h5"
+    runs = {
+        "checkpoint": (
+            torch,
+            "save",
+            torch_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "report": (
+            Path,
+            "write_text",
+            os_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "plot": (
+            Figure,
+            "savefig",
+            os_fails,
+            lambda out: train_head(c, out=out, epochs=1, progress=False),
+        ),
+        "model": (
+            torch,
+            "save",
+            torch_fails,
+            lambda out: finetune(
+                probe / "d",
+                out=out,
+                head=probe / "h.pt",
+                epochs=1,
+                augment="none",
+                **{k: v for k, v in TINY.items() if k not in ("backbone", "weights")},
+            ),
+        ),
+    }
+    reason = {
+        "ENOSPC": "no space left on the device",
+        "EROFS": "read-only file system",
+        "EACCES": "permission denied",
+    }[err]
+    for what, (owner, name, fake, run) in runs.items():
+        out = tmp_path / what / "out.pt"
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, fake)
+            with pytest.raises(
+                EmbedcacheError,
+                match=rf"^cannot write {tmp_path}/{what}/out\.\S+ \({reason}\); "
+                r"free some space or choose a writable location$",
+            ):
+                run(out)
+        assert not list((tmp_path / what).glob("*.tmp")), what
+    assert real_save is torch.save
+
+
+def test_evaluate_with_a_model_in_a_read_only_folder_prints_its_result(probe, monkeypatch):
+    """#7: the default plot next to a read-only model was a traceback and no result."""
+    monkeypatch.setattr("embedcache.outputs.writable", lambda folder: False)
+    r = _cli("evaluate", probe / "h.pt", probe / "c.h5", "--split", "val")
+    assert r.exit_code == 0 and "val: accuracy" in r.output, r.output
+    assert "no confusion plot" in r.output and not list(probe.glob("h.val.confusion.png"))
+
+
+def test_nan_backbone_weights_are_refused_before_any_feature_is_written(probe, tmp_path):
+    """#14: NaN in conv1.weight made a cache that was 100% NaN, reported as a success."""
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "wn.pt")
+    r = _cli(
+        "extract",
+        probe / "d",
+        "-b",
+        "resnet18",
+        "-w",
+        tmp_path / "wn.pt",
+        "--image-size",
+        "32",
+        "-q",
+        "--out",
+        tmp_path / "wn.h5",
+    )
+    _one_line_error(
+        r, r"weights file .*wn\.pt holds non-finite values \(NaN or infinity\) in conv1\.weight"
+    )
+    assert not list(tmp_path.glob("wn.h5*"))
+
+
+def test_a_backbone_that_overflows_stops_extract_with_a_clear_error(probe, tmp_path):
+    """#14: features past float16's range became inf in the cache; now extract stops, saying why."""
+    import torch
+
+    from embedcache.backbones import build_backbone
+    from embedcache.errors import EmbedcacheError
+
+    bb = build_backbone(TINY["backbone"], weights="none", image_size=32)
+    with torch.no_grad():
+        for p in bb.net.parameters():
+            p.mul_(1e6)
+    with pytest.raises(EmbedcacheError, match=r"gave non-finite features .* or --dtype float32"):
+        extract(probe / "d", out=tmp_path / "big.h5", model=bb, **TINY)
+    assert not (tmp_path / "big.h5").exists()
+
+
+def test_misleading_messages_now_say_what_is_wrong(make_cache, tmp_path):
+    """#18: --weights DIR said 'does not exist', --val-fraction 0 without a val split 'too few
+    training images', --lr inf 'must be at least 0.0'."""
+    from conftest import blobs
+
+    cache = make_cache(train=blobs(10))
+    (tmp_path / "wdir").mkdir()
+    cases = {
+        (
+            "extract",
+            tmp_path,
+            "-b",
+            "resnet18",
+            "-w",
+            tmp_path / "wdir",
+            "--out",
+            tmp_path / "x.h5",
+        ): r"--weights .*wdir is a folder; pass the state-dict file in it",
+        (
+            "train-head",
+            cache,
+            "--val-fraction",
+            "0",
+            "--out",
+            tmp_path / "h.pt",
+        ): r"has no val split and --val-fraction is 0: nothing to validate on; "
+        r"pass a --val-fraction above 0",
+        (
+            "train-head",
+            cache,
+            "--lr",
+            "inf",
+            "--out",
+            tmp_path / "h.pt",
+        ): r"--lr must be a finite number, got inf",
+    }
+    for args, pattern in cases.items():
+        _one_line_error(_cli(*args), pattern)
+
+
+def test_image_and_batch_sizes_past_the_memory_are_refused_before_any_work(probe, tmp_path):
+    """#9: --image-size 100000 grew to 23.6 GB until the kernel killed it."""
+    from embedcache.errors import EmbedcacheError
+
+    kw = {k: v for k, v in TINY.items() if k not in ("image_size", "batch_size")}
+    huge = {"image_size": 100000}, {"image_size": 32, "batch_size": 10**9}
+    for size in huge:
+        with pytest.raises(
+            EmbedcacheError,
+            match=r"^a batch of \d+ images of \d+ x \d+ pixels needs about [\d.]+ GB and "
+            r"[\d.]+ GB of memory is available; lower --image-size or --batch-size$",
+        ):
+            extract(probe / "d", out=tmp_path / "big.h5", **kw, **size)
+    assert not list(tmp_path.iterdir())  # refused before any file was written
+    r = _cli(
+        "finetune",
+        probe / "d",
+        "-b",
+        TINY["backbone"],
+        "-w",
+        "none",
+        "--image-size",
+        "100000",
+        "--out",
+        tmp_path / "m.pt",
+    )
+    _one_line_error(r, r"needs about .* GB of memory is available; lower --image-size")
+    r = _cli("predict", probe / "h.pt", probe / "d", "--batch-size", str(10**9))
+    assert r.exit_code == 0, r.output  # the batch holds the 12 images there are: it fits
+
+
+def test_every_file_not_extracted_is_accounted_for(tmp_path, monkeypatch):
+    """#11, #16: an unreadable class folder or a class of unreadable files was dropped without a
+    word; .heic and other extensions were ignored silently (the ignored list never shown)."""
+    from conftest import make_tree
+
+    from embedcache.errors import EmbedcacheError
+
+    data = make_tree(tmp_path / "d", splits=(), classes=("a", "b", "c"), per_class=3)
+    (data / "a" / "photo.heic").write_bytes(b"ftypheic")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission gives a user who is not root
+        if Path(path).name == "c":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        with pytest.raises(
+            EmbedcacheError,
+            match=r"class 'c' has no readable image \(folder c: permission denied\); "
+            r"fix its files, or pass --allow-empty-class",
+        ):
+            extract(data, out=tmp_path / "c.h5", **TINY)
+        assert not list(tmp_path.glob("c.h5*"))  # refused before any work
+        r = extract(data, out=tmp_path / "c.h5", allow_empty_class=True, **TINY)
+    assert r.empty_classes == ["c"] and "warning: class 'c' has no image" in r.summary()
+    assert "2 ignored (1 .heic, 1 folder" in r.summary()
+    with open_cache(tmp_path / "c.h5") as c:
+        assert {i["path"]: i["reason"] for i in c.ignored} == {
+            "a/photo.heic": "not an image file (.heic)",
+            "c": "folder not readable: permission denied",
+        }
+    shown = _cli("info", tmp_path / "c.h5").output
+    assert "ignored    2" in shown and "a/photo.heic: not an image file (.heic)" in shown
+    for f in (data / "c").iterdir():  # now readable, but every file is damaged
+        f.write_bytes(b"not an image")
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"class 'c' has no readable image \(all 3 of its files were skipped: not an image",
+    ):
+        extract(data, out=tmp_path / "d.h5", **TINY)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_a_finished_cache_beside_a_stale_partial_file_is_up_to_date(probe, tmp_path):
+    """Also seen: a stale OUT.partial next to a finished cache made extract redo its images."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    shutil.copy(probe / "c.h5", out)
+    (tmp_path / "c.h5.partial").write_bytes(b"left by a run killed long ago")
+    r = extract(probe / "d", out=out, **TINY)
+    assert r.up_to_date and r.extracted == 0 and not (tmp_path / "c.h5.partial").exists()
+
+
+def test_a_manifest_that_is_not_utf8_is_read_or_refused_in_one_line(probe, tmp_path):
+    """#10: a latin-1 or UTF-16 CSV was a UnicodeDecodeError traceback."""
+    from embedcache.data import scan
+    from embedcache.errors import EmbedcacheError
+
+    d = probe / "d"
+    (tmp_path / "l1.csv").write_bytes(f"path,label\n{d}/a/a_000.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(
+        EmbedcacheError, match=r"l1\.csv is not UTF-8 \(byte 0xe9 on line 2\); save it as UTF-8"
+    ):
+        scan(tmp_path / "l1.csv")
+    rows = f"path,label\n{d}/a/a_000.jpg,café\n{d}/b/b_000.jpg,b\n"
+    (tmp_path / "u16.csv").write_bytes(rows.encode("utf-16"))  # with its byte-order mark
+    assert scan(tmp_path / "u16.csv").classes == ["b", "café"]
+
+
+def test_one_file_never_gets_two_labels_or_two_splits(probe, tmp_path):
+    """#12: duplicate CSV rows (and ./ variants) gave one file two labels; a linked class folder
+    put another class's images under a second label, split apart: a train/val leak."""
+    import shutil
+
+    from embedcache.data import scan
+    from embedcache.errors import EmbedcacheError
+
+    shutil.copytree(probe / "d", tmp_path / "d")
+    manifests = {
+        "dup.csv": "path,label\nd/a/a_000.jpg,a\nd/b/b_000.jpg,b\nd/a/a_000.jpg,b\n",
+        "dot.csv": "path,label\nd/a/a_000.jpg,a\n./d/a/a_000.jpg,a\n",
+    }
+    for name, text in manifests.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(
+            EmbedcacheError,
+            match=rf"{name} lists \S+a_000\.jpg twice \(lines 2 and \d\); list each file once",
+        ):
+            scan(tmp_path / name)
+    (tmp_path / "d" / "a" / "linkb").symlink_to("../b")
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"are the same folder through a link: its images would be in two classes or "
+        r"splits; remove the link",
+    ):
+        scan(tmp_path / "d")
+    (tmp_path / "d" / "a" / "linkb").unlink()
+    (tmp_path / "d" / "a" / "again").symlink_to(".")  # a loop within one class: followed once
+    assert len(scan(tmp_path / "d")) == 12
+
+
+def test_compare_refuses_a_file_as_workdir_and_a_bad_unfreeze_before_any_work(probe, monkeypatch):
+    """#15 and also seen: --workdir naming a file was a FileExistsError traceback; --unfreeze 9
+    was refused only after 26 s of work."""
+    import embedcache.comparison as comparison
+
+    monkeypatch.setattr(comparison, "scan", lambda *a, **k: pytest.fail("work began"))
+    base = ("compare", probe / "d", "-b", "resnet18", "-w", "none", "--no-tutorial", "-q")
+    _one_line_error(
+        _cli(*base, "--unfreeze", "9"),
+        r"--unfreeze must be between 0 and 5 for resnet18 \(or all\), got 9",
+    )
+    monkeypatch.undo()
+    _one_line_error(
+        _cli(*base, "--unfreeze", "1", "--workdir", probe / "c.h5"),
+        r"--workdir .*c\.h5 is a file; pass a folder",
+    )
+
+
+def test_a_large_jpeg_photo_is_decoded_at_a_draft_scale_not_skipped(tmp_path):
+    """#17: photos of 89.5 MP or more (11648 x 8736) were skipped as decompression bombs."""
+    from embedcache.data import EvalTransform, UnreadableImage, load_rgb, preprocess
+
+    Image.new("RGB", (11648, 8736), (30, 90, 200)).save(tmp_path / "g.jpg", quality=50)
+    x = preprocess(tmp_path / "g.jpg", EvalTransform(resize=256, crop=224))
+    assert x.shape == (224, 224, 3) and abs(int(x[..., 2].mean()) - 200) < 5
+    with pytest.raises(UnreadableImage, match="decompression bomb guard"):
+        load_rgb(tmp_path / "g.jpg")  # decoded in full, it is one: the guard still holds
+
+
+def test_predict_and_info_escape_names_so_none_can_forge_a_line(probe, tmp_path):
+    """#19: a file named 'x.jpg: b 0.999\\nfake.jpg' printed a forged result line."""
+    forged = tmp_path / "p" / "x.jpg: b 0.999\nfake.jpg"
+    make_image(forged, 0, 5, fmt="JPEG")
+    r = _cli("predict", probe / "h.pt", tmp_path / "p", "-q")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "x.jpg: b 0.999\\nfake.jpg: " in r.output

@@ -101,3 +101,25 @@ def test_scores_give_top1_balanced_accuracy_and_top5_beyond_five_classes():
     s = scores(six, np.array([0, 4, 5, 1]))
     assert s["accuracy"] == 0.25 and s["balanced_accuracy"] == 0.25
     assert s["top5"] == 0.5  # 0 and 4 are in their top five, 5 and 1 are not
+
+
+def test_metrics_json_grows_with_the_val_images_not_the_square_of_the_classes(tmp_path):
+    """Issue 19, also seen: 2,000 classes made a 36 MB metrics.json (the dense C x C matrix)."""
+    from embedcache.report import DENSE_CONFUSION_CLASSES, confusion_record
+
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for n in (200, 800):
+        classes = [f"c{i}" for i in range(n)]
+        y = rng.integers(0, n, 500)
+        pred = np.where(rng.random(500) < 0.8, y, rng.integers(0, n, 500))
+        files = write_reports(tmp_path / f"h{n}.pt", {"val_acc": 0.8}, y, pred, classes, title="t")
+        metrics = json.loads(files["metrics"].read_text())
+        assert "confusion" not in metrics and len(metrics["confusion_cells"]) <= 500
+        cells = {(i, j): c for i, j, c in metrics["confusion_cells"]}
+        assert sum(cells.values()) == 500 and cells.get((y[0], pred[0]), 0) >= 1
+        sizes[n] = files["metrics"].stat().st_size
+    assert sizes[800] < 6 * sizes[200]  # per-class scores grow linearly (4x); C^2 would be 16x
+    small = np.array([[2, 1], [0, 3]])
+    assert confusion_record(small) == {"confusion": [[2, 1], [0, 3]]}
+    assert DENSE_CONFUSION_CLASSES >= 30
