@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -441,6 +442,14 @@ def _check_file(path: Path) -> None:
         raise UnreadableImage("empty file (0 bytes)")
 
 
+def _opened(path) -> Path | io.BytesIO:
+    """A file path checked by :func:`_check_file`, or a member's bytes (see :func:`load_rgb`)."""
+    if not isinstance(path, str | os.PathLike):
+        return io.BytesIO(path.read_bytes())
+    _check_file(Path(path))
+    return Path(path)
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
@@ -450,9 +459,11 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     Raises
     ------
     UnreadableImage : with a short reason (empty file, not an image, truncated, ...).
+
+    ``path`` may also be a member of a tar shard or Parquet file (anything with a
+    ``read_bytes()`` that raises UnreadableImage, see :mod:`embedcache.sources`).
     """
-    path = Path(path)
-    _check_file(path)
+    path = _opened(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -679,6 +690,8 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 def _read(path: Path) -> bytes | str:
     """The file's bytes, or the reason they cannot be read (as :func:`load_rgb` words it)."""
     try:
+        if not isinstance(path, str | os.PathLike):  # a shard member: it checks itself
+            return path.read_bytes()
         _check_file(Path(path))
         return Path(path).read_bytes()
     except UnreadableImage as e:

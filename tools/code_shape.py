@@ -13,7 +13,7 @@ from pathlib import Path
 # A module may import only modules earlier in this list (or itself).
 # A tuple is one rank: its members may import each other.
 ORDER = (
-    "errors", "identity", "config", "runtime", "locks", "distributed", "report", "data", "weights", "backbones",
+    "errors", "identity", "config", "runtime", "locks", "distributed", "report", "data", "sources", "weights", "backbones",
     "cache", "heads", "checkpoint", ("extraction", "train"), "finetuning", "inference",
     "exporting", "comparison", "quickstart", "cli", "__init__", "__main__",
 )  # fmt: skip
