@@ -572,7 +572,8 @@ def plan(
     flat : (split, row) of every row to do; batches : this rank's, lists of indices into
     flat, each within one shard and one ``row // batch_size`` block (so a resumed run
     forwards the batches an uninterrupted one would); members : flat index -> member.
-    Shards go to ranks whole, in order, cut where the rows to do are shared most evenly.
+    Shards go to ranks whole and in order, each to the rank whose even share of the rows
+    to do holds the shard's middle row.
     """
     layout = str(attrs["layout"])
     flat, batches, units, last = [], [], [], None
@@ -591,7 +592,7 @@ def plan(
         sizes[unit] = sizes.get(unit, 0) + len(batch)
     owner, start = {}, 0
     for unit, n in sizes.items():
-        owner[unit] = start * world // max(1, len(flat))
+        owner[unit] = (2 * start + n) * world // (2 * len(flat))  # by its middle row
         start += n
     mine = [b for b, unit in zip(batches, units, strict=True) if owner[unit] == rank]
     names = [paths[s][r] for s, r in flat]
