@@ -41,6 +41,9 @@ _API = {
     "CompareConfig": "config",
     "FeatureIdentity": "identity",
     "export": "exporting",
+    "export_features": "feature_export",
+    "FeatureExport": "feature_export",
+    "ExportFeaturesConfig": "config",
 }
 
 __all__ = sorted(_API)

@@ -387,3 +387,22 @@ class CompareConfig(_Config):
         object.__setattr__(self, "unfreeze", tuple(str(u) for u in self.unfreeze))
         object.__setattr__(self, "workdir", str(self.workdir))
         super().__post_init__()
+
+
+@dataclass(frozen=True)
+class ExportFeaturesConfig(_Config):
+    """Settings of :func:`embedcache.export_features`."""
+
+    split: str | None = setting(
+        None, "Splits to export, separated by commas, e.g. train,val [default: every split]."
+    )
+    dtype: str = setting(
+        "stored",
+        "Feature dtype of the .npy files: stored keeps the cache's; float32 for tools that need it.",
+        choices=("stored", *DTYPES),
+    )
+    chunk_rows: int = setting(
+        1_000_000,
+        "Rows per img_emb_K.npy / metadata_K.parquet pair (clip-retrieval writes 1,000,000).",
+        low=1,
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 # A tuple is one rank: its members may import each other.
 ORDER = (
     "errors", "identity", "config", "runtime", "locks", "distributed", "report", "data", "sources", "weights", "backbones",
-    "cache", "heads", "checkpoint", ("extraction", "train"), "finetuning", "inference",
+    "cache", "feature_export", "heads", "checkpoint", ("extraction", "train"), "finetuning", "inference",
     "exporting", "comparison", "quickstart", "cli", "__init__", "__main__",
 )  # fmt: skip
 RANK = {
