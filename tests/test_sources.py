@@ -90,6 +90,7 @@ def by_path(path: Path) -> dict[str, np.ndarray]:
 def test_brace_ranges_keep_their_width_and_lists_expand_in_order():
     assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
     assert expand_braces("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]  # fmt: skip
+    assert expand_braces("{train-{0..1},val-0}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar"]
     with pytest.raises(EmbedcacheError, match="counts down"):
         expand_braces("s-{3..1}.tar")
 
