@@ -9,6 +9,7 @@ clip-retrieval writes and autofaiss, numpy, pandas and cleanlab read as they are
 Each pair holds at most ``chunk_rows`` rows; features are copied a block at a time, so a
 cache of any size exports in bounded memory. Everything is written into a temporary folder
 that replaces OUT at the end; OUT may be absent, empty, or an earlier export, nothing else.
+One writer per OUT: the run holds ``OUT.lock`` (see :mod:`embedcache.locks`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from .cache import COPY_ROWS, Cache, open_cache
 from .config import ExportFeaturesConfig
 from .errors import EmbedcacheError
+from .locks import exclusive
 from .sources import INSTALL_PARQUET, is_shard_layout, shard_of
 
 MANIFEST = "export.json"
@@ -122,7 +124,7 @@ def _write_chunk(
 
 def _write(
     cache: Cache, splits: list[str], tmp: Path, cfg: ExportFeaturesConfig, progress: bool
-) -> tuple[dict, list]:
+) -> tuple[dict, list, str]:
     counts = {s: cache.num_images(s) for s in splits}
     dtype = np.dtype(cache.identity.dtype if cfg.dtype == "stored" else cfg.dtype)
     files = []
@@ -155,7 +157,7 @@ def _write(
         "files": files,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return counts, files
+    return counts, files, dtype.name
 
 
 def _replace(out: Path, tmp: Path) -> None:
@@ -193,18 +195,21 @@ def export_features(
             f"export-features writes Parquet tables with pyarrow: {INSTALL_PARQUET}"
         ) from None
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "export-features"):  # one writer per --out
+        return _export(Path(cache), out, cfg, progress)
+
+
+def _export(cache: Path, out: Path, cfg: ExportFeaturesConfig, progress: bool) -> FeatureExport:
     _check_out(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open_cache(cache) as c:
         splits = _split_names(c, cfg.split)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         try:
-            counts, files = _write(c, splits, tmp, cfg, progress)
+            counts, files, dtype = _write(c, splits, tmp, cfg, progress)
             _replace(out, tmp)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(tmp)
-        return FeatureExport(
-            out, counts, c.feature_dim, json.loads((out / MANIFEST).read_text())["dtype"], files
-        )
+        return FeatureExport(out, counts, c.feature_dim, dtype, files)

@@ -640,8 +640,9 @@ def plan(
     """This rank's work on a shard source: (flat, batches, members).
 
     flat : (split, row) of every row to do; batches : this rank's, lists of indices into
-    flat, each within one shard and one ``row // batch_size`` block (so a resumed run
-    forwards the batches an uninterrupted one would); members : flat index -> member.
+    flat, each ``batch_size`` rows of one shard counted from its first row (so a shard
+    of n rows makes n // batch_size full batches and one more, the same in a resumed run as in
+    an uninterrupted one, and few batch shapes); members : flat index -> member.
     Shards go to ranks whole and in order, each to the rank whose even share of the rows
     to do holds the shard's middle row.
     """
@@ -649,8 +650,12 @@ def plan(
     flat, batches, units, last = [], [], [], None
     for split, rows in todo.items():
         names = paths[split]
+        first: dict[str, int] = {}  # a shard's first row in the split: where its batches start
+        for r, name in enumerate(names):
+            first.setdefault(shard_of(name, layout), r)
         for r in rows.tolist():
-            at = (split, shard_of(names[r], layout), r // batch_size)
+            shard = shard_of(names[r], layout)
+            at = (split, shard, (r - first[shard]) // batch_size)
             if at != last:
                 batches.append([])
                 units.append(at[1])

@@ -275,3 +275,17 @@ def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_t
         )
     with pytest.raises(EmbedcacheError, match=r"has no column 'image' \(columns: jpeg, species\); pass --image-column"):  # fmt: skip
         extract(data, out=tmp_path / "d.h5", **extract_kw)
+
+
+def test_an_extract_of_shards_cut_off_mid_run_resumes_to_the_uninterrupted_bits(tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    from test_extraction import _crash_after
+
+    tree = make_tree(tmp_path / "folder", per_class=6)
+    pattern = str(tree_to_shards(tree, tmp_path / "shards", per_shard=3) / "*.tar")
+    extract(pattern, out=tmp_path / "ref.h5", **extract_kw)
+    _crash_after(monkeypatch, 3, lambda: extract(pattern, out=tmp_path / "c.h5", **extract_kw))
+    r = extract(pattern, out=tmp_path / "c.h5", **extract_kw)
+    assert (r.reused, r.extracted) == (9, 15)  # 3 batches of one 3-sample shard each were done
+    got, ref = cache_arrays(tmp_path / "c.h5"), cache_arrays(tmp_path / "ref.h5")
+    for split in ref:
+        assert np.array_equal(got[split][0], ref[split][0]), split
