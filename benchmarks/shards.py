@@ -83,19 +83,23 @@ def to_parquet(folder: Path, out: Path) -> Path:
     return out
 
 
-def extract_rates(sources: dict[str, object], tmp: Path, args) -> dict[str, list[float]]:
-    """Images/s of extract per source, rounds alternating the sources."""
+def extract_rates(sources: dict[str, object], tmp: Path, args) -> tuple[dict, dict]:
+    """Images/s of extract per source, and CPU milliseconds per image (every thread of this
+    process: steadier than wall time on a machine others share); rounds alternate sources."""
     rates: dict[str, list[float]] = {name: [] for name in sources}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in sources}
     kw = {"backbone": args.backbone, "weights": args.weights, "progress": False}
     for r in range(args.rounds):
         for name, data in sources.items():
             out = tmp / f"{name}-{r}.h5"
+            cpu = time.process_time()
             result = extract(data, out=out, **kw)
+            cpu_ms[name].append((time.process_time() - cpu) * 1000 / result.images)
             rates[name].append(result.images_per_s)
-            print(f"round {r} {name}: {result.summary()}", flush=True)
+            print(f"round {r} {name}: {result.summary()}; {cpu_ms[name][-1]:.0f} CPU ms/image", flush=True)  # fmt: skip
             if r:
                 out.unlink()
-    return rates
+    return rates, cpu_ms
 
 
 def tiny_shards(out: Path, entries: int, shards: int) -> str:
@@ -216,17 +220,17 @@ def resume_after_kill(pattern: str, ref: Path, tmp: Path, args) -> dict:
     return {"kill_after_batches": args.kill_after, "returncode": killed.returncode, "killed_after_s": killed_s, "reused": r.reused, "extracted": r.extracted, "resume_s": r.seconds, "identical_to_uninterrupted": same_features(out, ref)}  # fmt: skip
 
 
-def table(n: int, rates: dict, scan_info: dict, resume: dict, args) -> str:
+def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args) -> str:
     lines = [
         f"{n} generated 500x375 JPEGs, {args.backbone} ({args.weights} weights), extract's defaults; "
         f"{args.rounds} rounds alternating the sources, median (best) of each.\n",
-        "| source | images/s median | best | vs folder |",
-        "| --- | ---: | ---: | ---: |",
+        "| source | images/s median | best | vs folder | CPU ms/image median | vs folder |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base = statistics.median(rates["folder"])
+    base, base_cpu = statistics.median(rates["folder"]), statistics.median(cpu_ms["folder"])
     for name, rs in rates.items():
-        m = statistics.median(rs)
-        lines.append(f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x |")
+        m, c = statistics.median(rs), statistics.median(cpu_ms[name])
+        lines.append(f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x | {c:.0f} | {c / base_cpu:.2f}x |")  # fmt: skip
     s = scan_info
     lines += [
         "",
@@ -260,11 +264,15 @@ def main() -> None:
         tmp = Path(d)
         folder = generate(tmp / "folder", args.images)
         sources = {"folder": folder, "tar shards": to_shards(folder, tmp / "tar", args.shards), "parquet": to_parquet(folder, tmp / "pq")}  # fmt: skip
-        rates = extract_rates(sources, tmp, args)
+        rates, cpu_ms = extract_rates(sources, tmp, args)
         resume = resume_after_kill(sources["tar shards"], tmp / "tar shards-0.h5", tmp, args)
         scan_info = scan_times(tmp, args.scan_entries, args.shards)
-    payload = {"images": args.images, "rates": rates, "scan": scan_info, "resume": resume, "args": vars(args)}  # fmt: skip
-    print(save(args.name, payload, table(args.images, rates, scan_info, resume, args)).read_text())
+    payload = {"images": args.images, "rates": rates, "cpu_ms_per_image": cpu_ms, "scan": scan_info, "resume": resume, "args": vars(args)}  # fmt: skip
+    print(
+        save(
+            args.name, payload, table(args.images, rates, cpu_ms, scan_info, resume, args)
+        ).read_text()
+    )
 
 
 if __name__ == "__main__":

@@ -179,9 +179,9 @@ class Cache:
         """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
         return self._group(split)["labels"][:]
 
-    def paths(self, split: str) -> list[str]:
-        """Image paths of a split, relative to the data root."""
-        return list(self._group(split)["paths"].asstr()[:])
+    def paths(self, split: str, rows: slice = slice(None)) -> list[str]:
+        """Image paths of a split (or of its ``rows``), relative to the data root."""
+        return list(self._group(split)["paths"].asstr()[rows])
 
     def features(self, split: str) -> CheckedFeatures:
         """The on-disk features of a split, read in slices like the h5py dataset; a damaged

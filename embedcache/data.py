@@ -456,12 +456,12 @@ def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     With ``short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never
     smaller than ``short_side`` on its short side (libjpeg's DCT scaling).
 
+    ``path`` may also be a member of a tar shard or Parquet file (anything with a
+    ``read_bytes()`` that raises UnreadableImage, see :mod:`embedcache.sources`).
+
     Raises
     ------
     UnreadableImage : with a short reason (empty file, not an image, truncated, ...).
-
-    ``path`` may also be a member of a tar shard or Parquet file (anything with a
-    ``read_bytes()`` that raises UnreadableImage, see :mod:`embedcache.sources`).
     """
     path = _opened(path)
     try:

@@ -105,7 +105,7 @@ def _write_chunk(
         bar.update(b - a)
     array.flush()
     del array
-    paths = cache.paths(split)[lo:hi]
+    paths = cache.paths(split, slice(lo, hi))
     labels = cache.labels(split)[lo:hi]
     names = [cache.classes[y] if 0 <= y < len(cache.classes) else None for y in labels.tolist()]
     table = pa.table(

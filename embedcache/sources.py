@@ -8,9 +8,10 @@ added shard is re-read, an unchanged one reused. Rows keep the shards' order (sh
 the patterns list them, samples as stored), and batches never straddle a shard, so under
 torchrun every shard is read by one rank (:func:`plan`).
 
-Tar shards are read with the standard library's ``tarfile``: only the headers and the small
-label members are read to list a shard; image bytes are read at their offsets while decoding
-(``os.pread``, so decode threads share one file). Parquet is read with pyarrow, one row group
+Tar shards are read with the standard library: plain ustar headers (what tarfile and
+webdataset write for short names) by :func:`_plain_tar`, anything else by ``tarfile``. Only
+the headers and the small label members are read to list a shard; image bytes are read at
+their offsets while decoding (``os.pread``, so decode threads share nothing). Parquet is read with pyarrow, one row group
 at a time, at most :data:`ROW_GROUPS_HELD` groups in memory.
 """
 
@@ -30,7 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExtractConfig
-from .data import SPLIT_NAMES, SPLIT_ORDER, UNLABELLED, ImageSet, Sample, UnreadableImage, holdout
+from .data import (
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    SPLIT_ORDER,
+    UNLABELLED,
+    ImageSet,
+    Sample,
+    UnreadableImage,
+    holdout,
+)
 from .data import scan as scan_files
 from .errors import EmbedcacheError
 
@@ -40,6 +50,7 @@ CLASS_SIDECARS = ("classes.txt", "classes.json")
 SPLIT_FIELD = "split"
 PATTERN_SEPARATOR = "::"  # several patterns in one DATA argument, as webdataset writes them
 ROW_GROUPS_HELD = 2  # Parquet row groups of image bytes held in memory per file
+SHARDS_LISTED = 4  # shard listings a rank keeps while it extracts (a million rows: ~100 MB)
 INSTALL_PARQUET = "pip install 'embedcache[parquet]'"
 _KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's base_plus_ext
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -110,26 +121,23 @@ def _matches(pattern: str, base: Path | None) -> list[Path]:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """A folder given as DATA: its .tar or .parquet files (below it too), if it has no images."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix in LAYOUTS and p.is_file())
-    return files if files and not any(_has_images(folder)) else []
-
-
-def _has_images(folder: Path) -> Iterator[bool]:
-    from .data import IMAGE_EXTENSIONS
-
-    return (p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
+    """A folder given as DATA: its .tar or .parquet files, if it holds them and no images
+    (only its own entries are looked at, so an image folder costs no extra walk)."""
+    entries = sorted(p for p in folder.iterdir() if p.is_file())
+    files = [p for p in entries if p.suffix in LAYOUTS]
+    return files if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in entries) else []
 
 
 def is_shard_source(data, split_shards: str | None = None) -> bool:
     """Whether ``data`` names tar shards or Parquet files (else a folder or CSV manifest)."""
     if split_shards or isinstance(data, list | tuple):
         return True
-    text = str(data)
-    if PATTERN_SEPARATOR in text or any(c in text for c in "{*?["):
-        return True
-    p = Path(text)
-    return p.suffix in LAYOUTS or (p.is_dir() and bool(_folder_files(p)))
+    p = Path(str(data))
+    if p.is_dir():
+        return bool(_folder_files(p))
+    if p.exists():
+        return p.suffix in LAYOUTS
+    return PATTERN_SEPARATOR in str(data) or glob.has_magic(str(data)) or "{" in str(data)
 
 
 def _split_patterns(split_shards: str) -> list[tuple[str, str]]:
@@ -605,11 +613,12 @@ def shard_of(path: str, layout: str) -> str:
 
 class Members(Sequence):
     """Row ``i`` of ``flat`` -> its member, each shard listed the first time one of its rows
-    is asked for (so the first batch waits for one shard's listing, not all of them)."""
+    is asked for (so the first batch waits for one shard's listing, not all of them); the
+    last :data:`SHARDS_LISTED` listings are kept."""
 
     def __init__(self, root: Path, layout: str, names: list[str], cfg: ExtractConfig):
         self.root, self.layout, self.names, self.cfg = root, layout, names, cfg
-        self._shards: dict[str, dict[str, object]] = {}
+        self._shards: OrderedDict[str, dict[str, object]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -618,13 +627,15 @@ class Members(Sequence):
     def __getitem__(self, i):
         name = self.names[i]
         shard = shard_of(name, self.layout)
-        with self._lock:
+        with self._lock:  # rows come shard after shard: the last few listings are enough
             if shard not in self._shards:
                 entries, _ = list_shard(self.root / shard, self.cfg)
                 self._shards[shard] = {e.key: e.member for e in entries}
-        key = name[len(shard) + 1 :]
+                while len(self._shards) > SHARDS_LISTED:
+                    self._shards.popitem(last=False)
+            members = self._shards[shard]
         gone = Broken("not in the shard any more (it changed while extracting)")
-        return self._shards[shard].get(key, gone)
+        return members.get(name[len(shard) + 1 :], gone)
 
 
 def plan(
