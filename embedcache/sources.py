@@ -192,7 +192,7 @@ def shard_files(data, split_shards: str | None = None) -> tuple[Path, list[tuple
 # Members: the bytes of one image inside a shard, read when it is decoded
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a million of them: no frozen-dataclass __init__
 class TarMember:
     """An image member of a tar shard: ``size`` bytes at ``offset`` of ``shard``."""
 
@@ -218,7 +218,7 @@ class TarMember:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a million of them: no frozen-dataclass __init__
 class Broken:
     """A sample that cannot be read at all; decoding it skips it with ``reason``."""
 
@@ -272,7 +272,7 @@ class ParquetImages:
         return value
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a million of them: no frozen-dataclass __init__
 class ParquetMember:
     """Row ``index`` of row group ``group`` in a Parquet file."""
 
@@ -288,7 +288,7 @@ class ParquetMember:
 # Listing one shard
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a million of them: no frozen-dataclass __init__
 class Entry:
     """One sample of a shard: its key, where its image is, its raw label and split ("" if none)."""
 
@@ -572,22 +572,19 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
         )
     root, shards = shard_files(data, cfg.split_shards)
     layout = LAYOUTS[shards[0][0].suffix]
-    rows, raw, known = [], [], _sidecar(root)
+    listed, raw, known = [], [], _sidecar(root)
     for path, split in shards:
-        st = path.stat()
-        rel = path.relative_to(root).as_posix()
+        st, rel, by_name = path.stat(), path.relative_to(root).as_posix(), _name_split(path)
         entries, names = list_shard(path, cfg)
         known = known or names
         for e in entries:
-            sample = Sample(f"{rel}/{e.key}", UNLABELLED, st.st_size, st.st_mtime_ns)
-            rows.append(
-                (sample, split or e.split or _name_split(path), isinstance(e.member, Broken))
-            )
+            where = (split or e.split or by_name, isinstance(e.member, Broken))
+            listed.append((f"{rel}/{e.key}", st.st_size, st.st_mtime_ns, *where))
             raw.append(None if cfg.unlabelled else e.label)
     classes, labels = _classes(raw, known)
     rows = [
-        (Sample(s.path, int(y), s.size, s.mtime_ns), split, b)
-        for (s, split, b), y in zip(rows, labels, strict=True)
+        (Sample(path, y, size, mtime), split, broken)
+        for (path, size, mtime, split, broken), y in zip(listed, labels.tolist(), strict=True)
     ]
     if not rows:
         raise EmbedcacheError(
