@@ -38,6 +38,7 @@ from .data import (
     decoded_batches,
     gpu_decoded_batches,
     preprocess,
+    scan,
     view_key,
     view_policy,
     views_for,
@@ -282,7 +283,10 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
     Returns (mode, rows reused): mode is up_to_date, fresh, resume or rebuild.
     """
     _check_writable(out)
-    images = sources.scan(data, cfg)  # folders and CSV through data.scan, shards listed there
+    if sources.is_shard_source(data, cfg.split_shards):  # tar shards or Parquet files
+        images = sources.scan(data, cfg)
+    else:
+        images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
     identity = CacheIdentity(
         **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
         view_policy=view_policy(cfg.views, cfg.seed),
