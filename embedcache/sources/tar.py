@@ -1,8 +1,9 @@
 """WebDataset tar shards: members grouped by key, the image chosen by extension, labels from
 ``.cls`` or a ``.json`` field. Plain ustar headers (what tarfile and webdataset write for short
 names) are read by :func:`_plain_tar`, every other header by ``tarfile`` (a whole listing of
-20,000 entries took 0.8 s against 1.7 s through tarfile alone). Only headers and the small label members are read to list a shard; image bytes are read at
-their offsets while decoding (``os.pread``, so decode threads share nothing)."""
+20,000 entries took 0.8 s against 1.7 s through tarfile alone). Only headers and the small
+label members are read to list a shard; image bytes are read at their offsets while decoding
+(``os.pread``, so decode threads share nothing)."""
 
 from __future__ import annotations
 
