@@ -44,6 +44,9 @@ _API = {
     "audit": "auditing",
     "AuditResult": "auditing",
     "AuditConfig": "config",
+    "export_features": "feature_export",
+    "FeatureExport": "feature_export",
+    "ExportFeaturesConfig": "config",
 }
 
 __all__ = sorted(_API)

@@ -293,9 +293,9 @@ class Cache:
         """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
         return self._contents(split)[0].copy()
 
-    def paths(self, split: str) -> list[str]:
-        """Image paths of a split, relative to the data root."""
-        return list(self._contents(split)[1])
+    def paths(self, split: str, rows: slice = slice(None)) -> list[str]:
+        """Image paths of a split (or of its ``rows``), relative to the data root."""
+        return list(self._contents(split)[1][rows])
 
     def _contents(self, split: str) -> tuple[np.ndarray, list[str]]:
         """Labels and paths of a split, read once and checked: their digest, the label range."""

@@ -23,6 +23,7 @@ from .config import (
     EXCLUDE_HELP,
     AuditConfig,
     CompareConfig,
+    ExportFeaturesConfig,
     ExtractConfig,
     FinetuneConfig,
     HeadConfig,
@@ -103,6 +104,7 @@ def main() -> None:
       embedcache audit cache.h5 --out audit/   (duplicates, leaks, label errors, outliers)
       embedcache info cache.h5 | embedcache backbones | embedcache demo
       embedcache export model.pt --out model.onnx   (serve it elsewhere)
+      embedcache export-features cache.h5 --out feats/  (.npy + Parquet for other tools)
     """
 
 
@@ -270,7 +272,11 @@ def extract(data, out, quiet, as_json, **values):
     """Run BACKBONE once over DATA and cache its pooled features in OUT.
 
     DATA is a folder (root/train/<class>/*.jpg, root/<class>/*.jpg, or a flat
-    folder of images) or a CSV manifest with path,label[,split] columns.
+    folder of images) or a CSV manifest with path,label[,split] columns; or
+    WebDataset tar shards ('shards/train-{000000..000099}.tar', globs, several
+    patterns joined by ::) or Parquet files (a file, a folder, patterns) with
+    image bytes, each shard a unit of resume, of incremental runs and of work
+    under torchrun.
     Unreadable files are skipped and listed in the cache. An interrupted run
     resumes where it stopped; a re-run after adding images extracts only the
     new ones. Under torchrun (python -m embedcache) each rank extracts a shard
@@ -280,6 +286,7 @@ def extract(data, out, quiet, as_json, **values):
     \b
     Example:
       embedcache extract photos/ --backbone efficientnet_lite0 --out cache.h5
+      embedcache extract 'shards/train-{000..019}.tar' --out cache.h5
       torchrun --nproc-per-node 8 -m embedcache extract photos/ --out cache.h5
     """
     from .distributed import from_env
@@ -719,6 +726,41 @@ def export_cmd(model, fmt, out, as_json):
     click.echo(
         f"output logits over {len(info['classes'])} classes: {', '.join(info['classes'][:10])}"
     )
+
+
+@main.command("export-features")
+@click.argument("cache", type=click.Path(path_type=str))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write: new, empty, or an earlier export-features output (replaced).",
+)
+@options(ExportFeaturesConfig, *_fields(ExportFeaturesConfig))
+@output_options
+def export_features_cmd(cache, out, quiet, as_json, **values):
+    """Write the features of CACHE as .npy files and Parquet tables in OUT.
+
+    The layout clip-retrieval writes, read as it is by autofaiss, numpy, pandas
+    and cleanlab: per split, SPLIT/img_emb/img_emb_K.npy (N, D) in the cache's
+    row order and SPLIT/metadata/metadata_K.parquet with image_path, key,
+    label, class_name and split, row for row; OUT/export.json says what was
+    exported. Needs `pip install 'embedcache[parquet]'`.
+
+    \b
+    Example:
+      embedcache export-features cache.h5 --out feats/
+      autofaiss build_index --embeddings feats/train/img_emb --index_path knn.index
+    """
+    from .feature_export import export_features
+
+    cfg = settings(ExportFeaturesConfig, values)
+    result = export_features(cache, out=out, config=cfg, progress=not quiet and not as_json)
+    if as_json:
+        _emit_json(vars(result))
+    else:
+        click.echo(result.summary())
 
 
 @main.command()

@@ -201,6 +201,24 @@ class ExtractConfig(_Config):
         "(virtual from 8 GB of shards on).",
         choices=JOINS,
     )
+    # Tar shards (WebDataset) and Parquet files: see embedcache/sources.py.
+    split_shards: str | None = setting(
+        None,
+        "Tar shards or Parquet files per split, patterns relative to DATA (a folder): "
+        "train=train-{000..009}.tar,val=val-*.tar [default: a split field in the sample, the "
+        "file name's train-/val-/test- prefix, else the held-out split].",
+    )
+    label_key: str | None = setting(
+        None,
+        "Tar shards: the label is this field of each sample's .json (a class index or name) "
+        "[default: the .cls member].",
+    )
+    image_column: str = setting(
+        "image", "Parquet: the column of image bytes (or of `datasets`' {bytes, path} structs)."
+    )
+    label_column: str = setting(
+        "label", "Parquet: the column of labels (class indices or names); absent: unlabelled."
+    )
 
 
 @dataclass(frozen=True)
@@ -431,3 +449,22 @@ class AuditConfig(_Config):
     )
     device: str = _device()
     seed: int = _seed()
+
+
+@dataclass(frozen=True)
+class ExportFeaturesConfig(_Config):
+    """Settings of :func:`embedcache.export_features`."""
+
+    split: str | None = setting(
+        None, "Splits to export, separated by commas, e.g. train,val [default: every split]."
+    )
+    dtype: str = setting(
+        "stored",
+        "Feature dtype of the .npy files: stored keeps the cache's; float32 for tools that need it.",
+        choices=("stored", *DTYPES),
+    )
+    chunk_rows: int = setting(
+        1_000_000,
+        "Rows per img_emb_K.npy / metadata_K.parquet pair (clip-retrieval writes 1,000,000).",
+        low=1,
+    )

@@ -522,7 +522,7 @@ def os_reason(e: OSError) -> str:
 HASH_BYTES = 16  # blake2b-128 of a file's bytes: the content hash a cache records per image
 
 
-def content_hash(path: str | Path) -> bytes:
+def content_hash(path) -> bytes:
     """The blake2b-128 digest of a file's bytes (``HASH_BYTES`` long; all zeros if unreadable).
 
     Extraction hashes each image right after decoding it, from the page cache: on the 110 kB
@@ -530,6 +530,12 @@ def content_hash(path: str | Path) -> bytes:
     image's decode and forward pass.
     """
     h = hashlib.blake2b(digest_size=HASH_BYTES)
+    if not isinstance(path, str | os.PathLike):  # a tar or Parquet member (see _opened)
+        try:
+            h.update(path.read_bytes())
+        except (OSError, UnreadableImage):
+            return bytes(HASH_BYTES)
+        return h.digest()
     try:
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
@@ -551,16 +557,20 @@ def _check_file(path: Path) -> None:
         raise UnreadableImage("empty file (0 bytes)")
 
 
-def _open_image(path: Path, short_side: int | None) -> Image.Image:
+def _open_image(path: Path | io.BytesIO, short_side: int | None) -> Image.Image:
     """``Image.open``, except that a JPEG is drafted (see :func:`load_rgb`) before PIL's pixel
     limit is applied: the limit guards the pixels decoded, and libjpeg decodes a 100 MP photo
     at 1/8 scale for a 256 px crop, so it is cheap, not a decompression bomb."""
-    with open(path, "rb") as f:
-        if f.read(3) != JPEG_MAGIC:
-            return Image.open(path)
+    if isinstance(path, io.BytesIO):  # a shard member's bytes (see _opened)
+        head, source = path.getvalue()[:3], path
+    else:
+        with open(path, "rb") as f:
+            head, source = f.read(3), str(path)
+    if head != JPEG_MAGIC:
+        return Image.open(path)
     from PIL import JpegImagePlugin
 
-    img = JpegImagePlugin.JpegImageFile(str(path))  # no pixel limit on the declared size
+    img = JpegImagePlugin.JpegImageFile(source)  # no pixel limit on the declared size
     try:
         if short_side:
             w, h = img.size
@@ -574,18 +584,28 @@ def _open_image(path: Path, short_side: int | None) -> Image.Image:
     return img
 
 
+def _opened(path) -> Path | io.BytesIO:
+    """A file path checked by :func:`_check_file`, or a member's bytes (see :func:`load_rgb`)."""
+    if not isinstance(path, str | os.PathLike):
+        return io.BytesIO(path.read_bytes())
+    _check_file(Path(path))
+    return Path(path)
+
+
 def load_rgb(path: str | Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, honouring EXIF orientation.
 
     With ``short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never
     smaller than ``short_side`` on its short side (libjpeg's DCT scaling).
 
+    ``path`` may also be a member of a tar shard or Parquet file (anything with a
+    ``read_bytes()`` that raises UnreadableImage, see :mod:`embedcache.sources`).
+
     Raises
     ------
     UnreadableImage : with a short reason (empty file, not an image, truncated, ...).
     """
-    path = Path(path)
-    _check_file(path)
+    path = _opened(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -808,6 +828,8 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 def _read(path: Path) -> bytes | str:
     """The file's bytes, or the reason they cannot be read (as :func:`load_rgb` words it)."""
     try:
+        if not isinstance(path, str | os.PathLike):  # a shard member: it checks itself
+            return path.read_bytes()
         _check_file(Path(path))
         return Path(path).read_bytes()
     except UnreadableImage as e:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, sources
 from .backbones import Backbone, Normalise, build_backbone
 from .cache import (
     FORMAT_VERSION,
@@ -370,7 +370,7 @@ def extract(
             return _result(out, 0, 0, 0.0, up_to_date=True)
         start = time.perf_counter()
         run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
-        extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg.seed))
+        extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg))
         ranks = group.gather((extracted, time.perf_counter() - start))
         group.on_main(lambda: _join(out, cfg.join, cfg.allow_empty_class))
         seconds = time.perf_counter() - start
@@ -384,7 +384,10 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
     """
     claim(out, kind="cache", verb="extract", inputs=[("the data", data)])
     _check_writable(out)
-    images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    if sources.is_shard_source(data, cfg.split_shards):  # tar shards or Parquet files
+        images = sources.scan(data, cfg)
+    else:
+        images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
     _check_classes(*_listed_per_class(images), allow=cfg.allow_empty_class)
     identity = CacheIdentity(
         **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
@@ -435,25 +438,31 @@ def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dty
     return Run(dev, batch, workers, amp, progress, gpu, cfg.compile)
 
 
-def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, seed: int) -> int:
-    """Forward this rank's share of the rows to do: a contiguous run of the batches, into its
-    own shard file (one process: straight into the in-progress file). Returns the images forwarded."""
-    alone = group.world == 1
+def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, cfg: ExtractConfig) -> int:
+    """Forward this rank's share of the rows to do: a contiguous run of the batches (of tar
+    shards or Parquet files: whole shards, see sources.plan), into its own shard file (one
+    process: straight into the in-progress file). Returns the images forwarded."""
+    alone, seed = group.world == 1, cfg.seed
     partial = PartialCache.open(partial_path(out), "r+" if alone else "r")
     splits, dtype, views = partial.splits, partial.identity.dtype, partial.identity.views
     root = Path(str(partial.h5.attrs["source"]))
     todo = {s: partial.todo(s) for s in splits}
     paths = {s: partial.paths(s) for s in splits}
     batch_size = run.batch_size
-    flat, batches = _batches(todo, batch_size)
-    mine = share(batches, group.rank, group.world)
+    layout = str(partial.h5.attrs.get("layout", ""))
+    if sources.is_shard_layout(layout):
+        rank = {"rank": group.rank, "world": group.world, "batch_size": batch_size}
+        flat, mine, files = sources.plan(partial.h5.attrs, todo, paths, **rank, cfg=cfg)
+    else:
+        flat, batches = _batches(todo, batch_size)
+        mine = share(batches, group.rank, group.world)
+        files = [root / paths[s][r] for s, r in flat]
     writer = partial
     if not alone:
         partial.close()
         items = [flat[i] for batch in mine for i in batch]
         with disk_errors(out):
             writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype, views=views)  # fmt: skip
-    files = [root / paths[s][r] for s, r in flat]
     if views:  # decode items: (file, views of its split, the seed of its views)
         files = [(f, views_for(s, views), view_key(seed, paths[s][r])) for f, (s, r) in zip(files, flat, strict=True)]  # fmt: skip
     # Compiled or not is decided on each rank's share of the whole cache, not on the rows left,

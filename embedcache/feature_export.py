@@ -1,0 +1,215 @@
+"""export-features: a cache's features as .npy files plus Parquet tables, the layout that
+clip-retrieval writes and autofaiss, numpy, pandas and cleanlab read as they are::
+
+    OUT/export.json                          what was exported from which cache (written last)
+    OUT/SPLIT/img_emb/img_emb_K.npy          (n_K, D) features, the cache's rows in order
+    OUT/SPLIT/metadata/metadata_K.parquet    image_path, key, label, class_name, split:
+                                             row i describes row i of img_emb_K.npy
+
+Each pair holds at most ``chunk_rows`` rows; features are copied a block at a time, so a
+cache of any size exports in bounded memory. Everything is written into a temporary folder
+that replaces OUT at the end; OUT may be absent, empty, or an earlier export, nothing else.
+One writer per OUT: the run holds ``OUT.lock`` (see :mod:`embedcache.locks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .cache import COPY_ROWS, Cache, open_cache
+from .config import ExportFeaturesConfig
+from .errors import EmbedcacheError
+from .locks import exclusive
+from .sources import INSTALL_PARQUET, is_shard_layout, shard_of
+
+MANIFEST = "export.json"
+TOOL = "embedcache export-features"
+COLUMNS = ("image_path", "key", "label", "class_name", "split")
+
+
+@dataclass
+class FeatureExport:
+    """What :func:`export_features` wrote: rows per split and the files, relative to ``path``."""
+
+    path: Path
+    splits: dict[str, int]
+    feature_dim: int
+    dtype: str
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rows = ", ".join(f"{s} {n}" for s, n in self.splits.items())
+        return f"wrote {self.path}: {rows} rows of {self.feature_dim} {self.dtype} features in {len(self.files)} files"
+
+
+def _check_out(out: Path) -> None:
+    """OUT may be absent, an empty folder or an earlier export; refuse anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EmbedcacheError(f"--out {out} is a file; give a folder for the exported features")
+    if not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / MANIFEST).read_text()).get("tool") == TOOL
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise EmbedcacheError(
+            f"--out {out} holds files that export-features did not write; choose a new or empty folder"
+        )
+
+
+def _keys(paths: list[str], layout: str) -> list[str]:
+    """The sample keys: the WebDataset key or Parquet row in a shard, else the path minus its suffix."""
+    if is_shard_layout(layout):
+        return [p[len(shard_of(p, layout)) + 1 :] for p in paths]
+    return [os.path.splitext(p)[0] for p in paths]
+
+
+def _split_names(cache: Cache, split: str | None) -> list[str]:
+    if split is None:
+        return list(cache.splits)
+    names = [s.strip() for s in split.split(",") if s.strip()]
+    missing = [s for s in names if s not in cache.splits]
+    if missing or not names:
+        raise EmbedcacheError(
+            f"--split must name splits of the cache ({', '.join(cache.splits)}), got {split!r}"
+        )
+    return names
+
+
+def _write_chunk(
+    cache: Cache, split: str, lo: int, hi: int, folder: Path, k: int, dtype, bar
+) -> list[str]:
+    """Rows [lo, hi) of ``split`` as img_emb_K.npy and metadata_K.parquet under ``folder``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = cache.features(split)
+    emb = folder / "img_emb" / f"img_emb_{k}.npy"
+    array = np.lib.format.open_memmap(
+        emb, mode="w+", dtype=dtype, shape=(hi - lo, cache.feature_dim)
+    )
+    for a in range(lo, hi, COPY_ROWS):
+        b = min(hi, a + COPY_ROWS)
+        array[a - lo : b - lo] = features[a:b]
+        bar.update(b - a)
+    array.flush()
+    del array
+    paths = cache.paths(split, slice(lo, hi))
+    labels = cache.labels(split)[lo:hi]
+    names = [cache.classes[y] if 0 <= y < len(cache.classes) else None for y in labels.tolist()]
+    table = pa.table(
+        {
+            "image_path": pa.array(paths, pa.string()),
+            "key": pa.array(_keys(paths, str(cache.attrs.get("layout", ""))), pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "class_name": pa.array(names, pa.string()),
+            "split": pa.array([split] * len(paths), pa.string()),
+        }
+    )
+    meta = folder / "metadata" / f"metadata_{k}.parquet"
+    pq.write_table(table, meta)
+    return [emb.relative_to(folder.parent).as_posix(), meta.relative_to(folder.parent).as_posix()]
+
+
+def _write(
+    cache: Cache, splits: list[str], tmp: Path, cfg: ExportFeaturesConfig, progress: bool
+) -> tuple[dict, list, str]:
+    counts = {s: cache.num_images(s) for s in splits}
+    dtype = np.dtype(cache.identity.dtype if cfg.dtype == "stored" else cfg.dtype)
+    files = []
+    with tqdm(
+        total=sum(counts.values()),
+        unit="row",
+        desc="export-features",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for split, n in counts.items():
+            folder = tmp / split
+            (folder / "img_emb").mkdir(parents=True)
+            (folder / "metadata").mkdir()
+            for k, lo in enumerate(range(0, max(n, 1), cfg.chunk_rows)):
+                files += _write_chunk(
+                    cache, split, lo, min(n, lo + cfg.chunk_rows), folder, k, dtype, bar
+                )
+    manifest = {
+        "tool": TOOL,
+        "cache": str(cache.path),
+        "backbone": cache.backbone,
+        "weights": cache.weights,
+        "feature_dim": cache.feature_dim,
+        "dtype": dtype.name,
+        "classes": cache.classes,
+        "splits": counts,
+        "chunk_rows": cfg.chunk_rows,
+        "columns": list(COLUMNS),
+        "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return counts, files, dtype.name
+
+
+def _replace(out: Path, tmp: Path) -> None:
+    """Put the finished export at ``out``: an earlier one (or an empty folder) goes only after."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_features(
+    cache: str | Path,
+    *,
+    out: str | Path,
+    config: ExportFeaturesConfig | None = None,
+    progress: bool = True,
+    **options,
+) -> FeatureExport:
+    """Write the features of ``cache`` to the folder ``out`` as .npy files and Parquet tables.
+
+    ``options`` are the fields of :class:`embedcache.config.ExportFeaturesConfig` (``split``,
+    ``dtype``, ``chunk_rows``). See the module docstring for the layout.
+
+    Returns
+    -------
+    FeatureExport : rows per split and the files written (``(n, feature_dim)`` arrays of the
+    cache's dtype, or ``dtype``, in the cache's row order).
+    """
+    cfg = ExportFeaturesConfig.build(config, **options)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise EmbedcacheError(
+            f"export-features writes Parquet tables with pyarrow: {INSTALL_PARQUET}"
+        ) from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "export-features"):  # one writer per --out
+        return _export(Path(cache), out, cfg, progress)
+
+
+def _export(cache: Path, out: Path, cfg: ExportFeaturesConfig, progress: bool) -> FeatureExport:
+    _check_out(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open_cache(cache) as c:
+        splits = _split_names(c, cfg.split)
+        tmp.mkdir()
+        try:
+            counts, files, dtype = _write(c, splits, tmp, cfg, progress)
+            _replace(out, tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(tmp)
+        return FeatureExport(out, counts, c.feature_dim, dtype, files)

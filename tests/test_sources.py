@@ -1,0 +1,291 @@
+"""Tar shards (WebDataset) and Parquet files as extract sources: listing, labels, splits,
+damaged members and shards, bit-identical features, per-shard incremental runs and torchrun."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_tree
+
+from embedcache import extract, open_cache
+from embedcache.config import ExtractConfig
+from embedcache.errors import EmbedcacheError
+from embedcache.sources import expand_braces, list_tar, plan, scan
+
+
+def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset shard: for each (key, {ext: bytes}) the members KEY.EXT, in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                add(tf, f"{key}.{ext}", data)
+    return path
+
+
+def tree_samples(tree: Path, split: str) -> list[tuple[str, int, bytes]]:
+    """(key, label, image bytes) of make_tree's split, in the folder scan's order."""
+    classes = sorted(d.name for d in (tree / split).iterdir())
+    return [
+        (p.stem, label, p.read_bytes())
+        for label, c in enumerate(classes)
+        for p in sorted((tree / split / c).iterdir())
+    ]
+
+
+def tree_to_shards(tree: Path, out: Path, per_shard: int) -> Path:
+    """make_tree's images as split-prefixed tar shards of ``per_shard`` samples, .cls labels."""
+    for split in ("train", "val"):
+        samples = tree_samples(tree, split)
+        for k in range(0, len(samples), per_shard):
+            part = [(key, {"png": img, "cls": str(y).encode()}) for key, y, img in samples[k : k + per_shard]]  # fmt: skip
+            write_tar(out / f"{split}-{k // per_shard:03d}.tar", part)
+    (out / "classes.txt").write_text("cat\ndog\n")
+    return out
+
+
+def tree_to_parquet(tree: Path, out: Path, row_group: int) -> Path:
+    """make_tree's images as one Parquet file per split, the way `datasets` writes them: an
+    {bytes, path} image struct and a ClassLabel whose names sit in the file's metadata."""
+    pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
+    import pyarrow.parquet as pq
+
+    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog"], "_type": "ClassLabel"}}}}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        samples = tree_samples(tree, split)
+        image = pa.array([{"bytes": img, "path": f"{key}.png"} for key, _, img in samples])
+        table = pa.table({"image": image, "label": pa.array([y for _, y, _ in samples], pa.int64())})  # fmt: skip
+        table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
+        pq.write_table(table, out / f"{split}-00000-of-00001.parquet", row_group_size=row_group)
+    return out
+
+
+def cache_arrays(path: Path) -> dict:
+    with h5py.File(path) as f:
+        return {
+            s: (f[s]["features"][:], f[s]["labels"][:])
+            for s in f
+            if isinstance(f[s], h5py.Group) and "features" in f[s]
+        }
+
+
+def by_path(path: Path) -> dict[str, np.ndarray]:
+    with open_cache(path) as c:
+        return {p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)}
+
+
+def test_brace_ranges_keep_their_width_and_lists_expand_in_order():
+    assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
+    assert expand_braces("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]  # fmt: skip
+    assert expand_braces("{train-{0..1},val-0}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar"]
+    with pytest.raises(EmbedcacheError, match="counts down"):
+        expand_braces("s-{3..1}.tar")
+
+
+def test_members_group_by_key_up_to_the_first_dot_and_the_image_is_chosen_by_extension(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [
+        ("a/x01", {"seg.png": b"mask", "jpg": b"J", "cls": b"1"}),
+        ("a/x02", {"txt": b"caption only"}),
+        ("x03", {"webp": b"W", "json": json.dumps({"label": "dog", "split": "val"}).encode()}),
+    ])  # fmt: skip
+    entries = list_tar(shard, label_key="label")
+    assert [e.key for e in entries] == ["a/x01", "x03"]  # a/x02 has no image member
+    assert entries[0].member.read_bytes() == b"J" and entries[0].label == 1
+    assert entries[1].member.read_bytes() == b"W"
+    assert (entries[1].label, entries[1].split) == ("dog", "val")
+
+
+def test_folder_tar_shards_and_parquet_give_bit_identical_features(tmp_path, extract_kw):
+    tree = make_tree(tmp_path / "folder", per_class=6)
+    shards = tree_to_shards(tree, tmp_path / "shards", per_shard=4)
+    parquet = tree_to_parquet(tree, tmp_path / "parquet", row_group=5)
+    kw = {**extract_kw, "dtype": "float32"}
+    extract(tree, out=tmp_path / "f.h5", **kw)
+    extract(str(shards / "{train,val}-{000..002}.tar"), out=tmp_path / "t.h5", **kw)
+    extract(parquet, out=tmp_path / "p.h5", **kw)
+    ref = cache_arrays(tmp_path / "f.h5")
+    assert set(ref) == {"train", "val"}
+    for other in ("t.h5", "p.h5"):
+        got = cache_arrays(tmp_path / other)
+        assert set(got) == set(ref), other
+        for split in ref:
+            assert np.array_equal(got[split][0], ref[split][0]), (other, split)
+            assert np.array_equal(got[split][1], ref[split][1]), (other, split)
+        with open_cache(tmp_path / other) as c:
+            assert c.classes == ["cat", "dog"]
+    with open_cache(tmp_path / "t.h5") as c:
+        assert c.paths("train")[:2] == ["train-000.tar/cat_000", "train-000.tar/cat_001"]
+
+
+def png(tree: Path) -> bytes:
+    return next(tree.rglob("*.png")).read_bytes()
+
+
+def test_a_damaged_member_or_shard_is_skipped_with_its_reason_and_the_rest_extracted(tmp_path, extract_kw):  # fmt: skip
+    img = png(make_tree(tmp_path / "t", per_class=1))
+    good = [(f"k{i}", {"png": img, "cls": b"0"}) for i in range(3)]
+    src = tmp_path / "s"
+    write_tar(src / "a.tar", [*good, ("bad", {"png": b"not an image", "cls": b"0"}), ("nolabel", {"png": img, "cls": b"x"})])  # fmt: skip
+    cut = write_tar(src / "b.tar", [(f"m{i}", {"png": img, "cls": b"1"}) for i in range(3)])
+    cut.write_bytes(cut.read_bytes()[: 512 * 2 + len(img) // 2])  # ends inside the first image
+    (src / "c.tar").write_bytes(b"garbage, not a tar file" * 40)
+    r = extract(str(src / "*.tar"), out=tmp_path / "c.h5", val_fraction=0.0, **extract_kw)
+    assert r.images == 3 and r.skipped == 5
+    with open_cache(tmp_path / "c.h5") as c:
+        reasons = {s.path: s.reason for s in c.skipped}
+    assert reasons["a.tar/bad"] == "not an image (unrecognised format)"
+    assert reasons["a.tar/nolabel"] == "label .cls is not a whole number"
+    assert reasons["b.tar/m0"] == "truncated member (the shard ends inside it)"
+    assert reasons["b.tar/"] == "damaged shard: damaged after 1 samples (unexpected end of data)"
+    assert reasons["c.tar/"].startswith("damaged shard: not a tar file")
+
+
+def test_a_changed_or_added_shard_is_read_again_and_an_unchanged_one_reused(tmp_path, extract_kw):  # fmt: skip
+    tree = make_tree(tmp_path / "folder", per_class=6)
+    shards = tree_to_shards(tree, tmp_path / "shards", per_shard=4)
+    pattern = str(shards / "*.tar")
+    first = extract(pattern, out=tmp_path / "c.h5", **extract_kw)
+    assert first.extracted == 24
+    old = by_path(tmp_path / "c.h5")
+    samples = tree_samples(tree, "train")
+    write_tar(shards / "train-001.tar", [(k + "x", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[4:7]])  # fmt: skip
+    write_tar(shards / "train-009.tar", [(k + "y", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[:2]])  # fmt: skip
+    again = extract(pattern, out=tmp_path / "c.h5", **extract_kw)
+    assert (again.extracted, again.reused, again.images) == (5, 20, 25)  # 3 + 2 read, 24 - 4 kept
+    new = by_path(tmp_path / "c.h5")
+    kept = [p for p in old if not p.startswith("train-001.tar/")]
+    assert len(kept) == 20 and all(np.array_equal(new[p], old[p]) for p in kept)
+    assert sorted(p for p in new if p not in old) == sorted(
+        [f"train-001.tar/{k}x" for k, _, _ in samples[4:7]]
+        + [f"train-009.tar/{k}y" for k, _, _ in samples[:2]]  # fmt: skip
+    )
+    assert extract(pattern, out=tmp_path / "c.h5", **extract_kw).up_to_date
+
+
+def test_split_shards_and_json_labels_by_name_with_a_split_field(tmp_path, extract_kw):
+    img = png(make_tree(tmp_path / "t", per_class=1))
+
+    def sample(i, label, split=None):
+        meta = {"name": label, **({"split": split} if split else {})}
+        return (f"s{i}", {"png": img, "json": json.dumps(meta).encode()})
+
+    src = tmp_path / "src"
+    write_tar(src / "x" / "part-0.tar", [sample(0, "b"), sample(1, "a"), sample(2, "b")])
+    write_tar(src / "y" / "part-0.tar", [sample(3, "a"), sample(4, "b", "val")])
+    cfg = ExtractConfig(split_shards="train=x/*.tar,test=y/{0..0}.tar".replace("{0..0}", "part-{0..0}"), label_key="name")  # fmt: skip
+    images = scan(src, cfg)
+    assert images.classes == ["a", "b"] and images.layout == "webdataset"
+    assert {k: [s.path for s in v] for k, v in images.splits.items()} == {
+        "train": ["x/part-0.tar/s0", "x/part-0.tar/s1", "x/part-0.tar/s2"],
+        "test": ["y/part-0.tar/s3", "y/part-0.tar/s4"],  # the pattern's split wins over the field
+    }
+    assert [s.label for s in images.splits["train"]] == [1, 0, 1]
+    with pytest.raises(EmbedcacheError, match="--split-shards takes train=PATTERN"):
+        scan(src, ExtractConfig(split_shards="train"))
+    r = extract(src, out=tmp_path / "c.h5", split_shards="train=x/*.tar,test=y/*.tar", label_key="name", **extract_kw)  # fmt: skip
+    assert r.splits == {"train": 3, "test": 2}
+
+
+def test_plan_gives_every_shard_to_one_rank_and_every_row_to_one_batch(tmp_path):
+    sizes = [7, 2, 5, 1, 9]
+    paths = {"train": [f"s{k}.tar/{i}" for k, n in enumerate(sizes) for i in range(n)]}
+    todo = {"train": np.arange(len(paths["train"]))}
+    attrs = {"layout": "webdataset", "source": str(tmp_path)}
+    seen, owners = [], {}
+    for rank in range(3):
+        flat, mine, _ = plan(attrs, todo, paths, batch_size=4, rank=rank, world=3, cfg=ExtractConfig())  # fmt: skip
+        for batch in mine:
+            names = {paths["train"][flat[i][1]].split("/")[0] for i in batch}
+            assert len(names) == 1 and len(batch) <= 4  # a batch never straddles a shard
+            assert owners.setdefault(names.pop(), rank) == rank  # a shard has one rank
+            seen += [flat[i] for i in batch]
+    assert sorted(seen) == [("train", r) for r in range(24)]  # every row exactly once
+    assert len(set(owners.values())) == 3
+
+
+def test_two_ranks_on_uneven_shards_write_the_one_process_cache_each_shard_read_by_one_rank(tmp_path):  # fmt: skip
+    from test_distributed import EXTRACT, LIBRARY, one_thread, torchrun
+
+    tree = make_tree(tmp_path / "folder", per_class=8)
+    samples = tree_samples(tree, "train")
+    src, start = tmp_path / "shards", 0
+    for k, n in enumerate([7, 2, 5, 1]):  # middle rows 3.5, 8, 11.5, 14.5 of 15: rank 0, 1, 1, 1
+        part = [(key, {"png": img, "cls": str(y).encode()}) for key, y, img in samples[start : start + n]]  # fmt: skip
+        write_tar(src / f"s{k}.tar", part + ([("broken", {"png": b"x", "cls": b"0"})] if k == 2 else []))  # fmt: skip
+        start += n
+    pattern = str(src / "s{0..3}.tar")
+    one_thread(lambda: extract(pattern, out=tmp_path / "one.h5", batch_size=4, val_fraction=0.25, **LIBRARY))  # fmt: skip
+    two = torchrun(2, ["extract", pattern, "--out", "two.h5", "--val-fraction", "0.25", *EXTRACT], tmp_path)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    result = json.loads(two.stdout)
+    assert [n for n, _ in result["ranks"]] == [7, 8] and result["skipped"] == 1
+    one, got = by_path(tmp_path / "one.h5"), by_path(tmp_path / "two.h5")
+    assert sorted(got) == sorted(one) and len(got) == 15  # every key once
+    assert all(np.array_equal(got[p], one[p]) for p in one)
+    with open_cache(tmp_path / "one.h5") as a, open_cache(tmp_path / "two.h5") as b:
+        assert a.splits == b.splits and all(a.paths(s) == b.paths(s) for s in a.splits)
+
+
+def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_time(tmp_path, extract_kw):  # fmt: skip
+    pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
+    import pyarrow.parquet as pq
+
+    from embedcache import sources
+
+    tree = make_tree(tmp_path / "t", per_class=5)
+    samples = tree_samples(tree, "train")
+    table = pa.table({
+        "jpeg": pa.array([img for _, _, img in samples], pa.binary()),
+        "species": [["cat", "dog"][y] for _, y, _ in samples],
+    })  # fmt: skip
+    data = tmp_path / "pq"
+    data.mkdir()
+    pq.write_table(table, data / "part-0.parquet", row_group_size=3)  # 4 row groups of 10 rows
+    (data / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    held, read = [], sources.ParquetImages.read
+
+    def spy(self, group, index):
+        out = read(self, group, index)
+        held.append(self.held)
+        return out
+
+    sources.ParquetImages.read = spy
+    try:
+        r = extract(data, out=tmp_path / "c.h5", image_column="jpeg", label_column="species", **extract_kw)  # fmt: skip
+    finally:
+        sources.ParquetImages.read = read
+    assert r.images == 10 and r.skipped == 1 and held and max(held) <= sources.ROW_GROUPS_HELD
+    with open_cache(tmp_path / "c.h5") as c:
+        assert c.classes == ["cat", "dog"]
+        assert (
+            c.skipped[0].path == "part-1.parquet/" and "not a Parquet file" in c.skipped[0].reason
+        )
+    with pytest.raises(EmbedcacheError, match=r"has no column 'image' \(columns: jpeg, species\); pass --image-column"):  # fmt: skip
+        extract(data, out=tmp_path / "d.h5", **extract_kw)
+
+
+def test_an_extract_of_shards_cut_off_mid_run_resumes_to_the_uninterrupted_bits(tmp_path, extract_kw, monkeypatch):  # fmt: skip
+    from test_extraction import _crash_after
+
+    tree = make_tree(tmp_path / "folder", per_class=6)
+    pattern = str(tree_to_shards(tree, tmp_path / "shards", per_shard=3) / "*.tar")
+    extract(pattern, out=tmp_path / "ref.h5", **extract_kw)
+    _crash_after(monkeypatch, 3, lambda: extract(pattern, out=tmp_path / "c.h5", **extract_kw))
+    r = extract(pattern, out=tmp_path / "c.h5", **extract_kw)
+    assert (r.reused, r.extracted) == (9, 15)  # 3 batches of one 3-sample shard each were done
+    got, ref = cache_arrays(tmp_path / "c.h5"), cache_arrays(tmp_path / "ref.h5")
+    for split in ref:
+        assert np.array_equal(got[split][0], ref[split][0]), split
