@@ -124,8 +124,11 @@ def test_folder_tar_shards_and_parquet_give_bit_identical_features(tmp_path, ext
         for split in ref:
             assert np.array_equal(got[split][0], ref[split][0]), (other, split)
             assert np.array_equal(got[split][1], ref[split][1]), (other, split)
-        with open_cache(tmp_path / other) as c:
+        with open_cache(tmp_path / other) as c, open_cache(tmp_path / "f.h5") as f:
             assert c.classes == ["cat", "dog"]
+            for split in ref:  # each member's content hash, as the file's (audit finds copies)
+                assert np.array_equal(c.hashes(split), f.hashes(split)), (other, split)
+                assert c.hashes(split).any(1).all(), (other, split)
     with open_cache(tmp_path / "t.h5") as c:
         assert c.paths("train")[:2] == ["train-000.tar/cat_000", "train-000.tar/cat_001"]
 
