@@ -22,7 +22,7 @@ BAD_DEVICE = r"^--device must be one of auto, cpu, cuda or cuda:N, got 'tpu'$"
         (ExtractConfig, {"val_fraction": 1.0}, r"^--val-fraction must be below 1.0, got 1.0$"),
         (ExtractConfig, {"val_fraction": float("nan")}, r"^--val-fraction must be a finite number, got nan$"),
         (ExtractConfig, {"device": "tpu"}, BAD_DEVICE),
-        (HeadConfig, {"head": "svm"}, r"^--head must be one of linear, mlp, logreg, knn, got 'svm'$"),
+        (HeadConfig, {"head": "svm"}, r"^--head must be one of auto, linear, mlp, logreg, knn, got 'svm'$"),
         (HeadConfig, {"epochs": 0}, r"^--epochs must be at least 1, got 0$"),
         (HeadConfig, {"lr": [1e-3, -1.0]}, r"^--lr must be at least 0.0, got -1.0$"),
         (HeadConfig, {"weight_decay": []}, r"^--weight-decay needs at least one value$"),

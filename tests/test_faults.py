@@ -606,10 +606,10 @@ def test_a_diverged_head_stops_with_a_clear_error_and_is_never_written(blob_cach
         match=r"training diverged at epoch \d+: the loss is not finite \(--lr 1e\+308\); "
         r"lower --lr",
     ):
-        train_head(blob_cache, out=out, lr=1e308, progress=False)
+        train_head(blob_cache, out=out, head="linear", lr=1e308, progress=False)
     assert not list(tmp_path.glob("hn*"))
     r = train_head(
-        blob_cache, out=out, lr=[1e308, 1e-2], progress=False
+        blob_cache, out=out, head="linear", lr=[1e308, 1e-2], progress=False
     )  # a sweep keeps a finite head
     assert r.metrics["best"]["lr"] == 1e-2 and r.metrics["val_acc"] > 0.9
     ckpt = load_head(out)[1]
