@@ -232,10 +232,10 @@ def output_options(fn):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
 
 
-def _out_option(help_text: str):
-    return click.option(
-        "--out", "-o", required=True, type=click.Path(dir_okay=False), help=help_text
-    )
+def _out_option(help_text: str, *, folder: bool = False):
+    """The required --out of a verb: a file, or with ``folder`` a folder."""
+    kind = click.Path(file_okay=False) if folder else click.Path(dir_okay=False)
+    return click.option("--out", "-o", required=True, type=kind, help=help_text)
 
 
 def _emit_json(obj) -> None:
@@ -648,13 +648,7 @@ def compare(data, quiet, as_json, **values):
 
 @main.command()
 @click.argument("cache", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder for the CSVs, summary.json and report.html.",
-)
+@_out_option("Folder for the CSVs, summary.json and report.html.", folder=True)
 @options(AuditConfig, *_fields(AuditConfig))
 @output_options
 def audit(cache, out, quiet, as_json, **values):
@@ -730,12 +724,8 @@ def export_cmd(model, fmt, out, as_json):
 
 @main.command("export-features")
 @click.argument("cache", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder to write: new, empty, or an earlier export-features output (replaced).",
+@_out_option(
+    "Folder to write: new, empty, or an earlier export-features output (replaced).", folder=True
 )
 @options(ExportFeaturesConfig, *_fields(ExportFeaturesConfig))
 @output_options
