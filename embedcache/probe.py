@@ -49,7 +49,10 @@ class LinearFit:
 
 
 def _objective(x, y, w, b, lam):
-    return F.cross_entropy(torch.addmm(b, x, w), y) + 0.5 * lam * w.pow(2).sum()
+    # w is (C, D), as nn.Linear keeps it: the gradient is then g.T @ x, which reads x row by
+    # row; with w as (D, C) it is x.T @ g, 7.5x slower on 100,000 x 1280 rows (627 vs 84 ms,
+    # 2 cores), and one objective with its gradient cost 773 ms against 173 ms.
+    return F.cross_entropy(F.linear(x, w, b), y) + 0.5 * lam * w.pow(2).sum()
 
 
 def fit_logreg(
@@ -73,10 +76,10 @@ def fit_logreg(
     """
     D = x.shape[1]
     if start is None:
-        w = torch.zeros(D, num_classes, device=x.device)
+        w = torch.zeros(num_classes, D, device=x.device)
         b = torch.zeros(num_classes, device=x.device)
     else:
-        w = start.weight.T.to(x.device).clone(memory_format=torch.contiguous_format)
+        w = start.weight.to(x.device).clone(memory_format=torch.contiguous_format)
         b = start.bias.clone().to(x.device)
     w.requires_grad_(True)
     b.requires_grad_(True)
@@ -99,13 +102,13 @@ def fit_logreg(
     with threads_for(x.shape[0] * D * num_classes, x.device):
         opt.step(closure)
     iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return LinearFit(w.detach().T.contiguous(), b.detach().clone(), lam, iterations)
+    return LinearFit(w.detach().clone(), b.detach().clone(), lam, iterations)
 
 
 def _scores(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a fit on labelled rows."""
     with torch.no_grad():
-        logits = torch.addmm(fit.bias, x, fit.weight.T)
+        logits = F.linear(x, fit.weight, fit.bias)
         return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
