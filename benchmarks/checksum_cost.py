@@ -35,7 +35,9 @@ def checksums(on: bool):
 
     def plain_features(g, n, dim, dtype):
         chunks = (min(n, cache_mod._rows_per_chunk(dim, dtype.itemsize)), dim) if n else None
-        return g.create_dataset("features", (n, dim), dtype=dtype, chunks=chunks, dcpl=cache_mod._early())  # fmt: skip
+        return g.create_dataset(
+            "features", (n, dim), dtype=dtype, chunks=chunks, dcpl=cache_mod._early()
+        )
 
     cache_mod._features_dataset = plain_features
     cache_mod._checked = lambda g, name, data: g.create_dataset(name, data=data)
@@ -50,7 +52,14 @@ def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
     out.unlink(missing_ok=True)
     t = time.perf_counter()
     with checksums(on):
-        write_cache(out, splits, classes=["a", "b"], backbone="b", weights="w", transform=EvalTransform(resize=256, crop=224).to_json())  # fmt: skip
+        write_cache(
+            out,
+            splits,
+            classes=["a", "b"],
+            backbone="b",
+            weights="w",
+            transform=EvalTransform(resize=256, crop=224).to_json(),
+        )
     written = time.perf_counter() - t
     with cache_mod.open_cache(out) as c:
         assert c.checksummed is on
@@ -62,12 +71,26 @@ def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
         read = time.perf_counter() - t
     size = out.stat().st_size
     t = time.perf_counter()
-    train_head(out, out=tmp / "h.pt", epochs=args.epochs, patience=args.epochs, max_memory=size // 4, progress=False)  # fmt: skip
-    return {"write_s": written, "read_s": read, "train_head_s": time.perf_counter() - t, "bytes": size}  # fmt: skip
+    train_head(
+        out,
+        out=tmp / "h.pt",
+        epochs=args.epochs,
+        patience=args.epochs,
+        max_memory=size // 4,
+        progress=False,
+    )
+    return {
+        "write_s": written,
+        "read_s": read,
+        "train_head_s": time.perf_counter() - t,
+        "bytes": size,
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -88,10 +111,13 @@ def main() -> None:
         "",
         "| | write the cache (s) | read every block (s) | train-head (s) | file MB |",
         "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | {m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | {m['bytes'] / 1e6:.1f} |" for k, m in med.items()),
+        *(
+            f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | {m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | {m['bytes'] / 1e6:.1f} |"
+            for k, m in med.items()
+        ),
         "",
         f"Cost of the checksums: write {100 * (med['on']['write_s'] / med['off']['write_s'] - 1):+.0f}%, read {100 * (med['on']['read_s'] / med['off']['read_s'] - 1):+.0f}%, train-head {100 * (med['on']['train_head_s'] / med['off']['train_head_s'] - 1):+.0f}%, file size {100 * (med['on']['bytes'] / med['off']['bytes'] - 1):+.2f}%.",
-    ]  # fmt: skip
+    ]
     print(save("checksum_cost_cpu", {"rows": rows, "median": med}, "\n".join(md)).read_text())
 
 

@@ -27,10 +27,28 @@ RATE = re.compile(r"\(([\d.]+) images/s")
 
 def run(code: Path, data: Path, out: Path, args) -> tuple[float, float]:
     """(images/s from the summary line, wall seconds) of one CLI run of the code in ``code``."""
-    cmd = [sys.executable, "-c", "from embedcache.cli import main; main()", "extract", str(data),
-           "--out", str(out), "-b", args.backbone, "--device", "cpu", "--overwrite"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from embedcache.cli import main; main()",
+        "extract",
+        str(data),
+        "--out",
+        str(out),
+        "-b",
+        args.backbone,
+        "--device",
+        "cpu",
+        "--overwrite",
+    ]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(code), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}, timeout=3600)  # fmt: skip
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(code), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        timeout=3600,
+    )
     wall = time.perf_counter() - t
     if r.returncode:
         sys.exit(f"{code}: {r.stderr[-2000:]}")
@@ -38,7 +56,9 @@ def run(code: Path, data: Path, out: Path, args) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data", type=Path)
     p.add_argument("--commit", default="0c5bfa9")
     p.add_argument("--backbone", default="efficientnet_lite0")
@@ -47,14 +67,20 @@ def main() -> None:
     rows: dict[str, list] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.commit], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.commit],
+            check=True,
+            capture_output=True,
+        )
         try:
             for _ in range(args.rounds):
                 for name, code in (("old", old), ("new", REPO)):
                     rows[name].append(run(code, args.data, Path(tmp) / f"{name}.h5", args))
                     print(name, rows[name][-1], flush=True)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=True)  # fmt: skip
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=True
+            )
     med = {k: statistics.median(r for r, _ in v) for k, v in rows.items()}
     per_round = [n[0] / o[0] for o, n in zip(rows["old"], rows["new"], strict=True)]
     md = [
@@ -62,11 +88,20 @@ def main() -> None:
         "",
         "| code | images/s (summary line) | wall s |",
         "| --- | --- | --- |",
-        *(f"| {k} | {', '.join(f'{r:.1f}' for r, _ in v)} (median {med[k]:.1f}) | {', '.join(f'{w:.1f}' for _, w in v)} |" for k, v in rows.items()),
+        *(
+            f"| {k} | {', '.join(f'{r:.1f}' for r, _ in v)} (median {med[k]:.1f}) | {', '.join(f'{w:.1f}' for _, w in v)} |"
+            for k, v in rows.items()
+        ),
         "",
         f"new / old: **{med['new'] / med['old']:.2f}x** (medians); per round {', '.join(f'{x:.2f}' for x in per_round)}.",
-    ]  # fmt: skip
-    print(save(f"cli_vs_{args.commit}", {"rows": rows, "median": med, "per_round": per_round}, "\n".join(md)).read_text())  # fmt: skip
+    ]
+    print(
+        save(
+            f"cli_vs_{args.commit}",
+            {"rows": rows, "median": med, "per_round": per_round},
+            "\n".join(md),
+        ).read_text()
+    )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,22 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits(Path(tmp) / "digits") if args.data == "digits" else Path(args.data)
-        r = compare(data, backbone=args.backbone, weights=args.weights, image_size=args.image_size, unfreeze=tuple(args.unfreeze or ["2"]),
-                    augment=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
-                    finetune_epochs=args.finetune_epochs, views=args.views, tutorial=not args.no_tutorial, workdir=Path(tmp) / "work", device=args.device, title=f"{Path(args.data).name}", progress=False,
-                    log=lambda line: print(line, flush=True))  # fmt: skip
+        r = compare(
+            data,
+            backbone=args.backbone,
+            weights=args.weights,
+            image_size=args.image_size,
+            unfreeze=tuple(args.unfreeze or ["2"]),
+            augment=args.augment or (DIGITS_AUGMENT if args.data == "digits" else "light"),
+            finetune_epochs=args.finetune_epochs,
+            views=args.views,
+            tutorial=not args.no_tutorial,
+            workdir=Path(tmp) / "work",
+            device=args.device,
+            title=f"{Path(args.data).name}",
+            progress=False,
+            log=lambda line: print(line, flush=True),
+        )
         device = json.loads(r.files["json"].read_text())["meta"]["device"].split(":")[0]
         name = (
             args.name

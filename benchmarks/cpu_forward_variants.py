@@ -49,15 +49,21 @@ def measure(name: str, rounds: int, batches: int) -> dict:
     med = {k: statistics.median(v) for k, v in rates.items()}
     saved = 1 / med["eager"] - 1 / med["frozen"]  # seconds per image
     return {
-        "rates": rates, "median": med, "speedup": med["frozen"] / med["eager"], "max_rel_error": error,
-        "first_call_s": first, "graph_ok": not frozen.eager_shapes,
+        "rates": rates,
+        "median": med,
+        "speedup": med["frozen"] / med["eager"],
+        "max_rel_error": error,
+        "first_call_s": first,
+        "graph_ok": not frozen.eager_shapes,
         "auto": compile_mode("auto", torch.device("cpu"), 10**6, net) or "eager",
         "pays_back_after_images": first / saved if saved > 0 else None,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--backbones", default=",".join(BACKBONES))
@@ -70,7 +76,7 @@ def main() -> None:
     lines = [
         "| backbone (fp32, batch 8, channels_last) | eager images/s | frozen images/s | frozen / eager | first call (trace + check) s | pays back after | max relative difference | --compile auto on a CPU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]  # fmt: skip
+    ]
     for name, r in out.items():
         eager, frozen, pays = (
             r["median"]["eager"],
@@ -78,8 +84,13 @@ def main() -> None:
             r["pays_back_after_images"],
         )
         pays = f"{pays:.0f} images" if pays is not None else "never"
-        lines.append(f"| {name} | {eager:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['eager'])}) | {frozen:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['frozen'])}) | **{r['speedup']:.2f}x** | {r['first_call_s']:.2f} | {pays} | {r['max_rel_error']:.1e} | {r['auto']} |")  # fmt: skip
-    lines += ["", "Medians of alternated rounds. `auto` freezes nets with BatchNorm on runs of 256+ images (runtime.FREEZE_FROM_IMAGES)."]  # fmt: skip
+        lines.append(
+            f"| {name} | {eager:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['eager'])}) | {frozen:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['frozen'])}) | **{r['speedup']:.2f}x** | {r['first_call_s']:.2f} | {pays} | {r['max_rel_error']:.1e} | {r['auto']} |"
+        )
+    lines += [
+        "",
+        "Medians of alternated rounds. `auto` freezes nets with BatchNorm on runs of 256+ images (runtime.FREEZE_FROM_IMAGES).",
+    ]
     print(save("cpu_forward_variants", out, "\n".join(lines)).read_text())
 
 

@@ -45,7 +45,9 @@ from embedcache.runtime import (
 )
 
 
-def forward_only(bb, images: torch.Tensor, batch_size: int, device, channels_last: bool, amp=None, mode=None) -> float:  # fmt: skip
+def forward_only(
+    bb, images: torch.Tensor, batch_size: int, device, channels_last: bool, amp=None, mode=None
+) -> float:
     """Images/s of the backbone alone on pre-decoded uint8 images (under autocast ``amp``,
     compiled as ``mode`` is: see runtime.compile_mode)."""
     net = bb.net.to(device).eval()
@@ -127,9 +129,23 @@ def in_own_process(what: str, args) -> float:
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, str(args.data), "--only", what, "--backbone", args.backbone,
-           "--weights", args.weights, "--batch-size", str(args.batch_size), "--device", args.device,
-           "--tutorial-batch-size", str(args.tutorial_batch_size)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        str(args.data),
+        "--only",
+        what,
+        "--backbone",
+        args.backbone,
+        "--weights",
+        args.weights,
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--tutorial-batch-size",
+        str(args.tutorial_batch_size),
+    ]
     env = {**os.environ, "EMBEDCACHE_MALLOC": "default"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, check=True)
     return float(r.stdout.split()[-1])
@@ -160,17 +176,45 @@ def sync(device) -> None:
 
 def _rounds(args, bb, decoded, files, device) -> dict[str, list[float]]:
     """Every measurement once per round, rounds alternating, so drift hits all alike."""
-    rows: dict[str, list[float]] = {k: [] for k in ("forward_default_alloc", "forward_nchw", "forward_channels_last", "forward_frozen", "forward_bf16", "decode", "extract", "tutorial")}  # fmt: skip
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "forward_default_alloc",
+            "forward_nchw",
+            "forward_channels_last",
+            "forward_frozen",
+            "forward_bf16",
+            "decode",
+            "extract",
+            "tutorial",
+        )
+    }
     for r in range(args.rounds):
         rows["forward_default_alloc"].append(in_own_process("forward", args))
-        rows["forward_nchw"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=False))  # fmt: skip
-        rows["forward_channels_last"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=True))  # fmt: skip
-        rows["forward_frozen"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=True, mode="frozen"))  # fmt: skip
-        rows["forward_bf16"].append(forward_only(bb, decoded, args.batch_size, device, channels_last=True, amp=torch.bfloat16))  # fmt: skip
-        rows["decode"].append(decode_only(files, bb, args.num_workers or default_num_workers(device)))  # fmt: skip
-        rows["extract"].append(embedcache_extract(args.data, bb, args.batch_size, str(device), args.num_workers))  # fmt: skip
+        rows["forward_nchw"].append(
+            forward_only(bb, decoded, args.batch_size, device, channels_last=False)
+        )
+        rows["forward_channels_last"].append(
+            forward_only(bb, decoded, args.batch_size, device, channels_last=True)
+        )
+        rows["forward_frozen"].append(
+            forward_only(bb, decoded, args.batch_size, device, channels_last=True, mode="frozen")
+        )
+        rows["forward_bf16"].append(
+            forward_only(
+                bb, decoded, args.batch_size, device, channels_last=True, amp=torch.bfloat16
+            )
+        )
+        rows["decode"].append(
+            decode_only(files, bb, args.num_workers or default_num_workers(device))
+        )
+        rows["extract"].append(
+            embedcache_extract(args.data, bb, args.batch_size, str(device), args.num_workers)
+        )
         rows["tutorial"].append(in_own_process("tutorial", args))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True
+        )
     return rows
 
 
@@ -178,8 +222,12 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("data", type=Path, nargs="?", help="an image folder with split folders (train/, val/)")  # fmt: skip
-    p.add_argument("--generate", type=int, metavar="N", help="instead of DATA: N generated 500x375 JPEGs")  # fmt: skip
+    p.add_argument(
+        "data", type=Path, nargs="?", help="an image folder with split folders (train/, val/)"
+    )
+    p.add_argument(
+        "--generate", type=int, metavar="N", help="instead of DATA: N generated 500x375 JPEGs"
+    )
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument(
         "--weights", default="none", help="weights do not change speed; default random init"
@@ -221,7 +269,11 @@ def measure(args) -> None:
     if device.type == "cuda":
         decoded = decoded.pin_memory()
     if args.only:  # a fresh process for in_own_process: print images/s and stop
-        run = tutorial(args.data, bb, args.tutorial_batch_size, device) if args.only == "tutorial" else forward_only(bb, decoded, args.batch_size, device, channels_last=True)  # fmt: skip
+        run = (
+            tutorial(args.data, bb, args.tutorial_batch_size, device)
+            if args.only == "tutorial"
+            else forward_only(bb, decoded, args.batch_size, device, channels_last=True)
+        )
         print(run)
         return
     tuned = tune_allocator()
@@ -229,7 +281,11 @@ def measure(args) -> None:
     rows = _rounds(args, bb, decoded, files, device)
     best = {k: statistics.median(v) for k, v in rows.items()}
     mode = compile_mode("auto", device, len(files), bb.net)  # what extract runs
-    ceiling_key = "forward_bf16" if amp is not None else {"frozen": "forward_frozen"}.get(mode, "forward_channels_last")  # fmt: skip
+    ceiling_key = (
+        "forward_bf16"
+        if amp is not None
+        else {"frozen": "forward_frozen"}.get(mode, "forward_channels_last")
+    )
     ceiling = best[ceiling_key]
     # On a CPU, decoding and the forward pass share the cores, so the best a pipeline can do
     # is one after the other: 1 / (1/forward + 1/decode).
@@ -260,9 +316,13 @@ def measure(args) -> None:
         "extract": "(b) embedcache extract",
         "tutorial": f"(c) tutorial loop (ImageFolder, no workers, NCHW, batch {args.tutorial_batch_size})",
     }
-    md = [f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}; "
-          f"allocator tuned in this process: {tuned}; extract's precision (auto): {precision_name(amp)}, compiled as (--compile auto): {mode or 'eager'}, so its ceiling is {labels[ceiling_key].split(')')[0]})."  , "",
-          "| what | images/s (median of rounds) | all rounds |", "| --- | ---: | --- |"]  # fmt: skip
+    md = [
+        f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}; "
+        f"allocator tuned in this process: {tuned}; extract's precision (auto): {precision_name(amp)}, compiled as (--compile auto): {mode or 'eager'}, so its ceiling is {labels[ceiling_key].split(')')[0]}).",
+        "",
+        "| what | images/s (median of rounds) | all rounds |",
+        "| --- | ---: | --- |",
+    ]
     md += [
         f"| {labels[k]} | {best[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows
     ]
@@ -274,7 +334,10 @@ def measure(args) -> None:
         f"(b)/(c) {', '.join(f'{v:.2f}' for v in per_round['extract_over_tutorial'])} "
         f"(median {statistics.median(per_round['extract_over_tutorial']):.2f})",
     ]
-    md += ["", f"Allocator: (a)/(a0) = **{ratios['allocator_gain']:.2f}** (the same fp32 forward pass, glibc's thresholds raised vs default)."]  # fmt: skip
+    md += [
+        "",
+        f"Allocator: (a)/(a0) = **{ratios['allocator_gain']:.2f}** (the same fp32 forward pass, glibc's thresholds raised vs default).",
+    ]
     if device.type == "cpu":
         md += [
             "",

@@ -34,13 +34,25 @@ def child(args: argparse.Namespace) -> None:
     epochs = [
         s for e, s in zip(m["history"]["epoch"], m["history"]["seconds"], strict=True) if e > 0
     ]
-    print(json.dumps({
-        "seconds_per_epoch": m["seconds_per_epoch"], "epoch_seconds": epochs, "prefix_seconds": m["prefix_cache"]["seconds"],
-        "prefix_mb": m["prefix_cache"]["bytes"] / 1e6, "where": m["prefix_cache"]["where"], "best_val_acc": m["best_val_acc"],
-        "best_epoch": m["best_epoch"], "epoch0_val_acc": m["head_val_acc_before"], "best_trained_val_acc": m["best_trained_val_acc"],
-        "epochs_run": m["epochs_run"], "total_seconds": m["prefix_cache"]["seconds"] + sum(epochs), "peak_rss_mb": peak_rss_mb(),
-        "trainable_params": sum(r["params"] for r in m["trainable"] if r["trainable"]),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "seconds_per_epoch": m["seconds_per_epoch"],
+                "epoch_seconds": epochs,
+                "prefix_seconds": m["prefix_cache"]["seconds"],
+                "prefix_mb": m["prefix_cache"]["bytes"] / 1e6,
+                "where": m["prefix_cache"]["where"],
+                "best_val_acc": m["best_val_acc"],
+                "best_epoch": m["best_epoch"],
+                "epoch0_val_acc": m["head_val_acc_before"],
+                "best_trained_val_acc": m["best_trained_val_acc"],
+                "epochs_run": m["epochs_run"],
+                "total_seconds": m["prefix_cache"]["seconds"] + sum(epochs),
+                "peak_rss_mb": peak_rss_mb(),
+                "trainable_params": sum(r["params"] for r in m["trainable"] if r["trainable"]),
+            }
+        )
+    )
 
 
 def run(data: Path, **kw) -> dict:
@@ -108,21 +120,33 @@ def main() -> None:
                 r = run(args.data, out=str(tmp / f"a{n}{start[0]}.pt"), **kw)
                 accuracy.append({"unfreeze": n, "start": start, **r})
                 print(f"accuracy unfreeze {n} {start}: {r['best_val_acc']:.4f}", flush=True)
-    md = [f"One tutorial-recipe epoch (frozen lite0 forwarded over 245 + 153 images, ImageFolder, batch 32, no workers, NCHW): **{tutorial_epoch:.1f} s**.", "",
-          f"A. Seconds per epoch, no augmentation ({args.speed_epochs} epochs, from the cached head), with and without the prefix cache:", "",
-          "| --unfreeze | prefix cache: s/epoch | cache built in (s) | cache size (MB) | off: s/epoch | speed-up | epoch vs tutorial epoch | peak RSS cached / off (MB) |",
-          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    md = [
+        f"One tutorial-recipe epoch (frozen lite0 forwarded over 245 + 153 images, ImageFolder, batch 32, no workers, NCHW): **{tutorial_epoch:.1f} s**.",
+        "",
+        f"A. Seconds per epoch, no augmentation ({args.speed_epochs} epochs, from the cached head), with and without the prefix cache:",
+        "",
+        "| --unfreeze | prefix cache: s/epoch | cache built in (s) | cache size (MB) | off: s/epoch | speed-up | epoch vs tutorial epoch | peak RSS cached / off (MB) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in speed:
         c, o = row["cached"], row["off"]
-        md.append(f"| {row['unfreeze']} | {c['seconds_per_epoch']:.2f} | {c['prefix_seconds']:.1f} | {c['prefix_mb']:.1f} | {o['seconds_per_epoch']:.2f} | "
-                  f"{o['seconds_per_epoch'] / c['seconds_per_epoch']:.1f}x | {c['seconds_per_epoch'] / tutorial_epoch:.3f} | {c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} |")  # fmt: skip
-    md += ["", f"B. Accuracy with the defaults (light augmentation, 4 augmented views cached through the frozen prefix, lr 3e-4, blocks at 0.3x, {args.epochs} epochs). "
-           "Epoch 0 is the head as reattached, before any step; the best epoch on val is kept.", "",
-           "| --unfreeze | start | best val acc | best epoch | epoch 0 val acc | best val acc of epochs >= 1 | trainable params | total s (cache + epochs) | s/epoch | peak RSS (MB) |",
-           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        md.append(
+            f"| {row['unfreeze']} | {c['seconds_per_epoch']:.2f} | {c['prefix_seconds']:.1f} | {c['prefix_mb']:.1f} | {o['seconds_per_epoch']:.2f} | "
+            f"{o['seconds_per_epoch'] / c['seconds_per_epoch']:.1f}x | {c['seconds_per_epoch'] / tutorial_epoch:.3f} | {c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} |"
+        )
+    md += [
+        "",
+        f"B. Accuracy with the defaults (light augmentation, 4 augmented views cached through the frozen prefix, lr 3e-4, blocks at 0.3x, {args.epochs} epochs). "
+        "Epoch 0 is the head as reattached, before any step; the best epoch on val is kept.",
+        "",
+        "| --unfreeze | start | best val acc | best epoch | epoch 0 val acc | best val acc of epochs >= 1 | trainable params | total s (cache + epochs) | s/epoch | peak RSS (MB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in accuracy:
-        md.append(f"| {r['unfreeze']} | {r['start']} | {100 * r['best_val_acc']:.2f}% | {r['best_epoch']} | {100 * r['epoch0_val_acc']:.2f}% | "
-                  f"{100 * r['best_trained_val_acc']:.2f}% | {r['trainable_params']:,} | {r['total_seconds']:.1f} | {r['seconds_per_epoch']:.2f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+        md.append(
+            f"| {r['unfreeze']} | {r['start']} | {100 * r['best_val_acc']:.2f}% | {r['best_epoch']} | {100 * r['epoch0_val_acc']:.2f}% | "
+            f"{100 * r['best_trained_val_acc']:.2f}% | {r['trainable_params']:,} | {r['total_seconds']:.1f} | {r['seconds_per_epoch']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     path = save(
         "finetune",
         {"tutorial_epoch_seconds": tutorial_epoch, "speed": speed, "accuracy": accuracy},

@@ -70,8 +70,14 @@ def write_synthetic(path: Path, rows: int) -> Path:
         return SyntheticFeatures(labels, centres, seed), labels, [str(i) for i in range(n)]
 
     splits = {"train": split(rows, 1), "val": split(rows // 20, 2)}
-    return write_cache(path, splits, classes=[str(c) for c in range(CLASSES)],
-                       backbone="synthetic", weights="none", transform="{}")  # fmt: skip
+    return write_cache(
+        path,
+        splits,
+        classes=[str(c) for c in range(CLASSES)],
+        backbone="synthetic",
+        weights="none",
+        transform="{}",
+    )
 
 
 def _batches_before(self, batch_size: int, rng: np.random.Generator):
@@ -144,21 +150,43 @@ def train_child(cache: Path, mode: str, epochs: int) -> dict:
     max_memory = 2 * train_bytes if mode == "memory" else train_bytes // 4
     base = peak_rss_mb()
     t = time.perf_counter()
-    m = train_head(cache, head="linear", epochs=epochs, patience=epochs, max_memory=max_memory,
-                   device="cpu", seed=0, progress=False).metrics  # fmt: skip
+    m = train_head(
+        cache,
+        head="linear",
+        epochs=epochs,
+        patience=epochs,
+        max_memory=max_memory,
+        device="cpu",
+        seed=0,
+        progress=False,
+    ).metrics
     seconds = time.perf_counter() - t
-    return {"mode": mode, "streamed": m["streamed"], "max_memory": max_memory, "train_bytes": train_bytes,
-            "seconds": seconds, "epoch_seconds": m["epoch_seconds"], "setup_seconds": seconds - sum(m["epoch_seconds"]),
-            "val_acc": m["val_acc"], "history": m["history"], "batch_size": m["batch_size"],
-            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": base, "read_ahead_auto": auto}  # fmt: skip
+    return {
+        "mode": mode,
+        "streamed": m["streamed"],
+        "max_memory": max_memory,
+        "train_bytes": train_bytes,
+        "seconds": seconds,
+        "epoch_seconds": m["epoch_seconds"],
+        "setup_seconds": seconds - sum(m["epoch_seconds"]),
+        "val_acc": m["val_acc"],
+        "history": m["history"],
+        "batch_size": m["batch_size"],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_imports_mb": base,
+        "read_ahead_auto": auto,
+    }
 
 
 def run_child(cache: Path, mode: str, epochs: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(cache), "--mode", mode, "--epochs", str(epochs)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    print(f"  {mode}: {statistics.mean(r['epoch_seconds']):.2f} s/epoch, val_acc {r['val_acc']:.4f}, "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    print(
+        f"  {mode}: {statistics.mean(r['epoch_seconds']):.2f} s/epoch, val_acc {r['val_acc']:.4f}, "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
     return r
 
 
@@ -177,27 +205,37 @@ def report(rounds: list[list[dict]], args, write_s: float) -> str:
     """The Markdown table: per mode, s/epoch per round and the ratio to in memory in the same round."""
     names = {v: k for k, v in MODES.items()}
     gb = rounds[0][0]["train_bytes"] / 1e9
-    md = [f"Synthetic cache: {args.rows:,} x {DIM} float16 train rows ({gb:.2f} GB) + {args.rows // 20:,} val rows, "
-          f"{'reused from --workdir' if write_s is None else f'written in {write_s:.0f} s'}. Linear head, {args.epochs} epochs, batch {rounds[0][0]['batch_size']}, CPU. "
-          f"Streamed: `max_memory` = train features / 4 = {rounds[0][-1]['max_memory'] / 1e9:.2f} GB. "
-          "Each mode in a fresh process; rounds alternate the order. s/epoch includes the validation pass.", "",
-          "| mode | round | s/epoch | ratio to in memory (same round) | setup s (load, stats) | peak RSS MB | val acc |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    md = [
+        f"Synthetic cache: {args.rows:,} x {DIM} float16 train rows ({gb:.2f} GB) + {args.rows // 20:,} val rows, "
+        f"{'reused from --workdir' if write_s is None else f'written in {write_s:.0f} s'}. Linear head, {args.epochs} epochs, batch {rounds[0][0]['batch_size']}, CPU. "
+        f"Streamed: `max_memory` = train features / 4 = {rounds[0][-1]['max_memory'] / 1e9:.2f} GB. "
+        "Each mode in a fresh process; rounds alternate the order. s/epoch includes the validation pass.",
+        "",
+        "| mode | round | s/epoch | ratio to in memory (same round) | setup s (load, stats) | peak RSS MB | val acc |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for i, runs in enumerate(rounds):
         mem = statistics.mean(runs[0]["epoch_seconds"])
         for r in runs:
             s = statistics.mean(r["epoch_seconds"])
-            md.append(f"| {names[r['mode']]} | {i + 1} | {s:.2f} | {s / mem:.2f} | {r['setup_seconds']:.1f} | "
-                      f"{r['peak_rss_mb']:.0f} | {100 * r['val_acc']:.2f}% |")  # fmt: skip
+            md.append(
+                f"| {names[r['mode']]} | {i + 1} | {s:.2f} | {s / mem:.2f} | {r['setup_seconds']:.1f} | "
+                f"{r['peak_rss_mb']:.0f} | {100 * r['val_acc']:.2f}% |"
+            )
     same = len({json.dumps(r["history"]) for runs in rounds for r in runs}) == 1
     auto = rounds[0][0]["read_ahead_auto"]
-    md += ["", f"Validation accuracy and loss history identical in every run: **{same}**. "
-           f"`runtime.read_ahead` chose {'the thread' if auto else 'no thread'} here (torch threads vs cores)."]  # fmt: skip
+    md += [
+        "",
+        f"Validation accuracy and loss history identical in every run: **{same}**. "
+        f"`runtime.read_ahead` chose {'the thread' if auto else 'no thread'} here (torch threads vs cores).",
+    ]
     return "\n".join(md)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)

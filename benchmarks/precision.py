@@ -32,21 +32,37 @@ def one_dataset(data: str, tmp: Path, args) -> dict:
     row: dict = {"data": Path(data).name, "image_size": size}
     for precision in ("fp32", "bf16"):
         out = tmp / f"{row['data']}-{precision}.h5"
-        r = extract(folder, out=out, backbone=args.backbone, precision=precision, image_size=size, progress=False)  # fmt: skip
+        r = extract(
+            folder,
+            out=out,
+            backbone=args.backbone,
+            precision=precision,
+            image_size=size,
+            progress=False,
+        )
         row[precision] = {"images_per_s": r.images_per_s, "val": {}}
         for head in HEADS:
-            h = train_head(out, out=tmp / f"{row['data']}-{precision}-{head}.pt", head=head, progress=False)  # fmt: skip
+            h = train_head(
+                out, out=tmp / f"{row['data']}-{precision}-{head}.pt", head=head, progress=False
+            )
             row[precision]["val"][head] = h.metrics["val_acc"]
-    with h5py.File(tmp / f"{row['data']}-fp32.h5") as a, h5py.File(tmp / f"{row['data']}-bf16.h5") as b:  # fmt: skip
+    with (
+        h5py.File(tmp / f"{row['data']}-fp32.h5") as a,
+        h5py.File(tmp / f"{row['data']}-bf16.h5") as b,
+    ):
         x, y = (f["train"]["features"][:].astype(np.float32) for f in (a, b))
-    row["rel_error_median"] = float(np.median(np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1)))  # fmt: skip
+    row["rel_error_median"] = float(
+        np.median(np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1))
+    )
     row["rel_error_max"] = float(np.max(np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1)))
     row["gap_points"] = {h: 100 * (row["bf16"]["val"][h] - row["fp32"]["val"][h]) for h in HEADS}
     return row
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data", nargs="+", help="image folders, or 'digits'")
     p.add_argument("--backbone", default="efficientnet_lite0")
     args = p.parse_args()
@@ -60,10 +76,19 @@ def main() -> None:
         "",
         "| data | head | val acc fp32 | val acc bf16 | bf16 - fp32 (points) | feature error median / max | extract images/s fp32 / bf16 |",
         "| --- | --- | ---: | ---: | ---: | --- | --- |",
-        *(f"| {r['data']} | {h} | {100 * r['fp32']['val'][h]:.2f}% | {100 * r['bf16']['val'][h]:.2f}% | {r['gap_points'][h]:+.2f} | {100 * r['rel_error_median']:.2f}% / {100 * r['rel_error_max']:.2f}% | {r['fp32']['images_per_s']:.1f} / {r['bf16']['images_per_s']:.1f} |" for r in rows for h in HEADS),
+        *(
+            f"| {r['data']} | {h} | {100 * r['fp32']['val'][h]:.2f}% | {100 * r['bf16']['val'][h]:.2f}% | {r['gap_points'][h]:+.2f} | {100 * r['rel_error_median']:.2f}% / {100 * r['rel_error_max']:.2f}% | {r['fp32']['images_per_s']:.1f} / {r['bf16']['images_per_s']:.1f} |"
+            for r in rows
+            for h in HEADS
+        ),
         "",
-        f"Every head within {LIMIT} points: **{ok}**. " + ("`--precision auto` may use bf16 on CPUs with native bf16 (extraction.CPU_BF16_AUTO)." if ok else "`--precision auto` stays fp32 on every CPU (extraction.CPU_BF16_AUTO = False)."),
-    ]  # fmt: skip
+        f"Every head within {LIMIT} points: **{ok}**. "
+        + (
+            "`--precision auto` may use bf16 on CPUs with native bf16 (extraction.CPU_BF16_AUTO)."
+            if ok
+            else "`--precision auto` stays fp32 on every CPU (extraction.CPU_BF16_AUTO = False)."
+        ),
+    ]
     print(save("precision_cpu", {"rows": rows, "within_limit": ok}, "\n".join(md)).read_text())
 
 

@@ -31,8 +31,22 @@ CORES = len(os.sched_getaffinity(0))
 
 def extract_once(data: Path, out: Path, nproc: int, args) -> tuple[float, dict]:
     """Wall seconds of one CLI run (fresh cache) and its JSON summary."""
-    cli = ["-m", "embedcache", "extract", str(data), "--out", str(out), "-b", args.backbone,
-           "-w", args.weights, "--device", "cpu", "--json", "--overwrite"]  # fmt: skip
+    cli = [
+        "-m",
+        "embedcache",
+        "extract",
+        str(data),
+        "--out",
+        str(out),
+        "-b",
+        args.backbone,
+        "-w",
+        args.weights,
+        "--device",
+        "cpu",
+        "--json",
+        "--overwrite",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CORES // nproc))}
     if nproc > 1:  # torchrun -m embedcache ...
         cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
@@ -52,10 +66,29 @@ def part_a(args) -> dict:
         for _ in range(args.rounds):
             for nproc in (1, 2):
                 wall, r = extract_once(args.data, Path(tmp) / f"c{nproc}.h5", nproc, args)
-                rows.append({"processes": nproc, "wall_s": wall, "extract_s": r["seconds"], "images": r["extracted"], "ranks": r["ranks"]})  # fmt: skip
+                rows.append(
+                    {
+                        "processes": nproc,
+                        "wall_s": wall,
+                        "extract_s": r["seconds"],
+                        "images": r["extracted"],
+                        "ranks": r["ranks"],
+                    }
+                )
         with h5py.File(Path(tmp) / "c1.h5") as a, h5py.File(Path(tmp) / "c2.h5") as b:
-            diffs = [np.abs(a[s]["features"][:].astype(np.float32) - b[s]["features"][:].astype(np.float32)).max() for s in ("train", "val")]  # fmt: skip
-            rel = [float(np.abs(a[s]["features"][:] - b[s]["features"][:]).max() / np.abs(a[s]["features"][:]).max()) for s in ("train", "val")]  # fmt: skip
+            diffs = [
+                np.abs(
+                    a[s]["features"][:].astype(np.float32) - b[s]["features"][:].astype(np.float32)
+                ).max()
+                for s in ("train", "val")
+            ]
+            rel = [
+                float(
+                    np.abs(a[s]["features"][:] - b[s]["features"][:]).max()
+                    / np.abs(a[s]["features"][:]).max()
+                )
+                for s in ("train", "val")
+            ]
     return {"rows": rows, "max_abs_diff": float(max(diffs)), "max_rel_diff": max(rel)}
 
 
@@ -67,15 +100,31 @@ def _shards(out: Path, rows: int, dim: int) -> None:
 
     samples = [Sample(f"{i:08d}.jpg", 0, 1, 1) for i in range(rows)]
     images = ImageSet(out.parent, "arrays", ["a"], {"train": samples})
-    attrs = {"format_version": 1, "backbone": "x", "weights": "x", "transform": '{"resize": 1, "crop": 1}', "dtype": "float16", "feature_dim": dim, "classes": '["a"]', "source": "x", "layout": "x"}  # fmt: skip
-    PartialCache.create(partial_path(out), attrs=attrs, images=images, feature_dim=dim, dtype="float16").close()  # fmt: skip
+    attrs = {
+        "format_version": 1,
+        "backbone": "x",
+        "weights": "x",
+        "transform": '{"resize": 1, "crop": 1}',
+        "dtype": "float16",
+        "feature_dim": dim,
+        "classes": '["a"]',
+        "source": "x",
+        "layout": "x",
+    }
+    PartialCache.create(
+        partial_path(out), attrs=attrs, images=images, feature_dim=dim, dtype="float16"
+    ).close()
     rng = np.random.default_rng(0)
     for rank in range(2):
         mine = [("train", r) for r in range(rank * rows // 2, (rank + 1) * rows // 2)]
-        shard = ShardFile.create(shard_path(out, rank), ["train"], mine, feature_dim=dim, dtype="float16")  # fmt: skip
+        shard = ShardFile.create(
+            shard_path(out, rank), ["train"], mine, feature_dim=dim, dtype="float16"
+        )
         for lo in range(0, len(mine), 8):
             batch = np.array([r for _, r in mine[lo : lo + 8]])
-            shard.write("train", batch, rng.standard_normal((len(batch), dim)).astype(np.float16), {})  # fmt: skip
+            shard.write(
+                "train", batch, rng.standard_normal((len(batch), dim)).astype(np.float16), {}
+            )
         shard.close()
 
 
@@ -102,7 +151,12 @@ def part_b(rows: int, dim: int = 1280) -> dict:
             t = time.perf_counter()
             _join(out, join)
             seconds = time.perf_counter() - t
-            result[join] = {"join_s": seconds, "s_per_gb": seconds / gb, "read_s": [_read_s(out) for _ in range(2)], "file_bytes": out.stat().st_size}  # fmt: skip
+            result[join] = {
+                "join_s": seconds,
+                "s_per_gb": seconds / gb,
+                "read_s": [_read_s(out) for _ in range(2)],
+                "file_bytes": out.stat().st_size,
+            }
         result["same_features"] = all(
             np.array_equal(a, b)
             for a, b in zip(
@@ -111,7 +165,7 @@ def part_b(rows: int, dim: int = 1280) -> dict:
                     for j in ("copy", "virtual")
                 ),
                 strict=True,
-            )  # fmt: skip
+            )
         )
     result["s_per_gb"] = result["copy"]["s_per_gb"]
     return result
@@ -119,13 +173,32 @@ def part_b(rows: int, dim: int = 1280) -> dict:
 
 def finetune_once(data: Path, head: Path, out: Path, nproc: int, args) -> tuple[float, dict]:
     """Wall seconds of one `finetune --head --unfreeze 2` CLI run and its JSON summary."""
-    cli = ["-m", "embedcache", "finetune", str(data), "--head", str(head), "--out", str(out), "--unfreeze", "2",
-           "--epochs", str(args.finetune_epochs), "-w", args.weights, "--device", "cpu", "--json"]  # fmt: skip
+    cli = [
+        "-m",
+        "embedcache",
+        "finetune",
+        str(data),
+        "--head",
+        str(head),
+        "--out",
+        str(out),
+        "--unfreeze",
+        "2",
+        "--epochs",
+        str(args.finetune_epochs),
+        "-w",
+        args.weights,
+        "--device",
+        "cpu",
+        "--json",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CORES // nproc))}
     if nproc > 1:
         cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, *cli], env=env, capture_output=True, text=True, timeout=3600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, *cli], env=env, capture_output=True, text=True, timeout=3600
+    )
     if r.returncode:
         sys.exit(r.stderr[-3000:])
     return time.perf_counter() - t, json.loads(r.stdout)
@@ -142,10 +215,20 @@ def part_d(args) -> dict:
         train_head(cache, out=Path(tmp) / "head.pt", progress=False)
         for _ in range(args.rounds):
             for nproc in (1, 2):
-                wall, r = finetune_once(args.data, Path(tmp) / "head.pt", Path(tmp) / f"m{nproc}.pt", nproc, args)  # fmt: skip
-                rows.append({"processes": nproc, "wall_s": wall, "val_acc": r["val_acc"], "best_epoch": r["best_epoch"],
-                             "seconds_per_epoch": r["seconds_per_epoch"], "prefix_s": r["prefix_cache"]["seconds"],
-                             "val_acc_history": r["history"]["val_acc"]})  # fmt: skip
+                wall, r = finetune_once(
+                    args.data, Path(tmp) / "head.pt", Path(tmp) / f"m{nproc}.pt", nproc, args
+                )
+                rows.append(
+                    {
+                        "processes": nproc,
+                        "wall_s": wall,
+                        "val_acc": r["val_acc"],
+                        "best_epoch": r["best_epoch"],
+                        "seconds_per_epoch": r["seconds_per_epoch"],
+                        "prefix_s": r["prefix_cache"]["seconds"],
+                        "val_acc_history": r["history"]["val_acc"],
+                    }
+                )
         with h5py.File(cache) as f:
             val_images = int(f["val"]["labels"].shape[0])
     return {"rows": rows, "val_images": val_images}
@@ -154,7 +237,14 @@ def part_d(args) -> dict:
 def model(per_rank: float, s_per_gb: float, images: int, ranks: int, dim: int = 1280) -> dict:
     forward = images / (per_rank * ranks)
     join = images * dim * 2 / 1e9 * s_per_gb
-    return {"images": images, "ranks": ranks, "images_per_s_per_rank": per_rank, "forward_s": forward, "join_s": join, "total_h": (forward + join) / 3600}  # fmt: skip
+    return {
+        "images": images,
+        "ranks": ranks,
+        "images_per_s_per_rank": per_rank,
+        "forward_s": forward,
+        "join_s": join,
+        "total_h": (forward + join) / 3600,
+    }
 
 
 def _walls(a: dict, n: int) -> str:
@@ -162,7 +252,9 @@ def _walls(a: dict, n: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data", type=Path)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="DEFAULT")
@@ -171,12 +263,29 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=5)
     args = p.parse_args()
     a, b, d = part_a(args), part_b(args.join_rows), part_d(args)
-    med = {n: float(np.median([r["images"] / r["extract_s"] for r in a["rows"] if r["processes"] == n])) for n in (1, 2)}  # fmt: skip
-    models = [model(m, b["s_per_gb"], n, r) for m, n, r in (
-        (med[2] / 2, 1_280_000, 64), (5000.0, 1_280_000, 64), (5000.0, 100_000_000, 64))]  # fmt: skip
+    med = {
+        n: float(
+            np.median([r["images"] / r["extract_s"] for r in a["rows"] if r["processes"] == n])
+        )
+        for n in (1, 2)
+    }
+    models = [
+        model(m, b["s_per_gb"], n, r)
+        for m, n, r in (
+            (med[2] / 2, 1_280_000, 64),
+            (5000.0, 1_280_000, 64),
+            (5000.0, 100_000_000, 64),
+        )
+    ]
     virtual = model(5000.0, b["virtual"]["s_per_gb"], 100_000_000, 64)
     md = [*_md_a(args, a, med), "", *_md_b(b), "", *_md_c(models, virtual), "", *_md_d(args, d)]
-    print(save("scale_extract_cpu", {"extract": a, "join": b, "model": models, "model_virtual": virtual, "finetune": d}, "\n".join(md)).read_text())  # fmt: skip
+    print(
+        save(
+            "scale_extract_cpu",
+            {"extract": a, "join": b, "model": models, "model_virtual": virtual, "finetune": d},
+            "\n".join(md),
+        ).read_text()
+    )
 
 
 def _md_a(args, a: dict, med: dict) -> list[str]:
@@ -188,7 +297,7 @@ def _md_a(args, a: dict, med: dict) -> list[str]:
         *(f"| {n} | {med[n]:.1f} | {_walls(a, n)} |" for n in (1, 2)),
         "",
         f"2 ranks / 1 process: {med[2] / med[1]:.2f}x. Features of the two caches differ by at most {a['max_abs_diff']:.2g} (relative {a['max_rel_diff']:.2g}): float16 rounding, since the thread counts differ (with equal threads they are bit-identical, tests/test_distributed.py).",
-    ]  # fmt: skip
+    ]
 
 
 def _md_b(b: dict) -> list[str]:
@@ -202,7 +311,7 @@ def _md_b(b: dict) -> list[str]:
         f"| virtual (hard-link the shards into OUT.parts/, map them) | {v['join_s']:.2f} | {v['s_per_gb']:.2f} | {v['file_bytes'] / 1e6:.2f} MB | {', '.join(f'{x:.2f}' for x in v['read_s'])} |",
         "",
         f"The virtual join costs {c['join_s'] / max(v['join_s'], 1e-9):.0f}x less and reads as fast (page cache warm for both). `--join auto` copies below 8 GB of shards (under ~3 min at the copy rate above, for one self-contained file) and maps them from 8 GB on.",
-    ]  # fmt: skip
+    ]
 
 
 def _md_c(models: list[dict], virtual: dict) -> list[str]:
@@ -211,11 +320,13 @@ def _md_c(models: list[dict], virtual: dict) -> list[str]:
         "",
         "| images | ranks | images/s per rank | join | forward | join time | total |",
         "| ---: | ---: | ---: | --- | ---: | ---: | ---: |",
-        *(f"| {m['images']:,} | {m['ranks']} | {m['images_per_s_per_rank']:,.0f} | {j} | {m['forward_s'] / 60:.1f} min | {m['join_s'] / 60:.1f} min | {m['total_h']:.2f} h |"
-          for m, j in zip([*models, virtual], ["copy", "copy", "copy", "virtual"], strict=True)),
+        *(
+            f"| {m['images']:,} | {m['ranks']} | {m['images_per_s_per_rank']:,.0f} | {j} | {m['forward_s'] / 60:.1f} min | {m['join_s'] / 60:.1f} min | {m['total_h']:.2f} h |"
+            for m, j in zip([*models, virtual], ["copy", "copy", "copy", "virtual"], strict=True)
+        ),
         "",
         "The first row uses this machine's measured per-rank CPU rate; the others assume issue 11's GPU target of 5,000 images/s per H100 for EfficientNet-B0 (not measured here: no GPU was lent). The join through rank 0 is what dominates a copy at 100M images; the virtual join takes it out.",
-    ]  # fmt: skip
+    ]
 
 
 def _md_d(args, d: dict) -> list[str]:
@@ -246,7 +357,7 @@ def _md_d(args, d: dict) -> list[str]:
         *table,
         "",
         f"Largest validation gap between a 1-process and a 2-rank run: {gap:.0f} image(s) of {n}.",
-    ]  # fmt: skip
+    ]
 
 
 if __name__ == "__main__":

@@ -74,10 +74,12 @@ def to_parquet(folder: Path, out: Path) -> Path:
     meta = {"info": {"features": {"label": {"names": classes, "_type": "ClassLabel"}}}}
     for split in ("train", "val"):
         files = sorted((folder / split).rglob("*.jpg"))
-        table = pa.table({
-            "image": pa.array([{"bytes": f.read_bytes(), "path": f.name} for f in files]),
-            "label": pa.array([classes.index(f.parent.name) for f in files], pa.int64()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "image": pa.array([{"bytes": f.read_bytes(), "path": f.name} for f in files]),
+                "label": pa.array([classes.index(f.parent.name) for f in files], pa.int64()),
+            }
+        )
         table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
         pq.write_table(table, out / f"{split}-00000-of-00001.parquet", row_group_size=100)
     return out
@@ -96,7 +98,10 @@ def extract_rates(sources: dict[str, object], tmp: Path, args) -> tuple[dict, di
             result = extract(data, out=out, **kw)
             cpu_ms[name].append((time.process_time() - cpu) * 1000 / result.images)
             rates[name].append(result.images_per_s)
-            print(f"round {r} {name}: {result.summary()}; {cpu_ms[name][-1]:.0f} CPU ms/image", flush=True)  # fmt: skip
+            print(
+                f"round {r} {name}: {result.summary()}; {cpu_ms[name][-1]:.0f} CPU ms/image",
+                flush=True,
+            )
             if r:
                 out.unlink()
     return rates, cpu_ms
@@ -133,10 +138,12 @@ def tiny_parquet(out: Path, entries: int) -> Path:
     jpg = buf.getvalue()
 
     out.mkdir(parents=True)
-    table = pa.table({
-        "image": pa.array([jpg] * entries, pa.binary()),
-        "label": pa.array(np.arange(entries) % 10, pa.int64()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "image": pa.array([jpg] * entries, pa.binary()),
+            "label": pa.array(np.arange(entries) % 10, pa.int64()),
+        }
+    )
     pq.write_table(table, out / "tiny.parquet", row_group_size=10_000)
     return out / "tiny.parquet"
 
@@ -170,7 +177,10 @@ def scan_times(tmp: Path, entries: int, shards: int) -> dict:
     t = time.perf_counter()
     images = scan(pattern, ExtractConfig())
     listed = time.perf_counter() - t
-    print(f"{len(images)} entries in {shards} shards ({made:.0f} s to write): listed in {listed:.1f} s", flush=True)  # fmt: skip
+    print(
+        f"{len(images)} entries in {shards} shards ({made:.0f} s to write): listed in {listed:.1f} s",
+        flush=True,
+    )
     warm = first_batch_s(tiny_shards(tmp / "warm", 20, 1), tmp / "warm.h5")  # imports, graph
     first = first_batch_s(pattern, tmp / "tiny.h5")
     print(f"first batch after {first:.1f} s ({warm:.1f} s for 20 entries)", flush=True)
@@ -179,7 +189,16 @@ def scan_times(tmp: Path, entries: int, shards: int) -> dict:
     pq_listed = time.perf_counter() - t
     print(f"{len(pq_images)} Parquet rows listed in {pq_listed:.1f} s", flush=True)
     tar_bytes = sum(p.stat().st_size for p in (tmp / "tiny").glob("*.tar"))
-    return {"entries": len(images), "shards": shards, "tar_bytes": tar_bytes, "tar_list_s": listed, "tar_first_batch_s": first, "first_batch_20_entries_s": warm, "parquet_rows": len(pq_images), "parquet_list_s": pq_listed}  # fmt: skip
+    return {
+        "entries": len(images),
+        "shards": shards,
+        "tar_bytes": tar_bytes,
+        "tar_list_s": listed,
+        "tar_first_batch_s": first,
+        "first_batch_20_entries_s": warm,
+        "parquet_rows": len(pq_images),
+        "parquet_list_s": pq_listed,
+    }
 
 
 KILLER = """
@@ -210,14 +229,38 @@ def same_features(a: Path, b: Path) -> bool:
 def resume_after_kill(pattern: str, ref: Path, tmp: Path, args) -> dict:
     """SIGKILL an extract of the shards after ``args.kill_after`` batches, then run it again."""
     out = tmp / "killed.h5"
-    cmd = [sys.executable, "-c", KILLER, "extract", pattern, "--out", str(out), "-b", args.backbone, "-w", args.weights, "-q"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        KILLER,
+        "extract",
+        pattern,
+        "--out",
+        str(out),
+        "-b",
+        args.backbone,
+        "-w",
+        args.weights,
+        "-q",
+    ]
     env = {**os.environ, "KILL_AFTER": str(args.kill_after), "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     killed_s = time.perf_counter() - t
     r = extract(pattern, out=out, backbone=args.backbone, weights=args.weights, progress=False)
-    print(f"killed (rc {killed.returncode}) after {killed_s:.1f} s; resumed: {r.summary()}", flush=True)  # fmt: skip
-    return {"kill_after_batches": args.kill_after, "returncode": killed.returncode, "killed_after_s": killed_s, "reused": r.reused, "extracted": r.extracted, "resume_s": r.seconds, "identical_to_uninterrupted": same_features(out, ref)}  # fmt: skip
+    print(
+        f"killed (rc {killed.returncode}) after {killed_s:.1f} s; resumed: {r.summary()}",
+        flush=True,
+    )
+    return {
+        "kill_after_batches": args.kill_after,
+        "returncode": killed.returncode,
+        "killed_after_s": killed_s,
+        "reused": r.reused,
+        "extracted": r.extracted,
+        "resume_s": r.seconds,
+        "identical_to_uninterrupted": same_features(out, ref),
+    }
 
 
 def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args) -> str:
@@ -230,7 +273,9 @@ def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args
     base, base_cpu = statistics.median(rates["folder"]), statistics.median(cpu_ms["folder"])
     for name, rs in rates.items():
         m, c = statistics.median(rs), statistics.median(cpu_ms[name])
-        lines.append(f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x | {c:.0f} | {c / base_cpu:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x | {c:.0f} | {c / base_cpu:.2f}x |"
+        )
     s = scan_info
     lines += [
         "",
@@ -245,7 +290,7 @@ def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args
         f"batches (rc {resume['returncode']}, {resume['killed_after_s']:.1f} s); the same command "
         f"again reused {resume['reused']} rows, read {resume['extracted']} in {resume['resume_s']:.1f} s; "
         f"finished cache bit-identical to the uninterrupted one: {resume['identical_to_uninterrupted']}.",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 
@@ -263,11 +308,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         folder = generate(tmp / "folder", args.images)
-        sources = {"folder": folder, "tar shards": to_shards(folder, tmp / "tar", args.shards), "parquet": to_parquet(folder, tmp / "pq")}  # fmt: skip
+        sources = {
+            "folder": folder,
+            "tar shards": to_shards(folder, tmp / "tar", args.shards),
+            "parquet": to_parquet(folder, tmp / "pq"),
+        }
         rates, cpu_ms = extract_rates(sources, tmp, args)
         resume = resume_after_kill(sources["tar shards"], tmp / "tar shards-0.h5", tmp, args)
         scan_info = scan_times(tmp, args.scan_entries, args.shards)
-    payload = {"images": args.images, "rates": rates, "cpu_ms_per_image": cpu_ms, "scan": scan_info, "resume": resume, "args": vars(args)}  # fmt: skip
+    payload = {
+        "images": args.images,
+        "rates": rates,
+        "cpu_ms_per_image": cpu_ms,
+        "scan": scan_info,
+        "resume": resume,
+        "args": vars(args),
+    }
     print(
         save(
             args.name, payload, table(args.images, rates, cpu_ms, scan_info, resume, args)

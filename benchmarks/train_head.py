@@ -114,9 +114,19 @@ def train_synthetic(cache: Path, epochs: int) -> dict:
     seconds = time.perf_counter() - t
     with h5py.File(cache) as f:
         shape, dtype = f["train/features"].shape, str(f["train/features"].dtype)
-    return {"seconds": seconds, "epochs": m["epochs_run"], "heads": len(m["sweep"]), "batch_size": m["batch_size"], "val_acc": m["val_acc"],
-            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": base, "train_shape": list(shape), "dtype": dtype,
-            "features_mb": shape[0] * shape[1] * 2 / 1e6, "streamed": m["streamed"]}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "epochs": m["epochs_run"],
+        "heads": len(m["sweep"]),
+        "batch_size": m["batch_size"],
+        "val_acc": m["val_acc"],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_imports_mb": base,
+        "train_shape": list(shape),
+        "dtype": dtype,
+        "features_mb": shape[0] * shape[1] * 2 / 1e6,
+        "streamed": m["streamed"],
+    }
 
 
 def main() -> None:
@@ -145,8 +155,12 @@ def main() -> None:
     md = []
     if rows:
         extract_s = rows[0]["seconds"]
-        md += ["Hymenoptera (244 + 153 photos; 245 train files incl. one GIF), efficientnet_lite0 with the offline weights, CPU:", "",
-               "| what | seconds | share of extract time | val accuracy | epochs run | chosen |", "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+        md += [
+            "Hymenoptera (244 + 153 photos; 245 train files incl. one GIF), efficientnet_lite0 with the offline weights, CPU:",
+            "",
+            "| what | seconds | share of extract time | val accuracy | epochs run | chosen |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+        ]
         for r in rows:
             acc = f"{100 * r['val_acc']:.2f}%" if r["val_acc"] is not None else ""
             share = f"{100 * r['seconds'] / extract_s:.1f}%" if r["val_acc"] is not None else ""
@@ -154,10 +168,12 @@ def main() -> None:
                 f"| {r['what']} | {r['seconds']:.2f} | {share} | {acc} | {r['epochs'] or ''} | {r.get('best') or ''} |"
             )
         md.append("")
-    md += [f"Synthetic {args.rows:,} x {args.dim:,} float16 features (10 classes) + {args.rows // 10:,} val rows, "
-           f"{big['heads']}-head linear sweep (4 lr x 4 weight decay), {big['epochs']} epochs, batch {big['batch_size']}, CPU: "
-           f"**{big['seconds']:.1f} s**, peak RSS of the training process {big['peak_rss_mb']:.0f} MB ({big['rss_after_imports_mb']:.0f} MB after imports; "
-           f"features {big['features_mb']:.0f} MB as float16, {'streamed from the file' if big['streamed'] else 'held in memory as stored'})."]  # fmt: skip
+    md += [
+        f"Synthetic {args.rows:,} x {args.dim:,} float16 features (10 classes) + {args.rows // 10:,} val rows, "
+        f"{big['heads']}-head linear sweep (4 lr x 4 weight decay), {big['epochs']} epochs, batch {big['batch_size']}, CPU: "
+        f"**{big['seconds']:.1f} s**, peak RSS of the training process {big['peak_rss_mb']:.0f} MB ({big['rss_after_imports_mb']:.0f} MB after imports; "
+        f"features {big['features_mb']:.0f} MB as float16, {'streamed from the file' if big['streamed'] else 'held in memory as stored'})."
+    ]
     path = save("train_head", {"hymenoptera": rows, "synthetic": big}, "\n".join(md))
     print(path.read_text())
 

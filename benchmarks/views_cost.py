@@ -21,7 +21,9 @@ from embedcache.backbones import build_backbone
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("data")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--views", type=int, default=4)
@@ -32,7 +34,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
 
         def run(k: int):
-            return extract(args.data, out=Path(tmp) / f"{k}.h5", model=bb, views=k, overwrite=True, progress=False)  # fmt: skip
+            return extract(
+                args.data,
+                out=Path(tmp) / f"{k}.h5",
+                model=bb,
+                views=k,
+                overwrite=True,
+                progress=False,
+            )
 
         splits = run(0).splits  # warm-up: file cache, thread pools
         for _ in range(args.rounds):
@@ -47,9 +56,19 @@ def main() -> None:
         f"plain extract **{plain:.1f} s**, `--views {args.views}` **{viewed:.1f} s** = **{viewed / plain:.2f}x** "
         f"for {forwards} forward passes against {sum(splits.values())} ({forwards / sum(splits.values()):.2f}x).\n\n"
         f"All rounds (s): plain {', '.join(f'{t:.1f}' for t in times[0])}; views {', '.join(f'{t:.1f}' for t in times[args.views])}."
-    )  # fmt: skip
+    )
     name = f"views_cost_{Path(args.data).name}"
-    print(save(name, {"times": {str(k): v for k, v in times.items()}, "splits": splits, "forwards": forwards}, md).read_text())  # fmt: skip
+    print(
+        save(
+            name,
+            {
+                "times": {str(k): v for k, v in times.items()},
+                "splits": splits,
+                "forwards": forwards,
+            },
+            md,
+        ).read_text()
+    )
 
 
 if __name__ == "__main__":

@@ -459,12 +459,25 @@ _register_lite_models()
 # Names listed by `embedcache backbones`; any torchvision model of the families above
 # and any timm model (as timm:NAME) work too.
 LISTED = (
-    "resnet18", "resnet34", "resnet50", "resnet101",
-    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-    "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "convnext_tiny", "vgg16", "vit_b_16",
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_v2_s",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+    "vgg16",
+    "vit_b_16",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
 
 
 def entries_for(name: str) -> list[str]:

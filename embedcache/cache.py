@@ -340,7 +340,7 @@ class Cache:
     @property
     def checksummed(self) -> bool:
         """Whether every split's features carry Fletcher-32 checksums (format 2, not virtual)."""
-        return all(self._group(s)["features"].fletcher32 for s in self.splits if self.num_images(s))  # fmt: skip
+        return all(self._group(s)["features"].fletcher32 for s in self.splits if self.num_images(s))
 
     def _checksum_note(self, parts: list[Path]) -> str:
         if self.checksummed:
@@ -371,7 +371,9 @@ class Cache:
                 try:
                     self._group(split)[name][:]
                 except OSError as e:
-                    problems.append(f"cache {self.path}: split {split}, {name} are damaged ({_short(e)})")  # fmt: skip
+                    problems.append(
+                        f"cache {self.path}: split {split}, {name} are damaged ({_short(e)})"
+                    )
         return problems
 
     def split(self, split: str) -> SplitData:
@@ -464,7 +466,11 @@ class Cache:
 
     def _split_summary(self, split: str) -> dict:
         features, views = self.features(split), self.views(split)
-        shown = {"images": self.num_images(split), "shape": list(features.shape), "dtype": str(features.dtype)}  # fmt: skip
+        shown = {
+            "images": self.num_images(split),
+            "shape": list(features.shape),
+            "dtype": str(features.dtype),
+        }
         return shown if views is None else {**shown, "views_shape": list(views.shape)}
 
 
@@ -522,7 +528,10 @@ class CheckedFeatures:
 
     def read_direct(self, dest: np.ndarray, source_sel: slice, dest_sel: slice) -> None:
         """``dest[dest_sel] = self[source_sel]`` with no temporary array, checked the same way."""
-        self._checked(source_sel, lambda: (self._ds.read_direct(dest, source_sel, dest_sel), dest[dest_sel])[1])  # fmt: skip
+        self._checked(
+            source_sel,
+            lambda: (self._ds.read_direct(dest, source_sel, dest_sel), dest[dest_sel])[1],
+        )
 
     def _checked(self, key, read) -> np.ndarray:
         try:
@@ -736,7 +745,7 @@ def _rows_dataset(g: h5py.Group, name: str, shape: tuple, dtype: np.dtype) -> h5
     if not n:
         return g.create_dataset(name, shape, dtype=dtype)
     chunks = (min(n, _rows_per_chunk(per_row, dtype.itemsize)), *shape[1:])
-    return g.create_dataset(name, shape, dtype=dtype, chunks=chunks, fletcher32=True, dcpl=_early())  # fmt: skip
+    return g.create_dataset(name, shape, dtype=dtype, chunks=chunks, fletcher32=True, dcpl=_early())
 
 
 def _checked(g: h5py.Group, name: str, data: np.ndarray) -> None:
@@ -947,7 +956,9 @@ class PartialCache:
             where, rows = sh["split"][:], sh["row"][:]
             for lo in range(0, len(done), COPY_ROWS):
                 pos = done[lo : lo + COPY_ROWS]
-                arrays = {n: sh[n][int(pos[0]) : int(pos[-1]) + 1][pos - pos[0]] for n in _row_arrays(sh)}  # fmt: skip
+                arrays = {
+                    n: sh[n][int(pos[0]) : int(pos[-1]) + 1][pos - pos[0]] for n in _row_arrays(sh)
+                }
                 marks = {}
                 for i, split in enumerate(self.splits):
                     mine = np.flatnonzero(where[pos] == i)
@@ -962,7 +973,9 @@ class PartialCache:
                 self.h5.flush()
         return len(done)
 
-    def _mark(self, split: str, rows: np.ndarray, status: np.ndarray, reasons, src: np.ndarray) -> None:  # fmt: skip
+    def _mark(
+        self, split: str, rows: np.ndarray, status: np.ndarray, reasons, src: np.ndarray
+    ) -> None:
         """Set the status of ``rows`` (and the reasons of the skipped ones, read from ``reasons[src]``)."""
         if not len(rows):
             return
@@ -1005,7 +1018,10 @@ class PartialCache:
         rows this partial file holds itself (reused from an earlier cache) into one base part."""
         status = {s: self.h5[s]["status"][:] for s in self.splits}
         reasons = {s: self.h5[s]["reasons"][:] for s in self.splits}
-        where = {s: (np.full(len(status[s]), -1, np.int64), np.arange(len(status[s]))) for s in self.splits}  # fmt: skip
+        where = {
+            s: (np.full(len(status[s]), -1, np.int64), np.arange(len(status[s])))
+            for s in self.splits
+        }
         for i, shard in enumerate(shards):
             with h5py.File(shard, "r") as sh:
                 _overlay(sh, i, self.splits, status, reasons, where)
@@ -1026,7 +1042,9 @@ class PartialCache:
         remove_unused_parts(out)
 
 
-def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dict, reasons: dict) -> None:  # fmt: skip
+def _final_layout(
+    h5: h5py.File, partial: PartialCache, attrs: dict, status: dict, reasons: dict
+) -> None:
     """Attributes, and per split every dataset but ``features``, of the finished cache; the
     ``skipped`` group. ``status``/``reasons`` per split say which rows are done or skipped."""
     h5.attrs.update(dict(partial.h5.attrs))
@@ -1059,7 +1077,9 @@ def _final_layout(h5: h5py.File, partial: PartialCache, attrs: dict, status: dic
     _seal(h5)
 
 
-def _overlay(sh: h5py.File, index: int, splits: list[str], status: dict, reasons: dict, where: dict) -> None:  # fmt: skip
+def _overlay(
+    sh: h5py.File, index: int, splits: list[str], status: dict, reasons: dict, where: dict
+) -> None:
     """Record what shard file ``sh`` (number ``index``) has done or skipped: its status and
     reasons over the partial file's, and where each done row's features are (shard, position)."""
     st, split_of, rows = sh["status"][:], sh["split"][:], sh["row"][:]
@@ -1078,7 +1098,9 @@ def parts_dir(out: Path) -> Path:
     return Path(f"{out}.parts")
 
 
-def _keep_parts(out: Path, shards: list[Path], partial: PartialCache, status: dict, where: dict) -> list[str]:  # fmt: skip
+def _keep_parts(
+    out: Path, shards: list[Path], partial: PartialCache, status: dict, where: dict
+) -> list[str]:
     """Put the files a virtual cache will read into ``OUT.parts/`` under a new name each: the
     shards (hard links, so the shards stay resumable until the cache is in place) and, when the
     partial file holds done rows itself, a base file with those rows (index -1). Returns the
@@ -1100,7 +1122,9 @@ def _keep_parts(out: Path, shards: list[Path], partial: PartialCache, status: di
             own = np.flatnonzero((status[split] == DONE) & (where[split][0] == -1))
             for name in _row_arrays(partial.h5[split]):
                 src = partial.h5[split][name]
-                dst = h5.create_dataset(_base_name(split, name), (len(own), *src.shape[1:]), dtype=src.dtype)  # fmt: skip
+                dst = h5.create_dataset(
+                    _base_name(split, name), (len(own), *src.shape[1:]), dtype=src.dtype
+                )
                 _copy_rows(src, own, dst, np.arange(len(own)))
             where[split][1][own] = np.arange(len(own))
     return [*names, f"{folder.name}/{base}"]
@@ -1111,7 +1135,15 @@ def _base_name(split: str, name: str) -> str:
     return split if name == "features" else f"{split}.{name}"
 
 
-def _virtual_rows(g: h5py.Group, name: str, out: Path, parts: list[str], src: np.ndarray, pos: np.ndarray, like: h5py.Dataset) -> None:  # fmt: skip
+def _virtual_rows(
+    g: h5py.Group,
+    name: str,
+    out: Path,
+    parts: list[str],
+    src: np.ndarray,
+    pos: np.ndarray,
+    like: h5py.Dataset,
+) -> None:
     """``g[name]`` (a row array) as a virtual dataset: row k is row ``pos[k]`` of part ``src[k]``
     (-1: the base part), one mapping per run of consecutive rows of one part. Shards keep
     train's views for every row; a split with fewer maps the first of them."""
@@ -1170,7 +1202,10 @@ def shard_path(out: Path, rank: int) -> Path:
 def shard_paths(out: Path) -> list[Path]:
     """Every shard file next to ``out``, by rank (left by this run or by an earlier one)."""
     found = partial_path(out).parent.glob(glob.escape(partial_path(out).name) + ".shard*")
-    return sorted((p for p in found if p.name.rsplit("shard", 1)[-1].isdigit()), key=lambda p: int(p.name.rsplit("shard", 1)[-1]))  # fmt: skip
+    return sorted(
+        (p for p in found if p.name.rsplit("shard", 1)[-1].isdigit()),
+        key=lambda p: int(p.name.rsplit("shard", 1)[-1]),
+    )
 
 
 class ShardFile:
@@ -1190,7 +1225,16 @@ class ShardFile:
         self._pos = pos
 
     @classmethod
-    def create(cls, path: Path, splits: list[str], items: list[tuple[str, int]], *, feature_dim: int, dtype: str, views: int = 0) -> ShardFile:  # fmt: skip
+    def create(
+        cls,
+        path: Path,
+        splits: list[str],
+        items: list[tuple[str, int]],
+        *,
+        feature_dim: int,
+        dtype: str,
+        views: int = 0,
+    ) -> ShardFile:
         """A new shard file for ``items`` (split, row), in that order, opened for filling;
         with ``views``, room for train's number of views on every row."""
         index = {s: i for i, s in enumerate(splits)}
@@ -1215,7 +1259,15 @@ class ShardFile:
         """The stored feature dtype."""
         return str(self.h5["features"].dtype)
 
-    def write(self, split: str, rows: np.ndarray, features: np.ndarray, failed: dict[int, str], views: np.ndarray | None = None, hashes: np.ndarray | None = None) -> None:  # fmt: skip
+    def write(
+        self,
+        split: str,
+        rows: np.ndarray,
+        features: np.ndarray,
+        failed: dict[int, str],
+        views: np.ndarray | None = None,
+        hashes: np.ndarray | None = None,
+    ) -> None:
         """Store one batch: the same contract as :meth:`PartialCache.write`."""
         pos = np.array([self._pos[(split, int(r))] for r in rows], np.int64)
         bad = np.array([self._pos[(split, int(r))] for r in failed], np.int64)
@@ -1270,11 +1322,21 @@ def write_cache(
         )
     dim, dtype = dims.pop(), dtypes.pop()
     attrs = {
-        "format_version": FORMAT_VERSION, "tool": "embedcache", "backbone": backbone, "weights": weights,
-        "weights_arg": weights, "transform": transform, "dtype": dtype, "feature_dim": dim,
-        "classes": json.dumps(classes), "num_classes": len(classes), "source": source, "layout": "arrays",
-        "source_fingerprint": "", "created": now_iso(),
-    }  # fmt: skip
+        "format_version": FORMAT_VERSION,
+        "tool": "embedcache",
+        "backbone": backbone,
+        "weights": weights,
+        "weights_arg": weights,
+        "transform": transform,
+        "dtype": dtype,
+        "feature_dim": dim,
+        "classes": json.dumps(classes),
+        "num_classes": len(classes),
+        "source": source,
+        "layout": "arrays",
+        "source_fingerprint": "",
+        "created": now_iso(),
+    }
     if views:
         attrs.update(views=int(views["train"].shape[1]), view_policy="given as arrays")
 
@@ -1510,9 +1572,12 @@ class Rows:
         order = rng.permutation(len(starts))
         per_buffer = max(1, SHUFFLE_ROWS // BLOCK_ROWS)
         return [
-            [(int(starts[g]), min(self.n, int(starts[g]) + BLOCK_ROWS)) for g in np.sort(order[i : i + per_buffer])]
+            [
+                (int(starts[g]), min(self.n, int(starts[g]) + BLOCK_ROWS))
+                for g in np.sort(order[i : i + per_buffer])
+            ]
             for i in range(0, len(order), per_buffer)
-        ]  # fmt: skip
+        ]
 
     def batches(self, batch_size: int, rng: np.random.Generator):
         """Shuffled (features, labels) batches: random blocks, shuffled within SHUFFLE_ROWS.

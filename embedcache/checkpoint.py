@@ -315,14 +315,20 @@ class ModelCheckpoint:
         check_finite({**self.net_state_dict, **self.head_state_dict}, path, "model")
         return save_checkpoint(
             {
-                "format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "identity": self.recorded.to_dict(),
-                "net_state_dict": _cpu(self.net_state_dict), "head_config": self.head_config,
-                "head_state_dict": _cpu(self.head_state_dict), "classes": list(self.classes),
-                "start": int(self.start), "config": self.config, "metrics": self.metrics,
+                "format": MODEL_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "identity": self.recorded.to_dict(),
+                "net_state_dict": _cpu(self.net_state_dict),
+                "head_config": self.head_config,
+                "head_state_dict": _cpu(self.head_state_dict),
+                "classes": list(self.classes),
+                "start": int(self.start),
+                "config": self.config,
+                "metrics": self.metrics,
                 "trained": self.trained.to_dict() if self.trained else None,
             },
             path,
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_dict(cls, obj: dict, path: Path) -> ModelCheckpoint:
@@ -330,10 +336,17 @@ class ModelCheckpoint:
         _require(obj, keys, path)
         check_finite({**obj["net_state_dict"], **obj["head_state_dict"]}, path, "model")
         return cls(
-            Recorded.from_dict(obj["identity"], path, "model"), obj["net_state_dict"], obj["head_config"],
-            obj["head_state_dict"], list(obj["classes"]), int(obj["start"]), obj.get("config") or {},
-            obj.get("metrics") or {}, Path(path), TrainedOn.from_dict(obj.get("trained")),
-        )  # fmt: skip
+            Recorded.from_dict(obj["identity"], path, "model"),
+            obj["net_state_dict"],
+            obj["head_config"],
+            obj["head_state_dict"],
+            list(obj["classes"]),
+            int(obj["start"]),
+            obj.get("config") or {},
+            obj.get("metrics") or {},
+            Path(path),
+            TrainedOn.from_dict(obj.get("trained")),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCheckpoint:

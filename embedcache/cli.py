@@ -78,7 +78,11 @@ class _Group(click.Group):
             raise click.ClickException(shown(e)) from None
         except KeyboardInterrupt as e:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
-            what = f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, Terminated) else "interrupted"  # fmt: skip
+            what = (
+                f"stopped by {signal.Signals(e.signum).name}"
+                if isinstance(e, Terminated)
+                else "interrupted"
+            )
             click.echo(f"{what}; {hint}" if hint else what, err=True)
             sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
 
@@ -150,7 +154,17 @@ class _Bytes(click.ParamType):
     """'2GB', '512MB' or a number of bytes."""
 
     name = "size"
-    UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+    UNITS = {
+        "": 1,
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
@@ -305,7 +319,11 @@ def extract(data, out, quiet, as_json, **values):
 @main.command()
 @click.argument("cache", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@click.option("--verify", is_flag=True, help="Read every block and check it (checksums, finite values); exit 1 if any is damaged.")  # fmt: skip
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Read every block and check it (checksums, finite values); exit 1 if any is damaged.",
+)
 def info(cache, as_json, verify):
     """Describe a cache: backbone, weights, splits, classes, skipped files.
 
@@ -333,7 +351,9 @@ def _print_info(s: dict) -> None:
         f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, created {s.get('created', '?')})"
     )
     if s["parts"]:
-        click.echo(f"storage    virtual: features read from {len(s['parts'])} part files ({s['parts_bytes'] / 1e6:.1f} MB) in {Path(s['parts'][0]).parent}")  # fmt: skip
+        click.echo(
+            f"storage    virtual: features read from {len(s['parts'])} part files ({s['parts_bytes'] / 1e6:.1f} MB) in {Path(s['parts'][0]).parent}"
+        )
     else:
         click.echo("storage    single file")
     click.echo(f"backbone   {s['backbone']}  weights {s['weights']}")
@@ -360,7 +380,11 @@ def _print_info(s: dict) -> None:
     click.echo(f"checksums  {s['checksums']}")
     if "verify" in s:
         rows = sum(sp["images"] for sp in s["splits"].values())
-        click.echo(f"verify     {len(s['verify'])} problem(s) in {rows} rows read" if s["verify"] else f"verify     every block of {rows} rows read back intact")  # fmt: skip
+        click.echo(
+            f"verify     {len(s['verify'])} problem(s) in {rows} rows read"
+            if s["verify"]
+            else f"verify     every block of {rows} rows read back intact"
+        )
         for line in s["verify"][:20]:
             click.echo(f"  {shown(line)}")
 
@@ -441,16 +465,22 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     kind = f"{m['head']} head"
     if "auto" in m:
         kind = f"default head ({m['auto']['chosen']}, MLP p={m['auto']['mlp_p_value']:.3f})"
-    more = f", balanced {m['val_balanced_acc']:.4f}" + (f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else "")  # fmt: skip
+    more = f", balanced {m['val_balanced_acc']:.4f}" + (
+        f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else ""
+    )
     click.echo(
         f"{kind}: val accuracy {m['val_acc']:.4f}{more} ({m['val_images']} images){epochs}; {best}{views}; {m['seconds']:.2f} s"
     )
     if "val_acc_tta" in m:
-        click.echo(f"with test-time averaging (image and mirror): val accuracy {m['val_acc_tta']:.4f}")  # fmt: skip
+        click.echo(
+            f"with test-time averaging (image and mirror): val accuracy {m['val_acc_tta']:.4f}"
+        )
     if "refit" in m:
         rf = m["refit"]
         epochs = f" for {rf['epochs']} epochs" if "epochs" in rf else ""
-        click.echo(f"refit on train + val ({rf['images']} images){epochs}: the saved head; the accuracies above are its configuration's before the refit")  # fmt: skip
+        click.echo(
+            f"refit on train + val ({rf['images']} images){epochs}: the saved head; the accuracies above are its configuration's before the refit"
+        )
     click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
 
 
@@ -692,8 +722,21 @@ def audit(cache, out, quiet, as_json, **values):
 
 @main.command("export")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True, help="ONNX (onnxruntime, TensorRT, ...) or TorchScript (torch.jit.load).")  # fmt: skip
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The file to write (OUT.json describes its input).")  # fmt: skip
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript"]),
+    default="onnx",
+    show_default=True,
+    help="ONNX (onnxruntime, TensorRT, ...) or TorchScript (torch.jit.load).",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The file to write (OUT.json describes its input).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def export_cmd(model, fmt, out, as_json):
     """Export a head (with its backbone) or a fine-tuned model for serving.

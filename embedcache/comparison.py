@@ -154,9 +154,12 @@ def _tutorial_loaders(images: ImageSet, bb: Backbone, batch_size: int, seed: int
         labels = np.array([x.label for x in images.splits[s]], dtype=np.int64)
         dataset = _TutorialImages(files, labels, bb)
         loaders[s] = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=(s == "train"), num_workers=0,
+            dataset,
+            batch_size=batch_size,
+            shuffle=(s == "train"),
+            num_workers=0,
             generator=g if s == "train" else None,
-        )  # fmt: skip
+        )
     return loaders
 
 
@@ -284,10 +287,15 @@ def _tutorial(b: _Bench) -> Approach:
     )
     h = tut["history"]
     return Approach(
-        name=TUTORIAL_ROW, extract_s=0.0, train_s=seconds,
-        best_val_acc=tut["best_val_acc"], epochs=tut["epochs_run"], train_images=b.n_train,
-        peak_mb=peak, curve=_curve(0.0, h["seconds"], h["val_acc"]),
-    )  # fmt: skip
+        name=TUTORIAL_ROW,
+        extract_s=0.0,
+        train_s=seconds,
+        best_val_acc=tut["best_val_acc"],
+        epochs=tut["epochs_run"],
+        train_images=b.n_train,
+        peak_mb=peak,
+        curve=_curve(0.0, h["seconds"], h["val_acc"]),
+    )
 
 
 def _extract(b: _Bench, views: int = 0) -> tuple[Path, float, float | None]:
@@ -295,11 +303,21 @@ def _extract(b: _Bench, views: int = 0) -> tuple[Path, float, float | None]:
     from .extraction import extract
 
     cfg, cache = b.cfg, b.workdir / (f"views{views}.h5" if views else "cache.h5")
-    _, seconds, peak = _timed(lambda: extract(
-        b.data, out=cache, backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size,
-        device=cfg.device, seed=cfg.seed, val_fraction=cfg.val_fraction, overwrite=True, progress=b.progress,
-        views=views,
-    ))  # fmt: skip
+    _, seconds, peak = _timed(
+        lambda: extract(
+            b.data,
+            out=cache,
+            backbone=cfg.backbone,
+            weights=cfg.weights,
+            image_size=cfg.image_size,
+            device=cfg.device,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+            overwrite=True,
+            progress=b.progress,
+            views=views,
+        )
+    )
     return cache, seconds, peak
 
 
@@ -318,7 +336,9 @@ def _views(b: _Bench) -> list[Approach]:
     rows = [row]
     if tta is not None:
         point = [(round(row.total_s, 3), tta)]  # the chosen head, scored with its mirrors
-        rows.append(dataclasses.replace(row, name=f"{row.name} + TTA", best_val_acc=tta, curve=point))  # fmt: skip
+        rows.append(
+            dataclasses.replace(row, name=f"{row.name} + TTA", best_val_acc=tta, curve=point)
+        )
     return rows
 
 
@@ -345,16 +365,25 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Appro
         b.linear_s = seconds
     m = r.metrics
     if "history" in m:
-        passes, curve = m["epochs_run"], _curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"])  # fmt: skip
+        passes, curve = (
+            m["epochs_run"],
+            _curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
+        )
     else:  # a probe: one point, when it is chosen
         passes = sum(row.get("iterations", 0) for row in m["sweep"]) or 1
         curve = [(round(b.extract_s + seconds, 3), m["val_acc"])]
     return Approach(
-        name=name, extract_s=b.extract_s, train_s=seconds, best_val_acc=m["val_acc"],
-        epochs=passes, train_images=b.n_train,
-        peak_mb=max(filter(None, (peak, b.extract_peak)), default=None), curve=curve,
-        balanced_val_acc=m.get("val_balanced_acc"), val_top5=m.get("val_top5"),
-    ), m  # fmt: skip
+        name=name,
+        extract_s=b.extract_s,
+        train_s=seconds,
+        best_val_acc=m["val_acc"],
+        epochs=passes,
+        train_images=b.n_train,
+        peak_mb=max(filter(None, (peak, b.extract_peak)), default=None),
+        curve=curve,
+        balanced_val_acc=m.get("val_balanced_acc"),
+        val_top5=m.get("val_top5"),
+    ), m
 
 
 def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
@@ -368,10 +397,21 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
         else {"backbone": cfg.backbone, "weights": cfg.weights, "image_size": cfg.image_size}
     )
     out = b.workdir / f"model_u{unfreeze}_{start.split()[0]}.pt"
-    r, seconds, peak = _timed(lambda: finetune(
-        b.data, out=out, unfreeze=unfreeze, epochs=cfg.finetune_epochs, augment=cfg.augment, device=cfg.device,
-        seed=cfg.seed, val_fraction=cfg.val_fraction, exclude=cfg.exclude, progress=b.progress, **kw,
-    ))  # fmt: skip
+    r, seconds, peak = _timed(
+        lambda: finetune(
+            b.data,
+            out=out,
+            unfreeze=unfreeze,
+            epochs=cfg.finetune_epochs,
+            augment=cfg.augment,
+            device=cfg.device,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+            exclude=cfg.exclude,
+            progress=b.progress,
+            **kw,
+        )
+    )
     fm, h = r.metrics, r.metrics["history"]
     before = b.extract_s + b.linear_s if cached_head else 0.0
     prefix_s = fm["prefix_cache"]["seconds"]
@@ -385,9 +425,14 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
         name=f"finetune --unfreeze {unfreeze} from the {start}",
         extract_s=(b.extract_s if cached_head else 0.0) + prefix_s,
         train_s=seconds - prefix_s + (b.linear_s if cached_head else 0.0),
-        best_val_acc=fm["best_val_acc"], epochs=fm["epochs_run"], train_images=b.n_train, peak_mb=peak, curve=curve,
-        balanced_val_acc=fm.get("val_balanced_acc"), val_top5=fm.get("val_top5"),
-    )  # fmt: skip
+        best_val_acc=fm["best_val_acc"],
+        epochs=fm["epochs_run"],
+        train_images=b.n_train,
+        peak_mb=peak,
+        curve=curve,
+        balanced_val_acc=fm.get("val_balanced_acc"),
+        val_top5=fm.get("val_top5"),
+    )
 
 
 def _warm_imports() -> None:
@@ -487,10 +532,15 @@ def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
         weights_id, size = c.weights, int(c.attrs["image_size"])
     cfg = b.cfg
     meta = {
-        "data": str(b.data), "backbone": cfg.backbone, "weights": weights_id, "image_size": size,
-        "train_images": b.n_train, "val_images": len(b.images.splits["val"]),
-        "finetune_augment": cfg.augment, "device": str(resolve_device(cfg.device)),
-    }  # fmt: skip
+        "data": str(b.data),
+        "backbone": cfg.backbone,
+        "weights": weights_id,
+        "image_size": size,
+        "train_images": b.n_train,
+        "val_images": len(b.images.splits["val"]),
+        "finetune_augment": cfg.augment,
+        "device": str(resolve_device(cfg.device)),
+    }
     md = markdown(rows, meta, title=cfg.title)
     files = {
         k: b.workdir / f"compare.{ext}"

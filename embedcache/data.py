@@ -685,7 +685,9 @@ def augmented_views(path: str | Path, t: EvalTransform, kind: str, seeds: list) 
     return [_augmented(img, np.random.default_rng(seed), t, kind) for seed in seeds]
 
 
-def _augmented(img: Image.Image, rng: np.random.Generator, t: EvalTransform, kind: str) -> np.ndarray:  # fmt: skip
+def _augmented(
+    img: Image.Image, rng: np.random.Generator, t: EvalTransform, kind: str
+) -> np.ndarray:
     w, h = img.size
     lo, hi = _CROP_SCALE[kind]
     box = None
@@ -805,9 +807,13 @@ def decoded_batches(
     dataset = _Decode(items, decode)
     if device.type == "cuda":
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
-            pin_memory=True, prefetch_factor=4 if num_workers else None,
-        )  # fmt: skip
+            dataset,
+            batch_sampler=batches,
+            collate_fn=_collate,
+            num_workers=num_workers,
+            pin_memory=True,
+            prefetch_factor=4 if num_workers else None,
+        )
         yield from loader
         return
     if num_workers <= 1:
@@ -848,7 +854,9 @@ def _nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | Non
         return _decode_jpegs(datas, device, ImageReadMode.RGB, decode_jpeg)
 
 
-def _decode_jpegs(datas: list[bytes], device: torch.device, rgb, decode_jpeg) -> list[torch.Tensor | None]:  # fmt: skip
+def _decode_jpegs(
+    datas: list[bytes], device: torch.device, rgb, decode_jpeg
+) -> list[torch.Tensor | None]:
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     if not tensors:
         return []
@@ -877,7 +885,9 @@ def resize_crop(img: torch.Tensor, t: EvalTransform) -> torch.Tensor:
         nw, nh = int(t.resize * w / h), t.resize
     top, left = int(round((nh - t.crop) / 2.0)), int(round((nw - t.crop) / 2.0))
     if (nw, nh) != (w, h):
-        img = F.resize(img, [nh, nw], interpolation=F.InterpolationMode(t.interpolation), antialias=True)  # fmt: skip
+        img = F.resize(
+            img, [nh, nw], interpolation=F.InterpolationMode(t.interpolation), antialias=True
+        )
     return img[:, top : top + t.crop, left : left + t.crop].permute(1, 2, 0).contiguous()
 
 
@@ -892,8 +902,13 @@ def _cpu_fallback(path: Path, t: EvalTransform, device: torch.device) -> torch.T
 
 
 def gpu_decoded_batches(
-    files: list[Path], batches: list[list[int]], t: EvalTransform, *, device: torch.device, num_workers: int
-) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:  # fmt: skip
+    files: list[Path],
+    batches: list[list[int]],
+    t: EvalTransform,
+    *,
+    device: torch.device,
+    num_workers: int,
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
     """:func:`decoded_batches` for ``preprocess`` with the JPEGs decoded, resized and cropped on
     ``device`` (nvJPEG on CUDA), a batch at a time. Files that are not JPEG, or that the GPU
     decoder refuses, go through the CPU path one by one; ``num_workers`` threads read the
@@ -909,7 +924,9 @@ def gpu_decoded_batches(
             yield _gpu_batch([files[i] for i in batch], batch, datas, t, device)
 
 
-def _gpu_batch(paths: list[Path], index: list[int], datas: list, t: EvalTransform, device: torch.device):  # fmt: skip
+def _gpu_batch(
+    paths: list[Path], index: list[int], datas: list, t: EvalTransform, device: torch.device
+):
     failed = {k: d for k, d in enumerate(datas) if isinstance(d, str)}
     jpeg = [k for k, d in enumerate(datas) if isinstance(d, bytes) and d[:3] == JPEG_MAGIC]
     images: dict[int, torch.Tensor] = {}
@@ -925,4 +942,8 @@ def _gpu_batch(paths: list[Path], index: list[int], datas: list, t: EvalTransfor
                 images[k] = x
     ok = sorted(images)
     stacked = torch.stack([images[k] for k in ok]) if ok else None
-    return np.array([index[k] for k in ok], np.int64), stacked, {index[k]: r for k, r in failed.items()}  # fmt: skip
+    return (
+        np.array([index[k] for k in ok], np.int64),
+        stacked,
+        {index[k]: r for k, r in failed.items()},
+    )

@@ -84,17 +84,30 @@ def _onnx(net: nn.Module, example: torch.Tensor, out: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its successor
         buffer = io.BytesIO()  # as for TorchScript: a full disk must be a Python error
-        torch.onnx.export(net, (example,), buffer, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": batch, "logits": batch}, opset_version=17, dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            net,
+            (example,),
+            buffer,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": batch, "logits": batch},
+            opset_version=17,
+            dynamo=False,
+        )
     out.write_bytes(buffer.getvalue())
 
 
 def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> dict:
     return {
-        "format": format, "exported_from": kind, "input": "images",
-        "input_shape": ["batch", 3, t.crop, t.crop], "input_dtype": "float32",
-        "input_range": [0.0, 1.0], "channels": "RGB",
+        "format": format,
+        "exported_from": kind,
+        "input": "images",
+        "input_shape": ["batch", 3, t.crop, t.crop],
+        "input_dtype": "float32",
+        "input_range": [0.0, 1.0],
+        "channels": "RGB",
         "preprocess": f"resize the short side to {t.resize} ({t.interpolation}), centre-crop {t.crop}, scale to [0, 1]",
         "normalisation": {"mean": list(t.mean), "std": list(t.std), "applied": "inside the model"},
-        "output": "logits", "classes": classes,
-    }  # fmt: skip
+        "output": "logits",
+        "classes": classes,
+    }

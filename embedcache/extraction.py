@@ -211,7 +211,12 @@ def _plan(
     partial = partial_path(out)
     if out.exists() and not overwrite:
         reuse.append(open_cache(out))
-        _reusable(identity, reuse, f"{out} holds other features", "pass --overwrite to replace it or choose another --out")  # fmt: skip
+        _reusable(
+            identity,
+            reuse,
+            f"{out} holds other features",
+            "pass --overwrite to replace it or choose another --out",
+        )
         if reuse[0].attrs.get("source_fingerprint") == images.fingerprint():
             reuse.pop().close()
             partial.unlink(missing_ok=True)  # stale: the finished cache holds every row it could
@@ -222,7 +227,12 @@ def _plan(
         except OSError:  # killed while the file was being created: it holds nothing yet
             partial.unlink()
             return ("rebuild" if reuse else "fresh"), reuse
-        _reusable(identity, [*reuse, p], f"{partial} is an unfinished extraction with other settings", "pass --overwrite to start over")  # fmt: skip
+        _reusable(
+            identity,
+            [*reuse, p],
+            f"{partial} is an unfinished extraction with other settings",
+            "pass --overwrite to start over",
+        )
         if p.h5.attrs.get("source_fingerprint") == images.fingerprint():
             for c in reuse:
                 c.close()
@@ -263,13 +273,18 @@ def _versions() -> dict[str, str]:
 def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
     """Root attributes of a new cache: what made it, from what, with which libraries."""
     return {
-        "format_version": FORMAT_VERSION, **_versions(), **identity.as_dict(),
+        "format_version": FORMAT_VERSION,
+        **_versions(),
+        **identity.as_dict(),
         "weights_arg": bb.weights_arg,
-        "feature_dim": bb.feature_dim, "image_size": bb.transform.crop,
-        "classes": json.dumps(images.classes), "source": str(images.root),
-        "layout": images.layout, "source_fingerprint": images.fingerprint(),
+        "feature_dim": bb.feature_dim,
+        "image_size": bb.transform.crop,
+        "classes": json.dumps(images.classes),
+        "source": str(images.root),
+        "layout": images.layout,
+        "source_fingerprint": images.fingerprint(),
         "num_classes": len(images.classes),
-    }  # fmt: skip
+    }
 
 
 def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> ExtractResult:
@@ -280,9 +295,20 @@ def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> 
         labels = np.concatenate([c.labels(s) for s in c.splits])
         empty = [k for i, k in enumerate(c.classes) if not np.any(labels == i)]
     return ExtractResult(
-        out, sum(counts.values()), extracted, reused, skipped, seconds, out.stat().st_size,
-        counts, views=views, ignored=ignored, empty_classes=empty, leaks=leaks, **extra,
-    )  # fmt: skip
+        out,
+        sum(counts.values()),
+        extracted,
+        reused,
+        skipped,
+        seconds,
+        out.stat().st_size,
+        counts,
+        views=views,
+        ignored=ignored,
+        empty_classes=empty,
+        leaks=leaks,
+        **extra,
+    )
 
 
 def _listed_per_class(images: ImageSet) -> tuple[list[str], np.ndarray, dict[int, str]]:
@@ -359,7 +385,14 @@ def extract(
     out = Path(out)
     with process_group(cfg.device) as group, contextlib.ExitStack() as held:
         dev = group.device(cfg.device)
-        bb = group.each(lambda: model or build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev))  # fmt: skip
+        bb = group.each(
+            lambda: (
+                model
+                or build_backbone(
+                    cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev
+                )
+            )
+        )
         amp = autocast_dtype(dev, cfg.precision, cpu_bf16=CPU_BF16_AUTO)
         batch = cfg.batch_size if isinstance(cfg.batch_size, int) else default_batch_size(dev)
         if isinstance(batch, int):  # before any file is written
@@ -390,9 +423,12 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
         images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
     _check_classes(*_listed_per_class(images), allow=cfg.allow_empty_class)
     identity = CacheIdentity(
-        **bb.identity().as_dict(), dtype=cfg.dtype, precision=precision, views=cfg.views,
+        **bb.identity().as_dict(),
+        dtype=cfg.dtype,
+        precision=precision,
+        views=cfg.views,
         view_policy=view_policy(cfg.views, cfg.seed),
-    )  # fmt: skip
+    )
     with disk_errors(out):
         _take_in_shards(out, keep=not cfg.overwrite)
         mode, reuse = _plan(out, identity, images, cfg.overwrite)
@@ -423,10 +459,14 @@ def _take_in_shards(out: Path, *, keep: bool) -> None:
         shard.unlink(missing_ok=True)
 
 
-def _run_for(cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dtype | None, progress: bool) -> Run:  # fmt: skip
+def _run_for(
+    cfg: ExtractConfig, bb: Backbone, dev: torch.device, amp: torch.dtype | None, progress: bool
+) -> Run:
     workers = default_num_workers(dev) if cfg.num_workers is None else cfg.num_workers
     if cfg.views and cfg.decode == "gpu":
-        raise EmbedcacheError("--views draws its crops on the CPU; use --decode cpu or auto with --views")  # fmt: skip
+        raise EmbedcacheError(
+            "--views draws its crops on the CPU; use --decode cpu or auto with --views"
+        )
     gpu = choose_gpu_decode(cfg.decode, dev) and not cfg.views
     batch = cfg.batch_size or default_batch_size(dev)
     if batch == "auto":  # probed once; on a CPU small batches are the fast ones
@@ -462,9 +502,19 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, cfg: ExtractC
         partial.close()
         items = [flat[i] for batch in mine for i in batch]
         with disk_errors(out):
-            writer = ShardFile.create(shard_path(out, group.rank), splits, items, feature_dim=bb.feature_dim, dtype=dtype, views=views)  # fmt: skip
+            writer = ShardFile.create(
+                shard_path(out, group.rank),
+                splits,
+                items,
+                feature_dim=bb.feature_dim,
+                dtype=dtype,
+                views=views,
+            )
     if views:  # decode items: (file, views of its split, the seed of its views)
-        files = [(f, views_for(s, views), view_key(seed, paths[s][r])) for f, (s, r) in zip(files, flat, strict=True)]  # fmt: skip
+        files = [
+            (f, views_for(s, views), view_key(seed, paths[s][r]))
+            for f, (s, r) in zip(files, flat, strict=True)
+        ]
     # Compiled or not is decided on each rank's share of the whole cache, not on the rows left,
     # so that a resumed or incremental run computes its rows as one run over everything would
     # (compiled and eager agree only up to rounding); and every rank decides alike.
@@ -518,7 +568,9 @@ def _open_partial(
         return reuse[0]
     try:
         dtype = attrs["dtype"]
-        check_space(out.parent, estimate_bytes(images, bb.feature_dim, dtype, int(attrs.get("views", 0))))  # fmt: skip
+        check_space(
+            out.parent, estimate_bytes(images, bb.feature_dim, dtype, int(attrs.get("views", 0)))
+        )
         return PartialCache.create(
             partial_path(out),
             attrs=attrs,
@@ -532,7 +584,17 @@ def _open_partial(
             source.close()
 
 
-def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], writer, run: Run, *, mode: str | None, scale: int = 1) -> int:  # fmt: skip
+def _run(
+    bb: Backbone,
+    files: list[Path],
+    flat: list,
+    batches: list[list[int]],
+    writer,
+    run: Run,
+    *,
+    mode: str | None,
+    scale: int = 1,
+) -> int:
     """Forward ``batches`` (indices into ``flat``, (split, row) pairs, and ``files``) and write
     each batch, the backbone compiled as ``mode`` says (see compile_mode); returns the number
     of images run through the backbone. The progress bar counts every rank's images as
@@ -540,11 +602,13 @@ def _run(bb: Backbone, files: list[Path], flat: list, batches: list[list[int]], 
     if not batches:
         return 0
     if run.gpu_decode:
-        loader = gpu_decoded_batches(files, batches, bb.transform, device=run.device, num_workers=run.workers)  # fmt: skip
+        loader = gpu_decoded_batches(
+            files, batches, bb.transform, device=run.device, num_workers=run.workers
+        )
     else:
         viewed = isinstance(files[0], tuple)  # items with views: each decodes to (1 + V, H, W, 3)
         decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
-        loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)  # fmt: skip
+        loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(net, mode)
     norm = Normalise(bb.transform).to(run.device)

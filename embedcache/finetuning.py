@@ -221,9 +221,14 @@ class _Setup:
         c = self.cfg
         d = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_RECORDED}
         return {
-            **d, "data": str(self.data), "backbone": self.bb.name, "weights": self.bb.weights,
-            "unfreeze": self.unfreeze, "lr": c.head_lr, "views": c.num_views,
-        }  # fmt: skip
+            **d,
+            "data": str(self.data),
+            "backbone": self.bb.name,
+            "weights": self.bb.weights,
+            "unfreeze": self.unfreeze,
+            "lr": c.head_lr,
+            "views": c.num_views,
+        }
 
 
 # How a run is executed, not what it trains: free to change on --resume.
@@ -268,9 +273,12 @@ def _reattach(ckpt: HeadCheckpoint, bb: Backbone, images: ImageSet, cfg: Finetun
             f"{ckpt.path} is a knn head, which has no weights to fine-tune; train a linear or mlp head"
         )
     ckpt.recorded.identity.check(
-        bb.identity(), subject=f"{ckpt.path} was trained on other features than this backbone gives",
-        mine="head", theirs="backbone", hint="pass --backbone and --weights as used for the cache",
-    )  # fmt: skip
+        bb.identity(),
+        subject=f"{ckpt.path} was trained on other features than this backbone gives",
+        mine="head",
+        theirs="backbone",
+        hint="pass --backbone and --weights as used for the cache",
+    )
     classes = images.classes
     if list(ckpt.classes) != list(classes):
         raise EmbedcacheError(
@@ -375,9 +383,22 @@ def _prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group)
         dev, cfg.batch_size, workers, autocast_dtype(dev, cfg.precision), progress and group.is_main
     )
     return _Setup(
-        cfg, Path(data).resolve(), out, bb, classes, model, head_config, table,
-        _items(images, "train"), _items(images, "val"), val_source, run, n, group, trained,
-    )  # fmt: skip
+        cfg,
+        Path(data).resolve(),
+        out,
+        bb,
+        classes,
+        model,
+        head_config,
+        table,
+        _items(images, "train"),
+        _items(images, "val"),
+        val_source,
+        run,
+        n,
+        group,
+        trained,
+    )
 
 
 def _describe(setup: _Setup) -> str:
@@ -602,7 +623,9 @@ class _Batches:
         crop = self.setup.bb.transform.crop
         empty = torch.zeros((0, crop, crop, 3), dtype=torch.uint8)  # this rank's part may be empty
         lists = [b.tolist() for b in batches]
-        for index, x, _ in decoded_batches(seeded_items, lists, decode, device=run.device, num_workers=run.workers):  # fmt: skip
+        for index, x, _ in decoded_batches(
+            seeded_items, lists, decode, device=run.device, num_workers=run.workers
+        ):
             yield (x if x is not None else empty), torch.from_numpy(labels[index])
 
     def val(self):
@@ -612,7 +635,10 @@ class _Batches:
             rows = self.prefix.val
             for pos, x in rows.blocks():
                 for lo in range(0, len(pos), bs):
-                    yield torch.from_numpy(x[lo : lo + bs]), torch.from_numpy(rows.labels[pos[lo : lo + bs]])  # fmt: skip
+                    yield (
+                        torch.from_numpy(x[lo : lo + bs]),
+                        torch.from_numpy(rows.labels[pos[lo : lo + bs]]),
+                    )
             return
         paths, labels = self.setup.val
         mine = self.setup.own(len(paths))
@@ -620,7 +646,9 @@ class _Batches:
         run = self.setup.run
         batches = [mine[lo : lo + bs].tolist() for lo in range(0, len(mine), bs)]
         items = [(p, 0) for p in paths]
-        for index, x, _ in decoded_batches(items, batches, decode, device=run.device, num_workers=run.workers):  # fmt: skip
+        for index, x, _ in decoded_batches(
+            items, batches, decode, device=run.device, num_workers=run.workers
+        ):
             if x is not None:
                 yield x, torch.from_numpy(labels[index])
 
@@ -685,8 +713,15 @@ def _train_epoch(setup: _Setup, fit: _Fit, data: _Batches, epoch: int) -> tuple[
     run, cfg, world = setup.run, setup.cfg, setup.group.world
     loss_sum = correct = seen = 0.0
     steps = math.ceil(len(setup.train[0]) / cfg.batch_size)
-    bar = tqdm(data.train(epoch), total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-               disable=not run.progress, dynamic_ncols=True, leave=False)  # fmt: skip
+    bar = tqdm(
+        data.train(epoch),
+        total=steps,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="batch",
+        disable=not run.progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     with seeded(cfg.seed * 1_000_003 + epoch + setup.group.rank, run.device):  # dropout: per epoch
         for x, y in bar:
             y = y.to(run.device)
@@ -695,7 +730,9 @@ def _train_epoch(setup: _Setup, fit: _Fit, data: _Batches, epoch: int) -> tuple[
                 logits = fit.tail(data.inputs(x))
             # The sum over this rank's images / the global count, x world since DDP averages the
             # ranks' gradients: every rank then steps with the one-process batch-mean gradient.
-            losses = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")  # fmt: skip
+            losses = F.cross_entropy(
+                logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none"
+            )
             loss = losses.sum() * (world / max(n, 1))
             fit.optimizer.zero_grad(set_to_none=True)
             fit.scaler.scale(loss).backward()
@@ -762,10 +799,17 @@ def _save_state(setup: _Setup, fit: _Fit) -> None:
     names = ("labels", "pred", "top5")
     best_val = {k: torch.from_numpy(a) for k, a in zip(names, fit.best_val, strict=False)}
     state = FinetuneState(
-        setup.config_record(), fit.epoch, setup.model.net.state_dict(), setup.model.head.state_dict(),
-        fit.optimizer.state_dict(), fit.scheduler.state_dict(), fit.scaler.state_dict(), fit.history, fit.best,
+        setup.config_record(),
+        fit.epoch,
+        setup.model.net.state_dict(),
+        setup.model.head.state_dict(),
+        fit.optimizer.state_dict(),
+        fit.scheduler.state_dict(),
+        fit.scaler.state_dict(),
+        fit.history,
+        fit.best,
         best_val,
-    )  # fmt: skip
+    )
     state.save(_last_path(setup.out))
 
 
@@ -856,16 +900,29 @@ def _metrics(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | 
     ]
     epoch_times = [s for s, _ in trained]
     return {
-        "history": h, "best_epoch": best["epoch"], "best_val_acc": best["acc"], "best_val_loss": best["loss"],
-        "val_acc": best["acc"], "epochs_run": h["epoch"][-1], "trainable": setup.table, "unfreeze": setup.unfreeze,
-        "classes": setup.classes, "val_source": setup.val_source,
-        "prefix_cache": {"where": plan.where, "bytes": prefix.bytes if prefix else 0, "seconds": round(prefix.seconds, 3) if prefix else 0.0, "shape": list(plan.shape)},
-        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0, "config": setup.config_record(),
+        "history": h,
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["acc"],
+        "best_val_loss": best["loss"],
+        "val_acc": best["acc"],
+        "epochs_run": h["epoch"][-1],
+        "trainable": setup.table,
+        "unfreeze": setup.unfreeze,
+        "classes": setup.classes,
+        "val_source": setup.val_source,
+        "prefix_cache": {
+            "where": plan.where,
+            "bytes": prefix.bytes if prefix else 0,
+            "seconds": round(prefix.seconds, 3) if prefix else 0.0,
+            "shape": list(plan.shape),
+        },
+        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0,
+        "config": setup.config_record(),
         "estimated_speedup": _speedup(prefix, epoch_times, len(setup.train[0]), len(setup.val[0])),
         "head_val_acc_before": h["val_acc"][0] if h["epoch"] and h["epoch"][0] == 0 else None,
         "best_trained_val_acc": max((a for _, a in trained), default=None),
         **_kept_scores(fit.best_val),
-    }  # fmt: skip
+    }
 
 
 def _kept_scores(best_val: tuple | None) -> dict:
@@ -880,7 +937,7 @@ def _kept_scores(best_val: tuple | None) -> dict:
     return out
 
 
-def _summarise(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None) -> dict:  # fmt: skip
+def _summarise(setup: _Setup, fit: _Fit, plan: _PrefixPlan, prefix: PrefixCache | None) -> dict:
     """Rank 0: store the final metrics in the best checkpoint and write the reports next to it."""
     from .report import write_reports
 
@@ -950,7 +1007,9 @@ def finetune(
         prefix = None
         try:
             if plan.where != "off":
-                say(f"prefix cache ({plan.where}): blocks up to {setup.bb.block_names[setup.model.start - 1]}, {plan.need_bytes / 1e6:.1f} MB of float16 activations")  # fmt: skip
+                say(
+                    f"prefix cache ({plan.where}): blocks up to {setup.bb.block_names[setup.model.start - 1]}, {plan.need_bytes / 1e6:.1f} MB of float16 activations"
+                )
                 prefix = build_prefix_cache(setup, plan)
             fit = _fit(setup, _Batches(setup, prefix), say)
         finally:

@@ -80,10 +80,12 @@ class CacheIdentity(FeatureIdentity):
     @classmethod
     def from_mapping(cls, m: Mapping) -> CacheIdentity:
         return cls(
-            **FeatureIdentity.from_mapping(m).as_dict(), dtype=str(m["dtype"]),
-            precision=str(m.get("precision", "unrecorded")), views=int(m.get("views", 0)),
+            **FeatureIdentity.from_mapping(m).as_dict(),
+            dtype=str(m["dtype"]),
+            precision=str(m.get("precision", "unrecorded")),
+            views=int(m.get("views", 0)),
             view_policy=str(m.get("view_policy", "")),
-        )  # fmt: skip
+        )
 
 
 def _json(text: str) -> dict:

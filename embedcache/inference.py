@@ -69,9 +69,12 @@ class Classifier:
             rec.identity.backbone, weights=rec.weights_arg, image_size=rec.crop, device=device
         )
         rec.identity.check(
-            bb.identity(), subject=f"{self.path} was trained on other features than rebuilding its backbone gives",
-            mine="head", theirs="rebuilt", hint="pass the same weights file or re-train the head",
-        )  # fmt: skip
+            bb.identity(),
+            subject=f"{self.path} was trained on other features than rebuilding its backbone gives",
+            mine="head",
+            theirs="rebuilt",
+            hint="pass the same weights file or re-train the head",
+        )
         return bb
 
 
@@ -153,9 +156,12 @@ def _cache_split(
         )
     with open_cache(data) as c:
         clf.checkpoint.recorded.identity.check(
-            c.features_identity, subject=f"{clf.path} was trained on other features than {data} holds",
-            mine="head", theirs="cache", hint="evaluate a cache made with the head's backbone and weights",
-        )  # fmt: skip
+            c.features_identity,
+            subject=f"{clf.path} was trained on other features than {data} holds",
+            mine="head",
+            theirs="cache",
+            hint="evaluate a cache made with the head's backbone and weights",
+        )
         if split not in c:
             raise EmbedcacheError(
                 f"cache {data} has no {split!r} split (it has {', '.join(c.splits)}); pass --split"
@@ -253,8 +259,12 @@ def evaluate(
     if _is_cache(data):
         features, mirror, labels, classes = _cache_split(clf, data, split, tta, drop)
     else:
-        on = _run(run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress)  # fmt: skip
-        features, mirror, labels, classes, skipped = _folder_split(clf, data, split, on, _tta(tta, clf), drop)  # fmt: skip
+        on = _run(
+            run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
+        )
+        features, mirror, labels, classes, skipped = _folder_split(
+            clf, data, split, on, _tta(tta, clf), drop
+        )
     if len(labels) == 0:
         raise EmbedcacheError(f"the {split} split of {data} has no readable images")
     if np.any(labels < 0):
@@ -316,7 +326,9 @@ def predict(
     files = _image_files(images)
     run = _run(device, batch_size, num_workers, progress)
     mirror = _tta(tta, clf)
-    features, ok, failed = image_features(clf.backbone(run.device), files, run, desc="predict", mirror=mirror)  # fmt: skip
+    features, ok, failed = image_features(
+        clf.backbone(run.device), files, run, desc="predict", mirror=mirror
+    )
     probs = torch.softmax(clf.logits(*_split_mirrored(features, mirror)), dim=1)
     top = probs.topk(min(top_k, len(clf.classes)), dim=1) if len(ok) else None
     out: list[dict] = [{} for _ in files]

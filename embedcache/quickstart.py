@@ -79,6 +79,16 @@ def demo(
         # a mirrored or cropped digit is another digit (or none): no augmentation, no views
         title, augment, views = "embedcache demo on scikit-learn's digits", DIGITS_AUGMENT, 0
     return compare(
-        data, backbone=LITE0, weights=demo_weights(), image_size=image_size, unfreeze=(2,), workdir=workdir,
-        tutorial_epochs=tutorial_epochs, augment=augment, title=title, progress=progress, log=log, views=views,
-    )  # fmt: skip
+        data,
+        backbone=LITE0,
+        weights=demo_weights(),
+        image_size=image_size,
+        unfreeze=(2,),
+        workdir=workdir,
+        tutorial_epochs=tutorial_epochs,
+        augment=augment,
+        title=title,
+        progress=progress,
+        log=log,
+        views=views,
+    )

@@ -85,7 +85,9 @@ def autocast_dtype(
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_bf16 and cpu_has_native_bf16() else None
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise EmbedcacheError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or auto")  # fmt: skip
+        raise EmbedcacheError(
+            f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or auto"
+        )
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -142,7 +144,9 @@ def choose_gpu_decode(decode: str, device: torch.device) -> bool:
     if str(device) not in _nvjpeg_ok:
         _nvjpeg_ok[str(device)] = _decodes_on(device)
     if decode == "gpu" and not _nvjpeg_ok[str(device)]:
-        raise EmbedcacheError("--decode gpu: this torchvision cannot decode JPEG on the GPU (no nvJPEG); use --decode cpu or auto")  # fmt: skip
+        raise EmbedcacheError(
+            "--decode gpu: this torchvision cannot decode JPEG on the GPU (no nvJPEG); use --decode cpu or auto"
+        )
     return _nvjpeg_ok[str(device)]
 
 
@@ -252,7 +256,13 @@ COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pa
 FREEZE_FROM_IMAGES = 256
 
 
-def compile_mode(compile: str, device: torch.device, images: int, net: torch.nn.Module, autocast: torch.dtype | None = None) -> str | None:  # fmt: skip
+def compile_mode(
+    compile: str,
+    device: torch.device,
+    images: int,
+    net: torch.nn.Module,
+    autocast: torch.dtype | None = None,
+) -> str | None:
     """How to compile ``net`` for a run of ``images`` on ``device`` (under ``autocast``):
     "inductor" (torch.compile, GPUs), "frozen" (a frozen TorchScript graph, CPUs) or None (eager).
 
@@ -287,7 +297,11 @@ class FrozenGraph:
         self.graphs: dict[tuple, torch.jit.ScriptModule | None] = {}  # (shape, dtype, autocast)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)  # fmt: skip
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+        )
         if key in self.graphs:
             graph = self.graphs[key]
             return self.net(x) if graph is None else graph(x)
@@ -316,7 +330,9 @@ def _frozen(net: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule | N
         return None
 
 
-def _checked(graph: torch.jit.ScriptModule | None, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+def _checked(
+    graph: torch.jit.ScriptModule | None, x: torch.Tensor, ref: torch.Tensor
+) -> torch.Tensor | None:
     """``graph(x)`` if it matches ``ref`` up to rounding (folded BatchNorm reorders sums: 3e-6
     relative in fp32, 1% in bf16), else None."""
     if graph is None:

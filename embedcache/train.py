@@ -255,10 +255,16 @@ class _Sweep:
         opt = self.opt.state_dict()
         return {
             "heads": {k: v.cpu() for k, v in self.heads.state_dict().items()},
-            "optimizer": {"step": opt["step"], "m": {k: v.cpu() for k, v in opt["m"].items()}, "v": {k: v.cpu() for k, v in opt["v"].items()}},
-            "best": self.best, "best_params": {k: v.cpu() for k, v in self.best_params.items()},
-            "history": {k: list(vs) for k, vs in self.history.items()}, "epoch": self.epoch,
-        }  # fmt: skip
+            "optimizer": {
+                "step": opt["step"],
+                "m": {k: v.cpu() for k, v in opt["m"].items()},
+                "v": {k: v.cpu() for k, v in opt["v"].items()},
+            },
+            "best": self.best,
+            "best_params": {k: v.cpu() for k, v in self.best_params.items()},
+            "history": {k: list(vs) for k, vs in self.history.items()},
+            "epoch": self.epoch,
+        }
 
 
 _HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -324,7 +330,9 @@ def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> Non
             sweep.best_params[name] = torch.where(mask, p, sweep.best_params[name])
 
 
-def _train_torch(data: _Data, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None):  # fmt: skip
+def _train_torch(
+    data: _Data, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None
+):
     """Train every (lr, weight decay) head; returns (best head, metrics, resume state). Heads are
     chosen on validation as evaluate will score them: with test-time averaging when the cache
     stores the mirrors of the validation images."""
@@ -383,9 +391,15 @@ def _sweep_metrics(sweep: _Sweep, epoch_seconds: list[float]) -> dict:
     best, top = sweep.best, _pick(sweep.best)
     hist = {k: torch.stack(v).numpy() for k, v in sweep.history.items()}  # (epochs, H)
     table = [
-        {"lr": lr, "weight_decay": wd, "best_val_acc": float(best["acc"][h]), "best_val_loss": float(best["loss"][h]), "best_epoch": int(best["epoch"][h]) + 1}
+        {
+            "lr": lr,
+            "weight_decay": wd,
+            "best_val_acc": float(best["acc"][h]),
+            "best_val_loss": float(best["loss"][h]),
+            "best_epoch": int(best["epoch"][h]) + 1,
+        }
         for h, (lr, wd) in enumerate(sweep.grid)
-    ]  # fmt: skip
+    ]
     return {
         "history": {k: v[:, top].round(6).tolist() for k, v in hist.items()},
         "best_epoch": int(best["epoch"][top]) + 1,

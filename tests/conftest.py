@@ -117,7 +117,9 @@ def make_cache(tmp_path):
     """Factory for small synthetic caches: make_cache(name, train=(X, y), val=(X, y), classes=[...])."""
     from embedcache.cache import write_cache
 
-    def make(name="blobs.h5", *, classes=("a", "b", "c"), backbone="resnet18", views=None, **splits):  # fmt: skip
+    def make(
+        name="blobs.h5", *, classes=("a", "b", "c"), backbone="resnet18", views=None, **splits
+    ):
         arrays = {
             s: (x, y, [f"{s}/{i}.png" for i in range(len(y))]) for s, (x, y) in splits.items()
         }

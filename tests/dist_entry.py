@@ -45,8 +45,14 @@ def _inject() -> None:
         import sys
         import time
 
-        owner, name = (cache.PartialCache, "write") if how == "pause" else (checkpoint.FinetuneState, "save")  # fmt: skip
-        after, original, done = int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1")), getattr(owner, name), []  # fmt: skip
+        owner, name = (
+            (cache.PartialCache, "write") if how == "pause" else (checkpoint.FinetuneState, "save")
+        )
+        after, original, done = (
+            int(os.environ.get("EMBEDCACHE_TEST_FAIL_AFTER", "1")),
+            getattr(owner, name),
+            [],
+        )
 
         def then_pause(self, *args):
             result = original(self, *args)

@@ -37,8 +37,15 @@ LITE_CROPS = [(0, 224), (1, 240), (2, 260)]
 
 # The torchvision families any of whose models builds by name (a model of another family does not).
 TORCHVISION_FAMILIES = (
-    "resnet", "resnext", "wide_resnet", "efficientnet", "mobilenet", "convnext", "vgg", "vit_",
-)  # fmt: skip
+    "resnet",
+    "resnext",
+    "wide_resnet",
+    "efficientnet",
+    "mobilenet",
+    "convnext",
+    "vgg",
+    "vit_",
+)
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,9 @@ def test_reading_ahead_gives_the_same_blocks_and_batches_as_reading_in_turn(
         memory = Rows(c.features("train"), c.labels("train"), rows, in_memory=True)
         ahead, in_turn = _streamed(c, rows, True), _streamed(c, rows, False)
         for epoch in range(2):  # the second epoch reuses the first one's buffers
-            got = [list(r.batches(5, np.random.default_rng(epoch))) for r in (memory, ahead, in_turn)]  # fmt: skip
+            got = [
+                list(r.batches(5, np.random.default_rng(epoch))) for r in (memory, ahead, in_turn)
+            ]
             assert len(got[0]) == len(got[1]) == len(got[2]) > 10
             for (xa, ya), (xb, yb), (xc, yc) in zip(*got, strict=True):
                 assert np.array_equal(xa, xb) and np.array_equal(xb, xc) and xb.dtype == np.float32
@@ -297,7 +299,14 @@ def _cache_with_blocks(tmp_path, rows=3000, dim=512):
     x = rng.standard_normal((rows, dim)).astype(np.float16)
     y = (x[:, 0] > 0).astype(np.int64)
     splits = {s: (x, y, [f"{s}/{i}.jpg" for i in range(rows)]) for s in ("train", "val")}
-    return write_cache(tmp_path / "c.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=EvalTransform(resize=40, crop=32).to_json())  # fmt: skip
+    return write_cache(
+        tmp_path / "c.h5",
+        splits,
+        classes=["a", "b"],
+        backbone="b",
+        weights="w",
+        transform=EvalTransform(resize=40, crop=32).to_json(),
+    )
 
 
 def test_a_damaged_block_is_an_error_naming_the_rows_never_wrong_numbers(tmp_path):
@@ -314,7 +323,9 @@ def test_a_damaged_block_is_an_error_naming_the_rows_never_wrong_numbers(tmp_pat
         f.seek(info.byte_offset + info.size // 2)
         f.write(bytes(200))
     lo, hi = rows_per_chunk, 2 * rows_per_chunk - 1
-    with pytest.raises(EmbedcacheError, match=r"is damaged: split val, rows \d+-\d+ fail their checksum"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError, match=r"is damaged: split val, rows \d+-\d+ fail their checksum"
+    ):
         train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
     with open_cache(path) as c:
         with pytest.raises(
@@ -334,8 +345,13 @@ def test_non_finite_features_are_refused_naming_the_rows_and_images(tmp_path):
     with h5py.File(path, "r+") as h5:
         h5["train"]["features"][7, 3] = np.nan  # written through HDF5: the checksum is right
         h5["train"]["features"][9, 0] = np.inf
-    with pytest.raises(EmbedcacheError, match=r"non-finite features in split train: 2 row\(s\), 7 \(train/7.jpg\), 9 \(train/9.jpg\); re-extract"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"non-finite features in split train: 2 row\(s\), 7 \(train/7.jpg\), 9 \(train/9.jpg\); re-extract",
+    ):
         train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
     with pytest.raises(EmbedcacheError, match=r"non-finite features in split train: 2 row\(s\)"):
-        train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False, max_memory=1 << 20)  # streamed  # fmt: skip
+        train_head(
+            path, out=tmp_path / "h.pt", epochs=2, progress=False, max_memory=1 << 20
+        )  # streamed
     assert not (tmp_path / "h.pt").exists()

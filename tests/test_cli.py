@@ -118,8 +118,14 @@ def test_help_explains_every_command(runner):
 
 @pytest.mark.parametrize(
     "command, config",
-    [("extract", "ExtractConfig"), ("train-head", "HeadConfig"), ("finetune", "FinetuneConfig"), ("compare", "CompareConfig"), ("export-features", "ExportFeaturesConfig")],
-)  # fmt: skip
+    [
+        ("extract", "ExtractConfig"),
+        ("train-head", "HeadConfig"),
+        ("finetune", "FinetuneConfig"),
+        ("compare", "CompareConfig"),
+        ("export-features", "ExportFeaturesConfig"),
+    ],
+)
 def test_cli_options_take_defaults_and_choices_from_the_library_config(command, config):
     import dataclasses
 

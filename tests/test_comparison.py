@@ -17,8 +17,20 @@ TINY = "timm:test_efficientnet"
 
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
-    r = compare(data, backbone=TINY, weights="none", image_size=32, unfreeze=(1, 2), workdir=tmp_path / "w",
-                tutorial_epochs=3, finetune_epochs=2, augment="none", device="cpu", progress=False, views=2)  # fmt: skip
+    r = compare(
+        data,
+        backbone=TINY,
+        weights="none",
+        image_size=32,
+        unfreeze=(1, 2),
+        workdir=tmp_path / "w",
+        tutorial_epochs=3,
+        finetune_epochs=2,
+        augment="none",
+        device="cpu",
+        progress=False,
+        views=2,
+    )
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
@@ -60,8 +72,18 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     model = torch.load(tmp_path / "w" / "model_u2_fresh.pt", weights_only=True)
     assert model["metrics"]["config"]["augment"] == "none"  # passed through to finetune
     assert "finetune augmentation: none" in table
-    alone = compare(data, backbone=TINY, weights="none", image_size=32, unfreeze=(), workdir=tmp_path / "w2",
-                    tutorial=False, views=0, device="cpu", progress=False)  # fmt: skip
+    alone = compare(
+        data,
+        backbone=TINY,
+        weights="none",
+        image_size=32,
+        unfreeze=(),
+        workdir=tmp_path / "w2",
+        tutorial=False,
+        views=0,
+        device="cpu",
+        progress=False,
+    )
     assert [row.name for row in alone.rows] == names[1:3]  # no tutorial, no views rows
     assert "| n/a (no tutorial row) |" in alone.markdown
 
@@ -118,5 +140,12 @@ def test_compare_refuses_a_bad_augmentation_before_running_anything(tmp_path):
     with pytest.raises(
         EmbedcacheError, match="--augment must be one of none, light, strong, got 'heavy'"
     ):
-        compare(data, backbone=TINY, weights="none", workdir=tmp_path / "w", augment="heavy", progress=False)  # fmt: skip
+        compare(
+            data,
+            backbone=TINY,
+            weights="none",
+            workdir=tmp_path / "w",
+            augment="heavy",
+            progress=False,
+        )
     assert not (tmp_path / "w").exists()

@@ -15,33 +15,65 @@ BAD_DEVICE = r"^--device must be one of auto, cpu, cuda or cuda:N, got 'tpu'$"
 @pytest.mark.parametrize(
     "config, options, message",
     [
-        (ExtractConfig, {"dtype": "int8"}, r"^--dtype must be one of float16, float32, got 'int8'$"),
+        (
+            ExtractConfig,
+            {"dtype": "int8"},
+            r"^--dtype must be one of float16, float32, got 'int8'$",
+        ),
         (ExtractConfig, {"batch_size": 0}, r"^--batch-size must be at least 1, got 0$"),
         (ExtractConfig, {"num_workers": -1}, r"^--num-workers must be at least 0, got -1$"),
         (ExtractConfig, {"image_size": 8}, r"^--image-size must be at least 16, got 8$"),
         (ExtractConfig, {"val_fraction": 1.0}, r"^--val-fraction must be below 1.0, got 1.0$"),
-        (ExtractConfig, {"val_fraction": float("nan")}, r"^--val-fraction must be a finite number, got nan$"),
+        (
+            ExtractConfig,
+            {"val_fraction": float("nan")},
+            r"^--val-fraction must be a finite number, got nan$",
+        ),
         (ExtractConfig, {"device": "tpu"}, BAD_DEVICE),
-        (HeadConfig, {"head": "svm"}, r"^--head must be one of auto, linear, mlp, logreg, knn, got 'svm'$"),
+        (
+            HeadConfig,
+            {"head": "svm"},
+            r"^--head must be one of auto, linear, mlp, logreg, knn, got 'svm'$",
+        ),
         (HeadConfig, {"epochs": 0}, r"^--epochs must be at least 1, got 0$"),
         (HeadConfig, {"lr": [1e-3, -1.0]}, r"^--lr must be at least 0.0, got -1.0$"),
         (HeadConfig, {"weight_decay": []}, r"^--weight-decay needs at least one value$"),
         (HeadConfig, {"dropout": 1.0}, r"^--dropout must be below 1.0, got 1.0$"),
         (HeadConfig, {"lr": float("inf")}, r"^--lr must be a finite number, got inf$"),
         (HeadConfig, {"device": "tpu"}, BAD_DEVICE),
-        (FinetuneConfig, {"augment": "heavy"}, r"^--augment must be one of none, light, strong, got 'heavy'$"),
-        (FinetuneConfig, {"prefix_cache": "ram"}, r"^--prefix-cache must be one of auto, memory, disk, off, got 'ram'$"),
-        (FinetuneConfig, {"precision": "fp8"}, r"^--precision must be one of auto, fp32, bf16, fp16, got 'fp8'$"),
+        (
+            FinetuneConfig,
+            {"augment": "heavy"},
+            r"^--augment must be one of none, light, strong, got 'heavy'$",
+        ),
+        (
+            FinetuneConfig,
+            {"prefix_cache": "ram"},
+            r"^--prefix-cache must be one of auto, memory, disk, off, got 'ram'$",
+        ),
+        (
+            FinetuneConfig,
+            {"precision": "fp8"},
+            r"^--precision must be one of auto, fp32, bf16, fp16, got 'fp8'$",
+        ),
         (FinetuneConfig, {"views": -1}, r"^--views must be at least 0, got -1$"),
-        (FinetuneConfig, {"label_smoothing": 1.5}, r"^--label-smoothing must be below 1.0, got 1.5$"),
+        (
+            FinetuneConfig,
+            {"label_smoothing": 1.5},
+            r"^--label-smoothing must be below 1.0, got 1.5$",
+        ),
         (FinetuneConfig, {"lr": -0.1}, r"^--lr must be at least 0.0, got -0.1$"),
         (FinetuneConfig, {"device": "tpu"}, BAD_DEVICE),
-        (CompareConfig, {"augment": "heavy"}, r"^--augment must be one of none, light, strong, got 'heavy'$"),
+        (
+            CompareConfig,
+            {"augment": "heavy"},
+            r"^--augment must be one of none, light, strong, got 'heavy'$",
+        ),
         (CompareConfig, {"tutorial_epochs": 0}, r"^--tutorial-epochs must be at least 1, got 0$"),
         (CompareConfig, {"finetune_epochs": 0}, r"^--finetune-epochs must be at least 1, got 0$"),
         (CompareConfig, {"device": "tpu"}, BAD_DEVICE),
     ],
-)  # fmt: skip
+)
 def test_a_bad_setting_is_refused_in_one_line(config, options, message):
     with pytest.raises(EmbedcacheError, match=message):
         config(**options)
@@ -121,5 +153,15 @@ def test_batch_size_takes_a_number_or_auto_and_auto_is_the_default_batch_on_a_cp
     r = CliRunner().invoke(main, ["extract", "d", "--out", "c.h5", "--batch-size", "big"])
     assert r.exit_code == 2 and "expected a whole number or auto, got 'big'" in r.output
     data = make_tree(tmp_path / "d", per_class=2)
-    out = extract(data, out=tmp_path / "c.h5", backbone="resnet18", weights="none", image_size=32, batch_size="auto", num_workers=0, device="cpu", progress=False)  # fmt: skip
+    out = extract(
+        data,
+        out=tmp_path / "c.h5",
+        backbone="resnet18",
+        weights="none",
+        image_size=32,
+        batch_size="auto",
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
     assert out.extracted == 8

@@ -285,8 +285,10 @@ def test_gpu_decode_is_chosen_only_on_cuda_and_refused_without_it(monkeypatch):
     from embedcache import runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert not runtime.choose_gpu_decode("auto", cpu) and not runtime.choose_gpu_decode("cpu", cuda)  # fmt: skip
-    with pytest.raises(EmbedcacheError, match=r"^--decode gpu needs a CUDA device; use --decode cpu or auto$"):  # fmt: skip
+    assert not runtime.choose_gpu_decode("auto", cpu) and not runtime.choose_gpu_decode("cpu", cuda)
+    with pytest.raises(
+        EmbedcacheError, match=r"^--decode gpu needs a CUDA device; use --decode cpu or auto$"
+    ):
         runtime.choose_gpu_decode("gpu", cpu)
     for works in (True, False):
         monkeypatch.setattr(runtime, "_nvjpeg_ok", {})
@@ -305,8 +307,12 @@ def test_os_errors_on_one_file_become_reasons_not_a_stopped_run(tmp_path):
     os.mkfifo(tmp_path / "fifo.jpg")  # opening it would block forever
     t = EvalTransform(resize=40, crop=32)
     assert preprocess(good, t).shape == (32, 32, 3)
-    for name, reason in (("loop.jpg", "symlink loop"), ("dangling.jpg", "file not found"),
-                         ("fifo.jpg", "not a regular file"), ("x" * 300 + ".jpg", "name too long")):  # fmt: skip
+    for name, reason in (
+        ("loop.jpg", "symlink loop"),
+        ("dangling.jpg", "file not found"),
+        ("fifo.jpg", "not a regular file"),
+        ("x" * 300 + ".jpg", "name too long"),
+    ):
         with pytest.raises(UnreadableImage, match=f"^{reason}$"):
             load_rgb(tmp_path / name)
 
@@ -318,5 +324,7 @@ def test_any_exception_a_decoder_raises_on_one_file_is_a_reason(tmp_path, monkey
         raise IndexError("list index out of range")  # as malformed files make PIL plugins do
 
     monkeypatch.setattr(Image.Image, "load", broken_load)
-    with pytest.raises(UnreadableImage, match=r"^cannot decode: IndexError list index out of range$"):  # fmt: skip
+    with pytest.raises(
+        UnreadableImage, match=r"^cannot decode: IndexError list index out of range$"
+    ):
         load_rgb(path)

@@ -23,16 +23,39 @@ from embedcache.cache import shard_paths
 
 ENTRY = Path(__file__).with_name("dist_entry.py")
 TIMEOUT_S = 120
-EXTRACT = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--batch-size", "4",
-           "--num-workers", "0", "--device", "cpu", "--json"]  # fmt: skip
+EXTRACT = [
+    "-b",
+    "resnet18",
+    "-w",
+    "none",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+    "--json",
+]
 
 
 def torchrun(nproc: int, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N tests/dist_entry.py ARGS``, one thread per process
     (torchrun's default for several processes, so one process matches it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(ENTRY), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(ENTRY),
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBEDCACHE_DIST_TIMEOUT_S": "60", **env}
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def features(path: Path) -> dict[str, tuple]:
@@ -66,7 +89,14 @@ def one_thread(fn):
         torch.set_num_threads(threads)
 
 
-LIBRARY = {"backbone": "resnet18", "weights": "none", "image_size": 64, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+LIBRARY = {
+    "backbone": "resnet18",
+    "weights": "none",
+    "image_size": 64,
+    "num_workers": 0,
+    "device": "cpu",
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +119,18 @@ def test_two_ranks_write_the_cache_one_process_writes(shared, tmp_path):
     assert not shard_paths(tmp_path / "two.h5")
 
 
-def test_a_rank_killed_mid_run_resumes_with_one_process_and_forwards_nothing_twice(shared, tmp_path):  # fmt: skip
+def test_a_rank_killed_mid_run_resumes_with_one_process_and_forwards_nothing_twice(
+    shared, tmp_path
+):
     args = ["extract", str(shared / "d"), "--out", "c.h5", *EXTRACT]
-    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="kill", EMBEDCACHE_TEST_FAIL_AFTER="2")  # fmt: skip
+    killed = torchrun(
+        2,
+        args,
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_RANK="1",
+        EMBEDCACHE_TEST_FAIL_HOW="kill",
+        EMBEDCACHE_TEST_FAIL_AFTER="2",
+    )
     assert killed.returncode != 0
     assert not (tmp_path / "c.h5").exists()  # nothing looks finished
     assert shard_paths(tmp_path / "c.h5")  # the killed rank's rows wait in its shard
@@ -105,8 +144,13 @@ def test_a_rank_killed_mid_run_resumes_with_one_process_and_forwards_nothing_twi
 
 
 def test_a_rank_that_fails_stops_every_rank_with_one_clear_error(shared, tmp_path):
-    r = torchrun(2, ["extract", str(shared / "d"), "--out", "c.h5", *EXTRACT], tmp_path,
-                 EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="refuse")  # fmt: skip
+    r = torchrun(
+        2,
+        ["extract", str(shared / "d"), "--out", "c.h5", *EXTRACT],
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_RANK="1",
+        EMBEDCACHE_TEST_FAIL_HOW="refuse",
+    )
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
     assert "Error: weights file only-rank-1.pt does not exist" in errors  # rank 1's own words
@@ -148,7 +192,9 @@ def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shar
 
     data = tmp_path / "d"
     shutil.copytree(shared / "d", data)
-    r = torchrun(2, ["extract", str(data), "--out", "v.h5", "--join", "virtual", *EXTRACT], tmp_path)  # fmt: skip
+    r = torchrun(
+        2, ["extract", str(data), "--out", "v.h5", "--join", "virtual", *EXTRACT], tmp_path
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     v, parts = tmp_path / "v.h5", parts_dir(tmp_path / "v.h5")
     with open_cache(v) as c:
@@ -160,11 +206,17 @@ def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shar
     )  # data copied
     shown = CliRunner().invoke(main, ["info", str(v)]).output
     assert "storage    virtual: features read from 2 part files" in shown
-    heads = [train_head(c, out=tmp_path / f"{c.stem}.pt", epochs=3, progress=False) for c in (shared / "one.h5", v)]  # fmt: skip
+    heads = [
+        train_head(c, out=tmp_path / f"{c.stem}.pt", epochs=3, progress=False)
+        for c in (shared / "one.h5", v)
+    ]
     assert heads[0].metrics["val_acc"] == heads[1].metrics["val_acc"]
     (tmp_path / "moved").mkdir()
     shutil.copyfile(v, tmp_path / "moved" / "v.h5")  # copied without v.h5.parts/
-    with pytest.raises(Exception, match=r"is virtual and its part file .* is missing \(2 of 2\); keep the folder v.h5.parts next to it"):  # fmt: skip
+    with pytest.raises(
+        Exception,
+        match=r"is virtual and its part file .* is missing \(2 of 2\); keep the folder v.h5.parts next to it",
+    ):
         open_cache(tmp_path / "moved" / "v.h5")  # never read as zeros
     make_image(data / "val" / "dog" / "new.png", 1, seed=999)  # an incremental run reads it
     grown = one_thread(lambda: extract(data, out=v, batch_size=4, **LIBRARY))
@@ -174,11 +226,20 @@ def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shar
         assert not c.features("train").is_virtual and c.summary()["storage"] == "single file"
 
 
-def test_views_under_torchrun_survive_a_killed_rank_and_join_virtually_as_one_process_writes(shared, tmp_path):  # fmt: skip
+def test_views_under_torchrun_survive_a_killed_rank_and_join_virtually_as_one_process_writes(
+    shared, tmp_path
+):
     one = tmp_path / "one.h5"
     one_thread(lambda: extract(shared / "d", out=one, batch_size=4, views=2, **LIBRARY))
     args = ["extract", str(shared / "d"), "--out", "v.h5", *EXTRACT, "--views", "2"]
-    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="1", EMBEDCACHE_TEST_FAIL_HOW="kill", EMBEDCACHE_TEST_FAIL_AFTER="2")  # fmt: skip
+    killed = torchrun(
+        2,
+        args,
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_RANK="1",
+        EMBEDCACHE_TEST_FAIL_HOW="kill",
+        EMBEDCACHE_TEST_FAIL_AFTER="2",
+    )
     assert killed.returncode != 0 and shard_paths(tmp_path / "v.h5")
     resumed = torchrun(2, [*args, "--join", "virtual"], tmp_path)  # merges the shards, then maps
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -189,20 +250,52 @@ def test_views_under_torchrun_survive_a_killed_rank_and_join_virtually_as_one_pr
         for split in ("train", "val"):  # train keeps 2 views, val its mirror: bit-identical
             assert np.array_equal(a.views(split)[:], b.views(split)[:]), split
         assert b.verify() == []
-    assert_same_cache(one, tmp_path / "v.h5", ignore=("storage", "parts", "parts_bytes", "checksums"))  # fmt: skip
+    assert_same_cache(
+        one, tmp_path / "v.h5", ignore=("storage", "parts", "parts_bytes", "checksums")
+    )
 
 
 # A tiny random-init backbone (7 blocks, 99k parameters): DDP's arithmetic is the same for any net
 TINY = "timm:test_efficientnet"
-FINETUNE = ["-b", TINY, "-w", "none", "--image-size", "64", "--num-workers", "0", "--device", "cpu",
-            "--unfreeze", "2", "--batch-size", "8", "--augment", "none", "--patience", "9", "--json"]  # fmt: skip
+FINETUNE = [
+    "-b",
+    TINY,
+    "-w",
+    "none",
+    "--image-size",
+    "64",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+    "--unfreeze",
+    "2",
+    "--batch-size",
+    "8",
+    "--augment",
+    "none",
+    "--patience",
+    "9",
+    "--json",
+]
 # lr 1e-3: at 1e-2 a random-init net diverges within a few steps and amplifies float noise
-FINETUNE_LIBRARY = {**LIBRARY, "backbone": TINY, "unfreeze": 2, "batch_size": 8, "augment": "none", "patience": 9, "lr": 1e-3}  # fmt: skip
+FINETUNE_LIBRARY = {
+    **LIBRARY,
+    "backbone": TINY,
+    "unfreeze": 2,
+    "batch_size": 8,
+    "augment": "none",
+    "patience": 9,
+    "lr": 1e-3,
+}
 
 
 def weights(path: Path) -> dict:
     state = torch.load(path, weights_only=True)
-    return {**state["net_state_dict"], **{f"head.{k}": v for k, v in state["head_state_dict"].items()}}  # fmt: skip
+    return {
+        **state["net_state_dict"],
+        **{f"head.{k}": v for k, v in state["head_state_dict"].items()},
+    }
 
 
 def test_two_rank_finetune_equals_one_process_and_resumes_after_a_kill(tmp_path):
@@ -212,8 +305,18 @@ def test_two_rank_finetune_equals_one_process_and_resumes_after_a_kill(tmp_path)
     data = make_tree(tmp_path / "d", per_class=9)
     one = one_thread(lambda: finetune(data, out=tmp_path / "one.pt", epochs=2, **FINETUNE_LIBRARY))
     args = ["finetune", str(data), "--epochs", "2", *FINETUNE, "--lr", "1e-3", "--out", "two.pt"]
-    killed = torchrun(2, args, tmp_path, EMBEDCACHE_TEST_FAIL_RANK="0", EMBEDCACHE_TEST_FAIL_HOW="kill-after-epoch", EMBEDCACHE_TEST_FAIL_AFTER="1")  # fmt: skip
-    assert killed.returncode != 0 and torch.load(tmp_path / "two.last.pt", weights_only=True)["epoch"] == 1  # fmt: skip
+    killed = torchrun(
+        2,
+        args,
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_RANK="0",
+        EMBEDCACHE_TEST_FAIL_HOW="kill-after-epoch",
+        EMBEDCACHE_TEST_FAIL_AFTER="1",
+    )
+    assert (
+        killed.returncode != 0
+        and torch.load(tmp_path / "two.last.pt", weights_only=True)["epoch"] == 1
+    )
     resumed = torchrun(2, [*args, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "one.last.pt"), weights(tmp_path / "two.last.pt")

@@ -15,7 +15,14 @@ from embedcache.errors import EmbedcacheError
 from embedcache.inference import image_features, load_classifier
 from embedcache.runtime import Run
 
-KW = {"backbone": "resnet18", "weights": "none", "image_size": 32, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+KW = {
+    "backbone": "resnet18",
+    "weights": "none",
+    "image_size": 32,
+    "num_workers": 0,
+    "device": "cpu",
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,15 @@ def trained(tmp_path_factory):
     data = make_tree(root / "d", per_class=4)
     extract(data, out=root / "c.h5", **KW)
     train_head(root / "c.h5", out=root / "head.pt", epochs=3, progress=False)
-    finetune(data, out=root / "model.pt", head=root / "head.pt", unfreeze=1, epochs=1, augment="none", **KW)  # fmt: skip
+    finetune(
+        data,
+        out=root / "model.pt",
+        head=root / "head.pt",
+        unfreeze=1,
+        epochs=1,
+        augment="none",
+        **KW,
+    )
     return root, data
 
 
@@ -65,9 +80,20 @@ def test_an_unknown_format_and_a_missing_onnx_are_one_line_each(trained, tmp_pat
     import builtins
 
     root, _ = trained
-    with pytest.raises(EmbedcacheError, match=r"^--format must be one of onnx, torchscript, got 'tflite'$"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError, match=r"^--format must be one of onnx, torchscript, got 'tflite'$"
+    ):
         export(root / "head.pt", out=tmp_path / "m.x", format="tflite")
     real = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "onnx" else real(name, *a, **k))  # fmt: skip
-    with pytest.raises(EmbedcacheError, match=r"^ONNX export needs the onnx package: pip install 'embedcache\[export\]'$"):  # fmt: skip
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (
+            (_ for _ in ()).throw(ImportError(name)) if name == "onnx" else real(name, *a, **k)
+        ),
+    )
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"^ONNX export needs the onnx package: pip install 'embedcache\[export\]'$",
+    ):
         export(root / "head.pt", out=tmp_path / "m.onnx", format="onnx")

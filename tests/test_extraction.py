@@ -394,7 +394,10 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
     assert not np.array_equal(a, b)  # bf16 really ran
     assert np.abs(a - b).max() / np.abs(b).max() < 0.1
     assert "from a bf16 forward pass" in CliRunner().invoke(main, ["info", str(out)]).output
-    with pytest.raises(EmbedcacheError, match=r"holds other features \(precision fp32 vs bf16; asked vs existing\); pass --overwrite"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"holds other features \(precision fp32 vs bf16; asked vs existing\); pass --overwrite",
+    ):
         extract(tree, out=out, precision="fp32", **extract_kw)  # never mixed into one cache
     with h5py.File(tmp_path / "fp32.h5", "r+") as h5:
         del h5.attrs["precision"]  # a cache written before the precision was recorded
@@ -420,13 +423,19 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
         }
 
 
-def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(tree, tmp_path, extract_kw, frozen_graphs):  # fmt: skip
+def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(
+    tree, tmp_path, extract_kw, frozen_graphs
+):
     extract(tree, out=tmp_path / "on.h5", compile="on", dtype="float32", **extract_kw)
     extract(tree, out=tmp_path / "auto.h5", dtype="float32", **extract_kw)  # 24 images: eager
-    assert len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []  # fmt: skip
+    assert (
+        len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []
+    )
     with open_cache(tmp_path / "on.h5") as on, open_cache(tmp_path / "auto.h5") as eager:
         for split in ("train", "val"):
-            np.testing.assert_allclose(on.features(split), eager.features(split), rtol=1e-4, atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                on.features(split), eager.features(split), rtol=1e-4, atol=1e-5
+            )
 
 
 def _crash_after(monkeypatch, batches: int, run) -> None:
@@ -448,7 +457,9 @@ def _crash_after(monkeypatch, batches: int, run) -> None:
     monkeypatch.setattr(PartialCache, "write", write)
 
 
-def test_a_copy_join_removes_each_shard_once_merged_so_shards_and_cache_never_share_the_disk(tree, tmp_path, extract_kw, monkeypatch):  # fmt: skip
+def test_a_copy_join_removes_each_shard_once_merged_so_shards_and_cache_never_share_the_disk(
+    tree, tmp_path, extract_kw, monkeypatch
+):
     from embedcache.cache import PartialCache, ShardFile, shard_path, shard_paths
     from embedcache.extraction import _join
 
@@ -459,18 +470,30 @@ def test_a_copy_join_removes_each_shard_once_merged_so_shards_and_cache_never_sh
         feats = {s: c.features(s)[:] for s in c.splits}
     items = [(s, r) for s, f in feats.items() for r in range(len(f))]
     for rank, part in enumerate((items[: len(items) // 2], items[len(items) // 2 :])):
-        shard = ShardFile.create(shard_path(out, rank), list(feats), part, feature_dim=feats["train"].shape[1], dtype="float16")  # fmt: skip
+        shard = ShardFile.create(
+            shard_path(out, rank),
+            list(feats),
+            part,
+            feature_dim=feats["train"].shape[1],
+            dtype="float16",
+        )
         for split, row in part:
             shard.write(split, np.array([row]), feats[split][[row]], {})
         shard.close()
     left_at_finalize, finalize = [], PartialCache.finalize
-    monkeypatch.setattr(PartialCache, "finalize", lambda self, *a: left_at_finalize.append(shard_paths(out)) or finalize(self, *a))  # fmt: skip
+    monkeypatch.setattr(
+        PartialCache,
+        "finalize",
+        lambda self, *a: left_at_finalize.append(shard_paths(out)) or finalize(self, *a),
+    )
     _join(out, "copy")
     assert left_at_finalize == [[]]
     _same_splits(out, ref, exact=True)
 
 
-def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes_the_same_bits(tree, tmp_path, extract_kw, frozen_graphs, monkeypatch):  # fmt: skip
+def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes_the_same_bits(
+    tree, tmp_path, extract_kw, frozen_graphs, monkeypatch
+):
     """auto decides on the whole cache (24 images here, over a threshold of 20), not on the 12
     rows left: the resumed rows are the graph's, as in one uninterrupted run."""
     import embedcache.runtime as runtime
@@ -487,7 +510,9 @@ def test_a_run_resumed_with_few_rows_left_still_runs_the_frozen_graph_and_writes
             assert np.array_equal(a.features(split)[:], b.features(split)[:]), split
 
 
-def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(tree, tmp_path, extract_kw):  # fmt: skip
+def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(
+    tree, tmp_path, extract_kw
+):
     import torch
 
     from embedcache.backbones import Normalise, build_backbone
@@ -525,7 +550,9 @@ def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(t
         extract(tree, out=viewed, dtype="float32", views=2, **extract_kw)
 
 
-def test_views_resume_after_a_crash_and_are_reused_by_an_incremental_run(tmp_path, extract_kw, monkeypatch):  # fmt: skip
+def test_views_resume_after_a_crash_and_are_reused_by_an_incremental_run(
+    tmp_path, extract_kw, monkeypatch
+):
     from embedcache.cache import PartialCache
 
     data = make_tree(tmp_path / "d", per_class=5)

@@ -19,7 +19,15 @@ from PIL import Image
 from embedcache import extract, open_cache
 from embedcache.data import scan
 
-KW = {"backbone": "resnet18", "weights": "none", "image_size": 32, "batch_size": 1, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+KW = {
+    "backbone": "resnet18",
+    "weights": "none",
+    "image_size": 32,
+    "batch_size": 1,
+    "num_workers": 0,
+    "device": "cpu",
+    "progress": False,
+}
 # Where the backbone is incidental (dozens of runs, a paused run): a tiny random-init one.
 TINY = {**KW, "backbone": "timm:test_efficientnet"}
 
@@ -51,11 +59,16 @@ def _bad(folder: Path) -> dict[str, str]:
     png = io.BytesIO()
     Image.new("RGB", (30, 30)).save(png, "PNG")
     files = {
-        "zero.jpg": b"", "cut.jpg": good[: len(good) // 2], "cut.png": png.getvalue()[:60],
-        "text.jpg": b"just some words\n", "badcrc.png": _png_with_bad_crc(),
-        "hugeheader.png": _png_header_only(60000, 60000), "tinybody.png": _png_header_only(300, 300),
-        "header.jpg": good[:20], "random.webp": os.urandom(500),
-    }  # fmt: skip
+        "zero.jpg": b"",
+        "cut.jpg": good[: len(good) // 2],
+        "cut.png": png.getvalue()[:60],
+        "text.jpg": b"just some words\n",
+        "badcrc.png": _png_with_bad_crc(),
+        "hugeheader.png": _png_header_only(60000, 60000),
+        "tinybody.png": _png_header_only(300, 300),
+        "header.jpg": good[:20],
+        "random.webp": os.urandom(500),
+    }
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder / "loop.jpg").symlink_to("loop.jpg")
@@ -65,12 +78,21 @@ def _bad(folder: Path) -> dict[str, str]:
     bomb = folder / "bomb.png"  # 13,000 x 13,000: above PIL's limit, a few kB on disk
     Image.new("1", (13000, 13000)).save(bomb)
     reasons = {
-        "zero.jpg": "empty file (0 bytes)", "cut.jpg": "truncated image", "cut.png": None,
-        "text.jpg": "not an image (unrecognised format)", "badcrc.png": None, "hugeheader.png": None,
-        "tinybody.png": None, "header.jpg": None, "random.webp": "not an image (unrecognised format)",
-        "loop.jpg": "symlink loop", "dangling.jpg": "file not found", "fifo.jpg": "not a regular file",
-        "dir.jpg": "not a regular file", "bomb.png": "image too large (decompression bomb guard)",
-    }  # fmt: skip
+        "zero.jpg": "empty file (0 bytes)",
+        "cut.jpg": "truncated image",
+        "cut.png": None,
+        "text.jpg": "not an image (unrecognised format)",
+        "badcrc.png": None,
+        "hugeheader.png": None,
+        "tinybody.png": None,
+        "header.jpg": None,
+        "random.webp": "not an image (unrecognised format)",
+        "loop.jpg": "symlink loop",
+        "dangling.jpg": "file not found",
+        "fifo.jpg": "not a regular file",
+        "dir.jpg": "not a regular file",
+        "bomb.png": "image too large (decompression bomb guard)",
+    }
     return reasons  # None: any reason will do, as long as the file is listed
 
 
@@ -78,7 +100,9 @@ def _odd_but_valid(folder: Path) -> list[str]:
     """Images that are unusual but readable: they must be extracted, not skipped."""
     rgb = np.random.default_rng(3).integers(0, 255, (40, 50, 3), np.uint8)
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(folder / "sixteen.png")  # fmt: skip
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(
+        folder / "sixteen.png"
+    )
     pal = Image.fromarray(rgb).convert("P")
     pal.info["transparency"] = 0
     pal.save(folder / "palette.png", transparency=0)
@@ -91,17 +115,35 @@ def _odd_but_valid(folder: Path) -> list[str]:
     Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
     Image.fromarray(rgb).save(folder / "ünïcødé 猫.png")
     Image.fromarray(rgb).save(folder / "new\nline.png")
-    (folder / "trailing.jpg").write_bytes(make_image(folder / "trailing.jpg", 1, 8, fmt="JPEG").read_bytes() + b"garbage")  # fmt: skip
-    return ["cmyk.jpg", "sixteen.png", "palette.png", "la.png", "one.png", "anim.gif", "rotated.jpg",
-            "ünïcødé 猫.png", "new\nline.png", "trailing.jpg"]  # fmt: skip
+    (folder / "trailing.jpg").write_bytes(
+        make_image(folder / "trailing.jpg", 1, 8, fmt="JPEG").read_bytes() + b"garbage"
+    )
+    return [
+        "cmyk.jpg",
+        "sixteen.png",
+        "palette.png",
+        "la.png",
+        "one.png",
+        "anim.gif",
+        "rotated.jpg",
+        "ünïcødé 猫.png",
+        "new\nline.png",
+        "trailing.jpg",
+    ]
 
 
 def _good(folder: Path) -> None:
     for i in range(3):
-        make_image(folder / f"g{i}.png", 0 if "cat" in folder.name else 1, i + (10 if "cat" in folder.name else 20))  # fmt: skip
+        make_image(
+            folder / f"g{i}.png",
+            0 if "cat" in folder.name else 1,
+            i + (10 if "cat" in folder.name else 20),
+        )
 
 
-def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_features_alone(tmp_path, monkeypatch):  # fmt: skip
+def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_features_alone(
+    tmp_path, monkeypatch
+):
     mixed, clean = tmp_path / "mixed", tmp_path / "clean"
     for root in (mixed, clean):
         for cls in ("cat", "dog"):
@@ -123,7 +165,9 @@ def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_featu
     extract(clean, out=tmp_path / "clean.h5", **KW)
     with open_cache(tmp_path / "mixed.h5") as c:
         skipped = {Path(s.path).name: s.reason for s in c.skipped}
-        mixed_rows = {p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)}  # fmt: skip
+        mixed_rows = {
+            p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)
+        }
     assert set(skipped) == {*expected, "gone.png"} and r.skipped == len(expected) + 1
     assert len(expected) + 1 >= 15  # kinds of unreadable input (and 10 odd but valid ones below)
     for name, reason in expected.items():
@@ -131,7 +175,9 @@ def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_featu
         assert skipped[name], name
     assert skipped["gone.png"] == "file not found"
     with open_cache(tmp_path / "clean.h5") as c:
-        clean_rows = {p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)}  # fmt: skip
+        clean_rows = {
+            p: f for s in c.splits for p, f in zip(c.paths(s), c.features(s)[:], strict=True)
+        }
     assert len(clean_rows) == 6 + 10 and mixed_rows.keys() == clean_rows.keys()
     for path, f in clean_rows.items():
         assert np.array_equal(mixed_rows[path], f), path  # the bad files changed nothing
@@ -176,7 +222,7 @@ def test_sigkill_at_ten_random_points_then_resume_gives_the_uninterrupted_cache(
 
     data = make_tree(tmp_path / "d", per_class=4)  # 16 images, 8 batches of 2
     out = tmp_path / "c.h5"
-    kw = {**KW, "batch_size": 2, "model": build_backbone("resnet18", weights="none", image_size=32)}  # fmt: skip
+    kw = {**KW, "batch_size": 2, "model": build_backbone("resnet18", weights="none", image_size=32)}
     points = np.random.default_rng(12).integers(1, 5, size=10).tolist()
     for point in points:
         status = _killed_at(point, lambda: extract(data, out=out, **kw))
@@ -210,7 +256,14 @@ def test_fifty_random_corruptions_of_a_cache_read_back_identical_or_fail_clearly
     x = rng.standard_normal((3000, 256)).astype(np.float16)
     y = (x[:, 0] > 0).astype(np.int64)
     splits = {s: (x, y, [f"{s}/{i}.jpg" for i in range(3000)]) for s in ("train", "val")}
-    good = write_cache(tmp_path / "good.h5", splits, classes=["a", "b"], backbone="b", weights="w", transform=EvalTransform(resize=40, crop=32).to_json())  # fmt: skip
+    good = write_cache(
+        tmp_path / "good.h5",
+        splits,
+        classes=["a", "b"],
+        backbone="b",
+        weights="w",
+        transform=EvalTransform(resize=40, crop=32).to_json(),
+    )
     size = good.stat().st_size
     outcomes = {"identical": 0, "refused": 0}
     trained_on_damaged = 0
@@ -268,9 +321,20 @@ def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_pat
     from embedcache.errors import EmbedcacheError
 
     data = make_tree(tmp_path / "d", per_class=1)
-    kw = {**TINY, "batch_size": 2, "model": build_backbone(TINY["backbone"], weights="none", image_size=32)}  # fmt: skip
+    kw = {
+        **TINY,
+        "batch_size": 2,
+        "model": build_backbone(TINY["backbone"], weights="none", image_size=32),
+    }
     extract(data, out=tmp_path / "ref.h5", **kw)
-    fail = _FailAt(monkeypatch, [(h5py.Dataset, "__setitem__"), (h5py.Group, "create_dataset"), (h5py.AttributeManager, "modify")])  # fmt: skip
+    fail = _FailAt(
+        monkeypatch,
+        [
+            (h5py.Dataset, "__setitem__"),
+            (h5py.Group, "create_dataset"),
+            (h5py.AttributeManager, "modify"),
+        ],
+    )
     fail.arm(None)
     extract(data, out=tmp_path / "count.h5", **kw)
     writes = fail.calls
@@ -279,7 +343,10 @@ def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_pat
         for err in (errno.ENOSPC, errno.EIO):
             out = tmp_path / f"c{k}-{err}.h5"
             fail.arm(k, err)
-            with pytest.raises(EmbedcacheError, match=r"(no space left on the device while writing|cannot write) .*re-run the same command to resume"):  # fmt: skip
+            with pytest.raises(
+                EmbedcacheError,
+                match=r"(no space left on the device while writing|cannot write) .*re-run the same command to resume",
+            ):
                 extract(data, out=out, **kw)
             assert not out.exists()  # nothing half-written looks finished
             fail.arm(None)
@@ -301,7 +368,11 @@ def test_enospc_and_eio_at_each_checkpoint_write_fail_cleanly_and_resume(tmp_pat
     data = make_tree(tmp_path / "d", per_class=3)
     extract(data, out=tmp_path / "c.h5", **TINY)
     fail = _FailAt(monkeypatch, [(torch, "save")])
-    ft = {k: v for k, v in TINY.items() if k != "batch_size"} | {"epochs": 1, "augment": "none", "batch_size": 4}  # fmt: skip
+    ft = {k: v for k, v in TINY.items() if k != "batch_size"} | {
+        "epochs": 1,
+        "augment": "none",
+        "batch_size": 4,
+    }
     runs = {
         "head": lambda out, resume: train_head(
             tmp_path / "c.h5", out=out, epochs=3, progress=False
@@ -383,11 +454,42 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
 
     data = make_tree(tmp_path / "d", per_class=3)
     out = tmp_path / ("c.h5" if verb == "extract" else "m.pt")
-    args = [verb, str(data), "--out", str(out), "-b", TINY["backbone"], "-w", "none", "--image-size", "32",
-            "--num-workers", "0", "--device", "cpu", "--batch-size", "2"]  # fmt: skip
+    args = [
+        verb,
+        str(data),
+        "--out",
+        str(out),
+        "-b",
+        TINY["backbone"],
+        "-w",
+        "none",
+        "--image-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
     how = "pause" if verb == "extract" else "pause-after-epoch"
-    env = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", "EMBEDCACHE_TEST_FAIL_HOW": how}  # fmt: skip
-    first = subprocess.Popen([sys.executable, str(ENTRY), *args, *(["--epochs", "3", "--augment", "none"] if verb == "finetune" else [])], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "EMBEDCACHE_TEST_FAIL_RANK": "0",
+        "EMBEDCACHE_TEST_FAIL_HOW": how,
+    }
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(ENTRY),
+            *args,
+            *(["--epochs", "3", "--augment", "none"] if verb == "finetune" else []),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while (line := first.stderr.readline()) and "paused" not in line:  # after any progress bar
             pass
@@ -396,8 +498,14 @@ def test_two_runs_on_one_output_one_runs_the_other_fails_fast(tmp_path, verb):
             "batch_size": 2,
             "progress": False,
         }
-        second = (lambda: extract(data, out=out, **kw)) if verb == "extract" else (lambda: finetune(data, out=out, epochs=1, augment="none", **kw))  # fmt: skip
-        with pytest.raises(EmbedcacheError, match=rf"another `embedcache {verb}` \(pid {first.pid}\) is writing"):  # fmt: skip
+        second = (
+            (lambda: extract(data, out=out, **kw))
+            if verb == "extract"
+            else (lambda: finetune(data, out=out, epochs=1, augment="none", **kw))
+        )
+        with pytest.raises(
+            EmbedcacheError, match=rf"another `embedcache {verb}` \(pid {first.pid}\) is writing"
+        ):
             second()
     finally:
         first.send_signal(signal.SIGKILL)

@@ -16,7 +16,9 @@ from embedcache.errors import EmbedcacheError
 pq = pytest.importorskip("pyarrow.parquet", reason="export-features writes Parquet with pyarrow")
 
 
-def test_the_export_loads_with_numpy_and_pandas_and_matches_the_cache_row_for_row(make_cache, tmp_path):  # fmt: skip
+def test_the_export_loads_with_numpy_and_pandas_and_matches_the_cache_row_for_row(
+    make_cache, tmp_path
+):
     pd = pytest.importorskip("pandas", reason="the Parquet tables are checked through pandas")
     x, y = blobs(8, classes=3)
     y[2] = -1  # an unlabelled row has no class name
@@ -28,8 +30,18 @@ def test_the_export_loads_with_numpy_and_pandas_and_matches_the_cache_row_for_ro
             files = sorted((tmp_path / "out" / split / "img_emb").glob("*.npy"))
             k = -(-c.num_images(split) // 10)  # chunks of 10 rows: 3 for train, 1 for val
             assert sorted(f.name for f in files) == sorted(f"img_emb_{i}.npy" for i in range(k))
-            emb = np.concatenate([np.load(tmp_path / "out" / split / "img_emb" / f"img_emb_{i}.npy") for i in range(k)])  # fmt: skip
-            meta = pd.concat([pd.read_parquet(tmp_path / "out" / split / "metadata" / f"metadata_{i}.parquet") for i in range(k)])  # fmt: skip
+            emb = np.concatenate(
+                [
+                    np.load(tmp_path / "out" / split / "img_emb" / f"img_emb_{i}.npy")
+                    for i in range(k)
+                ]
+            )
+            meta = pd.concat(
+                [
+                    pd.read_parquet(tmp_path / "out" / split / "metadata" / f"metadata_{i}.parquet")
+                    for i in range(k)
+                ]
+            )
             assert np.array_equal(emb, c.features(split)[:])
             assert list(meta["image_path"]) == c.paths(split)
             assert list(meta["label"]) == list(c.labels(split)) and set(meta["split"]) == {split}
@@ -53,7 +65,9 @@ def test_export_refuses_a_folder_it_did_not_write_and_replaces_its_own(make_cach
     assert r.splits == {"val": 6} and not (tmp_path / "out" / "train").exists()
     assert np.load(tmp_path / "out" / "val" / "img_emb" / "img_emb_0.npy").dtype == np.float32
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
-    with pytest.raises(EmbedcacheError, match=r"--split must name splits of the cache \(train, val\), got 'test'"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError, match=r"--split must name splits of the cache \(train, val\), got 'test'"
+    ):
         export_features(cache, out=tmp_path / "out", split="test", progress=False)
 
 
@@ -65,7 +79,9 @@ def test_the_cli_exports_and_keys_of_tar_shards_are_their_webdataset_keys(tmp_pa
 
     shards = tree_to_shards(make_tree(tmp_path / "t", per_class=2), tmp_path / "s", per_shard=2)
     extract(str(shards / "*.tar"), out=tmp_path / "c.h5", **extract_kw)
-    r = CliRunner().invoke(main, ["export-features", str(tmp_path / "c.h5"), "--out", str(tmp_path / "o"), "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["export-features", str(tmp_path / "c.h5"), "--out", str(tmp_path / "o"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["splits"] == {"train": 4, "val": 4}
     meta = pq.read_table(tmp_path / "o" / "train" / "metadata" / "metadata_0.parquet").to_pylist()

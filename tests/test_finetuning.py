@@ -43,7 +43,9 @@ def head(data):
     """A resnet18 head trained on a cache of ``data`` (next to it: c.h5), made once: read only."""
     kw = {**FT, "batch_size": 4}
     extract(data, out=data.parent / "c.h5", **kw)
-    train_head(data.parent / "c.h5", out=data.parent / "head.pt", epochs=30, device="cpu", progress=False)  # fmt: skip
+    train_head(
+        data.parent / "c.h5", out=data.parent / "head.pt", epochs=30, device="cpu", progress=False
+    )
     return data.parent / "head.pt"
 
 
@@ -135,7 +137,9 @@ def test_the_reattached_head_predicts_as_it_did_on_the_cache(data, head, tmp_pat
     from embedcache.train import load_head
 
     bb = build_backbone("resnet18", weights="none", image_size=SIZE)
-    reattached, _, note = _reattach(HeadCheckpoint.load(head), bb, scan(data), FinetuneConfig(), False)  # fmt: skip
+    reattached, _, note = _reattach(
+        HeadCheckpoint.load(head), bb, scan(data), FinetuneConfig(), False
+    )
     assert note is None  # trained on train, chosen on val, not refit: taken as saved
     model = FinetunedModel(bb.net, reattached, 3, bb.transform).eval()
     with open_cache(head.parent / "c.h5") as c:
@@ -207,7 +211,9 @@ ENTRY = Path(__file__).with_name("dist_entry.py")
 def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; tests/dist_entry.py stops it after a fine-tuning state is saved."""
     full = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", **env}
-    return subprocess.run([sys.executable, str(ENTRY), *args], env=full, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ENTRY), *args], env=full, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_resume_after_a_signal_or_a_kill_continues_with_the_same_metrics(data, tmp_path):
@@ -217,16 +223,51 @@ def test_resume_after_a_signal_or_a_kill_continues_with_the_same_metrics(data, t
     (This also covers what tests/test_signals.py checks for extract, for finetune.)"""
     import json
 
-    kw = {**FT, "backbone": "timm:test_efficientnet", "batch_size": 4, "epochs": 4, "patience": 9, "augment": "light", "views": 2}  # fmt: skip
+    kw = {
+        **FT,
+        "backbone": "timm:test_efficientnet",
+        "batch_size": 4,
+        "epochs": 4,
+        "patience": 9,
+        "augment": "light",
+        "views": 2,
+    }
     straight = finetune(data, out=tmp_path / "a.pt", **kw)
     out, last = tmp_path / "b.pt", tmp_path / "b.last.pt"
-    args = ["finetune", str(data), "--out", str(out), "-b", kw["backbone"], "-w", "none", "--image-size", str(SIZE),
-            "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--epochs", "4", "--patience", "9",
-            "--augment", "light", "--views", "2", "--json"]  # fmt: skip
+    args = [
+        "finetune",
+        str(data),
+        "--out",
+        str(out),
+        "-b",
+        kw["backbone"],
+        "-w",
+        "none",
+        "--image-size",
+        str(SIZE),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--epochs",
+        "4",
+        "--patience",
+        "9",
+        "--augment",
+        "light",
+        "--views",
+        "2",
+        "--json",
+    ]
     stop = {"EMBEDCACHE_TEST_FAIL_HOW": "kill-after-epoch", "EMBEDCACHE_TEST_FAIL_AFTER": "1"}
     r = _cli(args, **stop, EMBEDCACHE_TEST_FAIL_SIGNAL="SIGTERM")
     assert r.returncode == 128 + signal.SIGTERM
-    assert r.stderr.strip().splitlines()[-1] == "stopped by SIGTERM; re-run the same command with --resume to continue from OUT.last.pt"  # fmt: skip
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "stopped by SIGTERM; re-run the same command with --resume to continue from OUT.last.pt"
+    )
     assert last.exists() and _progress(last) == 1
     killed = _cli([*args, "--resume"], **stop)  # SIGKILL once the resumed run saved epoch 2
     assert killed.returncode == -signal.SIGKILL
@@ -286,9 +327,15 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
 
 def test_no_augmentation_runs_the_prefix_once_per_image_whatever_views_says(data, tmp_path):
     r = finetune(
-        data, out=tmp_path / "m.pt", unfreeze=2, epochs=1, augment="none", views=4,
-        prefix_cache="memory", **TINY,
-    )  # fmt: skip
+        data,
+        out=tmp_path / "m.pt",
+        unfreeze=2,
+        epochs=1,
+        augment="none",
+        views=4,
+        prefix_cache="memory",
+        **TINY,
+    )
     pc = r.metrics["prefix_cache"]
     n_images = 2 * 8 * 2  # train + val, two classes of 8
     assert pc["bytes"] == n_images * int(np.prod(pc["shape"])) * 2  # float16, one view
@@ -345,9 +392,13 @@ def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(d
     r = finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=2, augment="none", **TINY)
     names = {k: p.name for k, p in r.files.items()}
     assert names == {
-        "model": "m.pt", "last": "m.last.pt", "metrics": "m.metrics.json",
-        "report": "m.report.txt", "confusion": "m.confusion.png", "curves": "m.curves.png",
-    }  # fmt: skip
+        "model": "m.pt",
+        "last": "m.last.pt",
+        "metrics": "m.metrics.json",
+        "report": "m.report.txt",
+        "confusion": "m.confusion.png",
+        "curves": "m.curves.png",
+    }
     metrics = json.loads((tmp_path / "m.metrics.json").read_text())
     confusion = np.array(metrics["confusion"])
     assert confusion.sum() == 16  # the val images, 8 per class
@@ -374,7 +425,9 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
 
     data = make_tree(tmp_path / "d", splits=("train", "test"), per_class=10)
     extract(data, out=tmp_path / "c.h5", **{**extract_kw, "backbone": TINY["backbone"]})
-    h = train_head(tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=20, device="cpu", progress=False)  # fmt: skip
+    h = train_head(
+        tmp_path / "c.h5", out=tmp_path / "head.pt", epochs=20, device="cpu", progress=False
+    )
     assert h.metrics["val_source"].startswith("no val split: held out 4 of 20 train images")
     with open_cache(tmp_path / "c.h5") as c:
         paths, labels = c.paths("train"), c.labels("train")
@@ -384,7 +437,15 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
     assert not head_val & {s.path for s in images.splits["train"]}  # no leak into fine-tuning
     kw = {**FT, "backbone": None, "weights": None, "image_size": None}
     assert h.metrics["refit"]["images"] == 20  # the default refits on the held-out images
-    r = finetune(data, out=tmp_path / "m.pt", head=tmp_path / "head.pt", unfreeze=1, epochs=1, augment="none", **kw)  # fmt: skip
+    r = finetune(
+        data,
+        out=tmp_path / "m.pt",
+        head=tmp_path / "head.pt",
+        unfreeze=1,
+        epochs=1,
+        augment="none",
+        **kw,
+    )
     # the head as chosen before its refit, which never saw finetune's validation images
     assert r.metrics["val_source"].startswith(h.metrics["val_source"])
     assert "as chosen before its refit" in r.metrics["val_source"]

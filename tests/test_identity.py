@@ -74,7 +74,9 @@ def test_from_mapping_ignores_extra_keys_and_reads_strings():
     }
     assert FeatureIdentity.from_mapping(m) == FeatureIdentity("resnet18", "none", T64)
     assert type(FeatureIdentity.from_mapping(m)) is FeatureIdentity
-    assert CacheIdentity.from_mapping(m) == CacheIdentity("resnet18", "none", T64, "float16", "unrecorded")  # fmt: skip
+    assert CacheIdentity.from_mapping(m) == CacheIdentity(
+        "resnet18", "none", T64, "float16", "unrecorded"
+    )
     assert CacheIdentity.from_mapping({**m, "precision": "bf16"}).precision == "bf16"
     assert FeatureIdentity.from_mapping({**m, "weights": 3}).weights == "3"
 

@@ -71,7 +71,11 @@ def test_tta_averages_image_and_mirror_alike_from_a_cache_and_from_images(tmp_pa
     run = {"device": "cpu", "num_workers": 0, "progress": False}
     cached = evaluate(head, cache, split="val", **run)  # the cache stores the mirrors: on
     from_images = evaluate(head, data, split="val", **run)  # a head trained on views: on
-    assert cached["tta"] and from_images["tta"] and not evaluate(head, cache, split="val", tta=False, **run)["tta"]  # fmt: skip
+    assert (
+        cached["tta"]
+        and from_images["tta"]
+        and not evaluate(head, cache, split="val", tta=False, **run)["tta"]
+    )
     assert from_images["confusion"] == cached["confusion"]
     with open_cache(cache) as c:
         x, mirror, paths = c.features("val")[:1], c.views("val")[:1, 0], c.paths("val")[:1]
@@ -104,7 +108,9 @@ def test_images_through_a_frozen_graph_give_eagers_features(tmp_path, mirror, fr
     bb = build_backbone("resnet18", weights="none", image_size=32)
     runs = {c: Run(torch.device("cpu"), 4, 0, compile=c) for c in ("on", "off")}
     out = {c: image_features(bb, files, run, mirror=mirror) for c, run in runs.items()}
-    assert len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []  # fmt: skip
+    assert (
+        len(frozen_graphs) == 1 and frozen_graphs[0].graphs and frozen_graphs[0].eager_shapes == []
+    )
     np.testing.assert_allclose(out["on"][0], out["off"][0], rtol=1e-4, atol=1e-5)
     assert np.array_equal(out["on"][1], out["off"][1])
 

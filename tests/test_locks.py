@@ -24,12 +24,16 @@ with exclusive(sys.argv[1], sys.argv[2]):
 
 
 def hold_in_another_process(out, verb) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(out), verb], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out), verb], stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
 
-def test_a_second_writer_fails_at_once_naming_the_first_and_a_killed_holder_leaves_nothing_stale(tmp_path, extract_kw):  # fmt: skip
+def test_a_second_writer_fails_at_once_naming_the_first_and_a_killed_holder_leaves_nothing_stale(
+    tmp_path, extract_kw
+):
     from click.testing import CliRunner
 
     from embedcache.cli import main
@@ -37,7 +41,23 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_a_killed_holder_leav
     data, out = make_tree(tmp_path / "d", per_class=2), tmp_path / "c.h5"
     holder = hold_in_another_process(out, "extract")
     try:
-        r = CliRunner().invoke(main, ["extract", str(data), "--out", str(out), "-b", "resnet18", "-w", "none", "--image-size", "32", "--device", "cpu"])  # fmt: skip
+        r = CliRunner().invoke(
+            main,
+            [
+                "extract",
+                str(data),
+                "--out",
+                str(out),
+                "-b",
+                "resnet18",
+                "-w",
+                "none",
+                "--image-size",
+                "32",
+                "--device",
+                "cpu",
+            ],
+        )
         assert r.exit_code != 0
         assert r.output.strip().splitlines()[-1] == (
             f"Error: another `embedcache extract` (pid {holder.pid}) is writing {out}; wait for it to finish, or choose another --out"
@@ -57,7 +77,12 @@ def test_finetune_takes_the_lock_on_its_output(tmp_path, extract_kw):
     data = make_tree(tmp_path / "d", per_class=2)
     held = rf"another `embedcache finetune` \(pid {os.getpid()}\) is writing {tmp_path / 'm.pt'}"
     with exclusive(tmp_path / "m.pt", "finetune"), pytest.raises(EmbedcacheError, match=held):
-        finetune(data, out=tmp_path / "m.pt", epochs=1, **{k: v for k, v in extract_kw.items() if k != "batch_size"})  # fmt: skip
+        finetune(
+            data,
+            out=tmp_path / "m.pt",
+            epochs=1,
+            **{k: v for k, v in extract_kw.items() if k != "batch_size"},
+        )
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -66,5 +91,8 @@ def test_the_lock_is_refused_in_an_unwritable_place(tmp_path):
     refused = (
         r"^cannot write next to --out .*file/c.h5 \(File exists\); choose a writable location$"
     )
-    with pytest.raises(EmbedcacheError, match=refused), exclusive(tmp_path / "file" / "c.h5", "extract"):  # fmt: skip
+    with (
+        pytest.raises(EmbedcacheError, match=refused),
+        exclusive(tmp_path / "file" / "c.h5", "extract"),
+    ):
         pass

@@ -68,9 +68,13 @@ def test_half_precision_can_be_asked_for_on_cpu():
     assert autocast_dtype(CPU, "fp16") is torch.float16
 
 
-@pytest.mark.parametrize(("native", "allowed", "expected"), [
-    (True, True, torch.bfloat16), (True, False, None), (False, True, None), (False, False, None)])  # fmt: skip
-def test_auto_on_cpu_is_bf16_only_with_native_bf16_and_the_callers_consent(monkeypatch, native, allowed, expected):  # fmt: skip
+@pytest.mark.parametrize(
+    ("native", "allowed", "expected"),
+    [(True, True, torch.bfloat16), (True, False, None), (False, True, None), (False, False, None)],
+)
+def test_auto_on_cpu_is_bf16_only_with_native_bf16_and_the_callers_consent(
+    monkeypatch, native, allowed, expected
+):
     from embedcache import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
@@ -83,10 +87,18 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     from embedcache import runtime
 
     real_open = builtins.open
-    for flags, expected in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx512f avx2", False)):  # fmt: skip
+    for flags, expected in (
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx512f avx2", False),
+    ):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor : 0\nflags : {flags}\n")
-        monkeypatch.setattr(builtins, "open", lambda f, *a, _i=info, **k: real_open(_i if f == "/proc/cpuinfo" else f, *a, **k))  # fmt: skip
+        monkeypatch.setattr(
+            builtins,
+            "open",
+            lambda f, *a, _i=info, **k: real_open(_i if f == "/proc/cpuinfo" else f, *a, **k),
+        )
         assert runtime.cpu_has_native_bf16() is expected, flags
 
 
@@ -127,7 +139,13 @@ def _probe(**env) -> tuple[str, int]:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", ALLOC_PROBE], capture_output=True, text=True, env={**os.environ, **env}, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", ALLOC_PROBE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     tuned, faults = r.stdout.split()
     return tuned, int(faults)
@@ -178,14 +196,24 @@ def test_auto_batch_size_takes_the_largest_candidate_that_fits_and_stops_at_the_
 
 def _conv_bn(bn: bool = True) -> torch.nn.Module:
     norm = torch.nn.BatchNorm2d(4) if bn else torch.nn.GroupNorm(2, 4)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), norm, torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # fmt: skip
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        norm,
+        torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
     if bn:  # statistics that are not the identity, so that folding them shows
         with torch.no_grad():
-            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.uniform_(0.5, 2)  # fmt: skip
+            (
+                norm.running_mean.uniform_(-1, 1),
+                norm.running_var.uniform_(0.5, 2),
+                norm.weight.uniform_(0.5, 2),
+            )
     return net.eval()
 
 
-def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu_runs_of_batchnorm_nets():  # fmt: skip
+def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu_runs_of_batchnorm_nets():
     from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode
 
     cuda, bn, no_bn = torch.device("cuda", 0), _conv_bn(), _conv_bn(bn=False)
@@ -196,8 +224,13 @@ def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu
     assert compile_mode("auto", CPU, 10**6, no_bn) is None  # nothing to fold: no gain measured
     assert compile_mode("auto", CPU, 10**6, bn, torch.bfloat16) is None  # measured on fp32 only
     assert compile_mode("on", CPU, 1, bn, torch.bfloat16) == "frozen"
-    assert compile_mode("on", CPU, 1, no_bn) == "frozen" and compile_mode("on", cuda, 1, bn) == "inductor"  # fmt: skip
-    assert compile_mode("off", cuda, 10**6, bn) is None and compile_mode("off", CPU, 10**6, bn) is None  # fmt: skip
+    assert (
+        compile_mode("on", CPU, 1, no_bn) == "frozen"
+        and compile_mode("on", cuda, 1, bn) == "inductor"
+    )
+    assert (
+        compile_mode("off", cuda, 10**6, bn) is None and compile_mode("off", CPU, 10**6, bn) is None
+    )
 
 
 def test_compiled_hands_gpu_runs_to_torch_compile(monkeypatch):
@@ -214,7 +247,9 @@ def test_a_frozen_graph_folds_batchnorm_matches_eager_and_serves_other_shapes(mo
 
     traced = []
     trace = runtime_mod._frozen
-    monkeypatch.setattr(runtime_mod, "_frozen", lambda net, x: traced.append(x.shape) or trace(net, x))  # fmt: skip
+    monkeypatch.setattr(
+        runtime_mod, "_frozen", lambda net, x: traced.append(x.shape) or trace(net, x)
+    )
     net = _conv_bn()
     frozen = FrozenGraph(net)
     x, y = torch.randn(4, 3, 16, 16), torch.randn(3, 3, 16, 16)

@@ -17,28 +17,67 @@ from embedcache import extract, open_cache
 from embedcache.cache import partial_path
 
 ENTRY = Path(__file__).with_name("dist_entry.py")
-EXTRACT = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+EXTRACT = [
+    "-b",
+    "resnet18",
+    "-w",
+    "none",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def cli(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, with a signal injected by tests/dist_entry.py."""
     full = {**os.environ, "RANK": "0", "EMBEDCACHE_TEST_FAIL_RANK": "0", **env}
-    return subprocess.run([sys.executable, str(ENTRY), *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ENTRY), *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_a_signal_during_extract_keeps_the_partial_work_and_says_how_to_resume(tmp_path, sig):
     data = make_tree(tmp_path / "d", per_class=5)
-    r = cli(["extract", str(data), "--out", "c.h5", *EXTRACT], tmp_path,
-            EMBEDCACHE_TEST_FAIL_HOW="kill-partial", EMBEDCACHE_TEST_FAIL_AFTER="2", EMBEDCACHE_TEST_FAIL_SIGNAL=sig)  # fmt: skip
+    r = cli(
+        ["extract", str(data), "--out", "c.h5", *EXTRACT],
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_HOW="kill-partial",
+        EMBEDCACHE_TEST_FAIL_AFTER="2",
+        EMBEDCACHE_TEST_FAIL_SIGNAL=sig,
+    )
     assert r.returncode == 128 + getattr(signal, sig)
-    assert r.stderr.strip().splitlines()[-1] == f"stopped by {sig}; re-run the same command to resume"  # fmt: skip
+    assert (
+        r.stderr.strip().splitlines()[-1] == f"stopped by {sig}; re-run the same command to resume"
+    )
     assert "Traceback" not in r.stderr
     assert partial_path(tmp_path / "c.h5").exists() and not (tmp_path / "c.h5").exists()
-    again = cli(["extract", str(data), "--out", "c.h5", *EXTRACT, "--json"], tmp_path, EMBEDCACHE_TEST_FAIL_HOW="none")  # fmt: skip
+    again = cli(
+        ["extract", str(data), "--out", "c.h5", *EXTRACT, "--json"],
+        tmp_path,
+        EMBEDCACHE_TEST_FAIL_HOW="none",
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert '"reused": 8' in again.stdout  # the 2 batches written before the signal
-    kw = {"backbone": "resnet18", "weights": "none", "image_size": 32, "batch_size": 4, "num_workers": 0, "device": "cpu", "progress": False}  # fmt: skip
+    kw = {
+        "backbone": "resnet18",
+        "weights": "none",
+        "image_size": 32,
+        "batch_size": 4,
+        "num_workers": 0,
+        "device": "cpu",
+        "progress": False,
+    }
     extract(data, out=tmp_path / "ref.h5", **kw)
     with open_cache(tmp_path / "c.h5") as a, open_cache(tmp_path / "ref.h5") as b:
         for s in ("train", "val"):

@@ -50,7 +50,10 @@ def tree_to_shards(tree: Path, out: Path, per_shard: int) -> Path:
     for split in ("train", "val"):
         samples = tree_samples(tree, split)
         for k in range(0, len(samples), per_shard):
-            part = [(key, {"png": img, "cls": str(y).encode()}) for key, y, img in samples[k : k + per_shard]]  # fmt: skip
+            part = [
+                (key, {"png": img, "cls": str(y).encode()})
+                for key, y, img in samples[k : k + per_shard]
+            ]
             write_tar(out / f"{split}-{k // per_shard:03d}.tar", part)
     (out / "classes.txt").write_text("cat\ndog\n")
     return out
@@ -62,12 +65,21 @@ def tree_to_parquet(tree: Path, out: Path, row_group: int) -> Path:
     pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
     import pyarrow.parquet as pq
 
-    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog"], "_type": "ClassLabel"}}}}  # fmt: skip
+    meta = {
+        "info": {
+            "features": {
+                "image": {"_type": "Image"},
+                "label": {"names": ["cat", "dog"], "_type": "ClassLabel"},
+            }
+        }
+    }
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         samples = tree_samples(tree, split)
         image = pa.array([{"bytes": img, "path": f"{key}.png"} for key, _, img in samples])
-        table = pa.table({"image": image, "label": pa.array([y for _, y, _ in samples], pa.int64())})  # fmt: skip
+        table = pa.table(
+            {"image": image, "label": pa.array([y for _, y, _ in samples], pa.int64())}
+        )
         table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
         pq.write_table(table, out / f"{split}-00000-of-00001.parquet", row_group_size=row_group)
     return out
@@ -89,18 +101,26 @@ def by_path(path: Path) -> dict[str, np.ndarray]:
 
 def test_brace_ranges_keep_their_width_and_lists_expand_in_order():
     assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
-    assert expand_braces("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]  # fmt: skip
+    assert expand_braces("{train,val}-{0..1}.tar") == [
+        "train-0.tar",
+        "train-1.tar",
+        "val-0.tar",
+        "val-1.tar",
+    ]
     assert expand_braces("{train-{0..1},val-0}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar"]
     with pytest.raises(EmbedcacheError, match="counts down"):
         expand_braces("s-{3..1}.tar")
 
 
 def test_members_group_by_key_up_to_the_first_dot_and_the_image_is_chosen_by_extension(tmp_path):
-    shard = write_tar(tmp_path / "s.tar", [
-        ("a/x01", {"seg.png": b"mask", "jpg": b"J", "cls": b"1"}),
-        ("a/x02", {"txt": b"caption only"}),
-        ("x03", {"webp": b"W", "json": json.dumps({"label": "dog", "split": "val"}).encode()}),
-    ])  # fmt: skip
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a/x01", {"seg.png": b"mask", "jpg": b"J", "cls": b"1"}),
+            ("a/x02", {"txt": b"caption only"}),
+            ("x03", {"webp": b"W", "json": json.dumps({"label": "dog", "split": "val"}).encode()}),
+        ],
+    )
     entries = list_tar(shard, label_key="label")
     assert [e.key for e in entries] == ["a/x01", "x03"]  # a/x02 has no image member
     assert entries[0].member.read_bytes() == b"J" and entries[0].label == 1
@@ -137,11 +157,20 @@ def png(tree: Path) -> bytes:
     return next(tree.rglob("*.png")).read_bytes()
 
 
-def test_a_damaged_member_or_shard_is_skipped_with_its_reason_and_the_rest_extracted(tmp_path, extract_kw):  # fmt: skip
+def test_a_damaged_member_or_shard_is_skipped_with_its_reason_and_the_rest_extracted(
+    tmp_path, extract_kw
+):
     img = png(make_tree(tmp_path / "t", per_class=1))
     good = [(f"k{i}", {"png": img, "cls": b"0"}) for i in range(3)]
     src = tmp_path / "s"
-    write_tar(src / "a.tar", [*good, ("bad", {"png": b"not an image", "cls": b"0"}), ("nolabel", {"png": img, "cls": b"x"})])  # fmt: skip
+    write_tar(
+        src / "a.tar",
+        [
+            *good,
+            ("bad", {"png": b"not an image", "cls": b"0"}),
+            ("nolabel", {"png": img, "cls": b"x"}),
+        ],
+    )
     cut = write_tar(src / "b.tar", [(f"m{i}", {"png": img, "cls": b"1"}) for i in range(3)])
     cut.write_bytes(cut.read_bytes()[: 512 * 2 + len(img) // 2])  # ends inside the first image
     (src / "c.tar").write_bytes(b"garbage, not a tar file" * 40)
@@ -156,7 +185,7 @@ def test_a_damaged_member_or_shard_is_skipped_with_its_reason_and_the_rest_extra
     assert reasons["c.tar/"].startswith("damaged shard: not a tar file")
 
 
-def test_a_changed_or_added_shard_is_read_again_and_an_unchanged_one_reused(tmp_path, extract_kw):  # fmt: skip
+def test_a_changed_or_added_shard_is_read_again_and_an_unchanged_one_reused(tmp_path, extract_kw):
     tree = make_tree(tmp_path / "folder", per_class=6)
     shards = tree_to_shards(tree, tmp_path / "shards", per_shard=4)
     pattern = str(shards / "*.tar")
@@ -164,8 +193,14 @@ def test_a_changed_or_added_shard_is_read_again_and_an_unchanged_one_reused(tmp_
     assert first.extracted == 24
     old = by_path(tmp_path / "c.h5")
     samples = tree_samples(tree, "train")
-    write_tar(shards / "train-001.tar", [(k + "x", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[4:7]])  # fmt: skip
-    write_tar(shards / "train-009.tar", [(k + "y", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[:2]])  # fmt: skip
+    write_tar(
+        shards / "train-001.tar",
+        [(k + "x", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[4:7]],
+    )
+    write_tar(
+        shards / "train-009.tar",
+        [(k + "y", {"png": img, "cls": str(y).encode()}) for k, y, img in samples[:2]],
+    )
     again = extract(pattern, out=tmp_path / "c.h5", **extract_kw)
     assert (again.extracted, again.reused, again.images) == (5, 20, 25)  # 3 + 2 read, 24 - 4 kept
     new = by_path(tmp_path / "c.h5")
@@ -173,7 +208,7 @@ def test_a_changed_or_added_shard_is_read_again_and_an_unchanged_one_reused(tmp_
     assert len(kept) == 20 and all(np.array_equal(new[p], old[p]) for p in kept)
     assert sorted(p for p in new if p not in old) == sorted(
         [f"train-001.tar/{k}x" for k, _, _ in samples[4:7]]
-        + [f"train-009.tar/{k}y" for k, _, _ in samples[:2]]  # fmt: skip
+        + [f"train-009.tar/{k}y" for k, _, _ in samples[:2]]
     )
     assert extract(pattern, out=tmp_path / "c.h5", **extract_kw).up_to_date
 
@@ -188,7 +223,10 @@ def test_split_shards_and_json_labels_by_name_with_a_split_field(tmp_path, extra
     src = tmp_path / "src"
     write_tar(src / "x" / "part-0.tar", [sample(0, "b"), sample(1, "a"), sample(2, "b")])
     write_tar(src / "y" / "part-0.tar", [sample(3, "a"), sample(4, "b", "val")])
-    cfg = ExtractConfig(split_shards="train=x/*.tar,test=y/{0..0}.tar".replace("{0..0}", "part-{0..0}"), label_key="name")  # fmt: skip
+    cfg = ExtractConfig(
+        split_shards="train=x/*.tar,test=y/{0..0}.tar".replace("{0..0}", "part-{0..0}"),
+        label_key="name",
+    )
     images = scan(src, cfg)
     assert images.classes == ["a", "b"] and images.layout == "webdataset"
     assert {k: [s.path for s in v] for k, v in images.splits.items()} == {
@@ -198,7 +236,13 @@ def test_split_shards_and_json_labels_by_name_with_a_split_field(tmp_path, extra
     assert [s.label for s in images.splits["train"]] == [1, 0, 1]
     with pytest.raises(EmbedcacheError, match="--split-shards takes train=PATTERN"):
         scan(src, ExtractConfig(split_shards="train"))
-    r = extract(src, out=tmp_path / "c.h5", split_shards="train=x/*.tar,test=y/*.tar", label_key="name", **extract_kw)  # fmt: skip
+    r = extract(
+        src,
+        out=tmp_path / "c.h5",
+        split_shards="train=x/*.tar,test=y/*.tar",
+        label_key="name",
+        **extract_kw,
+    )
     assert r.splits == {"train": 3, "test": 2}
 
 
@@ -209,7 +253,9 @@ def test_plan_gives_every_shard_to_one_rank_and_every_row_to_one_batch(tmp_path)
     attrs = {"layout": "webdataset", "source": str(tmp_path)}
     seen, owners = [], {}
     for rank in range(3):
-        flat, mine, _ = plan(attrs, todo, paths, batch_size=4, rank=rank, world=3, cfg=ExtractConfig())  # fmt: skip
+        flat, mine, _ = plan(
+            attrs, todo, paths, batch_size=4, rank=rank, world=3, cfg=ExtractConfig()
+        )
         for batch in mine:
             names = {paths["train"][flat[i][1]].split("/")[0] for i in batch}
             assert len(names) == 1 and len(batch) <= 4  # a batch never straddles a shard
@@ -219,19 +265,32 @@ def test_plan_gives_every_shard_to_one_rank_and_every_row_to_one_batch(tmp_path)
     assert len(set(owners.values())) == 3
 
 
-def test_two_ranks_on_uneven_shards_write_the_one_process_cache_each_shard_read_by_one_rank(tmp_path):  # fmt: skip
+def test_two_ranks_on_uneven_shards_write_the_one_process_cache_each_shard_read_by_one_rank(
+    tmp_path,
+):
     from test_distributed import EXTRACT, LIBRARY, one_thread, torchrun
 
     tree = make_tree(tmp_path / "folder", per_class=8)
     samples = tree_samples(tree, "train")
     src, start = tmp_path / "shards", 0
     for k, n in enumerate([7, 2, 5, 1]):  # middle rows 3.5, 8, 11.5, 14.5 of 15: rank 0, 1, 1, 1
-        part = [(key, {"png": img, "cls": str(y).encode()}) for key, y, img in samples[start : start + n]]  # fmt: skip
-        write_tar(src / f"s{k}.tar", part + ([("broken", {"png": b"x", "cls": b"0"})] if k == 2 else []))  # fmt: skip
+        part = [
+            (key, {"png": img, "cls": str(y).encode()})
+            for key, y, img in samples[start : start + n]
+        ]
+        write_tar(
+            src / f"s{k}.tar", part + ([("broken", {"png": b"x", "cls": b"0"})] if k == 2 else [])
+        )
         start += n
     pattern = str(src / "s{0..3}.tar")
-    one_thread(lambda: extract(pattern, out=tmp_path / "one.h5", batch_size=4, val_fraction=0.25, **LIBRARY))  # fmt: skip
-    two = torchrun(2, ["extract", pattern, "--out", "two.h5", "--val-fraction", "0.25", *EXTRACT], tmp_path)  # fmt: skip
+    one_thread(
+        lambda: extract(
+            pattern, out=tmp_path / "one.h5", batch_size=4, val_fraction=0.25, **LIBRARY
+        )
+    )
+    two = torchrun(
+        2, ["extract", pattern, "--out", "two.h5", "--val-fraction", "0.25", *EXTRACT], tmp_path
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     result = json.loads(two.stdout)
     assert [n for n, _ in result["ranks"]] == [7, 8] and result["skipped"] == 1
@@ -242,7 +301,9 @@ def test_two_ranks_on_uneven_shards_write_the_one_process_cache_each_shard_read_
         assert a.splits == b.splits and all(a.paths(s) == b.paths(s) for s in a.splits)
 
 
-def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_time(tmp_path, extract_kw):  # fmt: skip
+def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_time(
+    tmp_path, extract_kw
+):
     pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
     import pyarrow.parquet as pq
 
@@ -250,10 +311,12 @@ def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_t
 
     tree = make_tree(tmp_path / "t", per_class=5)
     samples = tree_samples(tree, "train")
-    table = pa.table({
-        "jpeg": pa.array([img for _, _, img in samples], pa.binary()),
-        "species": [["cat", "dog"][y] for _, y, _ in samples],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "jpeg": pa.array([img for _, _, img in samples], pa.binary()),
+            "species": [["cat", "dog"][y] for _, y, _ in samples],
+        }
+    )
     data = tmp_path / "pq"
     data.mkdir()
     pq.write_table(table, data / "part-0.parquet", row_group_size=3)  # 4 row groups of 10 rows
@@ -267,7 +330,9 @@ def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_t
 
     sources.ParquetImages.read = spy
     try:
-        r = extract(data, out=tmp_path / "c.h5", image_column="jpeg", label_column="species", **extract_kw)  # fmt: skip
+        r = extract(
+            data, out=tmp_path / "c.h5", image_column="jpeg", label_column="species", **extract_kw
+        )
     finally:
         sources.ParquetImages.read = read
     assert r.images == 10 and r.skipped == 1 and held and max(held) <= sources.ROW_GROUPS_HELD
@@ -276,11 +341,16 @@ def test_parquet_with_named_columns_and_string_labels_is_read_a_row_group_at_a_t
         assert (
             c.skipped[0].path == "part-1.parquet/" and "not a Parquet file" in c.skipped[0].reason
         )
-    with pytest.raises(EmbedcacheError, match=r"has no column 'image' \(columns: jpeg, species\); pass --image-column"):  # fmt: skip
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"has no column 'image' \(columns: jpeg, species\); pass --image-column",
+    ):
         extract(data, out=tmp_path / "d.h5", **extract_kw)
 
 
-def test_an_extract_of_shards_cut_off_mid_run_resumes_to_the_uninterrupted_bits(tmp_path, extract_kw, monkeypatch):  # fmt: skip
+def test_an_extract_of_shards_cut_off_mid_run_resumes_to_the_uninterrupted_bits(
+    tmp_path, extract_kw, monkeypatch
+):
     from test_extraction import _crash_after
 
     tree = make_tree(tmp_path / "folder", per_class=6)

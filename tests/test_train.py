@@ -268,13 +268,18 @@ def _spurious(n: int, seed: int, cue: bool, views: int = 0):
 def test_views_teach_the_head_what_augmentation_leaves_unchanged(make_cache):
     x, y, v = _spurious(200, 0, cue=True, views=4)
     xv, yv, vv = _spurious(200, 1, cue=False, views=1)
-    cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"), views={"train": v, "val": vv})  # fmt: skip
+    cache = make_cache(
+        train=(x, y), val=(xv, yv), classes=("a", "b"), views={"train": v, "val": vv}
+    )
     kw = {"epochs": 60, "lr": 1e-2, **LINEAR}
     used = train_head(cache, **kw)
     ignored = train_head(cache, views="ignore", **kw)
     assert used.metrics["views"] == {"stored": 4, "used": 4}
     assert ignored.metrics["views"] == {"stored": 4, "used": 0}
-    assert used.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1, (used.metrics["val_acc"], ignored.metrics["val_acc"])  # fmt: skip
+    assert used.metrics["val_acc"] >= ignored.metrics["val_acc"] + 0.1, (
+        used.metrics["val_acc"],
+        ignored.metrics["val_acc"],
+    )
     logreg = train_head(cache, head="logreg", **FAST)  # a reference: the plain features only
     assert logreg.metrics["views"] == {"stored": 4, "used": 0}
 
@@ -295,18 +300,31 @@ def test_views_are_drawn_uniformly_per_image_and_epoch():
 def test_tta_in_the_metrics_is_the_mean_of_the_image_and_mirror_logits(make_cache):
     (x, y), (xv, yv) = blobs(30, seed=0), blobs(10, seed=1)
     mirror = (xv + np.random.default_rng(2).normal(0, 3, xv.shape)).astype(np.float16)
-    cache = make_cache(train=(x, y), val=(xv, yv), views={"train": x[:, None], "val": mirror[:, None]})  # fmt: skip
+    cache = make_cache(
+        train=(x, y), val=(xv, yv), views={"train": x[:, None], "val": mirror[:, None]}
+    )
     r = train_head(cache, epochs=5, **LINEAR)
     with torch.no_grad():
-        z = (r.head(torch.from_numpy(xv.astype(np.float32))) + r.head(torch.from_numpy(mirror.astype(np.float32)))) / 2  # fmt: skip
+        z = (
+            r.head(torch.from_numpy(xv.astype(np.float32)))
+            + r.head(torch.from_numpy(mirror.astype(np.float32)))
+        ) / 2
     assert r.metrics["val_acc_tta"] == pytest.approx(float((z.argmax(1).numpy() == yv).mean()))
     loss = torch.nn.functional.cross_entropy(z, torch.from_numpy(yv)).item()
     assert r.metrics["val_loss_tta"] == pytest.approx(loss, rel=1e-5)
-    assert "val_acc_tta" not in train_head(make_cache("plain.h5", train=(x, y), val=(xv, yv)), epochs=2, **LINEAR).metrics  # fmt: skip
+    assert (
+        "val_acc_tta"
+        not in train_head(
+            make_cache("plain.h5", train=(x, y), val=(xv, yv)), epochs=2, **LINEAR
+        ).metrics
+    )
 
 
 def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_path):
-    (x, y), (xv, yv) = blobs(30, classes=2, seed=0, spread=3), blobs(20, classes=2, seed=1, spread=3)  # fmt: skip
+    (x, y), (xv, yv) = (
+        blobs(30, classes=2, seed=0, spread=3),
+        blobs(20, classes=2, seed=1, spread=3),
+    )
     cache = make_cache(train=(x, y), val=(xv, yv), classes=("a", "b"))
     chosen = train_head(cache, head="logreg", **FAST)
     refit = train_head(cache, head="logreg", refit=True, **FAST)
@@ -323,8 +341,20 @@ def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
     knn = train_head(cache, head="knn", refit=True, **FAST)  # val joins the bank
     k1 = knn.metrics["refit"]["config"]["k"] == 1
-    assert not k1 or float((knn.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean()) == 1.0  # fmt: skip
-    sweep = train_head(cache, out=tmp_path / "h.pt", lr=[1e-3, 1e-2], weight_decay=[0, 1e-3], epochs=30, refit=True, **LINEAR)  # fmt: skip
+    assert (
+        not k1
+        or float((knn.head(torch.from_numpy(xv.astype(np.float32))).argmax(1).numpy() == yv).mean())
+        == 1.0
+    )
+    sweep = train_head(
+        cache,
+        out=tmp_path / "h.pt",
+        lr=[1e-3, 1e-2],
+        weight_decay=[0, 1e-3],
+        epochs=30,
+        refit=True,
+        **LINEAR,
+    )
     m = sweep.metrics
     assert m["refit"]["images"] == 100 and m["refit"]["epochs"] == m["best_epoch"]
     assert m["refit"]["config"] == m["best"]
@@ -341,7 +371,9 @@ def test_a_refit_joins_val_rows_that_never_draw_a_view():
     plain = np.zeros((6, 1), np.float32)
     views = np.ones((6, 2, 1), np.float32)
     train = ViewRows(plain, views, np.zeros(6, np.int64), np.arange(4))
-    val = Rows(np.full((3, 1), -1.0, np.float32), np.ones(3, np.int64), np.arange(3), in_memory=True)  # fmt: skip
+    val = Rows(
+        np.full((3, 1), -1.0, np.float32), np.ones(3, np.int64), np.arange(3), in_memory=True
+    )
     both = join_rows(train, val)
     assert isinstance(both, ViewRows) and both.n == 7 and list(both.labels) == [0] * 4 + [1] * 3
     seen = set()

@@ -13,10 +13,35 @@ from pathlib import Path
 # A module may import only modules earlier in this list (or itself).
 # A tuple is one rank: its members may import each other.
 ORDER = (
-    "errors", "identity", "config", "runtime", "locks", "outputs", "distributed", "report", "data", "exclusion", "sources", "weights", "backbones",
-    "cache", "feature_export", "heads", "probe", "checkpoint", ("extraction", "train"), "finetuning", "inference",
-    "exporting", "auditing", "comparison", "quickstart", "cli", "__init__", "__main__",
-)  # fmt: skip
+    "errors",
+    "identity",
+    "config",
+    "runtime",
+    "locks",
+    "outputs",
+    "distributed",
+    "report",
+    "data",
+    "exclusion",
+    "sources",
+    "weights",
+    "backbones",
+    "cache",
+    "feature_export",
+    "heads",
+    "probe",
+    "checkpoint",
+    ("extraction", "train"),
+    "finetuning",
+    "inference",
+    "exporting",
+    "auditing",
+    "comparison",
+    "quickstart",
+    "cli",
+    "__init__",
+    "__main__",
+)
 RANK = {
     name: rank
     for rank, entry in enumerate(ORDER)
