@@ -182,7 +182,7 @@ class ExtractConfig(_Config):
         "auto",
         "Compile the backbone: on a GPU with torch.compile, on a CPU as a frozen TorchScript "
         "graph (BatchNorm folded into the convolutions; each batch shape checked against eager "
-        "first, eager where they differ). auto: from 10,000 images of the cache per process on a "
+        "first, eager where they differ). auto: from 10,000 images in the cache on a "
         "GPU, from 256 on a CPU for fp32 runs of nets with BatchNorm (1.5x for EfficientNets; "
         "ViT/ConvNeXt gain nothing).",
         choices=("auto", "on", "off"),

@@ -515,11 +515,11 @@ def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, cfg: ExtractC
             (f, views_for(s, views), view_key(seed, paths[s][r]))
             for f, (s, r) in zip(files, flat, strict=True)
         ]
-    # Compiled or not is decided on each rank's share of the whole cache, not on the rows left,
-    # so that a resumed or incremental run computes its rows as one run over everything would
-    # (compiled and eager agree only up to rounding); and every rank decides alike.
-    share_of_all = -(-sum(len(p) for p in paths.values()) // group.world)
-    mode = compile_mode(run.compile, run.device, share_of_all, bb.net, run.autocast)
+    # Compiled or not is decided on the whole cache, not on the rows left nor on a rank's share,
+    # so that a resumed, incremental or torchrun run computes its rows as one run over everything
+    # would (compiled and eager agree only up to rounding): features never depend on the world.
+    images = sum(len(p) for p in paths.values())
+    mode = compile_mode(run.compile, run.device, images, bb.net, run.autocast)
     try:
         with disk_errors(out):
             return _run(bb, files, flat, mine, writer, run, mode=mode, scale=group.world)
