@@ -85,7 +85,7 @@ def _read_ahead(jobs: list, read, threaded: bool, slots: int = 2):
 
 
 class Rows:
-    """Some rows of a split: labels in memory, features in memory or read in blocks from HDF5.
+    """Some rows of a split: labels in memory, features in memory or read in blocks from ``source``.
 
     Positions ``0..n-1`` index the chosen rows; ``rows[p]`` is the row in the file
     (increasing).
@@ -124,7 +124,8 @@ class Rows:
         return _f32(block[r - r[0]])
 
     def _fill(self, spans: list[tuple[int, int]], out: np.ndarray) -> np.ndarray:
-        """Features of the position spans, in the stored dtype, read into ``out``; returns the filled part.
+        """Features of the position spans, in the stored dtype, read into ``out``; returns the
+        filled part.
 
         Adjacent spans whose rows are consecutive in the file are one read straight
         into ``out`` (no temporary array: fresh memory costs page faults, as much as
@@ -144,7 +145,8 @@ class Rows:
         return out[:at]
 
     def take(self, positions: np.ndarray) -> np.ndarray:
-        """Features of the given positions, in that order, as float32 (one sorted read from HDF5)."""
+        """Features of the given positions, in that order, as float32 (one sorted read from the
+        source)."""
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         if self._data is not None:
             return _f32(self._data[np.asarray(positions, dtype=np.int64)])

@@ -91,7 +91,8 @@ def test_incomplete_cache_is_refused_with_a_hint_to_resume(tree, tmp_path):
     ).close()
     with pytest.raises(
         EmbedcacheError,
-        match=r"cache .*c\.h5 is incomplete; re-run the same `embedcache extract` command to resume",
+        match=r"cache .*c\.h5 is incomplete; "
+        r"re-run the same `embedcache extract` command to resume",
     ):
         open_cache(out)
     with pytest.raises(EmbedcacheError, match=r"incomplete \(0 of 24 images done\)"):
@@ -161,8 +162,8 @@ def test_write_cache_refuses_mixed_or_unsupported_features(tmp_path, val_dim, dt
     splits = {"train": (x, y, ["p"] * len(y)), "val": (xv, yv, ["q"] * len(yv))}
     with pytest.raises(
         EmbedcacheError,
-        match=r"every split needs \(N, D\) features of one D and a dtype in \('float16', 'float32'\); "
-        + got,
+        match=r"every split needs \(N, D\) features of one D and a dtype in "
+        r"\('float16', 'float32'\); " + got,
     ):
         _write(tmp_path / "c.h5", splits)
     assert list(tmp_path.iterdir()) == []
@@ -225,7 +226,8 @@ def test_non_finite_features_are_refused_naming_the_rows_and_images(tmp_path):
         h5["train"]["features"][9, 0] = np.inf
     with pytest.raises(
         EmbedcacheError,
-        match=r"non-finite features in split train: 2 row\(s\), 7 \(train/7.jpg\), 9 \(train/9.jpg\); re-extract",
+        match=r"non-finite features in split train: 2 row\(s\), "
+        r"7 \(train/7.jpg\), 9 \(train/9.jpg\); re-extract",
     ):
         train_head(path, out=tmp_path / "h.pt", epochs=2, progress=False)
     with pytest.raises(EmbedcacheError, match=r"non-finite features in split train: 2 row\(s\)"):

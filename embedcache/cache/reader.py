@@ -134,7 +134,8 @@ class Cache:
 
     @property
     def features_identity(self) -> FeatureIdentity:
-        """Which features these are, whatever their storage dtype (what heads are checked against)."""
+        """Which features these are, whatever their storage dtype (what heads are checked
+        against)."""
         return FeatureIdentity.from_mapping(self.attrs)
 
     @property
@@ -177,7 +178,8 @@ class Cache:
         return CheckedFeatures(self._group(split)["features"], self, split)
 
     def views(self, split: str) -> CheckedFeatures | None:
-        """The stored views of a split, (N, V, D), checked like :meth:`features`; None without views."""
+        """The stored views of a split, (N, V, D), checked like :meth:`features`; None without
+        views."""
         g = self._group(split)
         return CheckedFeatures(g["views"], self, split) if "views" in g else None
 
@@ -239,7 +241,8 @@ class Cache:
         return self.split(split)
 
     def copy_into(self, g: h5py.Group, samples: list[Sample]) -> None:
-        """Copy into ``g`` the rows of a complete cache (and its skipped files) whose file is unchanged."""
+        """Copy into ``g`` the rows of a complete cache (and its skipped files) whose file is
+        unchanged."""
         h5 = self._h5
         for split in self.splits:
             src = h5[split]
@@ -395,7 +398,8 @@ class CheckedFeatures:
             rows = self._damaged(self._rows(key))
             span = f"{rows.min()}-{rows.max()}" if rows.size else "none"
             raise EmbedcacheError(
-                f"cache {self._cache.path} is damaged: split {self.split}{self._what}, rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
+                f"cache {self._cache.path} is damaged: split {self.split}{self._what}, "
+                f"rows {span} fail their checksum ({_short(e)}); re-run extract with --overwrite"
             ) from None
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             self._non_finite(self._rows(key), x)
@@ -422,7 +426,8 @@ class CheckedFeatures:
         paths = self._cache.paths(self.split)
         named = ", ".join(f"{r} ({paths[r]})" for r in bad[:3]) + (" ..." if len(bad) > 3 else "")
         raise EmbedcacheError(
-            f"cache {self._cache.path} has non-finite features in split {self.split}{self._what}: {len(bad)} row(s), {named}; re-extract them (--overwrite)"
+            f"cache {self._cache.path} has non-finite features in split {self.split}{self._what}: "
+            f"{len(bad)} row(s), {named}; re-extract them (--overwrite)"
         )
 
 
@@ -439,7 +444,8 @@ def _incomplete_error(path: Path, h5: h5py.File | None = None) -> EmbedcacheErro
         )
         progress = f" ({done} of {total} images done)"
     return EmbedcacheError(
-        f"cache {path} is incomplete{progress}; re-run the same `embedcache extract` command to resume it"
+        f"cache {path} is incomplete{progress}; "
+        "re-run the same `embedcache extract` command to resume it"
     )
 
 
@@ -477,21 +483,25 @@ def open_cache(path: str | Path) -> Cache:
             )
         if int(version) > FORMAT_VERSION:
             raise EmbedcacheError(
-                f"cache {path} has format {int(version)}, newer than this embedcache reads ({FORMAT_VERSION}); upgrade embedcache"
+                f"cache {path} has format {int(version)}, newer than this embedcache reads "
+                f"({FORMAT_VERSION}); upgrade embedcache"
             )
         if not bool(h5.attrs.get("complete", False)):
             raise _incomplete_error(path, h5)
         missing = [k for k in CACHE_ATTRS if k not in h5.attrs]
         if missing:
             raise EmbedcacheError(
-                f"{path} is not a complete embedcache cache (attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
+                f"{path} is not a complete embedcache cache "
+                f"(attributes missing: {', '.join(missing)}); re-run `embedcache extract`"
             )
         cache = Cache(path, h5)
         _check_layout(path, h5, cache.feature_dim, cache.classes)
         lost = [p for p in cache.parts if not p.is_file()]
         if lost:
             raise EmbedcacheError(
-                f"cache {path} is virtual and its part file {lost[0]} is missing ({len(lost)} of {len(cache.parts)}); keep the folder {parts_dir(path).name} next to it, or re-run extract with --overwrite"
+                f"cache {path} is virtual and its part file {lost[0]} is missing "
+                f"({len(lost)} of {len(cache.parts)}); keep the folder {parts_dir(path).name} "
+                "next to it, or re-run extract with --overwrite"
             )
         return cache
     except _READ_ERRORS as e:  # a damaged attribute, heap or object header

@@ -67,13 +67,15 @@ def disk_errors(out: Path) -> Iterator[None]:
     except (OSError, RuntimeError) as e:
         if _is_disk_full(e):
             raise EmbedcacheError(
-                f"no space left on the device while writing {out} (progress is kept in {partial_path(out).name}); "
+                f"no space left on the device while writing {out} "
+                f"(progress is kept in {partial_path(out).name}); "
                 "free some space and re-run the same command to resume"
             ) from None
         if isinstance(e, OSError):
             reason = e.strerror or str(e).split("(")[0].strip() or type(e).__name__
             raise EmbedcacheError(
-                f"cannot write {out} ({reason[:80]}; progress is kept in {partial_path(out).name}); "
+                f"cannot write {out} ({reason[:80]}; "
+                f"progress is kept in {partial_path(out).name}); "
                 "check the disk and re-run the same command to resume"
             ) from None
         raise
@@ -101,7 +103,8 @@ def check_space(folder: Path, need_bytes: int) -> None:
         free = min(free, limit)
     if need_bytes > free:
         raise EmbedcacheError(
-            f"not enough space in {folder}: extraction needs about {_mb(need_bytes)} and {_mb(free)} is free; "
+            f"not enough space in {folder}: extraction needs about {_mb(need_bytes)} "
+            f"and {_mb(free)} is free; "
             "free some space or choose another --out"
         )
 
@@ -160,7 +163,8 @@ class PartialCache:
         return cls.open(path)
 
     def copy_into(self, g: h5py.Group, samples: list[Sample]) -> None:
-        """Copy into group ``g`` every row of ``samples`` this file has done or skipped, unchanged."""
+        """Copy into group ``g`` every row of ``samples`` this file has done or skipped,
+        unchanged."""
         for split in self.splits:
             src = self.h5[split]
             status = src["status"][:]
@@ -177,7 +181,8 @@ class PartialCache:
         return np.flatnonzero(self.h5[split]["status"][:] == TODO)
 
     def done(self) -> int:
-        """Rows whose features are in the file already (skipped files not counted: they have none)."""
+        """Rows whose features are in the file already (skipped files not counted: they have
+        none)."""
         return sum(int(np.count_nonzero(self.h5[s]["status"][:] == DONE)) for s in self.splits)
 
     def paths(self, split: str) -> list[str]:
@@ -311,7 +316,8 @@ def write_cache(
     dtypes = {str(f.dtype) for f, _, _ in splits.values()}
     if len(dims) != 1 or len(dtypes) != 1 or dtypes - set(DTYPES):
         raise EmbedcacheError(
-            f"every split needs (N, D) features of one D and a dtype in {DTYPES}; got dims {dims}, dtypes {dtypes}"
+            f"every split needs (N, D) features of one D and a dtype in {DTYPES}; "
+            f"got dims {dims}, dtypes {dtypes}"
         )
     dim, dtype = dims.pop(), dtypes.pop()
     attrs = {
