@@ -125,7 +125,7 @@ MODES = {
 
 def _patch(mode: str) -> None:
     """Make this process run ``mode``'s variant of the streamed path."""
-    from embedcache import cache as cache_mod
+    from embedcache import feed as cache_mod
     from embedcache import train as train_mod
 
     if mode == "stream-read-ahead":

@@ -117,7 +117,8 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
                 f"refusing to load {path}: it holds Python objects other than tensors ({found[1]})"
             ) from None
         raise EmbedcacheError(
-            f"{path} is not a readable checkpoint (not a torch file); it may be truncated or damaged"
+            f"{path} is not a readable checkpoint (not a torch file); "
+            "it may be truncated or damaged"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
@@ -129,11 +130,13 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise EmbedcacheError(
-            f"{path} is not an embedcache {' or '.join(_NAMES[k] for k in kinds)} checkpoint (format {found!r})"
+            f"{path} is not an embedcache {' or '.join(_NAMES[k] for k in kinds)} checkpoint "
+            f"(format {found!r})"
         )
     if int(obj.get("format_version", 1)) > FORMAT_VERSION:
         raise EmbedcacheError(
-            f"{path} has checkpoint format {obj['format_version']}, newer than this embedcache reads ({FORMAT_VERSION}); upgrade embedcache"
+            f"{path} has checkpoint format {obj['format_version']}, newer than this embedcache "
+            f"reads ({FORMAT_VERSION}); upgrade embedcache"
         )
     return obj
 
@@ -167,7 +170,8 @@ def _require(obj: dict, keys: tuple[str, ...], path: Path) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:
         raise EmbedcacheError(
-            f"{path} is an incomplete {_NAMES[obj['format']]} checkpoint (missing {', '.join(missing)})"
+            f"{path} is an incomplete {_NAMES[obj['format']]} checkpoint "
+            f"(missing {', '.join(missing)})"
         )
 
 
@@ -196,7 +200,8 @@ class Recorded:
         missing = [k for k in (*RECORDED_KEYS,) if k not in d]
         if missing:
             raise EmbedcacheError(
-                f"{path} is an incomplete {kind} checkpoint (its identity lacks {', '.join(missing)})"
+                f"{path} is an incomplete {kind} checkpoint "
+                f"(its identity lacks {', '.join(missing)})"
             )
         return cls(
             FeatureIdentity.from_mapping(d),
@@ -392,7 +397,8 @@ class FinetuneState:
         path = Path(path)
         if not path.exists():
             raise EmbedcacheError(
-                f"--resume found no {path}; it is written after each epoch of a run with the same --out"
+                f"--resume found no {path}; "
+                "it is written after each epoch of a run with the same --out"
             )
         obj = load_checkpoint(path, kind=STATE_FORMAT)
         names = [f.name for f in dataclasses.fields(cls)]
@@ -401,7 +407,8 @@ class FinetuneState:
         if diff:
             k = diff[0]
             raise EmbedcacheError(
-                f"{path} is from a run with other settings ({k} {obj['config'].get(k)} vs {config[k]}); "
+                f"{path} is from a run with other settings "
+                f"({k} {obj['config'].get(k)} vs {config[k]}); "
                 "resume with the same options or start without --resume"
             )
         return cls(**{k: obj.get(k) for k in names})

@@ -22,7 +22,6 @@ from .cache import (
     Cache,
     PartialCache,
     ShardFile,
-    available_memory_bytes,
     check_space,
     cross_split_duplicates,
     disk_errors,
@@ -30,7 +29,6 @@ from .cache import (
     now_iso,
     open_cache,
     partial_path,
-    remove_stale_tmp,
     shard_path,
     shard_paths,
 )
@@ -50,9 +48,10 @@ from .data import (
 )
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
+from .feed import available_memory_bytes
 from .identity import CacheIdentity
 from .locks import exclusive
-from .outputs import claim, shown
+from .outputs import claim, remove_stale_tmp, shown
 from .runtime import (
     Run,
     autocast_dtype,

@@ -28,7 +28,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, EvalTransform, FeatureNet, Normalise, build_backbone
-from .cache import Rows, memory_budget
 from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded, TrainedOn
 from .config import FinetuneConfig
 from .data import ImageSet, augment, decoded_batches, paths_digest, scan
@@ -36,6 +35,7 @@ from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .exclusion import excluded
 from .extraction import check_batch_memory, forward_images
+from .feed import Rows, memory_budget
 from .heads import Head, Standardize, init_template
 from .locks import exclusive
 from .runtime import (

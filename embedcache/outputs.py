@@ -12,9 +12,11 @@ file, and no temporary file stays behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import EmbedcacheError
@@ -231,7 +233,42 @@ def write_error(path: Path, e: BaseException) -> EmbedcacheError:
 
 
 def tmp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under by this process (see :func:`replacing`)."""
     return Path(f"{path}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield the temporary name to write ``path`` under; when the block ends, fsync that file
+    and rename it over ``path`` in one step, so ``path`` is always whole or absent. An error
+    in the block (or in the fsync or rename) removes the temporary file and is re-raised."""
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Delete temporary files that runs killed before their rename left next to ``path``."""
+    for tmp in path.parent.glob(glob.escape(path.name) + "*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_file(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -241,21 +278,14 @@ def write_file(path: str | Path, write: Callable[[Path], object]) -> Path:
     file and raises one line naming ``path``.
     """
     path = Path(path)
-    tmp = tmp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            write(tmp)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         if write_reason(e) is None:
             raise
         raise write_error(path, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import Cache, Rows, ViewRows, join_rows, memory_budget, open_cache
+from .cache import Cache, open_cache
 from .checkpoint import HeadCheckpoint, Recorded, TrainedOn, check_finite
 from .config import HeadConfig
 from .data import holdout, holdout_note, paths_digest
 from .errors import EmbedcacheError
 from .exclusion import row_filter
+from .feed import Rows, ViewRows, join_rows, memory_budget
 from .heads import Head, KNNHead, StackedAdamW, StackedHeads, Standardize, init_template, make_head
 from .probe import (
     DEFAULT_GRAD_TOL,

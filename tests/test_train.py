@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import blobs
 
-import embedcache.cache as cache_mod
+import embedcache.feed as feed
 import embedcache.train as train_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
@@ -119,8 +119,8 @@ def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
 
 
 def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, monkeypatch):
-    monkeypatch.setattr(cache_mod, "BLOCK_ROWS", 16)  # many blocks for 120 rows
-    monkeypatch.setattr(cache_mod, "SHUFFLE_ROWS", 48)
+    monkeypatch.setattr(feed, "BLOCK_ROWS", 16)  # many blocks for 120 rows
+    monkeypatch.setattr(feed, "SHUFFLE_ROWS", 48)
     kw = {"lr": [1e-2, 3e-2], "epochs": 6, "batch_size": 10, **LINEAR}
     memory = train_head(blob_cache, stream=False, **kw)
     streamed = train_head(blob_cache, max_memory=1000, **kw)  # 120 x 16 float32 is 7,680 bytes
@@ -132,13 +132,13 @@ def test_streaming_from_the_file_gives_the_same_head_as_in_memory(blob_cache, mo
 
 def test_streamed_training_reads_ahead_as_the_runtime_decides(blob_cache, monkeypatch):
     seen = []
-    real = cache_mod.Rows.batches
+    real = feed.Rows.batches
 
     def batches(self, *a):
         seen.append(self.read_ahead)
         return real(self, *a)
 
-    monkeypatch.setattr(cache_mod.Rows, "batches", batches)
+    monkeypatch.setattr(feed.Rows, "batches", batches)
     for decided in (True, False):
         monkeypatch.setattr(train_mod, "read_ahead", lambda device, d=decided: d)
         train_head(blob_cache, max_memory=1000, epochs=1, **LINEAR)
@@ -285,7 +285,7 @@ def test_views_teach_the_head_what_augmentation_leaves_unchanged(make_cache):
 
 
 def test_views_are_drawn_uniformly_per_image_and_epoch():
-    from embedcache.cache import ViewRows
+    from embedcache.feed import ViewRows
 
     plain = np.zeros((1000, 1), np.float32)
     views = np.arange(1, 4, dtype=np.float32)[None, :, None].repeat(1000, 0)  # view k holds k
@@ -366,7 +366,7 @@ def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_
 
 
 def test_a_refit_joins_val_rows_that_never_draw_a_view():
-    from embedcache.cache import Rows, ViewRows, join_rows
+    from embedcache.feed import Rows, ViewRows, join_rows
 
     plain = np.zeros((6, 1), np.float32)
     views = np.ones((6, 2, 1), np.float32)

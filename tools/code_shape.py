@@ -26,6 +26,7 @@ ORDER = (
     "sources",
     "weights",
     "backbones",
+    "feed",
     "cache",
     "feature_export",
     "heads",
