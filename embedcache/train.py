@@ -495,6 +495,11 @@ def _knn(train: Rows, val: Rows | None, classes, *, k: int | None = None):
 # 89.90% of 288 held-out images, p = 0.17) kept the probe and lost 2.2 points on test (93.04% vs
 # 95.26%); where the MLP led by an image or two (grocery81, p ~ 0.4) the probe won on test by 3.9.
 MLP_P_VALUE = 0.2
+# The MLP candidate's patience. It matters only on large splits, trained in mini-batches: there
+# the best epoch comes early (100,000 rows: epoch 3) and patience 10 doubled the MLP's cost for
+# nothing; full-batch splits (under 64 MB) peak late (digits: epoch 82), where half the best
+# epoch, not the patience, decides when to stop.
+AUTO_MLP_PATIENCE = 4
 
 
 def better_p_value(a_right: np.ndarray, b_right: np.ndarray) -> float:
@@ -516,7 +521,7 @@ def _auto(data: _Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, pr
     """
     dev = resolve_device(cfg.device)
     linear, lm = _probe(data.train, data.val, classes, dev, path=AUTO_PATH)
-    mcfg = cfg.replace(head="mlp")
+    mcfg = cfg.replace(head="mlp", patience=min(cfg.patience, AUTO_MLP_PATIENCE))
     data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
     mlp, mm, _ = _train_torch(
         data, classes, mcfg, batch_size=batch_size, device=dev, progress=progress
