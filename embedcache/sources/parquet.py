@@ -9,9 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import (
-    UnreadableImage,
-)
+from ..data.decode import UnreadableImage
 from ..errors import EmbedcacheError
 from .base import SPLIT_FIELD, Broken, Entry, sample_split
 

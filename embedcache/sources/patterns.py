@@ -8,10 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from ..data import (
-    IMAGE_EXTENSIONS,
-    SPLIT_NAMES,
-)
+from ..data.listing import IMAGE_EXTENSIONS, SPLIT_NAMES
 from ..errors import EmbedcacheError
 
 LAYOUTS = {".tar": "webdataset", ".parquet": "parquet"}
