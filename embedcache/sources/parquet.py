@@ -98,7 +98,8 @@ def _parquet_file(path: Path, image_column: str):
         return f"not a Parquet file ({str(e)[:40]})"
     if image_column not in pf.schema_arrow.names:
         raise EmbedcacheError(
-            f"{path} has no column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)}); pass --image-column"
+            f"{path} has no column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+            "pass --image-column"
         )
     return pf
 
