@@ -27,7 +27,16 @@ from ..config import (
 )
 from . import show
 from .group import main
-from .options import all_options, data_verb, emit_json, out_option, output_options, say, settings
+from .options import (
+    all_options,
+    data_verb,
+    emit_json,
+    emit_metrics,
+    out_option,
+    output_options,
+    say,
+    settings,
+)
 
 
 @data_verb(ExtractConfig, "HDF5 file to write (resumed or updated if it exists).")
@@ -149,7 +158,7 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
         cache, out=out, config=settings(HeadConfig, values), progress=not quiet and not as_json
     )
     if as_json:
-        emit_json({**r.metrics, "files": {k: str(v) for k, v in r.files.items()}})
+        emit_metrics(r)
     else:
         show.head(r)
 
@@ -248,7 +257,7 @@ def finetune(data, out, quiet, as_json, **values):
     if not from_env().is_main:  # under torchrun, rank 0 speaks for the job
         return
     if as_json:
-        emit_json({**r.metrics, "files": {k: str(v) for k, v in r.files.items()}})
+        emit_metrics(r)
     else:
         show.finetuned(r)
 

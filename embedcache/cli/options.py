@@ -166,6 +166,11 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def emit_metrics(r) -> None:
+    """A training result as JSON: its metrics and the files it wrote."""
+    emit_json({**r.metrics, "files": {k: str(v) for k, v in r.files.items()}})
+
+
 def say(quiet: bool):
     return None if quiet else (lambda line: click.echo(line, err=True))
 
