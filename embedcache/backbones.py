@@ -30,7 +30,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .data import EvalTransform
+from .data.transform import EvalTransform
 from .errors import EmbedcacheError
 from .identity import FeatureIdentity
 from .weights import (
@@ -301,7 +301,8 @@ def _split_timm(m: nn.Module) -> Split:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """(namespace, model name): ``timm:resnet18`` -> (timm, resnet18), ``resnet18`` -> ('', resnet18)."""
+    """(namespace, model name): ``timm:resnet18`` -> (timm, resnet18),
+    ``resnet18`` -> ('', resnet18)."""
     namespace, sep, model_name = name.partition(":")
     return (namespace, model_name) if sep else ("", name)
 
@@ -514,12 +515,14 @@ def _unknown(name: str) -> EmbedcacheError:
     if family is not None:  # timm:NAME: the close names are that library's own
         hint = _suggest(model_name, family.names())
         return EmbedcacheError(
-            f"unknown {namespace} model {model_name!r}.{hint} ({namespace}.list_models() lists them)"
+            f"unknown {namespace} model {model_name!r}.{hint} "
+            f"({namespace}.list_models() lists them)"
         )
     plain = {n for key, spec in _REGISTRY.items() if ":" not in key for n in spec.names()}
     hint = _suggest(name, sorted(set(LISTED) | plain))
     return EmbedcacheError(
-        f"unknown backbone {name!r}.{hint} Run `embedcache backbones` for the list, or use timm:NAME for any timm model"
+        f"unknown backbone {name!r}.{hint} "
+        "Run `embedcache backbones` for the list, or use timm:NAME for any timm model"
     )
 
 
@@ -589,7 +592,8 @@ def _feature_dim(net: FeatureNet, size: int, name: str) -> int:
             out = meta(torch.empty(2, 3, size, size, device="meta"))
     except Exception as e:  # noqa: BLE001
         raise EmbedcacheError(
-            f"backbone {name} does not accept {size}px images ({str(e).splitlines()[0][:160]}); pick another --image-size"
+            f"backbone {name} does not accept {size}px images ({str(e).splitlines()[0][:160]}); "
+            "pick another --image-size"
         ) from None
     if out.ndim != 2:
         raise EmbedcacheError(

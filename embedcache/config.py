@@ -1,4 +1,5 @@
-"""Every choice and default of the verbs, defined once: the library validates them, the CLI shows them.
+"""Every choice and default of the verbs, defined once: the library validates them, the CLI
+shows them.
 
 Each verb that takes many settings takes one frozen config. A field carries its
 default, its allowed values and its help text (in ``metadata``), so the command
@@ -21,6 +22,7 @@ AUGMENTS = ("none", "light", "strong")
 PREFIX_MODES = ("auto", "memory", "disk", "off")
 JOINS = ("auto", "copy", "virtual")
 DECODERS = ("auto", "cpu", "gpu")
+EXPORT_FORMATS = ("onnx", "torchscript")
 HEAD_KINDS = ("auto", "linear", "mlp", "logreg", "knn")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -29,7 +31,9 @@ def setting(default, help: str, *, choices=None, low=None, high=None, flags=(), 
     """A config field with its command-line description.
 
     ``low``/``high`` bound numbers (``high`` exclusive for floats), ``flags`` are
-    extra option names (``-b``), ``kind`` the value type when the default is None.
+    extra option names (``-b``), ``kind`` the value type when the default is None,
+    or what a path option names: ``"file"``, ``"folder"`` or ``"existing"`` (a path
+    that must exist).
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags}
     meta["kind"] = kind or (type(default) if default is not None else str)
@@ -39,7 +43,8 @@ def setting(default, help: str, *, choices=None, low=None, high=None, flags=(), 
 
 
 def _check_fields(cfg) -> None:
-    """Validate every field against its metadata: one place for the plain range and choice checks."""
+    """Validate every field against its metadata: one place for the plain range and choice
+    checks."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         option = "--" + f.name.replace("_", "-")
@@ -132,6 +137,38 @@ def _seed():
     return setting(0, "Seed of the held-out split, initialisation and shuffling.")
 
 
+def _batch_size():
+    return setting(
+        None,
+        "Images per forward pass, or auto: on a GPU the largest power of two up to 1024 that fits "
+        "in 80% of its memory, probed once [default: 8 on CPU, 128 on GPU].",
+        low=1,
+        kind="int-or-auto",
+    )
+
+
+def _augment(what: str):
+    return setting(
+        "light",
+        f"{what} (light: random resized crop + flip; none for images whose label a crop or "
+        "flip would change).",
+        choices=AUGMENTS,
+    )
+
+
+def _views(help: str):
+    return setting(4, help, low=0)
+
+
+def _tta(default_help: str):
+    return setting(
+        None,
+        "Test-time averaging: the mean of the logits of each image and its mirror "
+        f"[default: {default_help}].",
+        kind=bool,
+    )
+
+
 def _num_workers():
     return setting(
         None,
@@ -147,13 +184,7 @@ class ExtractConfig(_Config):
 
     backbone: str = _backbone()
     weights: str = _weights()
-    batch_size: int | str | None = setting(
-        None,
-        "Images per forward pass, or auto: on a GPU the largest power of two up to 1024 that fits "
-        "in 80% of its memory, probed once [default: 8 on CPU, 128 on GPU].",
-        low=1,
-        kind="int-or-auto",
-    )
+    batch_size: int | str | None = _batch_size()
     num_workers: int | None = _num_workers()
     device: str = _device()
     dtype: str = setting("float16", "Stored feature precision.", choices=DTYPES)
@@ -302,7 +333,8 @@ class FinetuneConfig(_Config):
     )
     unfreeze: str = setting(
         "2",
-        "Blocks to train, counted from the end (see `embedcache backbones`); 0 = head only, all = everything.",
+        "Blocks to train, counted from the end (see `embedcache backbones`); 0 = head only, "
+        "all = everything.",
     )
     epochs: int = setting(10, "At most this many epochs.", low=1)
     lr: float | None = setting(
@@ -317,15 +349,10 @@ class FinetuneConfig(_Config):
     batch_size: int = setting(
         32, "Images per step (under torchrun: the global batch, split across ranks).", low=1
     )
-    augment: str = setting(
-        "light",
-        "Train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",
-        choices=AUGMENTS,
-    )
-    views: int = setting(
-        4,
-        "Augmented views per image computed once through the frozen prefix; epochs cycle through them (0: fresh augmentation every epoch, no prefix cache).",
-        low=0,
+    augment: str = _augment("Train-time augmentation")
+    views: int = _views(
+        "Augmented views per image computed once through the frozen prefix; epochs cycle "
+        "through them (0: fresh augmentation every epoch, no prefix cache)."
     )
     prefix_cache: str = setting(
         "auto",
@@ -364,7 +391,8 @@ class FinetuneConfig(_Config):
 
     @property
     def head_lr(self) -> float:
-        """The head's learning rate: 3e-4 for a trained head (it only needs adjusting), 1e-3 for a fresh one."""
+        """The head's learning rate: 3e-4 for a trained head (it only needs adjusting), 1e-3 for
+        a fresh one."""
         if self.lr is not None:
             return self.lr
         return 3e-4 if self.head is not None else 1e-3
@@ -390,15 +418,10 @@ class CompareConfig(_Config):
         30, "At most this many epochs of the tutorial recipe (early stopping, patience 5).", low=1
     )
     finetune_epochs: int = setting(10, "At most this many epochs of each finetune run.", low=1)
-    augment: str = setting(
-        "light",
-        "finetune's train-time augmentation (light: random resized crop + flip; none for images whose label a crop or flip would change).",
-        choices=AUGMENTS,
-    )
-    views: int = setting(
-        4,
-        "Views per training image for the rows of a head trained on cached views (0: leave those rows out).",
-        low=0,
+    augment: str = _augment("finetune's train-time augmentation")
+    views: int = _views(
+        "Views per training image for the rows of a head trained on cached views "
+        "(0: leave those rows out)."
     )
     tutorial: bool = setting(
         True, "Include the tutorial recipe (the slowest row, the time reference)."
@@ -460,7 +483,8 @@ class ExportFeaturesConfig(_Config):
     )
     dtype: str = setting(
         "stored",
-        "Feature dtype of the .npy files: stored keeps the cache's; float32 for tools that need it.",
+        "Feature dtype of the .npy files: stored keeps the cache's; float32 for tools that "
+        "need it.",
         choices=("stored", *DTYPES),
     )
     chunk_rows: int = setting(
@@ -468,3 +492,59 @@ class ExportFeaturesConfig(_Config):
         "Rows per img_emb_K.npy / metadata_K.parquet pair (clip-retrieval writes 1,000,000).",
         low=1,
     )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(_Config):
+    """Settings of :func:`embedcache.evaluate` (``embedcache evaluate``)."""
+
+    split: str = setting("test", "train, val, test or all.")
+    plot: str | None = setting(
+        None,
+        "Confusion matrix PNG [default: MODEL.SPLIT.confusion.png next to MODEL].",
+        kind="file",
+    )
+    tta: bool | None = _tta(
+        "on when DATA is a cache that stores them (extract --views), or images and MODEL a head "
+        "trained on views"
+    )
+    exclude: str | None = setting(None, EXCLUDE_HELP, kind="file")
+    device: str = _device()
+    batch_size: int | str | None = _batch_size()
+    num_workers: int | None = _num_workers()
+
+
+@dataclass(frozen=True)
+class PredictConfig(_Config):
+    """Settings of :func:`embedcache.predict` (``embedcache predict``)."""
+
+    top_k: int = setting(3, "Classes shown per image, the most probable first.", low=1)
+    tta: bool | None = _tta("on when MODEL is a head trained on views (extract --views)")
+    device: str = _device()
+    batch_size: int | str | None = _batch_size()
+    num_workers: int | None = _num_workers()
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Config):
+    """Settings of :func:`embedcache.exporting.export` (``embedcache export``)."""
+
+    format: str = setting(
+        "onnx",
+        "ONNX (onnxruntime, TensorRT, ...) or TorchScript (torch.jit.load).",
+        choices=EXPORT_FORMATS,
+    )
+
+
+@dataclass(frozen=True)
+class DemoConfig(_Config):
+    """Settings of :func:`embedcache.quickstart.demo` (``embedcache demo``)."""
+
+    data: str | None = setting(
+        None, "Run on your own folder instead of the built-in digits.", kind="existing"
+    )
+    workdir: str = setting(
+        "runs/demo", "Where the cache, heads, models and results go.", kind="folder"
+    )
+    image_size: int | None = _image_size("64 for the digits, the weights' own otherwise")
+    tutorial_epochs: int = setting(30, "At most this many epochs of the tutorial recipe.", low=1)

@@ -99,7 +99,8 @@ def _attempt(fn: Callable[[], T]) -> tuple[bool, object, BaseException | None]:
 
 
 def from_env() -> Group:
-    """The rank, world size and local rank torchrun put in the environment (1 process without it)."""
+    """The rank, world size and local rank torchrun put in the environment
+    (1 process without it)."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))

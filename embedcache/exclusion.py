@@ -39,7 +39,8 @@ class Exclusion:
             example = next(iter(sorted(self.paths)))
             raise EmbedcacheError(
                 f"none of the {len(self.paths)} paths in --exclude {self.file} is in {where} "
-                f"(e.g. {example!r}); paths must be relative to the data root, as the audit CSVs write them"
+                f"(e.g. {example!r}); "
+                "paths must be relative to the data root, as the audit CSVs write them"
             )
 
 
@@ -82,6 +83,7 @@ def read_exclude(file: str | Path | None) -> Exclusion | None:
         paths = [r[0].strip() for r in rows]
     else:
         raise EmbedcacheError(
-            f"--exclude {file} has no path column; give a CSV with a header naming path (as the audit writes) or one path per line"
+            f"--exclude {file} has no path column; "
+            "give a CSV with a header naming path (as the audit writes) or one path per line"
         )
     return Exclusion(file, frozenset(p for p in paths if p))

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .backbones import EvalTransform
+from .config import EXPORT_FORMATS as FORMATS
 from .errors import EmbedcacheError
 from .inference import load_classifier
 from .outputs import claim, write_file, write_text
 
-FORMATS = ("onnx", "torchscript")
 INSTALL = "pip install 'embedcache[export]'"
 
 

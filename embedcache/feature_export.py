@@ -47,7 +47,10 @@ class FeatureExport:
 
     def summary(self) -> str:
         rows = ", ".join(f"{s} {n}" for s, n in self.splits.items())
-        return f"wrote {self.path}: {rows} rows of {self.feature_dim} {self.dtype} features in {len(self.files)} files"
+        return (
+            f"wrote {self.path}: {rows} rows of {self.feature_dim} {self.dtype} "
+            f"features in {len(self.files)} files"
+        )
 
 
 def _check_out(out: Path) -> None:
@@ -64,12 +67,14 @@ def _check_out(out: Path) -> None:
         ours = False
     if not ours:
         raise EmbedcacheError(
-            f"--out {out} holds files that export-features did not write; choose a new or empty folder"
+            f"--out {out} holds files that export-features did not write; "
+            "choose a new or empty folder"
         )
 
 
 def _keys(paths: list[str], layout: str) -> list[str]:
-    """The sample keys: the WebDataset key or Parquet row in a shard, else the path minus its suffix."""
+    """The sample keys: the WebDataset key or Parquet row in a shard,
+    else the path minus its suffix."""
     if is_shard_layout(layout):
         return [p[len(shard_of(p, layout)) + 1 :] for p in paths]
     return [os.path.splitext(p)[0] for p in paths]

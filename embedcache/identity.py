@@ -33,7 +33,8 @@ class FeatureIdentity:
         return dataclasses.asdict(self)
 
     def differences(self, other: FeatureIdentity) -> list[str]:
-        """'field mine vs other' for each field both have that differs (the transform key by key)."""
+        """'field mine vs other' for each field both have that differs
+        (the transform key by key)."""
         names = [f.name for f in dataclasses.fields(self) if hasattr(other, f.name)]
         diff = [
             f"{n} {getattr(self, n)} vs {getattr(other, n)}"

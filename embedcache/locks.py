@@ -52,7 +52,8 @@ def _acquire(path: Path, verb: str) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise EmbedcacheError(
-                f"cannot write next to --out {str(path)[: -len('.lock')]} ({e.strerror}); choose a writable location"
+                f"cannot write next to --out {str(path)[: -len('.lock')]} ({e.strerror}); "
+                "choose a writable location"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,7 +61,9 @@ def _acquire(path: Path, verb: str) -> int:
             holder = _holder(fd)
             os.close(fd)
             raise EmbedcacheError(
-                f"another `embedcache {verb}` (pid {holder}) is writing {str(path)[: -len('.lock')]}; wait for it to finish, or choose another --out"
+                f"another `embedcache {verb}` (pid {holder}) "
+                f"is writing {str(path)[: -len('.lock')]}; "
+                "wait for it to finish, or choose another --out"
             ) from None
         except BaseException:
             os.close(fd)

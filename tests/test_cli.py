@@ -73,7 +73,8 @@ def test_extract_json_summary(runner, tree, tmp_path):
         ),
         (
             ["info", "nope.h5"],
-            "Error: cache nope.h5 does not exist; create it with `embedcache extract DATA --out nope.h5`",
+            "Error: cache nope.h5 does not exist; "
+            "create it with `embedcache extract DATA --out nope.h5`",
         ),
         (["info", "{tree}/train/cat/cat_000.png"], "is not a readable HDF5 file"),
         (
@@ -124,6 +125,10 @@ def test_help_explains_every_command(runner):
         ("finetune", "FinetuneConfig"),
         ("compare", "CompareConfig"),
         ("export-features", "ExportFeaturesConfig"),
+        ("evaluate", "EvaluateConfig"),
+        ("predict", "PredictConfig"),
+        ("export", "ExportConfig"),
+        ("demo", "DemoConfig"),
     ],
 )
 def test_cli_options_take_defaults_and_choices_from_the_library_config(command, config):

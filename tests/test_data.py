@@ -328,3 +328,28 @@ def test_any_exception_a_decoder_raises_on_one_file_is_a_reason(tmp_path, monkey
         UnreadableImage, match=r"^cannot decode: IndexError list index out of range$"
     ):
         load_rgb(path)
+
+
+def test_a_tar_member_whose_shard_is_gone_is_unreadable_with_a_reason(tmp_path):
+    from embedcache.sources import TarMember
+
+    member = TarMember(tmp_path / "gone.tar", 512, 100)  # the shard was deleted after listing
+    with pytest.raises(UnreadableImage, match=r"^file not found$"):
+        member.read_bytes()
+    with pytest.raises(UnreadableImage, match=r"^file not found$"):
+        load_rgb(member)
+
+
+@pytest.mark.parametrize("size", [(40, 40), (50, 70), (70, 50), (333, 41), (41, 333)])
+def test_cpu_and_gpu_decoders_share_torchvisions_resize_and_crop_geometry(size):
+    from torchvision.transforms import CenterCrop, Resize
+
+    from embedcache.data import resize_geometry
+
+    t = EvalTransform(resize=40, crop=32)
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    resized = Resize(t.resize)(Image.fromarray(pixels))
+    nw, nh, top, left = resize_geometry(*size, t)
+    assert (nw, nh) == resized.size
+    crop = np.asarray(resized)[top : top + t.crop, left : left + t.crop]
+    assert np.array_equal(crop, np.asarray(CenterCrop(t.crop)(resized)))

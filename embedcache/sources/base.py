@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import (
-    SPLIT_NAMES,
-    UnreadableImage,
-)
+from ..data.decode import UnreadableImage
+from ..data.listing import SPLIT_NAMES
 from ..errors import EmbedcacheError
 
 SPLIT_FIELD = "split"

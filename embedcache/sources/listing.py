@@ -10,15 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ExtractConfig
-from ..data import (
-    SPLIT_NAMES,
-    SPLIT_ORDER,
-    UNLABELLED,
-    ImageSet,
-    Sample,
-    holdout,
-)
-from ..data import scan as scan_files
+from ..data.listing import SPLIT_NAMES, SPLIT_ORDER, UNLABELLED, ImageSet, Sample
+from ..data.listing import scan as scan_files
+from ..data.splits import holdout
 from ..errors import EmbedcacheError
 from .base import Broken, Entry
 from .parquet import list_parquet
@@ -63,7 +57,9 @@ def _classes(raw: list, known: list[str] | None) -> tuple[list[str], np.ndarray]
         unknown = sorted(set(labelled) - set(index))
         if unknown:
             raise EmbedcacheError(
-                f"labels {', '.join(unknown[:3])} are not in the class list ({', '.join(CLASS_SIDECARS)} or the file's metadata); add them there"
+                f"labels {', '.join(unknown[:3])} are not in the class list "
+                f"({', '.join(CLASS_SIDECARS)} or the file's metadata); "
+                "add them there"
             )
         return names, np.array([index[x] if x is not None else UNLABELLED for x in raw], np.int64)
     if not all(isinstance(x, int) for x in labelled):
@@ -72,7 +68,9 @@ def _classes(raw: list, known: list[str] | None) -> tuple[list[str], np.ndarray]
     names = known or [str(i) for i in range(top + 1)]
     if min(labelled) < 0 or top >= len(names):
         raise EmbedcacheError(
-            f"label {top if top >= len(names) else min(labelled)} is outside the {len(names)} class names; fix the labels or the class list"
+            f"label {top if top >= len(names) else min(labelled)} "
+            f"is outside the {len(names)} class names; "
+            "fix the labels or the class list"
         )
     return names, np.array([UNLABELLED if x is None else x for x in raw], np.int64)
 
@@ -131,6 +129,7 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
     ]
     if not rows:
         raise EmbedcacheError(
-            f"no samples with a {'/'.join(IMAGE_MEMBERS)} member in {len(shards)} shards under {root}"
+            f"no samples with a {'/'.join(IMAGE_MEMBERS)} member in {len(shards)} "
+            f"shards under {root}"
         )
     return ImageSet(root, layout, classes, _splits(rows, bool(classes), cfg))

@@ -9,9 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import (
-    UnreadableImage,
-)
+from ..data.decode import UnreadableImage
 from ..errors import EmbedcacheError
 from .base import SPLIT_FIELD, Broken, Entry, sample_split
 
@@ -100,7 +98,8 @@ def _parquet_file(path: Path, image_column: str):
         return f"not a Parquet file ({str(e)[:40]})"
     if image_column not in pf.schema_arrow.names:
         raise EmbedcacheError(
-            f"{path} has no column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)}); pass --image-column"
+            f"{path} has no column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+            "pass --image-column"
         )
     return pf
 

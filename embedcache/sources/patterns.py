@@ -8,10 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from ..data import (
-    IMAGE_EXTENSIONS,
-    SPLIT_NAMES,
-)
+from ..data.listing import IMAGE_EXTENSIONS, SPLIT_NAMES
 from ..errors import EmbedcacheError
 
 LAYOUTS = {".tar": "webdataset", ".parquet": "parquet"}
@@ -49,7 +46,8 @@ def _top_level_split(body: str) -> list[str]:
 
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> three names; ``{train,val}`` -> two; nested and repeated braces
-    expand outermost first, left to right, as a shell does (numbers keep the first bound's width)."""
+    expand outermost first, left to right, as a shell does
+    (numbers keep the first bound's width)."""
     span = _outer_brace(pattern)
     if span is None:
         return [pattern]
@@ -59,7 +57,8 @@ def expand_braces(pattern: str) -> list[str]:
         lo, hi, width = int(r.group(1)), int(r.group(2)), len(r.group(1))
         if hi < lo:
             raise EmbedcacheError(
-                f"brace range {{{body}}} in {pattern!r} counts down; write {{{r.group(2)}..{r.group(1)}}}"
+                f"brace range {{{body}}} in {pattern!r} counts down; "
+                f"write {{{r.group(2)}..{r.group(1)}}}"
             )
         choices = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
     else:
@@ -123,7 +122,8 @@ def shard_files(data, split_shards: str | None = None) -> tuple[Path, list[tuple
         base = Path(str(data))
         if not base.is_dir():
             raise EmbedcacheError(
-                f"with --split-shards DATA is the folder the patterns are relative to; {base} is not a folder"
+                "with --split-shards DATA is the folder the patterns are relative to; "
+                f"{base} is not a folder"
             )
         listed = [(p, s) for s, pat in _split_patterns(split_shards) for p in _matches(pat, base)]
     else:
@@ -145,7 +145,8 @@ def shard_files(data, split_shards: str | None = None) -> tuple[Path, list[tuple
     kinds = {LAYOUTS.get(p.suffix) for p, _ in unique}
     if None in kinds or len(kinds) > 1:
         raise EmbedcacheError(
-            f"shard sources are .tar files or .parquet files, not a mix; got {', '.join(sorted({p.suffix or p.name for p, _ in unique}))}"
+            "shard sources are .tar files or .parquet files, not a mix; "
+            f"got {', '.join(sorted({p.suffix or p.name for p, _ in unique}))}"
         )
     root = Path(os.path.commonpath([p.parent for p, _ in unique]))
     return root, unique

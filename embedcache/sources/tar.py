@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import (
-    UnreadableImage,
-)
+from ..data.decode import UnreadableImage, os_reason
 from .base import SPLIT_FIELD, Broken, Entry, sample_split
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # WebDataset image extensions, in preference order
@@ -45,8 +43,6 @@ class TarMember:
             finally:
                 os.close(fd)
         except OSError as e:
-            from .data import os_reason
-
             raise UnreadableImage(os_reason(e)) from None
         if len(data) < self.size:
             raise UnreadableImage("truncated member (the shard ends inside it)")

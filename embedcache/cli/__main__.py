@@ -1,0 +1,5 @@
+"""``python -m embedcache.cli``: the command line."""
+
+from . import main
+
+main()
