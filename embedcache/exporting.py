@@ -21,7 +21,7 @@ from torch import nn
 
 from .backbones import EvalTransform
 from .errors import EmbedcacheError
-from .inference import load_classifier
+from .models import load_classifier
 from .outputs import claim, write_file, write_text
 
 FORMATS = ("onnx", "torchscript")

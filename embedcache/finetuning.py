@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, EvalTransform, FeatureNet, Normalise, build_backbone
+from .backbones import Backbone, Normalise, build_backbone
 from .cache import Rows, memory_budget
 from .checkpoint import FinetuneState, HeadCheckpoint, ModelCheckpoint, Recorded, TrainedOn
 from .config import FinetuneConfig
@@ -35,65 +35,17 @@ from .data import ImageSet, augment, decoded_batches, paths_digest, scan
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
 from .exclusion import excluded
-from .extraction import check_batch_memory, forward_images
+from .forward import check_batch_memory, forward_images
 from .heads import Head, Standardize, init_template
 from .locks import exclusive
+from .models import FinetunedModel, build_model
 from .runtime import (
     Run,
     autocast_dtype,
     default_num_workers,
-    resolve_device,
     seeded,
     tune_allocator,
 )
-
-
-class FinetunedModel(nn.Module):
-    """Backbone blocks, pooling and head: normalised images (N, 3, H, W) -> logits (N, C).
-
-    ``start`` is the index of the first trainable block. ``train()`` leaves the
-    frozen blocks in eval mode, so their BatchNorm statistics never move; with
-    ``bn_stats=False`` (the default) the unfrozen blocks' BatchNorm layers keep
-    their pretrained statistics too and only their scale and shift learn.
-    """
-
-    def __init__(
-        self,
-        net: FeatureNet,
-        head: Head,
-        start: int,
-        transform: EvalTransform,
-        bn_stats: bool = False,
-    ):
-        super().__init__()
-        self.net, self.head, self.start, self.bn_stats = net, head, start, bn_stats
-        self.transform = transform  # the preprocessing it expects (see Normalise)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.net(x))
-
-    def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen blocks' output (what the prefix cache stores)."""
-        return self.net.prefix(x, self.start)
-
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits from prefix activations: the trainable part only."""
-        return self.head(self.net(h, start=self.start))
-
-    def train(self, mode: bool = True) -> FinetunedModel:
-        super().train(mode)
-        for block in self.net.blocks[: self.start]:
-            block.eval()
-        if self.start == len(self.net.blocks):  # --unfreeze 0: pooling layers stay frozen too
-            self.net.pool.eval()
-        if not self.bn_stats:
-            # Small fine-tuning batches drag running statistics away from what the cached
-            # head was trained on: on hymenoptera, val accuracy fell from 95.4% to 90.8%
-            # after one epoch at lr 3e-5 with them updating (Keras' guide advises the same).
-            for m in self.net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
 
 @dataclass
@@ -1018,29 +970,3 @@ def finetune(
         files = group.on_main(lambda: _summarise(setup, fit, plan, prefix))
     ckpt = ModelCheckpoint.load(out)
     return FinetuneResult(build_model(ckpt, torch.device("cpu")), ckpt.metrics, out, files)
-
-
-def build_model(ckpt: ModelCheckpoint, device: torch.device) -> FinetunedModel:
-    """A FinetunedModel (eval mode) from a fine-tuned model checkpoint."""
-    bb = model_backbone(ckpt, device)
-    model = FinetunedModel(bb.net, ckpt.head_module(), ckpt.start, bb.transform, ckpt.bn_stats)
-    return model.to(device).eval()
-
-
-def model_backbone(ckpt: ModelCheckpoint, device: torch.device) -> Backbone:
-    """The fine-tuned backbone of a checkpoint: the architecture rebuilt, its weights loaded."""
-    ident = ckpt.recorded.identity
-    bb = build_backbone(ident.backbone, weights="none", image_size=ckpt.recorded.crop, device="cpu")
-    bb.net.load_state_dict(ckpt.net_state_dict)
-    bb.net.to(device).eval()
-    bb.transform = EvalTransform.from_json(ident.transform)
-    bb.weights = f"finetuned from {ident.weights}"
-    return bb
-
-
-def load_model(path: str | Path, device: str = "cpu") -> FinetunedModel:
-    """A fine-tuned model as a plain nn.Module (eval mode): normalised images -> logits.
-
-    ``model.transform`` is the preprocessing it expects (see embedcache.backbones.Normalise).
-    """
-    return build_model(ModelCheckpoint.load(path), resolve_device(device))

@@ -2,118 +2,25 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones import Backbone, Normalise, build_backbone
 from .cache import open_cache
-from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
-from .data import IMAGE_EXTENSIONS, paths_digest, preprocess, scan, with_views
+from .data import IMAGE_EXTENSIONS, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, read_exclude
-from .extraction import check_batch_memory, forward_images
-from .finetuning import model_backbone
+from .forward import image_features
+from .models import Classifier, load_classifier
 from .outputs import claim
 from .runtime import (
     Run,
-    compile_mode,
-    compiled,
     default_batch_size,
     default_num_workers,
     resolve_device,
     tune_allocator,
 )
-
-
-@dataclass
-class Classifier:
-    """A head (on cached features) or a fine-tuned model (on images), with what it expects."""
-
-    checkpoint: HeadCheckpoint | ModelCheckpoint
-    head: torch.nn.Module  # features (N, D) -> logits (N, C)
-
-    @property
-    def kind(self) -> str:
-        return "head" if isinstance(self.checkpoint, HeadCheckpoint) else "model"
-
-    @property
-    def classes(self) -> list[str]:
-        return self.checkpoint.classes
-
-    @property
-    def path(self) -> Path:
-        return self.checkpoint.path
-
-    @property
-    def trained_on_views(self) -> bool:
-        """A head trained on a cache's views (extract --views): test-time averaging suits it."""
-        views = self.checkpoint.metrics.get("views", {}) if self.kind == "head" else {}
-        return bool(views.get("used", 0))
-
-    def logits(self, features: np.ndarray, mirror: np.ndarray | None = None) -> torch.Tensor:
-        """Logits of features (N, D); with the mirrored images' features, the mean of both."""
-        with torch.no_grad():
-            z = self.head(torch.from_numpy(features))
-            return z if mirror is None else (z + self.head(torch.from_numpy(mirror))) / 2
-
-    def backbone(self, device: torch.device) -> Backbone:
-        """The backbone these features come from: rebuilt from what the checkpoint recorded."""
-        if isinstance(self.checkpoint, ModelCheckpoint):
-            return model_backbone(self.checkpoint, device)
-        rec = self.checkpoint.recorded
-        bb = build_backbone(
-            rec.identity.backbone, weights=rec.weights_arg, image_size=rec.crop, device=device
-        )
-        rec.identity.check(
-            bb.identity(),
-            subject=f"{self.path} was trained on other features than rebuilding its backbone gives",
-            mine="head",
-            theirs="rebuilt",
-            hint="pass the same weights file or re-train the head",
-        )
-        return bb
-
-
-def load_classifier(path: str | Path) -> Classifier:
-    """Load a head (train-head) or a fine-tuned model (finetune) checkpoint."""
-    ckpt = load_classifier_checkpoint(path)
-    head = ckpt.module() if isinstance(ckpt, HeadCheckpoint) else ckpt.head_module()
-    return Classifier(ckpt, head)
-
-
-def image_features(
-    bb: Backbone, files: list[Path], run: Run, *, desc: str = "features", mirror: bool = False
-) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Run the backbone over image files (with ``mirror``, over each image and its mirror).
-
-    Returns
-    -------
-    features : ndarray of shape (n_ok, D), float32; with ``mirror`` (n_ok, 2, D)
-    ok : ndarray of shape (n_ok,), indices into ``files``
-    failed : {index: reason} for files that could not be decoded
-    """
-    batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
-    check_batch_memory(batch, bb.transform.crop, run.device)
-    net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    net = compiled(
-        net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)
-    )
-    norm = Normalise(bb.transform).to(run.device)
-    if mirror:  # each item decodes to (2, H, W, 3): the eval crop and its mirror
-        files = [(f, 1, (0, 0)) for f in files]
-        decode = functools.partial(with_views, t=bb.transform)
-        fn = lambda x: net(norm(x.flatten(0, 1))).float().unflatten(0, (len(x), 2))  # noqa: E731
-    else:
-        decode = functools.partial(preprocess, t=bb.transform)
-        fn = lambda x: net(norm(x)).float()  # noqa: E731
-    feats, ok, failed = forward_images(fn, files, decode, run, desc=desc)
-    if feats is None:
-        feats = np.zeros((0, 2, bb.feature_dim) if mirror else (0, bb.feature_dim), np.float32)
-    return feats, ok, failed
 
 
 def _tta(tta: bool | None, clf: Classifier) -> bool:

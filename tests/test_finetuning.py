@@ -16,7 +16,8 @@ from embedcache.backbones import Normalise, build_backbone
 from embedcache.checkpoint import HeadCheckpoint
 from embedcache.data import preprocess
 from embedcache.errors import EmbedcacheError
-from embedcache.finetuning import FinetunedModel, _fresh_head, _reattach, freeze
+from embedcache.finetuning import _fresh_head, _reattach, freeze
+from embedcache.models import FinetunedModel
 
 FT = {
     "backbone": "resnet18",
