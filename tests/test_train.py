@@ -10,7 +10,8 @@ import embedcache.train as train_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
 from embedcache.probe import fit_logreg
-from embedcache.train import _to_device, load_head
+from embedcache.train import load_head
+from embedcache.train.sweep import _to_device
 
 FAST = {"device": "cpu", "progress": False}
 LINEAR = {**FAST, "head": "linear"}  # the AdamW-trained torch head, for what trains in epochs
