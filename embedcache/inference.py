@@ -12,7 +12,7 @@ from .data import IMAGE_EXTENSIONS, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, read_exclude
 from .forward import image_features
-from .models import Classifier, load_classifier
+from .models import Classifier, labelled, load_classifier
 from .outputs import claim
 from .runtime import (
     Run,
@@ -47,7 +47,8 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
     unknown = [c for c in data_classes if c not in model_classes]
     if unknown:
         raise EmbedcacheError(
-            f"{source} has classes the model does not know ({', '.join(unknown[:5])}); the model knows {', '.join(model_classes[:10])}"
+            f"{source} has classes the model does not know ({', '.join(unknown[:5])}); "
+            f"the model knows {', '.join(model_classes[:10])}"
         )
     return np.array([model_classes.index(c) for c in data_classes], dtype=np.int64)
 
@@ -59,7 +60,8 @@ def _cache_split(
     against the head. The mirrors are read when ``tta``, or when None and the cache has them."""
     if clf.kind == "model":
         raise EmbedcacheError(
-            f"{clf.path} is a fine-tuned model, whose features differ from any cache; pass the image folder instead of {data}"
+            f"{clf.path} is a fine-tuned model, whose features differ from any cache; "
+            f"pass the image folder instead of {data}"
         )
     with open_cache(data) as c:
         clf.checkpoint.recorded.identity.check(
@@ -77,7 +79,8 @@ def _cache_split(
         sd, views = c.split(split), c.views(split)
         if tta and views is None:
             raise EmbedcacheError(
-                f"--tta needs the mirrored images, and cache {data} has none; extract it with --views 1 or more, or pass --no-tta"
+                f"--tta needs the mirrored images, and cache {data} has none; "
+                "extract it with --views 1 or more, or pass --no-tta"
             )
         mirror = views[:, 0].astype(np.float32) if views is not None and tta is not False else None
         keep = drop.keep(sd.paths) if drop is not None else np.ones(len(sd), bool)
@@ -172,12 +175,12 @@ def evaluate(
         features, mirror, labels, classes, skipped = _folder_split(
             clf, data, split, on, _tta(tta, clf), drop
         )
-    if len(labels) == 0:
-        raise EmbedcacheError(f"the {split} split of {data} has no readable images")
-    if np.any(labels < 0):
-        raise EmbedcacheError(
-            f"the {split} split of {data} is unlabelled; evaluate needs labels (use predict)"
-        )
+    labelled(
+        labels,
+        empty=f"the {split} split of {data} has no readable images",
+        unlabelled=f"the {split} split of {data} is unlabelled; "
+        "evaluate needs labels (use predict)",
+    )
     y = _map_labels(classes, clf.classes, str(data))[labels]
     logits = clf.logits(features, mirror).numpy()
     pred = logits.argmax(1)
