@@ -106,7 +106,10 @@ def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> d
         "input_dtype": "float32",
         "input_range": [0.0, 1.0],
         "channels": "RGB",
-        "preprocess": f"resize the short side to {t.resize} ({t.interpolation}), centre-crop {t.crop}, scale to [0, 1]",
+        "preprocess": (
+            f"resize the short side to {t.resize} ({t.interpolation}), "
+            f"centre-crop {t.crop}, scale to [0, 1]"
+        ),
         "normalisation": {"mean": list(t.mean), "std": list(t.std), "applied": "inside the model"},
         "output": "logits",
         "classes": classes,

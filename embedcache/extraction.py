@@ -126,7 +126,8 @@ class ExtractResult:
             return ""
         return (
             f"\nwarning: {self.leaks} file(s) are byte-identical to a file in another split, so "
-            f"accuracy measured on those splits is inflated; run `embedcache audit {self.path} --out audit/`"
+            "accuracy measured on those splits is inflated; "
+            f"run `embedcache audit {self.path} --out audit/`"
         )
 
     def _ignored(self) -> str:
@@ -181,7 +182,8 @@ def _reusable(identity: CacheIdentity, opened: list, subject: str, hint: str) ->
 def _plan(
     out: Path, identity: CacheIdentity, images: ImageSet, overwrite: bool
 ) -> tuple[str, list]:
-    """Decide what to do with existing files at ``out``: ('fresh'|'resume'|'rebuild'|'up_to_date', reusable)."""
+    """Decide what to do with existing files at ``out``:
+    ('fresh'|'resume'|'rebuild'|'up_to_date', reusable)."""
     reuse: list[Cache | PartialCache] = []
     partial = partial_path(out)
     if out.exists() and not overwrite:
@@ -538,7 +540,8 @@ def _join(out: Path, join: str = "auto", allow_empty_class: bool = False) -> Non
 def _open_partial(
     out: Path, mode: str, reuse: list, attrs: dict, images: ImageSet, bb: Backbone
 ) -> PartialCache:
-    """The in-progress file to fill: the one being resumed, or a new one seeded with reusable rows."""
+    """The in-progress file to fill: the one being resumed, or a new one seeded with reusable
+    rows."""
     if mode == "resume":
         return reuse[0]
     try:
