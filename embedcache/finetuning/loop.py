@@ -297,6 +297,7 @@ def _model_checkpoint(setup: Setup, metrics: dict) -> ModelCheckpoint:
 
 
 def last_path(out: Path) -> Path:
+    """Where the state after the last epoch goes, for --resume: OUT.last.pt beside OUT.pt."""
     return out.with_name(out.stem + ".last" + out.suffix)
 
 
