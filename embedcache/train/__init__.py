@@ -337,7 +337,7 @@ def _fit(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size, progress,
 
 def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     """val_acc, val_balanced_acc, val_top5 (more than 5 classes) and val_loss of some logits."""
-    from .report import scores
+    from ..report import scores
 
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     named = {"accuracy": "val_acc", "balanced_accuracy": "val_balanced_acc", "top5": "val_top5"}
@@ -346,8 +346,8 @@ def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 
 def _claim(out, cache, c: Cache) -> None:
     """Refuse an --out that is the cache, another kind of file, or puts plots among the images."""
-    from .outputs import claim
-    from .report import side_files
+    from ..outputs import claim
+    from ..report import side_files
 
     if out is not None:
         root = c.attrs.get("source") if c.attrs.get("layout") not in ("csv", "arrays") else None
@@ -363,7 +363,7 @@ def _claim(out, cache, c: Cache) -> None:
 
 
 def _reports(out: Path, metrics: dict, y_true, y_pred, classes) -> dict[str, Path]:
-    from .report import write_reports
+    from ..report import write_reports
 
     title = f"{metrics['head']} head"
     return write_reports(out, metrics, y_true, y_pred, classes, title=title)
