@@ -1,8 +1,9 @@
 """Feature extraction or fine-tuning? The approaches side by side on the same data and splits.
 
 1. The tutorial recipe: frozen backbone, fresh linear classifier, Adam lr 1e-3,
-   batch 32, up to 30 epochs with early stopping (patience 5 on validation
-   loss), the whole backbone forwarded over every image on every epoch.
+   batch 32, up to ``CompareConfig.tutorial_epochs`` epochs with early stopping
+   (patience 5 on validation loss), the whole backbone forwarded over every image
+   on every epoch.
 2. extract + train-head: the backbone runs once, a linear head (and a sweep)
    trains on the cache; then with ``extract --views K`` (K augmented views per
    training image cached, their forward passes charged) and the same head
@@ -132,7 +133,8 @@ class _TutorialImages(torch.utils.data.Dataset):
 
 
 class EarlyStopper:
-    """The tutorials' early stopper: stop when validation loss has not improved for ``patience`` epochs."""
+    """The tutorials' early stopper: stop when validation loss has not improved for
+    ``patience`` epochs."""
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0):
         self.patience, self.min_delta, self.counter, self.best = patience, min_delta, 0, math.inf
@@ -146,7 +148,8 @@ class EarlyStopper:
 
 
 def _tutorial_loaders(images: ImageSet, bb: Backbone, batch_size: int, seed: int) -> dict:
-    """ImageFolder-style PIL transforms, DataLoader with no workers, fp32: as the courses build them."""
+    """ImageFolder-style PIL transforms, DataLoader with no workers, fp32: as the courses build
+    them."""
     g = torch.Generator().manual_seed(seed)
     loaders = {}
     for s in ("train", "val"):
@@ -186,7 +189,7 @@ def tutorial_recipe(
     images: ImageSet,
     bb: Backbone,
     *,
-    epochs: int = 30,
+    epochs: int = CompareConfig.tutorial_epochs,
     seed: int = 0,
     device: torch.device,
     progress: bool = False,
@@ -450,7 +453,8 @@ def compare(
     log: Callable[[str], None] | None = None,
     **options,
 ) -> Comparison:
-    """Run every approach on ``data`` with the same backbone and splits; write Markdown, JSON and a plot.
+    """Run every approach on ``data`` with the same backbone and splits; write Markdown, JSON
+    and a plot.
 
     ``options`` are the fields of :class:`embedcache.config.CompareConfig` (or pass
     ``config``). ``augment`` is finetune's train-time augmentation (``none``,
@@ -474,7 +478,8 @@ def compare(
     images = excluded(images, cfg.exclude, str(data))  # every approach leaves the same images out
     if "train" not in images.splits or "val" not in images.splits or not images.classes:
         raise EmbedcacheError(
-            f"{data} needs labelled train and val splits to compare approaches (class folders, or train/ and val/)"
+            f"{data} needs labelled train and val splits to compare approaches "
+            "(class folders, or train/ and val/)"
         )
     workdir = _workdir(cfg)
     b = _Bench(Path(data), images, cfg, workdir, progress, say)
@@ -494,16 +499,15 @@ def compare(
         say(f"2/{steps} extract --views {cfg.views}, the linear head on the views")
         rows += _views(b)
     for i, (n, cached) in enumerate((n, c) for n in cfg.unfreeze for c in (True, False)):
-        say(
-            f"{3 + i}/{steps} finetune --unfreeze {n} from the {'cached' if cached else 'fresh'} head"
-        )
+        start = "cached" if cached else "fresh"
+        say(f"{3 + i}/{steps} finetune --unfreeze {n} from the {start} head")
         rows.append(_finetune(b, n, cached))
     return _write(b, rows, cache)
 
 
 def _check_unfreeze(cfg: CompareConfig) -> None:
     """Every --unfreeze value against the backbone's blocks (the architecture alone: no weights)."""
-    from .finetuning import parse_unfreeze
+    from .finetuning.setup import parse_unfreeze
 
     bb = build_backbone(cfg.backbone, weights="none", image_size=cfg.image_size)
     for value in cfg.unfreeze:
@@ -557,9 +561,12 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
     """The comparison as a Markdown table, fastest to slowest as run."""
     tut = rows[0] if rows and rows[0].name == TUTORIAL_ROW else None
     head = [
-        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, {meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val images, {meta['device']}; finetune augmentation: {meta['finetune_augment']}.",
+        f"{title or 'Comparison'}: `{meta['backbone']}` (weights {meta['weights']}, "
+        f"{meta['image_size']} px) on {meta['train_images']} train / {meta['val_images']} val "
+        f"images, {meta['device']}; finetune augmentation: {meta['finetune_augment']}.",
         "",
-        "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time | train images/s | peak memory (MB) | best val acc | balanced | top-5 | epochs |",
+        "| approach | one-off backbone pass (s) | training (s) | total (s) | vs tutorial time "
+        "| train images/s | peak memory (MB) | best val acc | balanced | top-5 | epochs |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -574,7 +581,9 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
         )
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
         head.append(
-            f"| {r.name} | {r.extract_s:.1f} | {r.train_s:.1f} | {r.total_s:.1f} | {ratio} | {r.images_per_s:.0f} | {peak} | {100 * r.best_val_acc:.2f}% | {_pct(r.balanced_val_acc)} | {_pct(r.val_top5)} | {r.epochs} |"
+            f"| {r.name} | {r.extract_s:.1f} | {r.train_s:.1f} | {r.total_s:.1f} | {ratio} "
+            f"| {r.images_per_s:.0f} | {peak} | {100 * r.best_val_acc:.2f}% "
+            f"| {_pct(r.balanced_val_acc)} | {_pct(r.val_top5)} | {r.epochs} |"
         )
     return "\n".join(head)
 

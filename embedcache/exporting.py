@@ -22,7 +22,7 @@ from torch import nn
 from .backbones import EvalTransform
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import EmbedcacheError
-from .inference import load_classifier
+from .models import load_classifier
 from .outputs import claim, write_file, write_text
 
 INSTALL = "pip install 'embedcache[export]'"
@@ -106,7 +106,10 @@ def _describe(t: EvalTransform, classes: list[str], kind: str, format: str) -> d
         "input_dtype": "float32",
         "input_range": [0.0, 1.0],
         "channels": "RGB",
-        "preprocess": f"resize the short side to {t.resize} ({t.interpolation}), centre-crop {t.crop}, scale to [0, 1]",
+        "preprocess": (
+            f"resize the short side to {t.resize} ({t.interpolation}), "
+            f"centre-crop {t.crop}, scale to [0, 1]"
+        ),
         "normalisation": {"mean": list(t.mean), "std": list(t.std), "applied": "inside the model"},
         "output": "logits",
         "classes": classes,

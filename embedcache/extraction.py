@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from .data import (
 )
 from .distributed import Group, process_group
 from .errors import EmbedcacheError
-from .feed import available_memory_bytes
+from .forward import check_batch_memory
 from .identity import CacheIdentity
 from .locks import exclusive
 from .outputs import claim, remove_stale_tmp, shown
@@ -70,12 +69,6 @@ from .runtime import (
 # 7.5-20 s/GB through rank 0 here (benchmarks/results/scale_extract_cpu.md), so 8 GB is
 # minutes of every other rank waiting; below it one self-contained file is worth the wait.
 VIRTUAL_JOIN_BYTES = 8 * 10**9
-
-# Peak memory of a forward pass as a multiple of its float32 input batch, measured on a CPU at
-# 768 px (ru_maxrss): resnet18 7x, efficientnet_lite0 25x, timm test_efficientnet 9x. Training
-# keeps the activations for the backward pass: three times that, as a floor.
-FORWARD_MEMORY_FACTOR = 32
-TRAINING_MEMORY_FACTOR = 3 * FORWARD_MEMORY_FACTOR
 
 # --precision auto on a CPU with native bf16: bf16 only if heads on bf16 features were measured
 # as accurate as on fp32 features (within 0.3 points): benchmarks/results/precision_cpu.md.
@@ -132,7 +125,8 @@ class ExtractResult:
             return ""
         return (
             f"\nwarning: {self.leaks} file(s) are byte-identical to a file in another split, so "
-            f"accuracy measured on those splits is inflated; run `embedcache audit {self.path} --out audit/`"
+            "accuracy measured on those splits is inflated; "
+            f"run `embedcache audit {self.path} --out audit/`"
         )
 
     def _ignored(self) -> str:
@@ -145,24 +139,6 @@ class ExtractResult:
             kinds[kind] = kinds.get(kind, 0) + 1
         top = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
         return f"{len(self.ignored)} ignored ({top}; see embedcache info), "
-
-
-def check_batch_memory(
-    batch_size: int, crop: int, device: torch.device, *, training: bool = False
-) -> None:
-    """Refuse a batch of ``batch_size`` images of ``crop`` pixels whose forward pass (and backward,
-    ``training``) cannot fit in the memory available now, before any work (on a GPU the batch
-    is the device's business: --batch-size auto probes it)."""
-    if device.type == "cuda":
-        return
-    factor = TRAINING_MEMORY_FACTOR if training else FORWARD_MEMORY_FACTOR
-    need, free = batch_size * 3 * crop * crop * 4 * factor, available_memory_bytes()
-    if need > free:
-        raise EmbedcacheError(
-            f"a batch of {batch_size} images of {crop} x {crop} pixels needs about "
-            f"{need / 1e9:.1f} GB and {free / 1e9:.1f} GB of memory is available; "
-            "lower --image-size or --batch-size"
-        )
 
 
 def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[list[int]]]:
@@ -205,7 +181,8 @@ def _reusable(identity: CacheIdentity, opened: list, subject: str, hint: str) ->
 def _plan(
     out: Path, identity: CacheIdentity, images: ImageSet, overwrite: bool
 ) -> tuple[str, list]:
-    """Decide what to do with existing files at ``out``: ('fresh'|'resume'|'rebuild'|'up_to_date', reusable)."""
+    """Decide what to do with existing files at ``out``:
+    ('fresh'|'resume'|'rebuild'|'up_to_date', reusable)."""
     reuse: list[Cache | PartialCache] = []
     partial = partial_path(out)
     if out.exists() and not overwrite:
@@ -562,7 +539,8 @@ def _join(out: Path, join: str = "auto", allow_empty_class: bool = False) -> Non
 def _open_partial(
     out: Path, mode: str, reuse: list, attrs: dict, images: ImageSet, bb: Backbone
 ) -> PartialCache:
-    """The in-progress file to fill: the one being resumed, or a new one seeded with reusable rows."""
+    """The in-progress file to fill: the one being resumed, or a new one seeded with reusable
+    rows."""
     if mode == "resume":
         return reuse[0]
     try:
@@ -656,44 +634,3 @@ def _finite(feats: np.ndarray, bb: Backbone, dtype: np.dtype) -> np.ndarray:
         f"{bb.name} with weights {bb.weights} gave non-finite features (NaN or infinity); "
         f"check the weights (--weights){hint}"
     )
-
-
-def forward_images(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    items: list,
-    decode: Callable[..., np.ndarray],
-    run: Run,
-    *,
-    desc: str,
-) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
-    """``fn`` over every decodable item, in batches of ``run.batch_size`` under ``run.amp()``.
-
-    ``fn`` takes a normalised float batch (N, 3, H, W) on the device; ``decode(items[i])``
-    gives one uint8 image (see :func:`embedcache.data.decoded_batches`).
-
-    Returns
-    -------
-    outputs : ndarray of shape (n_ok, ...) as ``fn`` returns them (on the CPU), or None if none decoded
-    ok : ndarray of shape (n_ok,), indices into ``items``
-    failed : {index: reason} for items that could not be decoded
-    """
-    batches = [
-        list(range(i, min(len(items), i + run.batch_size)))
-        for i in range(0, len(items), run.batch_size)
-    ]
-    loader = decoded_batches(items, batches, decode, device=run.device, num_workers=run.workers)
-    outs, ok, failed = [], [], {}
-    bar = tqdm(
-        total=len(items), desc=desc, unit="img", disable=not run.progress, dynamic_ncols=True
-    )
-    with torch.inference_mode(), bar:
-        for index, x, bad in loader:
-            if x is not None:
-                with run.amp():
-                    outs.append(fn(x).cpu().numpy())
-                ok.append(index)
-            failed.update(bad)
-            bar.update(len(index) + len(bad))
-    if not outs:
-        return None, np.zeros(0, np.int64), failed
-    return np.concatenate(outs), np.concatenate(ok), failed

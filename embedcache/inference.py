@@ -2,118 +2,25 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones import Backbone, Normalise, build_backbone
 from .cache import open_cache
-from .checkpoint import HeadCheckpoint, ModelCheckpoint, load_classifier_checkpoint
-from .data import IMAGE_EXTENSIONS, paths_digest, preprocess, scan, with_views
+from .data import IMAGE_EXTENSIONS, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, read_exclude
-from .extraction import check_batch_memory, forward_images
-from .finetuning import model_backbone
+from .forward import image_features
+from .models import Classifier, labelled, load_classifier
 from .outputs import claim
 from .runtime import (
     Run,
-    compile_mode,
-    compiled,
     default_batch_size,
     default_num_workers,
     resolve_device,
     tune_allocator,
 )
-
-
-@dataclass
-class Classifier:
-    """A head (on cached features) or a fine-tuned model (on images), with what it expects."""
-
-    checkpoint: HeadCheckpoint | ModelCheckpoint
-    head: torch.nn.Module  # features (N, D) -> logits (N, C)
-
-    @property
-    def kind(self) -> str:
-        return "head" if isinstance(self.checkpoint, HeadCheckpoint) else "model"
-
-    @property
-    def classes(self) -> list[str]:
-        return self.checkpoint.classes
-
-    @property
-    def path(self) -> Path:
-        return self.checkpoint.path
-
-    @property
-    def trained_on_views(self) -> bool:
-        """A head trained on a cache's views (extract --views): test-time averaging suits it."""
-        views = self.checkpoint.metrics.get("views", {}) if self.kind == "head" else {}
-        return bool(views.get("used", 0))
-
-    def logits(self, features: np.ndarray, mirror: np.ndarray | None = None) -> torch.Tensor:
-        """Logits of features (N, D); with the mirrored images' features, the mean of both."""
-        with torch.no_grad():
-            z = self.head(torch.from_numpy(features))
-            return z if mirror is None else (z + self.head(torch.from_numpy(mirror))) / 2
-
-    def backbone(self, device: torch.device) -> Backbone:
-        """The backbone these features come from: rebuilt from what the checkpoint recorded."""
-        if isinstance(self.checkpoint, ModelCheckpoint):
-            return model_backbone(self.checkpoint, device)
-        rec = self.checkpoint.recorded
-        bb = build_backbone(
-            rec.identity.backbone, weights=rec.weights_arg, image_size=rec.crop, device=device
-        )
-        rec.identity.check(
-            bb.identity(),
-            subject=f"{self.path} was trained on other features than rebuilding its backbone gives",
-            mine="head",
-            theirs="rebuilt",
-            hint="pass the same weights file or re-train the head",
-        )
-        return bb
-
-
-def load_classifier(path: str | Path) -> Classifier:
-    """Load a head (train-head) or a fine-tuned model (finetune) checkpoint."""
-    ckpt = load_classifier_checkpoint(path)
-    head = ckpt.module() if isinstance(ckpt, HeadCheckpoint) else ckpt.head_module()
-    return Classifier(ckpt, head)
-
-
-def image_features(
-    bb: Backbone, files: list[Path], run: Run, *, desc: str = "features", mirror: bool = False
-) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """Run the backbone over image files (with ``mirror``, over each image and its mirror).
-
-    Returns
-    -------
-    features : ndarray of shape (n_ok, D), float32; with ``mirror`` (n_ok, 2, D)
-    ok : ndarray of shape (n_ok,), indices into ``files``
-    failed : {index: reason} for files that could not be decoded
-    """
-    batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
-    check_batch_memory(batch, bb.transform.crop, run.device)
-    net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    net = compiled(
-        net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)
-    )
-    norm = Normalise(bb.transform).to(run.device)
-    if mirror:  # each item decodes to (2, H, W, 3): the eval crop and its mirror
-        files = [(f, 1, (0, 0)) for f in files]
-        decode = functools.partial(with_views, t=bb.transform)
-        fn = lambda x: net(norm(x.flatten(0, 1))).float().unflatten(0, (len(x), 2))  # noqa: E731
-    else:
-        decode = functools.partial(preprocess, t=bb.transform)
-        fn = lambda x: net(norm(x)).float()  # noqa: E731
-    feats, ok, failed = forward_images(fn, files, decode, run, desc=desc)
-    if feats is None:
-        feats = np.zeros((0, 2, bb.feature_dim) if mirror else (0, bb.feature_dim), np.float32)
-    return feats, ok, failed
 
 
 def _tta(tta: bool | None, clf: Classifier) -> bool:
@@ -140,7 +47,8 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
     unknown = [c for c in data_classes if c not in model_classes]
     if unknown:
         raise EmbedcacheError(
-            f"{source} has classes the model does not know ({', '.join(unknown[:5])}); the model knows {', '.join(model_classes[:10])}"
+            f"{source} has classes the model does not know ({', '.join(unknown[:5])}); "
+            f"the model knows {', '.join(model_classes[:10])}"
         )
     return np.array([model_classes.index(c) for c in data_classes], dtype=np.int64)
 
@@ -152,7 +60,8 @@ def _cache_split(
     against the head. The mirrors are read when ``tta``, or when None and the cache has them."""
     if clf.kind == "model":
         raise EmbedcacheError(
-            f"{clf.path} is a fine-tuned model, whose features differ from any cache; pass the image folder instead of {data}"
+            f"{clf.path} is a fine-tuned model, whose features differ from any cache; "
+            f"pass the image folder instead of {data}"
         )
     with open_cache(data) as c:
         clf.checkpoint.recorded.identity.check(
@@ -170,7 +79,8 @@ def _cache_split(
         sd, views = c.split(split), c.views(split)
         if tta and views is None:
             raise EmbedcacheError(
-                f"--tta needs the mirrored images, and cache {data} has none; extract it with --views 1 or more, or pass --no-tta"
+                f"--tta needs the mirrored images, and cache {data} has none; "
+                "extract it with --views 1 or more, or pass --no-tta"
             )
         mirror = views[:, 0].astype(np.float32) if views is not None and tta is not False else None
         keep = drop.keep(sd.paths) if drop is not None else np.ones(len(sd), bool)
@@ -265,12 +175,12 @@ def evaluate(
         features, mirror, labels, classes, skipped = _folder_split(
             clf, data, split, on, _tta(tta, clf), drop
         )
-    if len(labels) == 0:
-        raise EmbedcacheError(f"the {split} split of {data} has no readable images")
-    if np.any(labels < 0):
-        raise EmbedcacheError(
-            f"the {split} split of {data} is unlabelled; evaluate needs labels (use predict)"
-        )
+    labelled(
+        labels,
+        empty=f"the {split} split of {data} has no readable images",
+        unlabelled=f"the {split} split of {data} is unlabelled; "
+        "evaluate needs labels (use predict)",
+    )
     y = _map_labels(classes, clf.classes, str(data))[labels]
     logits = clf.logits(features, mirror).numpy()
     pred = logits.argmax(1)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .backbones import LITE0, lite0_weights_available
+from .config import CompareConfig
 
 DEMO_IMAGE_SIZE = 64  # digits are 8x8 pixels; 64 px keeps the whole demo within minutes on a CPU
 # A random crop of a quarter of an 8x8 digit, or a mirrored 2, is no longer that digit: with
@@ -58,7 +59,7 @@ def demo(
     data: str | Path | None = None,
     workdir: str | Path = "runs/demo",
     image_size: int | None = None,
-    tutorial_epochs: int = 30,
+    tutorial_epochs: int = CompareConfig.tutorial_epochs,
     progress: bool = True,
     log=None,
 ):

@@ -27,8 +27,7 @@ from embedcache.checkpoint import (
     save_checkpoint,
 )
 from embedcache.errors import EmbedcacheError
-from embedcache.finetuning import load_model
-from embedcache.inference import load_classifier
+from embedcache.models import load_classifier, load_model
 from embedcache.train import load_head, train_head
 
 STATE_CONFIG = {"unfreeze": "2", "epochs": 3}
@@ -114,14 +113,14 @@ LOADERS = {
     "HeadCheckpoint.load": (HeadCheckpoint.load, ("head",), "head"),
     "train.load_head": (load_head, ("head",), "head"),
     "ModelCheckpoint.load": (ModelCheckpoint.load, ("model",), "model"),
-    "finetuning.load_model": (load_model, ("model",), "model"),
+    "models.load_model": (load_model, ("model",), "model"),
     "FinetuneState.load": (
         lambda p: FinetuneState.load(p, config=STATE_CONFIG),
         ("state",),
         "fine-tuning state",
     ),
     "load_classifier_checkpoint": (load_classifier_checkpoint, ("head", "model"), "head or model"),
-    "inference.load_classifier": (load_classifier, ("head", "model"), "head or model"),
+    "models.load_classifier": (load_classifier, ("head", "model"), "head or model"),
 }
 loaders = pytest.mark.parametrize("loader", list(LOADERS))
 
@@ -211,9 +210,9 @@ def test_a_checkpoint_of_a_newer_format_asks_to_upgrade(saved, tmp_path, loader)
         ("HeadCheckpoint.load", "head", "classes"),
         ("train.load_head", "head", "state_dict"),
         ("load_classifier_checkpoint", "head", "identity"),
-        ("inference.load_classifier", "head", "config"),
+        ("models.load_classifier", "head", "config"),
         ("ModelCheckpoint.load", "model", "start"),
-        ("finetuning.load_model", "model", "net_state_dict"),
+        ("models.load_model", "model", "net_state_dict"),
         ("load_classifier_checkpoint", "model", "head_config"),
         ("FinetuneState.load", "state", "optimizer"),
     ],
@@ -227,7 +226,7 @@ def test_a_checkpoint_missing_a_key_is_refused_as_incomplete(saved, tmp_path, lo
     _refused(loader, path, rf"partial\.pt is an incomplete {name} checkpoint \(missing {key}\)$")
 
 
-@pytest.mark.parametrize("loader", ["HeadCheckpoint.load", "inference.load_classifier"])
+@pytest.mark.parametrize("loader", ["HeadCheckpoint.load", "models.load_classifier"])
 def test_a_head_checkpoint_whose_identity_lacks_a_field_is_refused_as_incomplete(
     saved, tmp_path, loader
 ):
@@ -284,7 +283,8 @@ def test_a_failed_write_keeps_the_previous_file_intact(saved, tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(
         EmbedcacheError,
-        match=r"^cannot write .*c\.pt \(no space left on the device\); free some space or choose a writable location$",
+        match=r"^cannot write .*c\.pt \(no space left on the device\); "
+        r"free some space or choose a writable location$",
     ):
         ckpt.save(out)
     assert out.read_bytes() == before

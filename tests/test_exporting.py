@@ -12,7 +12,8 @@ from conftest import make_tree
 from embedcache import export, extract, finetune, train_head
 from embedcache.data import preprocess
 from embedcache.errors import EmbedcacheError
-from embedcache.inference import image_features, load_classifier
+from embedcache.forward import image_features
+from embedcache.models import load_classifier
 from embedcache.runtime import Run
 
 KW = {

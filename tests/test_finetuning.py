@@ -16,7 +16,8 @@ from embedcache.backbones import Normalise, build_backbone
 from embedcache.checkpoint import HeadCheckpoint
 from embedcache.data import preprocess
 from embedcache.errors import EmbedcacheError
-from embedcache.finetuning import FinetunedModel, _fresh_head, _reattach, freeze
+from embedcache.finetuning.setup import _fresh_head, _reattach, freeze
+from embedcache.models import FinetunedModel
 
 FT = {
     "backbone": "resnet18",
@@ -288,7 +289,8 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
         finetune(data, out=tmp_path / "m.pt", unfreeze=7, **base)
     with pytest.raises(
         EmbedcacheError,
-        match=r"was trained on other features than this backbone gives \(backbone resnet18 vs timm:test_efficientnet; .*head vs backbone\); pass --backbone",
+        match=r"was trained on other features than this backbone gives \(backbone resnet18 vs "
+        r"timm:test_efficientnet; .*head vs backbone\); pass --backbone",
     ):
         finetune(
             data, out=tmp_path / "m.pt", head=head, **{**base, "backbone": "timm:test_efficientnet"}
@@ -305,7 +307,8 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
         )
     with pytest.raises(
         EmbedcacheError,
-        match=r"--prefix-cache memory is not possible: augmentation changes the input every epoch; pass --views V",
+        match=r"--prefix-cache memory is not possible: augmentation changes the input every "
+        r"epoch; pass --views V",
     ):
         finetune(
             data,
@@ -343,7 +346,8 @@ def test_no_augmentation_runs_the_prefix_once_per_image_whatever_views_says(data
 
 
 def test_speedup_estimate_charges_one_prefix_pass_per_epoch():
-    from embedcache.finetuning import PrefixCache, _speedup
+    from embedcache.finetuning import _speedup
+    from embedcache.finetuning.prefix import PrefixCache
 
     # 100 train images in 4 views + 50 val: 450 prefix passes in 9 s, 0.02 s each;
     # without the cache an epoch runs 150 of them (3 s) on top of its 1 s of tail.
@@ -421,7 +425,7 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
 ):
     from embedcache.config import FinetuneConfig
     from embedcache.data import holdout
-    from embedcache.finetuning import _labelled
+    from embedcache.finetuning.setup import _labelled
 
     data = make_tree(tmp_path / "d", splits=("train", "test"), per_class=10)
     extract(data, out=tmp_path / "c.h5", **{**extract_kw, "backbone": TINY["backbone"]})

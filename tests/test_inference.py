@@ -62,7 +62,7 @@ def test_tta_averages_image_and_mirror_alike_from_a_cache_and_from_images(tmp_pa
     import torch
 
     from embedcache import open_cache
-    from embedcache.inference import load_classifier
+    from embedcache.models import load_classifier
 
     data = make_tree(tmp_path / "d", per_class=5)
     cache, head = tmp_path / "v.h5", tmp_path / "h.pt"
@@ -100,7 +100,7 @@ def test_images_through_a_frozen_graph_give_eagers_features(tmp_path, mirror, fr
     import torch
 
     from embedcache.backbones import build_backbone
-    from embedcache.inference import image_features
+    from embedcache.forward import image_features
     from embedcache.runtime import Run
 
     files = sorted(make_tree(tmp_path / "d", per_class=3).rglob("*.png"))

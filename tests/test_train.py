@@ -10,7 +10,8 @@ import embedcache.train as train_mod
 from embedcache import open_cache, train_head
 from embedcache.errors import EmbedcacheError
 from embedcache.probe import fit_logreg
-from embedcache.train import _to_device, load_head
+from embedcache.train import load_head
+from embedcache.train.sweep import _to_device
 
 FAST = {"device": "cpu", "progress": False}
 LINEAR = {**FAST, "head": "linear"}  # the AdamW-trained torch head, for what trains in epochs
@@ -108,7 +109,8 @@ def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
     rng = np.random.default_rng(0)
     x, y = blobs(60, dim=8, classes=2, seed=0, spread=0.3)
     xv, yv = blobs(60, dim=8, classes=2, seed=1, spread=0.3)
-    dead = lambda n: rng.normal(0, 1e-4, (n, 200))  # noqa: E731 - near-constant, like dead ReLU units
+    # near-constant, like dead ReLU units
+    dead = lambda n: rng.normal(0, 1e-4, (n, 200))  # noqa: E731
     cache = make_cache(
         train=(np.hstack([x, dead(len(y))]).astype(np.float32), y),
         val=(np.hstack([xv, dead(len(yv))]).astype(np.float32), yv),

@@ -124,7 +124,10 @@ def _check_labels(pool: Pool, cfg: AuditConfig, say) -> tuple[list[dict], list[s
     )
     issues = label_issues(probs, pool.labels[rows])
     ranking = [pool.paths[rows[i]] for i in issues.order]
-    how = f"{cfg.folds}-fold out-of-fold logistic regression; confident learning flags, ranked by self-confidence"
+    how = (
+        f"{cfg.folds}-fold out-of-fold logistic regression; "
+        "confident learning flags, ranked by self-confidence"
+    )
     return _label_rows(pool, rows, issues, probs), ranking, how
 
 
@@ -157,10 +160,13 @@ def _findings(
         "exact_duplicates": NO_HASHES
         if pool.hashes is None
         else f"identical blake2b-128 content hashes, {groups} group(s)",
-        "near_duplicates": f"cosine similarity >= {cfg.near_threshold} among the {cfg.neighbours} nearest neighbours, byte-identical pairs left out",
-        "leaks": "exact or near duplicates across splits or with different labels; path is the copy in the earlier split",
+        "near_duplicates": f"cosine similarity >= {cfg.near_threshold} among the "
+        f"{cfg.neighbours} nearest neighbours, byte-identical pairs left out",
+        "leaks": "exact or near duplicates across splits or with different labels; "
+        "path is the copy in the earlier split",
         "label_errors": label_how,
-        "outliers": f"mean cosine distance to the {cfg.neighbours} nearest neighbours above median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
+        "outliers": f"mean cosine distance to the {cfg.neighbours} nearest neighbours above "
+        f"median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
     }
     top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
     return tables, how, ranking, (top, distance)
@@ -313,11 +319,14 @@ def _write_report(
         )
         shown = min(cfg.report_rows, len(tables[name]))
         more = f"; the first {shown} shown, all in {name}.csv" if shown < len(tables[name]) else ""
-        head = f'<h2>{TITLES[name]} ({"&ndash;" if n is None else n})</h2><div class="note">{html.escape(summary[name]["how"])}{more}</div>'
+        count = "&ndash;" if n is None else n
+        note = html.escape(summary[name]["how"])
+        head = f'<h2>{TITLES[name]} ({count})</h2><div class="note">{note}{more}</div>'
         sections.append((name, head, cards[name](images, tables[name], cfg.report_rows)))
     splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
     meta = html.escape(
-        f"{summary['cache']}: {summary['images']} images ({splits}); {summary['features']}; {summary['created']}"
+        f"{summary['cache']}: {summary['images']} images ({splits}); "
+        f"{summary['features']}; {summary['created']}"
     )
     path = out / "report.html"
     _atomic_text(path, page.page("embedcache audit", meta, counts, sections))

@@ -20,18 +20,25 @@ THUMB_PX = 160  # longest side of an embedded thumbnail
 THUMB_QUALITY = 80
 
 STYLE = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;\
+color:#222;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px} \
+h2{font-size:18px;margin:28px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .meta{color:#666;margin-bottom:12px} .note{color:#555;margin:4px 0 10px}
-table.counts{border-collapse:collapse;margin:8px 0 4px} table.counts td,table.counts th{border:1px solid #ddd;padding:4px 10px;text-align:left}
+table.counts{border-collapse:collapse;margin:8px 0 4px} \
+table.counts td,table.counts th{border:1px solid #ddd;padding:4px 10px;text-align:left}
 table.counts td.n{text-align:right;font-variant-numeric:tabular-nums}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;max-width:360px}
 .card .score{font-weight:600;margin-bottom:6px} .pair{display:flex;gap:8px}
-figure{margin:0;width:160px} figure img{width:160px;height:160px;object-fit:contain;background:#eee;border-radius:3px;display:block}
+figure{margin:0;width:160px} \
+figure img{width:160px;height:160px;object-fit:contain;background:#eee;border-radius:3px;\
+display:block}
 figcaption{font-size:12px;color:#444;margin-top:3px} .path{word-break:break-all;color:#666}
-.missing{width:160px;height:160px;background:#eee;color:#999;display:flex;align-items:center;justify-content:center;font-size:12px}
-.given{color:#b00020;font-weight:600} .suggested{color:#1b7f3b;font-weight:600} .tag{font-size:12px;color:#fff;background:#777;border-radius:3px;padding:1px 5px;margin-left:6px}
+.missing{width:160px;height:160px;background:#eee;color:#999;display:flex;align-items:center;\
+justify-content:center;font-size:12px}
+.given{color:#b00020;font-weight:600} .suggested{color:#1b7f3b;font-weight:600} \
+.tag{font-size:12px;color:#fff;background:#777;border-radius:3px;padding:1px 5px;margin-left:6px}
 """
 
 
@@ -88,7 +95,8 @@ def pair_cards(images: Images, rows: list[dict], shown: int) -> str:
         figs = "".join(
             images.figure(
                 r[f"path_{s}"],
-                f"{html.escape(r[f'split_{s}'])} &middot; {html.escape(r[f'label_{s}'] or 'unlabelled')}",
+                f"{html.escape(r[f'split_{s}'])} &middot; "
+                f"{html.escape(r[f'label_{s}'] or 'unlabelled')}",
             )
             for s in "ab"
         )
@@ -108,7 +116,8 @@ def label_cards(images: Images, rows: list[dict], shown: int) -> str:
     cards = []
     for r in rows[:shown]:
         caption = (
-            f'{html.escape(r["split"])} &middot; given <span class="given">{html.escape(r["given"])}</span>'
+            f"{html.escape(r['split'])} &middot; "
+            f'given <span class="given">{html.escape(r["given"])}</span>'
             f' &rarr; suggested <span class="suggested">{html.escape(r["suggested"])}</span>'
             f" ({float(r['suggested_probability']):.2f})"
         )
@@ -132,13 +141,15 @@ def page(
     """The whole document: ``counts`` (finding, count, how) rows, ``sections`` (id, heading and
     note as HTML, cards as HTML)."""
     table = "".join(
-        f'<tr><td><a href="#{html.escape(sid)}">{html.escape(name)}</a></td><td class="n">{n}</td><td>{how}</td></tr>'
+        f'<tr><td><a href="#{html.escape(sid)}">{html.escape(name)}</a></td>'
+        f'<td class="n">{n}</td><td>{how}</td></tr>'
         for (name, n, how), (sid, _, _) in zip(counts, sections, strict=True)
     )
     body = "".join(f'<section id="{sid}">{head}{cards}</section>' for sid, head, cards in sections)
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f'<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class="meta">{meta}</div>'
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f'<body><h1>{html.escape(title)}</h1><div class="meta">{meta}</div>'
         f'<table class="counts"><tr><th>finding</th><th>count</th><th>how</th></tr>{table}</table>'
         f"{body}</body></html>\n"
     )

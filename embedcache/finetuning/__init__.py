@@ -1,0 +1,203 @@
+"""Fine-tuning: reattach a head, unfreeze the last N blocks, cache the frozen prefix.
+
+Everything before the first unfrozen block is frozen and in eval mode, so for a
+given input it always computes the same activations. With no augmentation (or
+a fixed number of augmented views per image) those activations are computed
+once, stored in float16, and every epoch trains only the unfrozen tail.
+
+``finetune`` runs four phases, each a module of this package but the last:
+``setup.prepare`` (data, backbone, head, what trains), ``prefix.plan_prefix``
+and ``build_prefix_cache`` (the prefix cache), ``loop.fit`` (the epochs), and
+``_summarise`` here (the best checkpoint, metrics and plots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import ModelCheckpoint
+from ..config import FinetuneConfig
+from ..distributed import process_group
+from ..locks import exclusive
+from ..models import FinetunedModel, build_model
+from ..runtime import tune_allocator
+from .loop import Batches, Fit, fit, last_path
+from .prefix import PrefixCache, PrefixPlan, build_prefix_cache, plan_prefix
+from .setup import Setup, describe, prepare
+
+
+@dataclass
+class FinetuneResult:
+    """What finetune returns: the best model (in eval mode), its metrics and files."""
+
+    model: FinetunedModel
+    metrics: dict
+    path: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Phase 4: summarise
+
+
+def _speedup(
+    prefix: PrefixCache | None, epoch_times: list[float], n_train: int, n_val: int
+) -> float | None:
+    """Per-epoch speed-up of the prefix cache: (frozen prefix over train + val, + a cached
+    epoch) / a cached epoch.
+
+    The frozen part's cost per epoch is read off the cache build, which ran it
+    once over every train view and val image.
+    """
+    if prefix is None or not epoch_times:
+        return None
+    per_epoch_prefix = prefix.seconds * (n_train + n_val) / (n_train * len(prefix.views) + n_val)
+    epoch = float(np.mean(epoch_times))
+    return round((per_epoch_prefix + epoch) / epoch, 1)
+
+
+def _metrics(setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None) -> dict:
+    h, best = fit.history, fit.best
+    trained = [
+        (s, a) for e, s, a in zip(h["epoch"], h["seconds"], h["val_acc"], strict=True) if e > 0
+    ]
+    epoch_times = [s for s, _ in trained]
+    return {
+        "history": h,
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["acc"],
+        "best_val_loss": best["loss"],
+        "val_acc": best["acc"],
+        "epochs_run": h["epoch"][-1],
+        "trainable": setup.table,
+        "unfreeze": setup.unfreeze,
+        "classes": setup.classes,
+        "val_source": setup.val_source,
+        "prefix_cache": {
+            "where": plan.where,
+            "bytes": prefix.bytes if prefix else 0,
+            "seconds": round(prefix.seconds, 3) if prefix else 0.0,
+            "shape": list(plan.shape),
+        },
+        "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0,
+        "config": setup.config_record(),
+        "estimated_speedup": _speedup(prefix, epoch_times, len(setup.train[0]), len(setup.val[0])),
+        "head_val_acc_before": h["val_acc"][0] if h["epoch"] and h["epoch"][0] == 0 else None,
+        "best_trained_val_acc": max((a for _, a in trained), default=None),
+        **_kept_scores(fit.best_val),
+    }
+
+
+def _kept_scores(best_val: tuple | None) -> dict:
+    """Balanced accuracy and top-5 (more than 5 classes) of the kept epoch on validation."""
+    if best_val is None or not len(best_val[0]):
+        return {}
+    y, pred, *hit5 = best_val
+    right = pred == y
+    out = {"val_balanced_acc": float(np.mean([right[y == c].mean() for c in np.unique(y)]))}
+    if hit5 and len(hit5[0]):
+        out["val_top5"] = float(hit5[0].mean())
+    return out
+
+
+def _summarise(setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None) -> dict:
+    """Rank 0: store the final metrics in the best checkpoint and write the reports next to it."""
+    from ..report import write_reports
+
+    ckpt = ModelCheckpoint.load(setup.out)
+    ckpt.metrics = _metrics(setup, fit, plan, prefix)
+    ckpt.save(setup.out)
+    files = {"model": setup.out, "last": last_path(setup.out)}
+    if fit.best_val is not None:
+        y, pred = fit.best_val[:2]
+        title = f"finetune --unfreeze {setup.unfreeze} (best epoch {fit.best['epoch']})"
+        files.update(
+            write_reports(setup.out, dict(ckpt.metrics), y, pred, setup.classes, title=title)
+        )
+    return files
+
+
+def _claim(out: Path, data, cfg: FinetuneConfig) -> None:
+    """Refuse an --out that is an input (the head, the data), another kind of file, or puts the
+    plots among the images."""
+    from ..outputs import claim
+    from ..report import side_files
+
+    inputs = [("the head", cfg.head), ("the data", data)]
+    root = Path(data) if Path(data).is_dir() else None
+    claim(out, kind="model", verb="finetune", inputs=inputs, beside=side_files(out), data_root=root)
+    claim(last_path(out), kind="state", verb="finetune", inputs=inputs)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def finetune(
+    data: str | Path,
+    *,
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **options,
+) -> FinetuneResult:
+    """Fine-tune the last ``unfreeze`` blocks of a backbone together with a head.
+
+    ``options`` are the fields of :class:`embedcache.config.FinetuneConfig` (or
+    pass ``config``). The main ones: ``head``, a head from train_head to
+    reattach (its backbone, weights and transform are checked, and default
+    ``backbone``/``weights``; None for a fresh linear head); ``unfreeze``, the
+    blocks trained, counted from the end as `embedcache backbones` lists them
+    (0 trains the head only, 'all' everything); ``augment`` and ``views``;
+    ``prefix_cache`` (auto caches the frozen prefix's output whenever it is
+    deterministic). Without a val split, validation is held out of train exactly
+    as train-head holds it out. ``log`` is called with one line per event.
+
+    Under torchrun it trains with DistributedDataParallel: each rank caches the
+    prefix of its part of the data, ``batch_size`` stays the global batch,
+    validation is gathered from every rank, and rank 0 writes the files.
+
+    Returns
+    -------
+    FinetuneResult : ``model`` (the best epoch, eval mode) maps normalised images
+        (N, 3, H, W) to logits; metrics per epoch; ``path`` of the checkpoint;
+        ``files``: OUT.last.pt, OUT.metrics.json, OUT.curves.png,
+        OUT.confusion.png and OUT.report.txt.
+    """
+    cfg = FinetuneConfig.build(config, **options)
+    tune_allocator()
+    out = Path(out)
+    with process_group(cfg.device) as group, contextlib.ExitStack() as held:
+        group.on_main(lambda: _claim(out, data, cfg))
+        group.on_main(
+            lambda: held.enter_context(exclusive(out, "finetune"))
+        )  # one writer per --out
+        say = (log or (lambda line: None)) if group.is_main else (lambda line: None)
+        setup = group.each(lambda: prepare(data, cfg, out, progress, group))
+        say(describe(setup))
+        if setup.val_source != "val split":
+            say(setup.val_source)
+        plan = plan_prefix(setup)
+        prefix = None
+        try:
+            if plan.where != "off":
+                last = setup.bb.block_names[setup.model.start - 1]
+                say(
+                    f"prefix cache ({plan.where}): blocks up to {last}, "
+                    f"{plan.need_bytes / 1e6:.1f} MB of float16 activations"
+                )
+                prefix = build_prefix_cache(setup, plan)
+            fitted = fit(setup, Batches(setup, prefix), say)
+        finally:
+            if prefix is not None:
+                prefix.close()
+        files = group.on_main(lambda: _summarise(setup, fitted, plan, prefix))
+    ckpt = ModelCheckpoint.load(out)
+    return FinetuneResult(build_model(ckpt, torch.device("cpu")), ckpt.metrics, out, files)

@@ -1,0 +1,141 @@
+"""Train-head's inputs: a cache's train and validation rows, checked, and their statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..cache import Cache
+from ..config import HeadConfig
+from ..data import holdout, holdout_note, paths_digest
+from ..errors import EmbedcacheError
+from ..exclusion import row_filter
+from ..feed import Rows, ViewRows, memory_budget
+from ..models import labelled
+
+
+def standardization(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre each dimension, divide all by one scale: the root of the mean variance.
+
+    Returns (mean, std), both of shape (D,); std holds that one scale D times.
+    Per-dimension scaling blows up the near-dead features that pooled CNN
+    features often have (422 of 1280 on the 64 px digits): a linear head on
+    them reached 88.0% there against 92.8% with one scale, while on
+    hymenoptera the two differ by one image of 153.
+    """
+    scale = math.sqrt(float(np.mean(var))) + 1e-6
+    return mean, np.full_like(mean, scale)
+
+
+def feature_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation statistics of some rows: per-dimension mean, one scale (see
+    :func:`standardization`)."""
+    total = sq = None
+    for _, x in rows.blocks():
+        x = x.astype(np.float64)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+    mean = total / rows.n
+    return standardization(mean, np.maximum(sq / rows.n - mean * mean, 0.0))
+
+
+def _labels(cache: Cache, split: str) -> np.ndarray:
+    """Labels of a split that a head can learn from, or a one-line error."""
+    return labelled(
+        cache.labels(split),
+        empty=f"the {split} split of {cache.path} is empty",
+        unlabelled=f"cache {cache.path} has unlabelled {split} images; "
+        "train-head needs class folders or a CSV with labels",
+    )
+
+
+@dataclass
+class Data:
+    """What a head trains and is chosen on: train rows (with views when used), validation rows,
+    the mirrored validation images when the cache stores them (for test-time averaging)."""
+
+    train: Rows
+    val: Rows
+    val_source: str
+    val_mirror: Rows | None
+    views: int  # views per training image used (0: plain features only)
+    carved: bool = False  # validation held out of train (not the cache's own val split)
+    digests: dict = field(default_factory=dict)  # split -> digest of its paths (TrainedOn)
+
+
+def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
+    """Train and validation rows of a cache, checked; and where validation comes from.
+
+    Without a val split, validation is held out of train by :func:`embedcache.data.holdout`
+    on the image paths: the same images finetune and compare hold out of that data.
+    """
+    if "train" not in cache:
+        raise EmbedcacheError(
+            f"cache {cache.path} has no train split (it has {', '.join(cache.splits)}); "
+            "extract a labelled folder"
+        )
+    labels = _labels(cache, "train")
+    present = np.unique(labels)
+    if len(present) < 2:
+        name = cache.classes[present[0]] if cache.classes else present[0]
+        raise EmbedcacheError(
+            f"the train split of {cache.path} has a single class ({name}); "
+            "a classifier needs at least two"
+        )
+    kept = row_filter(cache, cfg.exclude)  # (split, rows) -> the rows --exclude leaves in
+    feats = cache.features("train")
+    # views train the epoch-based heads; logreg on plain + 4 views of the digits took 268 s
+    # against 4 s
+    torch_head = cfg.head in ("auto", "linear", "mlp")
+    views = cache.views("train") if cfg.views == "use" and torch_head else None
+    values = feats.shape[0] * feats.shape[1] + (
+        int(np.prod(views.shape)) if views is not None else 0
+    )
+    need = values * feats.dtype.itemsize
+    in_memory = need <= memory_budget(cfg.max_memory) if cfg.stream is None else not cfg.stream
+    if views is not None and not in_memory:
+        raise EmbedcacheError(
+            f"training on the views of {cache.path} needs them in memory "
+            f"({need / 1e9:.1f} GB); raise --max-memory or pass --views ignore"
+        )
+
+    def train_rows(rows: np.ndarray) -> Rows:
+        if views is not None:
+            return ViewRows(feats, views, labels, rows)
+        return Rows(feats, labels, rows, in_memory)
+
+    used = views.shape[1] if views is not None else 0
+    paths = cache.paths("train")
+    digests = {"train": paths_digest(paths)}
+    if "val" in cache:
+        vlabels, every = _labels(cache, "val"), kept("val", np.arange(len(cache.labels("val"))))
+        val = Rows(cache.features("val"), vlabels, every, in_memory)
+        mirror = _mirror(cache, "val", vlabels, every, in_memory)
+        digests["val"] = paths_digest(cache.paths("val"))
+        train = train_rows(kept("train", np.arange(len(labels))))
+        return Data(train, val, "val split", mirror, used, False, digests)
+    tr, va = holdout(paths, labels, fraction=cfg.val_fraction, seed=cfg.seed)
+    tr, va = kept("train", tr), kept("train", va)
+    if len(va) == 0 and cfg.val_fraction == 0:
+        raise EmbedcacheError(
+            f"cache {cache.path} has no val split and --val-fraction is 0: nothing to validate on; "
+            "pass a --val-fraction above 0 (e.g. 0.2) or extract data with a val split"
+        )
+    if len(va) == 0:
+        raise EmbedcacheError(
+            f"too few training images in {cache.path} to hold out a validation set"
+        )
+    how = holdout_note(len(va), len(labels), cfg.val_fraction, cfg.seed)
+    mirror = _mirror(cache, "train", labels, va, in_memory)
+    val = Rows(feats, labels, va, in_memory)
+    return Data(train_rows(tr), val, how, mirror, used, True, digests)
+
+
+def _mirror(cache: Cache, split: str, labels, rows: np.ndarray, in_memory: bool) -> Rows | None:
+    """The mirrored images of some rows (view 1 of a cache with views), or None."""
+    views = cache.views(split)
+    if views is None or not in_memory:
+        return None
+    return Rows(views[:, 0], labels, rows, in_memory=True)
