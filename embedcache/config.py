@@ -547,4 +547,6 @@ class DemoConfig(_Config):
         "runs/demo", "Where the cache, heads, models and results go.", kind="folder"
     )
     image_size: int | None = _image_size("64 for the digits, the weights' own otherwise")
-    tutorial_epochs: int = setting(30, "At most this many epochs of the tutorial recipe.", low=1)
+    tutorial_epochs: int = setting(
+        CompareConfig.tutorial_epochs, "At most this many epochs of the tutorial recipe.", low=1
+    )
