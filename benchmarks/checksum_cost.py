@@ -20,31 +20,37 @@ from pathlib import Path
 import numpy as np
 from common import save
 
-import embedcache.cache as cache_mod
-from embedcache import train_head, write_cache
+from embedcache import open_cache, train_head, write_cache
 from embedcache.backbones import EvalTransform
+from embedcache.cache import storage, writer
 
 
 @contextlib.contextmanager
 def checksums(on: bool):
-    """Write caches with or without Fletcher-32 (without: the format 1 layout)."""
+    """Write caches with or without Fletcher-32 (without: the format 1 layout).
+
+    The writer imports ``rows_dataset`` and ``checked`` from ``embedcache.cache.storage`` by
+    name, so the stand-ins go into ``embedcache.cache.writer``, where ``write_cache`` looks
+    them up.
+    """
     if on:
         yield
         return
-    features, checked = cache_mod._features_dataset, cache_mod._checked
+    rows_dataset, checked = writer.rows_dataset, writer.checked
 
-    def plain_features(g, n, dim, dtype):
-        chunks = (min(n, cache_mod._rows_per_chunk(dim, dtype.itemsize)), dim) if n else None
-        return g.create_dataset(
-            "features", (n, dim), dtype=dtype, chunks=chunks, dcpl=cache_mod._early()
-        )
+    def plain_rows(g, name, shape, dtype):
+        n, per_row = shape[0], int(np.prod(shape[1:]))
+        if not n:
+            return g.create_dataset(name, shape, dtype=dtype)
+        chunks = (min(n, storage.rows_per_chunk(per_row, dtype.itemsize)), *shape[1:])
+        return g.create_dataset(name, shape, dtype=dtype, chunks=chunks, dcpl=storage.early())
 
-    cache_mod._features_dataset = plain_features
-    cache_mod._checked = lambda g, name, data: g.create_dataset(name, data=data)
+    writer.rows_dataset = plain_rows
+    writer.checked = lambda g, name, data: g.create_dataset(name, data=data)
     try:
         yield
     finally:
-        cache_mod._features_dataset, cache_mod._checked = features, checked
+        writer.rows_dataset, writer.checked = rows_dataset, checked
 
 
 def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
@@ -61,7 +67,7 @@ def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
             transform=EvalTransform(resize=256, crop=224).to_json(),
         )
     written = time.perf_counter() - t
-    with cache_mod.open_cache(out) as c:
+    with open_cache(out) as c:
         assert c.checksummed is on
         t = time.perf_counter()
         for s in c.splits:

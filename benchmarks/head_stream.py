@@ -125,14 +125,15 @@ MODES = {
 
 def _patch(mode: str) -> None:
     """Make this process run ``mode``'s variant of the streamed path."""
-    from embedcache import feed as cache_mod
+    from embedcache import feed
     from embedcache import train as train_mod
+    from embedcache.cache import reader
 
     if mode == "stream-read-ahead":
         train_mod.read_ahead = lambda device: True
     if mode == "stream-before":
-        cache_mod.Rows.batches, cache_mod.Rows.blocks = _batches_before, _blocks_before
-        cache_mod.h5py = _H5Before()
+        feed.Rows.batches, feed.Rows.blocks = _batches_before, _blocks_before
+        reader.h5py = _H5Before()  # open_cache opens the file that the rows are read from
 
 
 def train_child(cache: Path, mode: str, epochs: int) -> dict:
