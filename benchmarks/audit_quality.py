@@ -384,37 +384,18 @@ def markdown(results: dict) -> str:
 def screenshot(cache: Path, work: Path) -> Path:
     """Render an audit report of ``cache`` (3 entries per finding) in headless Chromium to
     results/audit_report_flowers12.png."""
-    import subprocess
-    import tempfile
+    import sys
 
     from common import RESULTS
 
     from embedcache import audit
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from chromium import screenshot as render
+
     audit(cache, out=work / "audit_shot", progress=False, report_rows=3)
-    shot = RESULTS / "audit_report_flowers12.png"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                f"--screenshot={shot}",
-                "--window-size=1280,2400",
-                (work / "audit_shot" / "report.html").as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    return shot
+    page = work / "audit_shot" / "report.html"
+    return render(page, RESULTS / "audit_report_flowers12.png", width=1280, height=2400)
 
 
 def main() -> None:

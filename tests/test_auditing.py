@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_image, make_tree
+from conftest import make_image, make_tree, tool
 from PIL import Image
 
 import embedcache
@@ -164,27 +162,8 @@ def test_report_shows_given_and_suggested_labels(planted, tmp_path):
 def test_report_renders_in_headless_chromium(extracted, tmp_path):
     _, cache, _ = extracted
     audit(cache, out=tmp_path / "audit", progress=False, device="cpu")
-    shot = tmp_path / "shot.png"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                f"--screenshot={shot}",
-                "--window-size=1000,900",
-                (tmp_path / "audit" / "report.html").as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+    page = tmp_path / "audit" / "report.html"
+    shot = tool("chromium").screenshot(page, tmp_path / "shot.png", width=1000, height=900)
     pixels = np.asarray(Image.open(shot).convert("RGB"), np.float32)
     assert pixels.shape[:2] == (900, 1000)
     # the thumbnails are drawn: the class colours of the test images (red cat, blue dog) appear
