@@ -113,16 +113,25 @@ def main() -> None:
                 print(r, on, rows["on" if on else "off"][-1], flush=True)
     med = {k: {m: statistics.median(d[m] for d in v) for m in v[0]} for k, v in rows.items()}
     md = [
-        f"{args.rows:,} rows x 1280 float16 in each of train and val ({2 * args.rows * 1280 * 2 / 1e9:.2f} GB of features); {args.rounds} alternating rounds, medians; train-head linear, {args.epochs} epochs, streamed (--max-memory a quarter of the file).",
+        f"{args.rows:,} rows x 1280 float16 in each of train and val "
+        f"({2 * args.rows * 1280 * 2 / 1e9:.2f} GB of features); "
+        f"{args.rounds} alternating rounds, medians; train-head linear, {args.epochs} epochs, "
+        "streamed (--max-memory a quarter of the file).",
         "",
         "| | write the cache (s) | read every block (s) | train-head (s) | file MB |",
         "| --- | ---: | ---: | ---: | ---: |",
         *(
-            f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | {m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | {m['bytes'] / 1e6:.1f} |"
+            f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | "
+            f"{m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | "
+            f"{m['bytes'] / 1e6:.1f} |"
             for k, m in med.items()
         ),
         "",
-        f"Cost of the checksums: write {100 * (med['on']['write_s'] / med['off']['write_s'] - 1):+.0f}%, read {100 * (med['on']['read_s'] / med['off']['read_s'] - 1):+.0f}%, train-head {100 * (med['on']['train_head_s'] / med['off']['train_head_s'] - 1):+.0f}%, file size {100 * (med['on']['bytes'] / med['off']['bytes'] - 1):+.2f}%.",
+        "Cost of the checksums: "
+        f"write {100 * (med['on']['write_s'] / med['off']['write_s'] - 1):+.0f}%, "
+        f"read {100 * (med['on']['read_s'] / med['off']['read_s'] - 1):+.0f}%, "
+        f"train-head {100 * (med['on']['train_head_s'] / med['off']['train_head_s'] - 1):+.0f}%, "
+        f"file size {100 * (med['on']['bytes'] / med['off']['bytes'] - 1):+.2f}%.",
     ]
     print(save("checksum_cost_cpu", {"rows": rows, "median": med}, "\n".join(md)).read_text())
 
