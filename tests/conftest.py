@@ -18,7 +18,8 @@ HYMENOPTERA = Path(
         Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera",
     )
 )
-# Small random-init backbones from both providers; image size 64 keeps a forward pass in milliseconds.
+# Small random-init backbones from both providers; image size 64 keeps a forward pass in
+# milliseconds.
 SMALL_BACKBONES = ["resnet18", "timm:test_efficientnet"]
 SIZE = 64
 # Hue per class, so that even a random-init backbone separates the classes a little.
@@ -125,7 +126,8 @@ def blobs(
 
 @pytest.fixture
 def make_cache(tmp_path):
-    """Factory for small synthetic caches: make_cache(name, train=(X, y), val=(X, y), classes=[...])."""
+    """Factory for small synthetic caches:
+    ``make_cache(name, train=(X, y), val=(X, y), classes=[...])``."""
     from embedcache.cache import write_cache
 
     def make(

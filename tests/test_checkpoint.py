@@ -284,7 +284,8 @@ def test_a_failed_write_keeps_the_previous_file_intact(saved, tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(
         EmbedcacheError,
-        match=r"^cannot write .*c\.pt \(no space left on the device\); free some space or choose a writable location$",
+        match=r"^cannot write .*c\.pt \(no space left on the device\); "
+        r"free some space or choose a writable location$",
     ):
         ckpt.save(out)
     assert out.read_bytes() == before
