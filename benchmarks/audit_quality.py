@@ -331,30 +331,42 @@ def markdown(results: dict) -> str:
         e, n, lk, lab, o = (
             r[k]
             for k in ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
-        )  # noqa: E501
+        )
         near = ", ".join(f"{k} {_pct(n[k])}" for k in COPY_KINDS[1:])
         lines += [
-            f"| {name} | exact duplicates | {_pct(e['precision'])} | {_pct(e['recall'])} | {e['found']} pairs, {e['false_pairs']} not byte-identical; seeded recall {_pct(e['seeded_recall'])} |",  # noqa: E501
-            f"| {name} | near duplicates | {_pct(n['precision'])} | {near} | {n['found']} pairs (precision counts seeded pairs only: the data's own look-alikes and copies count as false) |",  # noqa: E501
-            f"| {name} | leaks | {_pct(lk['precision'])} | {_pct(lk['recall'])} | {lk['found']} pairs |",  # noqa: E501
-            f"| {name} | label errors (flagged) | {_pct(lab['precision'])} | {_pct(lab['recall'])} | recall within the top 10% ranked: {_pct(lab['recall_top_10pct'])} |",  # noqa: E501
-            f"| {name} | outliers | {_pct(o['precision'])} | {_pct(o['recall'])} | {o['found']} flagged, {o['true']} foreign images seeded |",  # noqa: E501
+            f"| {name} | exact duplicates | {_pct(e['precision'])} | {_pct(e['recall'])} | "
+            f"{e['found']} pairs, {e['false_pairs']} not byte-identical; "
+            f"seeded recall {_pct(e['seeded_recall'])} |",
+            f"| {name} | near duplicates | {_pct(n['precision'])} | {near} | "
+            f"{n['found']} pairs (precision counts seeded pairs only: "
+            "the data's own look-alikes and copies count as false) |",
+            f"| {name} | leaks | {_pct(lk['precision'])} | {_pct(lk['recall'])} | "
+            f"{lk['found']} pairs |",
+            f"| {name} | label errors (flagged) | {_pct(lab['precision'])} | "
+            f"{_pct(lab['recall'])} | "
+            f"recall within the top 10% ranked: {_pct(lab['recall_top_10pct'])} |",
+            f"| {name} | outliers | {_pct(o['precision'])} | {_pct(o['recall'])} | "
+            f"{o['found']} flagged, {o['true']} foreign images seeded |",
         ]
     lines += ["", "Clean data (what the audit reports on the unchanged set):", ""]
     lines += [
-        "| set | images | exact pairs | near pairs | images near-paired | leaks | flagged labels | outliers |",
+        "| set | images | exact pairs | near pairs | images near-paired | leaks "
+        "| flagged labels | outliers |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # noqa: E501
+    ]
     for name, r in results.items():
         c = r["clean"]
         lines.append(
-            f"| {name} | {r['images']['clean']} | {c['exact_pairs']} | {c['near_pairs']} | {_pct(c['images_near_paired'])} | {c['leaks']} | {_pct(c['label_errors_flagged'])} | {_pct(c['outliers'])} |"
-        )  # noqa: E501
+            f"| {name} | {r['images']['clean']} | {c['exact_pairs']} | {c['near_pairs']} | "
+            f"{_pct(c['images_near_paired'])} | {c['leaks']} | "
+            f"{_pct(c['label_errors_flagged'])} | {_pct(c['outliers'])} |"
+        )
     lines += [
         "",
-        "Threshold sweeps (copies recall: share of seeded JPEG/0.5x/crop copies at or above it; clean paired: share of clean images whose nearest neighbour is):",
+        "Threshold sweeps (copies recall: share of seeded JPEG/0.5x/crop copies at or above it; "
+        "clean paired: share of clean images whose nearest neighbour is):",
         "",
-    ]  # noqa: E501
+    ]
     for name, r in results.items():
         sims = r["copy_similarity"]
         lines.append(
@@ -362,59 +374,41 @@ def markdown(results: dict) -> str:
             + ", ".join(
                 f"{k} {v['median']} (min {v['min']})" for k, v in sims.items() if k != "exact"
             )
-            + f"; clean nearest-neighbour median {r['clean_nearest_similarity']['median']}, p99 {r['clean_nearest_similarity']['p99']}"
-        )  # noqa: E501
+            + f"; clean nearest-neighbour median {r['clean_nearest_similarity']['median']}, "
+            f"p99 {r['clean_nearest_similarity']['p99']}"
+        )
         lines.append(
             "  - near threshold: "
             + "; ".join(
                 f"{t['threshold']}: {_pct(t['copies_recall'])} / {_pct(t['clean_paired'])}"
                 for t in r["sweeps"]["near_threshold"]
             )
-        )  # noqa: E501
+        )
         lines.append(
             "  - outlier z: "
             + "; ".join(
                 f"{z['z']}: recall {_pct(z['recall'])}, clean flagged {_pct(z['clean_flagged'])}"
                 for z in r["sweeps"]["outlier_z"]
             )
-        )  # noqa: E501
+        )
     return "\n".join(lines)
 
 
 def screenshot(cache: Path, work: Path) -> Path:
     """Render an audit report of ``cache`` (3 entries per finding) in headless Chromium to
     results/audit_report_flowers12.png."""
-    import subprocess
-    import tempfile
+    import sys
 
     from common import RESULTS
 
     from embedcache import audit
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from chromium import screenshot as render
+
     audit(cache, out=work / "audit_shot", progress=False, report_rows=3)
-    shot = RESULTS / "audit_report_flowers12.png"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                f"--screenshot={shot}",
-                "--window-size=1280,2400",
-                (work / "audit_shot" / "report.html").as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    return shot
+    page = work / "audit_shot" / "report.html"
+    return render(page, RESULTS / "audit_report_flowers12.png", width=1280, height=2400)
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def make_cache(path: Path, rows: int, seed: int = 0) -> Path:
     classes = [f"c{i}" for i in range(CLASSES)]
     return write_cache(
         path, splits, classes=classes, backbone="synthetic", weights="none", transform="{}"
-    )  # noqa: E501
+    )
 
 
 def run_full(cache: Path, out: Path) -> dict:
@@ -67,12 +67,12 @@ def run_full(cache: Path, out: Path) -> dict:
     r = audit(cache, out=out, progress=False, report_rows=0)
     counts = {
         k: r.summary[k]["count"] for k in ("near_duplicates", "leaks", "label_errors", "outliers")
-    }  # noqa: E501
+    }
     return {
         "seconds": round(time.perf_counter() - t, 1),
         "peak_rss_mb": round(peak_rss_mb()),
         "counts": counts,
-    }  # noqa: E501
+    }
 
 
 def run_search(cache: Path, blocks: int) -> dict:
@@ -100,7 +100,7 @@ def run_search(cache: Path, blocks: int) -> dict:
         "unit_s": round(unit_s, 1),
         "blocks_run": blocks,
         "seconds_per_block": round(per_block, 2),
-        "search_s_extrapolated": round(per_block * total_blocks),  # noqa: E501
+        "search_s_extrapolated": round(per_block * total_blocks),
         "peak_rss_mb": round(peak_rss_mb()),
         "madds_per_s": round(search.QUERY_ROWS * len(unit) * DIM / per_block / 1e9, 1),
     }
@@ -114,7 +114,7 @@ def child(args) -> None:
         run_full(cache, args.work / f"audit_{args.rows}")
         if args.step == "full"
         else run_search(cache, args.query_blocks)
-    )  # noqa: E501
+    )
     print(json.dumps(result))
 
 
@@ -128,7 +128,7 @@ def measure(work: Path, rows: int, step: str, blocks: int = 2) -> dict:
         str(rows),
         "--query-blocks",
         str(blocks),
-    ]  # noqa: E501
+    ]
     subprocess.run([*base, "--step", "make"], check=True)
     out = subprocess.run([*base, "--step", step], check=True, capture_output=True, text=True)
     return {"rows": rows, "step": step, **json.loads(out.stdout.strip().splitlines()[-1])}
@@ -170,23 +170,27 @@ def markdown(payload: dict) -> str:
     for r in payload["measured"]:
         if r["step"] == "full":
             lines.append(
-                f"| {r['rows']:,} | whole audit | {r['seconds']} | {r['peak_rss_mb']} | found {r['counts']} |"
-            )  # noqa: E501
+                f"| {r['rows']:,} | whole audit | {r['seconds']} | {r['peak_rss_mb']} | "
+                f"found {r['counts']} |"
+            )
         else:
             lines.append(
-                f"| {r['rows']:,} | exact kNN search (k=10), {r['blocks_run']} of the query blocks run, "
-                f"extrapolated | {r['search_s_extrapolated']} | {r['peak_rss_mb']} | read {r['read_s']} s, "
-                f"unit rows {r['unit_s']} s, {r['seconds_per_block']} s per block, {r['madds_per_s']} G multiply-adds/s |"
-            )  # noqa: E501
+                f"| {r['rows']:,} | exact kNN search (k=10), "
+                f"{r['blocks_run']} of the query blocks run, extrapolated | "
+                f"{r['search_s_extrapolated']} | {r['peak_rss_mb']} | read {r['read_s']} s, "
+                f"unit rows {r['unit_s']} s, {r['seconds_per_block']} s per block, "
+                f"{r['madds_per_s']} G multiply-adds/s |"
+            )
     m = payload["model_10m"]
     lines += [
         "",
         f"Model at {m['rows']:,} rows on this CPU: exact search {m['search_hours_this_cpu']} h and "
         f"{m['search_memory_gb']} GB (unit rows in float16 + blocks); label check "
         f"{m['label_check_hours_this_cpu']} h and {m['label_check_memory_gb']} GB (float32 rows). "
-        "The search is N^2 x D multiply-adds: on one GPU at ~50 T fp32 multiply-adds/s that is about "
-        f"{10_000_000**2 * DIM / 50e12 / 3600:.1f} h; faiss (IVF or HNSW, not built in) trades exactness "
-        "for roughly N log N.",
+        "The search is N^2 x D multiply-adds: "
+        "on one GPU at ~50 T fp32 multiply-adds/s that is about "
+        f"{10_000_000**2 * DIM / 50e12 / 3600:.1f} h; "
+        "faiss (IVF or HNSW, not built in) trades exactness for roughly N log N.",
     ]
     return "\n".join(lines)
 

@@ -20,31 +20,37 @@ from pathlib import Path
 import numpy as np
 from common import save
 
-import embedcache.cache as cache_mod
-from embedcache import train_head, write_cache
+from embedcache import open_cache, train_head, write_cache
 from embedcache.backbones import EvalTransform
+from embedcache.cache import storage, writer
 
 
 @contextlib.contextmanager
 def checksums(on: bool):
-    """Write caches with or without Fletcher-32 (without: the format 1 layout)."""
+    """Write caches with or without Fletcher-32 (without: the format 1 layout).
+
+    The writer imports ``rows_dataset`` and ``checked`` from ``embedcache.cache.storage`` by
+    name, so the stand-ins go into ``embedcache.cache.writer``, where ``write_cache`` looks
+    them up.
+    """
     if on:
         yield
         return
-    features, checked = cache_mod._features_dataset, cache_mod._checked
+    rows_dataset, checked = writer.rows_dataset, writer.checked
 
-    def plain_features(g, n, dim, dtype):
-        chunks = (min(n, cache_mod._rows_per_chunk(dim, dtype.itemsize)), dim) if n else None
-        return g.create_dataset(
-            "features", (n, dim), dtype=dtype, chunks=chunks, dcpl=cache_mod._early()
-        )
+    def plain_rows(g, name, shape, dtype):
+        n, per_row = shape[0], int(np.prod(shape[1:]))
+        if not n:
+            return g.create_dataset(name, shape, dtype=dtype)
+        chunks = (min(n, storage.rows_per_chunk(per_row, dtype.itemsize)), *shape[1:])
+        return g.create_dataset(name, shape, dtype=dtype, chunks=chunks, dcpl=storage.early())
 
-    cache_mod._features_dataset = plain_features
-    cache_mod._checked = lambda g, name, data: g.create_dataset(name, data=data)
+    writer.rows_dataset = plain_rows
+    writer.checked = lambda g, name, data: g.create_dataset(name, data=data)
     try:
         yield
     finally:
-        cache_mod._features_dataset, cache_mod._checked = features, checked
+        writer.rows_dataset, writer.checked = rows_dataset, checked
 
 
 def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
@@ -61,7 +67,7 @@ def one_round(tmp: Path, splits: dict, on: bool, args) -> dict:
             transform=EvalTransform(resize=256, crop=224).to_json(),
         )
     written = time.perf_counter() - t
-    with cache_mod.open_cache(out) as c:
+    with open_cache(out) as c:
         assert c.checksummed is on
         t = time.perf_counter()
         for s in c.splits:
@@ -107,16 +113,25 @@ def main() -> None:
                 print(r, on, rows["on" if on else "off"][-1], flush=True)
     med = {k: {m: statistics.median(d[m] for d in v) for m in v[0]} for k, v in rows.items()}
     md = [
-        f"{args.rows:,} rows x 1280 float16 in each of train and val ({2 * args.rows * 1280 * 2 / 1e9:.2f} GB of features); {args.rounds} alternating rounds, medians; train-head linear, {args.epochs} epochs, streamed (--max-memory a quarter of the file).",
+        f"{args.rows:,} rows x 1280 float16 in each of train and val "
+        f"({2 * args.rows * 1280 * 2 / 1e9:.2f} GB of features); "
+        f"{args.rounds} alternating rounds, medians; train-head linear, {args.epochs} epochs, "
+        "streamed (--max-memory a quarter of the file).",
         "",
         "| | write the cache (s) | read every block (s) | train-head (s) | file MB |",
         "| --- | ---: | ---: | ---: | ---: |",
         *(
-            f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | {m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | {m['bytes'] / 1e6:.1f} |"
+            f"| checksums {'on (format 2)' if k == 'on' else 'off (format 1)'} | "
+            f"{m['write_s']:.2f} | {m['read_s']:.2f} | {m['train_head_s']:.2f} | "
+            f"{m['bytes'] / 1e6:.1f} |"
             for k, m in med.items()
         ),
         "",
-        f"Cost of the checksums: write {100 * (med['on']['write_s'] / med['off']['write_s'] - 1):+.0f}%, read {100 * (med['on']['read_s'] / med['off']['read_s'] - 1):+.0f}%, train-head {100 * (med['on']['train_head_s'] / med['off']['train_head_s'] - 1):+.0f}%, file size {100 * (med['on']['bytes'] / med['off']['bytes'] - 1):+.2f}%.",
+        "Cost of the checksums: "
+        f"write {100 * (med['on']['write_s'] / med['off']['write_s'] - 1):+.0f}%, "
+        f"read {100 * (med['on']['read_s'] / med['off']['read_s'] - 1):+.0f}%, "
+        f"train-head {100 * (med['on']['train_head_s'] / med['off']['train_head_s'] - 1):+.0f}%, "
+        f"file size {100 * (med['on']['bytes'] / med['off']['bytes'] - 1):+.2f}%.",
     ]
     print(save("checksum_cost_cpu", {"rows": rows, "median": med}, "\n".join(md)).read_text())
 

@@ -84,16 +84,20 @@ def main() -> None:
     med = {k: statistics.median(r for r, _ in v) for k, v in rows.items()}
     per_round = [n[0] / o[0] for o, n in zip(rows["old"], rows["new"], strict=True)]
     md = [
-        f"`embedcache extract {args.data.name} -b {args.backbone} --device cpu` (a fresh cache each run), commit {args.commit} vs this checkout, {args.rounds} alternating rounds.",
+        f"`embedcache extract {args.data.name} -b {args.backbone} --device cpu` "
+        f"(a fresh cache each run), commit {args.commit} vs this checkout, "
+        f"{args.rounds} alternating rounds.",
         "",
         "| code | images/s (summary line) | wall s |",
         "| --- | --- | --- |",
         *(
-            f"| {k} | {', '.join(f'{r:.1f}' for r, _ in v)} (median {med[k]:.1f}) | {', '.join(f'{w:.1f}' for _, w in v)} |"
+            f"| {k} | {', '.join(f'{r:.1f}' for r, _ in v)} (median {med[k]:.1f}) | "
+            f"{', '.join(f'{w:.1f}' for _, w in v)} |"
             for k, v in rows.items()
         ),
         "",
-        f"new / old: **{med['new'] / med['old']:.2f}x** (medians); per round {', '.join(f'{x:.2f}' for x in per_round)}.",
+        f"new / old: **{med['new'] / med['old']:.2f}x** (medians); "
+        f"per round {', '.join(f'{x:.2f}' for x in per_round)}.",
     ]
     print(
         save(

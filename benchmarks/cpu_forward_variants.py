@@ -74,7 +74,9 @@ def main() -> None:
         out[name] = measure(name, args.rounds, args.batches)
         print(name, {k: v for k, v in out[name].items() if k != "rates"}, flush=True)
     lines = [
-        "| backbone (fp32, batch 8, channels_last) | eager images/s | frozen images/s | frozen / eager | first call (trace + check) s | pays back after | max relative difference | --compile auto on a CPU |",
+        "| backbone (fp32, batch 8, channels_last) | eager images/s | frozen images/s "
+        "| frozen / eager | first call (trace + check) s | pays back after "
+        "| max relative difference | --compile auto on a CPU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in out.items():
@@ -85,11 +87,15 @@ def main() -> None:
         )
         pays = f"{pays:.0f} images" if pays is not None else "never"
         lines.append(
-            f"| {name} | {eager:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['eager'])}) | {frozen:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['frozen'])}) | **{r['speedup']:.2f}x** | {r['first_call_s']:.2f} | {pays} | {r['max_rel_error']:.1e} | {r['auto']} |"
+            f"| {name} | {eager:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['eager'])}) | "
+            f"{frozen:.1f} ({', '.join(f'{v:.1f}' for v in r['rates']['frozen'])}) | "
+            f"**{r['speedup']:.2f}x** | {r['first_call_s']:.2f} | {pays} | "
+            f"{r['max_rel_error']:.1e} | {r['auto']} |"
         )
     lines += [
         "",
-        "Medians of alternated rounds. `auto` freezes nets with BatchNorm on runs of 256+ images (runtime.FREEZE_FROM_IMAGES).",
+        "Medians of alternated rounds. `auto` freezes nets with BatchNorm on runs of 256+ images "
+        "(runtime.FREEZE_FROM_IMAGES).",
     ]
     print(save("cpu_forward_variants", out, "\n".join(lines)).read_text())
 

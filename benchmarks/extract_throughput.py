@@ -307,18 +307,26 @@ def measure(args) -> None:
         ],
     }
     labels = {
-        "forward_default_alloc": "(a0) forward only, fp32 channels_last, own process, glibc's default allocator",
+        "forward_default_alloc": (
+            "(a0) forward only, fp32 channels_last, own process, glibc's default allocator"
+        ),
         "forward_nchw": "(a') forward only, fp32 NCHW",
         "forward_channels_last": "(a) forward only, fp32 channels_last",
         "forward_frozen": "(a-frozen) forward only, fp32 channels_last, frozen TorchScript graph",
         "forward_bf16": "(a-bf16) forward only, bf16 autocast channels_last",
         "decode": "(d) decode + resize alone, all cores",
         "extract": "(b) embedcache extract",
-        "tutorial": f"(c) tutorial loop (ImageFolder, no workers, NCHW, batch {args.tutorial_batch_size})",
+        "tutorial": (
+            f"(c) tutorial loop (ImageFolder, no workers, NCHW, batch {args.tutorial_batch_size})"
+        ),
     }
     md = [
-        f"Backbone `{args.backbone}` (weights {args.weights}), {len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}; "
-        f"allocator tuned in this process: {tuned}; extract's precision (auto): {precision_name(amp)}, compiled as (--compile auto): {mode or 'eager'}, so its ceiling is {labels[ceiling_key].split(')')[0]}).",
+        f"Backbone `{args.backbone}` (weights {args.weights}), "
+        f"{len(files)} images of {args.data.name}, batch {args.batch_size}, device {device}; "
+        f"allocator tuned in this process: {tuned}; "
+        f"extract's precision (auto): {precision_name(amp)}, "
+        f"compiled as (--compile auto): {mode or 'eager'}, "
+        f"so its ceiling is {labels[ceiling_key].split(')')[0]}).",
         "",
         "| what | images/s (median of rounds) | all rounds |",
         "| --- | ---: | --- |",
@@ -328,15 +336,18 @@ def measure(args) -> None:
     ]
     md += [
         "",
-        f"(b)/ceiling = **{ratios['extract_over_forward']:.2f}**, (b)/(c) = **{ratios['extract_over_tutorial']:.2f}** (ratios of the medians)  ",
-        f"within each round: (b)/ceiling {', '.join(f'{v:.2f}' for v in per_round['extract_over_forward'])} "
+        f"(b)/ceiling = **{ratios['extract_over_forward']:.2f}**, "
+        f"(b)/(c) = **{ratios['extract_over_tutorial']:.2f}** (ratios of the medians)  ",
+        "within each round: "
+        f"(b)/ceiling {', '.join(f'{v:.2f}' for v in per_round['extract_over_forward'])} "
         f"(median {statistics.median(per_round['extract_over_forward']):.2f}); "
         f"(b)/(c) {', '.join(f'{v:.2f}' for v in per_round['extract_over_tutorial'])} "
         f"(median {statistics.median(per_round['extract_over_tutorial']):.2f})",
     ]
     md += [
         "",
-        f"Allocator: (a)/(a0) = **{ratios['allocator_gain']:.2f}** (the same fp32 forward pass, glibc's thresholds raised vs default).",
+        f"Allocator: (a)/(a0) = **{ratios['allocator_gain']:.2f}** "
+        "(the same fp32 forward pass, glibc's thresholds raised vs default).",
     ]
     if device.type == "cpu":
         md += [

@@ -107,7 +107,8 @@ def main() -> None:
             without = run(args.data, out=str(tmp / f"o{n}.pt"), prefix_cache="off", **common)
             speed.append({"unfreeze": n, "cached": with_cache, "off": without})
             print(
-                f"speed unfreeze {n}: {with_cache['seconds_per_epoch']:.2f} vs {without['seconds_per_epoch']:.2f} s/epoch",
+                f"speed unfreeze {n}: {with_cache['seconds_per_epoch']:.2f} vs "
+                f"{without['seconds_per_epoch']:.2f} s/epoch",
                 flush=True,
             )
         for n in UNFREEZE:
@@ -121,31 +122,43 @@ def main() -> None:
                 accuracy.append({"unfreeze": n, "start": start, **r})
                 print(f"accuracy unfreeze {n} {start}: {r['best_val_acc']:.4f}", flush=True)
     md = [
-        f"One tutorial-recipe epoch (frozen lite0 forwarded over 245 + 153 images, ImageFolder, batch 32, no workers, NCHW): **{tutorial_epoch:.1f} s**.",
+        "One tutorial-recipe epoch (frozen lite0 forwarded over 245 + 153 images, ImageFolder, "
+        f"batch 32, no workers, NCHW): **{tutorial_epoch:.1f} s**.",
         "",
-        f"A. Seconds per epoch, no augmentation ({args.speed_epochs} epochs, from the cached head), with and without the prefix cache:",
+        f"A. Seconds per epoch, no augmentation ({args.speed_epochs} epochs, "
+        "from the cached head), with and without the prefix cache:",
         "",
-        "| --unfreeze | prefix cache: s/epoch | cache built in (s) | cache size (MB) | off: s/epoch | speed-up | epoch vs tutorial epoch | peak RSS cached / off (MB) |",
+        "| --unfreeze | prefix cache: s/epoch | cache built in (s) | cache size (MB) "
+        "| off: s/epoch | speed-up | epoch vs tutorial epoch | peak RSS cached / off (MB) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in speed:
         c, o = row["cached"], row["off"]
         md.append(
-            f"| {row['unfreeze']} | {c['seconds_per_epoch']:.2f} | {c['prefix_seconds']:.1f} | {c['prefix_mb']:.1f} | {o['seconds_per_epoch']:.2f} | "
-            f"{o['seconds_per_epoch'] / c['seconds_per_epoch']:.1f}x | {c['seconds_per_epoch'] / tutorial_epoch:.3f} | {c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} |"
+            f"| {row['unfreeze']} | {c['seconds_per_epoch']:.2f} | {c['prefix_seconds']:.1f} | "
+            f"{c['prefix_mb']:.1f} | {o['seconds_per_epoch']:.2f} | "
+            f"{o['seconds_per_epoch'] / c['seconds_per_epoch']:.1f}x | "
+            f"{c['seconds_per_epoch'] / tutorial_epoch:.3f} | "
+            f"{c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} |"
         )
     md += [
         "",
-        f"B. Accuracy with the defaults (light augmentation, 4 augmented views cached through the frozen prefix, lr 3e-4, blocks at 0.3x, {args.epochs} epochs). "
+        "B. Accuracy with the defaults (light augmentation, "
+        "4 augmented views cached through the frozen prefix, lr 3e-4, blocks at 0.3x, "
+        f"{args.epochs} epochs). "
         "Epoch 0 is the head as reattached, before any step; the best epoch on val is kept.",
         "",
-        "| --unfreeze | start | best val acc | best epoch | epoch 0 val acc | best val acc of epochs >= 1 | trainable params | total s (cache + epochs) | s/epoch | peak RSS (MB) |",
+        "| --unfreeze | start | best val acc | best epoch | epoch 0 val acc "
+        "| best val acc of epochs >= 1 | trainable params | total s (cache + epochs) | s/epoch "
+        "| peak RSS (MB) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in accuracy:
         md.append(
-            f"| {r['unfreeze']} | {r['start']} | {100 * r['best_val_acc']:.2f}% | {r['best_epoch']} | {100 * r['epoch0_val_acc']:.2f}% | "
-            f"{100 * r['best_trained_val_acc']:.2f}% | {r['trainable_params']:,} | {r['total_seconds']:.1f} | {r['seconds_per_epoch']:.2f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['unfreeze']} | {r['start']} | {100 * r['best_val_acc']:.2f}% | "
+            f"{r['best_epoch']} | {100 * r['epoch0_val_acc']:.2f}% | "
+            f"{100 * r['best_trained_val_acc']:.2f}% | {r['trainable_params']:,} | "
+            f"{r['total_seconds']:.1f} | {r['seconds_per_epoch']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
     path = save(
         "finetune",

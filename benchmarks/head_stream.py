@@ -125,14 +125,15 @@ MODES = {
 
 def _patch(mode: str) -> None:
     """Make this process run ``mode``'s variant of the streamed path."""
-    from embedcache import feed as cache_mod
+    from embedcache import feed
     from embedcache import train as train_mod
+    from embedcache.cache import reader
 
     if mode == "stream-read-ahead":
         train_mod.read_ahead = lambda device: True
     if mode == "stream-before":
-        cache_mod.Rows.batches, cache_mod.Rows.blocks = _batches_before, _blocks_before
-        cache_mod.h5py = _H5Before()
+        feed.Rows.batches, feed.Rows.blocks = _batches_before, _blocks_before
+        reader.h5py = _H5Before()  # open_cache opens the file that the rows are read from
 
 
 def train_child(cache: Path, mode: str, epochs: int) -> dict:
@@ -202,16 +203,22 @@ def side_by_side(cache: Path, modes: list[str], epochs: int, rounds: int) -> lis
 
 
 def report(rounds: list[list[dict]], args, write_s: float) -> str:
-    """The Markdown table: per mode, s/epoch per round and the ratio to in memory in the same round."""
+    """The Markdown table: per mode, s/epoch per round and the ratio to in memory in the same
+    round."""
     names = {v: k for k, v in MODES.items()}
     gb = rounds[0][0]["train_bytes"] / 1e9
     md = [
-        f"Synthetic cache: {args.rows:,} x {DIM} float16 train rows ({gb:.2f} GB) + {args.rows // 20:,} val rows, "
-        f"{'reused from --workdir' if write_s is None else f'written in {write_s:.0f} s'}. Linear head, {args.epochs} epochs, batch {rounds[0][0]['batch_size']}, CPU. "
-        f"Streamed: `max_memory` = train features / 4 = {rounds[0][-1]['max_memory'] / 1e9:.2f} GB. "
-        "Each mode in a fresh process; rounds alternate the order. s/epoch includes the validation pass.",
+        f"Synthetic cache: {args.rows:,} x {DIM} float16 train rows ({gb:.2f} GB) + "
+        f"{args.rows // 20:,} val rows, "
+        f"{'reused from --workdir' if write_s is None else f'written in {write_s:.0f} s'}. "
+        f"Linear head, {args.epochs} epochs, batch {rounds[0][0]['batch_size']}, CPU. "
+        "Streamed: `max_memory` = train features / 4 = "
+        f"{rounds[0][-1]['max_memory'] / 1e9:.2f} GB. "
+        "Each mode in a fresh process; rounds alternate the order. "
+        "s/epoch includes the validation pass.",
         "",
-        "| mode | round | s/epoch | ratio to in memory (same round) | setup s (load, stats) | peak RSS MB | val acc |",
+        "| mode | round | s/epoch | ratio to in memory (same round) | setup s (load, stats) "
+        "| peak RSS MB | val acc |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i, runs in enumerate(rounds):
@@ -219,7 +226,8 @@ def report(rounds: list[list[dict]], args, write_s: float) -> str:
         for r in runs:
             s = statistics.mean(r["epoch_seconds"])
             md.append(
-                f"| {names[r['mode']]} | {i + 1} | {s:.2f} | {s / mem:.2f} | {r['setup_seconds']:.1f} | "
+                f"| {names[r['mode']]} | {i + 1} | {s:.2f} | {s / mem:.2f} | "
+                f"{r['setup_seconds']:.1f} | "
                 f"{r['peak_rss_mb']:.0f} | {100 * r['val_acc']:.2f}% |"
             )
     same = len({json.dumps(r["history"]) for runs in rounds for r in runs}) == 1
@@ -227,7 +235,8 @@ def report(rounds: list[list[dict]], args, write_s: float) -> str:
     md += [
         "",
         f"Validation accuracy and loss history identical in every run: **{same}**. "
-        f"`runtime.read_ahead` chose {'the thread' if auto else 'no thread'} here (torch threads vs cores).",
+        f"`runtime.read_ahead` chose {'the thread' if auto else 'no thread'} here "
+        "(torch threads vs cores).",
     ]
     return "\n".join(md)
 

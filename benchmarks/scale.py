@@ -290,42 +290,61 @@ def main() -> None:
 
 def _md_a(args, a: dict, med: dict) -> list[str]:
     return [
-        f"A. `extract` on {args.data.name}, {args.backbone}, CPU: 1 process x {CORES} threads vs 2 ranks x {CORES // 2} thread(s), {args.rounds} rounds (median images/s of the extraction itself).",
+        f"A. `extract` on {args.data.name}, {args.backbone}, CPU: "
+        f"1 process x {CORES} threads vs 2 ranks x {CORES // 2} thread(s), {args.rounds} rounds "
+        "(median images/s of the extraction itself).",
         "",
         "| processes | images/s (median) | wall s per round (CLI, incl. start-up) |",
         "| ---: | ---: | --- |",
         *(f"| {n} | {med[n]:.1f} | {_walls(a, n)} |" for n in (1, 2)),
         "",
-        f"2 ranks / 1 process: {med[2] / med[1]:.2f}x. Features of the two caches differ by at most {a['max_abs_diff']:.2g} (relative {a['max_rel_diff']:.2g}): float16 rounding, since the thread counts differ (with equal threads they are bit-identical, tests/test_distributed.py).",
+        f"2 ranks / 1 process: {med[2] / med[1]:.2f}x. "
+        f"Features of the two caches differ by at most {a['max_abs_diff']:.2g} "
+        f"(relative {a['max_rel_diff']:.2g}): float16 rounding, since the thread counts differ "
+        "(with equal threads they are bit-identical, tests/test_distributed.py).",
     ]
 
 
 def _md_b(b: dict) -> list[str]:
     c, v = b["copy"], b["virtual"]
     return [
-        f"B. Join of 2 shard files, {b['rows']:,} rows x 1280 float16 = {b['gb']:.2f} GB, both kinds on the same data (features equal: {b['same_features']}):",
+        f"B. Join of 2 shard files, {b['rows']:,} rows x 1280 float16 = {b['gb']:.2f} GB, "
+        f"both kinds on the same data (features equal: {b['same_features']}):",
         "",
         "| join | seconds | s per GB | cache file | full read in 2048-row blocks (s, twice) |",
         "| --- | ---: | ---: | ---: | --- |",
-        f"| copy (merge into the in-progress file, then write the cache) | {c['join_s']:.2f} | {c['s_per_gb']:.1f} | {c['file_bytes'] / 1e6:.0f} MB | {', '.join(f'{x:.2f}' for x in c['read_s'])} |",
-        f"| virtual (hard-link the shards into OUT.parts/, map them) | {v['join_s']:.2f} | {v['s_per_gb']:.2f} | {v['file_bytes'] / 1e6:.2f} MB | {', '.join(f'{x:.2f}' for x in v['read_s'])} |",
+        "| copy (merge into the in-progress file, then write the cache) | "
+        f"{c['join_s']:.2f} | {c['s_per_gb']:.1f} | {c['file_bytes'] / 1e6:.0f} MB | "
+        f"{', '.join(f'{x:.2f}' for x in c['read_s'])} |",
+        "| virtual (hard-link the shards into OUT.parts/, map them) | "
+        f"{v['join_s']:.2f} | {v['s_per_gb']:.2f} | {v['file_bytes'] / 1e6:.2f} MB | "
+        f"{', '.join(f'{x:.2f}' for x in v['read_s'])} |",
         "",
-        f"The virtual join costs {c['join_s'] / max(v['join_s'], 1e-9):.0f}x less and reads as fast (page cache warm for both). `--join auto` copies below 8 GB of shards (under ~3 min at the copy rate above, for one self-contained file) and maps them from 8 GB on.",
+        f"The virtual join costs {c['join_s'] / max(v['join_s'], 1e-9):.0f}x less "
+        "and reads as fast (page cache warm for both). `--join auto` copies below 8 GB of shards "
+        "(under ~3 min at the copy rate above, for one self-contained file) "
+        "and maps them from 8 GB on.",
     ]
 
 
 def _md_c(models: list[dict], virtual: dict) -> list[str]:
     return [
-        "C. Model: forward time = images / (images/s per rank x ranks), plus the join at B's rate through rank 0.",
+        "C. Model: forward time = images / (images/s per rank x ranks), "
+        "plus the join at B's rate through rank 0.",
         "",
         "| images | ranks | images/s per rank | join | forward | join time | total |",
         "| ---: | ---: | ---: | --- | ---: | ---: | ---: |",
         *(
-            f"| {m['images']:,} | {m['ranks']} | {m['images_per_s_per_rank']:,.0f} | {j} | {m['forward_s'] / 60:.1f} min | {m['join_s'] / 60:.1f} min | {m['total_h']:.2f} h |"
+            f"| {m['images']:,} | {m['ranks']} | {m['images_per_s_per_rank']:,.0f} | {j} | "
+            f"{m['forward_s'] / 60:.1f} min | {m['join_s'] / 60:.1f} min | {m['total_h']:.2f} h |"
             for m, j in zip([*models, virtual], ["copy", "copy", "copy", "virtual"], strict=True)
         ),
         "",
-        "The first row uses this machine's measured per-rank CPU rate; the others assume issue 11's GPU target of 5,000 images/s per H100 for EfficientNet-B0 (not measured here: no GPU was lent). The join through rank 0 is what dominates a copy at 100M images; the virtual join takes it out.",
+        "The first row uses this machine's measured per-rank CPU rate; "
+        "the others assume issue 11's GPU target of 5,000 images/s per H100 for EfficientNet-B0 "
+        "(not measured here: no GPU was lent). "
+        "The join through rank 0 is what dominates a copy at 100M images; "
+        "the virtual join takes it out.",
     ]
 
 
@@ -347,10 +366,13 @@ def _md_d(args, d: dict) -> list[str]:
     for p in (1, 2):
         counts = cells(p, lambda r: " ".join(str(round(a * n)) for a in r["val_acc_history"]))
         table.append(
-            f"| {p} | correct val images per epoch (0 = the head before fine-tuning): {counts} | | | |"
+            f"| {p} | correct val images per epoch (0 = the head before fine-tuning): "
+            f"{counts} | | | |"
         )
     return [
-        f"D. `finetune --head HEAD --unfreeze 2 --epochs {args.finetune_epochs}` on {args.data.name} ({n} val images), 1 process x {CORES} threads vs 2 ranks x {CORES // 2} thread(s), {args.rounds} rounds:",
+        f"D. `finetune --head HEAD --unfreeze 2 --epochs {args.finetune_epochs}` "
+        f"on {args.data.name} ({n} val images), "
+        f"1 process x {CORES} threads vs 2 ranks x {CORES // 2} thread(s), {args.rounds} rounds:",
         "",
         "| processes | wall s per round | s per epoch | prefix cache s | val acc (best epoch) |",
         "| ---: | --- | --- | --- | --- |",

@@ -178,7 +178,8 @@ def scan_times(tmp: Path, entries: int, shards: int) -> dict:
     images = scan(pattern, ExtractConfig())
     listed = time.perf_counter() - t
     print(
-        f"{len(images)} entries in {shards} shards ({made:.0f} s to write): listed in {listed:.1f} s",
+        f"{len(images)} entries in {shards} shards ({made:.0f} s to write): "
+        f"listed in {listed:.1f} s",
         flush=True,
     )
     warm = first_batch_s(tiny_shards(tmp / "warm", 20, 1), tmp / "warm.h5")  # imports, graph
@@ -265,7 +266,8 @@ def resume_after_kill(pattern: str, ref: Path, tmp: Path, args) -> dict:
 
 def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args) -> str:
     lines = [
-        f"{n} generated 500x375 JPEGs, {args.backbone} ({args.weights} weights), extract's defaults; "
+        f"{n} generated 500x375 JPEGs, {args.backbone} ({args.weights} weights), "
+        "extract's defaults; "
         f"{args.rounds} rounds alternating the sources, median (best) of each.\n",
         "| source | images/s median | best | vs folder | CPU ms/image median | vs folder |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -274,22 +276,27 @@ def table(n: int, rates: dict, cpu_ms: dict, scan_info: dict, resume: dict, args
     for name, rs in rates.items():
         m, c = statistics.median(rs), statistics.median(cpu_ms[name])
         lines.append(
-            f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x | {c:.0f} | {c / base_cpu:.2f}x |"
+            f"| {name} | {m:.1f} | {max(rs):.1f} | {m / base:.2f}x | "
+            f"{c:.0f} | {c / base_cpu:.2f}x |"
         )
     s = scan_info
     lines += [
         "",
-        f"Listing {s['entries']:,} tiny samples: {s['shards']} tar shards ({s['tar_bytes'] / 1e9:.2f} GB, "
+        f"Listing {s['entries']:,} tiny samples: "
+        f"{s['shards']} tar shards ({s['tar_bytes'] / 1e9:.2f} GB, "
         f".jpg + .cls each) in {s['tar_list_s']:.1f} s; extract's first batch written "
         f"{s['tar_first_batch_s']:.1f} s after the call (listing, fingerprint, in-progress file, "
         f"first shard listed again; {s['first_batch_20_entries_s']:.1f} s for a source of 20 "
         f"entries, after the same warm-up); a Parquet file of {s['parquet_rows']:,} rows listed in "
         f"{s['parquet_list_s']:.1f} s.",
         "",
-        f"Resume after a kill: extract of the shards SIGKILLed after {resume['kill_after_batches']} "
-        f"batches (rc {resume['returncode']}, {resume['killed_after_s']:.1f} s); the same command "
-        f"again reused {resume['reused']} rows, read {resume['extracted']} in {resume['resume_s']:.1f} s; "
-        f"finished cache bit-identical to the uninterrupted one: {resume['identical_to_uninterrupted']}.",
+        "Resume after a kill: extract of the shards SIGKILLed after "
+        f"{resume['kill_after_batches']} batches "
+        f"(rc {resume['returncode']}, {resume['killed_after_s']:.1f} s); the same command "
+        f"again reused {resume['reused']} rows, "
+        f"read {resume['extracted']} in {resume['resume_s']:.1f} s; "
+        "finished cache bit-identical to the uninterrupted one: "
+        f"{resume['identical_to_uninterrupted']}.",
     ]
     return "\n".join(lines)
 

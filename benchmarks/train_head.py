@@ -156,7 +156,8 @@ def main() -> None:
     if rows:
         extract_s = rows[0]["seconds"]
         md += [
-            "Hymenoptera (244 + 153 photos; 245 train files incl. one GIF), efficientnet_lite0 with the offline weights, CPU:",
+            "Hymenoptera (244 + 153 photos; 245 train files incl. one GIF), "
+            "efficientnet_lite0 with the offline weights, CPU:",
             "",
             "| what | seconds | share of extract time | val accuracy | epochs run | chosen |",
             "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -165,14 +166,20 @@ def main() -> None:
             acc = f"{100 * r['val_acc']:.2f}%" if r["val_acc"] is not None else ""
             share = f"{100 * r['seconds'] / extract_s:.1f}%" if r["val_acc"] is not None else ""
             md.append(
-                f"| {r['what']} | {r['seconds']:.2f} | {share} | {acc} | {r['epochs'] or ''} | {r.get('best') or ''} |"
+                f"| {r['what']} | {r['seconds']:.2f} | {share} | {acc} | "
+                f"{r['epochs'] or ''} | {r.get('best') or ''} |"
             )
         md.append("")
     md += [
-        f"Synthetic {args.rows:,} x {args.dim:,} float16 features (10 classes) + {args.rows // 10:,} val rows, "
-        f"{big['heads']}-head linear sweep (4 lr x 4 weight decay), {big['epochs']} epochs, batch {big['batch_size']}, CPU: "
-        f"**{big['seconds']:.1f} s**, peak RSS of the training process {big['peak_rss_mb']:.0f} MB ({big['rss_after_imports_mb']:.0f} MB after imports; "
-        f"features {big['features_mb']:.0f} MB as float16, {'streamed from the file' if big['streamed'] else 'held in memory as stored'})."
+        f"Synthetic {args.rows:,} x {args.dim:,} float16 features (10 classes) + "
+        f"{args.rows // 10:,} val rows, "
+        f"{big['heads']}-head linear sweep (4 lr x 4 weight decay), {big['epochs']} epochs, "
+        f"batch {big['batch_size']}, CPU: "
+        f"**{big['seconds']:.1f} s**, "
+        f"peak RSS of the training process {big['peak_rss_mb']:.0f} MB "
+        f"({big['rss_after_imports_mb']:.0f} MB after imports; "
+        f"features {big['features_mb']:.0f} MB as float16, "
+        f"{'streamed from the file' if big['streamed'] else 'held in memory as stored'})."
     ]
     path = save("train_head", {"hymenoptera": rows, "synthetic": big}, "\n".join(md))
     print(path.read_text())

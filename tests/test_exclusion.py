@@ -35,7 +35,7 @@ def test_train_head_and_evaluate_leave_the_listed_images_out(blob_cache, tmp_pat
     drop.write_text("path\ntrain/0.png\ntrain/5.png\nval/1.png\n")
     r = train_head(
         blob_cache, out=tmp_path / "h.pt", exclude=drop, device="cpu", epochs=3, progress=False
-    )  # noqa: E501
+    )
     assert (r.metrics["train_images"], r.metrics["val_images"]) == (118, 44)
     m = evaluate(tmp_path / "h.pt", blob_cache, split="val", exclude=drop, progress=False)
     assert m["images"] == 44

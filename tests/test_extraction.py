@@ -176,7 +176,8 @@ def test_existing_cache_with_other_settings_is_an_error_naming_both(tree, tmp_pa
     extract(tree, out=out, **extract_kw)
     with pytest.raises(
         EmbedcacheError,
-        match=r"holds other features \(backbone timm:test_efficientnet vs resnet18; .*pass --overwrite",
+        match=r"holds other features \(backbone timm:test_efficientnet vs resnet18; "
+        r".*pass --overwrite",
     ):
         extract(tree, out=out, **{**extract_kw, "backbone": "timm:test_efficientnet"})
     with pytest.raises(EmbedcacheError, match=r"transform crop 32 vs 64"):
@@ -254,7 +255,8 @@ def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 def _kill_when(
     cmd: list[str], partial: Path, min_done: int, timeout_s: float = 120
 ) -> tuple[int, int]:
-    """Start ``cmd``, SIGKILL it once the partial file shows ``min_done`` rows, return the progress seen."""
+    """Start ``cmd``, SIGKILL it once the partial file shows ``min_done`` rows, return the
+    progress seen."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     try:
@@ -305,7 +307,9 @@ def test_too_little_space_is_refused_before_writing(tmp_path):
     )
     assert p.returncode == 1, p.stderr
     assert re.fullmatch(
-        r"Error: not enough space in .*: extraction needs about \d+\.\d MB and 0\.1 MB is free; free some space or choose another --out\n",
+        r"Error: not enough space in .*: "
+        r"extraction needs about \d+\.\d MB and 0\.1 MB is free; "
+        r"free some space or choose another --out\n",
         p.stderr,
     )
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d"]
@@ -330,7 +334,9 @@ def test_disk_full_mid_run_keeps_progress_and_leaves_nothing_that_looks_complete
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
     with pytest.raises(
         EmbedcacheError,
-        match=r"^no space left on the device while writing .*c\.h5 \(progress is kept in c\.h5\.partial\); free some space and re-run the same command to resume$",
+        match=r"^no space left on the device while writing .*c\.h5 "
+        r"\(progress is kept in c\.h5\.partial\); "
+        r"free some space and re-run the same command to resume$",
     ):
         extract(data, out=out, **extract_kw)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
@@ -396,7 +402,8 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
     assert "from a bf16 forward pass" in CliRunner().invoke(main, ["info", str(out)]).output
     with pytest.raises(
         EmbedcacheError,
-        match=r"holds other features \(precision fp32 vs bf16; asked vs existing\); pass --overwrite",
+        match=r"holds other features \(precision fp32 vs bf16; asked vs existing\); "
+        r"pass --overwrite",
     ):
         extract(tree, out=out, precision="fp32", **extract_kw)  # never mixed into one cache
     with h5py.File(tmp_path / "fp32.h5", "r+") as h5:

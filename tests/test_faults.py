@@ -5,10 +5,13 @@ Small data and a tiny random-init backbone; every case asserts what the user wou
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -311,14 +314,25 @@ class _FailAt:
         self.calls, self.fail_at, self.err = 0, k, err
 
 
-def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_path, monkeypatch):
-    import errno
+@dataclass
+class _Output:
+    """One kind of output, as the ENOSPC/EIO test writes it."""
 
+    targets: list[tuple[object, str]]  # the calls that write it: any one of them may fail
+    run: Callable[[Path], object]  # write it to this path (resuming where a run left a state)
+    message: Callable[[Path], str]  # the one-line error when writing to this path fails
+    check: Callable[[Path], None]  # what the resumed run wrote is right
+    errors: Callable[[int], tuple[int, ...]]  # the errors tried at the k-th write
+    suffix: str
+    min_writes: int
+    failed_leaves_nothing: bool  # a failed run leaves no file at the path
+
+
+def _cache_output(tmp_path: Path) -> _Output:
     import h5py
     from conftest import make_tree
 
     from embedcache.backbones import build_backbone
-    from embedcache.errors import EmbedcacheError
 
     data = make_tree(tmp_path / "d", per_class=1)
     kw = {
@@ -326,81 +340,108 @@ def test_enospc_and_eio_at_each_write_of_a_cache_fail_cleanly_and_resume(tmp_pat
         "batch_size": 2,
         "model": build_backbone(TINY["backbone"], weights="none", image_size=32),
     }
-    extract(data, out=tmp_path / "ref.h5", **kw)
-    fail = _FailAt(
-        monkeypatch,
-        [
+    ref = extract(data, out=tmp_path / "ref.h5", **kw).path
+
+    def same_features(out: Path) -> None:
+        with open_cache(out) as a, open_cache(ref) as b:
+            for s in ("train", "val"):
+                assert np.array_equal(a.features(s)[:], b.features(s)[:]), out
+
+    return _Output(
+        targets=[
             (h5py.Dataset, "__setitem__"),
             (h5py.Group, "create_dataset"),
             (h5py.AttributeManager, "modify"),
         ],
+        run=lambda out: extract(data, out=out, **kw),  # the same command resumes
+        message=lambda out: (
+            r"(no space left on the device while writing|cannot write) "
+            r".*re-run the same command to resume"
+        ),
+        check=same_features,
+        errors=lambda k: (errno.ENOSPC, errno.EIO),
+        suffix=".h5",
+        min_writes=20,
+        failed_leaves_nothing=True,  # nothing half-written looks finished
     )
-    fail.arm(None)
-    extract(data, out=tmp_path / "count.h5", **kw)
-    writes = fail.calls
-    assert writes >= 20
-    for k in range(1, writes + 1):
-        for err in (errno.ENOSPC, errno.EIO):
-            out = tmp_path / f"c{k}-{err}.h5"
-            fail.arm(k, err)
-            with pytest.raises(
-                EmbedcacheError,
-                match=r"(no space left on the device while writing|cannot write) .*re-run the same command to resume",
-            ):
-                extract(data, out=out, **kw)
-            assert not out.exists()  # nothing half-written looks finished
-            fail.arm(None)
-            extract(data, out=out, **kw)  # resume
-            with open_cache(out) as a, open_cache(tmp_path / "ref.h5") as b:
-                for s in ("train", "val"):
-                    assert np.array_equal(a.features(s)[:], b.features(s)[:]), (k, err)
 
 
-def test_enospc_and_eio_at_each_checkpoint_write_fail_cleanly_and_resume(tmp_path, monkeypatch):
-    import errno
+def _is_file(out: Path) -> None:
+    assert out.is_file(), out
 
+
+def _head_output(tmp_path: Path) -> _Output:
     import torch
     from conftest import make_tree
 
-    from embedcache import finetune, train_head
-    from embedcache.errors import EmbedcacheError
+    from embedcache import train_head
+
+    cache = extract(make_tree(tmp_path / "d", per_class=3), out=tmp_path / "c.h5", **TINY).path
+    return _Output(
+        targets=[(torch, "save")],
+        run=lambda out: train_head(cache, out=out, epochs=3, progress=False),
+        message=lambda out: rf"cannot write .*{out.stem}",
+        check=_is_file,
+        errors=lambda k: (errno.ENOSPC, errno.EIO),
+        suffix=".pt",
+        min_writes=1,
+        failed_leaves_nothing=True,
+    )
+
+
+def _model_output(tmp_path: Path) -> _Output:
+    import torch
+    from conftest import make_tree
+
+    from embedcache import finetune
 
     data = make_tree(tmp_path / "d", per_class=3)
-    extract(data, out=tmp_path / "c.h5", **TINY)
-    fail = _FailAt(monkeypatch, [(torch, "save")])
     ft = {k: v for k, v in TINY.items() if k != "batch_size"} | {
         "epochs": 1,
         "augment": "none",
         "batch_size": 4,
     }
-    runs = {
-        "head": lambda out, resume: train_head(
-            tmp_path / "c.h5", out=out, epochs=3, progress=False
-        ),
-        "model": lambda out, resume: finetune(data, out=out, resume=resume, **ft),
-    }
-    for name, run in runs.items():
-        fail.arm(None)
-        run(tmp_path / f"count-{name}.pt", False)
-        saves = fail.calls
-        assert saves >= (1 if name == "head" else 4), (
-            name,
-            saves,
-        )  # finetune: best and last, per epoch
-        for k in range(1, saves + 1):
-            # finetune runs cost a second each: there each write gets one of the two errors
-            errs = (
-                (errno.ENOSPC, errno.EIO) if name == "head" else ((errno.ENOSPC, errno.EIO)[k % 2],)
-            )
-            for err in errs:
-                out = tmp_path / f"{name}{k}-{err}.pt"
-                fail.arm(k, err)
-                with pytest.raises(EmbedcacheError, match=rf"cannot write .*{name}{k}-{err}"):
-                    run(out, False)
-                fail.arm(None)
-                run(out, out.with_suffix(".last.pt").exists())  # resume where a state was kept
-                assert out.exists(), (name, k, err)
-                assert not list(tmp_path.glob("*.tmp"))  # no temporary file left behind
+    return _Output(
+        targets=[(torch, "save")],
+        run=lambda out: finetune(
+            data, out=out, resume=out.with_suffix(".last.pt").exists(), **ft
+        ),  # resume where a failed run kept a state
+        message=lambda out: rf"cannot write .*{out.stem}",
+        check=_is_file,
+        # finetune runs cost a second each: each write gets one of the two errors
+        errors=lambda k: ((errno.ENOSPC, errno.EIO)[k % 2],),
+        suffix=".pt",
+        min_writes=4,  # best and last, per epoch
+        failed_leaves_nothing=False,  # a best model saved before the failed write stays
+    )
+
+
+@pytest.mark.parametrize(
+    "make_output", [_cache_output, _head_output, _model_output], ids=["cache", "head", "model"]
+)
+def test_enospc_and_eio_at_each_write_fail_cleanly_and_resume(make_output, tmp_path, monkeypatch):
+    """Every write of a cache, a head and a fine-tuned model, failed in turn with ENOSPC and
+    EIO: one clear error, no temporary file left, and the same command then finishes it."""
+    from embedcache.errors import EmbedcacheError
+
+    output = make_output(tmp_path)
+    fail = _FailAt(monkeypatch, output.targets)
+    fail.arm(None)
+    output.run(tmp_path / f"count{output.suffix}")
+    writes = fail.calls
+    assert writes >= output.min_writes, writes
+    for k in range(1, writes + 1):
+        for err in output.errors(k):
+            out = tmp_path / f"out{k}-{err}{output.suffix}"
+            fail.arm(k, err)
+            with pytest.raises(EmbedcacheError, match=output.message(out)):
+                output.run(out)
+            if output.failed_leaves_nothing:
+                assert not out.exists(), (k, err)
+            fail.arm(None)
+            output.run(out)
+            output.check(out)
+            assert not list(tmp_path.glob("*.tmp")), (k, err)  # no temporary file left behind
 
 
 def test_a_checkpoint_with_a_flipped_byte_is_refused_or_reads_back_the_same(tmp_path):

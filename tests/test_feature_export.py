@@ -1,4 +1,5 @@
-"""export-features: per-split .npy + Parquet (clip-retrieval's layout), row for row with the cache."""
+"""export-features: per-split .npy + Parquet (clip-retrieval's layout), row for row with the
+cache."""
 
 from __future__ import annotations
 

@@ -289,8 +289,8 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
         finetune(data, out=tmp_path / "m.pt", unfreeze=7, **base)
     with pytest.raises(
         EmbedcacheError,
-        match=r"was trained on other features than this backbone gives \(backbone resnet18 vs "
-        r"timm:test_efficientnet; .*head vs backbone\); pass --backbone",
+        match=r"was trained on other features than this backbone gives "
+        r"\(backbone resnet18 vs timm:test_efficientnet; .*head vs backbone\); pass --backbone",
     ):
         finetune(
             data, out=tmp_path / "m.pt", head=head, **{**base, "backbone": "timm:test_efficientnet"}
@@ -307,8 +307,8 @@ def test_finetune_errors(data, head, tmp_path, make_cache):
         )
     with pytest.raises(
         EmbedcacheError,
-        match=r"--prefix-cache memory is not possible: augmentation changes the input every "
-        r"epoch; pass --views V",
+        match=r"--prefix-cache memory is not possible: "
+        r"augmentation changes the input every epoch; pass --views V",
     ):
         finetune(
             data,

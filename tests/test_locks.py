@@ -60,7 +60,8 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_a_killed_holder_leav
         )
         assert r.exit_code != 0
         assert r.output.strip().splitlines()[-1] == (
-            f"Error: another `embedcache extract` (pid {holder.pid}) is writing {out}; wait for it to finish, or choose another --out"
+            f"Error: another `embedcache extract` (pid {holder.pid}) is writing {out}; "
+            "wait for it to finish, or choose another --out"
         )
         assert (
             not out.exists() and not (tmp_path / "c.h5.partial").exists()

@@ -57,7 +57,8 @@ def test_cuda_without_a_gpu_says_to_use_cpu(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
         EmbedcacheError,
-        match=rf"^--device {name} was asked but no CUDA GPU is available; use --device cpu or auto$",
+        match=rf"^--device {name} was asked but no CUDA GPU is available; "
+        r"use --device cpu or auto$",
     ):
         resolve_device(name)
     assert resolve_device("auto") == CPU and resolve_device("cpu") == CPU
@@ -176,7 +177,7 @@ def test_streamed_features_are_read_ahead_beside_a_gpu_or_a_free_core(
     assert read_ahead(torch.device(device)) is expected
 
 
-def test_auto_batch_size_takes_the_largest_candidate_that_fits_and_stops_at_the_first_that_does_not():
+def test_auto_batch_size_takes_the_largest_that_fits_and_stops_at_the_first_that_does_not():
     from embedcache.runtime import choose_batch_size
 
     tried = []
@@ -213,7 +214,7 @@ def _conv_bn(bn: bool = True) -> torch.nn.Module:
     return net.eval()
 
 
-def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu_runs_of_batchnorm_nets():
+def test_compile_auto_is_torch_compile_on_big_gpu_runs_and_a_frozen_graph_on_cpu_batchnorm_runs():
     from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode
 
     cuda, bn, no_bn = torch.device("cuda", 0), _conv_bn(), _conv_bn(bn=False)

@@ -109,8 +109,10 @@ def test_one_scale_keeps_dead_features_from_drowning_the_signal(make_cache):
     rng = np.random.default_rng(0)
     x, y = blobs(60, dim=8, classes=2, seed=0, spread=0.3)
     xv, yv = blobs(60, dim=8, classes=2, seed=1, spread=0.3)
-    # near-constant, like dead ReLU units
-    dead = lambda n: rng.normal(0, 1e-4, (n, 200))  # noqa: E731
+
+    def dead(n: int) -> np.ndarray:  # near-constant columns, like dead ReLU units
+        return rng.normal(0, 1e-4, (n, 200))
+
     cache = make_cache(
         train=(np.hstack([x, dead(len(y))]).astype(np.float32), y),
         val=(np.hstack([xv, dead(len(yv))]).astype(np.float32), yv),
