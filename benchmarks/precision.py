@@ -1,4 +1,4 @@
-"""Are heads on bf16 features as good as on fp32 features? The paired test behind `--precision auto`.
+"""Are heads on bf16 features as good as on fp32 ones? The paired test behind `--precision auto`.
 
     python benchmarks/precision.py ../shared/data/hymenoptera ../shared/data/flowers12 digits
 
@@ -13,8 +13,9 @@ images where exactly one of the two is right count):
 - a paired bootstrap 95% interval of the accuracy difference (bf16 - fp32, points).
 
 Rule: `--precision auto` may use bf16 on a CPU with native bf16 unless bf16 is significantly
-worse (one-sided p < ALPHA) on some data set and head, or over the sets pooled (default head). A split that
-moves two images is noise, not harm; a consistent loss across sets shows in the pooled test.
+worse (one-sided p < ALPHA) on some data set and head, or over the sets pooled (default head).
+A split that moves two images is noise, not harm; a consistent loss across sets shows in the
+pooled test.
 """
 
 from __future__ import annotations
