@@ -6,6 +6,7 @@ images are batched, decoded or checked for memory changes them all alike, and on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, Normalise
-from .cache import available_memory_bytes
 from .data import decoded_batches, preprocess, with_views
 from .errors import EmbedcacheError
-from .runtime import Run, compile_mode, compiled
+from .feed import available_memory_bytes
+from .runtime import (
+    Run,
+    choose_batch_size,
+    compile_mode,
+    compiled,
+    default_batch_size,
+    gpu_batch_fits,
+)
 
 # Peak memory of a forward pass as a multiple of its float32 input batch, measured on a CPU at
 # 768 px (ru_maxrss): resnet18 7x, efficientnet_lite0 25x, timm test_efficientnet 9x. Training
@@ -98,9 +106,15 @@ def image_features(
     ok : ndarray of shape (n_ok,), indices into ``files``
     failed : {index: reason} for files that could not be decoded
     """
+    net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
+    if run.batch_size == "auto":  # probed once on a GPU, as extract does; a CPU's default
+        size = default_batch_size(run.device)
+        if run.device.type == "cuda":
+            fits = gpu_batch_fits(net, bb.transform.crop, run.device, run.autocast)
+            size = choose_batch_size(fits)
+        run = dataclasses.replace(run, batch_size=size)
     batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
     check_batch_memory(batch, bb.transform.crop, run.device)
-    net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(
         net, compile_mode(run.compile, run.device, len(files) * (1 + mirror), net, run.autocast)
     )

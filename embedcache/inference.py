@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .cache import open_cache
-from .data import IMAGE_EXTENSIONS, paths_digest, scan
+from .data import IMAGE_EXTENSIONS, ImageSet, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, read_exclude
 from .forward import image_features
@@ -90,16 +90,31 @@ def _cache_split(
         return sd.features[keep].astype(np.float32), mirror, sd.labels[keep], c.classes
 
 
-def _folder_split(
-    clf: Classifier, data: Path, split: str, run: Run, mirror: bool, drop: Exclusion | None = None
-):
-    """(features, mirrored or None, labels, classes, skipped) of an image folder's split,
-    through the model's backbone, without the images ``drop`` lists."""
-    images = scan(data)
+# The split evaluate scores in a folder of class folders with no split folders: all of it.
+ALL_IMAGES = "all"
+
+
+def _labelled_folder(data: Path, split: str) -> tuple[ImageSet, str]:
+    """The folder's images and the split to score: ``split`` of a folder with split folders
+    (or a CSV with a split column), ALL_IMAGES of a folder of class folders and nothing else
+    (``evaluate MODEL photos/test``), whatever ``split`` asked for."""
+    images = scan(data, val_fraction=0.0)
+    if images.layout == "class-folders":
+        images.splits = {ALL_IMAGES: images.splits.get("train", [])}
+        return images, ALL_IMAGES
     if split not in images.splits:
         raise EmbedcacheError(
             f"{data} has no {split!r} split (it has {', '.join(images.splits)}); pass --split"
         )
+    return images, split
+
+
+def _folder_split(
+    clf: Classifier, data: Path, split: str, run: Run, mirror: bool, drop: Exclusion | None = None
+):
+    """(features, mirrored or None, labels, classes, skipped, split) of an image folder's split,
+    through the model's backbone, without the images ``drop`` lists."""
+    images, split = _labelled_folder(data, split)
     samples = images.splits[split]
     _unseen(clf, [s.path for s in samples], f"the {split} split of {data}")
     if drop is not None:
@@ -111,7 +126,7 @@ def _folder_split(
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
-    return *_split_mirrored(features, mirror), labels, images.classes, skipped
+    return *_split_mirrored(features, mirror), labels, images.classes, skipped, split
 
 
 def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
@@ -172,7 +187,7 @@ def evaluate(
         on = _run(
             run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
         )
-        features, mirror, labels, classes, skipped = _folder_split(
+        features, mirror, labels, classes, skipped, split = _folder_split(
             clf, data, split, on, _tta(tta, clf), drop
         )
     labelled(

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from conftest import make_image, make_tree
 
 from embedcache import evaluate, extract, predict, train_head
+from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 
 
@@ -128,3 +130,19 @@ def test_evaluate_refuses_images_the_head_was_trained_or_refit_on(trained, tmp_p
     with pytest.raises(EmbedcacheError, match="was refit on these images \\(the val split"):
         evaluate(tmp_path / "r.pt", cache, split="val", progress=False)
     assert evaluate(tmp_path / "r.pt", cache, split="test", progress=False)["images"] == 10
+
+
+def test_evaluate_on_a_folder_of_class_folders_scores_all_of_it(trained, tmp_path):
+    """``evaluate MODEL photos/test`` where test/ holds class folders: all of it, said so; a
+    root with split folders still picks the split."""
+    data, head = trained
+    run = {"device": "cpu", "num_workers": 0, "progress": False}
+    whole = evaluate(head, data / "test", split="test", **run)
+    assert whole["split"] == "all" and whole["images"] == 10
+    picked = evaluate(head, data, split="test", batch_size="auto", **run)
+    assert picked["split"] == "test" and picked["confusion"] == whole["confusion"]
+    with pytest.raises(EmbedcacheError, match=r"has no 'tset' split \(it has train, val, test\)"):
+        evaluate(head, data, split="tset", **run)
+    out = CliRunner().invoke(main, ["evaluate", str(head), str(data / "test"), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert f"all of {data / 'test'} (class folders, no split folders): accuracy" in out.output

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..inference import ALL_IMAGES
 from ..outputs import shown
 
 
@@ -142,7 +143,10 @@ def evaluation(r: dict) -> None:
     how = ", logits averaged over each image and its mirror" if r["tta"] else ""
     top5 = f", top-5 {r['top5']:.4f}" if "top5" in r else ""
     scores = f"accuracy {r['accuracy']:.4f}, balanced {r['balanced_accuracy']:.4f}{top5}"
-    click.echo(f"{r['split']}: {scores} on {r['images']} images{how}")
+    split = r["split"]
+    if split == ALL_IMAGES:
+        split = f"all of {r['data']} (class folders, no split folders)"
+    click.echo(f"{split}: {scores} on {r['images']} images{how}")
     click.echo(r["report"].rstrip())
     classes = [shown(c) for c in r["classes"]]
     width = max(len(c) for c in classes)
