@@ -53,6 +53,7 @@ from .identity import CacheIdentity
 from .locks import exclusive
 from .outputs import claim, remove_stale_tmp, shown
 from .runtime import (
+    Pace,
     Run,
     autocast_dtype,
     choose_batch_size,
@@ -92,6 +93,7 @@ class ExtractResult:
     splits: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
     ranks: list[tuple[int, float]] = field(default_factory=list)  # (extracted, seconds) per rank
+    pace: Pace | None = None  # where the time went, every rank's together (None: nothing run)
     views: int = 0  # augmented views stored per training image (extract --views)
     leaks: int | None = None  # files byte-identical to one in another split (None: no hashes)
     ignored: list[dict] = field(default_factory=list)  # files not read: path, reason
@@ -115,6 +117,8 @@ class ExtractResult:
         if len(self.ranks) > 1:
             rates = ", ".join(f"{n / s:.1f}" if s > 0 else "0" for n, s in self.ranks)
             extra += f"; {len(self.ranks)} ranks at {rates} images/s"
+        if self.pace is not None and self.extracted:
+            extra += f"; {self.pace.verdict()}"
         return (
             f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
             f"{self._ignored()}{self.extracted} extracted in {self.seconds:.1f} s "
@@ -382,11 +386,13 @@ def extract(
             return _result(out, 0, 0, 0.0, up_to_date=True)
         start = time.perf_counter()
         run = _run_for(cfg, bb, dev, amp, progress and group.is_main)
-        extracted = group.each(lambda: _extract_part(out, bb, run, group, cfg))
-        ranks = group.gather((extracted, time.perf_counter() - start))
+        extracted, pace = group.each(lambda: _extract_part(out, bb, run, group, cfg))
+        ranks = group.gather((extracted, time.perf_counter() - start, pace.waited, pace.busy))
         group.on_main(lambda: _join(out, cfg.join, cfg.allow_empty_class))
         seconds = time.perf_counter() - start
-    return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks)
+    pace = Pace(sum(r[2] for r in ranks), sum(r[3] for r in ranks))
+    ranks = [(n, s) for n, s, *_ in ranks]
+    return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks, pace=pace)
 
 
 def _precision(out: Path, precision: str) -> str:
@@ -472,7 +478,9 @@ def _run_for(
     return Run(dev, batch, workers, amp, progress, gpu, cfg.compile)
 
 
-def _extract_part(out: Path, bb: Backbone, run: Run, group: Group, cfg: ExtractConfig) -> int:
+def _extract_part(
+    out: Path, bb: Backbone, run: Run, group: Group, cfg: ExtractConfig
+) -> tuple[int, Pace]:
     """Forward this rank's share of the rows to do: a contiguous run of the batches (of tar
     shards or Parquet files: whole shards, see sources.plan), into its own shard file (one
     process: straight into the in-progress file). Returns the images forwarded."""
@@ -589,13 +597,13 @@ def _run(
     *,
     mode: str | None,
     scale: int = 1,
-) -> int:
+) -> tuple[int, Pace]:
     """Forward ``batches`` (indices into ``flat``, (split, row) pairs, and ``files``) and write
     each batch, the backbone compiled as ``mode`` says (see compile_mode); returns the number
-    of images run through the backbone. The progress bar counts every rank's images as
-    ``scale`` times this rank's (ranks share batches evenly)."""
+    of images run through the backbone and where the time went. The progress bar counts every
+    rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
     if not batches:
-        return 0
+        return 0, Pace()
     if run.gpu_decode:
         loader = gpu_decoded_batches(
             files, batches, bb.transform, device=run.device, num_workers=run.workers
@@ -609,11 +617,14 @@ def _run(
     norm = Normalise(bb.transform).to(run.device)
     out_dtype = np.dtype(writer.dtype)
     done = skipped = 0
-    total = len(flat)
+    total, pace = len(flat), Pace()
     desc = "extract" if scale == 1 else f"extract ({scale} ranks)"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not run.progress, dynamic_ncols=True)
     with torch.inference_mode(), bar:
+        ready = time.perf_counter()
         for index, batch, failed_at in loader:
+            got = time.perf_counter()
+            pace.waited += got - ready
             split = flat[int(index[0]) if len(index) else next(iter(failed_at))][0]  # one per batch
             rows = np.array([flat[i][1] for i in index], dtype=np.int64)
             failed = {flat[i][1]: reason for i, reason in failed_at.items()}
@@ -632,7 +643,9 @@ def _run(
             if failed:
                 skipped += len(failed)
                 bar.set_postfix(skipped=skipped, refresh=False)
-    return done
+            ready = time.perf_counter()
+            pace.busy += ready - got
+    return done, pace
 
 
 def _hashes(files: list) -> np.ndarray:

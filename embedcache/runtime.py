@@ -393,3 +393,42 @@ class Run:
         return torch.autocast(
             self.device.type, dtype=self.autocast, enabled=self.autocast is not None
         )
+
+
+# The forward pass waiting this share of the run for decoded images makes it decode-bound.
+DECODE_BOUND_SHARE = 0.2
+
+
+@dataclass
+class Pace:
+    """Where a run's time went, measured as it ran: ``waited`` seconds blocked on the decoders
+    (they had no batch ready), ``busy`` seconds in the forward pass and the write."""
+
+    waited: float = 0.0
+    busy: float = 0.0
+
+    @property
+    def bound(self) -> str:
+        """decode or compute: which of the two held the run back."""
+        total = self.waited + self.busy
+        return "decode" if total and self.waited / total >= DECODE_BOUND_SHARE else "compute"
+
+    def as_dict(self) -> dict:
+        return {
+            "waited_s": round(self.waited, 3),
+            "busy_s": round(self.busy, 3),
+            "bound": self.bound,
+        }
+
+    def verdict(self) -> str:
+        """The summary's words: the bound and what would help."""
+        share = self.waited / max(self.waited + self.busy, 1e-9)
+        if self.bound == "decode":
+            return (
+                f"decode-bound: the backbone waited {share:.0%} of the time for decoded images "
+                "(more cores or --num-workers would help, a GPU alone would not)"
+            )
+        return (
+            f"compute-bound: the backbone waited {share:.0%} of the time for decoded images "
+            "(a GPU or a smaller backbone would help, more decoders would not)"
+        )

@@ -406,6 +406,8 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
         r"pass --overwrite",
     ):
         extract(tree, out=out, precision="fp32", **extract_kw)  # never mixed into one cache
+    for cache in (out, tmp_path / "fp32.h5"):  # auto keeps what a cache was made with
+        assert extract(tree, out=cache, **extract_kw).up_to_date
     with h5py.File(tmp_path / "fp32.h5", "r+") as h5:
         del h5.attrs["precision"]  # a cache written before the precision was recorded
         del h5.attrs["identity_digest"]  # (and so before its attributes were sealed)
@@ -585,3 +587,29 @@ def test_views_resume_after_a_crash_and_are_reused_by_an_incremental_run(
     assert (r.extracted, r.reused) == (1, 20)
     extract(data, out=tmp_path / "fresh.h5", views=2, **extract_kw)
     _same_splits(out, tmp_path / "fresh.h5")
+
+
+# a second per batch of 4 in the decoder (per image) or after the forward pass (per batch):
+# far more than the tiny forward pass itself, on any machine
+@pytest.mark.parametrize(
+    "slow, seconds, bound", [("preprocess", 0.25, "decode"), ("_finite", 1.0, "compute")]
+)
+def test_the_summary_says_whether_decoding_or_the_forward_pass_bound_the_run(
+    tree, tmp_path, extract_kw, monkeypatch, slow, seconds, bound
+):
+    """Measured as the run goes: time blocked on the decoders against time in the forward pass
+    and the write. A slow decoder makes it decode-bound, a slow forward pass compute-bound."""
+    import time
+
+    import embedcache.extraction as ex
+
+    real = getattr(ex, slow)
+
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, slow, slowed)
+    r = extract(tree, out=tmp_path / "c.h5", **extract_kw)
+    assert r.pace.bound == bound
+    assert f"{bound}-bound: the backbone waited" in r.summary()

@@ -69,7 +69,8 @@ def extract(data, out, quiet, as_json, **values):
     if not from_env().is_main:  # under torchrun, rank 0 speaks for the job
         return
     if as_json:
-        emit_json({**vars(result), "images_per_s": result.images_per_s})
+        pace = result.pace.as_dict() if result.pace else None
+        emit_json({**vars(result), "images_per_s": result.images_per_s, "pace": pace})
     else:
         click.echo(result.summary())
 
