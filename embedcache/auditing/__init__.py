@@ -2,10 +2,11 @@
 
 Findings (:mod:`.findings`): exact duplicates (content hashes recorded at extract), near
 duplicates (exact cosine kNN over the cached features and over the pixel codes of the grey
-thumbnails recorded at extract, :mod:`.search`; a pair is one when both agree), leaks (duplicates across
-splits or with different labels), likely label errors (out-of-fold probabilities ranked by
-self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust threshold). Each is a
-CSV in OUT, a section of OUT/summary.json and of OUT/report.html (:mod:`.page`).
+thumbnails recorded at extract, :mod:`.search`; a pair is one when both agree), leaks
+(duplicates across splits or with different labels), likely label errors (out-of-fold
+probabilities ranked by self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust
+threshold). Each is a CSV in OUT, a section of OUT/summary.json and of OUT/report.html
+(:mod:`.page`).
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ class Cache:
         to read in slices (1 KiB a row), or None for a cache written before format 4
         (re-extract it to record them)."""
         g = self._group(split)
-        return g["thumbnails"] if "thumbnails" in g else None
+        return g.get("thumbnails")
 
     @property
     def num_views(self) -> int:
