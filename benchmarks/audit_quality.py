@@ -160,6 +160,7 @@ def extract_both(name: str, work: Path) -> tuple[Path, Path]:
 
 
 THRESHOLDS = (0.80, 0.82, 0.84, 0.86, 0.88, 0.90, 0.92, 0.94, 0.96)
+PIXEL_THRESHOLDS = (0.75, 0.8, 0.83, 0.85, 0.87, 0.9, 0.95, 0.99)
 ZS = (3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 
 
@@ -189,6 +190,44 @@ def _copy_similarity(corrupt: Path, copies: list) -> dict[str, list[float]]:
         (sa, ia), (sb, ib) = rows[src], rows[dst]
         out[kind].append(float(unit[sa][ia] @ unit[sb][ib]))
     return out
+
+
+def _unit_and_codes(cache: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Paths, unit features and pixel codes of every row (train, val, test order)."""
+    from embedcache.auditing.findings import pixel_codes
+
+    with open_cache(cache) as c:
+        paths = [p for s in c.splits for p in c.paths(s)]
+        f = np.concatenate([c.features(s)[:].astype(np.float32) for s in c.splits])
+        codes = pixel_codes(np.concatenate([c.thumbnails(s)[:] for s in c.splits]))
+    return paths, f / np.linalg.norm(f, axis=1, keepdims=True), codes
+
+
+def _pixel_sweep(clean: Path, corrupt: Path, copies: list, confirmed: float) -> dict:
+    """Per pixel threshold, with the feature cosine at least ``confirmed``: recall of the seeded
+    copies and share of clean images paired (every pair compared); the copies' pixel-code
+    cosine to their originals."""
+    paths, unit, codes = _unit_and_codes(corrupt)
+    at = {p: i for i, p in enumerate(paths)}
+    pairs = [(at[a], at[b], k) for a, b, k in copies if k != "exact"]
+    pix = np.array([codes[a] @ codes[b] for a, b, _ in pairs])
+    feat = np.array([unit[a] @ unit[b] for a, b, _ in pairs])
+    _, cu, cc = _unit_and_codes(clean)
+    both = (cu @ cu.T >= confirmed) & ~np.eye(len(cu), dtype=bool)
+    dc = cc @ cc.T
+    rows = []
+    for t in PIXEL_THRESHOLDS:
+        hit = (pix >= t) & (feat >= confirmed)
+        rows.append(
+            {
+                "pixel_threshold": t,
+                "copies_recall": float(hit.mean()),
+                **{k: float(hit[[q == k for *_, q in pairs]].mean()) for k in COPY_KINDS[1:]},
+                "clean_paired": float((both & (dc >= t)).any(1).mean()),
+            }
+        )
+    by_kind = {k: _quantiles(pix[[q == k for *_, q in pairs]].tolist()) for k in COPY_KINDS[1:]}
+    return {"confirmed": confirmed, "sweep": rows, "copy_pixel_similarity": by_kind}
 
 
 def _sweeps(copy_sims: dict, clean, foreign: set, corrupt) -> dict:
@@ -261,6 +300,9 @@ def score(name: str, truth: dict, clean: Path, corrupt: Path, work: Path) -> dic
     }
     result["clean_nearest_similarity"] = _quantiles(rc.nearest.tolist())
     result["sweeps"] = _sweeps(_copy_similarity(corrupt, truth["copies"]), rc, foreign, r)
+    result["pixel"] = _pixel_sweep(
+        clean, corrupt, truth["copies"], r.summary["settings"]["near_confirmed"]
+    )
     return result
 
 
@@ -364,7 +406,9 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "Threshold sweeps (copies recall: share of seeded JPEG/0.5x/crop copies at or above it; "
-        "clean paired: share of clean images whose nearest neighbour is):",
+        "clean paired: share of clean images whose nearest neighbour is). near threshold: the "
+        "features alone (what a cache without thumbnails gets); pixel threshold: the rule of "
+        "caches with thumbnails, every pair compared:",
         "",
     ]
     for name, r in results.items():
@@ -382,6 +426,24 @@ def markdown(results: dict) -> str:
             + "; ".join(
                 f"{t['threshold']}: {_pct(t['copies_recall'])} / {_pct(t['clean_paired'])}"
                 for t in r["sweeps"]["near_threshold"]
+            )
+        )
+        px = r["pixel"]
+        lines.append(
+            f"  - pixel threshold (feature cosine >= {px['confirmed']}; copies recall, per kind, "
+            "/ clean paired): "
+            + "; ".join(
+                f"{t['pixel_threshold']}: {_pct(t['copies_recall'])} ("
+                + ", ".join(f"{k} {_pct(t[k])}" for k in COPY_KINDS[1:])
+                + f") / {_pct(t['clean_paired'])}"
+                for t in px["sweep"]
+            )
+        )
+        lines.append(
+            "  - copies' pixel-code similarity: "
+            + ", ".join(
+                f"{k} median {v['median']} (min {v['min']})"
+                for k, v in px["copy_pixel_similarity"].items()
             )
         )
         lines.append(

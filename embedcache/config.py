@@ -444,11 +444,28 @@ class AuditConfig(_Config):
 
     near_threshold: float = setting(
         0.85,
-        "Cosine similarity from which two images are near duplicates. Chosen on efficientnet_lite0 "
-        "features (benchmarks/results/audit_quality.md): every JPEG q60 and 90%-crop copy of "
-        "flowers12 and hymenoptera is above it and no clean hymenoptera image pairs at it; 0.5x "
-        "resized copies reach it only in part (lower finds more, and more look-alikes). Other "
-        "backbones may need another value.",
+        "Cosine similarity of the features from which two images are near duplicates when "
+        "either has no thumbnail to confirm it by (a cache written before format 4): the "
+        "embedding alone, which cannot tell 0.5x copies from same-class look-alikes "
+        "(benchmarks/results/audit_quality.md).",
+        low=-1.0,
+    )
+    near_confirmed: float = setting(
+        0.7,
+        "Cosine similarity of the features from which two images with thumbnails are near "
+        "duplicates, when their pixel codes agree too (--pixel-threshold). Chosen on "
+        "efficientnet_lite0 features: the seeded JPEG q60, 0.5x and 90%-crop copies of flowers12 "
+        "and hymenoptera are all above it; other backbones may need another value.",
+        low=-1.0,
+    )
+    pixel_threshold: float = setting(
+        0.8,
+        "Cosine similarity of the pixel codes (8x8 low-frequency DCT of the grey 32x32 "
+        "thumbnail) from which two images are near duplicates, with --near-confirmed. JPEG q60 "
+        "and 0.5x copies of flowers12 and hymenoptera reach 0.99, 90%-crops 0.84-0.9 (0.8 keeps "
+        "a margin below them); photos of one scene pass too (on clean flowers12 a third of the "
+        "images pair), 8x8 digits cannot be told apart this way "
+        "(benchmarks/results/audit_quality.md).",
         low=-1.0,
     )
     neighbours: int = setting(

@@ -35,10 +35,12 @@ from .cache import (
 from .config import ExtractConfig
 from .data import (
     HASH_BYTES,
+    THUMB_SIDE,
     ImageSet,
     content_hash,
     decoded_batches,
     gpu_decoded_batches,
+    grey_thumbnail,
     preprocess,
     scan,
     view_key,
@@ -638,7 +640,7 @@ def _run(
                     feats = feats.reshape(len(rows), per_image, -1)
                     feats, views = feats[:, 0], feats[:, 1:]
                 done += len(rows)
-            writer.write(split, rows, feats, failed, views, _hashes([files[i] for i in index]))
+            writer.write(split, rows, feats, failed, views, *_file_rows([files[i] for i in index]))
             bar.update(min((len(rows) + len(failed)) * scale, total - bar.n))
             if failed:
                 skipped += len(failed)
@@ -648,12 +650,16 @@ def _run(
     return done, pace
 
 
-def _hashes(files: list) -> np.ndarray:
-    """Content hashes of a batch's decoded files (items with views are (file, n, key)):
-    (n, HASH_BYTES) uint8, read back from the page cache the decoder just filled."""
+def _file_rows(files: list) -> tuple[np.ndarray, np.ndarray]:
+    """Content hashes and grey thumbnails of a batch's decoded files (items with views are
+    (file, n, key)): (n, HASH_BYTES) and (n, THUMB_SIDE, THUMB_SIDE) uint8, both read back from
+    the page cache the decoder just filled."""
     paths = [f[0] if isinstance(f, tuple) else f for f in files]
     digests = b"".join(content_hash(p) for p in paths)
-    return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES)
+    thumbs = np.zeros((len(paths), THUMB_SIDE, THUMB_SIDE), np.uint8)
+    for k, p in enumerate(paths):
+        thumbs[k] = grey_thumbnail(p)
+    return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES), thumbs
 
 
 def _finite(feats: np.ndarray, bb: Backbone, dtype: np.dtype) -> np.ndarray:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ import embedcache
 from embedcache import audit, extract, open_cache, write_cache
 from embedcache.auditing import search
 from embedcache.auditing.labels import label_issues, out_of_fold_probabilities
+from embedcache.cache.schema import identity_digest
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 
@@ -117,7 +120,10 @@ def extracted(tmp_path, extract_kw):
 def test_extract_records_content_hashes_and_warns_of_copies_across_splits(extracted):
     root, cache, result = extracted
     with open_cache(cache) as c:
-        assert c.attrs["format_version"] == 3
+        assert c.attrs["format_version"] == 4
+        thumbs = c.thumbnails("train")[:]
+        assert thumbs.shape == (8, 32, 32) and thumbs.dtype == np.uint8
+        assert (thumbs.reshape(8, -1).std(1) > 0).all()  # every image drawn, none unknown
         train, val = c.hashes("train"), c.hashes("val")
         copy = c.paths("val").index("val/dog/copy.png")
         assert train.shape == (8, 16) and train.dtype == np.uint8
@@ -200,3 +206,83 @@ def test_extract_of_a_new_image_keeps_the_hashes_of_reused_rows(extracted, extra
     extract(root, out=cache, **extract_kw)
     with open_cache(cache) as c:
         assert c.hashes("train").any(axis=1).all()
+        thumbs = c.thumbnails("train")[:]
+        assert len(thumbs) == 9 and (thumbs.reshape(9, -1).std(1) > 0).all()  # kept, and new
+
+
+def _blobs(path: Path, seed: int, size=(96, 80), fmt=None, scale=1.0, quality=95) -> Path:
+    """A smooth picture of a few soft discs on a red ground: the same red in every one, as
+    images of one class look alike; ``scale`` < 1 writes it resized (a 0.5x copy)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.zeros((h, w))
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.7), rng.uniform(0.08, 0.2)
+        img += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    rgb = np.stack([180 + 60 * img, 40 + 90 * img, 40 + 30 * img], -1).clip(0, 255)
+    pic = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if scale != 1.0:
+        pic = pic.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(path, format=fmt, quality=quality)
+    return path
+
+
+@pytest.fixture
+def blob_tree(tmp_path):
+    """train/cat: 6 pictures; val/cat: a 0.5x JPEG q60 copy of train's first, and a new one."""
+    root = tmp_path / "blobs"
+    for i in range(6):
+        _blobs(root / f"train/cat/{i}.png", seed=i)
+        _blobs(root / f"train/dog/{i}.png", seed=100 + i)
+    _blobs(root / "val/cat/copy.jpg", seed=0, fmt="JPEG", scale=0.5, quality=60)
+    _blobs(root / "val/cat/other.png", seed=50)
+    return root
+
+
+def test_pixel_codes_keep_a_resized_copy_and_tell_another_picture():
+    from embedcache.auditing.findings import pixel_codes
+    from embedcache.data import grey_thumbnail
+
+    with tempfile.TemporaryDirectory() as d:
+        thumbs = np.stack(
+            [
+                grey_thumbnail(_blobs(Path(d) / "a.png", seed=0)),
+                grey_thumbnail(_blobs(Path(d) / "b.jpg", seed=0, scale=0.5, quality=60)),
+                grey_thumbnail(_blobs(Path(d) / "c.png", seed=1)),
+                np.full((32, 32), 7, np.uint8),  # flat: nothing to compare
+            ]
+        )
+    codes = pixel_codes(thumbs)
+    assert codes.shape == (4, 63) and codes.dtype == np.float32
+    assert codes[0] @ codes[1] > 0.99 and codes[0] @ codes[2] < 0.85
+    assert not codes[3].any()
+
+
+def test_audit_pairs_a_resized_copy_by_pixels_not_a_look_alike(blob_tree, tmp_path, extract_kw):
+    extract(blob_tree, out=tmp_path / "b.h5", **extract_kw)
+    # random-init features find every picture alike: the pixel codes must tell them apart
+    r = audit(tmp_path / "b.h5", out=tmp_path / "a", progress=False, device="cpu", near_confirmed=0)
+    near = [(p["path_a"], p["path_b"]) for p in r.tables["near_duplicates"]]
+    assert ("train/cat/0.png", "val/cat/copy.jpg") in near
+    assert all("other.png" not in p for pair in near for p in pair)
+    row = r.tables["near_duplicates"][near.index(("train/cat/0.png", "val/cat/copy.jpg"))]
+    assert row["pixel_similarity"] > 0.95
+    assert "pixel-code cosine >= 0.8" in r.summary["near_duplicates"]["how"]
+    leaks = _rows(tmp_path / "a" / "leaks.csv")
+    assert any(x["path_b"] == "val/cat/copy.jpg" and x["pixel_similarity"] for x in leaks)
+
+
+def test_a_format_3_cache_audits_by_features_alone_and_says_so(extracted, tmp_path):
+    _, cache, _ = extracted
+    with h5py.File(cache, "r+") as h5:  # as a format 3 cache was written: no thumbnails
+        for split in ("train", "val"):
+            del h5[split]["thumbnails"]
+        h5.attrs["format_version"] = 3
+        h5.attrs["identity_digest"] = identity_digest(h5.attrs)
+    r = audit(cache, out=tmp_path / "a", progress=False, device="cpu")
+    how = r.summary["near_duplicates"]["how"]
+    assert "no thumbnails (cache written before format 4)" in how and "re-extract" in how
+    assert all(row["pixel_similarity"] == "" for row in r.tables["near_duplicates"])
+    assert len(r.tables["exact_duplicates"]) == 1  # the hashes still count

@@ -53,7 +53,7 @@ def test_cache_schema(tree, tmp_path, extract_kw, backbone):
     assert (r.images, r.extracted, r.skipped, r.reused) == (24, 24, 0, 0)
     with h5py.File(out, "r") as h5:
         a = h5.attrs
-        assert a["format_version"] == 3 and bool(a["complete"]) is True
+        assert a["format_version"] == 4 and bool(a["complete"]) is True
         assert a["backbone"] == backbone and a["weights"] == "none"
         assert json.loads(a["classes"]) == ["cat", "dog"]
         assert json.loads(a["transform"])["crop"] == SIZE

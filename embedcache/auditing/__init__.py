@@ -1,10 +1,12 @@
 """`embedcache audit`: dataset checks on a cache, with CSVs, a JSON summary and an HTML report.
 
 Findings (:mod:`.findings`): exact duplicates (content hashes recorded at extract), near
-duplicates (exact cosine kNN over the cached features, :mod:`.search`), leaks (duplicates across
-splits or with different labels), likely label errors (out-of-fold probabilities ranked by
-self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust threshold). Each is a
-CSV in OUT, a section of OUT/summary.json and of OUT/report.html (:mod:`.page`).
+duplicates (exact cosine kNN over the cached features and over the pixel codes of the grey
+thumbnails recorded at extract, :mod:`.search`; a pair is one when both agree), leaks
+(duplicates across splits or with different labels), likely label errors (out-of-fold
+probabilities ranked by self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust
+threshold). Each is a CSV in OUT, a section of OUT/summary.json and of OUT/report.html
+(:mod:`.page`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,26 @@ from ..config import AuditConfig
 from ..errors import EmbedcacheError
 from ..runtime import resolve_device
 from . import page
-from .findings import Leaks, Outliers, Pairs, Pool, exact_pairs, leaks, near_pairs, outliers
+from .findings import (
+    Leaks,
+    NearRule,
+    Outliers,
+    Pairs,
+    Pool,
+    exact_pairs,
+    leaks,
+    near_pairs,
+    outliers,
+)
 from .labels import LabelIssues, label_issues, out_of_fold_probabilities
 from .search import nearest, unit_rows
 
 FINDINGS = ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
 NO_HASHES = "no hashes (cache written before format 3); re-extract with --overwrite to check"
+NO_THUMBNAILS = (
+    "no thumbnails (cache written before format 4): the features alone, which pair 0.5x copies "
+    "and same-class look-alikes poorly; re-extract with --overwrite to confirm by pixels"
+)
 
 
 @dataclass
@@ -59,7 +75,8 @@ def _pair_rows(pool: Pool, pairs: Pairs, extra=None, drop: str = "b") -> list[di
     for i, (a, b, s) in enumerate(
         zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist(), strict=True)
     ):
-        row = {"similarity": round(s, 4)}
+        px = float(pairs.pixel[i]) if len(pairs.pixel) else float("nan")
+        row = {"similarity": round(s, 4), "pixel_similarity": "" if px != px else round(px, 4)}
         for side, r in (("a", a), ("b", b)):
             row |= {
                 f"path_{side}": pool.paths[r],
@@ -141,7 +158,11 @@ def _findings(
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
     unit = unit_rows(pool.features, out=pool.features)
     index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
-    near = near_pairs(pool, index, sims, cfg.near_threshold, exact)
+    candidates = [index]
+    if pool.codes is not None:  # the copies whose features moved, found by their pixels
+        candidates.append(nearest(pool.codes, k=cfg.neighbours, device=device)[0])
+    rule = NearRule(cfg.near_threshold, cfg.near_confirmed, cfg.pixel_threshold)
+    near = near_pairs(pool, unit, candidates, rule, exact)
     leak: Leaks = leaks(pool, exact, near)
     found, distance = outliers(sims, z=cfg.outlier_z)
     label_rows, ranking, label_how = _check_labels(pool, cfg, say)
@@ -155,13 +176,12 @@ def _findings(
         "outliers": _outlier_rows(pool, found),
     }
     for row in tables["exact_duplicates"]:
-        row.pop("similarity")
+        row.pop("similarity"), row.pop("pixel_similarity")
     how = {
         "exact_duplicates": NO_HASHES
         if pool.hashes is None
         else f"identical blake2b-128 content hashes, {groups} group(s)",
-        "near_duplicates": f"cosine similarity >= {cfg.near_threshold} among the "
-        f"{cfg.neighbours} nearest neighbours, byte-identical pairs left out",
+        "near_duplicates": _near_how(pool, cfg),
         "leaks": "exact or near duplicates across splits or with different labels; "
         "path is the copy in the earlier split",
         "label_errors": label_how,
@@ -170,6 +190,23 @@ def _findings(
     }
     top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
     return tables, how, ranking, (top, distance)
+
+
+def _near_how(pool: Pool, cfg: AuditConfig) -> str:
+    among = f"among the {cfg.neighbours} nearest neighbours, byte-identical pairs left out"
+    if pool.codes is None:
+        return f"{NO_THUMBNAILS}: cosine similarity >= {cfg.near_threshold} {among}"
+    how = (
+        f"feature cosine >= {cfg.near_confirmed} and pixel-code cosine >= {cfg.pixel_threshold} "
+        f"{among} (by features and by pixel codes)"
+    )
+    unknown = int(np.count_nonzero(~pool.codes.any(1)))
+    if unknown:
+        how += (
+            f"; {unknown} image(s) without a thumbnail (rows reused from an older cache, or "
+            f"flat images) pair by feature cosine >= {cfg.near_threshold} alone"
+        )
+    return how
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -185,6 +222,7 @@ COLUMNS = {
     "exact_duplicates": ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "path"],
     "near_duplicates": [
         "similarity",
+        "pixel_similarity",
         "path_a",
         "split_a",
         "label_a",
@@ -197,6 +235,7 @@ COLUMNS = {
         "kind",
         "reason",
         "similarity",
+        "pixel_similarity",
         "path_a",
         "split_a",
         "label_a",

@@ -3,6 +3,13 @@
 Every split of a cache is pooled into one table of rows (``Pool``); a finding refers to rows by
 their position in it. Pairs are ordered so that ``a`` is the copy in the earlier split
 (train, val, test) or, within a split, the earlier row.
+
+Near duplicates are confirmed by pixels where the cache has them (format 4): each image's grey
+32 x 32 thumbnail becomes its *pixel code*, the 8 x 8 lowest-frequency DCT-II coefficients
+less the mean (63 values, unit length), and a pair is a near duplicate when both its feature
+cosine and its pixel-code cosine reach their thresholds (:func:`near_pairs`). The low
+frequencies survive re-encoding and resizing exactly and a 10% crop nearly; the features tell
+a copy from a same-looking image of another kind, which grey low frequencies cannot.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import numpy as np
 from ..cache import Cache, duplicate_groups
 from ..data import SPLIT_ORDER
 
+CODE_SIDE = 8  # the low-frequency DCT block of a pixel code: 8 x 8 less the mean, 63 values
+PAIR_ROWS = 65536  # candidate pairs scored at a time
 MAD_SCALE = 1.4826  # median absolute deviation to the standard deviation of a normal
 READ_ROWS = 65536  # rows read from the cache at a time
 
@@ -24,7 +33,8 @@ class Pool:
 
     features : (n, d) stored dtype; split : (n,) index into ``splits``; labels : (n,) int64,
     -1 unlabelled; paths : n str, relative to the data root; hashes : (n, 16) uint8 or None
-    (a cache written before format 3)
+    (a cache written before format 3); codes : (n, 63) float32 pixel codes (:func:`pixel_codes`;
+    all-zero rows unknown) or None (a cache written before format 4)
     """
 
     features: np.ndarray
@@ -34,6 +44,7 @@ class Pool:
     hashes: np.ndarray | None
     splits: list[str]
     classes: list[str]
+    codes: np.ndarray | None = None
 
     @classmethod
     def read(cls, cache: Cache) -> Pool:
@@ -48,6 +59,7 @@ class Pool:
                 features[at + lo : at + min(n, lo + READ_ROWS)] = source[lo : lo + READ_ROWS]
             at += n
         hashes = [cache.hashes(s) for s in names]
+        codes = _read_codes(cache, names)
         return cls(
             features,
             np.repeat(np.arange(len(names)), sizes).astype(np.int64),
@@ -56,6 +68,7 @@ class Pool:
             None if any(h is None for h in hashes) or not hashes else np.concatenate(hashes),
             names,
             cache.classes,
+            codes,
         )
 
     def __len__(self) -> int:
@@ -77,20 +90,63 @@ class Pool:
         return (a, b) if self.rank(a) <= self.rank(b) else (b, a)
 
 
+def _empty(dtype):
+    return field(default_factory=lambda: np.zeros(0, dtype))
+
+
 @dataclass
 class Pairs:
-    """Pairs of rows: ``a``, ``b`` (n,) int64 and ``score`` (n,) float32 (cosine similarity)."""
+    """Pairs of rows: ``a``, ``b`` (n,) int64, ``score`` (n,) float32 (feature cosine
+    similarity) and ``pixel`` (n,) float32 (pixel-code cosine similarity, NaN: not known)."""
 
-    a: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    b: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    a: np.ndarray = _empty(np.int64)
+    b: np.ndarray = _empty(np.int64)
+    score: np.ndarray = _empty(np.float32)
+    pixel: np.ndarray = _empty(np.float32)
 
     def __len__(self) -> int:
         return len(self.a)
 
     def sorted(self) -> Pairs:
         order = np.lexsort((self.b, self.a, -self.score))
-        return Pairs(self.a[order], self.b[order], self.score[order])
+        return Pairs(self.a[order], self.b[order], self.score[order], self.pixel[order])
+
+
+def _read_codes(cache: Cache, names: list[str]) -> np.ndarray | None:
+    """The pixel codes of every row of ``names``, read a block of thumbnails at a time; None
+    when a split has no thumbnails (a cache written before format 4)."""
+    sets = [cache.thumbnails(s) for s in names]
+    if not names or any(ds is None for ds in sets):
+        return None
+    out = []
+    for ds in sets:
+        out += [pixel_codes(ds[lo : lo + READ_ROWS]) for lo in range(0, ds.shape[0], READ_ROWS)]
+    return np.concatenate(out)
+
+
+def _dct_rows(side: int, keep: int) -> np.ndarray:
+    """The first ``keep`` rows of the orthonormal DCT-II matrix of size ``side``, float32."""
+    k, x = np.arange(keep)[:, None], np.arange(side)[None, :]
+    basis = np.cos(np.pi * (2 * x + 1) * k / (2 * side)) * np.sqrt(2.0 / side)
+    basis[0] /= np.sqrt(2.0)
+    return basis.astype(np.float32)
+
+
+def pixel_codes(thumbnails: np.ndarray) -> np.ndarray:
+    """Pixel codes of grey thumbnails: the ``CODE_SIDE`` x ``CODE_SIDE`` lowest-frequency 2-D
+    DCT-II coefficients less the first (the mean), scaled to unit length.
+
+    thumbnails : ndarray of shape (n, s, s), uint8 (a cache's ``thumbnails``)
+    Returns ndarray of shape (n, CODE_SIDE**2 - 1), float32; all zeros for a flat thumbnail
+    (one grey level: nothing to compare, or unknown, as a row reused from an older cache is).
+    """
+    c = _dct_rows(thumbnails.shape[-1], CODE_SIDE)
+    low = np.einsum("ij,njk,lk->nil", c, thumbnails.astype(np.float32), c, optimize=True)
+    codes = low.reshape(len(thumbnails), -1)[:, 1:]
+    norm = np.linalg.norm(codes, axis=1, keepdims=True)
+    flat = thumbnails.reshape(len(thumbnails), -1)
+    known = (flat.max(1) > flat.min(1))[:, None]
+    return np.where(known, codes / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
 def exact_pairs(pool: Pool) -> tuple[Pairs, int]:
@@ -106,27 +162,63 @@ def exact_pairs(pool: Pool) -> tuple[Pairs, int]:
         if pairs
         else (np.zeros(0, np.int64),) * 2
     )
-    return Pairs(a, b, np.ones(len(a), np.float32)).sorted(), len(duplicate_groups(pool.hashes))
+    ones, unknown = np.ones(len(a), np.float32), np.full(len(a), np.nan, np.float32)
+    return Pairs(a, b, ones, unknown).sorted(), len(duplicate_groups(pool.hashes))
+
+
+@dataclass(frozen=True)
+class NearRule:
+    """When two images are near duplicates: feature cosine >= ``confirmed`` and pixel-code
+    cosine >= ``pixel`` where both have pixel codes; feature cosine >= ``alone`` where either
+    has none (a cache written before format 4, a row reused from one, a flat image)."""
+
+    alone: float
+    confirmed: float
+    pixel: float
 
 
 def near_pairs(
-    pool: Pool, index: np.ndarray, sims: np.ndarray, threshold: float, exact: Pairs
+    pool: Pool, unit: np.ndarray, neighbours: list[np.ndarray], rule: NearRule, exact: Pairs
 ) -> Pairs:
-    """Pairs whose cosine similarity is at least ``threshold`` among each row's neighbours
-    (index, sims: (n, k) from :func:`embedcache.auditing.search.nearest`), byte-identical ones
-    left out (they are exact duplicates)."""
-    rows, cols = np.nonzero(sims >= threshold)
-    a, b = rows.astype(np.int64), index[rows, cols]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    """Near duplicates among each row's neighbours, decided by ``rule``; byte-identical pairs
+    left out (they are exact duplicates).
+
+    unit : (n, d) unit rows of the features; neighbours : (n, k) int64 index arrays from
+    :func:`embedcache.auditing.search.nearest`, one per space searched (features, pixel codes),
+    whose pairs are the candidates.
+    """
     n = len(pool)
-    keys, first = np.unique(lo * n + hi, return_index=True)
+    a = np.concatenate([np.repeat(np.arange(n), i.shape[1]) for i in neighbours])
+    b = np.concatenate([i.ravel() for i in neighbours])
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    keys = np.unique(lo * n + hi)
     same = np.minimum(exact.a, exact.b) * n + np.maximum(exact.a, exact.b)
-    keep = ~np.isin(keys, same)
-    lo, hi, score = lo[first][keep], hi[first][keep], sims[rows, cols][first][keep]
+    keys = keys[~np.isin(keys, same) & (keys // n != keys % n)]
+    lo, hi = keys // n, keys % n
+    score = _row_dots(unit, lo, hi)
+    if pool.codes is None:
+        pixel, keep = np.full(len(lo), np.nan, np.float32), score >= rule.alone
+    else:
+        pixel = _row_dots(pool.codes, lo, hi)
+        known = pool.codes[lo].any(1) & pool.codes[hi].any(1)
+        pixel[~known] = np.nan
+        keep = np.where(
+            known, (score >= rule.confirmed) & (pixel >= rule.pixel), score >= rule.alone
+        )
+    lo, hi, score, pixel = lo[keep], hi[keep], score[keep], pixel[keep]
     ordered = [pool.ordered(int(x), int(y)) for x, y in zip(lo, hi, strict=True)]
     a = np.array([p[0] for p in ordered], np.int64)
     b = np.array([p[1] for p in ordered], np.int64)
-    return Pairs(a, b, score.astype(np.float32)).sorted()
+    return Pairs(a, b, score, pixel).sorted()
+
+
+def _row_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(x[a] * x[b]).sum(1) in float32, ``PAIR_ROWS`` pairs at a time."""
+    out = np.empty(len(a), np.float32)
+    for lo in range(0, len(a), PAIR_ROWS):
+        xa = x[a[lo : lo + PAIR_ROWS]].astype(np.float32)
+        out[lo : lo + len(xa)] = np.einsum("ij,ij->i", xa, x[b[lo : lo + PAIR_ROWS]])
+    return out
 
 
 @dataclass
@@ -140,18 +232,20 @@ class Leaks:
 
 def leaks(pool: Pool, exact: Pairs, near: Pairs) -> Leaks:
     """The exact and near duplicates that straddle splits or whose copies disagree on the label."""
-    a, b, score, kind, reason = [], [], [], [], []
+    a, b, score, pixel, kind, reason = [], [], [], [], [], []
     for name, pairs in (("exact", exact), ("near", near)):
-        for x, y, s in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist(), strict=True):
+        rows = (pairs.a.tolist(), pairs.b.tolist(), pairs.score.tolist(), pairs.pixel.tolist())
+        for x, y, s, px in zip(*rows, strict=True):
             why = []
             if pool.split[x] != pool.split[y]:
                 why.append("cross-split")
             if pool.labels[x] >= 0 and pool.labels[y] >= 0 and pool.labels[x] != pool.labels[y]:
                 why.append("different labels")
             if why:
-                a.append(x), b.append(y), score.append(s), kind.append(name)
+                a.append(x), b.append(y), score.append(s), pixel.append(px), kind.append(name)
                 reason.append(", ".join(why))
-    pairs = Pairs(np.array(a, np.int64), np.array(b, np.int64), np.array(score, np.float32))
+    ab = (np.array(a, np.int64), np.array(b, np.int64))
+    pairs = Pairs(*ab, np.array(score, np.float32), np.array(pixel, np.float32))
     return Leaks(pairs, kind, reason)
 
 

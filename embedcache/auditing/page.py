@@ -108,6 +108,8 @@ def pair_cards(images: Images, rows: list[dict], shown: int) -> str:
         score = (
             f"similarity {float(r['similarity']):.3f}" if "similarity" in r else "identical bytes"
         )
+        if r.get("pixel_similarity", "") != "":
+            score += f", pixels {float(r['pixel_similarity']):.3f}"
         cards.append(_card(score + tag, f'<div class="pair">{figs}</div>'))
     return f'<div class="cards">{"".join(cards)}</div>'
 

@@ -189,6 +189,13 @@ class Cache:
         g = self._group(split)
         return g["hashes"][:] if "hashes" in g else None
 
+    def thumbnails(self, split: str) -> h5py.Dataset | None:
+        """Grey thumbnails of a split, uint8 of shape (n_images, 32, 32) (all zeros: unknown),
+        to read in slices (1 KiB a row), or None for a cache written before format 4
+        (re-extract it to record them)."""
+        g = self._group(split)
+        return g.get("thumbnails")
+
     @property
     def num_views(self) -> int:
         """Views per training image stored by ``extract --views`` (0: none)."""
@@ -222,7 +229,7 @@ class Cache:
                         ds[lo : lo + BLOCK_ROWS]
                     except EmbedcacheError as e:
                         problems.append(str(e))
-            for name in ("labels", "sizes", "mtimes", "hashes"):
+            for name in ("labels", "sizes", "mtimes", "hashes", "thumbnails"):
                 if name not in self._group(split):
                     continue
                 try:
@@ -256,6 +263,7 @@ class Cache:
                     "features": self.features(split),
                     "views": self.views(split),
                     "hashes": src.get("hashes"),
+                    "thumbnails": src.get("thumbnails"),
                 },
                 np.full(n, DONE, np.uint8),
                 np.zeros(n, f"S{REASON_BYTES}"),

@@ -13,6 +13,8 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
     mtimes    (N,)   int64 ns      } used to re-extract only what changed
     hashes    (N, 16) uint8, blake2b-128 of the file's bytes (format 3; all zeros: unknown,
               a row reused from a format 2 cache), what ``audit`` finds exact duplicates by
+    thumbnails (N, 32, 32) uint8, the image in grey at 32 x 32 (format 4; all zeros: unknown,
+              a row reused from an older cache), what ``audit`` confirms near duplicates by
 
 a ``skipped`` group (split, path, reason, size, mtime of each unreadable file)
 and root attributes (``format_version``, ``backbone``, ``weights``,
@@ -34,7 +36,8 @@ import numpy as np
 
 from ..data import SPLIT_ORDER, name_bytes
 
-FORMAT_VERSION = 3  # 2: Fletcher-32 checksums on the arrays of finished caches; 3: hashes
+FORMAT_VERSION = 4  # 2: Fletcher-32 checksums on the arrays of finished caches; 3: hashes;
+# 4: thumbnails
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
 COPY_ROWS = 65536  # rows copied at a time when reusing features
@@ -49,7 +52,7 @@ CACHE_ATTRS = (
     "classes",
 )  # read on open
 STR = h5py.string_dtype("utf-8")
-ROW_ARRAYS = ("features", "views", "hashes")  # per-image arrays, stored row for row alike
+ROW_ARRAYS = ("features", "views", "hashes", "thumbnails")  # per-image, stored row for row
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ def split_names(h5: h5py.File) -> list[str]:
 
 
 def row_arrays(g) -> list[str]:
-    """The row arrays group ``g`` holds (``features``, and ``views`` in a cache with views)."""
+    """The row arrays group ``g`` holds (``features``, ``views`` in a cache with views, and
+    ``hashes``, ``thumbnails`` from formats 3 and 4 on)."""
     return [name for name in ROW_ARRAYS if name in g]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..data import HASH_BYTES
+from ..data import HASH_BYTES, THUMB_SIDE
 from .schema import (
     COPY_ROWS,
     DONE,
@@ -86,6 +86,7 @@ class ShardFile:
             if views:
                 h5.create_dataset("views", (n, views, feature_dim), dtype=dtype, dcpl=early())
             h5.create_dataset("hashes", data=np.zeros((n, HASH_BYTES), np.uint8))
+            h5.create_dataset("thumbnails", data=np.zeros((n, THUMB_SIDE, THUMB_SIDE), np.uint8))
             h5.create_dataset("status", data=np.zeros(n, np.uint8))
             h5.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
 
@@ -106,12 +107,13 @@ class ShardFile:
         failed: dict[int, str],
         views: np.ndarray | None = None,
         hashes: np.ndarray | None = None,
+        thumbnails: np.ndarray | None = None,
     ) -> None:
         """Store one batch: the same contract as :meth:`PartialCache.write`; the views of a
         split with fewer than train's fill the first of each row's."""
         pos = np.array([self._pos[(split, int(r))] for r in rows], np.int64)
         bad = {self._pos[(split, int(r))]: reason for r, reason in failed.items()}
-        arrays = {"features": features, "views": views, "hashes": hashes}
+        arrays = {"features": features, "views": views, "hashes": hashes, "thumbnails": thumbnails}
         write_batch(self.h5, pos, arrays, bad)
 
     def close(self) -> None:

@@ -85,7 +85,7 @@ def write_batch(g: h5py.Group, pos: np.ndarray, arrays: dict, failed: dict[int, 
     to do.
 
     arrays : row array name -> ndarray of shape (len(pos), ...) in the stored dtype, or None
-        (not stored: unknown hashes); arrays ``g`` does not hold are left out.
+        (not stored: unknown hashes or thumbnails); arrays ``g`` does not hold are left out.
     failed : position -> why the file could not be read.
     """
     if len(pos):
@@ -167,7 +167,7 @@ def reuse_rows(
     done = src_status[src_rows] == DONE
     if done.any():
         for name in row_arrays(g):
-            if src_arrays.get(name) is not None:  # hashes of a format 2 cache: stay unknown
+            if src_arrays.get(name) is not None:  # of an older format: stay unknown
                 copy_rows(src_arrays[name], src_rows[done], g[name], dst_rows[done])
     status, reasons = g["status"][:], g["reasons"][:]
     status[dst_rows] = src_status[src_rows]

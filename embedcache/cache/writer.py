@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..config import DTYPES
-from ..data import HASH_BYTES, ImageSet, Sample, name_bytes, views_for
+from ..data import HASH_BYTES, THUMB_SIDE, ImageSet, Sample, name_bytes, views_for
 from ..errors import EmbedcacheError
 from ..identity import CacheIdentity
 from .reader import Cache
@@ -148,6 +148,7 @@ class PartialCache:
                     shape = (n, views_for(split, views), feature_dim)
                     g.create_dataset("views", shape, dtype=dtype, dcpl=early())
                 g.create_dataset("hashes", data=np.zeros((n, HASH_BYTES), np.uint8))
+                g.create_dataset("thumbnails", data=np.zeros((n, THUMB_SIDE, THUMB_SIDE), np.uint8))
                 g.create_dataset("status", data=np.zeros(n, np.uint8))
                 g.create_dataset("reasons", data=np.zeros(n, f"S{REASON_BYTES}"))
                 write_names(g, "paths", [s.path for s in samples])
@@ -196,15 +197,17 @@ class PartialCache:
         failed: dict[int, str],
         views: np.ndarray | None = None,
         hashes: np.ndarray | None = None,
+        thumbnails: np.ndarray | None = None,
     ) -> None:
         """Store features for ``rows`` (ascending) and mark them, and the ``failed`` rows, done.
 
         features : ndarray of shape (len(rows), D), already in the cache dtype.
         views : ndarray of shape (len(rows), V, D) in a cache with views, else None.
         hashes : ndarray of shape (len(rows), 16), uint8, the files' content hashes (None: unknown).
+        thumbnails : ndarray of shape (len(rows), 32, 32), uint8, grey thumbnails (None: unknown).
         """
         rows = np.asarray(rows, dtype=np.int64)
-        arrays = {"features": features, "views": views, "hashes": hashes}
+        arrays = {"features": features, "views": views, "hashes": hashes, "thumbnails": thumbnails}
         write_batch(self.h5[split], rows, arrays, {int(r): reason for r, reason in failed.items()})
 
     def merge(self, shard: Path) -> int:

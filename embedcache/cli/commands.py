@@ -300,7 +300,7 @@ def audit(cache, out, quiet, as_json, **values):
 
     \b
     exact_duplicates.csv  byte-identical files (content hashes recorded by extract)
-    near_duplicates.csv   pairs at cosine similarity >= --near-threshold (exact search)
+    near_duplicates.csv   pairs whose features and grey thumbnails both agree (exact search)
     leaks.csv             duplicates across train/val/test, or whose copies disagree on the label
     label_errors.csv      out-of-fold predictions that disagree with the label (confident
                           learning), ranked by the probability of the given label, lowest first

@@ -18,7 +18,16 @@ from .augment import (
     with_views,
 )
 from .batches import decoded_batches, gpu_decoded_batches, resize_crop
-from .decode import HASH_BYTES, JPEG_MAGIC, UnreadableImage, content_hash, load_rgb, os_reason
+from .decode import (
+    HASH_BYTES,
+    JPEG_MAGIC,
+    THUMB_SIDE,
+    UnreadableImage,
+    content_hash,
+    grey_thumbnail,
+    load_rgb,
+    os_reason,
+)
 from .listing import IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_ORDER, UNLABELLED, ImageSet, Sample, scan
 from .splits import holdout, holdout_note, name_bytes, paths_digest, stratified_split
 from .transform import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, preprocess, resize_geometry
@@ -31,6 +40,7 @@ __all__ = [
     "JPEG_MAGIC",
     "SPLIT_NAMES",
     "SPLIT_ORDER",
+    "THUMB_SIDE",
     "UNLABELLED",
     "VIEW_POLICY",
     "EvalTransform",
@@ -42,6 +52,7 @@ __all__ = [
     "content_hash",
     "decoded_batches",
     "gpu_decoded_batches",
+    "grey_thumbnail",
     "holdout",
     "holdout_note",
     "load_rgb",
