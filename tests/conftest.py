@@ -95,6 +95,7 @@ def extract_kw() -> dict:
         "batch_size": 4,
         "num_workers": 0,
         "device": "cpu",
+        "precision": "fp32",  # the same arithmetic on every CPU (auto is bf16 where it is native)
         "progress": False,
     }
 
