@@ -392,6 +392,7 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
     from embedcache.cli import main
 
     out = tmp_path / "c.h5"
+    extract_kw = {k: v for k, v in extract_kw.items() if k != "precision"}  # auto, here
     extract(tree, out=out, precision="bf16", **extract_kw)
     extract(tree, out=tmp_path / "fp32.h5", precision="fp32", **extract_kw)
     with open_cache(out) as c, open_cache(tmp_path / "fp32.h5") as d:
