@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -622,11 +623,13 @@ def _run(
     total, pace = len(flat), Pace()
     desc = "extract" if scale == 1 else f"extract ({scale} ranks)"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not run.progress, dynamic_ncols=True)
-    with torch.inference_mode(), bar:
+    # hashes and thumbnails of a batch are read in a thread while the backbone runs on it
+    with ThreadPoolExecutor(1, thread_name_prefix="hash") as hasher, torch.inference_mode(), bar:
         ready = time.perf_counter()
         for index, batch, failed_at in loader:
             got = time.perf_counter()
             pace.waited += got - ready
+            file_rows = hasher.submit(_file_rows, [files[i] for i in index])
             split = flat[int(index[0]) if len(index) else next(iter(failed_at))][0]  # one per batch
             rows = np.array([flat[i][1] for i in index], dtype=np.int64)
             failed = {flat[i][1]: reason for i, reason in failed_at.items()}
@@ -640,7 +643,7 @@ def _run(
                     feats = feats.reshape(len(rows), per_image, -1)
                     feats, views = feats[:, 0], feats[:, 1:]
                 done += len(rows)
-            writer.write(split, rows, feats, failed, views, *_file_rows([files[i] for i in index]))
+            writer.write(split, rows, feats, failed, views, *file_rows.result())
             bar.update(min((len(rows) + len(failed)) * scale, total - bar.n))
             if failed:
                 skipped += len(failed)
