@@ -25,7 +25,10 @@ QUERY_ROWS = 2048
 KEY_ROWS = 32768
 NORM_ROWS = 65536  # rows normalised at a time
 RESCORE_ROWS = 1024  # rows re-scored at a time: RESCORE_ROWS x (k + MARGIN) x D x 4 bytes
-MARGIN = 32  # extra bf16 candidates per row, re-scored in float32
+# extra bf16 candidates per row, re-scored in float32: on flowers12 (960 efficientnet_lite0
+# features, k 10 and 50) 8 already gave float32's similarity at every rank (the few indices
+# that differed were ties); 16 for a safety factor, as each costs a gather of D values per row
+MARGIN = 16
 
 
 def unit_rows(features, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -127,8 +130,16 @@ def rescored(x: torch.Tensor, index: torch.Tensor, *, k: int) -> tuple[torch.Ten
     for r0 in range(0, len(index), RESCORE_ROWS):
         r1 = min(len(index), r0 + RESCORE_ROWS)
         cand = index[r0:r1]
-        keys = x[cand.reshape(-1)].float().view(r1 - r0, cand.shape[1], -1)
-        s = torch.bmm(keys, x[r0:r1].float().unsqueeze(2)).squeeze(2)
+        keys = _rows(x, cand.reshape(-1)).float().view(r1 - r0, cand.shape[1], -1)
+        s = torch.einsum("bcd,bd->bc", keys, x[r0:r1].float())
         sims[r0:r1], pick = s.topk(k, dim=1)
         best[r0:r1] = cand.gather(1, pick)
     return sims, best
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]``; on a CPU by numpy's take, 3.5x faster than torch's indexing of float16 rows
+    (40 vs 140 ms for 43,000 rows of 1280)."""
+    if x.device.type != "cpu":
+        return x[index]
+    return torch.from_numpy(np.take(x.numpy(), index.numpy(), axis=0))
