@@ -18,7 +18,8 @@ splits, 80% train, 10% val, 10% test.
 
 The model for other sizes: the search costs N^2 x D multiply-adds (fitted on the measured
 rate) and holds N x D x 2 bytes of unit rows plus a fixed ~0.5 GB of blocks; the label check
-holds 0.8 N x D x 4 bytes (a fold's training rows in float32) and costs about 600 passes over the rows (L-BFGS, 5 folds).
+holds 0.8 N x D x 4 bytes (a fold's training rows in float32) and costs about 600 passes over
+the rows (L-BFGS, 5 folds).
 """
 
 from __future__ import annotations
