@@ -62,14 +62,11 @@ def _gathered(features: np.ndarray, rows: np.ndarray) -> torch.Tensor:
 
 def _standardised(features: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, _Scale]:
     """``features[rows]`` in float32, standardised in place with their own per-dimension mean
-    and standard deviation (accumulated in float64), and that standardisation."""
+    and standard deviation, and that standardisation."""
     x = _gathered(features, rows)
-    mean = x.mean(0, dtype=torch.float64)
-    sq = torch.zeros_like(mean)
-    for lo in range(0, len(x), GATHER_ROWS):
-        sq += x[lo : lo + GATHER_ROWS].double().square().sum(0)
-    var = (sq / max(1, len(x)) - mean * mean).clamp_min(1e-12)
-    scale = _Scale(mean.float(), var.sqrt().clamp_min(1e-6).float())
+    # one reduction, no temporary: float64 blocks of the squares took 1.3 GB more at 80,000 rows
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    scale = _Scale(mean, var.clamp_min(1e-12).sqrt().clamp_min(1e-6))
     return x.sub_(scale.mean).div_(scale.std), scale
 
 
