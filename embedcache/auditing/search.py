@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 
 from ..runtime import similarity_dtype
 
+# bf16 search of 8,192 queries against 32,768 rows, 2 cores: 2048 x 32768 ran within 10% of the
+# best of six shapes (1024-8192 x 8192-32768, 73-83 G multiply-adds/s, noise about as large);
+# key blocks of 16,384 or 8,192 were 10% slower
 QUERY_ROWS = 2048
 KEY_ROWS = 32768
 NORM_ROWS = 65536  # rows normalised at a time
