@@ -6,15 +6,20 @@ Each measurement runs in a fresh process (its own peak resident memory, VmHWM). 
 caches: 1280-d float16 features in 10 Gaussian classes with 0.1% near copies planted across
 splits, 80% train, 10% val, 10% test.
 
-- 100,000 rows: the whole audit (`embedcache.audit`, default settings, this machine's CPU).
-- 1,000,000 rows: the audit's own steps up to the search (reading the cache, unit rows), then
-  ``--query-blocks`` query blocks of the exact search against all rows, timed and extrapolated
-  to every block (each block costs the same: QUERY_ROWS x N x D multiply-adds); the full run
-  would take hours on 2 cores. Peak memory is that of the search layout, which the full run keeps.
+- 100,000 rows: the whole audit (`embedcache.audit`, default settings, this machine's CPU), its
+  time split into the search and the label check by the audit's own log lines.
+- 100,000 and 1,000,000 rows: the audit's own steps up to the search (reading the cache, unit
+  rows), then ``--query-blocks`` query blocks of the search against all rows, timed and
+  extrapolated to every block (each block costs the same: QUERY_ROWS x N x D multiply-adds);
+  the full run would take hours on 2 cores. Side by side in the same process: the search as it
+  was before bf16 (float32, each key block converted for every query block) and as it is (the
+  device's similarity dtype, candidates re-scored in float32). Peak memory is that of the
+  search layout, which the full run keeps.
 
 The model for other sizes: the search costs N^2 x D multiply-adds (fitted on the measured
 rate) and holds N x D x 2 bytes of unit rows plus a fixed ~0.5 GB of blocks; the label check
-holds N x D x 4 bytes (float32) and costs about 600 passes over the rows (L-BFGS, 5 folds).
+holds 0.8 N x D x 4 bytes (a fold's training rows in float32) and costs about 600 passes over
+the rows (L-BFGS, 5 folds).
 """
 
 from __future__ import annotations
@@ -63,16 +68,54 @@ def make_cache(path: Path, rows: int, seed: int = 0) -> Path:
 def run_full(cache: Path, out: Path) -> dict:
     from embedcache import audit
 
+    marks = {}
+
+    def log(line: str) -> None:
+        marks[line.split(":")[0]] = time.perf_counter()
+
     t = time.perf_counter()
-    r = audit(cache, out=out, progress=False, report_rows=0)
+    r = audit(cache, out=out, progress=False, report_rows=0, log=log)
+    end = time.perf_counter()
     counts = {
         k: r.summary[k]["count"] for k in ("near_duplicates", "leaks", "label_errors", "outliers")
     }
     return {
-        "seconds": round(time.perf_counter() - t, 1),
+        "seconds": round(end - t, 1),
+        "search_and_findings_s": round(marks["label errors"] - marks["neighbours"], 1),
+        "label_check_and_files_s": round(end - marks["label errors"], 1),
         "peak_rss_mb": round(peak_rss_mb()),
         "counts": counts,
     }
+
+
+def _old_query_block(x, q0: int, q1: int, k: int):
+    """The search's query block before bf16 (at da726c1): float32, every key block converted
+    for every query block."""
+    import torch
+
+    q = x[q0:q1].float()
+    rows = torch.arange(q0, q1)
+    best_s = torch.full((q1 - q0, k), -float("inf"))
+    best_i = torch.zeros((q1 - q0, k), dtype=torch.int64)
+    for k0 in range(0, len(x), KEY_ROWS_OLD):
+        keys = x[k0 : k0 + KEY_ROWS_OLD].float()
+        s = q @ keys.T
+        if k0 < q1 and q0 < k0 + len(keys):
+            mine = (rows >= k0) & (rows < k0 + len(keys))
+            s[mine.nonzero().squeeze(1), rows[mine] - k0] = -float("inf")
+        top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
+        best_s, pick = torch.cat([best_s, top_s], 1).topk(k, dim=1)
+        best_i = torch.cat([best_i, top_i + k0], 1).gather(1, pick)
+    return best_s, best_i
+
+
+KEY_ROWS_OLD = 32768
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def run_search(cache: Path, blocks: int) -> dict:
@@ -81,28 +124,46 @@ def run_search(cache: Path, blocks: int) -> dict:
     from embedcache import open_cache
     from embedcache.auditing import search
     from embedcache.auditing.findings import Pool
+    from embedcache.runtime import similarity_dtype
 
     t = time.perf_counter()
     with open_cache(cache) as c:
         pool = Pool.read(c)
     read_s = time.perf_counter() - t
-    t = time.perf_counter()
-    unit = search.unit_rows(pool.features, out=pool.features)
-    unit_s = time.perf_counter() - t
-    x = torch.from_numpy(unit)
-    t = time.perf_counter()
-    for b in range(blocks):
-        search._query_block(x, b * search.QUERY_ROWS, (b + 1) * search.QUERY_ROWS, 10)
-    per_block = (time.perf_counter() - t) / blocks
-    total_blocks = -(-len(unit) // search.QUERY_ROWS)
+    unit_s = _timed(lambda: search.unit_rows(pool.features, out=pool.features))
+    x = torch.from_numpy(pool.features)
+    n, rows = len(x), blocks * search.QUERY_ROWS
+    dtype = similarity_dtype(torch.device("cpu"))
+    kept = 10 + (search.MARGIN if dtype != torch.float32 else 0)
+    found = {}
+
+    def new() -> None:
+        found["index"] = search.candidates(x, kept=kept, dtype=dtype, queries=rows)[1]
+
+    with torch.inference_mode():
+        old_s = _timed(
+            lambda: [
+                _old_query_block(x, b * rows // blocks, (b + 1) * rows // blocks, 10)
+                for b in range(blocks)
+            ]
+        )
+        new_s = _timed(new)
+        rescore_s = _timed(lambda: search.rescored(x, found["index"], k=10)) if kept > 10 else 0.0
+    total_blocks = -(-n // search.QUERY_ROWS)
+    per_block = (new_s + rescore_s) / blocks
     return {
         "read_s": round(read_s, 1),
         "unit_s": round(unit_s, 1),
         "blocks_run": blocks,
+        "similarity_dtype": str(dtype).removeprefix("torch."),
         "seconds_per_block": round(per_block, 2),
+        "rescore_share": round(rescore_s / (new_s + rescore_s), 3),
         "search_s_extrapolated": round(per_block * total_blocks),
+        "old_seconds_per_block": round(old_s / blocks, 2),
+        "old_search_s_extrapolated": round(old_s / blocks * total_blocks),
         "peak_rss_mb": round(peak_rss_mb()),
-        "madds_per_s": round(search.QUERY_ROWS * len(unit) * DIM / per_block / 1e9, 1),
+        "madds_per_s": round(search.QUERY_ROWS * n * DIM / per_block / 1e9, 1),
+        "old_madds_per_s": round(search.QUERY_ROWS * n * DIM / (old_s / blocks) / 1e9, 1),
     }
 
 
@@ -142,7 +203,7 @@ def model(rate_madds: float, full_100k: dict) -> dict:
         "rows": n,
         "search_hours_this_cpu": round(n * n * DIM / (rate_madds * 1e9) / 3600, 1),
         "search_memory_gb": round(n * DIM * 2 / 1e9 + 0.5, 1),
-        "label_check_memory_gb": round(n * DIM * 4 / 1e9, 1),
+        "label_check_memory_gb": round(0.8 * n * DIM * 4 / 1e9, 1),
         "label_check_hours_this_cpu": round(label_s * n / 100_000 / 3600, 1),
     }
 
@@ -160,7 +221,7 @@ def main() -> None:
         return
     rows = [measure(args.work, 100_000, "search", 2), measure(args.work, 100_000, "full")]
     rows.append(measure(args.work, 1_000_000, "search", args.query_blocks))
-    rows[1]["search_s"] = rows[0]["search_s_extrapolated"]
+    rows[1]["search_s"] = rows[1]["search_and_findings_s"]
     payload = {"measured": rows, "model_10m": model(rows[2]["madds_per_s"], rows[1])}
     save("audit_scale_cpu", payload, markdown(payload))
 
@@ -171,15 +232,19 @@ def markdown(payload: dict) -> str:
         if r["step"] == "full":
             lines.append(
                 f"| {r['rows']:,} | whole audit | {r['seconds']} | {r['peak_rss_mb']} | "
-                f"found {r['counts']} |"
+                f"search and findings {r['search_and_findings_s']} s, label check and files "
+                f"{r['label_check_and_files_s']} s; found {r['counts']} |"
             )
         else:
             lines.append(
-                f"| {r['rows']:,} | exact kNN search (k=10), "
+                f"| {r['rows']:,} | exact kNN search (k=10, {r['similarity_dtype']}), "
                 f"{r['blocks_run']} of the query blocks run, extrapolated | "
                 f"{r['search_s_extrapolated']} | {r['peak_rss_mb']} | read {r['read_s']} s, "
-                f"unit rows {r['unit_s']} s, {r['seconds_per_block']} s per block, "
-                f"{r['madds_per_s']} G multiply-adds/s |"
+                f"unit rows {r['unit_s']} s, {r['seconds_per_block']} s per block "
+                f"({r['rescore_share']:.0%} of it the float32 re-score), "
+                f"{r['madds_per_s']} G multiply-adds/s; side by side, the float32 search "
+                f"before: {r['old_seconds_per_block']} s per block, "
+                f"{r['old_search_s_extrapolated']} s, {r['old_madds_per_s']} G/s |"
             )
     m = payload["model_10m"]
     lines += [

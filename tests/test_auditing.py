@@ -94,6 +94,26 @@ def test_blocked_search_equals_brute_force(monkeypatch):
     np.testing.assert_allclose(sims, np.take_along_axis(full, expected, 1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("stored", [np.float16, np.float32])
+def test_bf16_search_rescored_equals_float32_brute_force(monkeypatch, stored):
+    # bf16 similarities can only tell these near copies apart to ~4e-3; the float32 re-score
+    # must give numpy's order and values
+    monkeypatch.setattr(search, "QUERY_ROWS", 16)
+    monkeypatch.setattr(search, "KEY_ROWS", 50)
+    monkeypatch.setattr(search, "MARGIN", 6)
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(40, 24))
+    x = np.concatenate([base + rng.normal(0, 0.02, base.shape) for _ in range(5)])
+    x = search.unit_rows(x.astype(stored))
+    index, sims = search.nearest(x, k=2, device=torch.device("cpu"), dtype=torch.bfloat16)
+    full = x.astype(np.float64) @ x.astype(np.float64).T
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :2]
+    assert sims.dtype == np.float32 and index.dtype == np.int64
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(full, expected, 1), rtol=1e-6)
+
+
 def test_out_of_fold_probabilities_rank_flipped_labels_first():
     x, y = _separated(30, classes=4, dim=32, scale=2.0)
     noisy = y.copy()

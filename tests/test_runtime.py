@@ -82,6 +82,12 @@ def test_auto_on_cpu_is_bf16_only_with_native_bf16_and_the_callers_consent(
     assert autocast_dtype(CPU, "auto", cpu_bf16=allowed) is expected
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_similarity_matmuls_are_bf16_on_a_cpu_only_with_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(runtime_mod, "cpu_has_native_bf16", lambda: native)
+    assert runtime_mod.similarity_dtype(CPU) is expected
+
+
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     import builtins
 
