@@ -607,13 +607,15 @@ def _run(
     rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
     if not batches:
         return 0, Pace()
+    thumbs: dict = {}  # grey thumbnails the CPU decoders made: path -> (side, side) uint8
     if run.gpu_decode:
         loader = gpu_decoded_batches(
             files, batches, bb.transform, device=run.device, num_workers=run.workers
         )
     else:
         viewed = isinstance(files[0], tuple)  # items with views: each decodes to (1 + V, H, W, 3)
-        decode = functools.partial(with_views if viewed else preprocess, t=bb.transform)
+        kw = {} if viewed else {"thumbnails": thumbs}
+        decode = functools.partial(with_views if viewed else preprocess, t=bb.transform, **kw)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(net, mode)
@@ -629,7 +631,7 @@ def _run(
         for index, batch, failed_at in loader:
             got = time.perf_counter()
             pace.waited += got - ready
-            file_rows = hasher.submit(_file_rows, [files[i] for i in index])
+            file_rows = hasher.submit(_file_rows, [files[i] for i in index], thumbs)
             split = flat[int(index[0]) if len(index) else next(iter(failed_at))][0]  # one per batch
             rows = np.array([flat[i][1] for i in index], dtype=np.int64)
             failed = {flat[i][1]: reason for i, reason in failed_at.items()}
@@ -653,7 +655,7 @@ def _run(
     return done, pace
 
 
-def _file_rows(files: list) -> tuple[np.ndarray, np.ndarray]:
+def _file_rows(files: list, made: dict) -> tuple[np.ndarray, np.ndarray]:
     """Content hashes and grey thumbnails of a batch's decoded files (items with views are
     (file, n, key)): (n, HASH_BYTES) and (n, THUMB_SIDE, THUMB_SIDE) uint8, both read back from
     the page cache the decoder just filled."""
@@ -661,7 +663,8 @@ def _file_rows(files: list) -> tuple[np.ndarray, np.ndarray]:
     digests = b"".join(content_hash(p) for p in paths)
     thumbs = np.zeros((len(paths), THUMB_SIDE, THUMB_SIDE), np.uint8)
     for k, p in enumerate(paths):
-        thumbs[k] = grey_thumbnail(p)
+        made_here = made.pop(p, None)  # by the decoder, or decoded once more here
+        thumbs[k] = grey_thumbnail(p) if made_here is None else made_here
     return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES), thumbs
 
 

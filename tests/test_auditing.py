@@ -306,3 +306,27 @@ def test_a_format_3_cache_audits_by_features_alone_and_says_so(extracted, tmp_pa
     assert "no thumbnails (cache written before format 4)" in how and "re-extract" in how
     assert all(row["pixel_similarity"] == "" for row in r.tables["near_duplicates"])
     assert len(r.tables["exact_duplicates"]) == 1  # the hashes still count
+
+
+def test_extract_takes_the_thumbnails_from_its_own_decode_not_a_second_one(
+    tmp_path, extract_kw, monkeypatch
+):
+    """The CPU decoder records each image's thumbnail as it decodes it; extract reads a file
+    again for its thumbnail only where that decoder did not run. Either way the same pixels."""
+    import embedcache.extraction as ex
+    from embedcache.data import grey_thumbnail
+
+    root = tmp_path / "d"
+    for i in range(3):
+        _blobs(root / "train" / "a" / f"{i}.jpg", i, fmt="JPEG")
+        _blobs(root / "val" / "a" / f"{i}.jpg", 10 + i, fmt="JPEG")
+
+    def second_decode(path):
+        raise AssertionError(f"{path} decoded twice")
+
+    monkeypatch.setattr(ex, "grey_thumbnail", second_decode)
+    extract(root, out=tmp_path / "c.h5", **extract_kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        paths, thumbs = c.split("train").paths, c.thumbnails("train")[:]
+    for p, t in zip(paths, thumbs, strict=True):
+        assert np.abs(t.astype(int) - grey_thumbnail(root / p)).max() <= 2

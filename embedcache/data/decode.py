@@ -88,6 +88,12 @@ def content_hash(path) -> bytes:
 THUMB_SIDE = 32  # the grey thumbnail a cache records per image: THUMB_SIDE x THUMB_SIDE uint8
 
 
+def thumbnail_of(img: Image.Image) -> np.ndarray:
+    """A decoded image (upright, RGB or grey) as its grey thumbnail: see :func:`grey_thumbnail`."""
+    img = img if img.mode == "L" else img.convert("L")
+    return np.asarray(img.resize((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR), np.uint8)
+
+
 def grey_thumbnail(path) -> np.ndarray:
     """The image as a 32 x 32 grey thumbnail, uint8 of shape (THUMB_SIDE, THUMB_SIDE), or all
     zeros when the file cannot be decoded: the pixel descriptor ``audit`` confirms near
@@ -106,8 +112,7 @@ def grey_thumbnail(path) -> np.ndarray:
                     img.draft("L", (2 * side, 2 * side))
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                img = img if img.mode == "L" else _to_rgb(img).convert("L")
-                return np.asarray(img.resize((side, side), Image.BILINEAR), np.uint8)
+                return thumbnail_of(img if img.mode == "L" else _to_rgb(img))
     except Exception:  # noqa: BLE001 - unreadable here means unknown, as for content_hash
         return np.zeros((side, side), np.uint8)
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EmbedcacheError
-from .decode import load_rgb
+from .decode import load_rgb, thumbnail_of
 
 RESAMPLE = {
     "nearest": Image.NEAREST,
@@ -76,8 +76,10 @@ def resize_geometry(w: int, h: int, t: EvalTransform) -> tuple[int, int, int, in
     return nw, nh, int(round((nh - t.crop) / 2.0)), int(round((nw - t.crop) / 2.0))
 
 
-def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
-    """Decode, resize the short side to ``t.resize``, centre-crop ``t.crop``.
+def preprocess(path: str | Path, t: EvalTransform, thumbnails: dict | None = None) -> np.ndarray:
+    """Decode, resize the short side to ``t.resize``, centre-crop ``t.crop``; with
+    ``thumbnails``, also put the image's grey thumbnail there under ``path`` (from the image
+    just decoded: a second decode for it cost 1.1-1.7 ms a photo, half the whole decode's).
 
     Returns
     -------
@@ -85,6 +87,8 @@ def preprocess(path: str | Path, t: EvalTransform) -> np.ndarray:
     happens later, on the device (:class:`embedcache.backbones.Normalise`).
     """
     img = load_rgb(path, short_side=t.resize if t.jpeg_draft else None)
+    if thumbnails is not None:
+        thumbnails[path] = thumbnail_of(img)
     w, h = img.size
     nw, nh, top, left = resize_geometry(w, h, t)
     if (nw, nh) == (w, h):
