@@ -607,7 +607,7 @@ def _run(
     rank's images as ``scale`` times this rank's (ranks share batches evenly)."""
     if not batches:
         return 0, Pace()
-    thumbs: dict = {}  # grey thumbnails the CPU decoders made: path -> (side, side) uint8
+    thumbs: dict = {}  # grey thumbnails the CPU decoders made: id(item) -> (side, side) uint8
     if run.gpu_decode:
         loader = gpu_decoded_batches(
             files, batches, bb.transform, device=run.device, num_workers=run.workers
@@ -663,7 +663,7 @@ def _file_rows(files: list, made: dict) -> tuple[np.ndarray, np.ndarray]:
     digests = b"".join(content_hash(p) for p in paths)
     thumbs = np.zeros((len(paths), THUMB_SIDE, THUMB_SIDE), np.uint8)
     for k, p in enumerate(paths):
-        made_here = made.pop(p, None)  # by the decoder, or decoded once more here
+        made_here = made.pop(id(p), None)  # by the decoder, or decoded once more here
         thumbs[k] = grey_thumbnail(p) if made_here is None else made_here
     return np.frombuffer(digests, np.uint8).reshape(len(paths), HASH_BYTES), thumbs
 
