@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +29,7 @@ from .cache import (
     now_iso,
     open_cache,
     partial_path,
+    recorded_precision,
     shard_path,
     shard_paths,
 )
@@ -58,14 +58,13 @@ from .outputs import claim, remove_stale_tmp, shown
 from .runtime import (
     Pace,
     Run,
+    auto_batch_size,
     autocast_dtype,
-    choose_batch_size,
     choose_gpu_decode,
     compile_mode,
     compiled,
     default_batch_size,
     default_num_workers,
-    gpu_batch_fits,
     precision_name,
     tune_allocator,
 )
@@ -404,13 +403,7 @@ def _precision(out: Path, precision: str) -> str:
     changing (a new release, another machine) must not refuse an incremental run."""
     if precision != "auto":
         return precision
-    for path in (out, partial_path(out)):
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            with h5py.File(path, "r") as f:
-                recorded = str(f.attrs["precision"])
-            if recorded in ("fp32", "bf16", "fp16"):
-                return recorded
-    return precision
+    return recorded_precision(out) or precision
 
 
 def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) -> tuple[str, int]:
@@ -472,12 +465,8 @@ def _run_for(
         )
     gpu = choose_gpu_decode(cfg.decode, dev) and not cfg.views
     batch = cfg.batch_size or default_batch_size(dev)
-    if batch == "auto":  # probed once; on a CPU small batches are the fast ones
-        if dev.type == "cuda":
-            net = bb.net.to(dev).eval().to(memory_format=torch.channels_last)
-            batch = choose_batch_size(gpu_batch_fits(net, bb.transform.crop, dev, amp))
-        else:
-            batch = default_batch_size(dev)
+    if batch == "auto":
+        batch = auto_batch_size(bb.net, bb.transform.crop, dev, amp)
     return Run(dev, batch, workers, amp, progress, gpu, cfg.compile)
 
 

@@ -21,11 +21,9 @@ from .errors import EmbedcacheError
 from .feed import available_memory_bytes
 from .runtime import (
     Run,
-    choose_batch_size,
+    auto_batch_size,
     compile_mode,
     compiled,
-    default_batch_size,
-    gpu_batch_fits,
 )
 
 # Peak memory of a forward pass as a multiple of its float32 input batch, measured on a CPU at
@@ -107,11 +105,8 @@ def image_features(
     failed : {index: reason} for files that could not be decoded
     """
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
-    if run.batch_size == "auto":  # probed once on a GPU, as extract does; a CPU's default
-        size = default_batch_size(run.device)
-        if run.device.type == "cuda":
-            fits = gpu_batch_fits(net, bb.transform.crop, run.device, run.autocast)
-            size = choose_batch_size(fits)
+    if run.batch_size == "auto":  # as extract resolves it
+        size = auto_batch_size(net, bb.transform.crop, run.device, run.autocast)
         run = dataclasses.replace(run, batch_size=size)
     batch = min(run.batch_size, max(1, len(files))) * (1 + mirror)
     check_batch_memory(batch, bb.transform.crop, run.device)

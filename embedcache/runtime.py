@@ -231,6 +231,17 @@ AUTO_BATCH_SIZES = (64, 128, 256, 512, 1024)
 AUTO_BATCH_MEMORY = 0.8  # the share of the GPU's memory a probed batch may use at its peak
 
 
+def auto_batch_size(
+    net: torch.nn.Module, crop: int, device: torch.device, amp: torch.dtype | None
+) -> int:
+    """``--batch-size auto``: on a GPU the largest batch of ``crop`` px images that fits (see
+    gpu_batch_fits), probed once; on a CPU the default, as small batches are the fast ones."""
+    if device.type != "cuda":
+        return default_batch_size(device)
+    net = net.to(device).eval().to(memory_format=torch.channels_last)
+    return choose_batch_size(gpu_batch_fits(net, crop, device, amp))
+
+
 def choose_batch_size(fits, candidates: tuple[int, ...] = AUTO_BATCH_SIZES) -> int:
     """The largest of ``candidates`` (ascending) for which ``fits(n)`` holds, trying them in
     order and stopping at the first that does not; the smallest one if none fits."""

@@ -7,7 +7,14 @@ the finished cache it writes, :mod:`.shards` the per-rank shard files and the co
 virtual joins. The training feed that reads a cache's rows is :mod:`embedcache.feed`.
 """
 
-from .reader import Cache, CheckedFeatures, cross_split_duplicates, duplicate_groups, open_cache
+from .reader import (
+    Cache,
+    CheckedFeatures,
+    cross_split_duplicates,
+    duplicate_groups,
+    open_cache,
+    recorded_precision,
+)
 from .schema import (
     COPY_ROWS,
     FORMAT_VERSION,
@@ -42,6 +49,7 @@ __all__ = [
     "estimate_bytes",
     "now_iso",
     "open_cache",
+    "recorded_precision",
     "partial_path",
     "parts_dir",
     "read_names",

@@ -457,6 +457,18 @@ def _incomplete_error(path: Path, h5: h5py.File | None = None) -> EmbedcacheErro
     )
 
 
+def recorded_precision(out: Path) -> str | None:
+    """The forward precision (fp32, bf16, fp16) the cache at ``out``, or its unfinished
+    in-progress file, records; None where neither is readable or records one."""
+    for path in (out, partial_path(out)):
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            with h5py.File(path, "r") as f:
+                recorded = str(f.attrs["precision"])
+            if recorded in ("fp32", "bf16", "fp16"):
+                return recorded
+    return None
+
+
 def open_cache(path: str | Path) -> Cache:
     """Open a complete cache for reading.
 
