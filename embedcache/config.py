@@ -258,8 +258,9 @@ class HeadConfig(_Config):
 
     head: str = setting(
         "auto",
-        "auto: a linear probe (L-BFGS, L2 strength chosen on validation loss), or an MLP where "
-        "its validation accuracy is significantly higher; linear/mlp train in torch (AdamW); "
+        "auto: a linear probe (L-BFGS, L2 strength chosen on validation loss) and an MLP, "
+        "blended (their probabilities averaged) unless one is significantly more accurate on "
+        "validation, which is then kept alone; linear/mlp train in torch (AdamW); "
         "logreg (L-BFGS over the 45 strengths of Kornblith et al.) and knn are references.",
         choices=HEAD_KINDS,
     )

@@ -60,6 +60,20 @@ class Head(nn.Module):
         return self.classifier(self.norm(features))
 
 
+class Blend(nn.Module):
+    """The mean of its heads' class probabilities, returned as log-probabilities (so argmax and
+    softmax work as for logits): the default head's answer where validation cannot tell the
+    linear probe and the MLP apart (see :func:`embedcache.train.auto_choice`)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(features).float(), 1) for m in self.members])
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))
+
+
 class KNNHead(nn.Module):
     """Cosine k-nearest-neighbour vote over a bank of (standardised) training features.
 
@@ -230,23 +244,35 @@ def init_template(
     return head
 
 
+BLEND_KINDS = ("linear", "mlp")  # a blend head's members, in order
+
+
 def build_head_module(config: dict, state_dict: dict) -> torch.nn.Module:
-    """A Head shaped by ``config`` with ``state_dict`` loaded."""
+    """A Head (or a Blend of a linear and an MLP Head) shaped by ``config``, ``state_dict``
+    loaded."""
+    if config["kind"] == "blend":
+        module = Blend([_member(config, kind) for kind in BLEND_KINDS])
+    else:
+        module = _member(config, config["kind"], state_dict)
+    module.load_state_dict(state_dict)
+    return module
+
+
+def _member(config: dict, kind: str, state_dict: dict | None = None) -> Head:
+    """A Head of ``kind`` shaped by ``config`` (a knn head's bank from ``state_dict``)."""
     D, C = config["dim"], config["num_classes"]
     norm = Standardize(torch.zeros(D), torch.ones(D))
-    if config["kind"] == "knn":
+    if kind == "knn":
         bank = state_dict["classifier.bank"]
         classifier = KNNHead(bank, state_dict["classifier.labels"], C, int(config.get("k", 1)))
     else:
         classifier = make_like(
             make_head(
-                "mlp" if config["kind"] == "mlp" else "linear",
+                "mlp" if kind == "mlp" else "linear",
                 D,
                 C,
                 hidden=config.get("hidden", 512),
                 dropout=config.get("dropout", 0.0),
             )
         )
-    module = Head(norm, classifier)
-    module.load_state_dict(state_dict)
-    return module
+    return Head(norm, classifier)

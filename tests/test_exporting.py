@@ -31,7 +31,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_tree(root / "d", per_class=4)
     extract(data, out=root / "c.h5", **KW)
-    train_head(root / "c.h5", out=root / "head.pt", epochs=3, progress=False)
+    r = train_head(root / "c.h5", out=root / "head.pt", epochs=3, progress=False)
+    assert r.metrics["auto"]["chosen"] == "blend"  # the default's two heads, exported as one
     finetune(
         data,
         out=root / "model.pt",

@@ -397,13 +397,33 @@ def _xor(n: int, seed: int):
     return x, y
 
 
-def test_default_head_is_the_linear_probe_where_an_mlp_is_no_better(blob_cache, tmp_path):
-    r = train_head(blob_cache, out=tmp_path / "h.pt", **FAST)
+def test_default_head_blends_probe_and_mlp_where_neither_is_better(blob_cache, tmp_path):
+    r = train_head(blob_cache, out=tmp_path / "h.pt", refit=False, **FAST)
     auto = r.metrics["auto"]
-    assert r.metrics["head"] == "auto" and auto["chosen"] == "linear"
-    assert auto["mlp_p_value"] >= train_mod.MLP_P_VALUE
+    assert r.metrics["head"] == "auto" and auto["chosen"] == "blend"
+    assert min(auto["mlp_p_value"], auto["linear_p_value"]) >= train_mod.MLP_P_VALUE
     assert "lam" in r.metrics["best"] and r.metrics["val_acc"] >= 0.9
-    assert load_head(tmp_path / "h.pt")[1].config["kind"] == "linear"
+    head, ckpt = load_head(tmp_path / "h.pt")
+    assert ckpt.config["kind"] == "blend"
+    linear, mlp = head.members
+    assert isinstance(linear.classifier, torch.nn.Linear)
+    assert isinstance(mlp.classifier, torch.nn.Sequential)
+    with open_cache(blob_cache) as c:
+        x = torch.from_numpy(c.features("val")[:])
+    with torch.no_grad():  # the mean of the two heads' probabilities, as log-probabilities
+        want = (linear(x).softmax(1) + mlp(x).softmax(1)) / 2
+        torch.testing.assert_close(head(x).exp(), want)
+        torch.testing.assert_close(head(x), r.head.eval()(x))  # saved as trained
+
+
+def test_a_refitted_blend_refits_both_of_its_heads_on_train_and_val(blob_cache):
+    r = train_head(blob_cache, refit=True, **FAST)
+    assert r.metrics["auto"]["chosen"] == "blend"
+    done = r.metrics["refit"]
+    assert done["config"] == r.metrics["best"]  # the probe at its chosen strength
+    mlp = r.metrics["auto"]["mlp"]
+    assert done["mlp"]["epochs"] == mlp["best_epoch"] and done["mlp"]["images"] == done["images"]
+    assert done["mlp"]["config"] == {"lr": mlp["lr"], "weight_decay": mlp["weight_decay"]}
 
 
 def test_default_head_takes_the_mlp_where_the_classes_are_not_linearly_separable(make_cache):
@@ -413,6 +433,15 @@ def test_default_head_takes_the_mlp_where_the_classes_are_not_linearly_separable
     assert auto["chosen"] == "mlp" and auto["mlp_p_value"] < train_mod.MLP_P_VALUE
     assert auto["linear"]["val_acc"] < 0.7 < 0.85 < auto["mlp"]["val_acc"]
     assert r.metrics["val_acc"] == pytest.approx(auto["mlp"]["val_acc"])
+
+
+def test_one_head_replaces_the_blend_only_where_it_wins_significantly():
+    many, few = np.array([True] * 20 + [False] * 5), np.array([False] * 20 + [True] * 5)
+    assert train_mod.auto_choice(many, few)[0] == "linear"  # 20 wins to 5
+    assert train_mod.auto_choice(few, many)[0] == "mlp"
+    one = np.array([True, False] + [True] * 23)  # one win each: nothing told apart
+    assert train_mod.auto_choice(one, one[::-1].copy())[0] == "blend"
+    assert train_mod.auto_choice(many, many)[0] == "blend"
 
 
 def test_mlp_must_beat_the_probe_significantly_on_the_same_images():
@@ -435,7 +464,8 @@ def test_default_refits_on_held_out_validation_only_and_records_what_it_saw(make
     assert ckpt.trained.splits == {"train": paths_digest(train_paths)}
     assert ckpt.trained.holdout == {"fraction": 0.2, "seed": 0} and ckpt.trained.refit
     before = ckpt.module(selected=True).state_dict()
-    assert not torch.equal(before["classifier.weight"], ckpt.state_dict["classifier.weight"])
+    assert before.keys() == ckpt.state_dict.keys()
+    assert not any(torch.equal(before[k], ckpt.state_dict[k]) for k in before if "weight" in k)
     kept = train_head(held, out=tmp_path / "b.pt", refit=False, **FAST)
     assert "refit" not in kept.metrics and HeadCheckpoint.load(tmp_path / "b.pt").selected is None
     given = make_cache("given.h5", train=blobs(40, seed=0), val=blobs(15, seed=1))
