@@ -192,38 +192,59 @@ def _copy_similarity(corrupt: Path, copies: list) -> dict[str, list[float]]:
     return out
 
 
-def _unit_and_codes(cache: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Paths, unit features and pixel codes of every row (train, val, test order)."""
+def _unit_and_thumbnails(cache: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Paths, unit features, pixel codes and thumbnails of every row (train, val, test)."""
     from embedcache.auditing.findings import pixel_codes
 
     with open_cache(cache) as c:
         paths = [p for s in c.splits for p in c.paths(s)]
         f = np.concatenate([c.features(s)[:].astype(np.float32) for s in c.splits])
-        codes = pixel_codes(np.concatenate([c.thumbnails(s)[:] for s in c.splits]))
-    return paths, f / np.linalg.norm(f, axis=1, keepdims=True), codes
+        thumbs = np.concatenate([c.thumbnails(s)[:] for s in c.splits])
+    return paths, f / np.linalg.norm(f, axis=1, keepdims=True), pixel_codes(thumbs), thumbs
+
+
+def _candidates(unit: np.ndarray, codes: np.ndarray, k: int = 10) -> tuple[np.ndarray, ...]:
+    """The pairs the audit compares: each image with its k nearest by features and by pixel
+    codes (once each)."""
+    n = len(unit)
+    found = []
+    for x in (unit, codes):
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        found.append(np.argsort(-sim, axis=1)[:, :k])
+    a = np.concatenate([np.repeat(np.arange(n), k)] * 2)
+    b = np.concatenate([f.ravel() for f in found])
+    keys = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+    return keys // n, keys % n
 
 
 def _pixel_sweep(clean: Path, corrupt: Path, copies: list, confirmed: float) -> dict:
     """Per pixel threshold, with the feature cosine at least ``confirmed``: recall of the seeded
-    copies and share of clean images paired (every pair compared); the copies' pixel-code
-    cosine to their originals."""
-    paths, unit, codes = _unit_and_codes(corrupt)
+    copies and share of clean images paired (among the pairs the audit compares); the copies'
+    pixel similarity to their originals."""
+    from embedcache.auditing.findings import pixel_similarity
+
+    paths, unit, _, thumbs = _unit_and_thumbnails(corrupt)
     at = {p: i for i, p in enumerate(paths)}
     pairs = [(at[a], at[b], k) for a, b, k in copies if k != "exact"]
-    pix = np.array([codes[a] @ codes[b] for a, b, _ in pairs])
-    feat = np.array([unit[a] @ unit[b] for a, b, _ in pairs])
-    _, cu, cc = _unit_and_codes(clean)
-    both = (cu @ cu.T >= confirmed) & ~np.eye(len(cu), dtype=bool)
-    dc = cc @ cc.T
+    a, b = (np.array([p[i] for p in pairs], np.int64) for i in (0, 1))
+    pix = pixel_similarity(thumbs, a, b) if pairs else np.zeros(0, np.float32)
+    feat = (unit[a] * unit[b]).sum(1)
+    _, cu, cc, ct = _unit_and_thumbnails(clean)
+    ca, cb = _candidates(cu, cc)
+    ca, cb = ca[(cu[ca] * cu[cb]).sum(1) >= confirmed], cb[(cu[ca] * cu[cb]).sum(1) >= confirmed]
+    cp = pixel_similarity(ct, ca, cb)
     rows = []
     for t in PIXEL_THRESHOLDS:
         hit = (pix >= t) & (feat >= confirmed)
+        paired = np.zeros(len(cu), bool)
+        paired[ca[cp >= t]] = paired[cb[cp >= t]] = True
         rows.append(
             {
                 "pixel_threshold": t,
                 "copies_recall": float(hit.mean()),
                 **{k: float(hit[[q == k for *_, q in pairs]].mean()) for k in COPY_KINDS[1:]},
-                "clean_paired": float((both & (dc >= t)).any(1).mean()),
+                "clean_paired": float(paired.mean()),
             }
         )
     by_kind = {k: _quantiles(pix[[q == k for *_, q in pairs]].tolist()) for k in COPY_KINDS[1:]}
@@ -295,6 +316,8 @@ def score(name: str, truth: dict, clean: Path, corrupt: Path, work: Path) -> dic
         "found": len(near),
     }
     result["clean"] = _clean_alarms(rc)
+    if rc.tables["near_duplicates"]:
+        result["clean"]["pairs_sheet"] = _pairs_sheet(name, rc.tables["near_duplicates"], truth)
     result["copy_similarity"] = {
         k: _quantiles(v) for k, v in _copy_similarity(corrupt, truth["copies"]).items()
     }
@@ -304,6 +327,28 @@ def score(name: str, truth: dict, clean: Path, corrupt: Path, work: Path) -> dic
         clean, corrupt, truth["copies"], r.summary["settings"]["near_confirmed"]
     )
     return result
+
+
+def _pairs_sheet(name: str, rows: list[dict], truth: dict, side: int = 96) -> str:
+    """Every near pair the audit reports on the clean set, side by side, lowest pixel
+    similarity first (the doubtful ones up top), to be looked at: results/audit_clean_pairs_
+    NAME.png (the first 60 pairs)."""
+    from common import RESULTS
+    from PIL import ImageDraw
+
+    rows = sorted(rows, key=lambda r: float(r["pixel_similarity"] or 0))[:60]
+    cols = 3
+    sheet = Image.new("RGB", (cols * (2 * side + 24), -(-len(rows) // cols) * (side + 16)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(rows):
+        x, y = (i % cols) * (2 * side + 24), (i // cols) * (side + 16)
+        for j, key in enumerate(("path_a", "path_b")):
+            with Image.open(Path(truth["root"]) / r[key]) as img:
+                sheet.paste(img.convert("RGB").resize((side, side)), (x + j * (side + 2), y))
+        draw.text((x, y + side + 1), f"px {r['pixel_similarity']} f {r['similarity']}", "black")
+    out = RESULTS / f"audit_clean_pairs_{name}.png"
+    sheet.save(out)
+    return out.name
 
 
 def _as_cached(truth: dict, root: Path) -> dict:

@@ -460,12 +460,12 @@ class AuditConfig(_Config):
         low=-1.0,
     )
     pixel_threshold: float = setting(
-        0.8,
-        "Cosine similarity of the pixel codes (8x8 low-frequency DCT of the grey 32x32 "
-        "thumbnail) from which two images are near duplicates, with --near-confirmed. JPEG q60 "
-        "and 0.5x copies of flowers12 and hymenoptera reach 0.99, 90%-crops 0.84-0.9 (0.8 keeps "
-        "a margin below them); photos of one scene pass too (on clean flowers12 a third of the "
-        "images pair), 8x8 digits cannot be told apart this way "
+        0.85,
+        "Pixel similarity from which two images are near duplicates, with --near-confirmed: the "
+        "correlation of their grey 32x32 thumbnails in a band of spatial frequencies, the best "
+        "of the whole images and 18 crops (80-90%, centre, edges, corners) of either. JPEG q60 "
+        "and 0.5x copies of flowers12 and hymenoptera keep 0.99, 80-90% crops 0.9 or more; "
+        "different photos of one flower on one background stayed under 0.81 "
         "(benchmarks/results/audit_quality.md).",
         low=-1.0,
     )

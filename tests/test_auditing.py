@@ -280,6 +280,64 @@ def test_pixel_codes_keep_a_resized_copy_and_tell_another_picture():
     assert not codes[3].any()
 
 
+def _scene(path: Path, detail: int, crop=None, scale=1.0, quality=95, size=(120, 96)) -> Path:
+    """A grey picture: the same layout of three large soft discs in every one, and the detail
+    of 60 small ones drawn by ``detail``; written cropped (side, left, top as shares of the
+    margin), resized and JPEG-encoded as asked."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.zeros((h, w))
+    drawn = (
+        (0, 3, (0.2, 0.8), (0.2, 0.6), (0.15, 0.25), 1.0),
+        (detail, 60, (0, 1), (0, 0.8), (0.015, 0.04), 0.6),
+    )
+    for seed, count, xs, ys, radii, amp in drawn:
+        rng = np.random.default_rng(seed)
+        for _ in range(count):
+            cx, cy, r = rng.uniform(*xs), rng.uniform(*ys), rng.uniform(*radii)
+            img += amp * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    pic = Image.fromarray((40 + 100 * img).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if crop:
+        side, left, top = crop
+        cw, ch = round(w * side), round(h * side)
+        x, y = int((w - cw) * left), int((h - ch) * top)
+        pic = pic.crop((x, y, x + cw, y + ch))
+    if scale != 1.0:
+        pic = pic.resize((round(pic.width * scale), round(pic.height * scale)), Image.BILINEAR)
+    pic.save(path, format="JPEG", quality=quality)
+    return path
+
+
+def test_pixel_similarity_keeps_copies_and_crops_and_tells_apart_one_layout_with_other_detail():
+    from embedcache.auditing.findings import pixel_codes, pixel_similarity
+    from embedcache.config import AuditConfig
+    from embedcache.data import grey_thumbnail
+
+    made = [  # (detail, crop, scale, quality)
+        (1,),
+        (1, None, 1.0, 60),  # re-encoded
+        (1, None, 0.5),  # resized
+        (1, (0.9, 0.0, 0.0)),  # a 90% crop from a corner
+        (1, (0.8, 0.5, 0.5)),  # an 80% crop from the centre
+        (2,),  # another picture of the same layout
+        (3,),
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        thumbs = np.stack(
+            [grey_thumbnail(_scene(Path(d) / f"{i}.jpg", *m)) for i, m in enumerate(made)]
+        )
+    a, b = np.zeros(6, np.int64), np.arange(1, 7)
+    sim = pixel_similarity(thumbs, a, b)
+    threshold = AuditConfig().pixel_threshold
+    assert sim.dtype == np.float32 and np.all(sim[:4] >= threshold), sim
+    assert np.all(sim[4:] < 0.7), sim
+    codes = pixel_codes(thumbs)  # low frequencies alone pair them (the rule before: >= 0.8)
+    assert np.all((codes[a] * codes[b]).sum(1)[4:] > 0.8)
+    assert pixel_similarity(thumbs, b, a) == pytest.approx(sim)  # either way round
+    flat = np.concatenate([thumbs[:1], np.full((1, 32, 32), 9, np.uint8)])
+    assert pixel_similarity(flat, np.array([0]), np.array([1]))[0] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_audit_pairs_a_resized_copy_by_pixels_not_a_look_alike(blob_tree, tmp_path, extract_kw):
     extract(blob_tree, out=tmp_path / "b.h5", **extract_kw)
     # random-init features find every picture alike: the pixel codes must tell them apart
@@ -289,7 +347,7 @@ def test_audit_pairs_a_resized_copy_by_pixels_not_a_look_alike(blob_tree, tmp_pa
     assert all("other.png" not in p for pair in near for p in pair)
     row = r.tables["near_duplicates"][near.index(("train/cat/0.png", "val/cat/copy.jpg"))]
     assert row["pixel_similarity"] > 0.95
-    assert "pixel-code cosine >= 0.8" in r.summary["near_duplicates"]["how"]
+    assert "pixel similarity >= 0.85" in r.summary["near_duplicates"]["how"]
     leaks = _rows(tmp_path / "a" / "leaks.csv")
     assert any(x["path_b"] == "val/cat/copy.jpg" and x["pixel_similarity"] for x in leaks)
 

@@ -2,7 +2,8 @@
 
 Findings (:mod:`.findings`): exact duplicates (content hashes recorded at extract), near
 duplicates (exact cosine kNN over the cached features and over the pixel codes of the grey
-thumbnails recorded at extract, :mod:`.search`; a pair is one when both agree), leaks
+thumbnails recorded at extract, :mod:`.search`; a pair is one when features and thumbnails both
+agree, :func:`.findings.pixel_similarity`), leaks
 (duplicates across splits or with different labels), likely label errors (out-of-fold
 probabilities ranked by self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust
 threshold). Each is a CSV in OUT, a section of OUT/summary.json and of OUT/report.html
@@ -28,6 +29,7 @@ from ..errors import EmbedcacheError
 from ..runtime import resolve_device
 from . import page
 from .findings import (
+    CROPS,
     Leaks,
     NearRule,
     Outliers,
@@ -197,8 +199,9 @@ def _near_how(pool: Pool, cfg: AuditConfig) -> str:
     if pool.codes is None:
         return f"{NO_THUMBNAILS}: cosine similarity >= {cfg.near_threshold} {among}"
     how = (
-        f"feature cosine >= {cfg.near_confirmed} and pixel-code cosine >= {cfg.pixel_threshold} "
-        f"{among} (by features and by pixel codes)"
+        f"feature cosine >= {cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} "
+        f"(band-passed thumbnails, best of {len(CROPS)} crops) {among} (by features and by "
+        "pixel codes)"
     )
     unknown = int(np.count_nonzero(~pool.codes.any(1)))
     if unknown:

@@ -4,12 +4,14 @@ Every split of a cache is pooled into one table of rows (``Pool``); a finding re
 their position in it. Pairs are ordered so that ``a`` is the copy in the earlier split
 (train, val, test) or, within a split, the earlier row.
 
-Near duplicates are confirmed by pixels where the cache has them (format 4): each image's grey
-32 x 32 thumbnail becomes its *pixel code*, the 8 x 8 lowest-frequency DCT-II coefficients
-less the mean (63 values, unit length), and a pair is a near duplicate when both its feature
-cosine and its pixel-code cosine reach their thresholds (:func:`near_pairs`). The low
-frequencies survive re-encoding and resizing exactly and a 10% crop nearly; the features tell
-a copy from a same-looking image of another kind, which grey low frequencies cannot.
+Near duplicates are confirmed by pixels where the cache has them (format 4), from each
+image's grey 32 x 32 thumbnail. Its *pixel code*, the 8 x 8 lowest-frequency DCT-II
+coefficients less the mean, finds candidates whose features moved (a 0.5x copy); a candidate
+pair is a near duplicate when its feature cosine and its *pixel similarity*
+(:func:`pixel_similarity`: the correlation of the thumbnails' band-passed pixels, the best of a
+few crops of either image) both reach their thresholds (:func:`near_pairs`). Low frequencies
+alone pair different photos of one flower on one background; the band keeps the detail a
+re-encoded, resized or cropped copy shares with its original and another photo does not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..cache import Cache, duplicate_groups
 from ..data import SPLIT_ORDER
@@ -45,6 +49,7 @@ class Pool:
     splits: list[str]
     classes: list[str]
     codes: np.ndarray | None = None
+    thumbnails: np.ndarray | None = None
 
     @classmethod
     def read(cls, cache: Cache) -> Pool:
@@ -59,7 +64,8 @@ class Pool:
                 features[at + lo : at + min(n, lo + READ_ROWS)] = source[lo : lo + READ_ROWS]
             at += n
         hashes = [cache.hashes(s) for s in names]
-        codes = _read_codes(cache, names)
+        thumbnails = _read_thumbnails(cache, names)
+        codes = None if thumbnails is None else _codes_of(thumbnails)
         return cls(
             features,
             np.repeat(np.arange(len(names)), sizes).astype(np.int64),
@@ -69,6 +75,7 @@ class Pool:
             names,
             cache.classes,
             codes,
+            thumbnails,
         )
 
     def __len__(self) -> int:
@@ -97,7 +104,7 @@ def _empty(dtype):
 @dataclass
 class Pairs:
     """Pairs of rows: ``a``, ``b`` (n,) int64, ``score`` (n,) float32 (feature cosine
-    similarity) and ``pixel`` (n,) float32 (pixel-code cosine similarity, NaN: not known)."""
+    similarity) and ``pixel`` (n,) float32 (:func:`pixel_similarity`, NaN: not compared)."""
 
     a: np.ndarray = _empty(np.int64)
     b: np.ndarray = _empty(np.int64)
@@ -112,16 +119,81 @@ class Pairs:
         return Pairs(self.a[order], self.b[order], self.score[order], self.pixel[order])
 
 
-def _read_codes(cache: Cache, names: list[str]) -> np.ndarray | None:
-    """The pixel codes of every row of ``names``, read a block of thumbnails at a time; None
-    when a split has no thumbnails (a cache written before format 4)."""
+def _read_thumbnails(cache: Cache, names: list[str]) -> np.ndarray | None:
+    """The grey thumbnails of every row of ``names`` (1 kB an image); None when a split has
+    none (a cache written before format 4)."""
     sets = [cache.thumbnails(s) for s in names]
     if not names or any(ds is None for ds in sets):
         return None
-    out = []
-    for ds in sets:
-        out += [pixel_codes(ds[lo : lo + READ_ROWS]) for lo in range(0, ds.shape[0], READ_ROWS)]
-    return np.concatenate(out)
+    return np.concatenate([ds[:] for ds in sets])
+
+
+def _codes_of(thumbnails: np.ndarray) -> np.ndarray:
+    """:func:`pixel_codes` of many thumbnails, a block at a time."""
+    blocks = range(0, len(thumbnails), READ_ROWS)
+    parts = [pixel_codes(thumbnails[lo : lo + READ_ROWS]) for lo in blocks]
+    return np.concatenate(parts) if parts else np.zeros((0, CODE_SIDE**2 - 1), np.float32)
+
+
+# Pixel similarity: thumbnails compared in a band of spatial frequencies (a difference of
+# Gaussians, sigmas in thumbnail pixels), the best over the whole image and these crops of
+# either one: (side as a share of the thumbnail, left and top as shares of the margin).
+BAND = (0.7, 4.0)
+CROPS = ((1.0, 0.5, 0.5),) + tuple(
+    (side, x, y) for side in (0.9, 0.8) for x in (0.0, 0.5, 1.0) for y in (0.0, 0.5, 1.0)
+)
+PIXEL_PAIRS = 4096  # candidate pairs compared at a time (about 40 MB of float32 images)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur of (n, 1, s, s) images, edges reflected."""
+    r = min(int(np.ceil(3 * sigma)), x.shape[-1] - 1)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def _band(thumbnails: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(thumbnails)).float().unsqueeze(1)
+    return _blur(x, BAND[0]) - _blur(x, BAND[1])
+
+
+def _crop(x: torch.Tensor, crop: tuple[float, float, float]) -> torch.Tensor:
+    """The part of each image ``crop`` names, resampled (bilinear) to the full size."""
+    side, left, top = crop
+    cx, cy = -1 + 2 * left * (1 - side) + side, -1 + 2 * top * (1 - side) + side
+    theta = torch.tensor([[side, 0.0, cx], [0.0, side, cy]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.flatten(1)
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def pixel_similarity(thumbnails: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How alike the pixels of images ``a`` and ``b`` are, pair by pair: the correlation of
+    their band-passed grey thumbnails (``BAND``), the best over the whole images and each of
+    ``CROPS`` of either one set against the other whole. 1 for the same picture; a JPEG q60
+    or 0.5x copy keeps about 0.99, a 90% crop 0.95, and different photos of one flower on one
+    background stay under 0.81 (benchmarks/results/audit_quality.md); 0 against a flat image.
+
+    thumbnails : (n, s, s) uint8; a, b : (p,) int64 rows. Returns (p,) float32.
+    """
+    out = np.empty(len(a), np.float32)
+    for lo in range(0, len(a), PIXEL_PAIRS):
+        x, y = (_band(thumbnails[r[lo : lo + PIXEL_PAIRS]]) for r in (a, b))
+        ux, uy = _unit(x), _unit(y)
+        best = (ux * uy).sum(1)
+        for crop in CROPS[1:]:
+            best = torch.maximum(best, (_unit(_crop(x, crop)) * uy).sum(1))
+            best = torch.maximum(best, (_unit(_crop(y, crop)) * ux).sum(1))
+        out[lo : lo + len(x)] = best.numpy()
+    return out
 
 
 def _dct_rows(side: int, keep: int) -> np.ndarray:
@@ -168,9 +240,10 @@ def exact_pairs(pool: Pool) -> tuple[Pairs, int]:
 
 @dataclass(frozen=True)
 class NearRule:
-    """When two images are near duplicates: feature cosine >= ``confirmed`` and pixel-code
-    cosine >= ``pixel`` where both have pixel codes; feature cosine >= ``alone`` where either
-    has none (a cache written before format 4, a row reused from one, a flat image)."""
+    """When two images are near duplicates: feature cosine >= ``confirmed`` and pixel
+    similarity (:func:`pixel_similarity`) >= ``pixel`` where both have thumbnails; feature
+    cosine >= ``alone`` where either has none (a cache written before format 4, a row reused
+    from one, a flat image)."""
 
     alone: float
     confirmed: float
@@ -199,9 +272,10 @@ def near_pairs(
     if pool.codes is None:
         pixel, keep = np.full(len(lo), np.nan, np.float32), score >= rule.alone
     else:
-        pixel = _row_dots(pool.codes, lo, hi)
         known = pool.codes[lo].any(1) & pool.codes[hi].any(1)
-        pixel[~known] = np.nan
+        pixel = np.full(len(lo), np.nan, np.float32)
+        asked = known & (score >= rule.confirmed)  # only these can pass: the others cost nothing
+        pixel[asked] = pixel_similarity(pool.thumbnails, lo[asked], hi[asked])
         keep = np.where(
             known, (score >= rule.confirmed) & (pixel >= rule.pixel), score >= rule.alone
         )
