@@ -232,7 +232,8 @@ def _pixel_sweep(clean: Path, corrupt: Path, copies: list, confirmed: float) -> 
     feat = (unit[a] * unit[b]).sum(1)
     _, cu, cc, ct = _unit_and_thumbnails(clean)
     ca, cb = _candidates(cu, cc)
-    ca, cb = ca[(cu[ca] * cu[cb]).sum(1) >= confirmed], cb[(cu[ca] * cu[cb]).sum(1) >= confirmed]
+    agree = (cu[ca] * cu[cb]).sum(1) >= confirmed
+    ca, cb = ca[agree], cb[agree]
     cp = pixel_similarity(ct, ca, cb)
     rows = []
     for t in PIXEL_THRESHOLDS:

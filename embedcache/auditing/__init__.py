@@ -200,8 +200,8 @@ def _near_how(pool: Pool, cfg: AuditConfig) -> str:
         return f"{NO_THUMBNAILS}: cosine similarity >= {cfg.near_threshold} {among}"
     how = (
         f"feature cosine >= {cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} "
-        f"(band-passed thumbnails, best of {len(CROPS)} crops) {among} (by features and by "
-        "pixel codes)"
+        f"(band-passed thumbnails, best of the whole and {len(CROPS)} crops) {among} "
+        "(by features and by pixel codes)"
     )
     unknown = int(np.count_nonzero(~pool.codes.any(1)))
     if unknown:

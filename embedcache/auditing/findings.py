@@ -139,9 +139,7 @@ def _codes_of(thumbnails: np.ndarray) -> np.ndarray:
 # Gaussians, sigmas in thumbnail pixels), the best over the whole image and these crops of
 # either one: (side as a share of the thumbnail, left and top as shares of the margin).
 BAND = (0.7, 4.0)
-CROPS = ((1.0, 0.5, 0.5),) + tuple(
-    (side, x, y) for side in (0.9, 0.8) for x in (0.0, 0.5, 1.0) for y in (0.0, 0.5, 1.0)
-)
+CROPS = tuple((side, x, y) for side in (0.9, 0.8) for x in (0.0, 0.5, 1.0) for y in (0.0, 0.5, 1.0))
 PIXEL_PAIRS = 4096  # candidate pairs compared at a time (about 40 MB of float32 images)
 
 
@@ -189,7 +187,7 @@ def pixel_similarity(thumbnails: np.ndarray, a: np.ndarray, b: np.ndarray) -> np
         x, y = (_band(thumbnails[r[lo : lo + PIXEL_PAIRS]]) for r in (a, b))
         ux, uy = _unit(x), _unit(y)
         best = (ux * uy).sum(1)
-        for crop in CROPS[1:]:
+        for crop in CROPS:
             best = torch.maximum(best, (_unit(_crop(x, crop)) * uy).sum(1))
             best = torch.maximum(best, (_unit(_crop(y, crop)) * ux).sum(1))
         out[lo : lo + len(x)] = best.numpy()

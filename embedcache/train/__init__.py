@@ -186,7 +186,7 @@ def _auto(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, pro
     }
     arch["kind"] = chosen
     metrics = {**(mm if chosen == "mlp" else lm), "auto": summary}
-    module = {"linear": linear, "mlp": mlp, "blend": Blend([linear, mlp])}[chosen]
+    module = Blend([linear, mlp]) if chosen == "blend" else {"linear": linear, "mlp": mlp}[chosen]
     return module, metrics, None
 
 
