@@ -29,6 +29,7 @@ from common import save
 from embedcache import evaluate, extract, finetune, open_cache, train_head, write_cache
 from embedcache.data import holdout
 from embedcache.quickstart import write_digits
+from embedcache.train import describe_choice
 
 SWEEP = {"lr": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decay": (0.0, 1e-4, 1e-3, 1e-2)}
 ROWS = [  # (name, train_head options)
@@ -96,8 +97,7 @@ def _row(name: str, cache: Path, tmp: Path, options: dict) -> dict:
 def _chosen(m: dict) -> str:
     best = ", ".join(f"{k} {v:.3g}" for k, v in (m.get("best") or {}).items())
     if "auto" in m:
-        a = m["auto"]
-        best = f"{a['chosen']} (MLP p={a['mlp_p_value']:.3f}); {best}"
+        best = f"{describe_choice(m['auto'])}; {best}"
     return best + (f", epoch {m['best_epoch']}" if m.get("best_epoch") else "")
 
 

@@ -26,6 +26,7 @@ import embedcache.train
 from embedcache import train_head, write_cache
 from embedcache.backbones import EvalTransform
 from embedcache.probe import KORNBLITH_LAMBDAS
+from embedcache.train import describe_choice
 
 
 def _data(rows: int, dim: int, classes: int, seed: int = 0):
@@ -134,9 +135,7 @@ def _timed(name: str, cache: Path, tmp: Path, kw: dict) -> dict:
     m = r.metrics
     chosen = ", ".join(f"{k} {v:.3g}" for k, v in m["best"].items())
     if "auto" in m:
-        a = m["auto"]
-        p = f"MLP p={a['mlp_p_value']:.3f}, probe p={a['linear_p_value']:.3f}"
-        chosen = f"{a['chosen']} ({p}); {chosen}"
+        chosen = f"{describe_choice(m['auto'])}; {chosen}"
     if m.get("refit"):
         chosen += f"; refit on {m['refit']['images']:,} rows"
     return {"name": name, "seconds": seconds, "val_acc": m["val_acc"], "chosen": chosen}

@@ -444,6 +444,19 @@ def test_one_head_replaces_the_blend_only_where_it_wins_significantly():
     assert train_mod.auto_choice(many, many)[0] == "blend"
 
 
+def test_the_choice_is_told_with_the_p_value_behind_it():
+    many, few = np.array([True] * 20 + [False] * 5), np.array([False] * 20 + [True] * 5)
+    for linear, mlp, why in ((many, few, "probe better"), (few, many, "MLP better")):
+        chosen, p_mlp, p_linear = train_mod.auto_choice(linear, mlp)
+        auto = {"chosen": chosen, "mlp_p_value": p_mlp, "linear_p_value": p_linear}
+        text = train_mod.describe_choice(auto)
+        assert text.startswith(f"{chosen} ({why} on val") and f"{min(p_mlp, p_linear):.3f}" in text
+    tie = {"chosen": "blend", "mlp_p_value": 0.5, "linear_p_value": 0.75}
+    assert train_mod.describe_choice(tie) == (
+        "blend (neither better on val: MLP p=0.500, probe p=0.750)"
+    )
+
+
 def test_mlp_must_beat_the_probe_significantly_on_the_same_images():
     right = np.array([True] * 5)
     assert train_mod.better_p_value(right, ~right) == pytest.approx(1 / 32)  # 5 wins, 0 losses

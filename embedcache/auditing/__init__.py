@@ -195,13 +195,16 @@ def _findings(
 
 
 def _near_how(pool: Pool, cfg: AuditConfig) -> str:
-    among = f"among the {cfg.neighbours} nearest neighbours, byte-identical pairs left out"
+    searched = f"each image against its {cfg.neighbours} nearest neighbours"
+    exact = "byte-identical pairs are under exact_duplicates"
     if pool.codes is None:
-        return f"{NO_THUMBNAILS}: cosine similarity >= {cfg.near_threshold} {among}"
+        return f"{NO_THUMBNAILS}: {searched}, paired at cosine >= {cfg.near_threshold}; {exact}"
+    side = "x".join(map(str, pool.thumbnails.shape[1:])) if pool.thumbnails is not None else ""
     how = (
-        f"feature cosine >= {cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} "
-        f"(band-passed thumbnails, best of the whole and {len(CROPS)} crops) {among} "
-        "(by features and by pixel codes)"
+        f"{searched} by features and by pixel codes, paired at feature cosine >= "
+        f"{cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} (the correlation "
+        f"of band-passed {side} grey thumbnails, the best of the whole image and {len(CROPS)} "
+        f"crops); {exact}"
     )
     unknown = int(np.count_nonzero(~pool.codes.any(1)))
     if unknown:

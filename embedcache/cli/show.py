@@ -8,6 +8,7 @@ import click
 
 from ..inference import ALL_IMAGES
 from ..outputs import shown
+from ..train import describe_choice
 
 
 def info(s: dict) -> None:
@@ -87,7 +88,7 @@ def head(r) -> None:
     views = f"; trained on {m['views']['used']} views per image too" if m["views"]["used"] else ""
     kind = f"{m['head']} head"
     if "auto" in m:
-        kind = f"default head ({m['auto']['chosen']}, MLP p={m['auto']['mlp_p_value']:.3f})"
+        kind = f"default head, {describe_choice(m['auto'])}"
     more = f", balanced {m['val_balanced_acc']:.4f}" + (
         f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else ""
     )

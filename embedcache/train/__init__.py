@@ -158,6 +158,14 @@ def auto_choice(linear_right: np.ndarray, mlp_right: np.ndarray) -> tuple[str, f
     return choice, p_mlp, p_linear
 
 
+def describe_choice(auto: dict) -> str:
+    """The default head's choice with the evidence behind it, from its metrics' ``auto``:
+    e.g. ``blend (neither better on val: MLP p=0.377, probe p=0.812)``."""
+    p = f"MLP p={auto['mlp_p_value']:.3f}, probe p={auto['linear_p_value']:.3f}"
+    why = {"mlp": "MLP better on val", "linear": "probe better on val"}
+    return f"{auto['chosen']} ({why.get(auto['chosen'], 'neither better on val')}: {p})"
+
+
 def _auto(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, progress: bool):
     """The default head (``--head auto``): a linear probe (L-BFGS along AUTO_PATH, the strength
     chosen on validation loss) and an MLP (early stopping on validation loss), then one of them
