@@ -195,16 +195,16 @@ def _findings(
 
 
 def _near_how(pool: Pool, cfg: AuditConfig) -> str:
-    searched = f"each image against its {cfg.neighbours} nearest neighbours"
-    exact = "byte-identical pairs are under exact_duplicates"
+    searched = f"each image's {cfg.neighbours} nearest neighbours"
+    exact = "byte copies are under exact duplicates"
     if pool.codes is None:
-        return f"{NO_THUMBNAILS}: {searched}, paired at cosine >= {cfg.near_threshold}; {exact}"
+        return f"{NO_THUMBNAILS}: {searched}; a pair at cosine >= {cfg.near_threshold}; {exact}"
     side = "x".join(map(str, pool.thumbnails.shape[1:])) if pool.thumbnails is not None else ""
     how = (
-        f"{searched} by features and by pixel codes, paired at feature cosine >= "
-        f"{cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} (the correlation "
-        f"of band-passed {side} grey thumbnails, the best of the whole image and {len(CROPS)} "
-        f"crops); {exact}"
+        f"{searched} by features and by pixel codes; a pair at feature cosine >= "
+        f"{cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} (correlation of "
+        f"band-passed {side} grey thumbnails, best of the whole image and {len(CROPS)} crops); "
+        f"{exact}"
     )
     unknown = int(np.count_nonzero(~pool.codes.any(1)))
     if unknown:
