@@ -69,13 +69,11 @@ def main() -> None:
         "A 0.5x copy holds only its original's 4x4 pixels. At that resolution "
         f"{out[4]['shares'][0.99]:.1%} of the digits have another digit (not a copy) "
         f"correlating at 0.99 or more, and {out[4]['shares'][0.98]:.1%} at 0.98: no pixel "
-        "threshold pairs the "
-        "copies without pairing those. At 8x8 the nearest other digit has a median correlation "
-        f"of {out[8]['median']:.3f} ({out[8]['shares'][0.95]:.0%} of them at 0.95 or more), "
-        "where a 90% crop of a digit lands too (audit_quality, by its band-passed thumbnails: "
-        "median 0.947): the "
-        "crops sit among look-alikes. This is the data, not the rule: on these images a near "
-        "duplicate is not defined by pixels.",
+        "threshold pairs the copies without pairing those. At 8x8 the nearest other digit "
+        f"has a median correlation of {out[8]['median']:.3f} ({out[8]['shares'][0.95]:.0%} "
+        "of them at 0.95 or more), where a 90% crop of a digit lands too (audit_quality, by "
+        "its band-passed thumbnails: median 0.947): the crops sit among look-alikes. This is "
+        "the data, not the rule: on these images a near duplicate is not defined by pixels.",
     ]
     print(save("digits_resolution", {"nearest_other": out}, "\n".join(md)).read_text())
 

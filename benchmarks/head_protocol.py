@@ -129,25 +129,39 @@ def _finetune_row(data: Path, head: Path, tmp: Path, args) -> dict:
     }
 
 
-def main() -> None:
+def parser(doc: str, results: str) -> argparse.ArgumentParser:
+    """The arguments of this script and of head_seeds.py: DATA, --backbone, --image-size,
+    --name (of the results file ``results_NAME.md``), --work."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("data", help="an image folder, or 'digits'")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--name", required=True, help="results: head_protocol_NAME.md")
+    p.add_argument("--name", required=True, help=f"results: {results}_NAME.md")
     p.add_argument("--work", type=Path, default=None, help="keep extracted caches here")
+    return p
+
+
+def prepared(args, tmp: Path) -> tuple[Path, Path, dict]:
+    """(image folder, protocol cache in ``tmp``, its split sizes): DATA (the digits written
+    as folders for 'digits') extracted once into --work (default ``tmp``)."""
+    work = args.work or tmp
+    work.mkdir(parents=True, exist_ok=True)
+    data = _digits(work / "digits") if args.data == "digits" else Path(args.data)
+    full = work / f"{args.name}_{args.backbone}.h5"
+    extract(data, out=full, backbone=args.backbone, image_size=args.image_size, progress=False)
+    return data, *_protocol_cache(full, tmp / "protocol.h5")
+
+
+def main() -> None:
+    p = parser(__doc__, "head_protocol")
     p.add_argument("--finetune", default=None, metavar="N", help="also finetune --unfreeze N")
     p.add_argument("--finetune-epochs", type=int, default=5)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as t:
-        tmp, work = Path(t), args.work or Path(t)
-        work.mkdir(parents=True, exist_ok=True)
-        data = _digits(work / "digits") if args.data == "digits" else Path(args.data)
-        full = work / f"{args.name}_{args.backbone}.h5"
-        extract(data, out=full, backbone=args.backbone, image_size=args.image_size, progress=False)
-        cache, sizes = _protocol_cache(full, tmp / "protocol.h5")
+        tmp = Path(t)
+        data, cache, sizes = prepared(args, tmp)
         rows = [_row(name, cache, tmp, options) for name, options in ROWS]
         if args.finetune is not None and (Path(data) / "test").is_dir():
             _save(args, rows, sizes)  # the heads' rows, in case finetune fails

@@ -15,15 +15,12 @@ level and below. For sets without a val split (a set with one carves nothing).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 import head_protocol as hp
 from common import save
-
-from embedcache import extract
 
 ROWS = [  # (name, train_head options): the default and the heads it must not fall behind
     ("default", {}),
@@ -37,25 +34,14 @@ ROWS = [  # (name, train_head options): the default and the heads it must not fa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("data", help="an image folder, or 'digits'")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--name", required=True, help="results: head_seeds_NAME.md")
+    p = hp.parser(__doc__, "head_seeds")
     p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--work", type=Path, default=None, help="keep extracted caches here")
     args = p.parse_args()
     acc: dict[str, list[float]] = {name: [] for name, _ in ROWS}
     chosen: list[str] = []
     with tempfile.TemporaryDirectory() as t:
-        tmp, work = Path(t), args.work or Path(t)
-        work.mkdir(parents=True, exist_ok=True)
-        data = hp._digits(work / "digits") if args.data == "digits" else Path(args.data)
-        full = work / f"{args.name}_{args.backbone}.h5"
-        extract(data, out=full, backbone=args.backbone, image_size=args.image_size, progress=False)
-        cache, sizes = hp._protocol_cache(full, tmp / "protocol.h5")
+        tmp = Path(t)
+        _, cache, sizes = hp.prepared(args, tmp)
         for seed in range(args.seeds):
             for name, options in ROWS:
                 row = hp._row(name, cache, tmp, {**options, "seed": seed})

@@ -69,32 +69,21 @@ def main() -> None:
     p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn row")
     args = p.parse_args()
     train, val = _data(args.rows, args.dim, args.classes)
-    names = [f"c{i}" for i in range(args.classes)]
-    transform = EvalTransform(resize=256, crop=224).to_json()
+    meta = {
+        "classes": [f"c{i}" for i in range(args.classes)],
+        "backbone": "b",
+        "weights": "w",
+        "transform": EvalTransform(resize=256, crop=224).to_json(),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        splits = {"train": train, "val": val}
-        cache = write_cache(
-            Path(tmp) / "c.h5",
-            splits,
-            classes=names,
-            backbone="b",
-            weights="w",
-            transform=transform,
-        )
+        cache = write_cache(Path(tmp) / "c.h5", {"train": train, "val": val}, **meta)
         for name, kw in (("default (auto)", {}), ("linear (old default)", {"head": "linear"})):
             rows.append(_timed(name, cache, Path(tmp), kw))
         rows.append(_timed("logreg (45 strengths)", cache, Path(tmp), {"head": "logreg"}))
         # The case of a user without a val folder: 20% of train carved out for the choice,
         # then (the default) the chosen configuration refitted on all the train rows.
-        carved = write_cache(
-            Path(tmp) / "t.h5",
-            {"train": train},
-            classes=names,
-            backbone="b",
-            weights="w",
-            transform=transform,
-        )
+        carved = write_cache(Path(tmp) / "t.h5", {"train": train}, **meta)
         for name, kw in (
             ("default, no val split (carve 20%, refit)", {}),
             ("linear (old default), no val split", {"head": "linear", "refit": False}),

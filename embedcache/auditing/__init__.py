@@ -199,7 +199,7 @@ def _near_how(pool: Pool, cfg: AuditConfig) -> str:
     exact = "byte copies are under exact duplicates"
     if pool.codes is None:
         return f"{NO_THUMBNAILS}: {searched}; a pair at cosine >= {cfg.near_threshold}; {exact}"
-    side = "x".join(map(str, pool.thumbnails.shape[1:])) if pool.thumbnails is not None else ""
+    side = "x".join(map(str, pool.thumbnails.shape[1:]))  # codes are made from the thumbnails
     how = (
         f"{searched} by features and by pixel codes; a pair at feature cosine >= "
         f"{cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} (correlation of "
