@@ -134,10 +134,11 @@ def backbones(as_json):
 def train_head_cmd(cache, out, quiet, as_json, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
 
-    The default head (--head auto) is a linear probe, an L2-regularised
-    logistic regression fitted by L-BFGS with its strength chosen on
-    validation loss, unless an MLP trained beside it is significantly more
-    accurate on validation. Torch heads (linear, mlp) keep the epoch (and, in
+    The default head (--head auto) trains a linear probe (an L2-regularised
+    logistic regression fitted by L-BFGS, its strength chosen on validation
+    loss) and an MLP, and saves their blend (the mean of their class
+    probabilities) unless one of them is significantly more accurate on
+    validation, which is then kept alone. Torch heads (linear, mlp) keep the epoch (and, in
     a sweep, the learning rate and weight decay) with the lowest validation
     loss. When validation was held out of train (no val split), the choice is
     then trained again on train + val (--no-refit keeps the head chosen);
