@@ -40,6 +40,7 @@ def run(code: Path, data: Path, out: Path, args) -> tuple[float, float]:
         "--device",
         "cpu",
         "--overwrite",
+        *(args.new_args.split() if code == REPO else []),
     ]
     t = time.perf_counter()
     r = subprocess.run(
@@ -63,6 +64,13 @@ def main() -> None:
     p.add_argument("--commit", default="0c5bfa9")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--new-args",
+        default="",
+        help="extra extract options for this checkout only, e.g. "
+        "'--precision fp32' to time what a CPU without native bf16 runs",
+    )
+    p.add_argument("--suffix", default="", help="appended to the result files' name")
     args = p.parse_args()
     rows: dict[str, list] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +93,8 @@ def main() -> None:
     per_round = [n[0] / o[0] for o, n in zip(rows["old"], rows["new"], strict=True)]
     md = [
         f"`embedcache extract {args.data.name} -b {args.backbone} --device cpu` "
-        f"(a fresh cache each run), commit {args.commit} vs this checkout, "
+        f"(a fresh cache each run), commit {args.commit} vs this checkout"
+        f"{f' with `{args.new_args}`' if args.new_args else ''}, "
         f"{args.rounds} alternating rounds.",
         "",
         "| code | images/s (summary line) | wall s |",
@@ -101,7 +110,7 @@ def main() -> None:
     ]
     print(
         save(
-            f"cli_vs_{args.commit}",
+            f"cli_vs_{args.commit}{args.suffix}",
             {"rows": rows, "median": med, "per_round": per_round},
             "\n".join(md),
         ).read_text()

@@ -15,6 +15,7 @@ import torch
 
 from .config import DEVICES, PRECISIONS
 from .errors import EmbedcacheError
+from .folding import Folded
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -290,18 +291,24 @@ def compile_mode(
     net: torch.nn.Module,
     autocast: torch.dtype | None = None,
 ) -> str | None:
-    """How to compile ``net`` for a run of ``images`` on ``device`` (under ``autocast``):
-    "inductor" (torch.compile, GPUs), "frozen" (a frozen TorchScript graph, CPUs) or None (eager).
+    """How to run ``net`` for a run of ``images`` on ``device`` (under ``autocast``):
+    "inductor" (torch.compile, GPUs), "frozen" (a frozen TorchScript graph, CPUs), "folded"
+    (eager, BatchNorm folded into the convolutions: folding.Folded) or None (eager as built).
 
-    auto freezes fp32 runs only: under bf16 autocast the folded graph drifted 2.5% from eager
-    bf16 on lite0 and ran no faster where bf16 is emulated."""
+    auto freezes fp32 runs only: under bf16 autocast the traced graph drifted 2.5% from eager
+    bf16 on lite0, ran no faster where bf16 is emulated, and no faster than the folded net
+    where it is native (benchmarks/results/bn_fold_cpu.md). Every other run with BatchNorm is
+    folded: that needs no tracing, so it pays from the first batch. ``off`` runs the net as
+    built."""
     if compile == "off":
         return None
-    if device.type == "cuda":
-        return "inductor" if compile == "on" or images >= COMPILE_FROM_IMAGES else None
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    worth = images >= FREEZE_FROM_IMAGES and has_bn and autocast is None
-    return "frozen" if compile == "on" or worth else None
+    if device.type == "cuda":
+        if compile == "on" or images >= COMPILE_FROM_IMAGES:
+            return "inductor"
+    elif compile == "on" or (images >= FREEZE_FROM_IMAGES and has_bn and autocast is None):
+        return "frozen"
+    return "folded" if has_bn else None
 
 
 def compiled(net: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -309,6 +316,8 @@ def compiled(net: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor],
     compiles once more."""
     if mode == "inductor":
         return torch.compile(net, dynamic=False)
+    if mode == "folded":
+        return Folded(net)
     return FrozenGraph(net) if mode == "frozen" else net
 
 

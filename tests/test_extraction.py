@@ -433,6 +433,40 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
         }
 
 
+def test_a_small_cpu_run_folds_batchnorm_and_writes_the_features_of_the_net_as_built(
+    tree, tmp_path, extract_kw, monkeypatch
+):
+    import torch
+    import torchvision
+
+    import embedcache.runtime as runtime
+
+    folds: list = []
+
+    class Recorded(runtime.Folded):
+        def __init__(self, net):
+            super().__init__(net)
+            folds.append(self)
+
+    monkeypatch.setattr(runtime, "Folded", Recorded)
+    net, g = torchvision.models.resnet18(), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # statistics that fold to something (fresh ones are the identity)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    kw = {**extract_kw, "weights": str(tmp_path / "w.pt"), "dtype": "float32"}
+    extract(tree, out=tmp_path / "auto.h5", **kw)  # 24 images, fp32: folded, not traced
+    extract(tree, out=tmp_path / "off.h5", compile="off", **kw)
+    assert [f.count for f in folds] == [20]  # every BatchNorm of resnet18, in the auto run only
+    with open_cache(tmp_path / "auto.h5") as auto, open_cache(tmp_path / "off.h5") as off:
+        for split in ("train", "val"):
+            a, b = auto.features(split), off.features(split)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 def test_compile_on_a_cpu_runs_a_frozen_graph_with_eagers_features(
     tree, tmp_path, extract_kw, frozen_graphs
 ):

@@ -42,7 +42,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def head(data):
     """A resnet18 head trained on a cache of ``data`` (next to it: c.h5), made once: read only."""
-    kw = {**FT, "batch_size": 4}
+    kw = {**FT, "batch_size": 4, "precision": "fp32"}  # what the live model computes, on every CPU
     extract(data, out=data.parent / "c.h5", **kw)
     train_head(
         data.parent / "c.h5", out=data.parent / "head.pt", epochs=30, device="cpu", progress=False

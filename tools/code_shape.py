@@ -29,6 +29,7 @@ ORDER = (
     "errors",
     "identity",
     "config",
+    "folding",
     "runtime",
     "locks",
     "outputs",

@@ -1,0 +1,125 @@
+"""Issue 23: the CPU forward pass as built, with BatchNorm folded into the convolutions
+(folding.Folded: eager, no tracing), and as the frozen TorchScript graph, in fp32 and bf16.
+
+    python benchmarks/bn_fold.py --rounds 3
+
+Batch 8, channels_last, allocator tuned as extract does; bf16 is autocast, as extract runs it.
+Rounds alternate the variants in one process. Each variant's setup (the fold: a copy of the net
+and three forward passes of one image; the graph: trace, freeze, check) is timed apart, and
+every variant's features are compared with fp32 eager as built. efficientnet_lite0 runs with
+its offline ImageNet weights (BatchNorm statistics that fold to something), the others
+random-init (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+from common import save
+
+from embedcache.backbones import Normalise, build_backbone
+from embedcache.runtime import compile_mode, compiled, cpu_has_native_bf16, tune_allocator
+
+BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet50", "mobilenet_v3_large")
+VARIANTS = ("eager", "folded", "frozen")
+
+
+def measure(name: str, rounds: int, batches: int) -> dict:
+    bb = build_backbone(name, weights="DEFAULT" if name == "efficientnet_lite0" else "none")
+    net = bb.net.eval().to(memory_format=torch.channels_last)
+    x = Normalise(bb.transform)(torch.randint(0, 255, (8, 224, 224, 3), dtype=torch.uint8))
+    with torch.inference_mode():
+        ref = net(x).float()
+    out: dict = {}
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        amp = functools.partial(torch.autocast, "cpu", dtype=dtype, enabled=dtype is not None)
+        runs, setup, error = {}, {}, {}
+        with torch.inference_mode():
+            for v in VARIANTS:
+                runs[v] = compiled(net, None if v == "eager" else v)
+                t = time.perf_counter()
+                with amp():
+                    first = runs[v](x)  # the fold, or the trace and check
+                setup[v] = time.perf_counter() - t
+                error[v] = float((first.float() - ref).abs().max() / ref.abs().max())
+                with amp():
+                    runs[v](x), runs[v](x)  # warm: oneDNN plans, the profiling executor
+            rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for _ in range(rounds):
+                for v in VARIANTS:
+                    t = time.perf_counter()
+                    with amp():
+                        for _ in range(batches):
+                            runs[v](x)
+                    rates[v].append(8 * batches / (time.perf_counter() - t))
+        med = {v: statistics.median(r) for v, r in rates.items()}
+        out[precision] = {
+            "rates": rates,
+            "median": med,
+            "folded_over_eager": med["folded"] / med["eager"],
+            "frozen_over_folded": med["frozen"] / med["folded"],
+            "setup_s": setup,
+            "max_rel_error_vs_fp32_eager": error,
+            "folded_batchnorms": runs["folded"].count,
+            "auto": compile_mode("auto", torch.device("cpu"), 10**6, net, dtype) or "eager",
+        }
+    return out
+
+
+def _cell(med: dict, rates: dict, v: str) -> str:
+    return f"{med[v]:.1f} ({', '.join(f'{x:.0f}' for x in rates[v])})"
+
+
+def table(results: dict) -> list[str]:
+    rows = [
+        "| backbone | precision | as built images/s | folded images/s | frozen images/s "
+        "| folded / as built | setup s: fold / trace | max relative error vs fp32: "
+        "as built / folded / frozen | auto on 1M images |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for name, per in results.items():
+        for precision, r in per.items():
+            med, rates, e, s = (
+                r["median"],
+                r["rates"],
+                r["max_rel_error_vs_fp32_eager"],
+                r["setup_s"],
+            )
+            cell = functools.partial(_cell, med, rates)
+            rows.append(
+                f"| {name} | {precision} | {cell('eager')} | {cell('folded')} | {cell('frozen')} "
+                f"| **{r['folded_over_eager']:.2f}x** | {s['folded']:.2f} / {s['frozen']:.2f} "
+                f"| {e['eager']:.1e} / {e['folded']:.1e} / {e['frozen']:.1e} | {r['auto']} |"
+            )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--backbones", default=",".join(BACKBONES))
+    args = p.parse_args()
+    tune_allocator()
+    results = {}
+    for name in args.backbones.split(","):
+        results[name] = measure(name, args.rounds, args.batches)
+        print(name, {k: v["median"] for k, v in results[name].items()}, flush=True)
+    lines = table(results) + [
+        "",
+        f"This CPU has native bf16: {cpu_has_native_bf16()}. Medians of alternated rounds "
+        "(each round's figure in brackets). `auto` on a CPU: the frozen graph for fp32 runs "
+        "of 256+ images with BatchNorm, the folded net for every other run with BatchNorm "
+        "(runtime.compile_mode).",
+    ]
+    save("bn_fold_cpu", {"results": results, "args": vars(args)}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

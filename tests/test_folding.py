@@ -1,0 +1,123 @@
+"""folding.py: BatchNorm folded into the convolution before it gives the network's output, leaves
+the network itself alone, and folds nothing it cannot prove equivalent."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from embedcache.folding import Folded, fold_batchnorm, probe_like
+
+
+def _with_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
+    """``net`` in eval mode with BatchNorm statistics and affines far from the identity (fresh
+    ones fold to nothing, which would prove nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g))
+    return net.eval()
+
+
+def _batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def _x(seed: int = 1, n: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return bool((a - b).abs().max() <= tol * a.abs().max())
+
+
+def test_timm_efficientnet_folds_every_batchnorm_keeps_its_activations_and_its_output():
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == _batchnorms(net) > 40 and _batchnorms(folded) == 0
+    assert any(isinstance(m, nn.ReLU6) for m in folded.modules())  # the act of BatchNormAct2d
+    with torch.no_grad():
+        x = _x(seed=2)
+        assert _close(net(x), folded(x))
+    # the network handed in is untouched: the fold works on a copy
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_torchvision_resnet_folds_including_convolutions_with_a_bias():
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1.bias = nn.Parameter(torch.randn(64))  # a conv with its own bias folds it in too
+    net = _with_statistics(net)
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == _batchnorms(net) == 20 and _batchnorms(folded) == 0
+    with torch.no_grad():
+        assert _close(net(_x(seed=3)), folded(_x(seed=3)))
+
+
+class _PreNormUsedAgain(nn.Module):
+    """The conv's output goes through BatchNorm and is also added back raw: folding the
+    BatchNorm would change what the addition reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _SharedConv(nn.Module):
+    """One convolution run twice, each time into its own BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.a, self.b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.a(self.conv(x)) + self.b(self.conv(x))
+
+
+def test_a_fold_that_would_change_the_output_is_refused_and_the_net_runs_as_built():
+    net = _with_statistics(_PreNormUsedAgain())
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert folded is net and n == 0
+
+
+def test_a_convolution_that_runs_twice_is_not_folded():
+    net = _with_statistics(_SharedConv())
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert folded is net and n == 0
+
+
+def test_batchnorm_not_after_a_convolution_and_batchnorm_in_training_stay():
+    net = _with_statistics(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == 1 and isinstance(folded[0], nn.BatchNorm2d) and isinstance(folded[2], nn.Identity)
+    assert fold_batchnorm(net.train(), probe_like(_x())) == (net, 0)
+
+
+def test_folded_decides_once_from_seeded_noise_not_from_the_batch():
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    run = Folded(net)
+    with torch.no_grad():
+        first = run(_x(seed=4))
+        assert run.count == _batchnorms(net) and run.net is not net
+        again = Folded(net)
+        again(_x(seed=5))  # another first batch: the same folded weights
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(run.net.state_dict().values(), again.net.state_dict().values(), strict=True)
+    )
+    with torch.no_grad():
+        assert torch.equal(first, again(_x(seed=4)))
+    assert torch.equal(probe_like(_x(seed=6)), probe_like(_x(seed=7)))
