@@ -220,7 +220,7 @@ def _conv_bn(bn: bool = True) -> torch.nn.Module:
     return net.eval()
 
 
-def test_compile_auto_is_torch_compile_on_big_gpu_runs_a_frozen_graph_on_big_fp32_cpu_runs_and_folds_the_rest():
+def test_compile_auto_compiles_big_gpu_runs_freezes_big_fp32_cpu_runs_and_folds_the_rest():
     from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode
 
     cuda, bn, no_bn = torch.device("cuda", 0), _conv_bn(), _conv_bn(bn=False)
