@@ -378,7 +378,8 @@ def extract(
                 )
             )
         )
-        amp = autocast_dtype(dev, _precision(out, cfg.precision), cpu_bf16=CPU_BF16_AUTO)
+        precision = _precision(out, cfg.precision, overwrite=cfg.overwrite)
+        amp = autocast_dtype(dev, precision, cpu_bf16=CPU_BF16_AUTO)
         batch = cfg.batch_size if isinstance(cfg.batch_size, int) else default_batch_size(dev)
         if isinstance(batch, int):  # before any file is written
             check_batch_memory(batch, bb.transform.crop, dev)
@@ -397,11 +398,12 @@ def extract(
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks, pace=pace)
 
 
-def _precision(out: Path, precision: str) -> str:
+def _precision(out: Path, precision: str, *, overwrite: bool) -> str:
     """``precision``, except that ``auto`` keeps the forward pass an existing cache (or an
     unfinished one) at ``out`` was made with: a cache never mixes precisions, and auto's choice
-    changing (a new release, another machine) must not refuse an incremental run."""
-    if precision != "auto":
+    changing (a new release, another machine) must not refuse an incremental run. With
+    ``overwrite`` nothing is kept, so auto chooses afresh."""
+    if precision != "auto" or overwrite:
         return precision
     return recorded_precision(out) or precision
 

@@ -418,6 +418,20 @@ def test_the_forward_precision_is_part_of_the_cache_identity(tree, tmp_path, ext
         extract(tree, out=tmp_path / "fp32.h5", precision="fp32", **extract_kw)
 
 
+def test_auto_precision_with_overwrite_chooses_afresh_instead_of_keeping_the_old_caches(
+    tree, tmp_path, extract_kw, monkeypatch
+):
+    import embedcache.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # auto: bf16 on any CPU
+    extract_kw = {k: v for k, v in extract_kw.items() if k != "precision"}
+    extract(tree, out=tmp_path / "c.h5", precision="fp32", **extract_kw)
+    assert extract(tree, out=tmp_path / "c.h5", **extract_kw).up_to_date  # kept: never mixed
+    extract(tree, out=tmp_path / "c.h5", overwrite=True, **extract_kw)
+    with open_cache(tmp_path / "c.h5") as c:
+        assert c.identity.precision == "bf16"
+
+
 def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_path, extract_kw):
     data = make_tree(tmp_path / "d", per_class=3)
     (data / "train" / "cat" / "loop.jpg").symlink_to("loop.jpg")
