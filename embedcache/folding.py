@@ -14,7 +14,9 @@ that does more, a pre-BatchNorm tensor used again) is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -30,7 +32,7 @@ def fold_batchnorm(net: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
     copy does not reproduce ``net(x)`` in float32. ``net`` is not changed."""
     if net.training:  # batch statistics: nothing is a fixed map
         return net, 0
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), _exact_convolutions():
         pairs = _conv_bn_pairs(net, x)
         if not pairs:
             return net, 0
@@ -136,6 +138,18 @@ def _fold(net: nn.Module, conv_name: str, bn_name: str) -> bool:
     parent, _, attr = bn_name.rpartition(".")
     setattr(net.get_submodule(parent), attr, keep)
     return True
+
+
+@contextlib.contextmanager
+def _exact_convolutions() -> Iterator[None]:
+    """cuDNN's convolutions in float32, not TF32 (its default; 1e-3 relative error would hide
+    whether the fold is right)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def _agrees(ref: torch.Tensor, out: torch.Tensor) -> bool:

@@ -3,6 +3,7 @@ the network itself alone, and folds nothing it cannot prove equivalent."""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torchvision
@@ -121,3 +122,27 @@ def test_folded_decides_once_from_seeded_noise_not_from_the_batch():
     with torch.no_grad():
         assert torch.equal(first, again(_x(seed=4)))
     assert torch.equal(probe_like(_x(seed=6)), probe_like(_x(seed=7)))
+
+
+def test_the_fold_leaves_cudnns_tf32_setting_as_it_found_it():
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        for setting in (True, False):
+            torch.backends.cudnn.allow_tf32 = setting
+            fold_batchnorm(
+                _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))), _x()
+            )
+            assert torch.backends.cudnn.allow_tf32 is setting
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_fold_is_checked_in_float32_and_kept():
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0)).cuda()
+    x = _x(seed=8).cuda()
+    folded, n = fold_batchnorm(net, probe_like(x))  # TF32 (cuDNN's default) would fail the check
+    assert n == _batchnorms(net) and next(folded.parameters()).is_cuda
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = net(x).float(), folded(x).float()
+    assert _close(a, b, tol=0.05)
