@@ -146,3 +146,17 @@ def test_on_a_gpu_the_fold_is_checked_in_float32_and_kept():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = net(x).float(), folded(x).float()
     assert _close(a, b, tol=0.05)
+
+
+def test_under_autocast_the_convolutions_are_cast_once_and_give_autocasts_bits():
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    folded, _ = fold_batchnorm(net, probe_like(_x()))
+    run = Folded(net)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run(_x(seed=9))
+        per_call = folded(_x(seed=9))  # fp32 weights, cast by autocast on every call
+    assert run.cast == torch.bfloat16 and run.net.conv_stem.weight.dtype == torch.bfloat16
+    assert folded.conv_stem.weight.dtype == torch.float32  # only Folded's own copy is cast
+    assert torch.equal(cast, per_call)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cast for torch.bfloat16"):
+        run(_x(seed=9))  # without autocast the cast weights would not fit: refused, not wrong
