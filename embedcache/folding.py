@@ -33,12 +33,12 @@ def fold_batchnorm(net: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
     if net.training:  # batch statistics: nothing is a fixed map
         return net, 0
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), _exact_convolutions():
-        pairs = _conv_bn_pairs(net, x)
+        pairs, ref = _conv_bn_pairs(net, x)
         if not pairs:
             return net, 0
         folded = copy.deepcopy(net).eval()
         done = sum(_fold(folded, conv, bn) for bn, conv in pairs)
-        if not done or not _agrees(net(x), folded(x)):
+        if not done or not _agrees(ref, folded(x)):
             return net, 0
     return folded, done
 
@@ -93,9 +93,9 @@ def probe_like(x: torch.Tensor) -> torch.Tensor:
     return probe.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else probe
 
 
-def _conv_bn_pairs(net: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+def _conv_bn_pairs(net: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
     """(BatchNorm name, Conv2d name) for each BatchNorm whose input is a convolution's output,
-    from one forward pass over ``x`` with hooks on both kinds of module."""
+    from one forward pass over ``x`` with hooks on both kinds of module; and ``net(x)``."""
     made: dict[int, tuple[str, torch.Tensor]] = {}  # outputs kept alive, so no id is reused
     calls: dict[str, int] = {}
     read: dict[str, str] = {}
@@ -122,16 +122,17 @@ def _conv_bn_pairs(net: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
         elif _replacement(m) is not None:
             hooks.append(m.register_forward_pre_hook(before_bn(name)))
     try:
-        net(x)
+        out = net(x)
     finally:
         for h in hooks:
             h.remove()
     convs = list(read.values())
-    return [
+    pairs = [
         (bn, conv)
         for bn, conv in read.items()
         if calls[bn] == 1 and calls[conv] == 1 and convs.count(conv) == 1
     ]
+    return pairs, out
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
