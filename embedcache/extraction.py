@@ -610,6 +610,7 @@ def _run(
         kw = {} if viewed else {"thumbnails": thumbs}
         decode = functools.partial(with_views if viewed else preprocess, t=bb.transform, **kw)
         loader = decoded_batches(files, batches, decode, device=run.device, num_workers=run.workers)
+    ahead = getattr(loader, "ahead", lambda: None)  # see ThreadDecoded
     net = bb.net.to(run.device).eval().to(memory_format=torch.channels_last)
     net = compiled(net, mode)
     norm = Normalise(bb.transform).to(run.device)
@@ -633,6 +634,7 @@ def _run(
                 per_image = batch.shape[1] if batch.dim() == 5 else 0  # with views: 1 + V
                 with run.amp():
                     out = net(norm(batch.flatten(0, 1) if per_image else batch))
+                ahead()  # the next batch decodes while this one is written
                 feats = _finite(out.float().cpu().numpy().astype(out_dtype), bb, out_dtype)
                 if per_image:
                     feats = feats.reshape(len(rows), per_image, -1)

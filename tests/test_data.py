@@ -353,3 +353,52 @@ def test_cpu_and_gpu_decoders_share_torchvisions_resize_and_crop_geometry(size):
     assert (nw, nh) == resized.size
     crop = np.asarray(resized)[top : top + t.crop, left : left + t.crop]
     assert np.array_equal(crop, np.asarray(CenterCrop(t.crop)(resized)))
+
+
+def _numbered(i: int) -> np.ndarray:
+    return np.full((2, 2, 3), i, np.uint8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cpu_batches_come_whole_and_in_order_whether_or_not_the_next_is_started_ahead(workers):
+    from embedcache.data import decoded_batches
+
+    batches, cpu = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]], torch.device("cpu")
+    plain = list(
+        decoded_batches(list(range(10)), batches, _numbered, device=cpu, num_workers=workers)
+    )
+    loader = decoded_batches(list(range(10)), batches, _numbered, device=cpu, num_workers=workers)
+    ahead = getattr(loader, "ahead", lambda: None)
+    ahead()  # before the first batch: nothing to start
+    got = []
+    for b in loader:
+        got.append(b)
+        ahead(), ahead()  # the second call is a no-op
+    assert [i.tolist() for i, _, _ in got] == [i.tolist() for i, _, _ in plain] == batches
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(got, plain, strict=True))
+    assert all(int(x[1][k, 0, 0, 0]) == i for x in got for k, i in enumerate(x[0]))
+
+
+def test_ahead_decodes_the_next_batch_before_it_is_asked_for():
+    import threading
+
+    from embedcache.data import decoded_batches
+
+    seen, third = [], threading.Event()
+
+    def decode(i: int) -> np.ndarray:
+        seen.append(i)
+        if i == 3:
+            third.set()
+        return _numbered(i)
+
+    loader = decoded_batches(
+        list(range(6)), [[0, 1, 2], [3, 4, 5]], decode, device=torch.device("cpu"), num_workers=2
+    )
+    batches = iter(loader)
+    next(batches)
+    assert 3 not in seen  # not started beside the forward pass
+    loader.ahead()
+    assert third.wait(timeout=30)  # decoding while the caller still holds the first batch
+    index, images, _ = next(batches)
+    assert index.tolist() == [3, 4, 5] and sorted(seen) == list(range(6))

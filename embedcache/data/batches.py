@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,8 +47,8 @@ def decoded_batches(
     *,
     device: torch.device,
     num_workers: int,
-) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
-    """Yield ``(indices, images, failed)`` per batch of indices into ``items``.
+) -> Iterable[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
+    """``(indices, images, failed)`` per batch of indices into ``items``, in order.
 
     ``decode(items[i])`` gives one image (a path for :func:`preprocess`, a
     ``(path, seed)`` pair for :func:`augment`).
@@ -60,11 +60,13 @@ def decoded_batches(
     CPU the forward pass already uses every core, and a decoder running beside
     it stalls each layer on its slowest thread; there ``num_workers`` threads
     (PIL releases the GIL) decode each batch while the model waits, which was
-    faster on the 2-core machine (61 vs 54 images/s for efficientnet_lite0).
+    faster on the 2-core machine (61 vs 54 images/s for efficientnet_lite0); the
+    threads may start on the next batch once the forward pass is done
+    (:meth:`ThreadDecoded.ahead`).
     """
     dataset = _Decode(items, decode)
     if device.type == "cuda":
-        loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
             collate_fn=_collate,
@@ -72,15 +74,37 @@ def decoded_batches(
             pin_memory=True,
             prefetch_factor=4 if num_workers else None,
         )
-        yield from loader
-        return
     if num_workers <= 1:
-        for batch in batches:
-            yield _collate([dataset[i] for i in batch])
-        return
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="decode") as pool:
-        for batch in batches:
-            yield _collate(list(pool.map(dataset.__getitem__, batch)))
+        return (_collate([dataset[i] for i in batch]) for batch in batches)
+    return ThreadDecoded(dataset, batches, num_workers)
+
+
+class ThreadDecoded:
+    """The batches of ``dataset``, each decoded by ``workers`` threads when it is asked for, or
+    from :meth:`ahead` on: call it once the forward pass of the batch in hand is done, so that
+    the next batch decodes while that batch's features are written (beside the forward pass
+    itself decoding was slower, see :func:`decoded_batches`)."""
+
+    def __init__(self, dataset: _Decode, batches: list[list[int]], workers: int):
+        self.dataset, self.batches, self.workers = dataset, batches, workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._next, self._pending = 0, None  # the next batch's index, its futures once started
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as self._pool:
+            while self._next < len(self.batches):
+                futures = self._pending or self._submit()
+                self._pending, self._next = None, self._next + 1
+                yield _collate([f.result() for f in futures])
+        self._pool = None
+
+    def ahead(self) -> None:
+        """Start decoding the next batch now (a no-op when it has started or there is none)."""
+        if self._pool is not None and self._pending is None and self._next < len(self.batches):
+            self._pending = self._submit()
+
+    def _submit(self) -> list:
+        return [self._pool.submit(self.dataset.__getitem__, i) for i in self.batches[self._next]]
 
 
 # ---------------------------------------------------------------------------
