@@ -93,7 +93,7 @@ class ThreadDecoded:
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor | None, dict[int, str]]]:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as self._pool:
             while self._next < len(self.batches):
-                futures = self._pending or self._submit()
+                futures = self._submit() if self._pending is None else self._pending
                 self._pending, self._next = None, self._next + 1
                 yield _collate([f.result() for f in futures])
         self._pool = None
