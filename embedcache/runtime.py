@@ -297,9 +297,9 @@ def compile_mode(
 
     auto freezes fp32 runs only: under bf16 autocast the traced graph drifted 2.5% from eager
     bf16 on lite0, ran no faster where bf16 is emulated, and 0.96-1.08x the folded net where it
-    is native, for 0.4-0.7 s of tracing (benchmarks/results/bn_fold_cpu.md). Every other run with BatchNorm is
-    folded: that needs no tracing, so it pays from the first batch. ``off`` runs the net as
-    built."""
+    is native, for 0.4-0.7 s of tracing (benchmarks/results/bn_fold_cpu.md). Every other run
+    with BatchNorm is folded: that needs no tracing, so it pays from the first batch. ``off``
+    runs the net as built."""
     if compile == "off":
         return None
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
