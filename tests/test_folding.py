@@ -160,3 +160,28 @@ def test_under_autocast_the_convolutions_are_cast_once_and_give_autocasts_bits()
     assert torch.equal(cast, per_call)
     with torch.no_grad(), pytest.raises(RuntimeError, match="cast for torch.bfloat16"):
         run(_x(seed=9))  # without autocast the cast weights would not fit: refused, not wrong
+
+
+class _OwnSizeOnly(nn.Module):
+    """Conv + BatchNorm that refuses any image but its own size (as a fixed position table
+    would)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.conv, self.bn = size, nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[-1] != self.size:
+            raise ValueError(f"expected {self.size} px, got {x.shape[-1]}")
+        return self.bn(self.conv(x))
+
+
+def test_folded_probes_small_and_at_the_batchs_own_size_when_the_net_refuses_small():
+    from embedcache.folding import PROBE_SIDE
+
+    assert probe_like(_x(size=224), PROBE_SIDE).shape == (1, 3, PROBE_SIDE, PROBE_SIDE)
+    assert probe_like(_x(size=32), PROBE_SIDE).shape == (1, 3, 32, 32)  # never larger
+    run = Folded(_with_statistics(_OwnSizeOnly(96)))
+    with torch.no_grad():
+        run(_x(size=96))
+    assert run.count == 1 and isinstance(run.net.bn, nn.Identity)
