@@ -156,17 +156,29 @@ def blob_cache(make_cache):
     return make_cache(train=blobs(40, seed=0), val=blobs(15, seed=1, spread=1.0))
 
 
-@pytest.fixture
-def frozen_graphs(monkeypatch) -> list:
-    """Every runtime.FrozenGraph the test makes, in order (to see which runs used one)."""
+def _recorded(monkeypatch, name: str) -> list:
+    """Every ``runtime.<name>`` (a class the runs wrap the backbone in) the test makes, in
+    order."""
     import embedcache.runtime as runtime
 
     made: list = []
 
-    class Recorded(runtime.FrozenGraph):
+    class Recorded(getattr(runtime, name)):
         def __init__(self, net):
             super().__init__(net)
             made.append(self)
 
-    monkeypatch.setattr(runtime, "FrozenGraph", Recorded)
+    monkeypatch.setattr(runtime, name, Recorded)
     return made
+
+
+@pytest.fixture
+def frozen_graphs(monkeypatch) -> list:
+    """Every runtime.FrozenGraph the test makes, in order (to see which runs used one)."""
+    return _recorded(monkeypatch, "FrozenGraph")
+
+
+@pytest.fixture
+def folds(monkeypatch) -> list:
+    """Every runtime.Folded (BatchNorm folded, folding.py) the test makes, in order."""
+    return _recorded(monkeypatch, "Folded")

@@ -448,21 +448,11 @@ def test_a_symlink_loop_a_fifo_and_a_dangling_link_are_skipped_with_reasons(tmp_
 
 
 def test_a_small_cpu_run_folds_batchnorm_and_writes_the_features_of_the_net_as_built(
-    tree, tmp_path, extract_kw, monkeypatch
+    tree, tmp_path, extract_kw, folds
 ):
     import torch
     import torchvision
 
-    import embedcache.runtime as runtime
-
-    folds: list = []
-
-    class Recorded(runtime.Folded):
-        def __init__(self, net):
-            super().__init__(net)
-            folds.append(self)
-
-    monkeypatch.setattr(runtime, "Folded", Recorded)
     net, g = torchvision.models.resnet18(), torch.Generator().manual_seed(0)
     with torch.no_grad():  # statistics that fold to something (fresh ones are the identity)
         for m in net.modules():
