@@ -1,5 +1,7 @@
-"""Issue 23: the CPU forward pass as built, with BatchNorm folded into the convolutions
-(folding.Folded: eager, no tracing), and as the frozen TorchScript graph, in fp32 and bf16.
+"""Issue 23: the CPU forward pass as built, with BatchNorm folded into the convolutions and
+the activations apart (folding.Folded(fuse=False)), folded with each activation fused into its
+convolution (folding.Folded, what extract runs: eager, no tracing), and as the frozen
+TorchScript graph, in fp32 and bf16.
 
     python benchmarks/bn_fold.py --rounds 3
 
@@ -22,10 +24,11 @@ import torch
 from common import save
 
 from embedcache.backbones import Normalise, build_backbone
+from embedcache.folding import ConvAct, Folded
 from embedcache.runtime import compile_mode, compiled, cpu_has_native_bf16, tune_allocator
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet50", "mobilenet_v3_large")
-VARIANTS = ("eager", "folded", "frozen")
+VARIANTS = ("eager", "unfused", "folded", "frozen")  # unfused: folded, activations apart
 
 
 def measure(name: str, rounds: int, batches: int) -> dict:
@@ -40,7 +43,11 @@ def measure(name: str, rounds: int, batches: int) -> dict:
         runs, setup, error = {}, {}, {}
         with torch.inference_mode():
             for v in VARIANTS:
-                runs[v] = compiled(net, None if v == "eager" else v)
+                runs[v] = (
+                    Folded(net, fuse=False)
+                    if v == "unfused"
+                    else compiled(net, None if v == "eager" else v)
+                )
                 t = time.perf_counter()
                 with amp():
                     first = runs[v](x)  # the fold, or the trace and check
@@ -61,10 +68,12 @@ def measure(name: str, rounds: int, batches: int) -> dict:
             "rates": rates,
             "median": med,
             "folded_over_eager": med["folded"] / med["eager"],
+            "fused_over_unfused": med["folded"] / med["unfused"],
             "frozen_over_folded": med["frozen"] / med["folded"],
             "setup_s": setup,
             "max_rel_error_vs_fp32_eager": error,
             "folded_batchnorms": runs["folded"].count,
+            "fused_convolutions": sum(isinstance(m, ConvAct) for m in runs["folded"].net.modules()),
             "auto": compile_mode("auto", torch.device("cpu"), 10**6, net, dtype) or "eager",
         }
     return out
@@ -76,10 +85,11 @@ def _cell(med: dict, rates: dict, v: str) -> str:
 
 def table(results: dict) -> list[str]:
     rows = [
-        "| backbone | precision | as built images/s | folded images/s | frozen images/s "
-        "| folded / as built | setup s: fold / trace | max relative error vs fp32: "
-        "as built / folded / frozen | auto on 1M images |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| backbone | precision | as built images/s | folded, activations apart images/s "
+        "| folded and fused images/s | frozen images/s | folded and fused / as built "
+        "| fused / apart | convolutions fused | setup s: fold / trace "
+        "| max relative error vs fp32: as built / apart / fused / frozen | auto on 1M images |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for name, per in results.items():
         for precision, r in per.items():
@@ -90,10 +100,13 @@ def table(results: dict) -> list[str]:
                 r["setup_s"],
             )
             cell = functools.partial(_cell, med, rates)
+            errors = " / ".join(f"{e[v]:.1e}" for v in VARIANTS)
             rows.append(
-                f"| {name} | {precision} | {cell('eager')} | {cell('folded')} | {cell('frozen')} "
-                f"| **{r['folded_over_eager']:.2f}x** | {s['folded']:.2f} / {s['frozen']:.2f} "
-                f"| {e['eager']:.1e} / {e['folded']:.1e} / {e['frozen']:.1e} | {r['auto']} |"
+                f"| {name} | {precision} | {cell('eager')} | {cell('unfused')} | {cell('folded')} "
+                f"| {cell('frozen')} | **{r['folded_over_eager']:.2f}x** "
+                f"| **{r['fused_over_unfused']:.2f}x** "
+                f"| {r['fused_convolutions']} of {r['folded_batchnorms']} folded "
+                f"| {s['folded']:.2f} / {s['frozen']:.2f} | {errors} | {r['auto']} |"
             )
     return rows
 

@@ -10,12 +10,19 @@ A pair is folded only where the BatchNorm reads the very tensor one convolution 
 each module ran once, and the folded copy gives the network's output up to rounding on a
 probe input; anything else (a convolution shared between branches, a BatchNorm subclass
 that does more, a pre-BatchNorm tensor used again) is left as it was.
+
+On a CPU with oneDNN, a folded convolution followed by an activation (ReLU, ReLU6, SiLU,
+Hardswish) that alone reads its output then runs as one oneDNN call that applies the
+activation before writing the output (:class:`ConvAct`), instead of a second pass over it.
+Alone is known from the code, not from a trace: the activation inside timm's BatchNormAct2d,
+or the next module of an ``nn.Sequential`` row (torchvision's Conv2dNormActivation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -29,21 +36,86 @@ FOLD_TOLERANCE = 1e-4
 PROBE_SIDE = 64
 
 
-def fold_batchnorm(net: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
+def fold_batchnorm(net: nn.Module, x: torch.Tensor, *, fuse: bool = True) -> tuple[nn.Module, int]:
     """A copy of ``net`` (in eval mode) with each BatchNorm that reads a Conv2d's output folded
     into that convolution, and the number folded; ``(net, 0)`` itself when none folds or the
-    copy does not reproduce ``net(x)`` in float32. ``net`` is not changed."""
+    copy does not reproduce ``net(x)`` in float32. ``net`` is not changed.
+
+    With ``fuse``, on a CPU with oneDNN, each folded convolution followed by its BatchNorm's
+    own activation becomes one :class:`ConvAct`; a fused copy that fails the check is dropped
+    for the folded one without fusion."""
     if net.training:  # batch statistics: nothing is a fixed map
         return net, 0
+    fuse = fuse and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), _exact_convolutions():
         pairs, ref = _conv_bn_pairs(net, x)
         if not pairs:
             return net, 0
-        folded = copy.deepcopy(net).eval()
-        done = sum(_fold(folded, conv, bn) for bn, conv in pairs)
-        if not done or not _agrees(ref, folded(x)):
-            return net, 0
-    return folded, done
+        for fusing in (True, False) if fuse else (False,):
+            folded = copy.deepcopy(net).eval()
+            done = sum(_fold(folded, conv, bn, fuse=fusing) for bn, conv in pairs)
+            if not done:
+                return net, 0
+            if _agrees(ref, folded(x)):
+                return folded, done
+    return net, 0
+
+
+class ConvAct(nn.Module):
+    """A (folded) Conv2d and the activation after it as one oneDNN convolution that applies
+    ``attr`` (oneDNN's name for the activation, with its ``scalars``) to each output before
+    writing it. Under autocast it runs in autocast's dtype, as the convolution would. With
+    gradients wanted it runs the two modules one after the other (oneDNN's fused call has no
+    backward)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, attr: str, scalars: list[float]) -> None:
+        super().__init__()
+        self.conv, self.act, self.attr, self.scalars = conv, act, attr, scalars
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad):
+            return self.act(c(x))
+        w, b = c.weight, c.bias
+        if torch.is_autocast_enabled(x.device.type):  # what autocast does for a convolution
+            w = w.to(torch.get_autocast_dtype(x.device.type))
+            b = None if b is None else b.to(w.dtype)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(w.dtype),
+            w,
+            b,
+            list(c.padding),
+            list(c.stride),
+            list(c.dilation),
+            c.groups,
+            self.attr,
+            self.scalars,
+            None,
+        )
+
+
+def _pointwise(act: nn.Module) -> tuple[str, list[float]] | None:
+    """oneDNN's name and scalars for an activation it can apply inside a convolution."""
+    kind = type(act)
+    if kind is nn.ReLU:
+        return "relu", []
+    if kind in (nn.ReLU6, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+        return "hardtanh", [float(act.min_val), float(act.max_val)]
+    if kind is nn.SiLU:
+        return "swish", []
+    if kind is nn.Hardswish:
+        return "hardswish", []
+    return None
+
+
+def _fusable(conv: nn.Module) -> bool:
+    """A plain Conv2d whose padding oneDNN's call takes as it is (numbers, zeros)."""
+    return (
+        type(conv) is nn.Conv2d
+        and isinstance(conv.padding, tuple)
+        and conv.padding_mode == "zeros"
+        and conv.weight.dim() == 4
+    )
 
 
 class Folded:
@@ -55,17 +127,19 @@ class Folded:
     which autocast would otherwise do on every call: the same bits, 5% less forward time for
     lite0 in bf16 on a 2-core CPU. Every later call must then run under that autocast."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, *, fuse: bool = True) -> None:
         self.net, self.count = net, None  # count: BatchNorms folded, once decided
+        self.fuse = fuse  # activations into the convolutions, where fold_batchnorm can
         self.cast: torch.dtype | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         amp = _autocast_dtype(x.device.type)
         if self.count is None:
+            fold = functools.partial(fold_batchnorm, self.net, fuse=self.fuse)
             try:
-                self.net, self.count = fold_batchnorm(self.net, probe_like(x, PROBE_SIDE))
+                self.net, self.count = fold(probe_like(x, PROBE_SIDE))
             except Exception:  # a net that takes only its own image size: probe at that
-                self.net, self.count = fold_batchnorm(self.net, probe_like(x))
+                self.net, self.count = fold(probe_like(x))
             if self.count and amp is not None:  # the copy is ours to cast
                 self.cast = _cast_convolutions(self.net, amp)
         if self.cast is not None and amp != self.cast:
@@ -156,11 +230,12 @@ def _foldable(m: nn.Module) -> bool:
     return kind and m.running_mean is not None and m.running_var is not None
 
 
-def _fold(net: nn.Module, conv_name: str, bn_name: str) -> bool:
+def _fold(net: nn.Module, conv_name: str, bn_name: str, *, fuse: bool = False) -> bool:
     conv, bn = net.get_submodule(conv_name), net.get_submodule(bn_name)
     if not _foldable(bn) or conv.out_channels != bn.num_features:
         return False
     keep = nn.Sequential(bn.drop, bn.act) if _is_timm_bn_act(bn) else nn.Identity()
+    act = _activation_after(net, conv_name, bn_name) if fuse and _fusable(conv) else None
     w = conv.weight.detach().double()
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
@@ -174,9 +249,44 @@ def _fold(net: nn.Module, conv_name: str, bn_name: str) -> bool:
     weight.copy_(w * scale.reshape(-1, 1, 1, 1))
     conv.weight = nn.Parameter(weight, requires_grad=False)
     conv.bias = nn.Parameter(shift.to(weight.dtype), requires_grad=False)
-    parent, _, attr = bn_name.rpartition(".")
-    setattr(net.get_submodule(parent), attr, keep)
+    if act is not None:  # the activation moves into the convolution
+        slot, module = act
+        keep = nn.Identity()
+        _replace(net, conv_name, ConvAct(conv, module, *_pointwise(module)))
+        if slot is not None:
+            _replace(net, slot, nn.Identity())
+    _replace(net, bn_name, keep)
     return True
+
+
+def _activation_after(
+    net: nn.Module, conv_name: str, bn_name: str
+) -> tuple[str | None, nn.Module] | None:
+    """The activation that alone reads the BatchNorm's output, where the code makes that
+    certain, as (its module's name, or None where the BatchNorm holds it; the module): timm's
+    BatchNormAct2d's own (with no dropout), or the next module of an ``nn.Sequential`` that
+    holds convolution, BatchNorm and activation in a row (torchvision's Conv2dNormActivation).
+    None where there is none oneDNN applies."""
+    bn = net.get_submodule(bn_name)
+    if _is_timm_bn_act(bn):
+        ok = type(bn.drop) is nn.Identity and _pointwise(bn.act) is not None
+        return (None, bn.act) if ok else None
+    prefix, _, attr = bn_name.rpartition(".")
+    parent = net.get_submodule(prefix)
+    if type(parent).forward is not nn.Sequential.forward:  # a forward of its own may branch
+        return None
+    names = list(parent._modules)
+    at = names.index(attr)
+    if at == 0 or at + 1 == len(names):
+        return None
+    before, after = (f"{prefix}.{n}" if prefix else n for n in (names[at - 1], names[at + 1]))
+    act = parent.get_submodule(names[at + 1])
+    return (after, act) if before == conv_name and _pointwise(act) is not None else None
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent), attr, module)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from embedcache.folding import Folded, fold_batchnorm, probe_like
+from embedcache import folding
+from embedcache.folding import ConvAct, Folded, fold_batchnorm, probe_like
 
 
 def _with_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -30,6 +31,10 @@ def _with_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
 
 def _batchnorms(net: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def _convs(net: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
 
 
 def _x(seed: int = 1, n: int = 2, size: int = 64) -> torch.Tensor:
@@ -155,8 +160,8 @@ def test_under_autocast_the_convolutions_are_cast_once_and_give_autocasts_bits()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cast = run(_x(seed=9))
         per_call = folded(_x(seed=9))  # fp32 weights, cast by autocast on every call
-    assert run.cast == torch.bfloat16 and run.net.conv_stem.weight.dtype == torch.bfloat16
-    assert folded.conv_stem.weight.dtype == torch.float32  # only Folded's own copy is cast
+    assert run.cast == torch.bfloat16 and _convs(run.net)[0].weight.dtype == torch.bfloat16
+    assert _convs(folded)[0].weight.dtype == torch.float32  # only Folded's own copy is cast
     assert torch.equal(cast, per_call)
     with torch.no_grad(), pytest.raises(RuntimeError, match="cast for torch.bfloat16"):
         run(_x(seed=9))  # without autocast the cast weights would not fit: refused, not wrong
@@ -185,3 +190,88 @@ def test_folded_probes_small_and_at_the_batchs_own_size_when_the_net_refuses_sma
     with torch.no_grad():
         run(_x(size=96))
     assert run.count == 1 and isinstance(run.net.bn, nn.Identity)
+
+
+def _fused(net: nn.Module) -> list[ConvAct]:
+    return [m for m in net.modules() if isinstance(m, ConvAct)]
+
+
+def _bn_acts(net: nn.Module, act: type) -> int:
+    return sum(type(m).__name__ == "BatchNormAct2d" and type(m.act) is act for m in net.modules())
+
+
+def test_timms_batchnorm_activations_run_inside_the_convolution_with_unfused_bits():
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    fused, n = fold_batchnorm(net, probe_like(_x()))
+    plain, m = fold_batchnorm(net, probe_like(_x()), fuse=False)
+    assert n == m == _batchnorms(net) and not _fused(plain)
+    # every BatchNorm with ReLU6 (the 16 projections have none: they stay plain convolutions)
+    assert len(_fused(fused)) == _bn_acts(net, nn.ReLU6) > 30
+    assert {(c.attr, tuple(c.scalars)) for c in _fused(fused)} == {("hardtanh", (0.0, 6.0))}
+    assert not any(type(m).__name__ == "BatchNormAct2d" for m in fused.modules())
+    x = _x(seed=10)
+    with torch.no_grad():
+        assert _close(net(x), fused(x))
+        assert torch.equal(plain(x), fused(x))  # clamping commutes with rounding: same bits
+        run = Folded(net)  # as extract runs it: fused, its weights cast once to bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b, c = run(x), plain(x), fused(x)  # plain, fused: cast by autocast every call
+    assert _fused(run.net) and a.dtype == b.dtype == c.dtype == torch.bfloat16
+    assert torch.equal(a, b) and torch.equal(c, b)
+
+
+def test_torchvisions_conv_norm_activation_rows_fuse_and_other_containers_do_not():
+    net = _with_statistics(torchvision.models.mobilenet_v3_small(num_classes=10))
+    fused, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == _batchnorms(net) and _batchnorms(fused) == 0
+    attrs = {c.attr for c in _fused(fused)}
+    assert attrs == {"relu", "hardswish"} and not any(
+        isinstance(m, (nn.ReLU, nn.Hardswish)) and not isinstance(p, ConvAct)
+        for p in fused.modules()
+        if isinstance(p, torchvision.ops.Conv2dNormActivation)
+        for m in p.children()
+    )
+    with torch.no_grad():
+        assert _close(net(_x(seed=11)), fused(_x(seed=11)))
+
+    class Branching(nn.Sequential):  # a forward of its own: the BatchNorm's output is reused
+        def forward(self, x):
+            y = self[1](self[0](x))
+            return self[2](y) + y
+
+    for row in (
+        Branching(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU()),
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.ReLU()),
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU()
+        ),
+    ):
+        folded, n = fold_batchnorm(_with_statistics(row), probe_like(_x()))
+        assert n == 1 and not _fused(folded), row  # folded, not fused
+    row = _with_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
+    )
+    folded, _ = fold_batchnorm(row, probe_like(_x()))
+    assert [type(m) for m in folded] == [ConvAct, nn.Identity, nn.Identity]
+    assert folded[0].attr == "swish"
+
+
+def test_a_fusion_that_changes_the_output_is_dropped_and_the_fold_kept(monkeypatch):
+    monkeypatch.setattr(folding, "_pointwise", lambda act: ("sigmoid", []))  # not ReLU6's map
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == _batchnorms(net) and not _fused(folded)
+
+
+def test_the_fused_convolution_runs_unfused_where_a_gradient_is_wanted():
+    row = _with_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+    )
+    folded, _ = fold_batchnorm(row, probe_like(_x()))
+    x = _x(seed=12).requires_grad_()
+    y = folded(x)
+    y.sum().backward()  # oneDNN's fused call has no backward; the modules have
+    with torch.no_grad():
+        assert torch.equal(y, folded(x)) and _close(row(x), y)
+    assert x.grad is not None and x.grad.abs().sum() > 0
