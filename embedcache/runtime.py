@@ -277,11 +277,11 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
 
 
 COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
-# A frozen graph on a CPU: tracing and checking cost 1-2 s, and folding BatchNorm into the
-# convolutions gives lite0 1.6x, B0 1.5x, resnet50 1.1x (nets without BatchNorm, ViT and
-# ConvNeXt, gain nothing), paying back after 200-330 images:
-# benchmarks/results/cpu_forward_variants.md.
-FREEZE_FROM_IMAGES = 256
+# A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran -1% to +5% faster
+# than the folded net with its activations fused (benchmarks/results/bn_fold_cpu.md); end to
+# end in fp32 the fused net was 1.05-1.17x the frozen graph on 398-960 images over four
+# backbones and level on 5,421 (fp32_freeze_cpu*.md): freezing may pay only beyond that.
+FREEZE_FROM_IMAGES = 10_000
 
 
 def compile_mode(
@@ -293,13 +293,14 @@ def compile_mode(
 ) -> str | None:
     """How to run ``net`` for a run of ``images`` on ``device`` (under ``autocast``):
     "inductor" (torch.compile, GPUs), "frozen" (a frozen TorchScript graph, CPUs), "folded"
-    (eager, BatchNorm folded into the convolutions: folding.Folded) or None (eager as built).
+    (eager, BatchNorm folded into the convolutions and, on a CPU, activations fused into them:
+    folding.Folded) or None (eager as built).
 
-    auto freezes fp32 runs only: under bf16 autocast the traced graph drifted 2.5% from eager
-    bf16 on lite0, ran no faster where bf16 is emulated, and 0.96-1.08x the folded net where it
-    is native, for 0.4-0.7 s of tracing (benchmarks/results/bn_fold_cpu.md). Every other run
-    with BatchNorm is folded: that needs no tracing, so it pays from the first batch. ``off``
-    runs the net as built."""
+    auto freezes large fp32 runs only: under bf16 autocast the traced graph drifted 2.5% from
+    eager bf16 on lite0, ran no faster where bf16 is emulated, and 0.68-1.03x the folded and
+    fused net where it is native, for 0.4-0.6 s of tracing (benchmarks/results/bn_fold_cpu.md).
+    Every other run with BatchNorm is folded: that needs no tracing, so it pays from the first
+    batch. ``off`` runs the net as built."""
     if compile == "off":
         return None
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())

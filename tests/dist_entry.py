@@ -8,17 +8,21 @@ EMBEDCACHE_TEST_FAIL_SIGNAL sends another signal instead (SIGTERM, SIGHUP); ``pa
 ``pause-after-epoch`` print "paused" to stderr there and sleep, holding the output;
 ``refuse`` makes building the backbone raise an expected error (a bad argument seen by that
 rank only).
+EMBEDCACHE_TEST_FREEZE_FROM=N sets ``--compile auto``'s CPU freezing threshold to N images, so a
+test can cross it with a handful of images.
 """
 
 import os
 import signal
 
-from embedcache import backbones, cache, checkpoint, extraction
+from embedcache import backbones, cache, checkpoint, extraction, runtime
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 
 
 def _inject() -> None:
+    if "EMBEDCACHE_TEST_FREEZE_FROM" in os.environ:
+        runtime.FREEZE_FROM_IMAGES = int(os.environ["EMBEDCACHE_TEST_FREEZE_FROM"])
     rank = os.environ.get("EMBEDCACHE_TEST_FAIL_RANK")
     if rank is None or rank != os.environ.get("RANK"):
         return

@@ -345,17 +345,20 @@ def test_bn_stats_under_torchrun_on_cpu_is_refused_by_every_rank(tmp_path):
 
 
 def test_two_ranks_at_the_default_settings_write_the_features_one_process_writes(tmp_path):
-    """``--compile auto`` freezes the graph from FREEZE_FROM_IMAGES images in the cache: decided
-    on the whole cache, not on each rank's half, so two ranks run what one process runs."""
-    from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode
+    """``--compile auto`` freezes the graph from FREEZE_FROM_IMAGES images in the cache (40 here):
+    decided on the whole cache, not on each rank's half, so two ranks run what one process runs."""
+    from embedcache import runtime
 
-    per_class = FREEZE_FROM_IMAGES // 4 + 2  # 2 splits x 2 classes: the cache freezes, a half not
+    freeze_from, per_class = 40, 12  # 2 splits x 2 classes: the cache freezes, a half not
     data = make_tree(tmp_path / "d", per_class=per_class)
-    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
-    assert compile_mode("auto", torch.device("cpu"), 4 * per_class, net) == "frozen"
-    assert compile_mode("auto", torch.device("cpu"), 2 * per_class, net) == "folded"
+    net, cpu = torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runtime, "FREEZE_FROM_IMAGES", freeze_from)
+        assert runtime.compile_mode("auto", cpu, 4 * per_class, net) == "frozen"
+        assert runtime.compile_mode("auto", cpu, 2 * per_class, net) == "folded"
     args = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--device", "cpu", "--json"]
-    one = torchrun(1, ["extract", str(data), "--out", "one.h5", *args], tmp_path)
-    two = torchrun(2, ["extract", str(data), "--out", "two.h5", *args], tmp_path)
+    env = {"EMBEDCACHE_TEST_FREEZE_FROM": str(freeze_from)}
+    one = torchrun(1, ["extract", str(data), "--out", "one.h5", *args], tmp_path, **env)
+    two = torchrun(2, ["extract", str(data), "--out", "two.h5", *args], tmp_path, **env)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
     assert_same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
