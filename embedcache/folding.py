@@ -82,6 +82,8 @@ class ConvAct(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # what autocast does for a convolution
             w = w.to(torch.get_autocast_dtype(x.device.type))
             b = None if b is None else b.to(w.dtype)
+        if w.dtype not in onednn_dtypes():  # autocast's convolution takes another path there
+            return self.act(c(x))
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(w.dtype),
             w,
@@ -94,6 +96,18 @@ class ConvAct(nn.Module):
             self.scalars,
             None,
         )
+
+
+@functools.cache
+def onednn_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes this CPU's oneDNN convolves in: float32, and bf16 and fp16 where the CPU has
+    the instructions oneDNN needs for them (else torch's convolution runs them another way)."""
+    dtypes = {torch.float32}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.add(torch.bfloat16)
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        dtypes.add(torch.float16)
+    return frozenset(dtypes)
 
 
 def _pointwise(act: nn.Module) -> tuple[str, list[float]] | None:

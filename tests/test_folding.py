@@ -275,3 +275,23 @@ def test_the_fused_convolution_runs_unfused_where_a_gradient_is_wanted():
     with torch.no_grad():
         assert torch.equal(y, folded(x)) and _close(row(x), y)
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_where_onednn_lacks_the_autocast_dtype_the_pair_runs_as_autocast_runs_it(monkeypatch):
+    row = _with_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+    )
+    fused, _ = fold_batchnorm(row, probe_like(_x()))
+    plain, _ = fold_batchnorm(row, probe_like(_x()), fuse=False)
+    called = []
+    real = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(folding, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_convolution_pointwise", lambda *a: called.append(1) or real(*a)
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        a, b = fused(_x(seed=13)), plain(_x(seed=13))
+    assert not called and a.dtype == torch.float16 and torch.equal(a, b)
+    with torch.no_grad():
+        fused(_x(seed=13))  # float32: oneDNN's fused call
+    assert called
