@@ -186,6 +186,9 @@ class Recorded:
     weights_arg: str  # the --weights value that rebuilds these weights
     feature_dim: int
     dtype: str | None = None  # the cache's, for heads
+    # the cache's forward pass (fp32, bf16, fp16, unrecorded), for heads; None for models and
+    # heads saved before it was recorded
+    precision: str | None = None
 
     def to_dict(self) -> dict:
         d = {
@@ -193,7 +196,8 @@ class Recorded:
             "weights_arg": self.weights_arg,
             "feature_dim": self.feature_dim,
         }
-        return d if self.dtype is None else {**d, "dtype": self.dtype}
+        extra = {"dtype": self.dtype, "precision": self.precision}
+        return {**d, **{k: v for k, v in extra.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, d: dict, path: Path | None = None, kind: str = "head") -> Recorded:
@@ -208,6 +212,7 @@ class Recorded:
             str(d["weights_arg"]),
             int(d["feature_dim"]),
             d.get("dtype"),
+            d.get("precision"),
         )
 
     @property

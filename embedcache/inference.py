@@ -19,6 +19,7 @@ from .runtime import (
     default_batch_size,
     default_num_workers,
     resolve_device,
+    serving_autocast,
     tune_allocator,
 )
 
@@ -33,13 +34,18 @@ def _split_mirrored(features: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.
     return (features[:, 0].copy(), features[:, 1].copy()) if mirror else (features, None)
 
 
-def _run(device: str, batch_size: int | None, num_workers: int | None, progress: bool) -> Run:
-    """How images run through the backbone: the allocator tuned first (see tune_allocator), the
-    backbone compiled as --compile auto would for extract (see compile_mode)."""
+def _run(
+    clf: Classifier, device: str, batch_size: int | None, num_workers: int | None, progress: bool
+) -> Run:
+    """How images run through ``clf``'s backbone: the allocator tuned first (see
+    tune_allocator), in the precision of the cache a head was trained on where the device has
+    it in hardware (see serving_autocast), compiled as --compile auto would for extract (see
+    compile_mode)."""
     tune_allocator()
     dev = resolve_device(device)
     workers = default_num_workers(dev) if num_workers is None else num_workers
-    return Run(dev, batch_size or default_batch_size(dev), workers, None, progress, compile="auto")
+    amp = serving_autocast(dev, clf.checkpoint.recorded.precision)
+    return Run(dev, batch_size or default_batch_size(dev), workers, amp, progress, compile="auto")
 
 
 def _map_labels(data_classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
@@ -185,7 +191,7 @@ def evaluate(
         features, mirror, labels, classes = _cache_split(clf, data, split, tta, drop)
     else:
         on = _run(
-            run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
+            clf, run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
         )
         features, mirror, labels, classes, skipped, split = _folder_split(
             clf, data, split, on, _tta(tta, clf), drop
@@ -249,7 +255,7 @@ def predict(
     if top_k < 1:
         raise EmbedcacheError(f"--top-k must be at least 1, got {top_k}")
     files = _image_files(images)
-    run = _run(device, batch_size, num_workers, progress)
+    run = _run(clf, device, batch_size, num_workers, progress)
     mirror = _tta(tta, clf)
     features, ok, failed = image_features(
         clf.backbone(run.device), files, run, desc="predict", mirror=mirror

@@ -106,6 +106,20 @@ def autocast_dtype(
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def serving_autocast(device: torch.device, precision: str | None) -> torch.dtype | None:
+    """The autocast dtype that computes, from images, the features a head was trained on: its
+    cache's forward pass (``precision``: fp32, bf16, fp16, or None when not recorded) where
+    ``device`` computes that in hardware, else fp32 (emulated bf16 runs slower than fp32, and
+    heads scored the same on either features: benchmarks/results/precision_cpu.md)."""
+    if precision == "bf16":
+        cuda = device.type == "cuda"
+        native = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
 # glibc's mallopt parameters, and the size below which freed memory stays in the process.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 ALLOCATOR_KEEP_BYTES = 1 << 30

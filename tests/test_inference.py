@@ -146,3 +146,39 @@ def test_evaluate_on_a_folder_of_class_folders_scores_all_of_it(trained, tmp_pat
     out = CliRunner().invoke(main, ["evaluate", str(head), str(data / "test"), "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert f"all of {data / 'test'} (class folders, no split folders): accuracy" in out.output
+
+
+def test_images_run_in_the_precision_of_the_cache_the_head_was_trained_on(
+    tmp_path, extract_kw, monkeypatch
+):
+    import numpy as np
+    import torch
+
+    import embedcache.runtime as runtime
+    from embedcache import open_cache
+    from embedcache.forward import image_features
+    from embedcache.inference import _run
+    from embedcache.models import load_classifier
+
+    data = make_tree(tmp_path / "d", per_class=4)
+    for precision in ("bf16", "fp32"):
+        kw = {**extract_kw, "precision": precision, "dtype": "float32"}
+        extract(data, out=tmp_path / f"{precision}.h5", **kw)
+        train_head(
+            tmp_path / f"{precision}.h5",
+            out=tmp_path / f"{precision}.pt",
+            epochs=2,
+            device="cpu",
+            progress=False,
+        )
+    bf16, fp32 = (load_classifier(tmp_path / f"{p}.pt") for p in ("bf16", "fp32"))
+    assert bf16.checkpoint.recorded.precision == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    run = _run(bf16, "cpu", 4, 0, False)
+    assert run.autocast == torch.bfloat16 and _run(fp32, "cpu", 4, 0, False).autocast is None
+    with open_cache(tmp_path / "bf16.h5") as c:
+        cached, paths = c.features("val")[:], c.paths("val")
+    feats, ok, _ = image_features(bf16.backbone(run.device), [data / p for p in paths], run)
+    assert len(ok) == len(paths) and np.array_equal(feats, cached)  # the head's own features
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # emulated: slower
+    assert _run(bf16, "cpu", 4, 0, False).autocast is None

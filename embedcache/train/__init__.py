@@ -282,7 +282,10 @@ def train_head(
         _claim(out, cache, c)
         data = read_splits(c, cfg)
         classes = list(c.classes)
-        recorded = Recorded(c.features_identity, c.weights_arg, c.feature_dim, c.identity.dtype)
+        ident = c.identity
+        recorded = Recorded(
+            c.features_identity, c.weights_arg, c.feature_dim, ident.dtype, ident.precision
+        )
         arch = {"kind": cfg.head, "dim": c.feature_dim, "num_classes": len(classes)}
         arch.update(hidden=cfg.hidden, dropout=cfg.dropout)
         batch_size = _batch_size(cfg, data.train.n, c.feature_dim)
