@@ -43,9 +43,9 @@ def fold_batchnorm(net: nn.Module, x: torch.Tensor, *, fuse: bool = True) -> tup
     into that convolution, and the number folded; ``(net, 0)`` itself when none folds or the
     copy does not reproduce ``net(x)`` in float32. ``net`` is not changed.
 
-    With ``fuse``, on a CPU with oneDNN, each folded convolution followed by its BatchNorm's
-    own activation becomes one :class:`ConvAct`; a fused copy that fails the check is dropped
-    for the folded one without fusion."""
+    With ``fuse``, on a CPU with oneDNN, each folded convolution followed by an activation that
+    alone reads its output becomes one :class:`ConvAct`; a fused copy that fails the check, or
+    that oneDNN refuses to run, is dropped for the folded one without fusion."""
     if net.training:  # batch statistics: nothing is a fixed map
         return net, 0
     fuse = fuse and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
@@ -58,7 +58,13 @@ def fold_batchnorm(net: nn.Module, x: torch.Tensor, *, fuse: bool = True) -> tup
             done = sum(_fold(folded, conv, bn, fuse=fusing) for bn, conv in pairs)
             if not done:
                 return net, 0
-            if _agrees(ref, folded(x)):
+            try:
+                out = folded(x)
+            except RuntimeError:  # oneDNN refused a fused call: fold without fusing
+                if not fusing:
+                    raise
+                continue
+            if _agrees(ref, out):
                 return folded, done
     return net, 0
 

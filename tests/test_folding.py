@@ -264,6 +264,16 @@ def test_a_fusion_that_changes_the_output_is_dropped_and_the_fold_kept(monkeypat
     assert n == _batchnorms(net) and not _fused(folded)
 
 
+def test_a_fused_call_that_onednn_refuses_leaves_the_fold_without_fusion(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("mkldnn_convolution_pointwise: unsupported")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse)
+    net = _with_statistics(timm.create_model("efficientnet_lite0", num_classes=0))
+    folded, n = fold_batchnorm(net, probe_like(_x()))
+    assert n == _batchnorms(net) and not _fused(folded)
+
+
 def test_the_fused_convolution_runs_unfused_where_a_gradient_is_wanted():
     row = _with_statistics(
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
