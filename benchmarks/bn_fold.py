@@ -15,15 +15,13 @@ random-init (speed does not depend on the weights).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
 
 import torch
-from common import save
+from common import forward_args, forward_setup, save
 
-from embedcache.backbones import Normalise, build_backbone
 from embedcache.folding import ConvAct, Folded
 from embedcache.runtime import compile_mode, compiled, cpu_has_native_bf16, tune_allocator
 
@@ -32,9 +30,7 @@ VARIANTS = ("eager", "unfused", "folded", "frozen")  # unfused: folded, activati
 
 
 def measure(name: str, rounds: int, batches: int) -> dict:
-    bb = build_backbone(name, weights="DEFAULT" if name == "efficientnet_lite0" else "none")
-    net = bb.net.eval().to(memory_format=torch.channels_last)
-    x = Normalise(bb.transform)(torch.randint(0, 255, (8, 224, 224, 3), dtype=torch.uint8))
+    net, x = forward_setup(name)
     with torch.inference_mode():
         ref = net(x).float()
     out: dict = {}
@@ -112,13 +108,7 @@ def table(results: dict) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batches", type=int, default=10)
-    p.add_argument("--backbones", default=",".join(BACKBONES))
-    args = p.parse_args()
+    args = forward_args(__doc__, BACKBONES)
     tune_allocator()
     results = {}
     for name in args.backbones.split(","):

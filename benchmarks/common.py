@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -78,3 +79,28 @@ def save(name: str, payload: dict, markdown: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(header + markdown + "\n")
     return path
+
+
+def forward_args(doc: str, backbones: tuple[str, ...]) -> argparse.Namespace:
+    """The arguments of the forward-pass benchmarks: --rounds, --batches, --backbones."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, default=10, help="batches of 8 images per round")
+    p.add_argument("--backbones", default=",".join(backbones))
+    return p.parse_args()
+
+
+def forward_setup(name: str):
+    """(net, x) for a forward-pass benchmark of backbone ``name``: the net in eval mode and
+    channels_last, efficientnet_lite0 with its offline ImageNet weights and the others random-init
+    (speed does not depend on the weights); x a normalised batch of 8 random 224 px images."""
+    import torch
+
+    from embedcache.backbones import Normalise, build_backbone
+
+    bb = build_backbone(name, weights="DEFAULT" if name == "efficientnet_lite0" else "none")
+    net = bb.net.eval().to(memory_format=torch.channels_last)
+    x = Normalise(bb.transform)(torch.randint(0, 255, (8, 224, 224, 3), dtype=torch.uint8))
+    return net, x

@@ -13,23 +13,19 @@ not depend on the weights).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from common import save
+from common import forward_args, forward_setup, save
 
-from embedcache.backbones import Normalise, build_backbone
 from embedcache.runtime import compile_mode, compiled, tune_allocator
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet50", "convnext_tiny", "vit_b_16")
 
 
 def measure(name: str, rounds: int, batches: int) -> dict:
-    bb = build_backbone(name, weights="DEFAULT" if name == "efficientnet_lite0" else "none")
-    net = bb.net.eval().to(memory_format=torch.channels_last)
-    x = Normalise(bb.transform)(torch.randint(0, 255, (8, 224, 224, 3), dtype=torch.uint8))
+    net, x = forward_setup(name)
     frozen = compiled(net, "frozen")
     rates: dict[str, list[float]] = {"eager": [], "frozen": []}
     with torch.inference_mode():
@@ -61,13 +57,7 @@ def measure(name: str, rounds: int, batches: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batches", type=int, default=10)
-    p.add_argument("--backbones", default=",".join(BACKBONES))
-    args = p.parse_args()
+    args = forward_args(__doc__, BACKBONES)
     tune_allocator()
     out = {}
     for name in args.backbones.split(","):
