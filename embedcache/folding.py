@@ -133,10 +133,7 @@ def _pointwise(act: nn.Module) -> tuple[str, list[float]] | None:
 def _fusable(conv: nn.Module) -> bool:
     """A plain Conv2d whose padding oneDNN's call takes as it is (numbers, zeros)."""
     return (
-        type(conv) is nn.Conv2d
-        and isinstance(conv.padding, tuple)
-        and conv.padding_mode == "zeros"
-        and conv.weight.dim() == 4
+        type(conv) is nn.Conv2d and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
     )
 
 
@@ -259,6 +256,7 @@ def _fold(net: nn.Module, conv_name: str, bn_name: str, *, fuse: bool = False) -
         return False
     keep = nn.Sequential(bn.drop, bn.act) if _is_timm_bn_act(bn) else nn.Identity()
     act = _activation_after(net, conv_name, bn_name) if fuse and _fusable(conv) else None
+    fused = None if act is None else _pointwise(act[1])  # oneDNN's name for it, if any
     w = conv.weight.detach().double()
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
@@ -272,10 +270,10 @@ def _fold(net: nn.Module, conv_name: str, bn_name: str, *, fuse: bool = False) -
     weight.copy_(w * scale.reshape(-1, 1, 1, 1))
     conv.weight = nn.Parameter(weight, requires_grad=False)
     conv.bias = nn.Parameter(shift.to(weight.dtype), requires_grad=False)
-    if act is not None:  # the activation moves into the convolution
+    if fused is not None:  # the activation moves into the convolution
         slot, module = act
         keep = nn.Identity()
-        _replace(net, conv_name, ConvAct(conv, module, *_pointwise(module)))
+        _replace(net, conv_name, ConvAct(conv, module, *fused))
         if slot is not None:
             _replace(net, slot, nn.Identity())
     _replace(net, bn_name, keep)
@@ -285,15 +283,15 @@ def _fold(net: nn.Module, conv_name: str, bn_name: str, *, fuse: bool = False) -
 def _activation_after(
     net: nn.Module, conv_name: str, bn_name: str
 ) -> tuple[str | None, nn.Module] | None:
-    """The activation that alone reads the BatchNorm's output, where the code makes that
-    certain, as (its module's name, or None where the BatchNorm holds it; the module): timm's
+    """The module that alone reads the BatchNorm's output, where the code makes that certain
+    (whether oneDNN can apply it is :func:`_pointwise`'s question), as (its name, or None where
+    the BatchNorm holds it; the module): timm's
     BatchNormAct2d's own (with no dropout), or the next module of an ``nn.Sequential`` that
-    holds convolution, BatchNorm and activation in a row (torchvision's Conv2dNormActivation).
-    None where there is none oneDNN applies."""
+    holds convolution, BatchNorm and that module in a row (torchvision's Conv2dNormActivation).
+    None where the code does not make it certain."""
     bn = net.get_submodule(bn_name)
     if _is_timm_bn_act(bn):
-        ok = type(bn.drop) is nn.Identity and _pointwise(bn.act) is not None
-        return (None, bn.act) if ok else None
+        return (None, bn.act) if type(bn.drop) is nn.Identity else None
     prefix, _, attr = bn_name.rpartition(".")
     parent = net.get_submodule(prefix)
     if type(parent).forward is not nn.Sequential.forward:  # a forward of its own may branch
@@ -303,8 +301,7 @@ def _activation_after(
     if at == 0 or at + 1 == len(names):
         return None
     before, after = (f"{prefix}.{n}" if prefix else n for n in (names[at - 1], names[at + 1]))
-    act = parent.get_submodule(names[at + 1])
-    return (after, act) if before == conv_name and _pointwise(act) is not None else None
+    return (after, parent.get_submodule(names[at + 1])) if before == conv_name else None
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
