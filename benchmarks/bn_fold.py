@@ -23,7 +23,13 @@ import torch
 from common import forward_args, forward_setup, save
 
 from embedcache.folding import ConvAct, Folded
-from embedcache.runtime import compile_mode, compiled, cpu_has_native_bf16, tune_allocator
+from embedcache.runtime import (
+    FREEZE_FROM_IMAGES,
+    compile_mode,
+    compiled,
+    cpu_has_native_bf16,
+    tune_allocator,
+)
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet50", "mobilenet_v3_large")
 VARIANTS = ("eager", "unfused", "folded", "frozen")  # unfused: folded, activations apart
@@ -118,8 +124,8 @@ def main() -> None:
         "",
         f"This CPU has native bf16: {cpu_has_native_bf16()}. Medians of alternated rounds "
         "(each round's figure in brackets). `auto` on a CPU: the frozen graph for fp32 runs "
-        "of 256+ images with BatchNorm, the folded net for every other run with BatchNorm "
-        "(runtime.compile_mode).",
+        f"of {FREEZE_FROM_IMAGES:,}+ images with BatchNorm, the folded and fused net for every "
+        "other run with BatchNorm (runtime.compile_mode).",
     ]
     save("bn_fold_cpu", {"results": results, "args": vars(args)}, "\n".join(lines))
 

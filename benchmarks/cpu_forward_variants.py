@@ -19,7 +19,7 @@ import time
 import torch
 from common import forward_args, forward_setup, save
 
-from embedcache.runtime import compile_mode, compiled, tune_allocator
+from embedcache.runtime import FREEZE_FROM_IMAGES, compile_mode, compiled, tune_allocator
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_b0", "resnet50", "convnext_tiny", "vit_b_16")
 
@@ -84,8 +84,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "Medians of alternated rounds. `auto` freezes nets with BatchNorm on runs of 256+ images "
-        "(runtime.FREEZE_FROM_IMAGES).",
+        "Medians of alternated rounds. `auto` freezes nets with BatchNorm on fp32 runs of "
+        f"{FREEZE_FROM_IMAGES:,}+ images (runtime.FREEZE_FROM_IMAGES).",
     ]
     print(save("cpu_forward_variants", out, "\n".join(lines)).read_text())
 
