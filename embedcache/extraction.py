@@ -78,7 +78,7 @@ VIRTUAL_JOIN_BYTES = 8 * 10**9
 # significantly worse than on fp32 features anywhere (one-sided exact McNemar on the same held-out
 # images of hymenoptera, flowers12, digits: 4 images won, 3 lost of 752 pooled, p = 0.77, on a
 # Xeon with AMX, BatchNorm folded, which fusing the activations leaves bit for bit for lite0;
-# 6 won, 3 lost, p = 0.91 on an EPYC, eager), and bf16 ran 1.5-1.6x fp32 on that EPYC, 1.9x
+# 6 won, 3 lost, p = 0.91 on an EPYC, eager), and bf16 ran 1.5-1.6x fp32 on that EPYC, 2.0x
 # fp32 on the Xeon, both folded and fused (lite0's forward pass): precision_cpu.md,
 # cli_vs_0c5bfa9_epyc_bf16.md, bn_fold_cpu.md in benchmarks/results.
 CPU_BF16_AUTO = True

@@ -15,9 +15,9 @@ activation before writing the output (:class:`ConvAct`), instead of a second pas
 Alone is known from the code, not from a trace: the activation inside timm's BatchNormAct2d,
 or the next module of an ``nn.Sequential`` row (torchvision's Conv2dNormActivation).
 
-On a 2-core Xeon with AMX, efficientnet_lite0's bf16 forward pass ran 1.39x as fast folded
-and 2.13x folded and fused (bit-identical to folded: clamping commutes with rounding); four
-backbones 1.29-2.13x in bf16, 1.11-1.54x in fp32 (benchmarks/results/bn_fold_cpu.md).
+On a 2-core Xeon with AMX, efficientnet_lite0's bf16 forward pass ran 1.32x as fast folded
+and 2.05x folded and fused (bit-identical to folded: clamping commutes with rounding); four
+backbones 1.27-2.05x in bf16, 1.11-1.41x in fp32 (benchmarks/results/bn_fold_cpu.md).
 """
 
 from __future__ import annotations

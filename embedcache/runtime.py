@@ -291,7 +291,7 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
 
 
 COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
-# A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran -1% to +5% faster
+# A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran 0-5% faster
 # than the folded net with its activations fused (benchmarks/results/bn_fold_cpu.md); end to
 # end in fp32 the fused net was 1.05-1.17x the frozen graph on 398-960 images over four
 # backbones and level on 5,421 (fp32_freeze_cpu*.md): freezing may pay only beyond that.
@@ -311,7 +311,7 @@ def compile_mode(
     folding.Folded) or None (eager as built).
 
     auto freezes large fp32 runs only: under bf16 autocast the traced graph drifted 2.5% from
-    eager bf16 on lite0, ran no faster where bf16 is emulated, and 0.68-1.03x the folded and
+    eager bf16 on lite0, ran no faster where bf16 is emulated, and 0.68-1.02x the folded and
     fused net where it is native, for 0.4-0.6 s of tracing (benchmarks/results/bn_fold_cpu.md).
     Every other run with BatchNorm is folded: that needs no tracing, so it pays from the first
     batch. ``off`` runs the net as built."""
