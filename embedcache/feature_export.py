@@ -7,14 +7,14 @@ clip-retrieval writes and autofaiss, numpy, pandas and cleanlab read as they are
                                              row i describes row i of img_emb_K.npy
 
 Each pair holds at most ``chunk_rows`` rows; features are copied a block at a time, so a
-cache of any size exports in bounded memory. Everything is written into a temporary folder
-that replaces OUT at the end; OUT may be absent, empty, or an earlier export, nothing else.
-One writer per OUT: the run holds ``OUT.lock`` (see :mod:`embedcache.locks`).
+cache of any size exports in bounded memory. OUT may be absent, empty, or an earlier export
+with nothing added; the files are written aside and moved into place at the end, so a failed
+run leaves the earlier export as it was (:func:`embedcache.outputs.folder_output`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import glob
 import json
 import os
 import shutil
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .cache import COPY_ROWS, Cache, open_cache
 from .config import ExportFeaturesConfig
 from .errors import EmbedcacheError
-from .locks import exclusive
+from .outputs import alive, folder_output
 from .sources import INSTALL_PARQUET, is_shard_layout, shard_of
 
 MANIFEST = "export.json"
@@ -53,23 +53,29 @@ class FeatureExport:
         )
 
 
-def _check_out(out: Path) -> None:
-    """OUT may be absent, an empty folder or an earlier export; refuse anything else."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise EmbedcacheError(f"--out {out} is a file; give a folder for the exported features")
-    if not any(out.iterdir()):
-        return
+def _earlier_export(out: Path) -> set[str] | None:
+    """The files of an export written before folder markers: export.json and what it lists."""
     try:
-        ours = json.loads((out / MANIFEST).read_text()).get("tool") == TOOL
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise EmbedcacheError(
-            f"--out {out} holds files that export-features did not write; "
-            "choose a new or empty folder"
-        )
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("tool") != TOOL:
+        return None
+    return {MANIFEST, *(f for f in manifest.get("files", []) if isinstance(f, str))}
+
+
+def _drop_old_leftovers(out: Path) -> None:
+    """Remove ``.OUT.tmp-PID`` and ``.OUT.old-PID`` beside OUT, which runs before folder markers
+    left when they were killed (or when OUT was a link)."""
+    if not out.name:
+        return
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _keys(paths: list[str], layout: str) -> list[str]:
@@ -92,6 +98,22 @@ def _split_names(cache: Cache, split: str | None) -> list[str]:
     return names
 
 
+def _write_npy(path: Path, features, lo: int, hi: int, dtype: np.dtype, bar) -> None:
+    """Rows [lo, hi) of ``features`` as one .npy file, a block at a time. Not a memmap: a write
+    into a memmap on a full disk kills the process with SIGBUS instead of raising."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": (hi - lo, features.shape[1]),
+    }
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for a in range(lo, hi, COPY_ROWS):
+            b = min(hi, a + COPY_ROWS)
+            f.write(np.ascontiguousarray(features[a:b], dtype=dtype).tobytes())
+            bar.update(b - a)
+
+
 def _write_chunk(
     cache: Cache, split: str, lo: int, hi: int, folder: Path, k: int, dtype, bar
 ) -> list[str]:
@@ -99,17 +121,8 @@ def _write_chunk(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    features = cache.features(split)
     emb = folder / "img_emb" / f"img_emb_{k}.npy"
-    array = np.lib.format.open_memmap(
-        emb, mode="w+", dtype=dtype, shape=(hi - lo, cache.feature_dim)
-    )
-    for a in range(lo, hi, COPY_ROWS):
-        b = min(hi, a + COPY_ROWS)
-        array[a - lo : b - lo] = features[a:b]
-        bar.update(b - a)
-    array.flush()
-    del array
+    _write_npy(emb, cache.features(split), lo, hi, dtype, bar)
     paths = cache.paths(split, slice(lo, hi))
     labels = cache.labels(split)[lo:hi]
     names = [cache.classes[y] if 0 <= y < len(cache.classes) else None for y in labels.tolist()]
@@ -165,15 +178,6 @@ def _write(
     return counts, files, dtype.name
 
 
-def _replace(out: Path, tmp: Path) -> None:
-    """Put the finished export at ``out``: an earlier one (or an empty folder) goes only after."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_features(
     cache: str | Path,
     *,
@@ -199,22 +203,17 @@ def export_features(
         raise EmbedcacheError(
             f"export-features writes Parquet tables with pyarrow: {INSTALL_PARQUET}"
         ) from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out, "export-features"):  # one writer per --out
-        return _export(Path(cache), out, cfg, progress)
-
-
-def _export(cache: Path, out: Path, cfg: ExportFeaturesConfig, progress: bool) -> FeatureExport:
-    _check_out(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open_cache(cache) as c:
+    _drop_old_leftovers(Path(out))
+    with (
+        open_cache(cache) as c,
+        folder_output(
+            out,
+            verb="export-features",
+            last=MANIFEST,
+            inputs=[("the cache", cache)],
+            legacy=_earlier_export,
+        ) as staging,
+    ):
         splits = _split_names(c, cfg.split)
-        tmp.mkdir()
-        try:
-            counts, files, dtype = _write(c, splits, tmp, cfg, progress)
-            _replace(out, tmp)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(tmp)
-        return FeatureExport(out, counts, c.feature_dim, dtype, files)
+        counts, files, dtype = _write(c, splits, staging, cfg, progress)
+        return FeatureExport(Path(out), counts, c.feature_dim, dtype, files)

@@ -27,13 +27,14 @@ def lock_path(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(out: str | Path, verb: str) -> Iterator[None]:
-    """Hold the lock on ``out`` for the body; raise at once if another process holds it."""
+def exclusive(out: str | Path, verb: str, *, lock: Path | None = None) -> Iterator[None]:
+    """Hold the lock on ``out`` (the file ``lock``, by default ``OUT.lock``) for the body;
+    raise at once if another process holds it."""
     if fcntl is None:
         yield
         return
-    path = lock_path(Path(out))
-    fd = _acquire(path, verb)
+    path = lock or lock_path(Path(out))
+    fd = _acquire(path, verb, Path(out))
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -44,7 +45,7 @@ def exclusive(out: str | Path, verb: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(path: Path, verb: str) -> int:
+def _acquire(path: Path, verb: str, out: Path) -> int:
     """Open and lock ``path``; retry when the file was replaced between open and lock."""
     while True:
         try:
@@ -52,8 +53,7 @@ def _acquire(path: Path, verb: str) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise EmbedcacheError(
-                f"cannot write next to --out {str(path)[: -len('.lock')]} ({e.strerror}); "
-                "choose a writable location"
+                f"cannot write next to --out {out} ({e.strerror}); choose a writable location"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,7 +62,7 @@ def _acquire(path: Path, verb: str) -> int:
             os.close(fd)
             raise EmbedcacheError(
                 f"another `embedcache {verb}` (pid {holder}) "
-                f"is writing {str(path)[: -len('.lock')]}; "
+                f"is writing {out}; "
                 "wait for it to finish, or choose another --out"
             ) from None
         except BaseException:

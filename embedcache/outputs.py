@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -137,8 +138,11 @@ def claim(
     inside which no plot may go. Raises a one-line error that says what to pass
     instead; returns ``out`` as a Path.
     """
-    out = Path(out)
     what = KINDS[kind].split(" ", 1)[1]
+    if str(out).strip() == "":
+        example = kind + SUFFIX.get(kind, "")
+        raise EmbedcacheError(f"{option} is empty; give a file name such as {example}")
+    out = Path(out)
     if out.is_dir():
         example = out / (kind + SUFFIX.get(kind, ""))
         raise EmbedcacheError(f"{option} {out} is a directory; give a file name such as {example}")
@@ -257,11 +261,12 @@ def remove_stale_tmp(path: Path) -> None:
     """Delete temporary files that runs killed before their rename left next to ``path``."""
     for tmp in path.parent.glob(glob.escape(path.name) + "*.tmp"):
         pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a leftover of a dead one may go)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -302,3 +307,212 @@ def shown(name: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder outputs (audit, export-features, compare's work folder): what one may replace
+
+MARKER = ".embedcache.json"  # in a folder output: the verb that wrote it and every file it wrote
+FOLDER_LOCK = ".embedcache.lock"  # one writer per folder, inside it (OUT.lock would be ..lock)
+STAGING = ".embedcache-tmp-"  # + pid: a run's files before they move into place
+
+
+def _marker(out: Path) -> dict | None:
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("files"), list)
+    return data if ok and all(isinstance(f, str) for f in data["files"]) else None
+
+
+def _entries(out: Path) -> list[str]:
+    """Every file below ``out`` (POSIX, relative), links not followed; the marker, the lock and
+    staging folders of runs that are dead left out (the latter removed)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel = Path(dirpath).relative_to(out)
+        if rel == Path("."):
+            _drop_dead_staging(out, dirnames)
+            filenames = [f for f in filenames if f not in (MARKER, FOLDER_LOCK)]
+        found += [(rel / f).as_posix() for f in filenames]
+        found += [(rel / d).as_posix() + "/" for d in dirnames if (Path(dirpath) / d).is_symlink()]
+    return found
+
+
+def _drop_dead_staging(out: Path, dirnames: list[str]) -> None:
+    """Remove the staging folders of killed runs from ``out`` (and from the walk)."""
+    import shutil
+
+    for d in [d for d in dirnames if d.startswith(STAGING)]:
+        dirnames.remove(d)
+        pid = d[len(STAGING) :]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(out / d, ignore_errors=True)
+
+
+def _suggest(out: Path) -> Path:
+    n = 2
+    while Path(f"{out}-{n}").exists():
+        n += 1
+    return Path(f"{out}-{n}")
+
+
+def _owned(out: Path, verb: str, legacy: Callable[[Path], set[str] | None] | None) -> set[str]:
+    """The files of ``out`` an earlier run of ``verb`` wrote: its marker's list, or what
+    ``legacy`` recognises (an output from before markers); empty if neither. A work folder
+    (see :func:`work_folder`) is all the verb's."""
+    mark = _marker(out)
+    if mark is not None and mark.get("verb") == verb:
+        return set(_entries(out)) if mark.get("all") else set(mark["files"])
+    return (legacy(out) or set()) if legacy else set()
+
+
+def claim_folder(
+    out: str | Path,
+    *,
+    verb: str,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
+    legacy: Callable[[Path], set[str] | None] | None = None,
+    option: str = "--out",
+) -> set[str]:
+    """Check that ``verb`` may write the folder ``out``: absent, empty, or an earlier output
+    of ``verb`` with nothing added (its marker lists every file in it). No input (``inputs``:
+    (what, path) pairs) may lie inside it. Returns the files the earlier output holds, which
+    the new one may replace; raises a one-line error that suggests another name otherwise."""
+    if str(out).strip() == "":
+        raise EmbedcacheError(f"{option} is empty; give a folder, e.g. {verb.split('-')[0]}/")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmbedcacheError(f"{option} {out} is a file; give a folder, e.g. {_suggest(out)}")
+    for name, src in inputs:
+        if src is not None and inside(Path(src), out):
+            raise EmbedcacheError(
+                f"{option} {out} holds {src} ({name} {verb} reads), which the output could "
+                f"replace; pass another {option}, e.g. {_suggest(out)}"
+            )
+    if not out.exists():
+        return set()
+    owned = _owned(out, verb, legacy)
+    foreign = [f for f in _entries(out) if f not in owned]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise EmbedcacheError(
+            f"{option} {out} holds {', '.join(shown(f) for f in sorted(foreign)[:3])}{more}, "
+            f"which {verb} did not write; pass a new or empty folder, e.g. {_suggest(out)}"
+        )
+    return owned
+
+
+def _write_marker(out: Path, verb: str, files: Iterable[str], *, all: bool = False) -> None:
+    mark = {"tool": "embedcache", "verb": verb, "files": sorted(files)}
+    mark |= {"all": True} if all else {}
+    with replacing(out / MARKER) as tmp:
+        tmp.write_text(json.dumps(mark, indent=1) + "\n", encoding="utf-8")
+
+
+def _files_below(folder: Path) -> list[str]:
+    return sorted(
+        (Path(d) / f).relative_to(folder).as_posix()
+        for d, _, files in os.walk(folder)
+        for f in files
+    )
+
+
+def _commit(out: Path, staging: Path, verb: str, owned: set[str], last: str) -> list[str]:
+    """Replace the earlier output's files (``owned``) by those in ``staging``. The marker lists
+    both while it happens, so a run killed half-way leaves a folder the next run may replace;
+    ``last`` (the file that says the output is finished) goes first and comes back last."""
+    new = _files_below(staging)
+    for f in new:
+        with open(staging / f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    _write_marker(out, verb, owned | set(new))
+    for f in sorted(owned, key=lambda f: f != last):
+        (out / f).unlink(missing_ok=True)
+        _prune(out, (out / f).parent)
+    for f in sorted(new, key=lambda f: f == last):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / f, out / f)
+    with contextlib.suppress(OSError):  # the output is whole; the marker still lists a superset
+        _write_marker(out, verb, new)
+    return new
+
+
+def _prune(out: Path, folder: Path) -> None:
+    """Remove ``folder`` and its parents below ``out`` while they are empty."""
+    while folder != out and out in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _failed_write(e: BaseException, out: Path) -> bool:
+    """Whether ``e`` is a failed write of the folder output ``out`` (not a bug, not a read)."""
+    if isinstance(e, OSError) and e.filename is not None and not inside(Path(e.filename), out):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+    return isinstance(e, OSError | RuntimeError) and write_reason(e) is not None
+
+
+@contextlib.contextmanager
+def folder_output(
+    out: str | Path,
+    *,
+    verb: str,
+    last: str,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
+    legacy: Callable[[Path], set[str] | None] | None = None,
+) -> Iterator[Path]:
+    """Write the folder output ``out`` of ``verb``: yield a staging folder (inside ``out``, so
+    the final moves are renames) to write every file into. When the block ends the files move
+    into place (see :func:`claim_folder` for what may be replaced). An error in the block, a
+    full disk included, leaves the earlier output as it was and no staging folder; a failed
+    write is one line. One run at a time per folder (a lock inside it)."""
+    import shutil
+
+    from .locks import exclusive
+
+    inputs = list(inputs)
+    claim_folder(out, verb=verb, inputs=inputs, legacy=legacy)
+    out = Path(out)
+    made = not out.exists()
+    staging = out / f"{STAGING}{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive(out, verb, lock=out / FOLDER_LOCK):
+            owned = claim_folder(out, verb=verb, inputs=inputs, legacy=legacy)  # now it is ours
+            staging.mkdir()
+            yield staging
+            _commit(out, staging, verb, owned, last)
+    except (OSError, RuntimeError) as e:
+        if _failed_write(e, out):
+            raise write_error(out, e) from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if the run left it empty
+
+
+def work_folder(
+    out: str | Path,
+    *,
+    verb: str,
+    legacy: Callable[[Path], set[str] | None] | None = None,
+    option: str = "--workdir",
+) -> Path:
+    """Claim ``out`` (see :func:`claim_folder`) as the work folder of ``verb``, which fills it in
+    place, one file at a time, each checked by :func:`claim` as it is written; nothing in it is
+    ever removed. Made if needed, and marked, so that a later run of ``verb`` may go on there."""
+    claim_folder(out, verb=verb, legacy=legacy, option=option)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if (_marker(out) or {}).get("verb") != verb:
+            _write_marker(out, verb, [], all=True)
+    except OSError as e:
+        raise write_error(out, e) from None
+    return out

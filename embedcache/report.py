@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import write_file, write_text
+from .outputs import shown, write_file, write_text
 
 # Up to this many classes metrics.json holds the confusion matrix itself; above, only its
 # non-zero cells (it grew with the square of the class count: 36 MB for 2,000 classes).
@@ -19,7 +19,10 @@ SIDE_FILES = (".metrics.json", ".report.txt", ".confusion.png", ".curves.png")
 
 
 def side_files(out: Path) -> list[Path]:
-    """The files :func:`write_reports` writes next to ``out``."""
+    """The files :func:`write_reports` writes next to ``out`` (none for a name that is no file's,
+    such as '' or '.', which :func:`embedcache.outputs.claim` refuses)."""
+    if Path(out).name in ("", ".", ".."):
+        return []
     return [_sidecar(Path(out), suffix) for suffix in SIDE_FILES]
 
 
@@ -36,14 +39,15 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 
 
 def classification_text(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> str:
-    """scikit-learn's per-class precision/recall/F1 table."""
+    """scikit-learn's per-class precision/recall/F1 table, class names escaped (a newline in a
+    folder name would forge a row of it)."""
     from sklearn.metrics import classification_report
 
     return classification_report(
         y_true,
         y_pred,
         labels=list(range(len(classes))),
-        target_names=classes,
+        target_names=[shown(c) for c in classes],
         digits=3,
         zero_division=0,
     )

@@ -16,7 +16,6 @@ import csv
 import datetime as dt
 import html
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from ..cache import open_cache
 from ..config import AuditConfig
 from ..errors import EmbedcacheError
+from ..outputs import claim_folder, folder_output
 from ..runtime import resolve_device
 from . import page
 from .findings import (
@@ -216,12 +216,10 @@ def _near_how(pool: Pool, cfg: AuditConfig) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 COLUMNS = {
@@ -293,9 +291,7 @@ def audit(
     """
     cfg = AuditConfig.build(config, **options)
     say = log or (lambda line: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EmbedcacheError(f"--out {out} is a file; give a folder for the audit, e.g. audit/")
+    claim_folder(out, verb="audit", inputs=[("the cache", cache)], legacy=_earlier_audit)
     with open_cache(cache) as c:
         pool = Pool.read(c)
         root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
@@ -303,22 +299,34 @@ def audit(
     if not len(pool):
         raise EmbedcacheError(f"cache {cache} holds no images to audit")
     tables, how, ranking, (top, distance) = _findings(pool, cfg, progress, say)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name in FINDINGS:
-        files[name] = out / f"{name}.csv"
-        _write_csv(files[name], tables[name], COLUMNS[name])
     summary = _summary(cache, pool, cfg, tables, how, identity)
-    files["report"] = _write_report(out, root, summary, tables, cfg)
-    files["summary"] = out / "summary.json"  # last: a folder with it is a finished audit
-    _atomic_text(files["summary"], json.dumps(summary, indent=2) + "\n")
+    with folder_output(
+        out, verb="audit", last=SUMMARY, inputs=[("the cache", cache)], legacy=_earlier_audit
+    ) as staging:
+        for name in FINDINGS:
+            _write_csv(staging / f"{name}.csv", tables[name], COLUMNS[name])
+        report = page.page(*_report(Path(out), root, summary, tables, cfg))
+        (staging / REPORT).write_text(report, encoding="utf-8")
+        (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    out = Path(out)
+    files = {name: out / f"{name}.csv" for name in FINDINGS}
+    files |= {"report": out / REPORT, "summary": out / SUMMARY}
     return AuditResult(out, summary, files, tables, ranking, list(pool.paths), top, distance)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+SUMMARY, REPORT = "summary.json", "report.html"  # summary.json last: it says the audit finished
+
+
+def _earlier_audit(out: Path) -> set[str] | None:
+    """The files of an audit written before folder markers (its summary.json names them)."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not all(n in summary for n in (*FINDINGS, "settings")):
+        return None
+    names = [f"{n}.csv" for n in FINDINGS] + [SUMMARY, REPORT]
+    return {*names, *(f"{n}.tmp" for n in names)}  # .tmp: what a failed write of it left
 
 
 def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, identity: str) -> dict:
@@ -345,9 +353,8 @@ def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, ident
     }
 
 
-def _write_report(
-    out: Path, root: Path | None, summary: dict, tables: dict, cfg: AuditConfig
-) -> Path:
+def _report(out: Path, root: Path | None, summary: dict, tables: dict, cfg: AuditConfig):
+    """The arguments of :func:`.page.page` for an audit whose report goes to ``out``."""
     images = page.Images(root, out)
     cards = {
         "exact_duplicates": page.pair_cards,
@@ -373,6 +380,4 @@ def _write_report(
         f"{summary['cache']}: {summary['images']} images ({splits}); "
         f"{summary['features']}; {summary['created']}"
     )
-    path = out / "report.html"
-    _atomic_text(path, page.page("embedcache audit", meta, counts, sections))
-    return path
+    return "embedcache audit", meta, counts, sections
