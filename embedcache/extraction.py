@@ -49,7 +49,7 @@ from .data import (
     views_for,
     with_views,
 )
-from .distributed import Group, process_group
+from .distributed import Group, from_env, process_group
 from .errors import EmbedcacheError
 from .forward import check_batch_memory
 from .identity import CacheIdentity
@@ -258,7 +258,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
+def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet, cfg: ExtractConfig) -> dict:
     """Root attributes of a new cache: what made it, from what, with which libraries."""
     return {
         "format_version": FORMAT_VERSION,
@@ -272,6 +272,7 @@ def _attrs(bb: Backbone, identity: CacheIdentity, images: ImageSet) -> dict:
         "layout": images.layout,
         "source_fingerprint": images.fingerprint(),
         "num_classes": len(images.classes),
+        "request": request(cfg),
     }
 
 
@@ -371,6 +372,8 @@ def extract(
     cfg = ExtractConfig.build(config, **options)
     tune_allocator()
     out = Path(out)
+    if model is None and from_env().world == 1 and _up_to_date(data, out, cfg):
+        return _result(out, 0, 0, 0.0, up_to_date=True)  # without building the backbone
     with process_group(cfg.device) as group, contextlib.ExitStack() as held:
         dev = group.device(cfg.device)
         bb = group.each(
@@ -399,6 +402,39 @@ def extract(
     pace = Pace(sum(r[2] for r in ranks), sum(r[3] for r in ranks))
     ranks = [(n, s) for n, s, *_ in ranks]
     return _result(out, sum(n for n, _ in ranks), reused, seconds, ranks=ranks, pace=pace)
+
+
+def request(cfg: ExtractConfig) -> str:
+    """What an extract was asked for, as the cache records it (``request``): the options that
+    decide the features, the weights file's size and mtime, the library versions. The same
+    request on the same images makes the same cache, so a cache that records it and the
+    images' fingerprint is up to date without a backbone being built (45.8 of 47.4 s of an
+    up-to-date run in a profile)."""
+    weights = Path(str(cfg.weights))
+    st = weights.stat() if cfg.weights and weights.is_file() else None
+    asked = {k: getattr(cfg, k) for k in ("backbone", "image_size", "dtype", "precision", "views")}
+    asked |= {"weights": str(cfg.weights), "seed": cfg.seed if cfg.views else None}
+    asked |= {"weights_file": [st.st_size, st.st_mtime_ns] if st else None, **_versions()}
+    return json.dumps(asked, sort_keys=True, default=str)
+
+
+def _up_to_date(data, out: Path, cfg: ExtractConfig) -> bool:
+    """Whether the finished cache at ``out`` records this request and these very images (and
+    no unfinished run waits beside it): then there is nothing to do."""
+    if cfg.overwrite or not out.is_file() or partial_path(out).exists() or shard_paths(out):
+        return False
+    try:
+        with open_cache(out) as c:
+            recorded = (c.attrs.get("request"), c.attrs.get("source_fingerprint"))
+    except (EmbedcacheError, OSError):
+        return False  # the full path says what is wrong with it
+    if recorded[0] != request(cfg):
+        return False
+    if sources.is_shard_source(data, cfg.split_shards):
+        images = sources.scan(data, cfg)
+    else:
+        images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    return recorded[1] == images.fingerprint()
 
 
 def _precision(out: Path, precision: str, *, overwrite: bool) -> str:
@@ -436,7 +472,7 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
         if mode == "up_to_date":
             return mode, 0
         remove_stale_tmp(out)
-        partial = _open_partial(out, mode, reuse, _attrs(bb, identity, images), images, bb)
+        partial = _open_partial(out, mode, reuse, _attrs(bb, identity, images, cfg), images, bb)
         try:
             return mode, partial.done()
         finally:

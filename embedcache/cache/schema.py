@@ -148,6 +148,7 @@ SEALED_ATTRS = (
     "source",
     "layout",
     "source_fingerprint",
+    "request",  # extraction.request: an up-to-date cache answers without building the backbone
 )
 
 
