@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import h5py
@@ -16,7 +18,7 @@ from conftest import make_tree
 from embedcache import extract, open_cache
 from embedcache.config import ExtractConfig
 from embedcache.errors import EmbedcacheError
-from embedcache.sources import expand_braces, list_tar, plan, scan
+from embedcache.sources import expand_braces, list_parquet, list_tar, plan, scan
 
 
 def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -362,3 +364,325 @@ def test_an_extract_of_shards_cut_off_mid_run_resumes_to_the_uninterrupted_bits(
     got, ref = cache_arrays(tmp_path / "c.h5"), cache_arrays(tmp_path / "ref.h5")
     for split in ref:
         assert np.array_equal(got[split][0], ref[split][0]), split
+
+
+def header_offsets(path: Path) -> dict[str, int]:
+    """Where each member's header starts in a tar, by name."""
+    with tarfile.open(path) as tf:
+        return {m.name: m.offset for m in tf.getmembers()}
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_field(path: Path, offset: int, at: slice, value: bytes) -> None:
+    """Set a header field of the header at ``offset`` and give it a valid checksum again."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        header = bytearray(f.read(512))
+    header[at] = value
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    overwrite(path, offset, bytes(header))
+
+
+def reasons_of(entries) -> dict[str, str]:
+    return {e.key: getattr(e.member, "reason", "ok") for e in entries}
+
+
+def test_a_damaged_tar_header_mid_shard_skips_every_sample_after_it_and_says_where(
+    tmp_path, extract_kw
+):
+    img = png(make_tree(tmp_path / "t", per_class=1))
+    src = tmp_path / "s"
+    shard = write_tar(src / "a.tar", [(f"k{i}", {"png": img, "cls": b"0"}) for i in range(6)])
+    at = header_offsets(shard)["k3.png"]
+    overwrite(shard, at, b"\xde\xad" * 256)  # tarfile stops here without a word
+    r = extract(str(src / "*.tar"), out=tmp_path / "c.h5", val_fraction=0.0, **extract_kw)
+    assert (r.images, r.skipped) == (3, 4)
+    with open_cache(tmp_path / "c.h5") as c:
+        reasons = {s.path: s.reason for s in c.skipped}
+    assert reasons == {
+        "a.tar/k3": f"after a damaged tar header at byte {at}",
+        "a.tar/k4": f"after a damaged tar header at byte {at}",
+        "a.tar/k5": f"after a damaged tar header at byte {at}",
+        "a.tar/": f"damaged shard: a damaged tar header at byte {at}",
+    }
+
+
+def test_a_sample_cut_by_damage_members_past_the_end_block_and_a_shard_cut_short_are_reported(
+    tmp_path,
+):
+    samples = [(f"k{i}", {"png": b"P", "cls": b"0"}) for i in range(4)]
+    cut = write_tar(tmp_path / "cut.tar", samples)
+    at = header_offsets(cut)["k1.cls"]  # k1's image is read, its label is the damaged member
+    overwrite(cut, at, b"\xff" * 512)
+    assert reasons_of(list_tar(cut)) == {
+        "k0": "ok",
+        "k1": f"cut by a damaged tar header at byte {at}",
+        "k2": f"after a damaged tar header at byte {at}",
+        "k3": f"after a damaged tar header at byte {at}",
+        "": f"damaged shard: a damaged tar header at byte {at}",
+    }
+    first = write_tar(tmp_path / "a.tar", samples[:2]).read_bytes()
+    second = write_tar(tmp_path / "b.tar", [("m0", {"png": b"P", "cls": b"1"})]).read_bytes()
+    (tmp_path / "cat.tar").write_bytes(first + second)  # tar readers stop at the first end block
+    end = header_offsets(tmp_path / "a.tar")["k1.cls"] + 1024
+    assert reasons_of(list_tar(tmp_path / "cat.tar")) == {
+        "k0": "ok",
+        "k1": "ok",
+        "m0": f"after the end-of-archive block at byte {end}",
+        "": f"damaged shard: members after the end-of-archive block at byte {end}",
+    }
+    whole = write_tar(tmp_path / "w.tar", samples)
+    (tmp_path / "short.tar").write_bytes(whole.read_bytes()[: header_offsets(whole)["k2.png"]])
+    assert reasons_of(list_tar(tmp_path / "short.tar")) == {
+        "k0": "ok",
+        "k1": "ok",
+        "": "damaged shard: damaged after 2 samples (no end-of-archive block: cut short?)",
+    }
+
+
+def test_the_members_past_damage_are_found_across_scan_chunks_and_false_starts(
+    tmp_path, monkeypatch
+):
+    from embedcache.sources import tarformat
+
+    monkeypatch.setattr(tarformat, "SCAN_CHUNK_BYTES", 1024)  # two blocks: every hit crosses one
+    shard = write_tar(tmp_path / "s.tar", [(f"k{i}", {"png": b"P" * 3000}) for i in range(6)])
+    at = header_offsets(shard)["k1.png"]
+    garbage = bytearray(b"\xaa" * 3584)  # k1's header and data, with the magic where a header's is
+    garbage[257:262] = garbage[1024 + 257 : 1024 + 262] = garbage[1000:1005] = b"ustar"
+    overwrite(shard, at, bytes(garbage))
+    lost = f"after a damaged tar header at byte {at}"
+    assert reasons_of(list_tar(shard)) == {
+        "k0": "ok",
+        **{f"k{i}": lost for i in range(2, 6)},
+        "": f"damaged shard: a damaged tar header at byte {at}",
+    }
+
+
+def test_a_damaged_header_of_a_shard_that_tarfile_reads_is_reported_too(tmp_path):
+    samples = [(f"kä{i}", {"png": b"P", "cls": b"0"}) for i in range(4)]  # pax: tarfile reads
+    shard = write_tar(tmp_path / "s.tar", samples)
+    with tarfile.open(shard) as tf:
+        png = next(m for m in tf.getmembers() if m.name == "kä1.png")
+    overwrite(shard, png.offset_data - 512, b"\x00\xff" * 256)  # the header after its pax one
+    lost = f"after a damaged tar header at byte {png.offset}"
+    assert reasons_of(list_tar(shard)) == {
+        "kä0": "ok",
+        **{f"kä{i}": lost for i in range(1, 4)},  # kä1: its .cls is found, its image was damaged
+        "": f"damaged shard: a damaged tar header at byte {png.offset}",
+    }
+
+
+def test_a_tar_header_whose_numbers_are_not_octal_or_negative_is_a_damaged_header(tmp_path):
+    samples = [(f"k{i}", {"png": b"P", "cls": b"0"}) for i in range(3)]
+    for name, at, value in [
+        ("checksum.tar", slice(148, 156), None),
+        ("size.tar", slice(124, 136), b"9999999999\0\0"),
+        ("negative.tar", slice(124, 136), b"\xff" * 12),  # base-256 -1: tarfile would loop
+    ]:
+        shard = write_tar(tmp_path / name, samples)
+        offset = header_offsets(shard)["k1.png"]
+        if value is None:
+            overwrite(shard, offset + 148, b"99999999")
+        else:
+            set_field(shard, offset, at, value)
+        reasons = reasons_of(list_tar(shard))
+        assert reasons[""] == f"damaged shard: a damaged tar header at byte {offset}", name
+        assert reasons["k0"] == "ok" and reasons["k2"].startswith("after a damaged"), name
+
+
+def test_a_member_declaring_more_bytes_than_the_shard_holds_is_never_read(tmp_path, monkeypatch):
+    shard = write_tar(tmp_path / "s.tar", [("k0", {"png": b"P" * 600, "cls": b"0"})])
+    set_field(shard, header_offsets(shard)["k0.png"], slice(124, 136), b"77777777777\0")
+    pread = os.pread
+
+    def bounded(fd, n, offset):
+        assert offset + n <= os.fstat(fd).st_size, "asked for 8 GiB of a 10 kB shard"
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", bounded)
+    entries = list_tar(shard)
+    assert entries[-1].key == "" and "unexpected end of data" in entries[-1].member.reason
+    with pytest.raises(Exception, match="truncated member"):
+        entries[0].member.read_bytes()
+
+
+def test_a_key_twice_in_a_shard_is_skipped_not_merged(tmp_path):
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("a", {"jpg": b"A", "cls": b"0"}),
+            ("b", {"jpg": b"B", "cls": b"1"}),
+            ("a", {"cls": b"1"}),  # today: a's image with this label
+            ("c", {"png": b"C"}),
+            ("c", {"png": b"D"}),
+        ],
+    )
+    assert reasons_of(list_tar(shard)) == {
+        "a": "key a appears twice in the shard",
+        "b": "ok",
+        "c": "key c appears twice in the shard",
+    }
+
+
+def test_an_empty_shard_and_a_shard_without_images_are_skipped_with_the_reason(
+    tmp_path, extract_kw
+):
+    img = png(make_tree(tmp_path / "t", per_class=1))
+    src = tmp_path / "s"
+    write_tar(src / "a.tar", [(f"k{i}", {"png": img, "cls": b"0"}) for i in range(2)])
+    (src / "b.tar").write_bytes(b"")
+    write_tar(src / "c.tar", [("k0", {"txt": b"a caption without its image"})])
+    r = extract(str(src / "*.tar"), out=tmp_path / "c.h5", val_fraction=0.0, **extract_kw)
+    assert (r.images, r.skipped) == (2, 2)
+    with open_cache(tmp_path / "c.h5") as c:
+        assert {s.path: s.reason for s in c.skipped} == {
+            "b.tar/": "empty shard (0 bytes)",
+            "c.tar/": "no jpg/jpeg/png/webp member in the shard",
+        }
+    with pytest.raises(EmbedcacheError, match=r"no samples in 2 shards .*b\.tar: empty shard"):
+        scan(str(src / "{b,c}.tar"), ExtractConfig())
+
+
+def test_labels_that_are_no_class_index_or_a_label_key_no_sample_has_are_errors(tmp_path):
+    src = tmp_path / "s"
+    write_tar(
+        src / "s.tar", [("k0", {"png": b"P", "cls": b"3"}), ("k1", {"png": b"P", "cls": b"100000"})]
+    )
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"^label 100000 of s\.tar/k1 is not a class index: without class names labels "
+        r"must be below 100,000; give the class names in classes\.txt",
+    ):
+        scan(src / "s.tar", ExtractConfig())  # today: 100,001 names; a .cls of 10^12 never ends
+    (src / "classes.txt").write_text("".join(f"c{i}\n" for i in range(100_001)))
+    assert len(scan(src / "s.tar", ExtractConfig()).classes) == 100_001  # named: no bound
+    big = write_tar(tmp_path / "b.tar", [("k0", {"png": b"P", "cls": b"0" * (1 << 20) + b"1"})])
+    assert reasons_of(list_tar(big)) == {"k0": "label .cls is over 1 MiB"}
+    json_labels = [("k0", {"png": b"P", "json": b'{"label": "cat"}'})]
+    write_tar(tmp_path / "j" / "s.tar", json_labels)
+    with pytest.raises(
+        EmbedcacheError, match=r"has a label in the .json field 'lable'.*--unlabelled"
+    ):
+        scan(tmp_path / "j" / "s.tar", ExtractConfig(label_key="lable"))
+    images = scan(tmp_path / "j" / "s.tar", ExtractConfig(label_key="lable", unlabelled=True))
+    assert images.classes == [] and list(images.splits) == ["all"]
+
+
+def test_a_brace_pattern_of_too_many_names_is_refused_before_expanding():
+    with pytest.raises(
+        EmbedcacheError, match=r"would name 1,000,001 files, more than the 1,000,000"
+    ):
+        expand_braces("x-{0000000..1000000}.tar")
+    start = time.perf_counter()
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"^'x-\{0000000000\.\.9999999999\}\.tar' would name 10,000,000,000 files, .*"
+        r"name the shards with a glob \(e\.g\. train-\*\.tar\) or give their folder$",
+    ):
+        expand_braces("x-{0000000000..9999999999}.tar")
+    with pytest.raises(EmbedcacheError, match=r"would name 1,099,511,627,776 files"):
+        expand_braces("{a,b}" * 40 + ".tar")
+    assert time.perf_counter() - start < 1.0
+    assert len(expand_braces("{a,b}{0..9}{0..9}{{c,d}{0..9},e}")) == 4200
+
+
+def test_a_class_list_that_is_not_json_a_list_or_utf8_or_has_blank_or_repeated_names_is_an_error(
+    tmp_path,
+):
+    write_tar(tmp_path / "s.tar", [("k0", {"png": b"P", "cls": b"1"})])
+    names = tmp_path / "classes.json"
+    for text, match in [
+        ("cat, dog", r"classes\.json is not JSON \(.*\); it must hold a list of class names"),
+        ('{"0": "cat"}', r"classes\.json must hold a list of class names .*; it holds dict"),
+        ('["cat", 1]', r"classes\.json must hold a list of class names .*; it holds list 1$"),
+        ('["cat", "", "dog"]', r"class 1 in .*classes\.json is blank"),
+    ]:
+        names.write_text(text)
+        with pytest.raises(EmbedcacheError, match=match):
+            scan(tmp_path / "s.tar", ExtractConfig())
+    names.unlink()
+    names = tmp_path / "classes.txt"
+    for data, match in [
+        ("chat\nlévrier\n".encode("latin-1"), r"classes\.txt is not UTF-8 text \(byte 6\)"),
+        (b"cat\n\ndog\n", r"class 1 in .*classes\.txt is blank"),
+        (b"cat\ndog\ncat\n", r"class name 'cat' appears twice in .*classes\.txt"),
+    ]:
+        names.write_bytes(data)
+        with pytest.raises(EmbedcacheError, match=match):
+            scan(tmp_path / "s.tar", ExtractConfig())
+    names.write_bytes(b"\xef\xbb\xbfcat\ndog\n\n")  # a BOM and a blank last line are fine
+    assert scan(tmp_path / "s.tar", ExtractConfig()).classes == ["cat", "dog"]
+
+
+def parquet_file(path: Path, columns: dict, row_group: int = 3) -> Path:
+    pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group, compression="none")
+    return path
+
+
+def test_parquet_columns_are_checked_when_listing(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
+    images = pa.array([b"P"] * 4, pa.binary())
+    data = tmp_path / "float" / "p.parquet"
+    parquet_file(data, {"image": images, "label": pa.array([0.0, 1.0, 0.0, 1.0])})
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"p\.parquet: label column 'label' holds double, not class indices \(integers\) "
+        r"or names \(strings\); pass --label-column, or --unlabelled \(columns: image, label\)$",
+    ):
+        scan(data, ExtractConfig())
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"has no label column 'lable' \(columns: image, label\); pass --label-column, "
+        "or --unlabelled to extract without labels$",
+    ):
+        scan(data, ExtractConfig(label_column="lable"))
+    unlabelled = scan(data, ExtractConfig(label_column="lable", unlabelled=True))
+    assert unlabelled.classes == [] and len(unlabelled.splits["all"]) == 4
+    names = tmp_path / "names" / "p.parquet"
+    labels = pa.array(["cat", "dog", "cat", None]).dictionary_encode()
+    parquet_file(names, {"image": pa.array([b"P"] * 4, pa.large_binary()), "label": labels})
+    assert scan(names, ExtractConfig()).classes == ["cat", "dog"]
+    strings = tmp_path / "str" / "p.parquet"
+    parquet_file(strings, {"image": pa.array(["a.jpg"] * 4), "label": pa.array([0, 1, 0, 1])})
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"column 'image' holds string, not image bytes \(binary, or the \{bytes, path\} "
+        r"struct `datasets` writes\); pass --image-column \(columns: image, label\)$",
+    ):
+        scan(strings, ExtractConfig())
+    big = tmp_path / "big" / "p.parquet"
+    parquet_file(big, {"image": images, "label": pa.array([0, 10**12, 0, 1])})
+    with pytest.raises(EmbedcacheError, match=r"label 1000000000000 of p\.parquet/1 is not"):
+        scan(big, ExtractConfig())
+
+
+def test_parquet_without_rows_or_with_a_damaged_row_group_skips_those_rows_and_reads_the_rest(
+    tmp_path,
+):
+    pa = pytest.importorskip("pyarrow", reason="Parquet sources need pyarrow")
+    import pyarrow.parquet as pq
+
+    columns = {"image": pa.array([b"P%d" % i for i in range(9)]), "label": list(range(9))}
+    data = parquet_file(tmp_path / "p.parquet", columns)
+    chunk = pq.ParquetFile(data).metadata.row_group(1).column(1)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    overwrite(data, start, b"\xff" * chunk.total_compressed_size)  # row group 1's labels
+    entries, _ = list_parquet(data)
+    reasons = reasons_of(entries)
+    assert [e.key for e in entries] == [str(i) for i in range(9)]
+    assert [e.label for e in entries] == [0, 1, 2, None, None, None, 6, 7, 8]
+    assert all(reasons[str(i)].startswith("row group 1 is damaged (") for i in (3, 4, 5))
+    assert entries[8].member.read_bytes() == b"P8"
+    empty = parquet_file(tmp_path / "e.parquet", {"image": pa.array([], pa.binary())})
+    assert reasons_of(list_parquet(empty, unlabelled=True)[0]) == {"": "no rows in the file"}

@@ -8,7 +8,8 @@ added shard is re-read, an unchanged one reused. Rows keep the shards' order (sh
 the patterns list them, samples as stored), and batches never straddle a shard, so under
 torchrun every shard is read by one rank (:func:`plan`).
 
-Tar shards are read with the standard library (:mod:`.tar`), Parquet with pyarrow
+Tar shards are read with the standard library (:mod:`.tar`, their headers by
+:mod:`.tarformat`, which also says what a damaged shard lost), Parquet with pyarrow
 (:mod:`.parquet`); :mod:`.patterns` says which files DATA names, :mod:`.listing` makes the
 ImageSet, :mod:`.work` plans one rank's share.
 """

@@ -22,6 +22,11 @@ from .tar import IMAGE_MEMBERS, list_tar
 CLASS_SIDECARS = ("classes.txt", "classes.json")
 
 
+# Integer labels without class names are named 0..max: a label past this is a mistake, not a
+# class (ImageNet-21k has 21,841), and naming 0..10^12 would run out of memory.
+MAX_CLASSES = 100_000
+
+
 def _name_split(path: Path) -> str:
     """train-000001.tar, validation-00000-of-00001.parquet: the split a file's name gives."""
     return SPLIT_NAMES.get(re.split(r"[-_.]", path.name, maxsplit=1)[0].lower(), "")
@@ -29,25 +34,103 @@ def _name_split(path: Path) -> str:
 
 def list_shard(path: Path, cfg: ExtractConfig) -> tuple[list[Entry], list[str] | None]:
     """The samples of one tar shard or Parquet file, and class names it carries (or None)."""
+    if path.stat().st_size == 0:
+        return [Entry("", Broken("empty shard (0 bytes)"))], None
     if path.suffix == ".parquet":
-        return list_parquet(path, image_column=cfg.image_column, label_column=cfg.label_column)
-    return list_tar(path, label_key=cfg.label_key), None
+        return list_parquet(
+            path,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            unlabelled=cfg.unlabelled,
+        )
+    return list_tar(path, label_key=cfg.label_key, unlabelled=cfg.unlabelled), None
+
+
+def _sidecar_names(p: Path) -> list:
+    """The raw names of a classes.txt (one a line) or classes.json (a list of names)."""
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a BOM is not part of the first name
+    except UnicodeDecodeError as e:
+        raise EmbedcacheError(
+            f"{p} is not UTF-8 text (byte {e.start}); save it as UTF-8, one class name a line"
+        ) from None
+    except OSError as e:
+        raise EmbedcacheError(f"cannot read {p}: {e.strerror or e}") from None
+    if p.suffix != ".json":
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()  # a blank line at the end is not a class
+        return lines
+    try:
+        names = json.loads(text)
+    except ValueError as e:
+        raise EmbedcacheError(
+            f"{p} is not JSON ({str(e)[:60]}); it must hold a list of class names, "
+            'e.g. ["cat", "dog"]'
+        ) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        got = (
+            next((n for n in names if not isinstance(n, str)), None)
+            if isinstance(names, list)
+            else names
+        )
+        raise EmbedcacheError(
+            f'{p} must hold a list of class names (strings), e.g. ["cat", "dog"]; '
+            f"it holds {type(names).__name__} {_short(got)}"
+        )
+    return names
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _sidecar(root: Path) -> list[str] | None:
-    """Class names from classes.txt (one a line) or classes.json (a list) in the source root."""
+    """Class names from classes.txt (one a line) or classes.json (a list) in the source root;
+    a name's place is its class index, so a blank or repeated name is an error."""
     for name in CLASS_SIDECARS:
         p = root / name
         if p.is_file():
-            text = p.read_text(encoding="utf-8")
-            names = json.loads(text) if name.endswith(".json") else text.splitlines()
-            return [str(n).strip() for n in names if str(n).strip()]
+            names = [str(n).strip() for n in _sidecar_names(p)]
+            blank = next((i for i, n in enumerate(names) if not n), None)
+            if blank is not None:
+                raise EmbedcacheError(
+                    f"class {blank} in {p} is blank; give one name for each class index, in order"
+                )
+            seen: set[str] = set()
+            twice = next((n for n in names if n in seen or seen.add(n)), None)
+            if twice is not None:
+                raise EmbedcacheError(
+                    f"class name {twice!r} appears twice in {p}; give each class one name"
+                )
+            return names
     return None
 
 
-def _classes(raw: list, known: list[str] | None) -> tuple[list[str], np.ndarray]:
-    """Class names and label indices (-1: unlabelled) from raw labels: ints index ``known``
-    names (or 0..max without them), strings are names (sorted, or ``known``'s order)."""
+def _int_classes(labelled: list[int], known: list[str] | None, paths) -> list[str]:
+    """The class names of integer labels: ``known``, or 0..max (at most MAX_CLASSES)."""
+    top, low = max(labelled), min(labelled)
+    if not known and top >= MAX_CLASSES:
+        raise EmbedcacheError(
+            f"label {top} of {paths(top)} is not a class index: without class names labels "
+            f"must be below {MAX_CLASSES:,}; give the class names in classes.txt beside the "
+            "shards (one a line, in label order), or fix the label"
+        )
+    names = known or [str(i) for i in range(top + 1)]
+    if low < 0 or top >= len(names):
+        bad = top if top >= len(names) else low
+        raise EmbedcacheError(
+            f"label {bad} of {paths(bad)} is outside the {len(names)} class names; "
+            "fix the labels or the class list"
+        )
+    return names
+
+
+def _classes(raw: list, known: list[str] | None, paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """Class names and label indices (-1: unlabelled) from raw labels (one for each of
+    ``paths``): ints index ``known`` names (or 0..max without them), strings are names
+    (sorted, or ``known``'s order)."""
     labelled = [x for x in raw if x is not None]
     if not labelled:
         return [], np.full(len(raw), UNLABELLED, np.int64)
@@ -64,14 +147,7 @@ def _classes(raw: list, known: list[str] | None) -> tuple[list[str], np.ndarray]
         return names, np.array([index[x] if x is not None else UNLABELLED for x in raw], np.int64)
     if not all(isinstance(x, int) for x in labelled):
         raise EmbedcacheError("labels mix numbers and names; use one kind in every shard")
-    top = max(labelled)
-    names = known or [str(i) for i in range(top + 1)]
-    if min(labelled) < 0 or top >= len(names):
-        raise EmbedcacheError(
-            f"label {top if top >= len(names) else min(labelled)} "
-            f"is outside the {len(names)} class names; "
-            "fix the labels or the class list"
-        )
+    names = _int_classes(labelled, known, lambda label: paths[raw.index(label)])
     return names, np.array([UNLABELLED if x is None else x for x in raw], np.int64)
 
 
@@ -113,7 +189,7 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
         )
     root, shards = shard_files(data, cfg.split_shards)
     layout = LAYOUTS[shards[0][0].suffix]
-    listed, raw, known = [], [], _sidecar(root)
+    listed, raw, known, whole = [], [], _sidecar(root), []
     for path, split in shards:
         st, rel, by_name = path.stat(), path.relative_to(root).as_posix(), _name_split(path)
         entries, names = list_shard(path, cfg)
@@ -122,14 +198,29 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
             where = (split or e.split or by_name, isinstance(e.member, Broken))
             listed.append((f"{rel}/{e.key}", st.st_size, st.st_mtime_ns, *where))
             raw.append(None if cfg.unlabelled else e.label)
-    classes, labels = _classes(raw, known)
+            if not e.key:  # the shard as a whole: empty, damaged, no image member
+                whole.append(f"{rel}: {e.member.reason}")
+    _check_listing(whole, raw, cfg, f"{len(shards)} shards under {root}", layout)
+    classes, labels = _classes(raw, known, [p for p, *_ in listed])
     rows = [
         (Sample(path, y, size, mtime), split, broken)
         for (path, size, mtime, split, broken), y in zip(listed, labels.tolist(), strict=True)
     ]
-    if not rows:
-        raise EmbedcacheError(
-            f"no samples with a {'/'.join(IMAGE_MEMBERS)} member in {len(shards)} "
-            f"shards under {root}"
-        )
     return ImageSet(root, layout, classes, _splits(rows, bool(classes), cfg))
+
+
+def _check_listing(whole: list[str], raw: list, cfg: ExtractConfig, where: str, layout: str):
+    """Refuse a listing without a single sample (``whole``: the reasons each shard was skipped
+    whole, one for each row if so), or with --label-key and not one label (a misspelt field)."""
+    if len(whole) == len(raw):
+        more = "; ..." if len(whole) > 2 else ""
+        raise EmbedcacheError(
+            f"no samples in {where} ({'; '.join(whole[:2])}{more}); check that DATA names "
+            f"the shards, samples with a {'/'.join(IMAGE_MEMBERS)} member or Parquet rows"
+        )
+    asked = cfg.label_key and not cfg.unlabelled and layout == "webdataset"
+    if asked and all(x is None for x in raw):
+        raise EmbedcacheError(
+            f"no sample in {where} has a label in the .json field {cfg.label_key!r} "
+            "(an int or name) or a .cls; check --label-key, or pass --unlabelled"
+        )

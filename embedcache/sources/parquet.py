@@ -86,52 +86,109 @@ def _hf_class_names(schema, column: str) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _parquet_file(path: Path, image_column: str):
-    """The opened file, or the reason it cannot be read; a missing image column is an error."""
+def _is_bytes(t) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_binary(t) or pat.is_large_binary(t) or getattr(pat, "is_binary_view", bool)(t)
+
+
+def _is_label(t) -> bool:
+    """Whether an Arrow type holds class indices or names (dictionary-encoded or not)."""
+    import pyarrow.types as pat
+
+    t = t.value_type if pat.is_dictionary(t) else t
+    names = pat.is_string(t) or pat.is_large_string(t) or getattr(pat, "is_string_view", bool)(t)
+    return pat.is_integer(t) or names
+
+
+def _is_image(t) -> bool:
+    """Whether an Arrow type holds encoded images: bytes, or `datasets`' {bytes, path} struct."""
+    import pyarrow.types as pat
+
+    if pat.is_struct(t):
+        return t.get_field_index("bytes") >= 0 and _is_bytes(t.field("bytes").type)
+    return _is_bytes(t)
+
+
+def _label_column(schema, path: Path, image_column: str, label_column: str | None) -> str | None:
+    """The label column to read (None: unlabelled); the image column and the label column must
+    exist and hold what they are for, else an error that lists the columns."""
+    names = ", ".join(schema.names)
+    if image_column not in schema.names:
+        raise EmbedcacheError(
+            f"{path} has no column {image_column!r} (columns: {names}); pass --image-column"
+        )
+    t = schema.field(image_column).type
+    if not _is_image(t):
+        raise EmbedcacheError(
+            f"{path}: column {image_column!r} holds {t}, not image bytes (binary, or the "
+            f"{{bytes, path}} struct `datasets` writes); pass --image-column (columns: {names})"
+        )
+    if label_column is None:
+        return None
+    if label_column not in schema.names:
+        raise EmbedcacheError(
+            f"{path} has no label column {label_column!r} (columns: {names}); "
+            "pass --label-column, or --unlabelled to extract without labels"
+        )
+    t = schema.field(label_column).type
+    if not _is_label(t):
+        raise EmbedcacheError(
+            f"{path}: label column {label_column!r} holds {t}, not class indices (integers) or "
+            f"names (strings); pass --label-column, or --unlabelled (columns: {names})"
+        )
+    return label_column
+
+
+def _parquet_file(path: Path):
+    """The opened file, or the reason it cannot be read."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise EmbedcacheError(f"reading Parquet needs pyarrow: {INSTALL_PARQUET}") from None
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
         return f"not a Parquet file ({str(e)[:40]})"
-    if image_column not in pf.schema_arrow.names:
-        raise EmbedcacheError(
-            f"{path} has no column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
-            "pass --image-column"
-        )
-    return pf
 
 
 def list_parquet(
-    path: Path, *, image_column: str = "image", label_column: str = "label"
+    path: Path,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    unlabelled: bool = False,
 ) -> tuple[list[Entry], list[str] | None]:
     """The rows of one Parquet file (key: the row number) and the class names its metadata
-    gives. Labels and splits are read a row group at a time; image bytes only when decoded."""
-    pf = _parquet_file(path, image_column)
+    gives. Labels and splits are read a row group at a time; image bytes only when decoded.
+    A row group whose labels cannot be read skips its rows with the reason; a file that cannot
+    be read, or has no rows, is one entry of key "" skipped with the reason."""
+    pf = _parquet_file(path)
     if isinstance(pf, str):
         return [Entry("", Broken(f"damaged shard: {pf}"))], None
-    names = pf.schema_arrow.names
-    columns = [c for c in (label_column, SPLIT_FIELD) if c in names and c != image_column]
+    schema = pf.schema_arrow
+    label = _label_column(schema, path, image_column, None if unlabelled else label_column)
+    columns = [c for c in (label, SPLIT_FIELD) if c in schema.names and c != image_column]
     images, entries = ParquetImages(path, image_column), []
     for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
         try:
             table = pf.read_row_group(group, columns=columns).to_pydict() if columns else {}
-        except Exception as e:  # noqa: BLE001
-            entries.append(Entry("", Broken(f"damaged shard: row group {group} ({str(e)[:40]})")))
-            return entries, None
-        n = pf.metadata.row_group(group).num_rows
-        labels = table.get(label_column, [None] * n)
+        except Exception as e:  # noqa: BLE001 - a damaged page raises whatever pyarrow raises
+            why = Broken(f"row group {group} is damaged ({str(e)[:40]})")
+            entries += [Entry(str(len(entries) + i), why) for i in range(n)]
+            continue
+        labels = table.get(label, [None] * n)
         splits = table.get(SPLIT_FIELD, [""] * n)
         for i in range(n):
             where = f"{path.name} row {len(entries)}"
-            label = labels[i] if isinstance(labels[i], int | str) else None
             entry = Entry(
                 str(len(entries)),
                 ParquetMember(images, group, i),
-                label,
+                labels[i],
                 sample_split(splits[i], where),
             )
             entries.append(entry)
-    return entries, _hf_class_names(pf.schema_arrow, label_column)
+    if not entries:
+        return [Entry("", Broken("no rows in the file"))], None
+    return entries, _hf_class_names(schema, label) if label else None

@@ -17,6 +17,11 @@ LAYOUTS = {".tar": "webdataset", ".parquet": "parquet"}
 PATTERN_SEPARATOR = "::"  # several patterns in one DATA argument, as webdataset writes them
 
 
+# Names one pattern may expand to: a million shards is more than any data set has, and a
+# wider range (x-{0000000000..9999999999}.tar) would be listed name by name for hours.
+MAX_PATTERN_NAMES = 1_000_000
+
+
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
 
@@ -44,10 +49,38 @@ def _top_level_split(body: str) -> list[str]:
     return [*parts, current]
 
 
+def _count(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, without making them: a range
+    counts in constant time, a list's choices add up and the braces one after another multiply,
+    so the pattern is read once whatever it expands to (a range counting down counts 0)."""
+    total, rest = 1, pattern
+    while (span := _outer_brace(rest)) is not None:
+        body = rest[span[0] + 1 : span[1]]
+        r = _RANGE.match(body)
+        n = int(r.group(2)) - int(r.group(1)) + 1 if r else sum(map(_count, _top_level_split(body)))
+        total *= max(n, 0)
+        rest = rest[span[1] + 1 :]
+    return total
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``a-{000..002}.tar`` -> three names; ``{train,val}`` -> two; nested and repeated braces
     expand outermost first, left to right, as a shell does
-    (numbers keep the first bound's width)."""
+    (numbers keep the first bound's width). A pattern of more than
+    :data:`MAX_PATTERN_NAMES` names is refused before any is made."""
+    try:
+        n = _count(pattern)
+        if n > MAX_PATTERN_NAMES:
+            raise EmbedcacheError(
+                f"{pattern!r} would name {n:,} files, more than the {MAX_PATTERN_NAMES:,} a "
+                "pattern may; name the shards with a glob (e.g. train-*.tar) or give their folder"
+            )
+        return _expand(pattern)
+    except RecursionError:  # a brace a level, or one after another, for a thousand levels
+        raise EmbedcacheError(f"too many braces in {pattern[:40]!r}...; use a glob") from None
+
+
+def _expand(pattern: str) -> list[str]:
     span = _outer_brace(pattern)
     if span is None:
         return [pattern]
@@ -63,7 +96,7 @@ def expand_braces(pattern: str) -> list[str]:
         choices = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
     else:
         choices = _top_level_split(body)
-    return [x for c in choices for x in expand_braces(head + c + tail)]
+    return [x for c in choices for x in _expand(head + c + tail)]
 
 
 def _matches(pattern: str, base: Path | None) -> list[Path]:
