@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
     if not path.is_file():
         raise EmbedcacheError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle: "Detected pickle protocol 4", then
+            warnings.simplefilter("ignore", UserWarning)  # the refusal below says it all
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class torch refused to import
         if found:

@@ -32,7 +32,7 @@ from .data import ImageSet, load_rgb, scan
 from .errors import EmbedcacheError
 from .exclusion import excluded
 from .heads import make_head
-from .outputs import write_error, write_file, write_text
+from .outputs import work_folder, write_file, write_text
 from .report import figure
 from .runtime import resolve_device, tune_allocator
 
@@ -475,7 +475,9 @@ def compare(
     images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
-    images = excluded(images, cfg.exclude, str(data))  # every approach leaves the same images out
+    images, note = excluded(images, cfg.exclude, str(data))  # the same images out in every row
+    if note:
+        say(note)
     if "train" not in images.splits or "val" not in images.splits or not images.classes:
         raise EmbedcacheError(
             f"{data} needs labelled train and val splits to compare approaches "
@@ -515,17 +517,20 @@ def _check_unfreeze(cfg: CompareConfig) -> None:
 
 
 def _workdir(cfg: CompareConfig) -> Path:
-    """The work folder, made if needed; a file of that name is a one-line error."""
-    workdir = Path(cfg.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise EmbedcacheError(
-            f"--workdir {workdir} is a file; pass a folder for the cache, heads and results"
-        )
+    """The work folder: new, empty or an earlier compare's (see
+    :func:`embedcache.outputs.work_folder`)."""
+    return work_folder(cfg.workdir, verb="compare", legacy=_earlier_compare)
+
+
+def _earlier_compare(workdir: Path) -> set[str] | None:
+    """Every file of a work folder that a compare from before folder markers finished."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(workdir, e) from None
-    return workdir
+        table = json.loads((workdir / "compare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(table, dict) or not {"meta", "rows"} <= set(table):
+        return None
+    return {p.relative_to(workdir).as_posix() for p in workdir.rglob("*") if not p.is_dir()}
 
 
 def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:

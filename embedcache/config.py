@@ -191,7 +191,9 @@ class ExtractConfig(_Config):
     image_size: int | None = _image_size()
     val_fraction: float = _val_fraction()
     seed: int = _seed()
-    unlabelled: bool = setting(False, "Treat sub-folders as plain folders, not classes.")
+    unlabelled: bool = setting(
+        False, "Images without labels: sub-folders are plain folders, shards need no label."
+    )
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
     allow_empty_class: bool = setting(
         False,
@@ -249,8 +251,27 @@ class ExtractConfig(_Config):
         "image", "Parquet: the column of image bytes (or of `datasets`' {bytes, path} structs)."
     )
     label_column: str = setting(
-        "label", "Parquet: the column of labels (class indices or names); absent: unlabelled."
+        "label",
+        "Parquet: the column of labels (class indices or names); pass --unlabelled if none.",
     )
+
+    def request(self) -> str:
+        """What an extract was asked for, as its cache records it (``request``): the options
+        that decide the features, the weights file's size and mtime, the library versions. The
+        same request on the same images makes the same cache, so a cache that records it and
+        the images' fingerprint is up to date without a backbone being built (45.8 of 47.4 s
+        of an up-to-date run in a profile)."""
+        import json
+        import os
+        from importlib.metadata import version
+
+        st = os.stat(self.weights) if self.weights and os.path.isfile(self.weights) else None
+        asked = {k: getattr(self, k) for k in ("backbone", "image_size", "dtype", "precision")}
+        asked |= {"weights": str(self.weights), "views": self.views}
+        asked |= {"seed": self.seed if self.views else None}
+        asked |= {"weights_file": [st.st_size, st.st_mtime_ns] if st else None}
+        asked |= {p: version(p) for p in ("embedcache", "torch", "torchvision", "timm")}
+        return json.dumps(asked, sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)
@@ -387,8 +408,9 @@ class FinetuneConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", str(self.unfreeze).lower())
-        if self.head is not None:
-            object.__setattr__(self, "head", str(self.head))
+        for name in ("head", "exclude"):  # a Path would not go into the checkpoint's config
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
         super().__post_init__()
 
     @property

@@ -10,7 +10,7 @@ import torch
 from .cache import open_cache
 from .data import IMAGE_EXTENSIONS, ImageSet, paths_digest, scan
 from .errors import EmbedcacheError
-from .exclusion import Exclusion, read_exclude
+from .exclusion import Exclusion, Matched, read_exclude
 from .forward import image_features
 from .models import Classifier, labelled, load_classifier
 from .outputs import claim
@@ -61,9 +61,10 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
 
 def _cache_split(
     clf: Classifier, data: Path, split: str, tta: bool | None, drop: Exclusion | None = None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
-    """(features float32, mirrored features or None, labels, classes) of a cache split, checked
-    against the head. The mirrors are read when ``tta``, or when None and the cache has them."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str], dict | None]:
+    """(features float32, mirrored features or None, labels, classes, what ``drop`` left out)
+    of a cache split, checked against the head. The mirrors are read when ``tta``, or when None
+    and the cache has them."""
     if clf.kind == "model":
         raise EmbedcacheError(
             f"{clf.path} is a fine-tuned model, whose features differ from any cache; "
@@ -89,11 +90,19 @@ def _cache_split(
                 "extract it with --views 1 or more, or pass --no-tta"
             )
         mirror = views[:, 0].astype(np.float32) if views is not None and tta is not False else None
-        keep = drop.keep(sd.paths) if drop is not None else np.ones(len(sd), bool)
+        keep, record = np.ones(len(sd), bool), None
         if drop is not None:
-            drop.check_used(sd.paths, f"the {split} split of {data}")
+            matched = drop.match([p for s in c.splits for p in c.paths(s)], f"cache {data}")
+            keep = matched.keep(sd.paths)
+            record = _left_out(matched, split, len(keep), int(keep.sum()))
         mirror = mirror[keep] if mirror is not None else None
-        return sd.features[keep].astype(np.float32), mirror, sd.labels[keep], c.classes
+        return sd.features[keep].astype(np.float32), mirror, sd.labels[keep], c.classes, record
+
+
+def _left_out(matched: Matched, split: str, before: int, after: int) -> dict:
+    """What evaluate reports of --exclude on ``split``; refuses one that leaves no image."""
+    matched.check_left(split, before, after)
+    return matched.record(before - after, split)
 
 
 # The split evaluate scores in a folder of class folders with no split folders: all of it.
@@ -118,21 +127,22 @@ def _labelled_folder(data: Path, split: str) -> tuple[ImageSet, str]:
 def _folder_split(
     clf: Classifier, data: Path, split: str, run: Run, mirror: bool, drop: Exclusion | None = None
 ):
-    """(features, mirrored or None, labels, classes, skipped, split) of an image folder's split,
-    through the model's backbone, without the images ``drop`` lists."""
+    """(features, mirrored or None, labels, classes, skipped, split, what ``drop`` left out) of
+    an image folder's split, through the model's backbone, without the images ``drop`` lists."""
     images, split = _labelled_folder(data, split)
-    samples = images.splits[split]
+    samples, record = images.splits[split], None
     _unseen(clf, [s.path for s in samples], f"the {split} split of {data}")
     if drop is not None:
-        drop.check_used([s.path for s in samples], f"the {split} split of {data}")
-        samples = drop.filter({split: samples})[split]
+        matched = drop.match([s.path for v in images.splits.values() for s in v], str(data))
+        kept = matched.filter({split: samples})[split]
+        samples, record = kept, _left_out(matched, split, len(samples), len(kept))
     files = [images.root / s.path for s in samples]
     features, ok, failed = image_features(
         clf.backbone(run.device), files, run, desc=f"evaluate {split}", mirror=mirror
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
-    return *_split_mirrored(features, mirror), labels, images.classes, skipped, split
+    return *_split_mirrored(features, mirror), labels, images.classes, skipped, split, record
 
 
 def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
@@ -148,9 +158,17 @@ def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
 
 
 def _is_cache(path: Path) -> bool:
-    return path.suffix in (".h5", ".hdf5", ".partial") or (
-        path.is_file() and path.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
-    )
+    """Whether ``path`` names a cache: by its suffix, else by the HDF5 signature (the first 8
+    bytes only: a CSV manifest may be large)."""
+    if path.suffix in (".h5", ".hdf5", ".partial"):
+        return True
+    if not path.is_file():  # a folder, or a FIFO that open() would wait on
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:  # unreadable: scan says why
+        return False
 
 
 def evaluate(
@@ -188,12 +206,12 @@ def evaluate(
     skipped: dict[str, str] = {}
     drop = read_exclude(exclude)
     if _is_cache(data):
-        features, mirror, labels, classes = _cache_split(clf, data, split, tta, drop)
+        features, mirror, labels, classes, excluded = _cache_split(clf, data, split, tta, drop)
     else:
         on = _run(
             clf, run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
         )
-        features, mirror, labels, classes, skipped, split = _folder_split(
+        features, mirror, labels, classes, skipped, split, excluded = _folder_split(
             clf, data, split, on, _tta(tta, clf), drop
         )
     labelled(
@@ -210,6 +228,8 @@ def evaluate(
     result.update(tta=mirror is not None, **scores(logits, y), classes=clf.classes)
     result.update(per_class=per_class(y, pred, clf.classes), confusion=matrix.tolist())
     result.update(report=classification_text(y, pred, clf.classes), skipped=skipped)
+    if excluded is not None:
+        result["exclude"] = excluded
     if plot is not None:
         title = f"{clf.path.name} on {split}: accuracy {result['accuracy']:.3f}"
         result["plot"] = str(plot_confusion(matrix, clf.classes, Path(plot), title))

@@ -384,7 +384,9 @@ def claim_folder(
         raise EmbedcacheError(f"{option} is empty; give a folder, e.g. {verb.split('-')[0]}/")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise EmbedcacheError(f"{option} {out} is a file; give a folder, e.g. {_suggest(out)}")
+        instead = out.with_name(f"{out.stem}-{verb}")
+        instead = _suggest(instead) if instead.exists() else instead
+        raise EmbedcacheError(f"{option} {out} is a file; pass a folder, e.g. {instead}")
     for name, src in inputs:
         if src is not None and inside(Path(src), out):
             raise EmbedcacheError(
@@ -483,6 +485,7 @@ def folder_output(
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out, verb, lock=out / FOLDER_LOCK):
             owned = claim_folder(out, verb=verb, inputs=inputs, legacy=legacy)  # now it is ours
+            shutil.rmtree(staging, ignore_errors=True)  # a killed run's, whose pid we now have
             staging.mkdir()
             yield staging
             _commit(out, staging, verb, owned, last)

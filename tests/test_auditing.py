@@ -212,7 +212,7 @@ def test_cli_audit_prints_counts_and_refuses_a_file_as_out(tmp_path, planted):
 
 def test_audit_out_must_be_a_folder(planted, tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(EmbedcacheError, match="is a file; give a folder"):
+    with pytest.raises(EmbedcacheError, match="is a file; pass a folder"):
         audit(planted[0], out=tmp_path / "file", progress=False)
 
 

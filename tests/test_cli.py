@@ -279,3 +279,35 @@ def test_a_setting_on_by_default_can_be_switched_off():
     cmd = main.commands["compare"]
     assert cmd.make_context("compare", ["data", "--no-tutorial"]).params["tutorial"] is False
     assert cmd.make_context("compare", ["data"]).params["tutorial"] is True
+
+
+def test_a_class_name_with_a_newline_cannot_forge_a_line_of_the_report(runner, tmp_path):
+    """D16: a class folder named 'a\\nfake.jpg: b 0.999' printed a forged row in evaluate's
+    per-class report; names are escaped wherever they are printed."""
+    from conftest import blobs
+
+    from embedcache.cache import write_cache
+    from embedcache.data import EvalTransform
+
+    forged = "a\nfake.jpg: b 0.999"
+    x, y = blobs(10, classes=2)
+    paths = [f"train/{i}.png" for i in range(len(y))]
+    cache = write_cache(
+        tmp_path / "c.h5",
+        {"train": (x, y, paths), "val": (x, y, [p.replace("train", "val") for p in paths])},
+        classes=[forged, "b"],
+        backbone="resnet18",
+        weights="none",
+        transform=EvalTransform(resize=73, crop=64).to_json(),
+    )
+    head = tmp_path / "h.pt"
+    args = ["--out", str(head), "-q", "--head", "linear", "--epochs", "2", "--device", "cpu"]
+    r = runner.invoke(main, ["train-head", str(cache), *args])
+    assert r.exit_code == 0, r.output
+    for verb in (["evaluate", str(head), str(cache), "--split", "val"], ["info", str(cache)]):
+        r = runner.invoke(main, verb)
+        assert r.exit_code == 0, r.output
+        lines = r.output.splitlines()
+        assert not [line for line in lines if line.lstrip().startswith("fake.jpg")], r.output
+        assert any("a\\nfake.jpg: b 0.999" in line for line in lines), r.output
+    assert "a\\nfake.jpg: b 0.999" in (tmp_path / "h.report.txt").read_text()

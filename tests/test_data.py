@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,7 @@ def test_csv_with_bad_split_names_the_line(tmp_path):
         (lambda p: None, r"data path .* does not exist"),
         (lambda p: p.mkdir(), r"no images found under"),
         (lambda p: p.write_text("x"), r"is a file but not a \.csv manifest"),
+        (os.mkfifo, r"data path \S+thing is not a folder or a regular file \(a pipe or a device\)"),
     ],
 )
 def test_scan_errors(tmp_path, setup, message):
@@ -129,6 +131,98 @@ def test_scan_errors(tmp_path, setup, message):
     setup(path)
     with pytest.raises(EmbedcacheError, match=message):
         scan(path)
+
+
+def _manifest(tmp_path: Path, text: str | bytes) -> Path:
+    """m.csv in ``tmp_path`` holding ``text``, beside two images a/0.png and b/1.png."""
+    make_image(tmp_path / "a" / "0.png", 0, 0)
+    make_image(tmp_path / "b" / "1.png", 1, 1)
+    path = tmp_path / "m.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "path,label\na/0.png,a\nb/1\x00.png,b\n",
+            r"CSV manifest \S+m\.csv has a NUL byte on line 3, which no file name can hold",
+        ),
+        (
+            "path,label\na/0.png,a\n" + "y" * 200_000 + ",b\n",
+            r"CSV manifest \S+m\.csv line 3 cannot be read as CSV \(field larger than field limit",
+        ),
+        (
+            "path,label,split\n\n\na/0.png,a,holdout\n",  # blank lines count: it is line 4
+            r"m\.csv line 4: split must be train, val or test, got 'holdout'",
+        ),
+        (b"path,label\na/0.png,caf\xe9\n", r"m\.csv is not UTF-8 \(byte 0xe9 on line 2\)"),
+        ("\ufeffpath,label\n,a\n", r"m\.csv line 2 has an empty path; give each row an image"),
+    ],
+    ids=["nul-byte", "field-over-128kB", "line-numbers", "latin-1", "empty-path"],
+)
+def test_a_manifest_that_cannot_be_read_is_one_line_naming_the_file_and_line(
+    tmp_path, text, message
+):
+    """D11: a NUL byte was 'ValueError: embedded null byte', a long field an _csv.Error."""
+    with pytest.raises(EmbedcacheError, match=message) as e:
+        scan(_manifest(tmp_path, text))
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_and_exclusion_share_one_csv_reader(tmp_path):
+    """The rows a user's CSV holds, with the line each starts on (blank and quoted lines too);
+    UTF-8 with a BOM and UTF-16 with one are read alike."""
+    from embedcache.data.csvfile import csv_rows
+
+    text = 'path,label\n\n"two\nlines.png",a\n  ,  \nc.png,b\n'
+    (tmp_path / "u8.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "u16.csv").write_bytes(text.encode("utf-16"))
+    for name in ("u8.csv", "u16.csv"):
+        assert csv_rows(tmp_path / name, name) == [
+            (1, ["path", "label"]),
+            (3, ["two\nlines.png", "a"]),
+            (6, ["c.png", "b"]),
+        ]
+    (tmp_path / "odd.csv").write_bytes(text.encode("utf-16")[:-1])
+    with pytest.raises(EmbedcacheError, match=r"^odd is not UTF-16 \(byte 0x0a on line 6\)"):
+        csv_rows(tmp_path / "odd.csv", "odd")
+
+
+@pytest.mark.parametrize("same_label", [True, False])
+def test_a_manifest_listing_one_file_under_two_names_is_refused(tmp_path, same_label):
+    """D19: a file and a link to it, listed on two lines, made two samples of one image (with
+    two labels, one image in two classes; split apart, a train/val leak)."""
+    path = _manifest(tmp_path, "")
+    (tmp_path / "link.png").symlink_to("a/0.png")
+    label = "a" if same_label else "b"
+    path.write_text(f"path,label\na/0.png,a\nb/1.png,b\nlink.png,{label}\n")
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"m\.csv lists one file under two names \(a link, or another path to it\): "
+        r"a/0\.png \(line 2\) and link\.png \(line 4\); list each file once, with one label",
+    ):
+        scan(path)
+    path.write_text(f"path,label\na/0.png,a\nb/1.png,b\n{tmp_path}/a/0.png,a\n")  # absolute
+    with pytest.raises(EmbedcacheError, match=r"lists \S+0\.png twice \(lines 2 and 4\)"):
+        scan(path)
+
+
+def test_manifest_paths_outside_its_folder_and_many_blank_lines_are_read(tmp_path):
+    """Probed: ../ and absolute paths name files outside the manifest's folder; a million blank
+    lines are skipped, and line numbers still count them."""
+    outside = make_image(tmp_path / "elsewhere" / "x.png", 0, 3)
+    path = _manifest(tmp_path / "m", "")
+    path.write_text(
+        "path,label\n" + "\n" * 1_000_000 + f"../elsewhere/x.png,a\n{outside},a\nb/1.png,b\n"
+    )
+    with pytest.raises(EmbedcacheError, match=r"lines 1000002 and 1000003"):
+        scan(path)
+    path.write_text("path,label\n" + "\n" * 1_000_000 + "../elsewhere/x.png,a\nb/1.png,b\n")
+    images = scan(path, val_fraction=0)
+    assert [s.path for s in images.splits["train"]] == ["../elsewhere/x.png", "b/1.png"]
+    assert images.splits["train"][0].size == outside.stat().st_size
 
 
 # ---------------------------------------------------------------------------
@@ -402,3 +496,124 @@ def test_ahead_decodes_the_next_batch_before_it_is_asked_for():
     assert third.wait(timeout=30)  # decoding while the caller still holds the first batch
     index, images, _ = next(batches)
     assert index.tolist() == [3, 4, 5] and sorted(seen) == list(range(6))
+
+
+# ---------------------------------------------------------------------------
+# A JPEG whose header claims more pixels than its bytes can hold (issue 32, D18)
+
+
+def _forged_jpeg(path: Path, side: int = 65000) -> Path:
+    """A real 16 x 16 JPEG whose SOF0 header claims ``side`` x ``side`` pixels."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(
+        buf, "JPEG"
+    )
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = side.to_bytes(2, "big") * 2  # height, width
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_jpeg_claiming_more_pixels_than_its_bytes_hold_is_unreadable(tmp_path):
+    """It was decoded (at a draft scale, under the pixel limit) as a flat grey image."""
+    forged = _forged_jpeg(tmp_path / "forged.jpg")
+    n = forged.stat().st_size
+    reason = rf"^truncated image \(header claims 65000x65000 pixels in {n} bytes\)$"
+    for load in (
+        lambda: preprocess(forged, EvalTransform(resize=73, crop=64)),
+        lambda: load_rgb(forged, short_side=73),
+    ):
+        with pytest.raises(UnreadableImage, match=reason):
+            load()
+
+    class Member:  # a tar or Parquet member: bytes, no path
+        def read_bytes(self):
+            return forged.read_bytes()
+
+    with pytest.raises(UnreadableImage, match=reason):
+        load_rgb(Member(), short_side=73)
+
+
+def test_the_gpu_path_refuses_a_forged_jpeg_before_decoding_it(tmp_path, monkeypatch):
+    """nvJPEG would allocate what the header claims (12.7 GB here)."""
+    from embedcache.data import batches
+
+    given: list[int] = []
+
+    def nvjpeg(datas, device):
+        given.extend(len(d) for d in datas)
+        return [torch.zeros(3, 40, 40, dtype=torch.uint8) for _ in datas]
+
+    monkeypatch.setattr(batches, "_nvjpeg", nvjpeg)
+    files = [_smooth_jpeg(tmp_path / "a.jpg"), _forged_jpeg(tmp_path / "b.jpg")]
+    t = EvalTransform(resize=40, crop=32, jpeg_draft=False)
+    index, images, failed = batches._gpu_batch(
+        files, [0, 1], [f.read_bytes() for f in files], t, torch.device("cpu")
+    )
+    assert list(index) == [0] and given == [files[0].stat().st_size]
+    n = files[1].stat().st_size
+    assert failed == {1: f"truncated image (header claims 65000x65000 pixels in {n} bytes)"}
+
+
+@pytest.mark.parametrize("mode, colour", [("L", 128), ("RGB", (255, 255, 255))])
+def test_flat_jpegs_of_any_quality_pass_the_pixels_per_byte_bound(tmp_path, mode, colour):
+    """The bound has a wide margin: flat 4000 x 3000 pictures, the most compressible there are,
+    stay far under it however PIL writes them."""
+    import io
+
+    from embedcache.data.decode import MAX_JPEG_PIXELS_PER_BYTE, check_jpeg
+
+    img = Image.new(mode, (4000, 3000), colour)
+    for quality in (10, 50, 95):
+        for progressive in (False, True):
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=quality, progressive=progressive, optimize=True)
+            check_jpeg(buf, len(buf.getvalue()))
+            assert 4000 * 3000 / len(buf.getvalue()) < MAX_JPEG_PIXELS_PER_BYTE / 8
+    (tmp_path / "flat.jpg").write_bytes(buf.getvalue())
+    assert load_rgb(tmp_path / "flat.jpg", short_side=64).size == (500, 375)  # drafted 1/8
+
+
+def test_hostile_images_are_skipped_or_read_quickly(tmp_path):
+    """Probed: a GIF of 10,000 frames (its first is read), a PNG and a TIFF declaring
+    400 MP (the pixel limit), a TIFF declaring 81 MP over a 16 x 16 body (truncated)."""
+    import struct
+    import time
+    import zlib
+
+    frames = [Image.new("P", (32, 32), i % 256) for i in range(10_000)]
+    frames[0].save(tmp_path / "many.gif", save_all=True, append_images=frames[1:], duration=10)
+    w = h = 20_000
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    body = zlib.compress(b"\0" * (w + 1) * 64)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(png)
+    Image.new("L", (16, 16)).save(tmp_path / "small.tif")
+    tiff = bytearray((tmp_path / "small.tif").read_bytes())
+    for name, side in (("huge.tif", 60_000), ("claims.tif", 9_000)):
+        data = bytearray(tiff)
+        start = struct.unpack("<I", data[4:8])[0]
+        for i in range(struct.unpack("<H", data[start : start + 2])[0]):
+            e = start + 2 + 12 * i
+            if struct.unpack("<H", data[e : e + 2])[0] in (256, 257):  # width, height: LONG
+                data[e + 2 : e + 4], data[e + 8 : e + 12] = b"\x04\x00", struct.pack("<I", side)
+        (tmp_path / name).write_bytes(bytes(data))
+    t = EvalTransform(resize=73, crop=64)
+    start = time.perf_counter()
+    assert preprocess(tmp_path / "many.gif", t).shape == (64, 64, 3)
+    for name, reason in (
+        ("bomb.png", "image too large"),
+        ("huge.tif", "image too large"),
+        ("claims.tif", "truncated image"),
+    ):
+        with pytest.raises(UnreadableImage, match=reason):
+            preprocess(tmp_path / name, t)
+    assert time.perf_counter() - start < 5

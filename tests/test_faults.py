@@ -5,9 +5,11 @@ Small data and a tiny random-init backbone; every case asserts what the user wou
 
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -1200,3 +1202,224 @@ def test_predict_and_info_escape_names_so_none_can_forge_a_line(probe, tmp_path)
     r = _cli("predict", probe / "h.pt", tmp_path / "p", "-q")
     assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 1, r.output
     assert "x.jpg: b 0.999\\nfake.jpg: " in r.output
+
+
+# ---------------------------------------------------------------------------
+# Folder outputs under hostile use (issue 32): audit, export-features, compare's work folder
+
+
+def _folder_verbs(probe: Path) -> dict[str, Callable[[Path], object]]:
+    from embedcache import audit, export_features
+
+    c = probe / "c.h5"
+    return {
+        "export-features": lambda out: export_features(c, out=out, progress=False),
+        "audit": lambda out: audit(c, out=out, progress=False),
+    }
+
+
+FINISHED = {"export-features": "export.json", "audit": "summary.json"}
+
+
+def _user_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("verb", ["export-features", "audit"])
+def test_a_folder_output_never_removes_or_replaces_a_file_it_did_not_write(probe, tmp_path, verb):
+    """D1, D2, D17, D21: an input, the user's notes, a summary.json of their own in --out."""
+    import shutil
+
+    c = probe / "c.h5"
+    out = tmp_path / "out"
+    assert _cli(verb, c, "--out", out, "-q").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    _one_line_error(
+        _cli(verb, c, "--out", out, "-q"),
+        rf"--out {out} holds notes\.txt, which {verb} did not write; "
+        rf"pass a new or empty folder, e.g. {out}-2$",
+    )
+    sub = next(p for p in out.iterdir() if p.is_dir()) if verb == "export-features" else out
+    (out / "notes.txt").rename(sub / "deep.txt")
+    before = _user_files(out)
+    _one_line_error(_cli(verb, c, "--out", out, "-q"), r"deep\.txt, which .* did not write")
+    assert _user_files(out) == before
+    (sub / "deep.txt").unlink()
+    shutil.copy(c, out / "c.h5")  # D1: the input inside --out
+    _one_line_error(
+        _cli(verb, out / "c.h5", "--out", out, "-q"),
+        rf"--out {out} holds {out}/c\.h5 \(the cache {verb} reads\)",
+    )
+    assert (out / "c.h5").read_bytes() == c.read_bytes()
+    (out / "c.h5").unlink()
+    assert _cli(verb, c, "--out", out, "-q").exit_code == 0  # its own output it replaces
+    work = tmp_path / "work"  # D2: the user's own files of the names the verb writes
+    work.mkdir()
+    (work / "summary.json").write_text("{}")
+    (work / "report.html").write_text("mine")
+    (work / "export.json").write_text('{"tool": "something else"}')
+    _one_line_error(_cli(verb, c, "--out", work, "-q"), r"which .* did not write; pass a new")
+    assert _user_files(work) == {
+        "summary.json": b"{}",
+        "report.html": b"mine",
+        "export.json": b'{"tool": "something else"}',
+    }
+    (tmp_path / "real").mkdir()  # D21: a link to a folder stays a link, nothing left beside it
+    (tmp_path / "link").symlink_to("real")
+    for _ in range(2):
+        assert _cli(verb, c, "--out", tmp_path / "link", "-q").exit_code == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / FINISHED[verb]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "real", "work"]
+    _one_line_error(_cli(verb, c, "--out", "", "-q"), r"--out is empty; give a folder")
+
+
+def _audit_pool(probe: Path):
+    from embedcache.auditing.findings import Pool
+    from embedcache.config import AuditConfig
+
+    with open_cache(probe / "c.h5") as c:
+        return Pool.read(c), AuditConfig()
+
+
+@pytest.mark.parametrize("verb", ["export-features", "audit"])
+def test_a_folder_output_failing_at_any_write_keeps_the_earlier_one_or_says_it_is_unfinished(
+    probe, tmp_path, monkeypatch, verb
+):
+    """D3, D14, D15: disk full at each write in turn (into the staging folder, or while the
+    files move into place): one line, no temporary folder, never a folder that looks finished
+    but mixes two runs; the next run finishes it."""
+    import pyarrow.parquet as pq
+
+    import embedcache.auditing as auditing
+    from embedcache.errors import EmbedcacheError
+
+    found = auditing._findings(*_audit_pool(probe), progress=False, say=print)
+    monkeypatch.setattr(auditing, "_findings", lambda *a, **k: found)  # only the writes differ
+    run = _folder_verbs(probe)[verb]
+    ref = tmp_path / "ref"
+    run(ref)
+    targets = [(Path, "write_text"), (os, "replace"), (np.lib.format, "write_array_header_1_0")]
+    targets += (
+        [(pq, "write_table")] if verb == "export-features" else [(csv.DictWriter, "writerows")]
+    )
+    fail = _FailAt(monkeypatch, targets)
+    fail.arm(None)
+    run(tmp_path / "count")
+    writes = fail.calls
+    assert writes >= 5, writes
+    for k in range(1, writes + 1):
+        out = tmp_path / f"out{k}"
+        run(out)
+        (out / FINISHED[verb]).write_text((out / FINISHED[verb]).read_text() + " ")  # a mark
+        earlier = _user_files(out)
+        fail.arm(k, errno.ENOSPC)
+        try:
+            run(out)
+            failed = False  # the marker's last update, once every file was in place
+        except EmbedcacheError as e:
+            assert re.match(rf"^cannot write {out} \(no space left on the device\)", str(e)), e
+            failed = True
+        fail.arm(None)
+        now = _user_files(out)
+        assert not [p for p in out.iterdir() if p.name.startswith(".embedcache-tmp")], k
+        if not failed:
+            assert sorted(now) == sorted(_user_files(ref)) and now != earlier, k
+        else:  # the earlier output whole, or one that does not look finished
+            assert now == earlier or FINISHED[verb] not in now, k
+        run(out)
+        assert sorted(_user_files(out)) == sorted(_user_files(ref)), k
+
+
+def test_a_folder_output_on_a_full_disk_in_a_real_process_is_one_line(probe, tmp_path):
+    """D3 (SIGBUS, a traceback), D14: the kernel refuses a write (RLIMIT_FSIZE, as a full disk
+    would): one line, exit 1, nothing left where the output would have gone."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # export 12 KB, audit 6 KB
+
+    for verb in ("export-features", "audit"):
+        out = tmp_path / verb
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "embedcache",
+                verb,
+                str(probe / "c.h5"),
+                "--out",
+                str(out),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            preexec_fn=small_files,
+        )
+        assert p.returncode == 1, p.stderr
+        assert re.fullmatch(
+            rf"Error: cannot write {out} \(file too large\); free some space or choose a "
+            r"writable location\n",
+            p.stderr,
+        ), p.stderr
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["export-features", "audit"])
+def test_the_leftovers_of_a_killed_folder_output_are_removed_by_the_next_run(probe, tmp_path, verb):
+    """D3, D21: a SIGKILLed run leaves its staging folder (and older versions left .OUT.tmp-PID
+    and .OUT.old-PID beside OUT); the next run of the same command removes those of dead runs,
+    and leaves a running one's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    _folder_verbs(probe)[verb](out)
+    staging = out / f".embedcache-tmp-{dead.pid}"
+    (staging / "train").mkdir(parents=True)
+    (staging / "train" / "x.npy").write_bytes(b"half")
+    old = [tmp_path / f".out.{kind}-{dead.pid}" for kind in ("tmp", "old")]
+    for p in old if verb == "export-features" else ():
+        p.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as running:
+        other = out / f".embedcache-tmp-{running.pid}"
+        other.mkdir()
+        _folder_verbs(probe)[verb](out)
+        running.kill()
+    assert not staging.exists() and other.is_dir()
+    assert not any(p.exists() for p in old)
+
+
+def test_compare_refuses_a_work_folder_holding_files_it_did_not_write(probe, tmp_path):
+    """compare fills --workdir in place: only a new, empty or earlier compare folder."""
+    from embedcache import compare
+    from embedcache.errors import EmbedcacheError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "compare.md").write_text("my notes")
+    with pytest.raises(EmbedcacheError, match=r"holds compare\.md, which compare did not write"):
+        compare(probe / "d", workdir=work, backbone=TINY["backbone"], weights="none")
+    assert (work / "compare.md").read_text() == "my notes"
+
+
+def test_an_mlp_too_wide_for_the_memory_is_refused_before_any_work(probe, tmp_path):
+    """D17: --hidden 1000000000 was a 2 TB allocation and a traceback."""
+    _one_line_error(
+        _cli("train-head", probe / "c.h5", "--out", tmp_path / "h.pt", "--hidden", "1000000000"),
+        r"^Error: --hidden 1000000000 makes an MLP of [\d,]+ M parameters, about [\d,.]+ GB to "
+        r"train, and [\d.]+ GB of memory is available; lower --hidden",
+    )
+    _one_line_error(
+        _cli("train-head", probe / "c.h5", "--out", "", "-q"),
+        r"--out is empty; give a file name such as head\.pt",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -58,7 +58,10 @@ def test_export_refuses_a_folder_it_did_not_write_and_replaces_its_own(make_cach
     other = tmp_path / "photos"
     other.mkdir()
     (other / "keep.jpg").write_bytes(b"x")
-    with pytest.raises(EmbedcacheError, match=r"holds keep\.jpg, which export-features did not write; pass a new or empty folder"):
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"holds keep\.jpg, which export-features did not write; pass a new or empty folder",
+    ):
         export_features(cache, out=other, progress=False)
     assert (other / "keep.jpg").read_bytes() == b"x"
     export_features(cache, out=tmp_path / "out", progress=False)

@@ -436,7 +436,7 @@ def test_train_and_test_folders_without_val_fine_tune_on_the_heads_validation_im
     with open_cache(tmp_path / "c.h5") as c:
         paths, labels = c.paths("train"), c.labels("train")
     head_val = {paths[i] for i in holdout(paths, labels, fraction=0.2, seed=0)[1]}
-    images, _ = _labelled(data, FinetuneConfig())
+    images, _, _ = _labelled(data, FinetuneConfig())
     assert {s.path for s in images.splits["val"]} == head_val
     assert not head_val & {s.path for s in images.splits["train"]}  # no leak into fine-tuning
     kw = {**FT, "backbone": None, "weights": None, "image_size": None}

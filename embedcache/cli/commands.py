@@ -25,6 +25,7 @@ from ..config import (
     HeadConfig,
     PredictConfig,
 )
+from ..outputs import shown
 from . import show
 from .group import main
 from .options import (
@@ -288,7 +289,7 @@ def compare(data, quiet, as_json, **values):
         emit_json(json.loads(r.files["json"].read_text()))
         return
     click.echo(r.markdown)
-    click.echo(f"\nwrote {', '.join(str(p) for p in r.files.values())}")
+    click.echo(f"\nwrote {', '.join(shown(p) for p in r.files.values())}")
 
 
 @main.command()
@@ -332,7 +333,8 @@ def audit(cache, out, quiet, as_json, **values):
         section = r.summary[name]
         count = "not checked" if section["count"] is None else section["count"]
         click.echo(f"{name.replace('_', ' '):<16} {count}  ({section['how']})")
-    click.echo(f"wrote {r.files['report']}, {r.files['summary']} and one CSV per finding in {out}")
+    files = f"{shown(r.files['report'])}, {shown(r.files['summary'])}"
+    click.echo(f"wrote {files} and one CSV per finding in {shown(out)}")
 
 
 @main.command("export")

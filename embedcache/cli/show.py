@@ -15,17 +15,17 @@ def info(s: dict) -> None:
     """A cache's summary (``Cache.summary()``, with ``verify`` when it was checked)."""
     t = s["transform"]
     click.echo(
-        f"{s['path']}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, "
+        f"{shown(s['path'])}  ({s['file_bytes'] / 1e6:.1f} MB, format {s['format_version']}, "
         f"created {s.get('created', '?')})"
     )
     if s["parts"]:
         click.echo(
             f"storage    virtual: features read from {len(s['parts'])} part files "
-            f"({s['parts_bytes'] / 1e6:.1f} MB) in {Path(s['parts'][0]).parent}"
+            f"({s['parts_bytes'] / 1e6:.1f} MB) in {shown(Path(s['parts'][0]).parent)}"
         )
     else:
         click.echo("storage    single file")
-    click.echo(f"backbone   {s['backbone']}  weights {s['weights']}")
+    click.echo(f"backbone   {shown(s['backbone'])}  weights {shown(s['weights'])}")
     click.echo(
         f"features   {s['feature_dim']}-d {s['dtype']} from a "
         f"{s.get('precision', 'unrecorded')} forward pass; "
@@ -35,7 +35,7 @@ def info(s: dict) -> None:
         click.echo(
             f"views      {s['views']} per train image, 1 per other image: {s['view_policy']}"
         )
-    click.echo(f"source     {s['source']} ({s['layout']})")
+    click.echo(f"source     {shown(s['source'])} ({s['layout']})")
     more = " ..." if len(s["classes"]) > 20 else ""
     click.echo(f"classes    {len(s['classes'])}: {', '.join(map(shown, s['classes'][:20]))}{more}")
     for name, sp in s["splits"].items():
@@ -79,6 +79,8 @@ def head(r) -> None:
     m = r.metrics
     if m["val_source"] != "val split":
         click.echo(m["val_source"])
+    if "exclude" in m:
+        click.echo(m["exclude"]["note"])
     if len(m.get("sweep", [])) > 1:
         for row in m["sweep"]:
             cells = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
@@ -107,7 +109,7 @@ def head(r) -> None:
             f"refit on train + val ({rf['images']} images){epochs}: the saved head; "
             "the accuracies above are its configuration's before the refit"
         )
-    click.echo(f"wrote {r.path} and {', '.join(str(p.name) for p in r.files.values())}")
+    click.echo(f"wrote {shown(r.path)} and {', '.join(shown(p.name) for p in r.files.values())}")
 
 
 def _more_scores(m: dict) -> str:
@@ -135,7 +137,8 @@ def finetuned(r) -> None:
         f"of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{note})"
     )
     click.echo(
-        f"wrote {r.path} and {', '.join(p.name for k, p in r.files.items() if k != 'model')}"
+        f"wrote {shown(r.path)} and "
+        f"{', '.join(shown(p.name) for k, p in r.files.items() if k != 'model')}"
     )
 
 
@@ -147,7 +150,9 @@ def evaluation(r: dict) -> None:
     split = r["split"]
     if split == ALL_IMAGES:
         split = f"all of {r['data']} (class folders, no split folders)"
-    click.echo(f"{split}: {scores} on {r['images']} images{how}")
+    click.echo(f"{shown(split)}: {scores} on {r['images']} images{how}")
+    if "exclude" in r:
+        click.echo(r["exclude"]["note"])
     click.echo(r["report"].rstrip())
     classes = [shown(c) for c in r["classes"]]
     width = max(len(c) for c in classes)
@@ -174,10 +179,10 @@ def predictions(rows: list[dict]) -> None:
 
 def exported(info: dict, fmt: str) -> None:
     """What export wrote, and the input and output of the exported network."""
-    click.echo(
-        f"wrote {info['path']} ({fmt}, from a {info['exported_from']}) and {info['path']}.json"
-    )
+    path = shown(info["path"])
+    click.echo(f"wrote {path} ({fmt}, from a {info['exported_from']}) and {path}.json")
     click.echo(f"input  images: float32 {info['input_shape']}, RGB in [0, 1]; {info['preprocess']}")
     click.echo(
-        f"output logits over {len(info['classes'])} classes: {', '.join(info['classes'][:10])}"
+        f"output logits over {len(info['classes'])} classes: "
+        f"{', '.join(map(shown, info['classes'][:10]))}"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decode import JPEG_MAGIC, UnreadableImage, check_file, os_reason
+from .decode import JPEG_MAGIC, UnreadableImage, check_file, check_jpeg, os_reason
 from .transform import EvalTransform, preprocess, resize_geometry
 
 
@@ -205,6 +206,12 @@ def _gpu_batch(
 ):
     failed = {k: d for k, d in enumerate(datas) if isinstance(d, str)}
     jpeg = [k for k, d in enumerate(datas) if isinstance(d, bytes) and d[:3] == JPEG_MAGIC]
+    for k in jpeg:
+        try:  # before nvJPEG, which would allocate what the header claims
+            check_jpeg(io.BytesIO(datas[k]), len(datas[k]))
+        except UnreadableImage as e:
+            failed[k] = str(e)
+    jpeg = [k for k in jpeg if k not in failed]
     images: dict[int, torch.Tensor] = {}
     for k, img in zip(jpeg, _nvjpeg([datas[k] for k in jpeg], device), strict=True):
         if img is not None:

@@ -10,6 +10,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -129,15 +130,72 @@ def check_file(path: Path) -> None:
         raise UnreadableImage("empty file (0 bytes)")
 
 
+# A JPEG whose header claims more pixels than its bytes can code is a cut or forged file:
+# libjpeg paints what is missing flat grey, and a 780-byte file claiming 65000 x 65000 pixels
+# was extracted as a grey image. A Huffman-coded JPEG (baseline, extended or progressive:
+# SOF0-SOF2, what cameras and PIL write) codes at least one symbol of at least 1 bit per 8x8
+# block of its full-resolution component in each DC scan: at most 64 pixels a bit, 512 a
+# byte. Flat 4000 x 3000 JPEGs from PIL (grey and colour, quality 10..95, baseline and
+# progressive, optimize=True, with and without chroma subsampling) reach 255 pixels a byte;
+# 4096 leaves a margin of 8 over the bound. Arithmetic-coded and lossless frames, which can
+# code a flat block in less than a bit, are not checked.
+MAX_JPEG_PIXELS_PER_BYTE = 4096
+_HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
+
+
+def _jpeg_frame(f: BinaryIO) -> tuple[int, int, int] | None:
+    """(SOF marker, width, height) of the JPEG in ``f``, read from its start; None where the
+    segments before the frame header do not parse (the decoder then decides)."""
+    pos = 2
+    for _ in range(1024):  # segments before the frame: APPn, DQT, DHT, COM, ...
+        f.seek(pos)
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif marker in _FRAMES:
+            frame = f.read(5)  # precision, height, width
+            if len(frame) < 5:
+                return None
+            return marker, int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")
+        else:
+            pos += 2 + int.from_bytes(head[2:4], "big")
+    return None
+
+
+def check_jpeg(f: BinaryIO, size_bytes: int) -> None:
+    """Raise UnreadableImage for a JPEG (the file object ``f``, ``size_bytes`` long) whose
+    header claims more pixels than its bytes can code (see MAX_JPEG_PIXELS_PER_BYTE)."""
+    frame = _jpeg_frame(f)
+    if frame is None or frame[0] not in _HUFFMAN_FRAMES:
+        return
+    _, w, h = frame
+    if w * h > MAX_JPEG_PIXELS_PER_BYTE * size_bytes:
+        raise UnreadableImage(
+            f"truncated image (header claims {w}x{h} pixels in {size_bytes} bytes)"
+        )
+
+
 def _open_image(path: Path | io.BytesIO, short_side: int | None) -> Image.Image:
-    """``Image.open``, except that a JPEG is drafted (see :func:`load_rgb`) before PIL's pixel
-    limit is applied: the limit guards the pixels decoded, and libjpeg decodes a 100 MP photo
-    at 1/8 scale for a 256 px crop, so it is cheap, not a decompression bomb."""
+    """``Image.open``, except that a JPEG is checked against its size (:func:`check_jpeg`) and
+    drafted (see :func:`load_rgb`) before PIL's pixel limit is applied: the limit guards the
+    pixels decoded, and libjpeg decodes a 100 MP photo at 1/8 scale for a 256 px crop, so it
+    is cheap, not a decompression bomb."""
     if isinstance(path, io.BytesIO):  # a shard member's bytes (see _opened)
         head, source = path.getvalue()[:3], path
+        if head == JPEG_MAGIC:
+            check_jpeg(path, len(path.getvalue()))
+            path.seek(0)
     else:
         with open(path, "rb") as f:
             head, source = f.read(3), str(path)
+            if head == JPEG_MAGIC:
+                check_jpeg(f, os.fstat(f.fileno()).st_size)
     if head != JPEG_MAGIC:
         return Image.open(path)
     from PIL import JpegImagePlugin

@@ -184,6 +184,8 @@ def finetune(
         say(describe(setup))
         if setup.val_source != "val split":
             say(setup.val_source)
+        if setup.excluded:
+            say(setup.excluded)
         plan = plan_prefix(setup)
         prefix = None
         try:

@@ -84,6 +84,7 @@ class Setup:
     unfreeze: int
     group: Group = Group()
     trained: TrainedOn | None = None  # the images the model trains on, for its checkpoint
+    excluded: str | None = None  # what --exclude left out, one line (None without it)
 
     def owns(self, items: np.ndarray) -> np.ndarray:
         """Which of ``items`` (item numbers) this rank handles: those of every world-th block of
@@ -211,12 +212,13 @@ def _backbone_for(cfg: FinetuneConfig, head: HeadCheckpoint | None) -> Backbone:
     return build_backbone(name, weights=weights, image_size=size, device="cpu")
 
 
-def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str]:
-    """The images with train and val splits (val held out of train as train-head does)."""
+def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str, str | None]:
+    """The images with train and val splits (val held out of train as train-head does), and
+    what --exclude left out."""
     images, val_source = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
-    images = excluded(images, cfg.exclude, str(data))
+    images, note = excluded(images, cfg.exclude, str(data))
     no_train = (
         f"{data} has no labelled train split; finetune needs class folders or a CSV with labels"
     )
@@ -231,7 +233,7 @@ def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str]:
         empty=no_train,
         unlabelled=f"{data} has unlabelled images in train or val; finetune needs labels",
     )
-    return images, val_source
+    return images, val_source, note
 
 
 def prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group) -> Setup:
@@ -243,7 +245,7 @@ def prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group) 
         )
     head_ckpt = HeadCheckpoint.load(cfg.head) if cfg.head is not None else None
     bb = _backbone_for(cfg, head_ckpt)
-    images, val_source = _labelled(data, cfg)
+    images, val_source, note = _labelled(data, cfg)
     classes = images.classes
     carved = val_source != "val split"
     if head_ckpt:
@@ -284,6 +286,7 @@ def prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group) 
         n,
         group,
         trained,
+        note,
     )
 
 

@@ -288,6 +288,7 @@ def train_head(
         )
         arch = {"kind": cfg.head, "dim": c.feature_dim, "num_classes": len(classes)}
         arch.update(hidden=cfg.hidden, dropout=cfg.dropout)
+        _check_head_memory(arch, len(cfg.lr) * len(cfg.weight_decay))
         batch_size = _batch_size(cfg, data.train.n, c.feature_dim)
         resume = _resume_state(out, recorded, arch, cfg, data.views) if cfg.resume else None
         module, metrics, state = _fit(data, classes, arch, cfg, batch_size, progress, resume)
@@ -327,7 +328,7 @@ def _summary(cache, c: Cache, cfg: HeadConfig, data: Data, arch: dict, batch_siz
         "seconds": round(seconds, 3),
         "views": {"stored": c.num_views, "used": data.views},
         "config": config,
-    }
+    } | ({"exclude": data.exclude} if data.exclude else {})
 
 
 def _train_state(state: dict, cfg: HeadConfig, data: Data) -> dict:
@@ -384,6 +385,27 @@ def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     named = {"accuracy": "val_acc", "balanced_accuracy": "val_balanced_acc", "top5": "val_top5"}
     return {**{named[k]: v for k, v in scores(logits, labels).items()}, "val_loss": float(loss)}
+
+
+TRAIN_COPIES = 6  # parameters, gradients, AdamW's two moments, the best epoch's, the refit's
+
+
+def _check_head_memory(arch: dict, heads: int) -> None:
+    """Refuse an MLP too wide to train in the memory available now, before any work
+    (--hidden 1000000000 asked for a 2 TB allocation deep inside torch)."""
+    from ..feed import available_memory_bytes
+
+    if arch["kind"] not in ("mlp", "auto"):
+        return
+    h, dim, c = arch["hidden"], arch["dim"], arch["num_classes"]
+    params = h * (dim + 1) + (h + 1) * c
+    need, free = 4 * params * TRAIN_COPIES * max(1, heads), available_memory_bytes()
+    if need > free:
+        raise EmbedcacheError(
+            f"--hidden {h} makes an MLP of {params / 1e6:,.0f} M parameters, about "
+            f"{need / 1e9:,.1f} GB to train, and {free / 1e9:.1f} GB of memory is available; "
+            "lower --hidden (the default is 512)"
+        )
 
 
 def _claim(out, cache, c: Cache) -> None:

@@ -11,7 +11,7 @@ from ..cache import Cache
 from ..config import HeadConfig
 from ..data import holdout, holdout_note, paths_digest
 from ..errors import EmbedcacheError
-from ..exclusion import row_filter
+from ..exclusion import Matched, row_filter
 from ..feed import Rows, ViewRows, memory_budget
 from ..models import labelled
 
@@ -63,6 +63,7 @@ class Data:
     views: int  # views per training image used (0: plain features only)
     carved: bool = False  # validation held out of train (not the cache's own val split)
     digests: dict = field(default_factory=dict)  # split -> digest of its paths (TrainedOn)
+    exclude: dict | None = None  # what --exclude left out (Matched.record), None without it
 
 
 def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
@@ -84,7 +85,7 @@ def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
             f"the train split of {cache.path} has a single class ({name}); "
             "a classifier needs at least two"
         )
-    kept = row_filter(cache, cfg.exclude)  # (split, rows) -> the rows --exclude leaves in
+    kept, matched = row_filter(cache, cfg.exclude)  # (split, rows) -> the rows left in
     feats = cache.features("train")
     # views train the epoch-based heads; logreg on plain + 4 views of the digits took 268 s
     # against 4 s
@@ -110,14 +111,19 @@ def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
     paths = cache.paths("train")
     digests = {"train": paths_digest(paths)}
     if "val" in cache:
-        vlabels, every = _labels(cache, "val"), kept("val", np.arange(len(cache.labels("val"))))
+        vlabels = _labels(cache, "val")
+        every, tr = kept("val", np.arange(len(vlabels))), kept("train", np.arange(len(labels)))
+        counts = {"train": (len(labels), len(tr)), "val": (len(vlabels), len(every))}
+        excl = _excluded(matched, counts, cache, labels[tr])
         val = Rows(cache.features("val"), vlabels, every, in_memory)
         mirror = _mirror(cache, "val", vlabels, every, in_memory)
         digests["val"] = paths_digest(cache.paths("val"))
-        train = train_rows(kept("train", np.arange(len(labels))))
-        return Data(train, val, "val split", mirror, used, False, digests)
+        return Data(train_rows(tr), val, "val split", mirror, used, False, digests, excl)
     tr, va = holdout(paths, labels, fraction=cfg.val_fraction, seed=cfg.seed)
+    before = len(tr), len(va)
     tr, va = kept("train", tr), kept("train", va)
+    counts = {"train": (before[0], len(tr)), "val (held out of train)": (before[1], len(va))}
+    excl = _excluded(matched, counts, cache, labels[tr])
     if len(va) == 0 and cfg.val_fraction == 0:
         raise EmbedcacheError(
             f"cache {cache.path} has no val split and --val-fraction is 0: nothing to validate on; "
@@ -130,7 +136,21 @@ def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
     how = holdout_note(len(va), len(labels), cfg.val_fraction, cfg.seed)
     mirror = _mirror(cache, "train", labels, va, in_memory)
     val = Rows(feats, labels, va, in_memory)
-    return Data(train_rows(tr), val, how, mirror, used, True, digests)
+    return Data(train_rows(tr), val, how, mirror, used, True, digests, excl)
+
+
+def _excluded(
+    matched: Matched | None, counts: dict[str, tuple[int, int]], cache: Cache, labels: np.ndarray
+) -> dict | None:
+    """What the metrics record of --exclude (None without it), given the rows of each split
+    before and after it and the train labels left; refuses an exclusion that leaves a split
+    empty or train with one class."""
+    if matched is None:
+        return None
+    for split, (before, after) in counts.items():
+        matched.check_left(split, before, after)
+    matched.check_classes(cache.labels("train"), labels, cache.classes)
+    return matched.record(sum(b - a for b, a in counts.values()), ", ".join(counts))
 
 
 def _mirror(cache: Cache, split: str, labels, rows: np.ndarray, in_memory: bool) -> Rows | None:
