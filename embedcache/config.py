@@ -178,6 +178,14 @@ def _num_workers():
     )
 
 
+COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
+# A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran 0-5% faster
+# than the folded net with its activations fused (benchmarks/results/bn_fold_cpu.md); end to
+# end in fp32 the fused net was 1.05-1.17x the frozen graph on 398-960 images over four
+# backbones and level on 5,421 (fp32_freeze_cpu*.md): freezing may pay only beyond that.
+FREEZE_FROM_IMAGES = 10_000
+
+
 @dataclass(frozen=True)
 class ExtractConfig(_Config):
     """Settings of :func:`embedcache.extract`."""
@@ -214,11 +222,11 @@ class ExtractConfig(_Config):
     compile: str = setting(
         "auto",
         "Compile the backbone: on a GPU with torch.compile, on a CPU as a frozen TorchScript "
-        "graph (BatchNorm folded into the convolutions; each batch shape checked against eager "
-        "first, eager where they differ). auto: from 10,000 images in the cache on a "
-        "GPU, from 256 on a CPU for fp32 runs of nets with BatchNorm (1.5x for EfficientNets; "
-        "ViT/ConvNeXt gain nothing); every other auto run folds BatchNorm into the convolutions "
-        "eager, with no tracing (1.1-1.4x). off: the backbone as built.",
+        "graph (each batch shape checked against eager first, eager where they differ). auto: "
+        f"from {COMPILE_FROM_IMAGES:,} images in the cache on a GPU, from "
+        f"{FREEZE_FROM_IMAGES:,} on a CPU for fp32 runs of nets with BatchNorm; every other "
+        "auto run folds BatchNorm into the convolutions, eager, with no tracing (docs: "
+        "performance). off: the backbone as built.",
         choices=("auto", "on", "off"),
     )
     views: int = setting(

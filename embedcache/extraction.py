@@ -109,28 +109,27 @@ class ExtractResult:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        """A one-paragraph report for humans."""
+        """For people: what the cache holds first, then how this run made it, then warnings."""
         if self.up_to_date:
-            return f"{self.path} is up to date ({self.images} images); nothing to extract"
+            return f"{shown(self.path)} is up to date ({self.images} images); nothing to extract"
         splits = ", ".join(f"{k} {v}" for k, v in self.splits.items())
-        mb = self.file_bytes / 1e6
-        extra = ""
-        if self.views:
-            extra = (
-                f"; {self.views} views per train image (1 mirror elsewhere), a forward pass each"
-            )
+        views = f", {self.views} augmented views per train image" if self.views else ""
+        skipped = f"; {self.skipped} skipped (unreadable)" if self.skipped else ""
+        lines = [f"{shown(self.path)}: features of {self.images} images ({splits}){views}{skipped}"]
+        how = f"{self.extracted} extracted in {self.seconds:.1f} s"
+        if self.extracted:
+            how += f" ({self.images_per_s:.1f} images/s)"
+        how += f", {self.reused} reused; {self.file_bytes / 1e6:.1f} MB"
         if len(self.ranks) > 1:
             rates = ", ".join(f"{n / s:.1f}" if s > 0 else "0" for n, s in self.ranks)
-            extra += f"; {len(self.ranks)} ranks at {rates} images/s"
+            how += f"; {len(self.ranks)} ranks at {rates} images/s"
         if self.pace is not None and self.extracted:
-            extra += f"; {self.pace.verdict()}"
-        return (
-            f"wrote {self.path}: {self.images} images ({splits}), {self.skipped} skipped, "
-            f"{self._ignored()}{self.extracted} extracted in {self.seconds:.1f} s "
-            f"({self.images_per_s:.1f} images/s{extra}), {self.reused} reused, {mb:.1f} MB"
-            + "".join(f"\nwarning: class {shown(k)!r} has no image" for k in self.empty_classes)
-            + self._leak_warning()
-        )
+            how += f"; {self.pace.verdict()}"
+        lines.append(how)
+        if self.ignored:
+            lines.append(self._ignored())
+        lines += [f"warning: class {shown(k)!r} has no image" for k in self.empty_classes]
+        return "\n".join(lines) + self._leak_warning()
 
     def _leak_warning(self) -> str:
         if not self.leaks:
@@ -142,15 +141,13 @@ class ExtractResult:
         )
 
     def _ignored(self) -> str:
-        """'3 ignored (2 .heic, 1 folder), ' for the files the scan did not read, or ''."""
-        if not self.ignored:
-            return ""
+        """'3 ignored (2 .heic, 1 folder; ...)': the files the scan did not read."""
         kinds: dict[str, int] = {}
         for item in self.ignored:
             kind = item["reason"].split("(")[-1].rstrip(")") if "(" in item["reason"] else "folder"
             kinds[kind] = kinds.get(kind, 0) + 1
         top = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
-        return f"{len(self.ignored)} ignored ({top}; see embedcache info), "
+        return f"{len(self.ignored)} ignored ({top}; see embedcache info {shown(self.path)})"
 
 
 def _batches(todo: dict[str, np.ndarray], batch_size: int) -> tuple[list, list[list[int]]]:
@@ -361,9 +358,9 @@ def extract(
     cache exists, and refuses a cache made with other settings unless
     ``overwrite``. See :func:`embedcache.data.scan` for the accepted layouts.
 
-    Under torchrun each rank forwards every world-th batch of the rows to do
-    into its own shard file next to ``out``; rank 0 then joins the shards into
-    one ordinary cache, the same file a one-process run writes.
+    Under torchrun each rank forwards one contiguous run of the batches to do
+    (:func:`share`) into its own shard file next to ``out``; rank 0 then joins
+    the shards into one ordinary cache, the same file a one-process run writes.
 
     Returns
     -------

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DEVICES, PRECISIONS
+# the thresholds of compile_mode live beside --compile's help, which quotes them
+from .config import COMPILE_FROM_IMAGES, DEVICES, FREEZE_FROM_IMAGES, PRECISIONS
 from .errors import EmbedcacheError
 from .folding import Folded
 
@@ -290,14 +291,6 @@ def gpu_batch_fits(net: torch.nn.Module, crop: int, device: torch.device, amp: t
     return fits
 
 
-COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
-# A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran 0-5% faster
-# than the folded net with its activations fused (benchmarks/results/bn_fold_cpu.md); end to
-# end in fp32 the fused net was 1.05-1.17x the frozen graph on 398-960 images over four
-# backbones and level on 5,421 (fp32_freeze_cpu*.md): freezing may pay only beyond that.
-FREEZE_FROM_IMAGES = 10_000
-
-
 def compile_mode(
     compile: str,
     device: torch.device,
@@ -480,3 +473,100 @@ class Pace:
             f"compute-bound: the backbone waited {share:.0%} of the time for decoded images "
             "(a GPU or a smaller backbone would help, more decoders would not)"
         )
+
+
+# A run's one bar counts work in estimated seconds (see finetuning.estimate); its ETA is the work
+# left over the rate of the whole run so far (tqdm smoothing 0), not of the last steps, so that one
+# phase's misestimate (a decode-bound prefix cache, say) does not swing the ETA of the next.
+_OVERALL_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+
+
+class Overall:
+    """One progress bar with one ETA over a run of unequal phases: finetune's prefix cache and
+    epochs, compare's rows. Work is counted in estimated seconds, so the bar moves with the time
+    each step should take whatever its kind, and the ETA corrects the estimate as the run goes.
+
+    A run inside a larger one (``Overall.of(larger)``) draws its own bar and moves the larger one
+    through the share the larger run gave it (:meth:`part`)."""
+
+    def __init__(self, desc: str, *, enabled: bool, parent: Overall | None = None):
+        from tqdm.auto import tqdm
+
+        self.parent, self.total, self.done = parent, 1.0, 0.0
+        self._part: tuple[float, float] | None = None  # (work done at its start, its share)
+        self.bar = tqdm(
+            total=1.0,
+            desc=desc,
+            disable=not enabled,
+            bar_format=_OVERALL_FORMAT,
+            dynamic_ncols=True,
+            smoothing=0.0,
+        )
+
+    @classmethod
+    def of(cls, progress: bool | Overall, desc: str) -> Overall:
+        """The bar of a run: its own (``progress`` True) or none (False); given a larger run's
+        bar, one that also moves that bar."""
+        if isinstance(progress, Overall):
+            return cls(desc, enabled=progress.enabled, parent=progress)
+        return cls(desc, enabled=bool(progress))
+
+    @property
+    def enabled(self) -> bool:
+        return not self.bar.disable
+
+    def expect(self, work: float) -> None:
+        """The run's whole work, in estimated seconds."""
+        self.total = self.bar.total = max(float(work), 1e-9)
+        self.bar.refresh()
+
+    def advance(self, work: float) -> None:
+        """``work`` (estimated seconds) done; never past the end (an overrun waits there)."""
+        step = max(0.0, min(float(work), self.total - self.done))
+        self.done += step
+        self.bar.update(step)
+        if self.parent is not None:
+            self.parent._share(step / self.total)
+
+    def _share(self, fraction: float) -> None:
+        if self._part is not None:
+            start, share = self._part
+            self.advance(min(fraction * share, start + share - self.done))
+
+    @contextlib.contextmanager
+    def part(self, share: float, text: str) -> Iterator[None]:
+        """Count what runs in the block as ``share`` of this bar's work: a bar made
+        :meth:`of` this one moves it in proportion, and what is left when the block ends (a run
+        stopped early, a step with no bar of its own) is added then."""
+        self._part = (self.done, float(share))
+        self.phase(text)
+        try:
+            yield
+        finally:
+            start, _ = self._part
+            self._part = None
+            self.advance(start + share - self.done)
+
+    def phase(self, text: str) -> None:
+        """What runs now, shown after the ETA."""
+        self.bar.set_postfix_str(text)
+
+    def writer(self, say: Callable[[str], None]) -> Callable[[str], None]:
+        """``say`` clearing the bars while it writes, so that a line never cuts through one."""
+        if not self.enabled:
+            return say
+
+        def said(line: str) -> None:
+            with self.bar.external_write_mode():
+                say(line)
+
+        return said
+
+    def finish(self) -> None:
+        """The run is done (sooner than planned, maybe): fill the bar and close it."""
+        self.advance(self.total - self.done)
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar where it stands (an interrupted run's stays short)."""
+        self.bar.close()

@@ -204,7 +204,7 @@ def test_cli_audit_prints_counts_and_refuses_a_file_as_out(tmp_path, planted):
         main, ["audit", str(cache), "--out", str(tmp_path / "o"), "-q", "--device", "cpu"]
     )
     assert r.exit_code == 0, r.output
-    assert "near duplicates  1" in r.output and "report.html" in r.output
+    assert ", 1 near duplicate, " in r.output.splitlines()[0] and "report.html" in r.output
     (tmp_path / "f").write_text("x")
     r = runner.invoke(main, ["audit", str(cache), "--out", str(tmp_path / "f")])
     assert r.exit_code != 0

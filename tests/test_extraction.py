@@ -570,7 +570,7 @@ def test_views_are_the_mirror_then_seeded_crops_and_leave_the_plain_rows_alone(
     plain, viewed = tmp_path / "p.h5", tmp_path / "v.h5"
     extract(tree, out=plain, dtype="float32", **extract_kw)
     r = extract(tree, out=viewed, dtype="float32", views=3, **extract_kw)
-    assert r.views == 3 and "3 views per train image" in r.summary()
+    assert r.views == 3 and "3 augmented views per train image" in r.summary()
     with open_cache(plain) as p, open_cache(viewed) as v:
         assert v.num_views == 3 and v.identity.view_policy.endswith("seed 0")
         assert p.num_views == 0 and p.views("train") is None

@@ -41,7 +41,7 @@ from .options import (
 
 
 @data_verb(ExtractConfig, "HDF5 file to write (resumed or updated if it exists).")
-def extract(data, out, quiet, as_json, **values):
+def extract(data, out, quiet, as_json, verbose, **values):
     """Run BACKBONE once over DATA and cache its pooled features in OUT.
 
     DATA is a folder (root/train/<class>/*.jpg, root/<class>/*.jpg, or a flat
@@ -74,6 +74,11 @@ def extract(data, out, quiet, as_json, **values):
         emit_json({**vars(result), "images_per_s": result.images_per_s, "pace": pace})
     else:
         click.echo(result.summary())
+        c = shown(result.path)
+        click.echo(
+            f"next: embedcache train-head {c} --out head.pt  "
+            f"(or check the data first: embedcache audit {c} --out audit/)"
+        )
 
 
 @main.command()
@@ -132,7 +137,7 @@ def backbones(as_json):
 @out_option("Head checkpoint to write; metrics, plots and a report go next to it.")
 @all_options(HeadConfig)
 @output_options
-def train_head_cmd(cache, out, quiet, as_json, **values):
+def train_head_cmd(cache, out, quiet, as_json, verbose, **values):
     """Train a head on the cached features of CACHE and save it to OUT.
 
     The default head (--head auto) trains a linear probe (an L2-regularised
@@ -163,7 +168,7 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
     if as_json:
         emit_metrics(r)
     else:
-        show.head(r)
+        show.head(r, verbose=verbose)
 
 
 @main.command()
@@ -171,7 +176,7 @@ def train_head_cmd(cache, out, quiet, as_json, **values):
 @click.argument("data", type=click.Path(path_type=str))
 @all_options(EvaluateConfig)
 @output_options
-def evaluate(model, data, quiet, as_json, **values):
+def evaluate(model, data, quiet, as_json, verbose, **values):
     """Accuracy, per-class precision/recall and confusion matrix of MODEL on DATA.
 
     MODEL is a head from train-head or a model from finetune. DATA is a cache
@@ -190,7 +195,7 @@ def evaluate(model, data, quiet, as_json, **values):
     if as_json:
         emit_json(r)
     else:
-        show.evaluation(r)
+        show.evaluation(r, verbose=verbose)
 
 
 def _default_plot(model: str, data: str, split: str) -> str | None:
@@ -214,7 +219,7 @@ def _default_plot(model: str, data: str, split: str) -> str | None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @all_options(PredictConfig)
 @output_options
-def predict(model, images, quiet, as_json, **values):
+def predict(model, images, quiet, as_json, verbose, **values):
     """Top classes and probabilities of each image (files or folders).
 
     \b
@@ -235,7 +240,7 @@ def predict(model, images, quiet, as_json, **values):
 @data_verb(
     FinetuneConfig, "Best model checkpoint; OUT.last.pt holds the latest epoch for --resume."
 )
-def finetune(data, out, quiet, as_json, **values):
+def finetune(data, out, quiet, as_json, verbose, **values):
     """Reattach a head to its backbone and train the last N blocks on DATA.
 
     Frozen blocks stay in eval mode. With no augmentation (or --views), the
@@ -262,14 +267,14 @@ def finetune(data, out, quiet, as_json, **values):
     if as_json:
         emit_metrics(r)
     else:
-        show.finetuned(r)
+        show.finetuned(r, verbose=verbose)
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=str))
 @all_options(CompareConfig)
 @output_options
-def compare(data, quiet, as_json, **values):
+def compare(data, quiet, as_json, verbose, **values):
     """Feature extraction or fine-tuning? Time and accuracy of each approach on DATA.
 
     Runs, on the same splits: the tutorial recipe (frozen backbone forwarded
@@ -297,7 +302,7 @@ def compare(data, quiet, as_json, **values):
 @out_option("Folder for the CSVs, summary.json and report.html.", folder=True)
 @all_options(AuditConfig)
 @output_options
-def audit(cache, out, quiet, as_json, **values):
+def audit(cache, out, quiet, as_json, verbose, **values):
     """Check the images of CACHE: duplicates, leaks, likely label errors, outliers.
 
     \b
@@ -329,12 +334,7 @@ def audit(cache, out, quiet, as_json, **values):
     if as_json:
         emit_json(r.summary)
         return
-    for name in ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers"):
-        section = r.summary[name]
-        count = "not checked" if section["count"] is None else section["count"]
-        click.echo(f"{name.replace('_', ' '):<16} {count}  ({section['how']})")
-    files = f"{shown(r.files['report'])}, {shown(r.files['summary'])}"
-    click.echo(f"wrote {files} and one CSV per finding in {shown(out)}")
+    show.audited(r, cache, verbose=verbose)
 
 
 @main.command("export")
@@ -371,7 +371,7 @@ def export_cmd(model, out, as_json, **values):
 )
 @all_options(ExportFeaturesConfig)
 @output_options
-def export_features_cmd(cache, out, quiet, as_json, **values):
+def export_features_cmd(cache, out, quiet, as_json, verbose, **values):
     """Write the features of CACHE as .npy files and Parquet tables in OUT.
 
     The layout clip-retrieval writes, read as it is by autofaiss, numpy, pandas

@@ -78,18 +78,20 @@ def main() -> None:
     """Transfer learning on images with a feature cache.
 
     A frozen pretrained backbone runs once over your images and its pooled
-    features go to an HDF5 file; heads then train on that file in seconds;
+    features go to an HDF5 file; heads train on that file in seconds;
     finetune then trains the last blocks of the backbone with the head.
 
     \b
-      embedcache extract DATA --backbone efficientnet_lite0 --out cache.h5
-      embedcache train-head cache.h5 --head linear --out head.pt
-      embedcache finetune DATA --head head.pt --unfreeze 2 --out model.pt
-      embedcache evaluate model.pt DATA --split val
-      embedcache predict model.pt photo.jpg
-      embedcache compare DATA            (every approach side by side)
-      embedcache audit cache.h5 --out audit/   (duplicates, leaks, label errors, outliers)
+      embedcache extract photos/ --out cache.h5        (efficientnet_lite0 by default)
+      embedcache audit cache.h5 --out audit/           (duplicates, leaks, label errors)
+      embedcache train-head cache.h5 --out head.pt     (the default head: probe + MLP)
+      embedcache evaluate head.pt cache.h5 --split test
+      embedcache predict head.pt photo.jpg
+      embedcache finetune photos/ --head head.pt --unfreeze 2 --out model.pt
+      embedcache compare photos/                       (feature extraction or fine-tuning?)
+      embedcache export model.pt --out model.onnx      (serve it elsewhere)
+      embedcache export-features cache.h5 --out feats/ (.npy + Parquet for other tools)
       embedcache info cache.h5 | embedcache backbones | embedcache demo
-      embedcache export model.pt --out model.onnx   (serve it elsewhere)
-      embedcache export-features cache.h5 --out feats/  (.npy + Parquet for other tools)
+
+    Every verb has --help; the guides are in docs/ (mkdocs serve).
     """

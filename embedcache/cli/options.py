@@ -151,8 +151,11 @@ def settings(config: type, values: dict):
 
 
 def output_options(fn):
-    """--quiet and --json, shared by every verb that prints results."""
+    """--quiet, --verbose and --json, shared by every verb that prints results."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    fn = click.option(
+        "--verbose", "-v", is_flag=True, help="Also print the working: tables, choices, timings."
+    )(fn)
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
 
 

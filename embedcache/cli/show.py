@@ -6,9 +6,32 @@ from pathlib import Path
 
 import click
 
-from ..inference import ALL_IMAGES
 from ..outputs import shown
-from ..train import describe_choice
+
+ALL_IMAGES = "all"  # embedcache.inference.ALL_IMAGES: this module loads no torch (--help)
+SHOWN_CLASSES = 20  # past this many classes the text matrix is unreadable: the PNG and JSON have it
+
+
+def pct(x: float) -> str:
+    """0.98612 -> '98.6%': people read percentages."""
+    return f"{100 * x:.1f}%"
+
+
+def wrote(paths) -> str:
+    """'wrote a, b and c'."""
+    names = [shown(p) for p in paths]
+    return "wrote " + (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0])
+
+
+def splits_of(cache) -> list[str]:
+    """The splits of a cache (h5py only), or [] if it cannot be read."""
+    import h5py
+
+    try:
+        with h5py.File(cache, "r") as h5:
+            return [k for k in ("train", "val", "test", "all") if k in h5]
+    except (OSError, TypeError):
+        return []
 
 
 def info(s: dict) -> None:
@@ -74,107 +97,171 @@ def backbones(rows: list) -> None:
         )
 
 
-def head(r) -> None:
-    """What train-head measured and wrote (a :class:`embedcache.train.HeadResult`)."""
-    m = r.metrics
-    if m["val_source"] != "val split":
-        click.echo(m["val_source"])
-    if "exclude" in m:
-        click.echo(m["exclude"]["note"])
-    if len(m.get("sweep", [])) > 1:
-        for row in m["sweep"]:
-            cells = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            click.echo("  " + "  ".join(cells))
-    best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
-    epochs = f", best epoch {m['best_epoch']} of {m['epochs_run']}" if "best_epoch" in m else ""
-    views = f"; trained on {m['views']['used']} views per image too" if m["views"]["used"] else ""
-    kind = f"{m['head']} head"
+def _head_kind(m: dict) -> str:
+    """The head in plain words: 'default head (linear probe and MLP blended)'."""
+    if "auto" not in m:
+        return f"{m['head']} head"
+    return {
+        "blend": "blend of a linear probe and an MLP",
+        "mlp": "an MLP (more accurate on validation than the linear probe)",
+        "linear": "a linear probe (more accurate on validation than the MLP)",
+    }.get(m["auto"]["chosen"], m["auto"]["chosen"])
+
+
+def _scores(m: dict, acc: str = "val_acc") -> str:
+    """'val accuracy 98.6% (balanced 98.6%, top-5 100.0%; 153 images)'."""
+    more = [f"balanced {pct(m['val_balanced_acc'])}"] if "val_balanced_acc" in m else []
+    more += [f"top-5 {pct(m['val_top5'])}"] if "val_top5" in m else []
+    more += [f"{m['val_images']} images"] if "val_images" in m else []
+    return f"val accuracy {pct(m[acc])}" + (f" ({', '.join(more)})" if more else "")
+
+
+def _head_details(m: dict) -> None:
+    """--verbose: the working behind the head (the strengths or configurations tried)."""
     if "auto" in m:
-        kind = f"default head, {describe_choice(m['auto'])}"
-    more = f", balanced {m['val_balanced_acc']:.4f}" + (
-        f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else ""
-    )
-    click.echo(
-        f"{kind}: val accuracy {m['val_acc']:.4f}{more} ({m['val_images']} images){epochs}; "
-        f"{best}{views}; {m['seconds']:.2f} s"
-    )
-    if "val_acc_tta" in m:
+        a = m["auto"]
         click.echo(
-            f"with test-time averaging (image and mirror): val accuracy {m['val_acc_tta']:.4f}"
+            f"  chose {a['chosen']} on validation (McNemar: MLP better p={a['mlp_p_value']:.3f}, "
+            f"probe better p={a['linear_p_value']:.3f}; significant below 0.05)"
         )
-    if "refit" in m:
-        rf = m["refit"]
-        epochs = f" for {rf['epochs']} epochs" if "epochs" in rf else ""
-        click.echo(
-            f"refit on train + val ({rf['images']} images){epochs}: the saved head; "
-            "the accuracies above are its configuration's before the refit"
-        )
-    click.echo(f"wrote {shown(r.path)} and {', '.join(shown(p.name) for p in r.files.values())}")
+    for row in m.get("sweep", []) if len(m.get("sweep", [])) > 1 else []:
+        cells = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        click.echo("  " + "  ".join(cells))
+    best = ", ".join(f"{k} {v:g}" for k, v in m.get("best", {}).items())
+    epochs = f"best epoch {m['best_epoch']} of {m['epochs_run']}; " if "best_epoch" in m else ""
+    click.echo(f"  {epochs}{best}; {m['seconds']:.2f} s; validation: {m['val_source']}")
 
 
-def _more_scores(m: dict) -> str:
-    """ ", balanced B, top-5 T" of a finetune's kept epoch (what it measured)."""
-    out = f", balanced {m['val_balanced_acc']:.4f}" if "val_balanced_acc" in m else ""
-    return out + (f", top-5 {m['val_top5']:.4f}" if "val_top5" in m else "")
-
-
-def finetuned(r) -> None:
-    """What finetune measured and wrote (a :class:`embedcache.finetuning.FinetuneResult`)."""
+def head(r, *, verbose: bool = False) -> None:
+    """What train-head trained, how good it is on validation, what it wrote, what next."""
     m = r.metrics
-    pc, note = m["prefix_cache"], ""
+    click.echo(f"{shown(r.path)}: {_head_kind(m)}, {_scores(m)}")
+    if "val_acc_tta" in m:
+        click.echo(f"  with test-time averaging (image and mirror): {pct(m['val_acc_tta'])}")
+    if m["val_source"] != "val split":
+        refit = " then trained again on train + val" if "refit" in m else ""
+        click.echo(f"  validation held out of train (no val split){refit}")
+    if "exclude" in m:
+        click.echo(f"  {m['exclude']['note']}")
+    if verbose:
+        _head_details(m)
+    click.echo(wrote([r.path, *(p.name for p in r.files.values())]))
+    split = "test" if "test" in splits_of(m["cache"]) else None
+    click.echo(
+        f"next: embedcache evaluate {shown(r.path)} {shown(m['cache'])} --split test"
+        if split
+        else f"next: embedcache predict {shown(r.path)} photo.jpg"
+    )
+
+
+def finetuned(r, *, verbose: bool = False) -> None:
+    """What finetune trained, how good it is, what it cost, what it wrote, what next."""
+    m = r.metrics
+    click.echo(
+        f"{shown(r.path)}: {m['config']['backbone']} with its last {m['config']['unfreeze']} "
+        f"blocks fine-tuned, {_scores(m, 'best_val_acc')}, kept epoch {m['best_epoch']} "
+        f"of {m['epochs_run']}"
+    )
+    pc, cost = m["prefix_cache"], f"  {m['seconds_per_epoch']:.2f} s per epoch"
     if pc["where"] in ("memory", "disk"):
-        note = (
-            f"; prefix cache {pc['where']} {pc['bytes'] / 1e6:.1f} MB built in "
-            f"{pc['seconds']:.1f} s"
-        )
+        cost += f"; the frozen blocks ran once ({pc['bytes'] / 1e6:.1f} MB, {pc['seconds']:.1f} s)"
         if m["estimated_speedup"] is not None:  # None when a resumed run had no epoch left
-            note += (
-                f", about {m['estimated_speedup']}x faster per epoch than running the frozen "
-                "blocks every epoch"
-            )
-    click.echo(
-        f"best val accuracy {m['best_val_acc']:.4f}{_more_scores(m)} at epoch {m['best_epoch']} "
-        f"of {m['epochs_run']} ({m['seconds_per_epoch']:.2f} s per epoch{note})"
+            cost += f", about {m['estimated_speedup']}x faster per epoch than running them each"
+    click.echo(cost)
+    if verbose:
+        click.echo(f"  validation: {m.get('val_source', 'val split')}")
+    click.echo(wrote([r.path, *(p.name for k, p in r.files.items() if k != "model")]))
+    data = shown(m["config"].get("data", "DATA"))
+    click.echo(f"next: embedcache evaluate {shown(r.path)} {data} --split test")
+
+
+def _weakest(r: dict, n: int = 3) -> str:
+    """'weakest: dog 80.0% recall (20 images), ...' from evaluate's per-class rows."""
+    rows = sorted(
+        ((name, c) for name, c in r["per_class"].items() if c["support"] and c["recall"] < 1),
+        key=lambda nc: (nc[1]["recall"], -nc[1]["support"]),
     )
-    click.echo(
-        f"wrote {shown(r.path)} and "
-        f"{', '.join(shown(p.name) for k, p in r.files.items() if k != 'model')}"
+    return ", ".join(
+        f"{shown(name)} {pct(c['recall'])} recall ({c['support']} images)" for name, c in rows[:n]
     )
 
 
-def evaluation(r: dict) -> None:
-    """Scores, the per-class report and the confusion matrix of :func:`embedcache.evaluate`."""
+def evaluation(r: dict, *, verbose: bool = False) -> None:
+    """Scores first, then the weakest classes; the report and matrix with ``verbose``."""
     how = ", logits averaged over each image and its mirror" if r["tta"] else ""
-    top5 = f", top-5 {r['top5']:.4f}" if "top5" in r else ""
-    scores = f"accuracy {r['accuracy']:.4f}, balanced {r['balanced_accuracy']:.4f}{top5}"
+    top5 = f", top-5 {pct(r['top5'])}" if "top5" in r else ""
     split = r["split"]
     if split == ALL_IMAGES:
         split = f"all of {r['data']} (class folders, no split folders)"
-    click.echo(f"{shown(split)}: {scores} on {r['images']} images{how}")
+    click.echo(
+        f"{shown(split)}: accuracy {pct(r['accuracy'])} (balanced {pct(r['balanced_accuracy'])}"
+        f"{top5}) on {r['images']} images of {shown(r['data'])}{how}"
+    )
+    if len(r["classes"]) > 2 and min(c["recall"] for c in r["per_class"].values()) < 1:
+        click.echo(f"  weakest: {_weakest(r)}")
     if "exclude" in r:
-        click.echo(r["exclude"]["note"])
+        click.echo(f"  {r['exclude']['note']}")
+    if r["skipped"]:
+        click.echo(f"  skipped {len(r['skipped'])} unreadable images")
+    if verbose:
+        _report_and_matrix(r)
+    if "plot" in r:
+        click.echo(wrote([r["plot"]]) + " (the confusion matrix)")
+
+
+def _report_and_matrix(r: dict) -> None:
     click.echo(r["report"].rstrip())
+    if len(r["classes"]) > SHOWN_CLASSES:
+        click.echo(f"confusion: {len(r['classes'])} classes, in the plot and in --json")
+        return
     classes = [shown(c) for c in r["classes"]]
     width = max(len(c) for c in classes)
     click.echo("confusion (rows true, columns predicted):")
     for c, row in zip(classes, r["confusion"], strict=True):
         click.echo(f"  {c:>{width}}  " + " ".join(f"{v:>5}" for v in row))
-    if r["skipped"]:
-        click.echo(f"skipped {len(r['skipped'])} unreadable images")
-    if "plot" in r:
-        click.echo(f"wrote {shown(r['plot'])}")
 
 
 def predictions(rows: list[dict]) -> None:
     """One line per image of :func:`embedcache.predict`: its top classes, or why it was skipped."""
     for r in rows:
+        name = shown(r.get("path", r.get("image", "")))
         if "error" in r:
-            click.echo(f"{shown(r['path'])}: skipped ({r['error']})")
+            click.echo(f"{name}: skipped ({r['error']})")
         else:
             best = ", ".join(
-                f"{shown(p['class'])} {p['probability']:.3f}" for p in r["predictions"]
+                f"{shown(p['class'])} {pct(p['probability'])}" for p in r["predictions"]
             )
-            click.echo(f"{shown(r['path'])}: {best}")
+            click.echo(f"{name}: {best}")
+
+
+FOUND = {  # finding: (one, several)
+    "exact_duplicates": ("exact duplicate", "exact duplicates"),
+    "near_duplicates": ("near duplicate", "near duplicates"),
+    "leaks": ("leak across splits or labels", "leaks across splits or labels"),
+    "label_errors": ("likely label error", "likely label errors"),
+    "outliers": ("outlier", "outliers"),
+}
+
+
+def audited(r, cache: str, *, verbose: bool = False) -> None:
+    """What the audit found, in one line, then where to look and what next."""
+    counts = []
+    for name, words in FOUND.items():
+        n = r.summary[name]["count"]
+        counts.append(
+            f"{words[1]} not checked" if n is None else f"{n} {words[0 if n == 1 else 1]}"
+        )
+    click.echo(f"{shown(cache)}: {', '.join(counts)} among {r.summary['images']} images")
+    if verbose:
+        for name in FOUND:
+            click.echo(f"  {name}: {r.summary[name]['how']}")
+    click.echo(
+        f"wrote {shown(r.files['report'])} (open it in a browser), summary.json and one CSV per "
+        f"finding in {shown(r.out)}"
+    )
+    leaks = r.summary["leaks"]["count"]
+    exclude = f" --exclude {shown(r.files['leaks'])}" if leaks else ""
+    click.echo(f"next: embedcache train-head {shown(cache)}{exclude} --out head.pt")
 
 
 def exported(info: dict, fmt: str) -> None:
