@@ -23,6 +23,7 @@ _API = {
     "FinetuneResult": "finetuning",
     "predict": "inference",
     "load_classifier": "models",
+    "Classifier": "models",
     "Cache": "cache",
     "SplitData": "cache",
     "build_backbone": "backbones",

@@ -23,7 +23,7 @@ import torch
 from .errors import EmbedcacheError
 from .heads import build_head_module
 from .identity import FeatureIdentity
-from .outputs import write_file
+from .outputs import misplaced, write_file
 
 HEAD_FORMAT = "embedcache.head"
 MODEL_FORMAT = "embedcache.model"
@@ -119,22 +119,17 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
             raise EmbedcacheError(
                 f"refusing to load {path}: it holds Python objects other than tensors ({found[1]})"
             ) from None
-        raise EmbedcacheError(
-            f"{path} is not a readable checkpoint (not a torch file); "
-            "it may be truncated or damaged"
-        ) from None
+        raise _unreadable(path, kinds, "not a torch file") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise EmbedcacheError(
-            f"{path} is not a readable checkpoint ({first}); it may be truncated or damaged"
-        ) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise _unreadable(path, kinds, first) from None
     if isinstance(obj, dict):
         _check_digest(obj, path)
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        wrong = None if isinstance(obj, dict) else misplaced(path, wanted=f"a {_wanted(kinds)}")
         raise EmbedcacheError(
-            f"{path} is not an embedcache {' or '.join(_NAMES[k] for k in kinds)} checkpoint "
-            f"(format {found!r})"
+            wrong or f"{path} is not an embedcache {_wanted(kinds)} (format {found!r})"
         )
     if int(obj.get("format_version", 1)) > FORMAT_VERSION:
         raise EmbedcacheError(
@@ -145,6 +140,21 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...]) -> dict:
 
 
 _NAMES = {HEAD_FORMAT: "head", MODEL_FORMAT: "model", STATE_FORMAT: "fine-tuning state"}
+
+
+def _wanted(kinds: tuple[str, ...]) -> str:
+    """What a loader for the formats ``kinds`` reads, e.g. "head or model checkpoint"."""
+    return f"{' or '.join(_NAMES[k] for k in kinds)} checkpoint"
+
+
+def _unreadable(path: Path, kinds: tuple[str, ...], why: str) -> EmbedcacheError:
+    """The error for a file torch cannot read as a checkpoint: what it is instead where its
+    bytes tell (a cache, an image, an export: see :func:`embedcache.outputs.misplaced`), else
+    a truncated or damaged checkpoint."""
+    return EmbedcacheError(
+        misplaced(path, wanted=f"a {_wanted(kinds)}")
+        or f"{path} is not a readable checkpoint ({why[:120]}); it may be truncated or damaged"
+    )
 
 
 def _cpu(state: dict) -> dict:

@@ -5,47 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .cache import open_cache
-from .data import IMAGE_EXTENSIONS, ImageSet, paths_digest, scan
+from .data import ImageSet, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, Matched, read_exclude
 from .forward import image_features
-from .models import Classifier, labelled, load_classifier
-from .outputs import claim
-from .runtime import (
-    Run,
-    default_batch_size,
-    default_num_workers,
-    resolve_device,
-    serving_autocast,
-    tune_allocator,
-)
-
-
-def _tta(tta: bool | None, clf: Classifier) -> bool:
-    """--tta for images: as asked, else on for a head trained on views."""
-    return clf.trained_on_views if tta is None else tta
-
-
-def _split_mirrored(features: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(plain, mirrored or None) from image_features' output."""
-    return (features[:, 0].copy(), features[:, 1].copy()) if mirror else (features, None)
-
-
-def _run(
-    clf: Classifier, device: str, batch_size: int | None, num_workers: int | None, progress: bool
-) -> Run:
-    """How images run through ``clf``'s backbone: the allocator tuned first (see
-    tune_allocator), in the precision of the cache a head was trained on where the device has
-    it in hardware (see serving_autocast), compiled as --compile auto would for extract (see
-    compile_mode)."""
-    tune_allocator()
-    dev = resolve_device(device)
-    workers = default_num_workers(dev) if num_workers is None else num_workers
-    amp = serving_autocast(dev, clf.checkpoint.recorded.precision)
-    return Run(dev, batch_size or default_batch_size(dev), workers, amp, progress, compile="auto")
+from .models import Classifier, as_classifier, labelled, serving_run, split_mirrored
+from .outputs import claim, kind_of, misplaced
+from .runtime import Run
 
 
 def _map_labels(data_classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
@@ -142,7 +110,7 @@ def _folder_split(
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
-    return *_split_mirrored(features, mirror), labels, images.classes, skipped, split, record
+    return *split_mirrored(features, mirror), labels, images.classes, skipped, split, record
 
 
 def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
@@ -158,17 +126,17 @@ def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
 
 
 def _is_cache(path: Path) -> bool:
-    """Whether ``path`` names a cache: by its suffix, else by the HDF5 signature (the first 8
-    bytes only: a CSV manifest may be large)."""
-    if path.suffix in (".h5", ".hdf5", ".partial"):
-        return True
-    if not path.is_file():  # a folder, or a FIFO that open() would wait on
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:  # unreadable: scan says why
-        return False
+    """Whether ``path`` names a cache: by its suffix, else by its bytes (see kind_of)."""
+    return path.suffix in (".h5", ".hdf5", ".partial") or kind_of(path) == "cache"
+
+
+def _check_data(data: Path) -> None:
+    """Refuse a file of another kind passed as evaluate's DATA (a checkpoint, an image), saying
+    where it goes."""
+    wanted = "data to evaluate on (a cache, an image folder or a CSV manifest)"
+    wrong = misplaced(data, wanted=wanted, accept=("cache", "manifest"))
+    if wrong:
+        raise EmbedcacheError(wrong)
 
 
 def evaluate(
@@ -197,8 +165,9 @@ def evaluate(
     unknown = set(run) - {"device", "batch_size", "num_workers"}
     if unknown:
         raise TypeError(f"evaluate() got unexpected keyword arguments {sorted(unknown)}")
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
+    clf = as_classifier(model)
     data = Path(data)
+    _check_data(data)
     if plot is not None:
         root = data if data.is_dir() else None
         inputs = [("the model", clf.path), ("the data", data)]
@@ -208,11 +177,11 @@ def evaluate(
     if _is_cache(data):
         features, mirror, labels, classes, excluded = _cache_split(clf, data, split, tta, drop)
     else:
-        on = _run(
+        on = serving_run(
             clf, run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
         )
         features, mirror, labels, classes, skipped, split, excluded = _folder_split(
-            clf, data, split, on, _tta(tta, clf), drop
+            clf, data, split, on, clf.tta(tta), drop
         )
     labelled(
         labels,
@@ -236,25 +205,9 @@ def evaluate(
     return result
 
 
-def _image_files(images: list[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted)."""
-    files: list[Path] = []
-    for item in images:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise EmbedcacheError(f"image {p} does not exist")
-    if not files:
-        raise EmbedcacheError("no images given; pass image files or folders")
-    return files
-
-
 def predict(
     model: str | Path | Classifier,
-    images: list[str | Path],
+    images,
     *,
     top_k: int = 3,
     device: str = "auto",
@@ -263,34 +216,22 @@ def predict(
     progress: bool = False,
     tta: bool | None = None,
 ) -> list[dict]:
-    """Top-k classes and probabilities for each image (a folder expands to its images).
+    """Top-k classes and probabilities of each image, by ``model`` (a head or fine-tuned model
+    checkpoint, or what :func:`embedcache.load_model` returns).
 
-    ``tta`` averages the logits of each image and its mirror (None: on for a head
-    trained on a cache's views, off otherwise).
-
-    Returns one dict per image: ``{"path", "predictions": [{"class", "probability"}, ...]}``
-    or ``{"path", "error"}`` for a file that could not be decoded.
+    ``images`` is one image or a list: paths, folders (their images, sorted), PIL images,
+    ndarrays (H, W, 3) or (H, W) uint8, tensors (3, H, W) uint8 or float in [0, 1].
+    Returns one dict per image: ``{"path"}`` for a file, ``{"image"}`` (its place in the
+    list) for an object, with ``"predictions": [{"class", "probability"}, ...]`` or
+    ``"error"`` for one that cannot be decoded; see :meth:`embedcache.models.Classifier.predict`
+    for every parameter, and what differs between an object and its file.
     """
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
-    if top_k < 1:
-        raise EmbedcacheError(f"--top-k must be at least 1, got {top_k}")
-    files = _image_files(images)
-    run = _run(clf, device, batch_size, num_workers, progress)
-    mirror = _tta(tta, clf)
-    features, ok, failed = image_features(
-        clf.backbone(run.device), files, run, desc="predict", mirror=mirror
+    return as_classifier(model).predict(
+        images,
+        top_k=top_k,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        tta=tta,
     )
-    probs = torch.softmax(clf.logits(*_split_mirrored(features, mirror)), dim=1)
-    top = probs.topk(min(top_k, len(clf.classes)), dim=1) if len(ok) else None
-    out: list[dict] = [{} for _ in files]
-    for row, i in enumerate(ok):
-        pairs = zip(top.values[row], top.indices[row], strict=True)
-        out[i] = {
-            "path": str(files[i]),
-            "predictions": [
-                {"class": clf.classes[int(c)], "probability": float(p)} for p, c in pairs
-            ],
-        }
-    for i, reason in failed.items():
-        out[i] = {"path": str(files[i]), "error": reason}
-    return out

@@ -75,8 +75,11 @@ def _checkpoint_kind(path: Path) -> str:
 
 
 def kind_of(path: str | Path) -> str:
-    """Which of :data:`KINDS` the existing file ``path`` is, from its bytes (and name)."""
+    """Which of :data:`KINDS` the existing file ``path`` is, from its bytes (and name); "other"
+    for a folder, a FIFO (which open() would wait on) or a file that cannot be read."""
     path = Path(path)
+    if not path.is_file():
+        return "other"
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -95,6 +98,38 @@ def kind_of(path: str | Path) -> str:
     if _image_suffix(path) or head[:3] == b"\xff\xd8\xff" or head.startswith(b"\x89PNG"):
         return "image"
     return "other"
+
+
+# Where a file of each kind goes, for the error that finds one where another kind belongs.
+_BELONGS = {
+    "cache": "pass it as DATA (embedcache evaluate MODEL DATA)",
+    "head": "pass it as MODEL (embedcache evaluate MODEL DATA, embedcache predict MODEL IMAGES)",
+    "model": "pass it as MODEL (embedcache evaluate MODEL DATA, embedcache predict MODEL IMAGES)",
+    "state": "finetune --resume reads it; the model is the checkpoint written beside it",
+    "export": "it runs without embedcache (onnxruntime, torch.jit.load)",
+    "manifest": "pass it as DATA (embedcache evaluate MODEL DATA)",
+    "image": "pass it as IMAGES (embedcache predict MODEL IMAGES)",
+}
+
+
+def misplaced(
+    path: str | Path,
+    *,
+    wanted: str,
+    accept: Iterable[str] = (),
+    hints: dict[str, str] | None = None,
+) -> str | None:
+    """The one-line error for ``path`` given where ``wanted`` belongs (words such as "a head or
+    model checkpoint"): what its bytes say it is (:func:`kind_of`) and where it goes instead,
+    e.g. "c.h5 is an embedcache cache, not a head or model checkpoint: pass it as DATA
+    (embedcache evaluate MODEL DATA)". None where it is a kind in ``accept``, or one that says
+    nothing (a damaged checkpoint, an unknown file): the caller's own error is better there.
+    ``hints`` replaces the advice for some kinds."""
+    kind = kind_of(path)
+    if kind in accept or kind in ("checkpoint", "other"):
+        return None
+    advice = {**_BELONGS, **(hints or {})}.get(kind)
+    return f"{shown(path)} is {KINDS[kind]}, not {wanted}" + (f": {advice}" if advice else "")
 
 
 def _same(a: Path, b: Path) -> bool:

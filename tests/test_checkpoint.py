@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SIZE, blobs
+from PIL import Image
 
 from embedcache.cache import write_cache
 from embedcache.checkpoint import (
@@ -100,7 +101,8 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     """One real checkpoint of each kind, built once (tests copy them before changing them)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     return {
-        "head": _head_checkpoint(folder),
+        "head": _head_checkpoint(folder),  # writes blobs.h5, the cache it is trained on
+        "cache": folder / "blobs.h5",
         "model": _model_checkpoint(folder),
         "state": _state_checkpoint(folder),
     }
@@ -113,7 +115,7 @@ LOADERS = {
     "HeadCheckpoint.load": (HeadCheckpoint.load, ("head",), "head"),
     "train.load_head": (load_head, ("head",), "head"),
     "ModelCheckpoint.load": (ModelCheckpoint.load, ("model",), "model"),
-    "models.load_model": (load_model, ("model",), "model"),
+    "models.load_model": (load_model, ("head", "model"), "head or model"),
     "FinetuneState.load": (
         lambda p: FinetuneState.load(p, config=STATE_CONFIG),
         ("state",),
@@ -173,6 +175,38 @@ def test_a_checkpoint_holding_python_objects_is_refused(tmp_path, loader, payloa
     _refused(
         loader, path, r"^refusing to load .*objects\.pt: it holds Python objects other than tensors"
     )
+
+
+@loaders
+def test_a_cache_or_an_image_given_as_a_checkpoint_says_what_it_is_and_where_it_goes(
+    saved, tmp_path, loader
+):
+    """Issue 33: `evaluate cache.h5 head.pt` said the cache "may be truncated or damaged"."""
+    name = LOADERS[loader][2]
+    _refused(
+        loader,
+        saved["cache"],
+        rf"blobs\.h5 is an embedcache cache, not a {name} checkpoint: pass it as DATA "
+        r"\(embedcache evaluate MODEL DATA\)$",
+    )
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(image)
+    _refused(
+        loader,
+        image,
+        rf"photo\.png is an image, not a {name} checkpoint: pass it as IMAGES "
+        r"\(embedcache predict MODEL IMAGES\)$",
+    )
+
+
+def test_load_model_loads_heads_and_models_as_classifiers(saved):
+    from embedcache.models import Classifier
+
+    head, model = load_model(saved["head"]), load_model(saved["model"])
+    assert isinstance(head, Classifier) and isinstance(model, Classifier)
+    assert (head.kind, head.classes) == ("head", ["a", "b", "c"])
+    assert (model.kind, model.classes) == ("model", ["cat", "dog"])
+    assert load_classifier is load_model  # the name it had before
 
 
 def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):

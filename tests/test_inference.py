@@ -1,12 +1,19 @@
 from __future__ import annotations
 
-import pytest
-from click.testing import CliRunner
-from conftest import make_image, make_tree
+from pathlib import Path
 
-from embedcache import evaluate, extract, predict, train_head
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import SIZE, make_image, make_tree
+from PIL import Image
+
+from embedcache import evaluate, extract, load_model, predict, train_head
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
+
+CPU = {"device": "cpu", "num_workers": 0}
 
 
 @pytest.fixture
@@ -157,8 +164,8 @@ def test_images_run_in_the_precision_of_the_cache_the_head_was_trained_on(
     import embedcache.runtime as runtime
     from embedcache import open_cache
     from embedcache.forward import image_features
-    from embedcache.inference import _run
     from embedcache.models import load_classifier
+    from embedcache.models import serving_run as _run
 
     data = make_tree(tmp_path / "d", per_class=4)
     for precision in ("bf16", "fp32"):
@@ -182,3 +189,186 @@ def test_images_run_in_the_precision_of_the_cache_the_head_was_trained_on(
     assert len(ok) == len(paths) and np.array_equal(feats, cached)  # the head's own features
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # emulated: slower
     assert _run(bf16, "cpu", 4, 0, False).autocast is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Images as objects (issue 33): PIL images, arrays and tensors beside paths
+
+
+def _model_checkpoint(folder: Path) -> Path:
+    """A fine-tuned model checkpoint of a random-init resnet18 (the last block trained)."""
+    from embedcache.backbones import build_backbone
+    from embedcache.checkpoint import ModelCheckpoint, Recorded
+    from embedcache.heads import Head, Standardize, init_template
+
+    bb = build_backbone("resnet18", weights="none", image_size=SIZE)
+    classifier = init_template("linear", bb.feature_dim, 2, hidden=0, dropout=0.0, seed=0)
+    head = Head(Standardize(torch.zeros(bb.feature_dim), torch.ones(bb.feature_dim)), classifier)
+    config = {"kind": "linear", "dim": bb.feature_dim, "num_classes": 2, "hidden": 0}
+    ckpt = ModelCheckpoint(
+        Recorded(bb.identity(), bb.weights_arg, bb.feature_dim),
+        bb.net.state_dict(),
+        {**config, "dropout": 0.0},
+        head.state_dict(),
+        ["cat", "dog"],
+        len(bb.block_names) - 1,
+        {"unfreeze": "1"},
+    )
+    return ckpt.save(folder / "model.pt")
+
+
+@pytest.fixture
+def checkpoints(trained, tmp_path) -> dict[str, Path]:
+    """A head trained on a cache, and a fine-tuned model checkpoint."""
+    return {"head": trained[1], "model": _model_checkpoint(tmp_path)}
+
+
+def _pngs(folder: Path) -> dict[str, Path]:
+    """The same photo as RGB, grey and half-transparent RGBA PNGs, larger than the crop and
+    not square, so that resizing and cropping both do something."""
+    rgb = make_image(folder / "rgb.png", 0, 7, size=(120, 90))
+    Image.open(rgb).convert("L").save(folder / "grey.png")
+    rgba = Image.open(rgb).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "rgba.png")
+    return {"rgb": rgb, "grey": folder / "grey.png", "rgba": folder / "rgba.png"}
+
+
+def _predictions(rows: list[dict]) -> list:
+    return [r["predictions"] for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["head", "model"])
+def test_an_image_object_predicts_exactly_as_its_png_file(checkpoints, tmp_path, kind):
+    model = load_model(checkpoints[kind])
+    pngs = _pngs(tmp_path)
+    for path in pngs.values():
+        (row,) = predict(model, Image.open(path), top_k=2, **CPU)
+        assert row == {
+            "image": 0,
+            "predictions": predict(model, path, top_k=2, **CPU)[0]["predictions"],
+        }
+    pixels = np.asarray(Image.open(pngs["rgb"]))
+    chw = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    objects = [Image.open(pngs["rgb"]), pixels, chw, chw / 255.0]  # uint8 and float in [0, 1]
+    rows = model(objects, top_k=2, **CPU)
+    assert [r["image"] for r in rows] == [0, 1, 2, 3]
+    assert _predictions(rows) == _predictions(predict(model, [pngs["rgb"]] * 4, top_k=2, **CPU))
+    grey = np.asarray(Image.open(pngs["grey"]))  # (H, W) uint8
+    assert _predictions(model([grey], **CPU)) == _predictions(model(pngs["grey"], **CPU))
+    mixed = predict(model, [pngs["rgb"], pixels], **CPU)  # a path and an object: one row each
+    assert [set(r) for r in mixed] == [{"path", "predictions"}, {"image", "predictions"}]
+    assert mixed[1]["image"] == 1 and mixed[0]["predictions"] == mixed[1]["predictions"]
+
+
+def test_load_model_gives_classes_a_callable_transform_and_the_module(checkpoints, tmp_path):
+    from embedcache.backbones import Normalise
+    from embedcache.data import preprocess
+
+    image = make_image(tmp_path / "x.png", 1, 3, size=(120, 90))
+    for kind, path in checkpoints.items():
+        clf = load_model(path)
+        assert clf.kind == kind and clf.classes == ["cat", "dog"]
+        t = clf.transform
+        x = t(Image.open(image))
+        assert x.shape == (3, t.crop, t.crop) and x.dtype == torch.float32
+        assert torch.equal(x, Normalise(t)(torch.from_numpy(preprocess(image, t))[None])[0])
+        assert torch.equal(t(image), x) and torch.equal(t(np.asarray(Image.open(image))), x)
+        net = clf.module()
+        assert isinstance(net, torch.nn.Module) and not net.training
+        with torch.no_grad():
+            top = torch.softmax(net(x[None]), 1).max().item()
+        row = clf.predict(image, top_k=1, **CPU)[0]
+        assert row["predictions"][0]["probability"] == pytest.approx(top, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (
+            np.zeros((3, 20, 20), np.uint8),
+            r"^image 0 is an array of shape \(3, 20, 20\) and dtype uint8; arrays must be "
+            r"\(H, W, 3\) or \(H, W\), uint8: this one is channels first: "
+            r"pass a\.transpose\(1, 2, 0\)$",
+        ),
+        (np.zeros((20, 20, 3)), r"dtype float64; .*\(a \* 255\)\.round\(\)\.astype\(np\.uint8\)$"),
+        (torch.zeros(20, 20, 3), r"tensors must be \(3, H, W\): this one is channels last"),
+        (torch.zeros(2, 3, 20, 20), r"tensors must be \(3, H, W\): a batch: pass list\(batch\)$"),
+        (
+            torch.full((3, 20, 20), -1.5),
+            r"values in \[-1\.5, -1\.5\]; float tensors must be in \[0, 1\], not normalised",
+        ),
+        (torch.zeros(3, 20, 20, dtype=torch.int64), r"tensors must be uint8 or float in \[0, 1\]$"),
+        ([{"pixels": 1}], r"^image 0 is a dict; pass image paths or folders, PIL images, arrays"),
+        (3.5, r"^image 0 is a float; pass image paths"),
+    ],
+    ids=[
+        "channels-first",
+        "float-array",
+        "hwc-tensor",
+        "batch",
+        "normalised",
+        "int64",
+        "dict",
+        "number",
+    ],
+)
+def test_an_image_object_of_another_shape_or_type_is_refused_saying_what_fits(
+    tmp_path, image, match
+):
+    with pytest.raises(EmbedcacheError, match=match) as e:
+        predict(_model_checkpoint(tmp_path), image, **CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_predict_raises_when_no_image_could_be_read(trained, tmp_path):
+    _, head = trained
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"^nothing was predicted: the image could not be read "
+        r"\(.*empty\.jpg: empty file \(0 bytes\)\); pass images PIL can decode$",
+    ):
+        predict(head, tmp_path / "empty.jpg", **CPU)
+    with pytest.raises(
+        EmbedcacheError,
+        match=r"none of the 2 images could be read \(.*empty\.jpg: empty file \(0 bytes\); "
+        r".*text\.png: not an image \(unrecognised format\)\)",
+    ):
+        predict(head, [tmp_path / "empty.jpg", tmp_path / "text.png"], **CPU)
+
+
+def test_files_of_another_kind_are_named_with_the_argument_they_belong_in(trained, tmp_path):
+    data, head = trained
+    cache = tmp_path / "c.h5"
+    cases = [
+        (
+            lambda: predict(head, cache, **CPU),
+            r"c\.h5 is an embedcache cache, not an image: pass images, or use evaluate for a "
+            r"cache \(embedcache evaluate MODEL DATA\)$",
+        ),
+        (
+            lambda: predict(head, [data / "test", head], **CPU),
+            r"h\.pt is a head checkpoint, not an image: pass it as MODEL \(embedcache evaluate",
+        ),
+        (
+            lambda: evaluate(cache, head, progress=False),
+            r"c\.h5 is an embedcache cache, not a head or model checkpoint: pass it as DATA "
+            r"\(embedcache evaluate MODEL DATA\)$",
+        ),
+        (
+            lambda: predict(cache, data / "test", **CPU),
+            r"c\.h5 is an embedcache cache, not a head or model checkpoint: pass it as DATA",
+        ),
+        (
+            lambda: evaluate(head, head, progress=False),
+            r"h\.pt is a head checkpoint, not data to evaluate on \(a cache, an image folder or a "
+            r"CSV manifest\): pass it as MODEL",
+        ),
+        (lambda: predict(torch.nn.Linear(2, 2), data), r"got a Linear$"),
+    ]
+    for call, match in cases:
+        with pytest.raises(EmbedcacheError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)

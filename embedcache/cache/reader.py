@@ -20,6 +20,7 @@ from ..data import Sample
 from ..errors import EmbedcacheError
 from ..feed import BLOCK_ROWS
 from ..identity import CacheIdentity, FeatureIdentity
+from ..outputs import misplaced
 from .schema import (
     CACHE_ATTRS,
     DONE,
@@ -494,7 +495,13 @@ def open_cache(path: str | Path) -> Cache:
         # the default 1 MiB one; os.pread of the same bytes 0.039 s).
         h5 = h5py.File(path, "r", rdcc_nbytes=0)
     except OSError as e:
-        raise _h5_error(path, e) from None
+        wrong = misplaced(  # a checkpoint, a manifest? (an image: the HDF5 error says enough)
+            path,
+            wanted="an embedcache cache",
+            accept=("cache", "image", "plot"),
+            hints={"manifest": "extract it first (embedcache extract DATA --out cache.h5)"},
+        )
+        raise (EmbedcacheError(wrong) if wrong else _h5_error(path, e)) from None
     try:
         version = h5.attrs.get("format_version")
         if version is None or "backbone" not in h5.attrs:
