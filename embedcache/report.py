@@ -98,56 +98,182 @@ def figure(**kw):
     return Figure(**kw)
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+# ---------------------------------------------------------------------------------------------
+# Confusion matrix
+
+# Up to this many classes the plot shows the whole matrix, a count in every cell; above, only the
+# CONFUSION_TOP_CLASSES classes with the most errors. At 81 classes the whole matrix needs cells
+# too small for a count or a name (it was drawn with axes 0-80 and no names at all).
+CONFUSION_ALL_CLASSES = 25
+CONFUSION_TOP_CLASSES = 20
+NAME_CHARS = 28  # longer class names are cut on the axes (the report and metrics keep them whole)
+
+
+def most_confused(matrix: np.ndarray, k: int) -> np.ndarray:
+    """Indices of at most ``k`` classes with the most errors, counted as the true class and as
+    the predicted one, in class order. Classes without an error are left out, unless fewer than
+    two have one (then the first ``k`` of the most confused, ties in class order).
+
+    matrix : (C, C) int counts of (true, predicted).
+    """
+    off = matrix - np.diag(np.diag(matrix))
+    errors = off.sum(0) + off.sum(1)
+    top = np.argsort(-errors, kind="stable")[:k]
+    wrong = top[errors[top] > 0]
+    return np.sort(wrong if len(wrong) >= 2 else top)
+
+
+def _name(c: object) -> str:
+    text = shown(c)
+    return text if len(text) <= NAME_CHARS else text[: NAME_CHARS - 1] + "\u2026"
+
+
+def _confusion_shown(matrix: np.ndarray, classes: list[str]):
+    """What the confusion plot draws: (counts (k, k) float, NaN where nothing is drawn, names,
+    a note for the title or ""). Above CONFUSION_ALL_CLASSES classes, the most confused ones and
+    a last row and column that sum the others, so that every row still adds up to its class's
+    images (without it a class whose errors all went elsewhere looked perfect)."""
     n = len(classes)
-    size = min(2 + 0.5 * n, 16)
-    fig = figure(figsize=(size, size))
+    if n <= CONFUSION_ALL_CLASSES:
+        return matrix.astype(float), [_name(c) for c in classes], ""
+    keep = most_confused(matrix, CONFUSION_TOP_CLASSES)
+    k, rest = len(keep), n - len(keep)
+    shown = np.full((k + 1, k + 1), np.nan)
+    shown[:k, :k] = matrix[np.ix_(keep, keep)]
+    shown[:k, k] = matrix[keep].sum(1) - shown[:k, :k].sum(1)  # true shown, predicted other
+    shown[k, :k] = matrix[:, keep].sum(0) - shown[:k, :k].sum(0)  # true other, predicted shown
+    names = [_name(classes[i]) for i in keep] + [f"({rest} others)"]
+    note = f"the {k} most confused of {n} classes; the other {rest} summed in the last row/column"
+    return shown, names, note
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
+    """The confusion matrix as a Figure, class names on both axes and a count in each cell:
+    every class up to CONFUSION_ALL_CLASSES, else the CONFUSION_TOP_CLASSES most confused (the
+    title says so). matrix : (C, C) int counts of (true, predicted)."""
+    shown, names, note = _confusion_shown(matrix, classes)
+    k = len(names)
+    cell = min(1.2, max(0.42, 6 / k))  # inches: large for 2 classes, still room for a count at 25
+    label = 0.07 * max(map(len, names)) + 0.6  # room for the longest name, rotated or not
+    fig = figure(figsize=(k * cell + label + 1.6, k * cell + label + 1.0), layout="constrained")
     ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    if n <= 30:
-        ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
-        ax.set_yticks(range(n), classes)
-        top = matrix.max() or 1
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    str(matrix[i, j]),
-                    ha="center",
-                    va="center",
-                    color="white" if matrix[i, j] > top / 2 else "black",
-                    fontsize=8,
-                )
+    from matplotlib import colormaps
+
+    blues = colormaps["Blues"].with_extremes(bad="0.85")  # grey: the cell of others by others
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=blues)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    upright = all(len(c) <= 6 for c in names) and k <= 6
+    ax.set_xticks(
+        range(k), names, rotation=0 if upright else 45, ha="center" if upright else "right"
+    )
+    for t in ax.get_xticklabels():
+        t.set_rotation_mode("anchor")
+    ax.set_yticks(range(k), names)
+    if note:  # the summed others apart from the classes shown
+        ax.axhline(k - 1.5, color="0.3", linewidth=1)
+        ax.axvline(k - 1.5, color="0.3", linewidth=1)
+    top = np.nanmax(shown) or 1
+    for (i, j), v in np.ndenumerate(shown):
+        if np.isnan(v) or (v == 0 and i != j and k > 10):  # a sea of zeros hides the errors
+            continue
+        color = "white" if v > top / 2 else "black"
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", color=color, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    ax.set_title(f"{title}\n{note}" if note else title)
+    return fig
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    """Write :func:`confusion_figure` to ``path`` as PNG; returns the path."""
+    return _save(confusion_figure(matrix, classes, title), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves
 
 
 def _series(values: list) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
-def plot_curves(history: dict, path: Path, title: str) -> Path:
-    """Loss and accuracy per epoch, train and val (an epoch without training shows val only)."""
+def _epoch_axis(ax, ylabel: str) -> None:
+    """An axis over epochs: whole epochs only (ticks at 0.5 marked no epoch)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+
+
+def _epoch_panels(a, b, history: dict, kept: int | None, who: str = "") -> None:
+    """Loss on ``a``, accuracy on ``b``, train and val per epoch, the kept epoch a dashed line
+    (an epoch without training, finetune's epoch 0, shows val only)."""
     epochs = np.array(history.get("epoch") or range(1, len(history["val_loss"]) + 1))
-    fig = figure(figsize=(10, 4))
+    for ax, key, ylabel in ((a, "loss", "loss"), (b, "acc", "accuracy")):
+        # a marker on train too: finetune's first trained epoch alone is a point, not a line
+        ax.plot(epochs, _series(history[f"train_{key}"]), label=f"{who}train", marker=".", ms=4)
+        ax.plot(epochs, _series(history[f"val_{key}"]), label=f"{who}val", marker=".")
+        if kept is not None:
+            ax.axvline(kept, color="0.35", linestyle="--", linewidth=1, label=f"kept: epoch {kept}")
+        _epoch_axis(ax, ylabel)
+
+
+def _legend_below(fig, *axes) -> None:
+    """One legend for the figure, under the panels, where it covers no curve; its entries are
+    those of ``axes`` (one panel of each kind: the others repeat them)."""
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+
+
+def curves_figure(history: dict, title: str, kept: int | None = None):
+    """Loss and accuracy per epoch as a Figure, train and val, ``kept`` (the epoch kept as the
+    model, numbered as ``history["epoch"]`` or from 1) marked."""
+    fig = figure(figsize=(10, 4.2), layout="constrained")
     a, b = fig.subplots(1, 2)
-    a.plot(epochs, _series(history["train_loss"]), label="train")
-    a.plot(epochs, _series(history["val_loss"]), label="val", marker=".")
-    a.set_xlabel("epoch")
-    a.set_ylabel("loss")
-    a.legend()
-    b.plot(epochs, _series(history["train_acc"]), label="train")
-    b.plot(epochs, _series(history["val_acc"]), label="val", marker=".")
-    b.set_xlabel("epoch")
-    b.set_ylabel("accuracy")
-    b.legend()
+    _epoch_panels(a, b, history, kept)
+    _legend_below(fig, a)
     fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_curves(history: dict, path: Path, title: str, kept: int | None = None) -> Path:
+    """Write :func:`curves_figure` to ``path`` as PNG; returns the path."""
+    return _save(curves_figure(history, title, kept), path)
+
+
+_AUTO_KEPT = {"linear": "the probe", "mlp": "the MLP", "blend": "the blend of probe and MLP"}
+
+
+def auto_curves_figure(auto: dict, title: str):
+    """The default head's two candidates as a Figure: the probe's validation loss and accuracy
+    along its L2 path (the chosen strength marked), the MLP's curves per epoch (the kept epoch
+    marked). ``auto`` is the default head's ``metrics["auto"]``, with ``linear["path"]`` and
+    ``mlp["history"]``."""
+    linear, mlp = auto["linear"], auto["mlp"]
+    path = sorted(linear["path"], key=lambda r: r["lam"])
+    lams = [r["lam"] for r in path]
+    fig = figure(figsize=(10, 7.5), layout="constrained")
+    (pl, pa), (ml, ma) = fig.subplots(2, 2)
+    for ax, key, ylabel in ((pl, "val_loss", "val loss"), (pa, "val_acc", "val accuracy")):
+        ax.plot(lams, [r[key] for r in path], marker=".", color="C2", label="probe val")
+        ax.axvline(
+            linear["lam"], color="0.35", linestyle=":", label=f"chosen: L2 {linear['lam']:.1e}"
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("L2 strength (weaker \u2190 \u2192 stronger)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"linear probe (L-BFGS): {ylabel} by L2 strength", fontsize=10)
+    _epoch_panels(ml, ma, mlp["history"], mlp["best_epoch"], who="MLP ")
+    for ax, what in ((ml, "loss"), (ma, "accuracy")):
+        ax.set_title(f"MLP: {what} per epoch", fontsize=10)
+    _legend_below(fig, pl, ml)
+    kept = _AUTO_KEPT.get(auto["chosen"], auto["chosen"])
+    fig.suptitle(f"{title}: kept {kept}")
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
@@ -177,7 +303,9 @@ def write_reports(
 
     ``y_true``/``y_pred`` are the validation labels and predictions of the kept
     model; ``metrics`` gains the confusion matrix and per-class scores, and needs
-    ``val_acc`` (and ``history`` for the curves).
+    ``val_acc``. The curves need ``history`` (``best_epoch``, numbered as its epochs, is marked
+    as kept), or for the default head ``auto`` with the probe's ``path`` and the MLP's
+    ``history`` (:func:`auto_curves_figure`).
     """
     files = {}
     matrix = confusion(y_true, y_pred, len(classes))
@@ -193,6 +321,9 @@ def write_reports(
         _sidecar(out, ".confusion.png"),
         f"{title}, val accuracy {metrics['val_acc']:.3f}",
     )
-    if "history" in metrics:
-        files["curves"] = plot_curves(metrics["history"], _sidecar(out, ".curves.png"), title)
+    curves = _sidecar(out, ".curves.png")
+    if "history" in metrics.get("auto", {}).get("mlp", {}):  # the default head: both candidates
+        files["curves"] = _save(auto_curves_figure(metrics["auto"], title), curves)
+    elif "history" in metrics:
+        files["curves"] = plot_curves(metrics["history"], curves, title, metrics.get("best_epoch"))
     return files

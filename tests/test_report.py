@@ -123,3 +123,128 @@ def test_metrics_json_grows_with_the_val_images_not_the_square_of_the_classes(tm
     small = np.array([[2, 1], [0, 3]])
     assert confusion_record(small) == {"confusion": [[2, 1], [0, 3]]}
     assert DENSE_CONFUSION_CLASSES >= 30
+
+
+# ---------------------------------------------------------------------------------------------
+# What the plots show (issue 33): read off the Figure objects the code saves
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """Every Figure the code saves, in order."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def record(fig, *args, **kw):
+        figures.append(fig)
+        return save(fig, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def epoch_axes(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
+
+
+def kept_at(ax) -> list[float]:
+    """Where the lines labelled "kept ..." stand on the x axis (a vertical line: one x)."""
+    return [
+        x for line in ax.get_lines() if "kept" in line.get_label() for x in set(line.get_xdata())
+    ]
+
+
+def visible_ticks(ax) -> np.ndarray:
+    lo, hi = ax.get_xlim()
+    ticks = ax.get_xticks()
+    return ticks[(ticks >= lo) & (ticks <= hi)]
+
+
+def assert_legends_cover_no_panel(fig) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+
+@pytest.mark.parametrize(
+    "history, kept", [(HEAD_HISTORY, 2), (FINETUNE_HISTORY, 0)], ids=["head", "finetune"]
+)
+def test_curves_mark_the_kept_epoch_on_whole_epochs_with_the_legend_off_the_data(
+    tmp_path, drawn, history, kept
+):
+    """Issue 33: no mark of the kept epoch, ticks at epoch 0.5, a legend over the curves."""
+    metrics = {"val_acc": 0.75, "history": history, "best_epoch": kept}
+    write_reports(tmp_path / "m.pt", metrics, Y_TRUE, Y_PRED, CLASSES, title="t")
+    (curves,) = [fig for fig in drawn if epoch_axes(fig)]
+    assert len(epoch_axes(curves)) == 2  # loss and accuracy
+    for ax in epoch_axes(curves):
+        assert kept_at(ax) == [kept]
+        assert any(line.get_label() == f"kept: epoch {kept}" for line in ax.get_lines())
+        ticks = visible_ticks(ax)
+        assert len(ticks) >= 1 and np.array_equal(ticks, ticks.round())
+    assert_legends_cover_no_panel(curves)
+
+
+def tick_names(ax, axis: str = "x") -> list[str]:
+    return [t.get_text() for t in getattr(ax, f"get_{axis}ticklabels")()]
+
+
+@pytest.mark.parametrize("n", [2, 12])
+def test_a_confusion_plot_of_few_classes_names_every_class_and_counts_every_error(
+    tmp_path, drawn, n
+):
+    rng = np.random.default_rng(n)
+    classes = [f"class-{i}" for i in range(n)]
+    y = np.repeat(np.arange(n), 6)
+    pred = np.where(rng.random(len(y)) < 0.7, y, rng.integers(0, n, len(y)))
+    write_reports(tmp_path / "m.pt", {"val_acc": 0.7}, y, pred, classes, title="t")
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert tick_names(ax, "x") == tick_names(ax, "y") == classes
+    counts = {
+        (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
+    }
+    matrix = np.zeros((n, n), int)
+    np.add.at(matrix, (y, pred), 1)
+    for (i, j), c in np.ndenumerate(matrix):
+        if c or i == j:
+            assert counts[i, j] == str(c)
+
+
+def test_a_confusion_plot_of_81_classes_names_the_most_confused_and_keeps_rows_whole(
+    tmp_path, drawn
+):
+    """Issue 33: 81 classes were drawn with axes 0-80, no names and no key."""
+    from embedcache.report import CONFUSION_TOP_CLASSES
+
+    classes = [f"grocery-{i}" for i in range(81)]
+    y = np.repeat(np.arange(81), 5)
+    pred = y.copy()
+    confused = {10: 11, 40: 3, 77: 12}  # true -> predicted, for 3 of each class's 5 images
+    for t, p in confused.items():
+        pred[np.flatnonzero(y == t)[:3]] = p
+    write_reports(tmp_path / "m.pt", {"val_acc": 0.9}, y, pred, classes, title="t")
+    (fig,) = drawn
+    ax = fig.axes[0]
+    names = tick_names(ax, "x")
+    assert names == tick_names(ax, "y")
+    assert (
+        len(names) <= CONFUSION_TOP_CLASSES + 1 and names[-1] == f"({81 - len(names) + 1} others)"
+    )
+    # the classes with an error, in class order; none of the 75 without one
+    assert names[:-1] == [classes[i] for i in sorted({3, 10, 11, 12, 40, 77})]
+    assert "most confused of 81 classes" in ax.get_title()
+    shown = ax.images[0].get_array()
+    rows = np.asarray(shown[:-1].sum(1))  # each class shown keeps all its images: 5
+    assert np.array_equal(rows, np.full(len(names) - 1, 5))
+    assert any(a.get_ylabel() == "images" for a in fig.axes[1:])  # a key to the colours
+    everywhere = (y + 1) % 81  # every class wrong: the plot stops at CONFUSION_TOP_CLASSES
+    write_reports(tmp_path / "n.pt", {"val_acc": 0.0}, y, everywhere, classes, title="t")
+    assert len(tick_names(drawn[-1].axes[0])) == CONFUSION_TOP_CLASSES + 1

@@ -416,6 +416,44 @@ def test_default_head_blends_probe_and_mlp_where_neither_is_better(blob_cache, t
         torch.testing.assert_close(head(x), r.head.eval()(x))  # saved as trained
 
 
+def test_default_head_plots_the_probe_path_and_the_mlp_epochs_it_chose_from(
+    blob_cache, tmp_path, monkeypatch
+):
+    """Issue 33: the README promises head.curves.png; the default head wrote none."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def record(fig, *args, **kw):
+        figures.append(fig)
+        return save(fig, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    r = train_head(blob_cache, out=tmp_path / "h.pt", refit=False, **FAST)
+    assert r.files["curves"] == tmp_path / "h.curves.png" and r.files["curves"].stat().st_size
+    auto = r.metrics["auto"]
+    path, history = auto["linear"]["path"], auto["mlp"]["history"]
+    assert auto["linear"]["lam"] in [row["lam"] for row in path]
+    assert len(history["val_loss"]) >= auto["mlp"]["best_epoch"]
+    (fig,) = [f for f in figures if any(ax.get_xlabel() == "epoch" for ax in f.axes)]
+    probe = [ax for ax in fig.axes if ax.get_xscale() == "log"]  # along the L2 strengths
+    mlp = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
+    assert len(probe) == len(mlp) == 2
+    for ax in probe:
+        line, chosen = ax.get_lines()[:2]
+        assert list(line.get_xdata()) == sorted(row["lam"] for row in path)
+        assert set(chosen.get_xdata()) == {auto["linear"]["lam"]}
+        assert chosen.get_label().startswith("chosen")
+    kept = auto["mlp"]["best_epoch"]
+    for ax in mlp:
+        marks = [line for line in ax.get_lines() if line.get_label() == f"kept: epoch {kept}"]
+        assert len(marks) == 1 and set(marks[0].get_xdata()) == {kept}
+        lo, hi = ax.get_xlim()
+        ticks = ax.get_xticks()[(ax.get_xticks() >= lo) & (ax.get_xticks() <= hi)]
+        assert np.array_equal(ticks, ticks.round())
+    assert "blend" in fig.get_suptitle()
+
+
 def test_a_refitted_blend_refits_both_of_its_heads_on_train_and_val(blob_cache):
     r = train_head(blob_cache, refit=True, **FAST)
     assert r.metrics["auto"]["chosen"] == "blend"

@@ -192,6 +192,8 @@ def _auto(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, pro
         "linear": {"val_acc": float(right["l"].mean()), **lm["best"]},
         "mlp": {"val_acc": float(right["m"].mean()), "best_epoch": mm["best_epoch"], **mm["best"]},
     }
+    # both candidates' records, whichever is kept: the curves plot shows them side by side
+    summary["linear"]["path"], summary["mlp"]["history"] = lm["sweep"], mm["history"]
     arch["kind"] = chosen
     metrics = {**(mm if chosen == "mlp" else lm), "auto": summary}
     module = Blend([linear, mlp]) if chosen == "blend" else {"linear": linear, "mlp": mlp}[chosen]
