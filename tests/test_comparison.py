@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ TINY = "timm:test_efficientnet"
 
 def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
     data = make_tree(tmp_path / "d", per_class=6)
+    lines: list[str] = []
     r = compare(
         data,
         backbone=TINY,
@@ -30,7 +33,15 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
         device="cpu",
         progress=False,
         views=2,
+        log=lines.append,
     )
+    assert lines[0] == (
+        "plan: 9 rows in 8 steps on 12 train and 12 val images: the tutorial recipe (up to 3 "
+        "epochs); extract once and two heads on the cache; extract --views 2 and a linear head on "
+        "them (plain and TTA); finetune --unfreeze 1 and 2 from the cached head and from a fresh "
+        "one (up to 2 epochs each)"
+    )
+    assert lines[1].startswith("estimate: about ") and lines[2].startswith("1/8 tutorial recipe")
     names = [row.name for row in r.rows]
     assert names == [
         "tutorial recipe (backbone every epoch)",
@@ -58,6 +69,9 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
             and row["curve"]
         )
         assert row["total_s"] == pytest.approx(row["extract_s"] + row["train_s"])
+        assert row["curve"][-1][1] == pytest.approx(row["best_val_acc"])  # what the row keeps
+        if row["balanced_val_acc"] == 1:  # every class all right: so is every image
+            assert row["best_val_acc"] == 1, row["name"]
     assert rows[1]["extract_s"] == rows[2]["extract_s"] > 0  # one cache serves both heads
     assert rows[3]["extract_s"] == rows[4]["extract_s"] > 0  # the views' own extract is charged
     assert rows[3]["train_s"] == rows[4]["train_s"]  # the same head, scored with its mirrors
@@ -67,6 +81,9 @@ def test_compare_writes_one_row_per_approach_as_markdown_json_and_png(tmp_path):
         rows[4]["best_val_acc"] == views["val_acc_tta"]
         and rows[3]["best_val_acc"] == views["val_acc"]
     )
+    assert rows[4]["balanced_val_acc"] == views["val_balanced_acc_tta"]
+    ratios = [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| ")][2:]
+    assert ratios[0] == "1.00x" and all(re.fullmatch(r"\d+(\.\d+)?x", x) for x in ratios), ratios
     assert r.files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "w" / "cache.h5").exists() and (tmp_path / "w" / "head.pt").exists()
     model = torch.load(tmp_path / "w" / "model_u2_fresh.pt", weights_only=True)
@@ -149,3 +166,105 @@ def test_compare_refuses_a_bad_augmentation_before_running_anything(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "w").exists()
+
+
+def test_an_interrupted_compare_leaves_the_rows_it_finished(tmp_path, monkeypatch, capsys):
+    """Issue 33: compare wrote nothing in 861 s. Each row is written as it ends; one bar with an
+    ETA runs over all of them."""
+    import embedcache.comparison as comparison
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(comparison, "_finetune", interrupted)
+    data = make_tree(tmp_path / "d", per_class=4)
+    kw = {"backbone": TINY, "weights": "none", "image_size": 32, "device": "cpu", "views": 0}
+    with pytest.raises(KeyboardInterrupt):
+        compare(data, workdir=tmp_path / "w", tutorial_epochs=1, unfreeze=(1,), **kw)
+    names = [
+        "tutorial recipe (backbone every epoch)",
+        "extract + train-head (default head)",
+        "extract + train-head linear 4x4 sweep",
+    ]
+    rows = json.loads((tmp_path / "w" / "compare.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == names
+    table = (tmp_path / "w" / "compare.md").read_text()
+    assert all(f"| {name} |" in table for name in names)
+    assert (tmp_path / "w" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err.replace("\r", "\n")
+    shown = [line for line in err.splitlines() if line.startswith("compare ")]
+    assert shown and "3/5 linear 4x4 sweep" in err and "<" in shown[-1]  # elapsed<remaining
+
+
+def _row(name: str, total_s: float, **kw):
+    """A row that took ``total_s`` seconds (all of it training)."""
+    from embedcache.comparison import Approach
+
+    return Approach(name, 0.0, total_s, 1.0, 1, 10, None, **kw)
+
+
+def test_time_against_the_tutorial_is_one_notation():
+    """Issue 33: the column read 1/4, 1/1 and 1.0x side by side."""
+    from embedcache.comparison import TUTORIAL_ROW, markdown
+
+    meta = dict.fromkeys(("backbone", "weights", "image_size", "train_images"), "x")
+    meta |= {"val_images": 1, "device": "cpu", "finetune_augment": "none"}
+    times = (100.0, 5.3, 50.0, 100.0, 320.0, 1240.0)
+    rows = [_row(TUTORIAL_ROW, times[0])] + [_row(f"r{i}", t) for i, t in enumerate(times[1:])]
+    table = markdown(rows, meta)
+    ratios = [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| ")][2:]
+    assert ratios == ["1.00x", "0.053x", "0.50x", "1.00x", "3.20x", "12x"]
+
+
+def test_the_tta_row_has_balanced_accuracy_and_top5_with_tta_too(tmp_path, monkeypatch):
+    """Issue 33: a row read '97.22% | balanced 100.00%': the TTA row took its top-1 from the
+    mirrored scores and its balanced accuracy and top-5 from the plain ones."""
+    import embedcache.comparison as comparison
+
+    m = {"val_acc": 1.0, "val_balanced_acc": 1.0, "val_top5": 1.0, "history": {}}
+    m |= {"val_acc_tta": 35 / 36, "val_balanced_acc_tta": 0.975, "val_top5_tta": 0.99}
+    curve = [(1.5, 0.9), (2.0, 35 / 36)]  # the head was chosen on the mirrored images
+
+    def head(b, cache, name, out, **options):
+        return _row(name, 2.0, curve=curve, balanced_val_acc=1.0, val_top5=1.0), m
+
+    monkeypatch.setattr(comparison, "_extract", lambda b, views=0: (tmp_path / "v.h5", 1.0, None))
+    monkeypatch.setattr(comparison, "_head", head)
+    b = SimpleNamespace(cfg=SimpleNamespace(views=2), extract_s=0.0, extract_peak=None)
+    plain, tta = comparison._views(b)
+    assert (tta.best_val_acc, tta.balanced_val_acc, tta.val_top5) == (35 / 36, 0.975, 0.99)
+    assert (plain.best_val_acc, plain.balanced_val_acc, plain.val_top5) == (1.0, 1.0, 1.0)
+    assert tta.curve == curve and plain.curve == [(2.0, 1.0)]
+
+
+def test_a_heads_curve_follows_the_weights_it_keeps_not_a_head_that_wandered(tmp_path, monkeypatch):
+    """Issue 33: the sweep row's curve read 0.97, 0.67, 0.86: the kept configuration trained on
+    past its best epoch (the other heads still improving), but what it delivers is that epoch."""
+    import embedcache.comparison as comparison
+    import embedcache.train
+
+    history = {"val_acc": [0.97, 0.67, 0.86, 0.9], "val_loss": [0.1, 0.9, 0.5, 0.08]}
+    m = {"history": history, "epochs_run": 4, "epoch_seconds": [1.0] * 4, "val_acc": 0.9}
+    monkeypatch.setattr(embedcache.train, "train_head", lambda *a, **k: SimpleNamespace(metrics=m))
+    cfg = SimpleNamespace(device="cpu", seed=0, val_fraction=0.2, exclude=None)
+    b = SimpleNamespace(cfg=cfg, workdir=tmp_path, extract_s=2.0, extract_peak=None, n_train=9)
+    row, _ = comparison._head(b, tmp_path / "c.h5", "sweep", "s.pt", head="linear")
+    assert [acc for _, acc in row.curve] == [0.97, 0.97, 0.97, 0.9]
+    assert [t for t, _ in row.curve] == [3.0, 4.0, 5.0, 6.0]
+
+
+def test_a_part_moves_the_overall_bar_through_its_share_and_fills_it_when_done():
+    from embedcache.runtime import Overall
+
+    outer = Overall("compare", enabled=False)
+    outer.expect(10.0)
+    with outer.part(4.0, "a finetune"):
+        inner = Overall.of(outer, "finetune")
+        inner.expect(100.0)
+        inner.advance(50.0)
+        assert outer.done == pytest.approx(2.0)
+        inner.advance(500.0)  # an overrun stays within the part's share
+        assert outer.done == pytest.approx(4.0)
+    with outer.part(3.0, "extract"):  # no bar of its own: filled when it ends
+        assert outer.done == pytest.approx(4.0)
+    assert outer.done == pytest.approx(7.0) and not inner.enabled

@@ -176,7 +176,7 @@ def test_model_checkpoint_loads_as_a_module_and_in_evaluate_and_predict(data, he
         epochs=2,
         **{**FT, "backbone": None, "weights": None, "image_size": None},
     )
-    model = load_model(tmp_path / "m.pt")
+    model = load_model(tmp_path / "m.pt").module()  # the nn.Module behind the classifier
     assert isinstance(model, torch.nn.Module) and not model.training
     x = torch.stack(
         [
@@ -469,3 +469,61 @@ def test_finetune_leaves_the_callers_random_state_alone(data, tmp_path):
     before = torch.get_rng_state()
     finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=1, augment="none", **TINY)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_plan_comes_first_and_its_estimate_from_one_timed_batch(data, tmp_path, monkeypatch):
+    """Issue 33: 479 s of prefix cache began with no word of it. The plan names the passes and
+    their images, then an estimate made of measured seconds per image (fixed here)."""
+    from embedcache.finetuning import estimate
+
+    timed = []
+
+    def measure(model, items, decode, run):
+        timed.append(len(items))
+        return estimate.Costs(decode=0.0, prefix=1.0, tail_eval=0.1, tail_train=0.3)
+
+    monkeypatch.setattr(estimate, "measure", measure)
+    lines: list[str] = []
+    kw = {**TINY, "num_workers": 0, "augment": "light", "views": 2, "epochs": 2, "unfreeze": 2}
+    r = finetune(data, out=tmp_path / "m.pt", log=lines.append, **kw)
+    assert timed == [8]  # one batch of --batch-size training images
+    plan = lines.index(r.plan[0])
+    assert r.plan == lines[plan : plan + 2] and plan < min(
+        i for i, line in enumerate(lines) if line.startswith(("prefix cache", "epoch"))
+    )
+    assert r.plan[0] == (
+        "plan: the frozen prefix once over 2 augmented views of 16 train and 16 val images, "
+        "then up to 2 epochs of the trainable tail on its cached output"
+    )
+    # prefix: (16 x 2 views + 16) x 1 s; epoch 0: 16 x 0.1 s; each epoch 16 x 0.3 + 16 x 0.1 s
+    assert r.plan[1] == (
+        "estimate: about 62 s (48 s for the prefix cache, 6 s per epoch; from one timed batch)"
+    )
+    assert r.metrics["plan"] == {"lines": r.plan, "estimated_s": pytest.approx(62.4)}
+
+
+def test_views_are_cut_to_the_epochs_that_can_draw_them_and_train_the_same(data, tmp_path):
+    """Epoch e trains on view (e - 1) mod V: with 2 epochs views 3 and 4 were built for nothing."""
+    lines: list[str] = []
+    kw = {**TINY, "augment": "light", "epochs": 2, "unfreeze": 2, "lr": 1e-2}
+    four = finetune(data, out=tmp_path / "a.pt", views=4, log=lines.append, **kw)
+    two = finetune(data, out=tmp_path / "b.pt", views=2, **kw)
+    pc = four.metrics["prefix_cache"]
+    assert pc["bytes"] == (16 * 2 + 16) * int(np.prod(pc["shape"])) * 2  # 2 views, not 4
+    assert pc["views"] == 2
+    assert "--views 4 cut to 2: each epoch trains on one view, so 2 epochs use at most 2" in lines
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert four.metrics["history"][key] == two.metrics["history"][key], key
+
+
+def test_one_bar_with_an_eta_over_prefix_cache_and_epochs_and_none_without_progress(
+    data, tmp_path, capsys
+):
+    kw = {**TINY, "augment": "light", "views": 2, "epochs": 2, "unfreeze": 2}
+    finetune(data, out=tmp_path / "m.pt", **{**kw, "progress": True})
+    err = capsys.readouterr().err
+    assert "prefix train" not in err and "epoch 1/2" not in err  # the bars of each phase are gone
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("finetune 100%|") and "<00:00, epoch 2 of 2" in final
+    finetune(data, out=tmp_path / "q.pt", **kw)  # progress=False
+    assert capsys.readouterr().err == ""

@@ -8,7 +8,9 @@ once, stored in float16, and every epoch trains only the unfrozen tail.
 ``finetune`` runs four phases, each a module of this package but the last:
 ``setup.prepare`` (data, backbone, head, what trains), ``prefix.plan_prefix``
 and ``build_prefix_cache`` (the prefix cache), ``loop.fit`` (the epochs), and
-``_summarise`` here (the best checkpoint, metrics and plots).
+``_summarise`` here (the best checkpoint, metrics and plots). Before the heavy
+work ``estimate`` times one batch and says what the run will do and how long
+that should take.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from ..config import FinetuneConfig
 from ..distributed import process_group
 from ..locks import exclusive
 from ..models import FinetunedModel, build_model
-from ..runtime import tune_allocator
-from .loop import Batches, Fit, fit, last_path
+from ..runtime import Overall, tune_allocator
+from .estimate import Meter, for_setup, plan_lines
+from .loop import Batches, Fit, epochs_left, fit, last_path, start
 from .prefix import PrefixCache, PrefixPlan, build_prefix_cache, plan_prefix
 from .setup import Setup, describe, prepare
 
@@ -40,6 +43,7 @@ class FinetuneResult:
     metrics: dict
     path: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    plan: list[str] = field(default_factory=list)  # what the run was to do, as said before it
 
 
 # ---------------------------------------------------------------------------
@@ -62,7 +66,9 @@ def _speedup(
     return round((per_epoch_prefix + epoch) / epoch, 1)
 
 
-def _metrics(setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None) -> dict:
+def _metrics(
+    setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None, record: dict
+) -> dict:
     h, best = fit.history, fit.best
     trained = [
         (s, a) for e, s, a in zip(h["epoch"], h["seconds"], h["val_acc"], strict=True) if e > 0
@@ -84,7 +90,9 @@ def _metrics(setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | Non
             "bytes": prefix.bytes if prefix else 0,
             "seconds": round(prefix.seconds, 3) if prefix else 0.0,
             "shape": list(plan.shape),
+            "views": plan.views,
         },
+        "plan": record,
         "seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else 0.0,
         "config": setup.config_record(),
         "estimated_speedup": _speedup(prefix, epoch_times, len(setup.train[0]), len(setup.val[0])),
@@ -106,12 +114,14 @@ def _kept_scores(best_val: tuple | None) -> dict:
     return out
 
 
-def _summarise(setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None) -> dict:
+def _summarise(
+    setup: Setup, fit: Fit, plan: PrefixPlan, prefix: PrefixCache | None, record: dict
+) -> dict:
     """Rank 0: store the final metrics in the best checkpoint and write the reports next to it."""
     from ..report import write_reports
 
     ckpt = ModelCheckpoint.load(setup.out)
-    ckpt.metrics = _metrics(setup, fit, plan, prefix)
+    ckpt.metrics = _metrics(setup, fit, plan, prefix, record)
     ckpt.save(setup.out)
     files = {"model": setup.out, "last": last_path(setup.out)}
     if fit.best_val is not None:
@@ -144,7 +154,7 @@ def finetune(
     *,
     out: str | Path,
     config: FinetuneConfig | None = None,
-    progress: bool = True,
+    progress: bool | Overall = True,
     log: Callable[[str], None] | None = None,
     **options,
 ) -> FinetuneResult:
@@ -158,7 +168,11 @@ def finetune(
     (0 trains the head only, 'all' everything); ``augment`` and ``views``;
     ``prefix_cache`` (auto caches the frozen prefix's output whenever it is
     deterministic). Without a val split, validation is held out of train exactly
-    as train-head holds it out. ``log`` is called with one line per event.
+    as train-head holds it out. ``log`` is called with one line per event, the
+    plan of the run first (its passes and an estimate of their time from one timed
+    batch). ``progress`` shows one bar with one ETA over the whole run (prefix
+    cache and epochs); given a larger run's :class:`embedcache.runtime.Overall`
+    (compare's), that bar moves too.
 
     Under torchrun it trains with DistributedDataParallel: each rank caches the
     prefix of its part of the data, ``batch_size`` stays the global batch,
@@ -180,26 +194,45 @@ def finetune(
             lambda: held.enter_context(exclusive(out, "finetune"))
         )  # one writer per --out
         say = (log or (lambda line: None)) if group.is_main else (lambda line: None)
-        setup = group.each(lambda: prepare(data, cfg, out, progress, group))
+        enabled = progress.enabled if isinstance(progress, Overall) else bool(progress)
+        setup = group.each(lambda: prepare(data, cfg, out, enabled, group))
         say(describe(setup))
         if setup.val_source != "val split":
             say(setup.val_source)
         if setup.excluded:
             say(setup.excluded)
         plan = plan_prefix(setup)
-        prefix = None
-        try:
-            if plan.where != "off":
-                last = setup.bb.block_names[setup.model.start - 1]
-                say(
-                    f"prefix cache ({plan.where}): blocks up to {last}, "
-                    f"{plan.need_bytes / 1e6:.1f} MB of float16 activations"
-                )
-                prefix = build_prefix_cache(setup, plan)
-            fitted = fit(setup, Batches(setup, prefix), say)
-        finally:
-            if prefix is not None:
-                prefix.close()
-        files = group.on_main(lambda: _summarise(setup, fitted, plan, prefix))
+        state = start(setup)
+        estimate = for_setup(setup, plan, state.epoch, epochs_left(setup, state))
+        lines = plan_lines(setup, plan, estimate, state.epoch)
+        for line in lines:
+            say(line)
+        bar = Overall.of(progress if group.is_main else False, "finetune")
+        held.callback(bar.close)
+        bar.expect(estimate.total_s)
+        meter = Meter(bar, estimate)
+        fitted, prefix = _run(setup, plan, state, meter, bar.writer(say))
+        bar.finish()
+        record = {"lines": lines, "estimated_s": round(estimate.total_s, 3)}
+        files = group.on_main(lambda: _summarise(setup, fitted, plan, prefix, record))
     ckpt = ModelCheckpoint.load(out)
-    return FinetuneResult(build_model(ckpt, torch.device("cpu")), ckpt.metrics, out, files)
+    return FinetuneResult(build_model(ckpt, torch.device("cpu")), ckpt.metrics, out, files, lines)
+
+
+def _run(
+    setup: Setup, plan: PrefixPlan, state: Fit, meter: Meter, say
+) -> tuple[Fit, PrefixCache | None]:
+    """Phases 2 and 3: the prefix cache (removed after), then the epochs."""
+    prefix = None
+    try:
+        if meter.estimate.cached:  # not for a resumed run with nothing left to train
+            last = setup.bb.block_names[setup.model.start - 1]
+            say(
+                f"prefix cache ({plan.where}): blocks up to {last}, "
+                f"{plan.need_bytes / 1e6:.1f} MB of float16 activations"
+            )
+            prefix = build_prefix_cache(setup, plan, meter)
+        return fit(setup, state, Batches(setup, prefix, meter), say), prefix
+    finally:
+        if prefix is not None:
+            prefix.close()

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..backbones import Normalise
 from ..checkpoint import FinetuneState, ModelCheckpoint, Recorded
@@ -22,6 +21,7 @@ from ..models import FinetunedModel
 from ..runtime import (
     seeded,
 )
+from .estimate import Meter
 from .prefix import PrefixCache
 from .setup import Setup
 
@@ -101,8 +101,8 @@ class Batches:
     owns (see :meth:`Setup.own`), so the ranks together see exactly one process's batches.
     """
 
-    def __init__(self, setup: Setup, prefix: PrefixCache | None):
-        self.setup, self.prefix = setup, prefix
+    def __init__(self, setup: Setup, prefix: PrefixCache | None, meter: Meter):
+        self.setup, self.prefix, self.meter = setup, prefix, meter
         self.norm = Normalise(setup.bb.transform).to(setup.run.device)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +127,12 @@ class Batches:
 
     def train(self, epoch: int):
         """(inputs, labels) per global batch; a rank may get an empty part of a batch."""
+        self.meter.bar.phase(f"epoch {epoch} of {self.setup.cfg.epochs}")
+        for x, y in self._train(epoch):
+            yield x, y
+            self.meter.train(len(y))
+
+    def _train(self, epoch: int):
         cfg, run = self.setup.cfg, self.setup.run
         batches = self._global_batches(epoch)
         if self.prefix is not None:
@@ -149,6 +155,11 @@ class Batches:
 
     def val(self):
         """(inputs, labels) of this rank's validation items."""
+        for x, y in self._val():
+            yield x, y
+            self.meter.val(len(y))
+
+    def _val(self):
         bs = self.setup.cfg.batch_size
         if self.prefix is not None:
             rows = self.prefix.val
@@ -231,18 +242,8 @@ def _train_epoch(setup: Setup, fit: Fit, data: Batches, epoch: int) -> tuple[flo
     """One epoch of optimisation steps; returns (mean train loss, train accuracy)."""
     run, cfg, world = setup.run, setup.cfg, setup.group.world
     loss_sum = correct = seen = 0.0
-    steps = math.ceil(len(setup.train[0]) / cfg.batch_size)
-    bar = tqdm(
-        data.train(epoch),
-        total=steps,
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="batch",
-        disable=not run.progress,
-        dynamic_ncols=True,
-        leave=False,
-    )
     with seeded(cfg.seed * 1_000_003 + epoch + setup.group.rank, run.device):  # dropout: per epoch
-        for x, y in bar:
+        for x, y in data.train(epoch):
             y = y.to(run.device)
             n = _global_count(setup, len(y))
             with run.amp():
@@ -335,12 +336,27 @@ def _resume(setup: Setup, fit: Fit) -> None:
         fit.best_val = tuple(state.best_val[k].numpy() for k in names if k in state.best_val)
 
 
-def fit(setup: Setup, data: Batches, say: Callable[[str], None]) -> Fit:
-    """Epoch 0 (the head as reattached), then epochs until --epochs or --patience."""
-    cfg, fit = setup.cfg, _new_fit(setup)
-    if cfg.resume:
+def start(setup: Setup) -> Fit:
+    """The optimisation state: new, or with --resume as the last run left it."""
+    fit = _new_fit(setup)
+    if setup.cfg.resume:
         _resume(setup, fit)
+    return fit
+
+
+def epochs_left(setup: Setup, fit: Fit) -> int:
+    """Epochs :func:`fit` will run at most: none once --epochs are done or --patience ran out."""
+    cfg = setup.cfg
+    if fit.epoch > 0 and fit.epoch - fit.best["epoch"] >= cfg.patience:
+        return 0
+    return max(0, cfg.epochs - fit.epoch)
+
+
+def fit(setup: Setup, fit: Fit, data: Batches, say: Callable[[str], None]) -> Fit:
+    """Epoch 0 (the head as reattached), then epochs until --epochs or --patience."""
+    cfg = setup.cfg
     if fit.epoch == 0:  # epoch 0: the reattached head on the live backbone, before any step
+        data.meter.bar.phase("epoch 0, the head as reattached")
         vl, va, *val = _evaluate(setup, data)
         say(f"epoch 0 (as reattached): val loss {vl:.4f} acc {va:.4f}")
         _record(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..backbones import Normalise
+from ..config import FinetuneConfig
 from ..data import augment
 from ..errors import EmbedcacheError
 from ..feed import Rows, memory_budget
@@ -21,12 +24,24 @@ from ..runtime import (
 )
 from .setup import Setup
 
+if TYPE_CHECKING:
+    from .estimate import Meter
+
 
 @dataclass(frozen=True)
 class PrefixPlan:
     where: str  # memory | disk | off
     shape: tuple[int, ...]  # one image's prefix activations
     need_bytes: int
+    views: int = 0  # augmented views cached per training image (0: the plain image once)
+    why: str = ""  # with where off: why the prefix runs every epoch
+
+
+def cached_views(cfg: FinetuneConfig) -> int:
+    """Augmented views the prefix cache holds per training image: --views, but never more than
+    --epochs. Epoch e trains on view (e - 1) mod views (see loop.Batches.train), so E epochs
+    read views 0..E-1 alone, the same ones whether more were cached or not."""
+    return min(cfg.num_views, cfg.epochs)
 
 
 def _prefix_shape(model: FinetunedModel, crop: int) -> tuple[int, ...]:
@@ -43,23 +58,25 @@ def plan_prefix(setup: Setup) -> PrefixPlan:
     cfg, model = setup.cfg, setup.model
     deterministic = cfg.augment == "none" or cfg.views > 0
     has_prefix = model.start > 0
+    why = (
+        "nothing is frozen (--unfreeze all)"
+        if not has_prefix
+        else "augmentation changes the input every epoch; pass --views V to cache V augmented views"
+    )
     if cfg.prefix_cache in ("memory", "disk") and not (deterministic and has_prefix):
-        why = (
-            "nothing is frozen (--unfreeze all)"
-            if not has_prefix
-            else "augmentation changes the input every epoch; "
-            "pass --views V to cache V augmented views"
-        )
         raise EmbedcacheError(f"--prefix-cache {cfg.prefix_cache} is not possible: {why}")
     if not (deterministic and has_prefix) or cfg.prefix_cache == "off":
-        return PrefixPlan("off", (), 0)
+        return PrefixPlan(
+            "off", (), 0, why=why if cfg.prefix_cache != "off" else "--prefix-cache off"
+        )
     shape = _prefix_shape(model, setup.bb.transform.crop)
     train, val = len(setup.own(len(setup.train[0]))), len(setup.own(len(setup.val[0])))
-    need = (train * max(1, cfg.num_views) + val) * int(np.prod(shape)) * 2  # float16, this rank's
+    views = cached_views(cfg)
+    need = (train * max(1, views) + val) * int(np.prod(shape)) * 2  # float16, this rank's
     where = cfg.prefix_cache
     if where == "auto":
         where = "memory" if need <= memory_budget(cfg.max_memory) else "disk"
-    return PrefixPlan(where, shape, need)
+    return PrefixPlan(where, shape, need, views)
 
 
 @dataclass
@@ -90,34 +107,41 @@ class PrefixCache:
             path.unlink(missing_ok=True)
 
 
-def _prefix_of(model: FinetunedModel, items: list, decode, run: Run, desc: str):
+def _prefix_of(model: FinetunedModel, items: list, decode, run: Run, meter: Meter):
     """float16 prefix activations (n_ok, C, H, W) of the decodable items, and their indices."""
     norm = Normalise(model.transform).to(run.device)
-    acts, ok, _ = forward_images(
-        lambda x: model.prefix(norm(x)).half(), items, decode, run, desc=desc
-    )
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:
+        h = model.prefix(norm(x)).half()
+        meter.prefix(len(x))
+        return h
+
+    quiet = dataclasses.replace(run, progress=False)  # the run's one bar counts these batches
+    acts, ok, _ = forward_images(prefix, items, decode, quiet, desc="prefix")
+    meter.prefix(len(items) - len(ok))  # the unreadable ones, passed over
     return (acts if acts is not None else np.zeros((0,), np.float16)), ok
 
 
-def build_prefix_cache(setup: Setup, plan: PrefixPlan) -> PrefixCache:
+def build_prefix_cache(setup: Setup, plan: PrefixPlan, meter: Meter) -> PrefixCache:
     """Run the frozen prefix once per image (per view) and keep its output."""
     cfg, model, t = setup.cfg, setup.model, setup.model.transform
     start = time.perf_counter()
-    views = cfg.num_views
+    views = plan.views
     train_decode = functools.partial(augment, t=t, kind=cfg.augment if views else "none")
     (train_items, train_labels), (val_items, val_labels) = setup.train, setup.val
     mine, vmine = setup.own(len(train_items)), setup.own(len(val_items))  # under torchrun: a part
     arrays, labels, index = [], [], []
     for v in range(max(1, views)):
+        meter.bar.phase(f"prefix cache, view {v + 1} of {views}" if views else "prefix cache")
         items = [(train_items[i], (cfg.seed, 1, v, int(i))) for i in mine]
-        desc = f"prefix train view {v + 1}/{views}" if views else "prefix train"
-        acts, ok = _prefix_of(model, items, train_decode, setup.run, desc)
+        acts, ok = _prefix_of(model, items, train_decode, setup.run, meter)
         arrays.append(acts)
         labels.append(train_labels[mine[ok]])
         index.append(mine[ok])
     eval_decode = functools.partial(augment, t=t, kind="none")
+    meter.bar.phase("prefix cache, val images")
     vacts, vok = _prefix_of(
-        model, [(val_items[i], 0) for i in vmine], eval_decode, setup.run, "prefix val"
+        model, [(val_items[i], 0) for i in vmine], eval_decode, setup.run, meter
     )
     total = sum(a.nbytes for a in arrays) + vacts.nbytes
     h5 = None

@@ -15,30 +15,41 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .backbones import Backbone, build_backbone
-from .config import CompareConfig
-from .data import ImageSet, load_rgb, scan
-from .errors import EmbedcacheError
-from .exclusion import excluded
-from .heads import make_head
-from .outputs import work_folder, write_file, write_text
-from .report import figure
-from .runtime import resolve_device, tune_allocator
+from ..backbones import Backbone, build_backbone
+from ..config import CompareConfig
+from ..data import ImageSet, scan
+from ..errors import EmbedcacheError
+from ..exclusion import excluded
+from ..outputs import work_folder, write_file, write_text
+from ..report import figure
+from ..runtime import Overall, resolve_device, tune_allocator
+from . import plan
+from .tutorial import EarlyStopper, tutorial_recipe
+
+__all__ = [
+    "Approach",
+    "Comparison",
+    "EarlyStopper",
+    "compare",
+    "markdown",
+    "plot",
+    "tutorial_recipe",
+]
 
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SWEEP_WDS = (0.0, 1e-4, 1e-3, 1e-2)
-TUTORIAL_LR, TUTORIAL_BATCH, TUTORIAL_PATIENCE = 1e-3, 32, 5  # the courses' Adam settings
 TUTORIAL_ROW = "tutorial recipe (backbone every epoch)"
 
 
@@ -103,151 +114,39 @@ def _peak_mb(reset_ok: bool) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# The tutorial recipe
-
-
-class _TutorialImages(torch.utils.data.Dataset):
-    """(image, label) pairs through torchvision's PIL transforms, as the courses build them."""
-
-    def __init__(self, files: list[Path], labels: np.ndarray, bb: Backbone):
-        from torchvision import transforms
-
-        t = bb.transform
-        self.files, self.labels = files, labels
-        self.tf = transforms.Compose(
-            [
-                transforms.Resize(
-                    t.resize, interpolation=transforms.InterpolationMode(t.interpolation)
-                ),
-                transforms.CenterCrop(t.crop),
-                transforms.ToTensor(),
-                transforms.Normalize(t.mean, t.std),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        return self.tf(load_rgb(self.files[i])), int(self.labels[i])
-
-
-class EarlyStopper:
-    """The tutorials' early stopper: stop when validation loss has not improved for
-    ``patience`` epochs."""
-
-    def __init__(self, patience: int = 5, min_delta: float = 0.0):
-        self.patience, self.min_delta, self.counter, self.best = patience, min_delta, 0, math.inf
-
-    def should_stop(self, loss: float) -> bool:
-        if loss < self.best - self.min_delta:
-            self.best, self.counter = loss, 0
-            return False
-        self.counter += 1
-        return self.counter >= self.patience
-
-
-def _tutorial_loaders(images: ImageSet, bb: Backbone, batch_size: int, seed: int) -> dict:
-    """ImageFolder-style PIL transforms, DataLoader with no workers, fp32: as the courses build
-    them."""
-    g = torch.Generator().manual_seed(seed)
-    loaders = {}
-    for s in ("train", "val"):
-        files = [images.root / x.path for x in images.splits[s]]
-        labels = np.array([x.label for x in images.splits[s]], dtype=np.int64)
-        dataset = _TutorialImages(files, labels, bb)
-        loaders[s] = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=(s == "train"),
-            num_workers=0,
-            generator=g if s == "train" else None,
-        )
-    return loaders
-
-
-def _tutorial_epoch(net, classifier, loader, optimizer, device) -> tuple[float, float]:
-    """One pass of the recipe: (mean loss, accuracy); trains when ``optimizer`` is given."""
-    classifier.train(optimizer is not None)
-    loss_sum = correct = n = 0
-    with torch.inference_mode(optimizer is None):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = classifier(net(x))  # the backbone forward, again, every epoch
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            if optimizer is not None:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-    return loss_sum / n, correct / n
-
-
-def tutorial_recipe(
-    images: ImageSet,
-    bb: Backbone,
-    *,
-    epochs: int = CompareConfig.tutorial_epochs,
-    seed: int = 0,
-    device: torch.device,
-    progress: bool = False,
-) -> tuple[dict, torch.nn.Module]:
-    """Train a fresh linear classifier on a frozen backbone that is forwarded every epoch.
-
-    Adam lr 1e-3, batch 32, early stopping with patience 5 on validation loss.
-    The backbone stays in eval mode (frozen BatchNorm statistics too, which the
-    courses' ``model.train()`` forgets); data goes through ImageFolder-style
-    PIL transforms and a DataLoader with no workers, in fp32 NCHW.
-
-    Returns (metrics with per-epoch history and times, the classifier).
-    """
-    loaders = _tutorial_loaders(images, bb, TUTORIAL_BATCH, seed)
-    net = bb.net.to(device).eval().to(memory_format=torch.contiguous_format)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    classifier = make_head("linear", bb.feature_dim, len(images.classes))
-    bound = 1 / bb.feature_dim**0.5  # torch's default init, from a seeded generator
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        classifier.weight.uniform_(-bound, bound, generator=g)
-        classifier.bias.uniform_(-bound, bound, generator=g)
-    classifier = classifier.to(device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=TUTORIAL_LR)
-    stopper = EarlyStopper(TUTORIAL_PATIENCE)
-    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
-    for _ in tqdm(
-        range(epochs),
-        desc="tutorial recipe",
-        unit="epoch",
-        disable=not progress,
-        dynamic_ncols=True,
-    ):
-        t0 = time.perf_counter()
-        tl, ta = _tutorial_epoch(net, classifier, loaders["train"], optimizer, device)
-        vl, va = _tutorial_epoch(net, classifier, loaders["val"], None, device)
-        for k, v in zip(history, (tl, ta, vl, va, time.perf_counter() - t0), strict=True):
-            history[k].append(v)
-        if stopper.should_stop(vl):
-            break
-    metrics = {
-        "history": history,
-        "epochs_run": len(history["val_acc"]),
-        "best_val_acc": max(history["val_acc"]),
-    }
-    return metrics, classifier
-
-
-# ---------------------------------------------------------------------------
 # All approaches
 
 
-def _curve(start_s: float, seconds: list[float], accs: list[float]) -> list[tuple[float, float]]:
-    return [
-        (round(start_s + float(t), 3), float(a))
-        for t, a in zip(np.cumsum(seconds), accs, strict=True)
-    ]
+def _curve(
+    start_s: float, seconds: list[float], accs: list[float], keeps: list[bool]
+) -> list[tuple[float, float]]:
+    """(cumulative seconds, validation accuracy) after each epoch, of the weights the run keeps
+    then (``keeps[i]``: epoch i replaced them), not of the epoch's own: a run delivers its best
+    epoch, and a sweep's kept head that wanders after its best (0.97, 0.67, 0.86) delivers 0.97."""
+    kept, curve = None, []
+    for t, acc, keep in zip(np.cumsum(seconds), accs, keeps, strict=True):
+        kept = acc if keep or kept is None else kept
+        curve.append((round(start_s + float(t), 3), float(kept)))
+    return curve
+
+
+def _lowest(losses: list[float]) -> list[bool]:
+    """Which epochs a head keeps: each with a lower validation loss than all before (as
+    train-head chooses; a NaN loss is never kept)."""
+    best, keeps = math.inf, []
+    for loss in losses:
+        keeps.append(loss < best)
+        best = loss if loss < best else best
+    return keeps
+
+
+def _most_accurate(accs: list[float], losses: list[float]) -> list[bool]:
+    """Which epochs a run keeps by validation accuracy, ties to the lower loss (as finetune)."""
+    best, keeps = (-1.0, math.inf), []
+    for acc, loss in zip(accs, losses, strict=True):
+        keeps.append(acc > best[0] or (acc == best[0] and loss < best[1]))
+        best = (acc, loss) if keeps[-1] else best
+    return keeps
 
 
 def _timed(fn):
@@ -260,7 +159,8 @@ def _timed(fn):
 
 @dataclass
 class _Bench:
-    """What every approach shares: the data, its splits, the settings, the work folder."""
+    """What every approach shares: the data, its splits, the settings, the work folder, the
+    backbone (built once: the probe, the tutorial), the run's one bar."""
 
     data: Path
     images: ImageSet
@@ -268,6 +168,9 @@ class _Bench:
     workdir: Path
     progress: bool
     say: Callable[[str], None]
+    bb: Backbone
+    bar: Overall | None = None
+    cache: Path | None = None  # the plain cache, once extracted
     extract_s: float = (
         0.0  # filled by the cached-head approach, charged to those that use the cache
     )
@@ -279,17 +182,16 @@ class _Bench:
         return len(self.images.splits["train"])
 
 
-def _tutorial(b: _Bench) -> Approach:
-    cfg = b.cfg
-    dev = resolve_device(cfg.device)
-    bb = build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev)
+def _tutorial(b: _Bench) -> list[Approach]:
+    cfg, dev = b.cfg, resolve_device(b.cfg.device)
     (tut, _), seconds, peak = _timed(
         lambda: tutorial_recipe(
-            b.images, bb, epochs=cfg.tutorial_epochs, seed=cfg.seed, device=dev, progress=b.progress
+            b.images, b.bb, epochs=cfg.tutorial_epochs, seed=cfg.seed, device=dev, progress=b.bar
         )
     )
     h = tut["history"]
-    return Approach(
+    keeps = _most_accurate(h["val_acc"], h["val_loss"])  # its best_val_acc is the best epoch's
+    row = Approach(
         name=TUTORIAL_ROW,
         extract_s=0.0,
         train_s=seconds,
@@ -297,13 +199,14 @@ def _tutorial(b: _Bench) -> Approach:
         epochs=tut["epochs_run"],
         train_images=b.n_train,
         peak_mb=peak,
-        curve=_curve(0.0, h["seconds"], h["val_acc"]),
+        curve=_curve(0.0, h["seconds"], h["val_acc"], keeps),
     )
+    return [row]
 
 
 def _extract(b: _Bench, views: int = 0) -> tuple[Path, float, float | None]:
     """(cache, seconds, peak MB) of extracting the data (with ``views`` per training image)."""
-    from .extraction import extract
+    from ..extraction import extract
 
     cfg, cache = b.cfg, b.workdir / (f"views{views}.h5" if views else "cache.h5")
     _, seconds, peak = _timed(
@@ -336,20 +239,27 @@ def _views(b: _Bench) -> list[Approach]:
     finally:
         b.extract_s, b.extract_peak = saved
     tta = m.get("val_acc_tta")
-    rows = [row]
-    if tta is not None:
-        point = [(round(row.total_s, 3), tta)]  # the chosen head, scored with its mirrors
-        rows.append(
-            dataclasses.replace(row, name=f"{row.name} + TTA", best_val_acc=tta, curve=point)
-        )
-    return rows
+    if tta is None:
+        return [row]
+    # The head was chosen epoch by epoch on the validation images and their mirrors: its history
+    # is the TTA row's; the plain row is the one point of that head scored without them.
+    point = (round(row.total_s, 3), row.best_val_acc)
+    with_tta = dataclasses.replace(
+        row,
+        name=f"{row.name} + TTA",
+        best_val_acc=tta,
+        balanced_val_acc=m.get("val_balanced_acc_tta"),
+        val_top5=m.get("val_top5_tta"),
+        curve=row.curve if "history" in m else [(point[0], tta)],
+    )
+    return [dataclasses.replace(row, curve=[point]), with_tta]
 
 
 def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Approach, dict]:
     """The row of a head trained on ``cache`` (its extraction charged: ``b.extract_s``), and its
     metrics. ``epochs`` are passes over the training features: epochs of a torch head, L-BFGS
     iterations of a probe."""
-    from .train import train_head
+    from ..train import train_head
 
     cfg = b.cfg
     r, seconds, peak = _timed(
@@ -368,10 +278,8 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Appro
         b.linear_s = seconds
     m = r.metrics
     if "history" in m:
-        passes, curve = (
-            m["epochs_run"],
-            _curve(b.extract_s, m["epoch_seconds"], m["history"]["val_acc"]),
-        )
+        h, passes = m["history"], m["epochs_run"]
+        curve = _curve(b.extract_s, m["epoch_seconds"], h["val_acc"], _lowest(h["val_loss"]))
     else:  # a probe: one point, when it is chosen
         passes = sum(row.get("iterations", 0) for row in m["sweep"]) or 1
         curve = [(round(b.extract_s + seconds, 3), m["val_acc"])]
@@ -390,7 +298,7 @@ def _head(b: _Bench, cache: Path, name: str, out: str, **options) -> tuple[Appro
 
 
 def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
-    from .finetuning import finetune
+    from ..finetuning import finetune
 
     cfg = b.cfg
     start = "cached head" if cached_head else "fresh head"
@@ -411,19 +319,16 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
             seed=cfg.seed,
             val_fraction=cfg.val_fraction,
             exclude=cfg.exclude,
-            progress=b.progress,
+            progress=b.bar,
             **kw,
         )
     )
     fm, h = r.metrics, r.metrics["history"]
     before = b.extract_s + b.linear_s if cached_head else 0.0
     prefix_s = fm["prefix_cache"]["seconds"]
-    trained = [
-        (s, a) for e, s, a in zip(h["epoch"], h["seconds"], h["val_acc"], strict=True) if e > 0
-    ]
-    curve = _curve(before + prefix_s, [s for s, _ in trained], [a for _, a in trained])
-    if cached_head:
-        curve.insert(0, (round(before + prefix_s, 3), float(fm["head_val_acc_before"])))
+    keeps = _most_accurate(h["val_acc"], h["val_loss"])
+    curve = _curve(before + prefix_s, h["seconds"], h["val_acc"], keeps)  # epoch 0 takes 0 s
+    curve = curve if cached_head else curve[1:]  # a fresh head before any step: no result yet
     return Approach(
         name=f"finetune --unfreeze {unfreeze} from the {start}",
         extract_s=(b.extract_s if cached_head else 0.0) + prefix_s,
@@ -460,7 +365,11 @@ def compare(
     ``config``). ``augment`` is finetune's train-time augmentation (``none``,
     ``light``, ``strong``); the tutorial recipe and the heads train on the eval
     transform. Data without a val split gets the same held-out validation
-    images in every approach.
+    images in every approach. ``log`` gets the plan first (the rows, and an
+    estimate of their time from one timed batch per way the backbone runs), then
+    a line per step; ``progress`` shows one bar with one ETA over every row (with
+    the bars of the steps that have their own above it). The files are written
+    again as each step ends, so an interrupted run keeps the rows it finished.
 
     Returns
     -------
@@ -472,6 +381,34 @@ def compare(
     _check_unfreeze(cfg)  # before any work: a bad value used to be refused after 26 s of it
     tune_allocator()
     say = log or (lambda line: None)
+    images = _images(data, cfg, say)
+    workdir = _workdir(cfg)
+    dev = resolve_device(cfg.device)
+    bb = build_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, device=dev)
+    b = _Bench(Path(data), images, cfg, workdir, progress, say, bb)
+    _warm_imports()
+    estimate = plan.timings(cfg, bb, images)
+    stages = _stages(b, estimate)
+    for line in plan.lines(cfg, images, estimate, len(stages)):
+        say(line)
+    b.bar = Overall.of(progress, "compare")
+    try:
+        b.bar.expect(sum(stage.weight_s for stage in stages))
+        b.say = b.bar.writer(say)
+        rows: list[Approach] = []
+        for i, stage in enumerate(stages, 1):
+            b.say(f"{i}/{len(stages)} {stage.says}")
+            with b.bar.part(stage.weight_s, f"{i}/{len(stages)} {stage.name}"):
+                rows += stage.run()
+            result = _write(b, rows)  # each row on disk as it ends: an interrupted run keeps them
+        b.bar.finish()
+    finally:
+        b.bar.close()
+    return result
+
+
+def _images(data, cfg: CompareConfig, say: Callable[[str], None]) -> ImageSet:
+    """The images with train and val splits, the same in every row (--exclude applied)."""
     images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
@@ -483,33 +420,62 @@ def compare(
             f"{data} needs labelled train and val splits to compare approaches "
             "(class folders, or train/ and val/)"
         )
-    workdir = _workdir(cfg)
-    b = _Bench(Path(data), images, cfg, workdir, progress, say)
-    _warm_imports()
-    steps = 2 + 2 * len(cfg.unfreeze)
-    rows = []
-    if cfg.tutorial:
-        say(f"1/{steps} tutorial recipe: the frozen backbone forwarded every epoch")
-        rows.append(_tutorial(b))
-    say(f"2/{steps} extract once, then heads on the cache")
-    cache, b.extract_s, b.extract_peak = _extract(b)
-    rows.append(_head(b, cache, "extract + train-head (default head)", "head.pt")[0])
-    sweep = f"extract + train-head linear {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
+    return images
+
+
+class _Stage(NamedTuple):
+    name: str  # on the bar
+    says: str  # in the log
+    weight_s: float  # its estimated seconds
+    run: Callable[[], list[Approach]]  # its rows
+
+
+def _cached_heads(b: _Bench) -> list[Approach]:
+    b.cache, b.extract_s, b.extract_peak = _extract(b)
+    return [_head(b, b.cache, "extract + train-head (default head)", "head.pt")[0]]
+
+
+def _sweep(b: _Bench) -> list[Approach]:
+    name = f"extract + train-head linear {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
     grid = {"lr": SWEEP_LRS, "weight_decay": SWEEP_WDS}
-    rows.append(_head(b, cache, sweep, "head_sweep.pt", head="linear", **grid)[0])
-    if cfg.views:
-        say(f"2/{steps} extract --views {cfg.views}, the linear head on the views")
-        rows += _views(b)
-    for i, (n, cached) in enumerate((n, c) for n in cfg.unfreeze for c in (True, False)):
-        start = "cached" if cached else "fresh"
-        say(f"{3 + i}/{steps} finetune --unfreeze {n} from the {start} head")
-        rows.append(_finetune(b, n, cached))
-    return _write(b, rows, cache)
+    return [_head(b, b.cache, name, "head_sweep.pt", head="linear", **grid)[0]]
+
+
+def _stages(b: _Bench, estimate: dict[str, float]) -> list[_Stage]:
+    """What compare runs, in order, each with its rows."""
+    cfg, sweep = b.cfg, f"linear {len(SWEEP_LRS)}x{len(SWEEP_WDS)} sweep"
+    stages = [
+        _Stage(
+            "tutorial recipe",
+            "tutorial recipe: the frozen backbone forwarded every epoch",
+            estimate["tutorial"],
+            lambda: _tutorial(b),
+        ),
+        _Stage(
+            "extract + default head",
+            "extract once, then the default head on the cache",
+            estimate["extract"],
+            lambda: _cached_heads(b),
+        ),
+        _Stage(sweep, f"the {sweep} on the cache", 0.0, lambda: _sweep(b)),
+        _Stage(
+            f"extract --views {cfg.views}",
+            f"extract --views {cfg.views}, the linear head on the views",
+            estimate["views"],
+            lambda: _views(b),
+        ),
+    ][0 if cfg.tutorial else 1 : 4 if cfg.views else 3]
+    for n, start in ((n, start) for n in cfg.unfreeze for start in ("cached", "fresh")):
+        name = f"finetune --unfreeze {n} ({start} head)"
+        says = f"finetune --unfreeze {n} from the {start} head"
+        run = functools.partial(lambda n, cached: [_finetune(b, n, cached)], n, start == "cached")
+        stages.append(_Stage(name, says, estimate[n], run))
+    return stages
 
 
 def _check_unfreeze(cfg: CompareConfig) -> None:
     """Every --unfreeze value against the backbone's blocks (the architecture alone: no weights)."""
-    from .finetuning.setup import parse_unfreeze
+    from ..finetuning.setup import parse_unfreeze
 
     bb = build_backbone(cfg.backbone, weights="none", image_size=cfg.image_size)
     for value in cfg.unfreeze:
@@ -533,18 +499,14 @@ def _earlier_compare(workdir: Path) -> set[str] | None:
     return {p.relative_to(workdir).as_posix() for p in workdir.rglob("*") if not p.is_dir()}
 
 
-def _write(b: _Bench, rows: list[Approach], cache: Path) -> Comparison:
-    """compare.md, compare.json and compare.png in the work folder."""
-    from .cache import open_cache
-
-    with open_cache(cache) as c:
-        weights_id, size = c.weights, int(c.attrs["image_size"])
+def _write(b: _Bench, rows: list[Approach]) -> Comparison:
+    """compare.md, compare.json and compare.png in the work folder, of the rows run so far."""
     cfg = b.cfg
     meta = {
         "data": str(b.data),
         "backbone": cfg.backbone,
-        "weights": weights_id,
-        "image_size": size,
+        "weights": b.bb.weights,  # what a cache of it records
+        "image_size": b.bb.transform.crop,
         "train_images": b.n_train,
         "val_images": len(b.images.splits["val"]),
         "finetune_augment": cfg.augment,
@@ -575,15 +537,7 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        ratio = (
-            "n/a (no tutorial row)"
-            if tut is None
-            else "1"
-            if r is tut
-            else f"1/{tut.total_s / r.total_s:.0f}"
-            if r.total_s < tut.total_s
-            else f"{r.total_s / tut.total_s:.1f}x"
-        )
+        ratio = "n/a (no tutorial row)" if tut is None else _times(r.total_s / tut.total_s)
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
         head.append(
             f"| {r.name} | {r.extract_s:.1f} | {r.train_s:.1f} | {r.total_s:.1f} | {ratio} "
@@ -591,6 +545,13 @@ def markdown(rows: list[Approach], meta: dict, *, title: str | None = None) -> s
             f"| {_pct(r.balanced_val_acc)} | {_pct(r.val_top5)} | {r.epochs} |"
         )
     return "\n".join(head)
+
+
+def _times(ratio: float) -> str:
+    """A time as a multiple of the tutorial's, in one notation: 0.053x, 0.50x, 1.00x, 3.20x, 12x."""
+    if ratio >= 10:
+        return f"{ratio:.0f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def _pct(value: float | None) -> str:
