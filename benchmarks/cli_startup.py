@@ -12,6 +12,7 @@ Also recorded: whether `import embedcache.cli` loads torch.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def measure(codes: dict[str, Path], data: Path, tmp: Path, rounds: int) -> dict:
 def _markdown(times: dict, torch: dict, args) -> str:
     lines = [
         f"Old: {args.commit}; new: this checkout. Median wall time of {args.rounds} alternated "
-        "rounds (seconds).",
+        f"rounds (seconds); load average {args.load:.2f} at the start.",
         "",
         "| command | old (s) | new (s) | new / old |",
         "| --- | ---: | ---: | ---: |",
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--commit", required=True, help="the older commit to compare with")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
+    args.load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         subprocess.run(

@@ -19,8 +19,8 @@ def test_embedcache_has_short_functions_and_modules_few_params_and_one_way_impor
     assert not problems, "tools/code_shape.py found:\n" + "\n".join(problems)
 
 
-def test_readme_lists_the_module_order_of_order():
-    problems = code_shape.readme_problems(ROOT / "README.md")
+def test_the_development_page_lists_the_module_order_of_order():
+    problems = code_shape.readme_problems(ROOT / "docs" / "development.md")
     assert not problems, "\n".join(problems)
 
 

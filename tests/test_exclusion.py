@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -269,3 +270,16 @@ def test_finetune_and_compare_refuse_an_exclusion_that_empties_val_or_a_class(ve
     val.write_text(_listing(s.path for s in images.splits["val"]))
     with pytest.raises(EmbedcacheError, match=r"val\.csv leaves no images in val \(all 12 listed"):
         getattr(embedcache, verb)(tree, exclude=val, **kw, **where)
+
+
+def test_the_holdout_note_counts_the_images_exclude_left(make_cache, tmp_path):
+    """Issue 33: 'held out 4 of 20 train images' counted the images --exclude had taken out."""
+    from conftest import blobs
+
+    cache = make_cache(train=blobs(20, seed=0))  # 60 train images, no val split
+    drop = tmp_path / "drop.csv"
+    drop.write_text("path\n" + "".join(f"train/{i}.png\n" for i in range(10)))
+    r = train_head(cache, out=tmp_path / "h.pt", head="linear", epochs=1, exclude=drop)
+    source = r.metrics["val_source"]
+    assert re.match(r"no val split: held out \d+ of 50 train images", source), source
+    assert source.endswith("; --exclude left 50 of the 60 train images"), source

@@ -219,6 +219,9 @@ def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str, str | None]:
         val_fraction=cfg.val_fraction, seed=cfg.seed
     )
     images, note = excluded(images, cfg.exclude, str(data))
+    if note and val_source != "val split":  # the holdout counts what --exclude left
+        left = {k: len(images.splits.get(k, [])) for k in ("train", "val")}
+        val_source += f"; --exclude left {left['train']} train and {left['val']} val images"
     no_train = (
         f"{data} has no labelled train split; finetune needs class folders or a CSV with labels"
     )

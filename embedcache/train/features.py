@@ -133,7 +133,9 @@ def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
         raise EmbedcacheError(
             f"too few training images in {cache.path} to hold out a validation set"
         )
-    how = holdout_note(len(va), len(labels), cfg.val_fraction, cfg.seed)
+    how = holdout_note(len(va), len(tr) + len(va), cfg.val_fraction, cfg.seed)
+    if len(tr) + len(va) < len(labels):  # the images --exclude left, not those it took out
+        how += f"; --exclude left {len(tr) + len(va)} of the {len(labels)} train images"
     mirror = _mirror(cache, "train", labels, va, in_memory)
     val = Rows(feats, labels, va, in_memory)
     return Data(train_rows(tr), val, how, mirror, used, True, digests, excl)
