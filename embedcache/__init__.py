@@ -36,6 +36,8 @@ _API = {
     "EmbedcacheError": "errors",
     "demo": "quickstart",
     "compare": "comparison",
+    "rank_backbones": "ranking",
+    "Ranking": "ranking",
     "ExtractConfig": "config",
     "HeadConfig": "config",
     "FinetuneConfig": "config",

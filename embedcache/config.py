@@ -178,6 +178,17 @@ def _num_workers():
     )
 
 
+def _log_dir():
+    return setting(
+        None,
+        "Write TensorBoard event files of each training run into a sub-folder of this folder "
+        "(per epoch: loss/train, loss/val, accuracy/train, accuracy/val; the settings as text "
+        "and hparams); tensorboard --logdir DIR shows the runs side by side. Needs "
+        "pip install 'embedcache[tensorboard]'.",
+        kind="folder",
+    )
+
+
 COMPILE_FROM_IMAGES = 10_000  # torch.compile on a GPU: a minute of compiling pays back there
 # A frozen graph on a CPU costs 0.5-1 s of tracing and checking and ran 0-5% faster
 # than the folded net with its activations fused (benchmarks/results/bn_fold_cpu.md); end to
@@ -339,6 +350,7 @@ class HeadConfig(_Config):
         kind=bool,
     )
     exclude: str | None = _exclude()
+    log_dir: str | None = _log_dir()
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay"):  # a single number is a one-value sweep
@@ -413,6 +425,7 @@ class FinetuneConfig(_Config):
         kind="bytes",
     )
     exclude: str | None = _exclude()
+    log_dir: str | None = _log_dir()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", str(self.unfreeze).lower())
@@ -456,8 +469,29 @@ class CompareConfig(_Config):
         "(0: leave those rows out)."
     )
     tutorial: bool = setting(
-        True, "Include the tutorial recipe (the slowest row, the time reference)."
+        True,
+        "Include the tutorial recipe (the slowest row, the time reference); one backbone on all "
+        "of train only.",
     )
+    backbones: tuple[str, ...] = setting(
+        (),
+        "Compare these backbones (comma-separated, or repeat the option): each extracted once, "
+        "each given the default head and finetune at every --fractions share.",
+        kind=str,
+    )
+    fractions: tuple[float, ...] = setting(
+        (),
+        "Shares of the training images to compare at, e.g. 0.01,0.1,1: seeded, stratified, "
+        "nested subsets (every class keeps an image); validation and test never shrink.",
+        kind=float,
+    )
+    rank_only: bool = setting(
+        False,
+        "Only rank --backbones cheaply: each extracted on --per-class images per class, scored "
+        "by cross-validated kNN and linear-probe accuracy.",
+    )
+    per_class: int = setting(20, "Images per class for --rank-only.", low=2)
+    log_dir: str | None = _log_dir()
     device: str = _device()
     seed: int = _seed()
     val_fraction: float = _val_fraction()
@@ -467,7 +501,22 @@ class CompareConfig(_Config):
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", tuple(str(u) for u in self.unfreeze))
         object.__setattr__(self, "workdir", str(self.workdir))
+        names = [b.strip() for v in self.backbones for b in str(v).split(",") if b.strip()]
+        object.__setattr__(self, "backbones", tuple(dict.fromkeys(names)))
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         super().__post_init__()
+
+    @property
+    def grid(self) -> bool:
+        """Whether this compare runs the grid of backbones x fractions (else one backbone on
+        all of train, approach by approach)."""
+        return len(self.backbones) > 1 or self.fractions not in ((), (1.0,))
+
+    def grid_config(self) -> CompareConfig:
+        """This config with the grid's defaults filled in: --backbone alone, all of train."""
+        return self.replace(
+            backbones=self.backbones or (self.backbone,), fractions=self.fractions or (1.0,)
+        )
 
 
 @dataclass(frozen=True)

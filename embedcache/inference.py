@@ -29,10 +29,10 @@ def _map_labels(data_classes: list[str], model_classes: list[str], source: str) 
 
 def _cache_split(
     clf: Classifier, data: Path, split: str, tta: bool | None, drop: Exclusion | None = None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str], dict | None]:
-    """(features float32, mirrored features or None, labels, classes, what ``drop`` left out)
-    of a cache split, checked against the head. The mirrors are read when ``tta``, or when None
-    and the cache has them."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str], dict | None, list[str]]:
+    """(features float32, mirrored features or None, labels, classes, what ``drop`` left out,
+    the paths scored) of a cache split, checked against the head. The mirrors are read when
+    ``tta``, or when None and the cache has them."""
     if clf.kind == "model":
         raise EmbedcacheError(
             f"{clf.path} is a fine-tuned model, whose features differ from any cache; "
@@ -64,7 +64,9 @@ def _cache_split(
             keep = matched.keep(sd.paths)
             record = _left_out(matched, split, len(keep), int(keep.sum()))
         mirror = mirror[keep] if mirror is not None else None
-        return sd.features[keep].astype(np.float32), mirror, sd.labels[keep], c.classes, record
+        scored = [p for p, k in zip(sd.paths, keep.tolist(), strict=True) if k]
+        features = sd.features[keep].astype(np.float32)
+        return features, mirror, sd.labels[keep], c.classes, record, scored
 
 
 def _left_out(matched: Matched, split: str, before: int, after: int) -> dict:
@@ -95,8 +97,9 @@ def _labelled_folder(data: Path, split: str) -> tuple[ImageSet, str]:
 def _folder_split(
     clf: Classifier, data: Path, split: str, run: Run, mirror: bool, drop: Exclusion | None = None
 ):
-    """(features, mirrored or None, labels, classes, skipped, split, what ``drop`` left out) of
-    an image folder's split, through the model's backbone, without the images ``drop`` lists."""
+    """(features, mirrored or None, labels, classes, skipped, split, what ``drop`` left out, the
+    paths scored) of an image folder's split, through the model's backbone, without the images
+    ``drop`` lists."""
     images, split = _labelled_folder(data, split)
     samples, record = images.splits[split], None
     _unseen(clf, [s.path for s in samples], f"the {split} split of {data}")
@@ -110,7 +113,8 @@ def _folder_split(
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
     skipped = {samples[i].path: reason for i, reason in failed.items()}
-    return *split_mirrored(features, mirror), labels, images.classes, skipped, split, record
+    scored = [samples[i].path for i in ok]
+    return *split_mirrored(features, mirror), labels, images.classes, skipped, split, record, scored
 
 
 def _unseen(clf: Classifier, paths: list[str], what: str) -> None:
@@ -159,6 +163,8 @@ def evaluate(
     that stores the mirrors (extract --views), and for images with a head trained
     on views. ``run`` takes ``device``, ``batch_size`` and ``num_workers`` for images.
     ``exclude`` is a CSV of images to leave out (see :mod:`embedcache.exclusion`).
+    ``result["scored"]`` lists each image scored (``paths``, relative to the data root as the
+    cache writes them), its ``true`` and ``predicted`` class index, in the same order.
     """
     from .report import classification_text, confusion, per_class, plot_confusion, scores
 
@@ -175,12 +181,14 @@ def evaluate(
     skipped: dict[str, str] = {}
     drop = read_exclude(exclude)
     if _is_cache(data):
-        features, mirror, labels, classes, excluded = _cache_split(clf, data, split, tta, drop)
+        features, mirror, labels, classes, excluded, paths = _cache_split(
+            clf, data, split, tta, drop
+        )
     else:
         on = serving_run(
             clf, run.get("device", "auto"), run.get("batch_size"), run.get("num_workers"), progress
         )
-        features, mirror, labels, classes, skipped, split, excluded = _folder_split(
+        features, mirror, labels, classes, skipped, split, excluded, paths = _folder_split(
             clf, data, split, on, clf.tta(tta), drop
         )
     labelled(
@@ -197,6 +205,8 @@ def evaluate(
     result.update(tta=mirror is not None, **scores(logits, y), classes=clf.classes)
     result.update(per_class=per_class(y, pred, clf.classes), confusion=matrix.tolist())
     result.update(report=classification_text(y, pred, clf.classes), skipped=skipped)
+    # image by image, for paired tests between models scored on the same images (compare)
+    result["scored"] = {"paths": paths, "true": y.tolist(), "predicted": pred.tolist()}
     if excluded is not None:
         result["exclude"] = excluded
     if plot is not None:

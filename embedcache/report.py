@@ -72,6 +72,27 @@ def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
+def better_p_value(a_right: np.ndarray, b_right: np.ndarray) -> float:
+    """One-sided exact McNemar test: the chance of ``a`` beating ``b`` this often on the same
+    images if neither were better (only the images where exactly one is right count)."""
+    import math
+
+    wins, losses = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``right`` of ``n`` (95% for z = 1.96): unlike
+    the normal approximation it stays inside [0, 1] and is honest at 0 or n right."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = right / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """Precision, recall, F1 and support per class, as plain numbers."""
     from sklearn.metrics import precision_recall_fscore_support

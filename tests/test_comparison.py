@@ -268,3 +268,137 @@ def test_a_part_moves_the_overall_bar_through_its_share_and_fills_it_when_done()
     with outer.part(3.0, "extract"):  # no bar of its own: filled when it ends
         assert outer.done == pytest.approx(4.0)
     assert outer.done == pytest.approx(7.0) and not inner.enabled
+
+
+# ---------------------------------------------------------------------------
+# The grid: backbones x shares of train (issue 34)
+
+
+def _counting_forward(monkeypatch) -> dict[str, int]:
+    """Images each backbone forwards inside extract, by backbone name."""
+    import embedcache.extraction as extraction
+
+    seen: dict[str, int] = {}
+    real = extraction.build_backbone
+
+    def build(name, **kw):
+        bb = real(name, **kw)
+        forward = bb.net.forward
+
+        def counted(x, *a, **k):
+            seen[name] = seen.get(name, 0) + len(x)
+            return forward(x, *a, **k)
+
+        bb.net.forward = counted
+        return bb
+
+    monkeypatch.setattr(extraction, "build_backbone", build)
+    return seen
+
+
+def test_a_grid_forwards_each_backbone_once_and_scores_every_cell_on_the_same_images(
+    tmp_path, monkeypatch
+):
+    data = make_tree(tmp_path / "d", splits=("train", "val", "test"), classes=("a", "b", "c"))
+    seen = _counting_forward(monkeypatch)
+    lines: list[str] = []
+    g = compare(
+        data,
+        backbones=(f"{TINY},{TINY}",),  # named twice: one backbone, one pass
+        fractions=(1.0, 0.25),
+        weights="none",
+        image_size=32,
+        unfreeze=("1",),
+        finetune_epochs=1,
+        augment="none",
+        workdir=tmp_path / "w",
+        log_dir=tmp_path / "tb",
+        device="cpu",
+        progress=False,
+        log=lines.append,
+    )
+    # every image once for two shares (and the BatchNorm fold's check: 2 more)
+    assert seen == {TINY: 54 + 2}
+    assert lines[0].startswith("plan: 1 backbone(s) x 2 share(s) of 18 train images")
+    assert [(c.backbone, c.fraction, c.approach, c.train_images) for c in g.cells][:4] == [
+        (TINY, 0.25, "default head", 6),  # round(6 x 0.25) = 2 of the 6 per class
+        (TINY, 0.25, "finetune --unfreeze 1", 6),
+        (TINY, 1.0, "default head", 18),
+        (TINY, 1.0, "finetune --unfreeze 1", 18),
+    ]
+    assert len(g.cells) == 4 and g.split == "test"
+    assert {len(c.right) for c in g.cells} == {18}  # the same 18 test images, every cell
+    for c in g.cells:
+        assert c.interval[0] <= c.accuracy <= c.interval[1]
+    saved = json.loads((tmp_path / "w" / "grid.json").read_text())
+    assert len(saved["cells"]) == 4 and saved["verdicts"] == g.verdicts
+    assert [v.split(" of train")[0] for v in g.verdicts] == ["25%", "100%"]
+    for name in ("grid.md", "grid_fractions.png", "grid_time.png"):
+        assert (tmp_path / "w" / name).is_file()
+    cells = sorted(p.name for p in (tmp_path / "tb").iterdir())  # TensorBoard: a folder a cell
+    assert len(cells) == 2, cells
+    for cell in (tmp_path / "tb").iterdir():  # the default head's two candidates, the finetune
+        runs = sorted(p.name for p in cell.iterdir() if any(p.glob("events.out.tfevents.*")))
+        assert len(runs) == 3 and any("unfreeze1" in r for r in runs), runs
+
+
+def test_the_verdict_fine_tunes_only_on_a_significant_gain_and_says_the_cost():
+    from embedcache.comparison.grid import Cell, verdict
+
+    def cell(approach, right, seconds):
+        acc = sum(right) / len(right)
+        return Cell("lite0", 0.1, approach, 50, 10.0, seconds, acc, acc, (0, 1), acc, right)
+
+    head = cell("default head", [True] * 150 + [False] * 50, 2.0)
+    big = cell("finetune --unfreeze 2", [True] * 180 + [False] * 20, 290.0)
+    small = cell("finetune --unfreeze 2", [True] * 151 + [False] * 49, 290.0)
+    worse = cell("finetune --unfreeze 2", [True] * 140 + [False] * 60, 290.0)
+    said = verdict([head, big], 0.1)
+    assert said.startswith("10% of train (50 images): best head lite0 75.0% [")
+    assert re.search(
+        r"fine-tuning \+15\.0 points \(significant, p=[\d.e-]+\) at 25\.0x the time: "
+        r"fine-tune \(lite0, finetune --unfreeze 2\)$",
+        said,
+    ), said
+    said = verdict([head, small], 0.1)
+    assert said.endswith(
+        "fine-tuning +0.5 points (not significant, p=0.5) at 25.0x the time: use the head"
+    ), said
+    assert verdict([head, worse], 0.1).endswith(
+        "-5.0 points (no gain) at 25.0x the time: use the head"
+    )
+
+
+def test_wilson_intervals():
+    from embedcache.report import wilson_interval
+
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+def test_backbones_and_fractions_make_a_grid_and_split_on_commas():
+    from embedcache.config import CompareConfig
+
+    assert not CompareConfig().grid and not CompareConfig(fractions=(1,)).grid
+    cfg = CompareConfig(backbones=("a, b", "a", "c"), fractions=(0.1, 1))
+    assert cfg.grid and cfg.backbones == ("a", "b", "c") and cfg.fractions == (0.1, 1.0)
+    assert CompareConfig(fractions=(0.1,)).grid_config().backbones == ("efficientnet_lite0",)
+
+
+def test_rank_only_ranks_the_backbones_and_writes_the_ranking(tmp_path):
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    data = make_tree(tmp_path / "d", classes=("a", "b", "c"), per_class=4)
+    args = ["compare", str(data), "--rank-only", "--backbones", f"{TINY},resnet18", "-w", "none"]
+    args += ["--image-size", "32", "--per-class", "3", "--workdir", str(tmp_path / "w"), "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert re.match(r"\S+ \(none\) ranks first of 2 by 5-fold kNN accuracy on 9 training", lines[0])
+    assert {ln.split()[1] for ln in lines[1:3]} == {TINY, "resnet18"}
+    assert lines[-1] == f"wrote {tmp_path / 'w' / 'rank.md'} and rank.json"
+    ranked = json.loads((tmp_path / "w" / "rank.json").read_text())
+    assert len(ranked["rows"]) == 2 and ranked["per_class"] == 3

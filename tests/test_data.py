@@ -617,3 +617,31 @@ def test_hostile_images_are_skipped_or_read_quickly(tmp_path):
         with pytest.raises(UnreadableImage, match=reason):
             preprocess(tmp_path / name, t)
     assert time.perf_counter() - start < 5
+
+
+def test_fractions_are_nested_stratified_seeded_and_keep_every_class():
+    """Issue 34: 1% within 10% within 100%, every class at least one image, the same subset
+    for the same seed, and a subset that barely moves when images are added."""
+    from embedcache.data import nested_fractions
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), [300, 120, 40, 7, 1])
+    paths = [f"c{y}/{i:04d}_{rng.integers(1e9)}.jpg" for i, y in enumerate(labels)]
+    subsets = nested_fractions(paths, labels, fractions=(1.0, 0.01, 0.1), seed=3)
+    assert list(subsets) == [0.01, 0.1, 1.0]
+    small, mid, full = (set(subsets[f].tolist()) for f in (0.01, 0.1, 1.0))
+    assert small <= mid <= full and full == set(range(len(labels)))
+    for f, rows in subsets.items():
+        counts = np.bincount(labels[rows], minlength=5)
+        assert counts.min() >= 1, (f, counts)
+        expected = [max(1, round(n * f)) for n in (300, 120, 40, 7, 1)]
+        assert counts.tolist() == expected, (f, counts)
+    again = nested_fractions(paths, labels, fractions=(0.1,), seed=3)[0.1]
+    assert np.array_equal(again, subsets[0.1])
+    other = nested_fractions(paths, labels, fractions=(0.1,), seed=4)[0.1]
+    assert not np.array_equal(other, subsets[0.1])
+    grown = nested_fractions([*paths, "c0/new.jpg"], np.append(labels, 0), fractions=(0.1,), seed=3)
+    moved = set(np.asarray(paths)[subsets[0.1]]) ^ {([*paths, "c0/new.jpg"])[i] for i in grown[0.1]}
+    assert len(moved) <= 2  # the new image may take one old image's place, nothing else moves
+    with pytest.raises(EmbedcacheError, match=r"--fractions must be in \(0, 1\]"):
+        nested_fractions(paths, labels, fractions=(0.0, 0.5), seed=0)

@@ -162,13 +162,12 @@ def train_head_cmd(cache, out, quiet, as_json, verbose, **values):
     """
     from ..train import train_head
 
-    r = train_head(
-        cache, out=out, config=settings(HeadConfig, values), progress=not quiet and not as_json
-    )
+    cfg = settings(HeadConfig, values)
+    r = train_head(cache, out=out, config=cfg, progress=not quiet and not as_json)
     if as_json:
         emit_metrics(r)
     else:
-        show.head(r, verbose=verbose)
+        show.head(r, verbose=verbose, log_dir=cfg.log_dir)
 
 
 @main.command()
@@ -267,7 +266,7 @@ def finetune(data, out, quiet, as_json, verbose, **values):
     if as_json:
         emit_metrics(r)
     else:
-        show.finetuned(r, verbose=verbose)
+        show.finetuned(r, verbose=verbose, log_dir=cfg.log_dir)
 
 
 @main.command()
@@ -275,16 +274,27 @@ def finetune(data, out, quiet, as_json, verbose, **values):
 @all_options(CompareConfig)
 @output_options
 def compare(data, quiet, as_json, verbose, **values):
-    """Feature extraction or fine-tuning? Time and accuracy of each approach on DATA.
+    """Feature extraction or fine-tuning, which backbone, at what data size? On DATA.
 
-    Runs, on the same splits: the tutorial recipe (frozen backbone forwarded
-    every epoch), extract + train-head (linear and a sweep), and finetune
-    --unfreeze N from the cached head and from a fresh one. Writes a Markdown
-    table, JSON and a plot of validation accuracy against wall time.
+    With one backbone on all of train it runs, on the same splits: the tutorial
+    recipe (frozen backbone forwarded every epoch), extract + train-head (the
+    default head and a sweep), and finetune --unfreeze N from the cached head and
+    from a fresh one; a Markdown table, JSON and a plot of validation accuracy
+    against wall time.
+
+    With --backbones and --fractions it runs the grid: each backbone extracted
+    once; at each share of train (nested subsets) the default head and finetune
+    from it, scored on the test images (else validation) with 95% intervals; one
+    verdict line per share says whether fine-tuning's gain is significant on the
+    same images (paired test) and at what cost. --rank-only ranks the backbones
+    in seconds instead, by cross-validated kNN and probe accuracy on a few images
+    per class.
 
     \b
     Example:
       embedcache compare photos/ --unfreeze 1 --unfreeze 2 --workdir runs/photos
+      embedcache compare photos/ --backbones efficientnet_lite0,efficientnet_lite1 \\
+        --fractions 0.01,0.1,1
     """
     from ..comparison import compare as run
 
@@ -292,9 +302,14 @@ def compare(data, quiet, as_json, verbose, **values):
     r = run(data, config=settings(CompareConfig, values), progress=not quiet, log=say(quiet))
     if as_json:
         emit_json(json.loads(r.files["json"].read_text()))
-        return
-    click.echo(r.markdown)
-    click.echo(f"\nwrote {', '.join(shown(p) for p in r.files.values())}")
+    elif hasattr(r, "verdicts"):
+        show.grid(r, verbose=verbose)
+    elif hasattr(r, "summary_lines"):  # --rank-only
+        click.echo("\n".join(r.summary_lines()))
+        click.echo(f"wrote {shown(r.files['markdown'])} and {shown(r.files['json'].name)}")
+    else:
+        click.echo(r.markdown)
+        click.echo(f"\nwrote {', '.join(shown(p) for p in r.files.values())}")
 
 
 @main.command()

@@ -93,7 +93,9 @@ def _click_type(f: dataclasses.Field, default) -> dict:
     if m["kind"] in PATHS:
         return {"type": PATHS[m["kind"]]}
     if isinstance(default, tuple):  # lists: repeat the option or separate by commas
-        floats = all(isinstance(v, float) for v in default)
+        floats = m["kind"] is float or (
+            m["kind"] is tuple and bool(default) and all(isinstance(v, float) for v in default)
+        )
         return {"multiple": True, "type": _FloatList() if floats else str}
     if m["kind"] is int:
         return {"type": click.IntRange(min=m["low"]) if m["low"] is not None else int}

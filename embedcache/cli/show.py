@@ -132,7 +132,12 @@ def _head_details(m: dict) -> None:
     click.echo(f"  {epochs}{best}; {m['seconds']:.2f} s; validation: {m['val_source']}")
 
 
-def head(r, *, verbose: bool = False) -> None:
+def _tensorboard(log_dir: str | None) -> None:
+    if log_dir:
+        click.echo(f"wrote TensorBoard event files in {shown(log_dir)} (tensorboard --logdir)")
+
+
+def head(r, *, verbose: bool = False, log_dir: str | None = None) -> None:
     """What train-head trained, how good it is on validation, what it wrote, what next."""
     m = r.metrics
     click.echo(f"{shown(r.path)}: {_head_kind(m)}, {_scores(m)}")
@@ -146,6 +151,7 @@ def head(r, *, verbose: bool = False) -> None:
     if verbose:
         _head_details(m)
     click.echo(wrote([r.path, *(p.name for p in r.files.values())]))
+    _tensorboard(log_dir)
     split = "test" if "test" in splits_of(m["cache"]) else None
     click.echo(
         f"next: embedcache evaluate {shown(r.path)} {shown(m['cache'])} --split test"
@@ -154,7 +160,7 @@ def head(r, *, verbose: bool = False) -> None:
     )
 
 
-def finetuned(r, *, verbose: bool = False) -> None:
+def finetuned(r, *, verbose: bool = False, log_dir: str | None = None) -> None:
     """What finetune trained, how good it is, what it cost, what it wrote, what next."""
     m = r.metrics
     click.echo(
@@ -171,6 +177,7 @@ def finetuned(r, *, verbose: bool = False) -> None:
     if verbose:
         click.echo(f"  validation: {m.get('val_source', 'val split')}")
     click.echo(wrote([r.path, *(p.name for k, p in r.files.items() if k != "model")]))
+    _tensorboard(log_dir)
     data = shown(m["config"].get("data", "DATA"))
     click.echo(f"next: embedcache evaluate {shown(r.path)} {data} --split test")
 
@@ -272,4 +279,17 @@ def exported(info: dict, fmt: str) -> None:
     click.echo(
         f"output logits over {len(info['classes'])} classes: "
         f"{', '.join(map(shown, info['classes'][:10]))}"
+    )
+
+
+def grid(r, *, verbose: bool = False) -> None:
+    """A grid compare: the verdict per training share first, then the files."""
+    for line in r.verdicts:
+        click.echo(line)
+    if verbose:
+        click.echo(r.markdown)
+    folder = Path(r.files["markdown"]).parent
+    click.echo(
+        f"wrote {shown(folder)}/grid.md (the table), grid.json (with intervals), "
+        "grid_fractions.png (accuracy by share of train) and grid_time.png (by wall time)"
     )

@@ -36,12 +36,14 @@ from ..outputs import work_folder, write_file, write_text
 from ..report import figure
 from ..runtime import Overall, resolve_device, tune_allocator
 from . import plan
+from .grid import Grid
 from .tutorial import EarlyStopper, tutorial_recipe
 
 __all__ = [
     "Approach",
     "Comparison",
     "EarlyStopper",
+    "Grid",
     "compare",
     "markdown",
     "plot",
@@ -357,9 +359,10 @@ def compare(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **options,
-) -> Comparison:
+) -> Comparison | Grid:
     """Run every approach on ``data`` with the same backbone and splits; write Markdown, JSON
-    and a plot.
+    and a plot. With several ``backbones`` or ``fractions`` of train, run the grid of
+    :mod:`embedcache.comparison.runs` instead and return its :class:`Grid`.
 
     ``options`` are the fields of :class:`embedcache.config.CompareConfig` (or pass
     ``config``). ``augment`` is finetune's train-time augmentation (``none``,
@@ -378,9 +381,13 @@ def compare(
         and models of each approach stay in ``workdir``).
     """
     cfg = CompareConfig.build(config, **options)
+    say = log or (lambda line: None)
+    if cfg.rank_only:
+        return _rank(data, cfg, progress, say)
+    if cfg.grid:
+        return _grid(data, cfg.grid_config(), progress, say)
     _check_unfreeze(cfg)  # before any work: a bad value used to be refused after 26 s of it
     tune_allocator()
-    say = log or (lambda line: None)
     images = _images(data, cfg, say)
     workdir = _workdir(cfg)
     dev = resolve_device(cfg.device)
@@ -471,6 +478,42 @@ def _stages(b: _Bench, estimate: dict[str, float]) -> list[_Stage]:
         run = functools.partial(lambda n, cached: [_finetune(b, n, cached)], n, start == "cached")
         stages.append(_Stage(name, says, estimate[n], run))
     return stages
+
+
+def _rank(data, cfg: CompareConfig, progress: bool, say: Callable[[str], None]):
+    """--rank-only: :func:`embedcache.ranking.rank_backbones` in WORKDIR/rank, its ranking
+    written as rank.md and rank.json there."""
+    from ..ranking import rank_backbones
+
+    workdir = _workdir(cfg)
+    r = rank_backbones(
+        data,
+        workdir=workdir / "rank",
+        backbones=cfg.backbones or (cfg.backbone,),
+        weights=cfg.weights,
+        per_class=cfg.per_class,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        device=cfg.device,
+        val_fraction=cfg.val_fraction,
+        progress=progress,
+        log=say,
+    )
+    r.files.update(markdown=workdir / "rank.md", json=workdir / "rank.json")
+    write_text(r.files["markdown"], r.markdown() + "\n")
+    write_text(r.files["json"], json.dumps(r.as_dict(), indent=1, default=str) + "\n")
+    return r
+
+
+def _grid(data, cfg: CompareConfig, progress: bool, say: Callable[[str], None]):
+    """--backbones and --fractions: the grid of :mod:`.runs`, checked before any work."""
+    from .runs import compare_grid
+
+    for backbone in cfg.backbones:
+        _check_unfreeze(cfg.replace(backbone=backbone))
+    tune_allocator()
+    images = _images(data, cfg, say)
+    return compare_grid(data, images, cfg, _workdir(cfg), progress, say)
 
 
 def _check_unfreeze(cfg: CompareConfig) -> None:

@@ -29,7 +29,14 @@ from .decode import (
     os_reason,
 )
 from .listing import IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_ORDER, UNLABELLED, ImageSet, Sample, scan
-from .splits import holdout, holdout_note, name_bytes, paths_digest, stratified_split
+from .splits import (
+    holdout,
+    holdout_note,
+    name_bytes,
+    nested_fractions,
+    paths_digest,
+    stratified_split,
+)
 from .transform import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, preprocess, resize_geometry
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "holdout_note",
     "load_rgb",
     "name_bytes",
+    "nested_fractions",
     "os_reason",
     "paths_digest",
     "preprocess",

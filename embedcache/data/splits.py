@@ -52,6 +52,36 @@ def holdout(
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def nested_fractions(
+    paths: list[str], labels: np.ndarray, *, fractions, seed: int
+) -> dict[float, np.ndarray]:
+    """Seeded, stratified, nested subsets of the training images: {fraction: rows, ascending}.
+
+    Per class, the ``max(1, round(n * fraction))`` images with the smallest hash of (seed,
+    ``"subset"``, path): every class keeps at least one image, and a smaller fraction's rows
+    are always inside a larger one's (1% within 10% within 100%), as the same images are
+    added in the same order. Hash order, as for :func:`holdout`: stable as images are added.
+    """
+    bad = [f for f in fractions if not 0.0 < f <= 1.0]
+    if bad or not fractions:
+        raise EmbedcacheError(f"--fractions must be in (0, 1], e.g. 0.01,0.1,1; got {bad}")
+    labels = np.asarray(labels)
+    order = {
+        label: sorted(
+            np.flatnonzero(labels == label), key=lambda i: _holdout_key(seed, f"subset:{paths[i]}")
+        )
+        for label in np.unique(labels)
+    }
+    return {
+        f: np.sort(
+            np.concatenate([m[: max(1, int(round(len(m) * f)))] for m in order.values()]).astype(
+                np.int64
+            )
+        )
+        for f in sorted(set(fractions))
+    }
+
+
 def stratified_split(
     samples: list[Sample], *, val_fraction: float, seed: int
 ) -> dict[str, list[Sample]]:

@@ -29,6 +29,7 @@ from ..distributed import process_group
 from ..locks import exclusive
 from ..models import FinetunedModel, build_model
 from ..runtime import Overall, tune_allocator
+from ..tblog import check_log_dir
 from .estimate import Meter, for_setup, plan_lines
 from .loop import Batches, Fit, epochs_left, fit, last_path, start
 from .prefix import PrefixCache, PrefixPlan, build_prefix_cache, plan_prefix
@@ -135,7 +136,7 @@ def _summarise(
 
 def _claim(out: Path, data, cfg: FinetuneConfig) -> None:
     """Refuse an --out that is an input (the head, the data), another kind of file, or puts the
-    plots among the images."""
+    plots among the images; and a --log-dir that cannot hold event files."""
     from ..outputs import claim
     from ..report import side_files
 
@@ -143,6 +144,7 @@ def _claim(out: Path, data, cfg: FinetuneConfig) -> None:
     root = Path(data) if Path(data).is_dir() else None
     claim(out, kind="model", verb="finetune", inputs=inputs, beside=side_files(out), data_root=root)
     claim(last_path(out), kind="state", verb="finetune", inputs=inputs)
+    check_log_dir(cfg.log_dir)
 
 
 # ---------------------------------------------------------------------------

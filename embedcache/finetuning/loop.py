@@ -21,6 +21,7 @@ from ..models import FinetunedModel
 from ..runtime import (
     seeded,
 )
+from ..tblog import RunLog, Runs
 from .estimate import Meter
 from .prefix import PrefixCache
 from .setup import Setup
@@ -353,44 +354,38 @@ def epochs_left(setup: Setup, fit: Fit) -> int:
 
 
 def fit(setup: Setup, fit: Fit, data: Batches, say: Callable[[str], None]) -> Fit:
-    """Epoch 0 (the head as reattached), then epochs until --epochs or --patience."""
+    """Epoch 0 (the head as reattached), then epochs until --epochs or --patience; with
+    --log-dir each epoch is logged too (see :func:`_run_log`)."""
+    with _run_log(setup) as log:
+        return _epochs(setup, fit, data, say, log)
+
+
+def _run_log(setup: Setup) -> RunLog:
+    """The run's TensorBoard events (--log-dir, written by rank 0): LOG_DIR/STEM-unfreezeN, STEM
+    the --out file's, with the settings the checkpoint records."""
+    log_dir = setup.cfg.log_dir if setup.group.is_main else None
+    settings = {"verb": "finetune", "out": str(setup.out), **setup.config_record()}
+    return Runs.of(log_dir, setup.out.stem, settings).open(f"unfreeze{setup.cfg.unfreeze}")
+
+
+def _epochs(setup: Setup, fit: Fit, data: Batches, say: Callable[[str], None], log: RunLog) -> Fit:
     cfg = setup.cfg
     if fit.epoch == 0:  # epoch 0: the reattached head on the live backbone, before any step
         data.meter.bar.phase("epoch 0, the head as reattached")
         vl, va, *val = _evaluate(setup, data)
         say(f"epoch 0 (as reattached): val loss {vl:.4f} acc {va:.4f}")
-        _record(
-            setup,
-            fit,
-            {
-                "epoch": 0,
-                "train_loss": None,
-                "train_acc": None,
-                "val_loss": vl,
-                "val_acc": va,
-                "seconds": 0.0,
-            },
-            tuple(val),
-        )
+        row = {"train_loss": None, "train_acc": None, "val_loss": vl, "val_acc": va}
+        _record(setup, fit, {"epoch": 0, **row, "seconds": 0.0}, tuple(val))
+        log.scalars(0, row)
     while fit.epoch < cfg.epochs and fit.epoch - fit.best["epoch"] < cfg.patience:
         epoch, t0 = fit.epoch + 1, time.perf_counter()
         tl, ta = _train_epoch(setup, fit, data, epoch)
         vl, va, *val = _evaluate(setup, data)
         seconds = time.perf_counter() - t0
         fit.epoch = epoch
-        _record(
-            setup,
-            fit,
-            {
-                "epoch": epoch,
-                "train_loss": tl,
-                "train_acc": ta,
-                "val_loss": vl,
-                "val_acc": va,
-                "seconds": seconds,
-            },
-            tuple(val),
-        )
+        row = {"train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va}
+        _record(setup, fit, {"epoch": epoch, **row, "seconds": seconds}, tuple(val))
+        log.scalars(epoch, row)
         _save_state(setup, fit)
         say(
             f"epoch {epoch}: train loss {tl:.4f} acc {ta:.4f}, "

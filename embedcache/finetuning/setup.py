@@ -123,6 +123,7 @@ _NOT_RECORDED = (
     "prefix_cache",
     "image_size",
     "patience",
+    "log_dir",
 )
 
 

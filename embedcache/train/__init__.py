@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,9 @@ from ..probe import (
     fit_logreg,
     logreg_path,
 )
+from ..report import better_p_value
 from ..runtime import read_ahead, resolve_device
+from ..tblog import Runs
 from .features import Data, read_splits, standardization
 from .sweep import train_last, train_sweep
 
@@ -132,14 +134,6 @@ MLP_P_VALUE = 0.2
 AUTO_MLP_PATIENCE = 4
 
 
-def better_p_value(a_right: np.ndarray, b_right: np.ndarray) -> float:
-    """One-sided exact McNemar test: the chance of ``a`` beating ``b`` this often on the same
-    images if neither were better (only the images where exactly one is right count)."""
-    wins, losses = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
-    n = wins + losses
-    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n if n else 1.0
-
-
 def auto_choice(linear_right: np.ndarray, mlp_right: np.ndarray) -> tuple[str, float, float]:
     """The default head's rule, on which validation images each candidate got right: the MLP
     where it beats the probe at ``MLP_P_VALUE``, the probe where it beats the MLP so, and
@@ -166,21 +160,31 @@ def describe_choice(auto: dict) -> str:
     return f"{auto['chosen']} ({why.get(auto['chosen'], 'neither better on val')}: {p})"
 
 
-def _auto(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, progress: bool):
+def _auto(
+    data: Data, classes, arch: dict, cfg: HeadConfig, batch_size: int, progress: bool, runs: Runs
+):
     """The default head (``--head auto``): a linear probe (L-BFGS along AUTO_PATH, the strength
     chosen on validation loss) and an MLP (early stopping on validation loss), then one of them
     or their blend by :func:`auto_choice`.
 
     Measured (benchmarks/results/head_protocol_*.md): the probe beat the AdamW linear head by
     4.7 points on grocery81 and 0.8 on flowers12; the MLP beat the probe by 1.7 on the 64 px
-    digits, whose features are far from linearly separable. Returns (module, metrics, None).
+    digits, whose features are far from linearly separable. With --log-dir the candidates are
+    the runs PREFIX-auto-probe and PREFIX-auto-mlp. Returns (module, metrics, None).
     """
     dev = resolve_device(cfg.device)
     linear, lm = _probe(data.train, data.val, classes, dev, path=AUTO_PATH)
+    _log_path(runs.sub("auto"), "probe", lm["sweep"])
     mcfg = cfg.replace(head="mlp", patience=min(cfg.patience, AUTO_MLP_PATIENCE))
     data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
     mlp, mm, _ = train_sweep(
-        data, classes, mcfg, batch_size=batch_size, device=dev, progress=progress
+        data,
+        classes,
+        mcfg,
+        batch_size=batch_size,
+        device=dev,
+        progress=progress,
+        runs=runs.sub("auto"),
     )
     y = data.val.labels
     right = {k: _val_logits(m.eval(), data).argmax(1) == y for k, m in (("l", linear), ("m", mlp))}
@@ -282,6 +286,7 @@ def train_head(
     start = time.perf_counter()
     with open_cache(cache) as c:
         _claim(out, cache, c)
+        runs = _runs(cfg, cache, out)
         data = read_splits(c, cfg)
         classes = list(c.classes)
         ident = c.identity
@@ -293,7 +298,7 @@ def train_head(
         _check_head_memory(arch, len(cfg.lr) * len(cfg.weight_decay))
         batch_size = _batch_size(cfg, data.train.n, c.feature_dim)
         resume = _resume_state(out, recorded, arch, cfg, data.views) if cfg.resume else None
-        module, metrics, state = _fit(data, classes, arch, cfg, batch_size, progress, resume)
+        module, metrics, state = _fit(data, classes, arch, cfg, batch_size, progress, resume, runs)
         val_logits = _validate(module.eval(), data, metrics)
         refit = data.carved if cfg.refit is None else cfg.refit
         selected = module
@@ -358,26 +363,71 @@ def _validate(module: torch.nn.Module, data: Data, metrics: dict) -> np.ndarray:
     return logits
 
 
-def _fit(data: Data, classes, arch: dict, cfg: HeadConfig, batch_size, progress, resume=None):
+def _fit(
+    data: Data, classes, arch: dict, cfg: HeadConfig, batch_size, progress, resume, runs: Runs
+):
     """The head of ``cfg.head`` trained on ``data.train``: (module, metrics, state for --resume
     or None). Probes and knn choose their strength and k on the plain validation features."""
     dev = resolve_device(cfg.device)
     if cfg.head == "auto" and data.train.in_memory:
-        return _auto(data, classes, arch, cfg, batch_size, progress)
+        return _auto(data, classes, arch, cfg, batch_size, progress, runs)
     if cfg.head in ("auto", "linear", "mlp"):  # auto on streamed features: the AdamW linear head
         arch["kind"] = "mlp" if cfg.head == "mlp" else "linear"
         data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
         run = cfg.replace(head=arch["kind"])
         return train_sweep(
-            data, classes, run, batch_size=batch_size, device=dev, progress=progress, state=resume
+            data,
+            classes,
+            run,
+            batch_size=batch_size,
+            device=dev,
+            progress=progress,
+            state=resume,
+            runs=runs,
         )
     _in_memory(cfg.head, data.train)
     if cfg.head == "logreg":
         module, metrics = _probe(data.train, data.val, classes, dev, path=LOGREG_PATH)
+        _log_path(runs, "logreg", metrics["sweep"])
         return module, metrics, None
     module, metrics = _knn(data.train, data.val, classes)
+    _log_path(runs, "knn", metrics["sweep"])
     arch.update(metrics["best"])  # k for knn: part of the architecture
     return module, metrics, None
+
+
+def _runs(cfg: HeadConfig, cache, out) -> Runs:
+    """Where --log-dir puts this call's runs: LOG_DIR/STEM-KIND, STEM the --out file's (or
+    ``head``), each run with these settings."""
+    settings = {"verb": "train-head", "cache": str(cache), "out": None if out is None else str(out)}
+    settings |= {k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_dir"}
+    return Runs.of(cfg.log_dir, Path(out).stem if out is not None else "head", settings)
+
+
+# settings of the heads trained in epochs, left out of the probes' and knn's runs (None: unset)
+_NOT_TRAINED_IN_EPOCHS = dict.fromkeys(
+    [
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "hidden",
+        "dropout",
+        "label_smoothing",
+        "patience",
+    ]
+)
+
+
+def _log_path(runs: Runs, name: str, rows: list[dict]) -> None:
+    """A probe's validation results along its path (step: the strength's index in the order
+    they were fitted, strongest first) or knn's (step: k), as the run PREFIX-NAME."""
+    if "lam" in (rows[0] if rows else {}):
+        rows = sorted(rows, key=lambda r: -r["lam"])
+    with runs.open(name, head=name, **_NOT_TRAINED_IN_EPOCHS) as log:
+        for i, row in enumerate(rows):
+            values = {"val_loss": row.get("val_loss"), "val_acc": row["val_acc"]}
+            log.scalars(row.get("k", i), values | {"l2_strength": row.get("lam")})
 
 
 def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:

@@ -3,8 +3,10 @@ epoch, each kept at its best epoch on validation."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +19,7 @@ from ..errors import EmbedcacheError
 from ..feed import Rows, ViewRows
 from ..heads import Head, StackedAdamW, StackedHeads, Standardize, init_template
 from ..runtime import seeded
+from ..tblog import RunLog, Runs, number, run_name
 from .features import Data, feature_stats
 
 
@@ -174,14 +177,34 @@ def _keep_best(sweep: _Sweep, vl: torch.Tensor, va: torch.Tensor, device) -> Non
             sweep.best_params[name] = torch.where(mask, p, sweep.best_params[name])
 
 
-def train_sweep(data: Data, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None):
+def train_sweep(
+    data: Data, classes, cfg: HeadConfig, *, batch_size, device, progress, state=None, runs=None
+):
     """Train every (lr, weight decay) head; returns (best head, metrics, resume state). Heads are
     chosen on validation as evaluate will score them: with test-time averaging when the cache
-    stores the mirrors of the validation images."""
-    train, val = data.train, data.val
-    sweep = _Sweep.create(train, len(classes), cfg, device)
+    stores the mirrors of the validation images. ``runs``: where each head's epochs are logged
+    (see :func:`_run_logs`)."""
+    sweep = _Sweep.create(data.train, len(classes), cfg, device)
     if state is not None:
         sweep.restore(state, device)
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(log) for log in _run_logs(runs or Runs(), cfg, sweep.grid)]
+        return _epochs(sweep, data, cfg, batch_size, device, progress, logs)
+
+
+def _run_logs(runs: Runs, cfg: HeadConfig, grid: list[tuple[float, float]]) -> Iterator[RunLog]:
+    """One TensorBoard run per head: PREFIX-KIND, or PREFIX-KIND-lrX-wdY for each head of a
+    sweep."""
+    many = len(grid) > 1
+    for lr, wd in grid:
+        name = run_name(cfg.head, *((f"lr{number(lr)}", f"wd{number(wd)}") if many else ()))
+        yield runs.open(name, head=cfg.head, lr=lr, weight_decay=wd, patience=cfg.patience)
+
+
+def _epochs(sweep: _Sweep, data: Data, cfg: HeadConfig, batch_size, device, progress, logs):
+    """The epochs of train_sweep, until --epochs or every head stalled; each epoch's results
+    logged to ``logs`` (one per head)."""
+    train, val = data.train, data.val
     H = len(sweep.grid)
     bar = tqdm(
         range(sweep.epoch, cfg.epochs),
@@ -198,6 +221,8 @@ def train_sweep(data: Data, classes, cfg: HeadConfig, *, batch_size, device, pro
         _stop_if_diverged(sweep, cfg)
         _keep_best(sweep, *_evaluate(sweep, val, device, data.val_mirror), device)
         epoch_seconds.append(time.perf_counter() - t_epoch)
+        for h, log in enumerate(logs):
+            log.scalars(sweep.epoch + 1, {k: v[-1][h] for k, v in sweep.history.items()})
         bar.set_postfix(val_acc=f"{sweep.best['acc'][_pick(sweep.best)]:.3f}", refresh=False)
         stalled = _stalled(sweep, cfg.patience)
         sweep.epoch += 1
