@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 import pickle
 import re
 import warnings
@@ -188,6 +189,39 @@ def _require(obj: dict, keys: tuple[str, ...], path: Path) -> None:
         )
 
 
+def _thresholds(obj: dict, path: Path, *, config: str = "config") -> list[float] | None:
+    """A multi-label head's or model's per-class thresholds (None for one label per image),
+    checked; ``config`` names the entry that holds the head's config (a model's head_config)."""
+    th = obj.get("thresholds")
+    if not (obj.get(config) or {}).get("multi_label"):
+        return None
+    C = obj[config].get("num_classes")
+    ok = isinstance(th, list) and len(th) == C
+    if not ok or not all(isinstance(t, int | float) and 0 <= t <= 1.0 + 1e-6 for t in th):
+        what, verb = ("head", "train-head") if config == "config" else ("model", "finetune")
+        raise EmbedcacheError(
+            f"{path} is a multi-label {what} without {C} thresholds in [0, 1]; re-create it with "
+            f"{verb}"
+        )
+    return [float(t) for t in th]
+
+
+def _threshold_entry(thresholds: list[float] | None) -> dict:
+    """What a checkpoint saves of its thresholds: nothing for one label per image."""
+    return {} if thresholds is None else {"thresholds": [float(t) for t in thresholds]}
+
+
+def _temperature(obj: dict, path: Path) -> float:
+    """A checkpoint's calibration temperature: 1.0 where it has none (saved before temperatures
+    were fitted); refused unless finite and positive."""
+    t = obj.get("temperature", 1.0)
+    if not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise EmbedcacheError(
+            f"{path} has a temperature of {t!r}; it must be a positive number: re-create it"
+        )
+    return float(t)
+
+
 RECORDED_KEYS = ("backbone", "weights", "transform", "weights_arg", "feature_dim")
 
 
@@ -273,6 +307,17 @@ class HeadCheckpoint:
     trained: TrainedOn | None = None  # None: a checkpoint from before it was recorded
     # a refit head's weights as chosen on validation, before the refit saw the validation images
     selected: dict | None = None
+    # divides the logits before the softmax (embedcache.calibration); 1.0 for a head saved
+    # before it was fitted
+    temperature: float = 1.0
+    # several labels per image (config["multi_label"]): each class's probability threshold,
+    # chosen on validation; None for a head with one label per image
+    thresholds: list[float] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the head scores each class by a sigmoid (several labels per image)."""
+        return bool(self.config.get("multi_label"))
 
     def module(self, *, selected: bool = False) -> torch.nn.Module:
         """The head (standardisation included) in eval mode; with ``selected``, as it was before
@@ -288,6 +333,8 @@ class HeadCheckpoint:
         obj.update(train_state=self.train_state)
         obj["trained"] = self.trained.to_dict() if self.trained else None
         obj["selected"] = _cpu(self.selected) if self.selected is not None else None
+        obj["temperature"] = float(self.temperature)
+        obj.update(_threshold_entry(self.thresholds))
         return save_checkpoint(obj, path)
 
     @classmethod
@@ -305,6 +352,8 @@ class HeadCheckpoint:
             Path(path),
             TrainedOn.from_dict(obj.get("trained")),
             obj.get("selected"),
+            _temperature(obj, path),
+            _thresholds(obj, path),
         )
 
     @classmethod
@@ -326,6 +375,15 @@ class ModelCheckpoint:
     metrics: dict = field(default_factory=dict)
     path: Path | None = None
     trained: TrainedOn | None = None  # None: a checkpoint from before it was recorded
+    temperature: float = 1.0  # as a head's, fitted on validation after fine-tuning
+    # several labels per image (head_config["multi_label"]): each class's probability threshold,
+    # chosen on validation after fine-tuning; None for one label per image
+    thresholds: list[float] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model scores each class by a sigmoid (several labels per image)."""
+        return bool(self.head_config.get("multi_label"))
 
     def head_module(self) -> torch.nn.Module:
         return build_head_module(self.head_config, self.head_state_dict).eval()
@@ -349,6 +407,8 @@ class ModelCheckpoint:
                 "config": self.config,
                 "metrics": self.metrics,
                 "trained": self.trained.to_dict() if self.trained else None,
+                "temperature": float(self.temperature),
+                **_threshold_entry(self.thresholds),
             },
             path,
         )
@@ -369,6 +429,8 @@ class ModelCheckpoint:
             obj.get("metrics") or {},
             Path(path),
             TrainedOn.from_dict(obj.get("trained")),
+            _temperature(obj, path),
+            _thresholds(obj, path, config="head_config"),
         )
 
     @classmethod
@@ -381,6 +443,10 @@ def load_classifier_checkpoint(path: str | Path) -> HeadCheckpoint | ModelCheckp
     obj = load_checkpoint(path, kind=(HEAD_FORMAT, MODEL_FORMAT))
     kind = HeadCheckpoint if obj["format"] == HEAD_FORMAT else ModelCheckpoint
     return kind.from_dict(obj, Path(path))
+
+
+# Settings newer than the finetune state: a state saved before them ran with these values.
+STATE_DEFAULTS = {"multi_label": False}
 
 
 @dataclass
@@ -421,12 +487,13 @@ class FinetuneState:
         obj = load_checkpoint(path, kind=STATE_FORMAT)
         names = [f.name for f in dataclasses.fields(cls)]
         _require(obj, tuple(names[:-1]), path)  # best_val is newer than the format
-        diff = [k for k in config if obj["config"].get(k) != config[k]]
+        saved = {**STATE_DEFAULTS, **obj["config"]}
+        diff = [k for k in config if saved.get(k) != config[k]]
         if diff:
             k = diff[0]
             raise EmbedcacheError(
                 f"{path} is from a run with other settings "
-                f"({k} {obj['config'].get(k)} vs {config[k]}); "
+                f"({k} {saved.get(k)} vs {config[k]}); "
                 "resume with the same options or start without --resume"
             )
         return cls(**{k: obj.get(k) for k in names})

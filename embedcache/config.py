@@ -100,6 +100,15 @@ def _exclude():
     return setting(None, EXCLUDE_HELP, kind=str)
 
 
+def _multi_label():
+    return setting(
+        False,
+        "CSV manifests: a path listed on several rows (one split) has every label of its rows, "
+        "and | separates labels in one field. A labels column, a JSON list label or a Parquet "
+        "list column is multi-label without it.",
+    )
+
+
 def _backbone():
     return setting(
         DEFAULT_BACKBONE,
@@ -213,6 +222,7 @@ class ExtractConfig(_Config):
     unlabelled: bool = setting(
         False, "Images without labels: sub-folders are plain folders, shards need no label."
     )
+    multi_label: bool = _multi_label()
     overwrite: bool = setting(False, "Replace a cache made with other settings.")
     allow_empty_class: bool = setting(
         False,
@@ -316,13 +326,40 @@ class HeadConfig(_Config):
     hidden: int = setting(512, "MLP hidden width.", low=1)
     dropout: float = setting(0.2, "MLP dropout.", low=0.0, high=1.0)
     label_smoothing: float = setting(
-        0.1, "Label smoothing of the cross-entropy.", low=0.0, high=1.0
+        0.1,
+        "Label smoothing of the cross-entropy (one label per image; multi-label heads are "
+        "not smoothed).",
+        low=0.0,
+        high=1.0,
     )
     patience: int = setting(
         10,
         "Stop after this many epochs without a lower validation loss (or half the best epoch, "
         "if that is more).",
         low=1,
+    )
+    class_weight: str = setting(
+        "auto",
+        "balanced weighs each class's images by n / (classes x its count) in the loss, so a "
+        "rare class counts as much as a common one; none weighs every image alike; auto: none, "
+        "except the default head on skewed classes (largest over 5x the smallest), which tries "
+        "both and keeps the one with the better balanced accuracy on validation.",
+        choices=("auto", "balanced", "none"),
+    )
+    precision_at: float | None = setting(
+        None,
+        "Multi-label caches: choose each class's threshold as the lowest whose validation "
+        "precision reaches this (e.g. 0.9) [default: the threshold of best F1].",
+        low=0.0,
+        high=1.0,
+        kind=float,
+    )
+    sampler: str = setting(
+        "shuffle",
+        "linear/mlp heads: balanced draws each batch's images with probability 1 / their "
+        "class's count (every class as often, rare images repeated); shuffle shows every image "
+        "once an epoch.",
+        choices=("shuffle", "balanced"),
     )
     device: str = _device()
     seed: int = _seed()
@@ -403,10 +440,17 @@ class FinetuneConfig(_Config):
         choices=PREFIX_MODES,
     )
     patience: int = setting(
-        5, "Stop after this many epochs without a better validation accuracy.", low=1
+        5,
+        "Stop after this many epochs without a better validation accuracy (loss, with several "
+        "labels per image).",
+        low=1,
     )
     label_smoothing: float = setting(
-        0.1, "Label smoothing of the cross-entropy.", low=0.0, high=1.0
+        0.1,
+        "Label smoothing of the cross-entropy (one label per image; multi-label heads are "
+        "not smoothed).",
+        low=0.0,
+        high=1.0,
     )
     bn_stats: bool = setting(
         False, "Let unfrozen BatchNorm layers update their running statistics."
@@ -426,6 +470,7 @@ class FinetuneConfig(_Config):
     )
     exclude: str | None = _exclude()
     log_dir: str | None = _log_dir()
+    multi_label: bool = _multi_label()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unfreeze", str(self.unfreeze).lower())

@@ -43,7 +43,6 @@ from .data import (
     gpu_decoded_batches,
     grey_thumbnail,
     preprocess,
-    scan,
     view_key,
     view_policy,
     views_for,
@@ -278,8 +277,8 @@ def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> 
         counts = {s: c.num_images(s) for s in c.splits}
         skipped, views, ignored = len(c.skipped), c.num_views, c.ignored
         leaks = cross_split_duplicates(c)
-        labels = np.concatenate([c.labels(s) for s in c.splits])
-        empty = [k for i, k in enumerate(c.classes) if not np.any(labels == i)]
+        per_class = sum((c.class_counts(s) for s in c.splits), np.zeros(len(c.classes), int))
+        empty = [k for i, k in enumerate(c.classes) if not per_class[i]]
     return ExtractResult(
         out,
         sum(counts.values()),
@@ -299,8 +298,7 @@ def _result(out: Path, extracted: int, reused: int, seconds: float, **extra) -> 
 
 def _listed_per_class(images: ImageSet) -> tuple[list[str], np.ndarray, dict[int, str]]:
     """(classes, files listed per class, why a class has none): before any work."""
-    labels = np.array([s.label for v in images.splits.values() for s in v], np.int64)
-    counts = np.bincount(labels[labels >= 0], minlength=len(images.classes))
+    counts = images.class_counts()
     why = {}
     for i, name in enumerate(images.classes):
         lost = [f"{k}: {r}" for k, r in images.unreadable.items() if name in k.split("/")[:2]]
@@ -314,11 +312,11 @@ def _extracted_per_class(partial: PartialCache) -> tuple[list[str], np.ndarray, 
     counts, reasons = np.zeros(len(classes), np.int64), {i: [] for i in range(len(classes))}
     for split in partial.splits:
         g = partial.h5[split]
-        labels, status, why = g["labels"][:], g["status"][:], g["reasons"][:]
-        done = labels[(status == 1) & (labels >= 0)]
-        counts += np.bincount(done, minlength=len(classes))
-        for r in np.flatnonzero((status == 2) & (labels >= 0)):
-            reasons[int(labels[r])].append(why[r].decode(errors="replace"))
+        (rows, ids), status, why = partial.label_pairs(split), g["status"][:], g["reasons"][:]
+        counts += np.bincount(ids[status[rows] == 1], minlength=len(classes))
+        lost = status[rows] == 2
+        for r, c in zip(rows[lost].tolist(), ids[lost].tolist(), strict=True):
+            reasons[c].append(why[r].decode(errors="replace"))
     why = {
         i: f"all {len(r)} of its files were skipped: {', '.join(sorted(set(r))[:3])}"
         for i, r in reasons.items()
@@ -413,11 +411,7 @@ def _up_to_date(data, out: Path, cfg: ExtractConfig) -> bool:
         return False  # the full path says what is wrong with it
     if recorded[0] != cfg.request():
         return False
-    if sources.is_shard_source(data, cfg.split_shards):
-        images = sources.scan(data, cfg)
-    else:
-        images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
-    return recorded[1] == images.fingerprint()
+    return recorded[1] == sources.scan(data, cfg).fingerprint()  # shards, folders, manifests
 
 
 def _precision(out: Path, precision: str, *, overwrite: bool) -> str:
@@ -437,10 +431,7 @@ def _begin(data, out: Path, cfg: ExtractConfig, bb: Backbone, precision: str) ->
     """
     claim(out, kind="cache", verb="extract", inputs=[("the data", data)])
     _check_writable(out)
-    if sources.is_shard_source(data, cfg.split_shards):  # tar shards or Parquet files
-        images = sources.scan(data, cfg)
-    else:
-        images = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled)
+    images = sources.scan(data, cfg)  # tar shards, Parquet files, folders, CSV manifests
     _check_classes(*_listed_per_class(images), allow=cfg.allow_empty_class)
     identity = CacheIdentity(
         **bb.identity().as_dict(),

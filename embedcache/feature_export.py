@@ -4,7 +4,9 @@ clip-retrieval writes and autofaiss, numpy, pandas and cleanlab read as they are
     OUT/export.json                          what was exported from which cache (written last)
     OUT/SPLIT/img_emb/img_emb_K.npy          (n_K, D) features, the cache's rows in order
     OUT/SPLIT/metadata/metadata_K.parquet    image_path, key, label, class_name, split:
-                                             row i describes row i of img_emb_K.npy
+                                             row i describes row i of img_emb_K.npy; a
+                                             multi-label cache adds labels, class_names
+                                             (lists: every label of the image)
 
 Each pair holds at most ``chunk_rows`` rows; features are copied a block at a time, so a
 cache of any size exports in bounded memory. OUT may be absent, empty, or an earlier export
@@ -33,6 +35,7 @@ from .sources import INSTALL_PARQUET, is_shard_layout, shard_of
 MANIFEST = "export.json"
 TOOL = "embedcache export-features"
 COLUMNS = ("image_path", "key", "label", "class_name", "split")
+MULTI_LABEL_COLUMNS = ("labels", "class_names")  # in the tables of a multi-label cache
 
 
 @dataclass
@@ -126,15 +129,19 @@ def _write_chunk(
     paths = cache.paths(split, slice(lo, hi))
     labels = cache.labels(split)[lo:hi]
     names = [cache.classes[y] if 0 <= y < len(cache.classes) else None for y in labels.tolist()]
-    table = pa.table(
-        {
-            "image_path": pa.array(paths, pa.string()),
-            "key": pa.array(_keys(paths, str(cache.attrs.get("layout", ""))), pa.string()),
-            "label": pa.array(labels, pa.int64()),
-            "class_name": pa.array(names, pa.string()),
-            "split": pa.array([split] * len(paths), pa.string()),
-        }
-    )
+    columns = {
+        "image_path": pa.array(paths, pa.string()),
+        "key": pa.array(_keys(paths, str(cache.attrs.get("layout", ""))), pa.string()),
+        "label": pa.array(labels, pa.int64()),
+        "class_name": pa.array(names, pa.string()),
+        "split": pa.array([split] * len(paths), pa.string()),
+    }
+    if cache.multi_label:
+        sets = [np.flatnonzero(row).tolist() for row in cache.label_matrix(split, slice(lo, hi))]
+        named = [[cache.classes[c] for c in row] for row in sets]
+        columns["labels"] = pa.array(sets, pa.list_(pa.int64()))
+        columns["class_names"] = pa.array(named, pa.list_(pa.string()))
+    table = pa.table(columns)
     meta = folder / "metadata" / f"metadata_{k}.parquet"
     pq.write_table(table, meta)
     return [emb.relative_to(folder.parent).as_posix(), meta.relative_to(folder.parent).as_posix()]
@@ -171,7 +178,7 @@ def _write(
         "classes": cache.classes,
         "splits": counts,
         "chunk_rows": cfg.chunk_rows,
-        "columns": list(COLUMNS),
+        "columns": [*COLUMNS, *(MULTI_LABEL_COLUMNS if cache.multi_label else ())],
         "files": files,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

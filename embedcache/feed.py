@@ -215,6 +215,18 @@ class Rows:
             reads.close()  # the reader stops before its buffers are handed back
             self._buffers = buffers
 
+    def balanced_batches(self, batch_size: int, rng: np.random.Generator):
+        """(features, labels) batches of n images drawn with replacement, each with probability
+        1 / its class's count: every class as often, a rare class's images repeated
+        (--sampler balanced). Streamed rows are read per batch, in row order."""
+        counts = np.bincount(self.labels, minlength=int(self.labels.max()) + 1)
+        p = 1.0 / counts[self.labels]
+        drawn = rng.choice(self.n, size=self.n, p=p / p.sum())
+        for take in _chunks(np.arange(self.n), batch_size):
+            pos = drawn[take]
+            x = _f32(self._data[pos]) if self._data is not None else self.take(pos)
+            yield x, self.labels[pos]
+
     def _new_buffers(self) -> list[np.ndarray]:
         """Two shuffle buffers of the stored dtype (one being trained on, one being read)."""
         rows = min(self.n, max(1, SHUFFLE_ROWS // BLOCK_ROWS) * BLOCK_ROWS)

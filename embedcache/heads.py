@@ -63,13 +63,20 @@ class Head(nn.Module):
 class Blend(nn.Module):
     """The mean of its heads' class probabilities, returned as log-probabilities (so argmax and
     softmax work as for logits): the default head's answer where validation cannot tell the
-    linear probe and the MLP apart (see :func:`embedcache.train.auto_choice`)."""
+    linear probe and the MLP apart (see :func:`embedcache.train.auto_choice`). With
+    ``multi_label`` the mean of their sigmoids, returned as logits (so a sigmoid gives it back).
+    """
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], *, multi_label: bool = False):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.multi_label = multi_label
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            p = torch.stack([torch.sigmoid(m(features).float()) for m in self.members]).mean(0)
+            p = p.clamp(1e-7, 1 - 1e-7)
+            return torch.log(p) - torch.log1p(-p)
         logp = torch.stack([torch.log_softmax(m(features).float(), 1) for m in self.members])
         return torch.logsumexp(logp, 0) - math.log(len(self.members))
 
@@ -251,7 +258,8 @@ def build_head_module(config: dict, state_dict: dict) -> torch.nn.Module:
     """A Head (or a Blend of a linear and an MLP Head) shaped by ``config``, ``state_dict``
     loaded."""
     if config["kind"] == "blend":
-        module = Blend([_member(config, kind) for kind in BLEND_KINDS])
+        members = [_member(config, kind) for kind in BLEND_KINDS]
+        module = Blend(members, multi_label=bool(config.get("multi_label")))
     else:
         module = _member(config, config["kind"], state_dict)
     module.load_state_dict(state_dict)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import open_cache
+from .calibration import calibration_record
 from .data import ImageSet, paths_digest, scan
 from .errors import EmbedcacheError
 from .exclusion import Exclusion, Matched, read_exclude
@@ -66,7 +67,8 @@ def _cache_split(
         mirror = mirror[keep] if mirror is not None else None
         scored = [p for p, k in zip(sd.paths, keep.tolist(), strict=True) if k]
         features = sd.features[keep].astype(np.float32)
-        return features, mirror, sd.labels[keep], c.classes, record, scored
+        labels = c.label_matrix(split)[keep] if clf.multi_label else sd.labels[keep]
+        return features, mirror, labels, c.classes, record, scored
 
 
 def _left_out(matched: Matched, split: str, before: int, after: int) -> dict:
@@ -112,6 +114,10 @@ def _folder_split(
         clf.backbone(run.device), files, run, desc=f"evaluate {split}", mirror=mirror
     )
     labels = np.array([samples[i].label for i in ok], dtype=np.int64)
+    if clf.multi_label:  # (N, C) targets of each image's label set
+        labels = np.zeros((len(ok), len(images.classes)), bool)
+        for row, i in enumerate(ok):
+            labels[row, list(samples[i].label_set)] = True
     skipped = {samples[i].path: reason for i, reason in failed.items()}
     scored = [samples[i].path for i in ok]
     return *split_mirrored(features, mirror), labels, images.classes, skipped, split, record, scored
@@ -165,6 +171,9 @@ def evaluate(
     ``exclude`` is a CSV of images to leave out (see :mod:`embedcache.exclusion`).
     ``result["scored"]`` lists each image scored (``paths``, relative to the data root as the
     cache writes them), its ``true`` and ``predicted`` class index, in the same order.
+    ``result["calibration"]`` holds the model's ``temperature`` and the expected calibration
+    error of its probabilities on the split, before (``ece_before``, plain softmax) and after
+    (``ece_after``) dividing the logits by it.
     """
     from .report import classification_text, confusion, per_class, plot_confusion, scores
 
@@ -191,6 +200,11 @@ def evaluate(
         features, mirror, labels, classes, skipped, split, excluded, paths = _folder_split(
             clf, data, split, on, clf.tta(tta), drop
         )
+    if clf.multi_label:
+        result = _evaluate_multi_label(clf, features, mirror, labels, classes, str(data))
+        result.update(data=str(data), split=split, skipped=skipped)
+        result["scored"]["paths"] = paths
+        return result | ({"exclude": excluded} if excluded is not None else {})
     labelled(
         labels,
         empty=f"the {split} split of {data} has no readable images",
@@ -205,6 +219,8 @@ def evaluate(
     result.update(tta=mirror is not None, **scores(logits, y), classes=clf.classes)
     result.update(per_class=per_class(y, pred, clf.classes), confusion=matrix.tolist())
     result.update(report=classification_text(y, pred, clf.classes), skipped=skipped)
+    # how well the probabilities predict shows (divided by the temperature) match the accuracy
+    result["calibration"] = calibration_record(logits, y, clf.temperature)
     # image by image, for paired tests between models scored on the same images (compare)
     result["scored"] = {"paths": paths, "true": y.tolist(), "predicted": pred.tolist()}
     if excluded is not None:
@@ -212,6 +228,40 @@ def evaluate(
     if plot is not None:
         title = f"{clf.path.name} on {split}: accuracy {result['accuracy']:.3f}"
         result["plot"] = str(plot_confusion(matrix, clf.classes, Path(plot), title))
+    return result
+
+
+def _evaluate_multi_label(clf: Classifier, features, mirror, targets, classes, source) -> dict:
+    """evaluate's scores of a multi-label model: mAP, micro and macro F1 at its thresholds,
+    and per class AP, precision, recall, F1 and support; the calibration of its sigmoids."""
+    from .multilabel import f1_scores, scores
+
+    if len(targets) == 0:
+        raise EmbedcacheError(f"{source} has no readable images to evaluate")
+    y = np.zeros((len(targets), len(clf.classes)), bool)
+    y[:, _map_labels(classes, clf.classes, source)] = targets
+    logits = clf.logits(features, mirror)
+    probs = clf.probabilities(logits).numpy()
+    m = scores(probs, y, clf.thresholds)
+    f1 = f1_scores(probs >= clf.thresholds, y)
+    per = {
+        name: {
+            "ap": m["per_class_ap"][c],
+            "precision": f1["precision"][c],
+            "recall": f1["recall"][c],
+            "f1": f1["f1"][c],
+            "support": int(y[:, c].sum()),
+        }
+        for c, name in enumerate(clf.classes)
+    }
+    result = {"model": str(clf.path), "images": int(len(y)), "tta": mirror is not None}
+    result.update(multi_label=True, map=m["map"], micro_f1=m["micro_f1"], macro_f1=m["macro_f1"])
+    result.update(classes=clf.classes, per_class=per)
+    result["calibration"] = calibration_record(logits.numpy(), y, clf.temperature)
+    result["scored"] = {
+        "true": [np.flatnonzero(r).tolist() for r in y],
+        "predicted": [np.flatnonzero(r).tolist() for r in probs >= clf.thresholds],
+    }
     return result
 
 

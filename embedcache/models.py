@@ -270,7 +270,9 @@ class Classifier:
     "model"; ``transform(image)`` gives the normalised tensor its backbone takes;
     ``predict(images, top_k=3)``, or ``classifier(images, top_k=3)``, the top classes of
     images (paths, folders, PIL images, arrays, tensors); ``logits(features)`` scores cached
-    features (a head); ``module()`` is a plain nn.Module from normalised images to logits.
+    features (a head), ``probabilities(logits)`` turns logits into calibrated probabilities
+    (softmax of logits / ``temperature``); ``module()`` is a plain nn.Module from normalised
+    images to (uncalibrated) logits.
     """
 
     checkpoint: HeadCheckpoint | ModelCheckpoint
@@ -303,8 +305,36 @@ class Classifier:
         views = self.checkpoint.metrics.get("views", {}) if self.kind == "head" else {}
         return bool(views.get("used", 0))
 
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax, fitted on validation (see
+        :mod:`embedcache.calibration`); 1.0 for a checkpoint saved before it was."""
+        return self.checkpoint.temperature
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model gives each image several labels (a sigmoid per class)."""
+        ckpt = self.checkpoint
+        config = ckpt.config if self.kind == "head" else ckpt.head_config
+        return bool(config.get("multi_label"))
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """A multi-label model's per-class probability thresholds, chosen on validation (a class
+        is predicted at or above its threshold); None for one label per image."""
+        th = getattr(self.checkpoint, "thresholds", None)
+        return None if th is None else np.asarray(th, np.float64)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities (N, C) of logits (N, C): softmax(logits / T), or for
+        a multi-label model each class's sigmoid(logit / T)."""
+        if self.multi_label:
+            return torch.sigmoid(logits.float() / self.temperature)
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
     def logits(self, features: np.ndarray, mirror: np.ndarray | None = None) -> torch.Tensor:
-        """Logits of features (N, D); with the mirrored images' features, the mean of both."""
+        """Logits of features (N, D); with the mirrored images' features, the mean of both.
+        Uncalibrated: :meth:`probabilities` divides them by the temperature."""
         with torch.no_grad():
             z = self.head(torch.from_numpy(features))
             return z if mirror is None else (z + self.head(torch.from_numpy(mirror))) / 2
@@ -356,7 +386,9 @@ class Classifier:
         progress: bool = False,
         tta: bool | None = None,
     ) -> list[dict]:
-        """Top-k classes and probabilities of each image.
+        """Top-k classes and calibrated probabilities of each image: the softmax of the logits
+        divided by the checkpoint's temperature (:attr:`temperature`), which changes how sure
+        the probabilities are and never which class comes first.
 
         Parameters
         ----------
@@ -381,6 +413,8 @@ class Classifier:
             ``{"path": str}`` for a file or ``{"image": int}`` for an object (its place in
             the list given, 0 for one object alone), with ``"predictions": [{"class": str,
             "probability": float}, ...]``, or ``"error": str`` for one that cannot be decoded.
+            A multi-label model adds ``"labels"``: every class at or above its threshold (maybe
+            none), most probable first, in the same form.
 
         Raises
         ------
@@ -396,13 +430,19 @@ class Classifier:
         features, ok, failed = image_features(bb, items, run, desc="predict", mirror=mirror)
         if not len(ok):
             raise _nothing_read(rows, failed)
-        probs = torch.softmax(self.logits(*split_mirrored(features, mirror)), dim=1)
+        probs = self.probabilities(self.logits(*split_mirrored(features, mirror)))
         top = probs.topk(min(top_k, len(self.classes)), dim=1)
+        above = probs.numpy() >= self.thresholds if self.multi_label else None
         for row, i in enumerate(ok):
             pairs = zip(top.values[row], top.indices[row], strict=True)
             rows[i]["predictions"] = [
                 {"class": self.classes[int(c)], "probability": float(p)} for p, c in pairs
             ]
+            if above is not None:  # every label at or above its threshold, most probable first
+                on = sorted(np.flatnonzero(above[row]), key=lambda c: -float(probs[row, c]))
+                rows[i]["labels"] = [
+                    {"class": self.classes[int(c)], "probability": float(probs[row, c])} for c in on
+                ]
         for i, reason in failed.items():
             rows[i]["error"] = reason
         return rows

@@ -38,7 +38,7 @@ from .config import (
     _val_fraction,
     setting,
 )
-from .data import Sample, name_bytes, scan
+from .data import ImageSet, Sample, name_bytes, scan
 from .errors import EmbedcacheError
 from .extraction import extract
 from .heads import KNNHead
@@ -217,12 +217,23 @@ def stratified_subsample(samples: list[Sample], *, per_class: int, seed: int) ->
     return sorted(chosen, key=lambda s: s.path)
 
 
+def one_label_only(images: ImageSet, data: str | Path) -> ImageSet:
+    """``images``, refused in one line when multi-label: compare and its ranking score
+    classifiers of one label per image."""
+    if images.multi_label:
+        raise EmbedcacheError(
+            f"compare compares one-label classifiers for now, and {data} is multi-label "
+            "(several labels per image); use extract, train-head and finetune on it"
+        )
+    return images
+
+
 def _training_subsample(data: str | Path, cfg: RankConfig) -> tuple[list[list[str]], str]:
     """Manifest rows (absolute path, class name, ``train``) of the subsample of ``data``'s
     training images, and how validation was held out of train ("" if the data has a val
     split)."""
     # Listed whole, then the same holdout as scan's (stratified_split): so that the note says so.
-    images = scan(data, val_fraction=0.0, seed=cfg.seed)
+    images = one_label_only(scan(data, val_fraction=0.0, seed=cfg.seed), data)
     images, note = images.with_val(val_fraction=cfg.val_fraction, seed=cfg.seed)
     train = [s for s in images.splits.get("train", []) if s.label >= 0]
     chosen = stratified_subsample(train, per_class=cfg.per_class, seed=cfg.seed)
@@ -361,8 +372,8 @@ def rank_backbones(
     """
     cfg = RankConfig.build(config, **options)
     say = log or (lambda line: None)
+    rows, held_out = _training_subsample(data, cfg)  # refused data leaves no folder behind
     work = work_folder(workdir, verb="rank")
-    rows, held_out = _training_subsample(data, cfg)
     manifest = _write_manifest(work / MANIFEST, rows)
     classes = len({r[1] for r in rows})
     say(f"subsample: {len(rows)} training images of {classes} classes in {shown(manifest)}")

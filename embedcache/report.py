@@ -15,12 +15,13 @@ from .outputs import shown, write_file, write_text
 DENSE_CONFUSION_CLASSES = 100
 
 
-SIDE_FILES = (".metrics.json", ".report.txt", ".confusion.png", ".curves.png")
+SIDE_FILES = (".metrics.json", ".report.txt", ".confusion.png", ".curves.png", ".reliability.png")
 
 
 def side_files(out: Path) -> list[Path]:
-    """The files :func:`write_reports` writes next to ``out`` (none for a name that is no file's,
-    such as '' or '.', which :func:`embedcache.outputs.claim` refuses)."""
+    """The files :func:`write_reports` writes next to ``out``, and train-head's reliability
+    diagram (none for a name that is no file's, such as '' or '.', which
+    :func:`embedcache.outputs.claim` refuses)."""
     if Path(out).name in ("", ".", ".."):
         return []
     return [_sidecar(Path(out), suffix) for suffix in SIDE_FILES]
@@ -207,7 +208,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
     """Write :func:`confusion_figure` to ``path`` as PNG; returns the path."""
-    return _save(confusion_figure(matrix, classes, title), path)
+    return save_figure(confusion_figure(matrix, classes, title), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def curves_figure(history: dict, title: str, kept: int | None = None):
 
 def plot_curves(history: dict, path: Path, title: str, kept: int | None = None) -> Path:
     """Write :func:`curves_figure` to ``path`` as PNG; returns the path."""
-    return _save(curves_figure(history, title, kept), path)
+    return save_figure(curves_figure(history, title, kept), path)
 
 
 _AUTO_KEPT = {"linear": "the probe", "mlp": "the MLP", "blend": "the blend of probe and MLP"}
@@ -279,7 +280,8 @@ def auto_curves_figure(auto: dict, title: str):
     lams = [r["lam"] for r in path]
     fig = figure(figsize=(10, 7.5), layout="constrained")
     (pl, pa), (ml, ma) = fig.subplots(2, 2)
-    for ax, key, ylabel in ((pl, "val_loss", "val loss"), (pa, "val_acc", "val accuracy")):
+    score = ("val_map", "val mAP") if "val_map" in path[0] else ("val_acc", "val accuracy")
+    for ax, key, ylabel in ((pl, "val_loss", "val loss"), (pa, *score)):
         ax.plot(lams, [r[key] for r in path], marker=".", color="C2", label="probe val")
         ax.axvline(
             linear["lam"], color="0.35", linestyle=":", label=f"chosen: L2 {linear['lam']:.1e}"
@@ -297,7 +299,8 @@ def auto_curves_figure(auto: dict, title: str):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a Figure to ``path`` as PNG (atomically, as every output); returns the path."""
     return write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
@@ -329,6 +332,8 @@ def write_reports(
     ``history`` (:func:`auto_curves_figure`).
     """
     files = {}
+    if y_pred is None:  # several labels per image: no confusion matrix, a per-class table
+        return _multi_label_reports(out, metrics, classes, title)
     matrix = confusion(y_true, y_pred, len(classes))
     metrics.update(confusion_record(matrix))
     metrics["per_class"] = per_class(y_true, y_pred, classes)
@@ -344,7 +349,39 @@ def write_reports(
     )
     curves = _sidecar(out, ".curves.png")
     if "history" in metrics.get("auto", {}).get("mlp", {}):  # the default head: both candidates
-        files["curves"] = _save(auto_curves_figure(metrics["auto"], title), curves)
+        files["curves"] = save_figure(auto_curves_figure(metrics["auto"], title), curves)
+    elif "history" in metrics:
+        files["curves"] = plot_curves(metrics["history"], curves, title, metrics.get("best_epoch"))
+    return files
+
+
+def _multi_label_reports(out: Path, metrics: dict, classes: list[str], title: str) -> dict:
+    """A multi-label head's OUT.metrics.json, OUT.report.txt (each class's validation AP, F1
+    and threshold, worst AP first) and OUT.curves.png."""
+    files = {"metrics": write_text(_sidecar(out, ".metrics.json"), json.dumps(metrics, indent=2))}
+    rows = sorted(
+        zip(
+            classes,
+            metrics["val_per_class_ap"],
+            metrics["val_per_class_f1"],
+            metrics["thresholds"],
+            strict=True,
+        ),
+        key=lambda r: (r[1] is None, r[1] if r[1] is not None else 0.0),
+    )
+    width = max(12, *(len(c) for c in classes))
+    lines = [f"{'class':>{width}}  {'AP':>6}  {'F1':>6}  threshold"]
+    for name, ap, f1, th in rows:
+        shown = "   n/a" if ap is None else f"{ap:6.3f}"
+        lines.append(f"{name:>{width}}  {shown}  {f1:6.3f}  {th:.3f}")
+    lines.append(
+        f"\nmAP {metrics['val_map']:.4f}  micro F1 {metrics['val_micro_f1']:.4f}  "
+        f"macro F1 {metrics['val_macro_f1']:.4f}  (validation; n/a: no positive image)"
+    )
+    files["report"] = write_text(_sidecar(out, ".report.txt"), "\n".join(lines) + "\n")
+    curves = _sidecar(out, ".curves.png")
+    if "history" in metrics.get("auto", {}).get("mlp", {}):
+        files["curves"] = save_figure(auto_curves_figure(metrics["auto"], title), curves)
     elif "history" in metrics:
         files["curves"] = plot_curves(metrics["history"], curves, title, metrics.get("best_epoch"))
     return files

@@ -25,6 +25,7 @@ TAGS = {
     "val_loss": "loss/val",
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/val",
+    "val_map": "mAP/val",  # several labels per image
 }
 
 

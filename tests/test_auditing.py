@@ -82,6 +82,33 @@ def test_audit_finds_the_planted_copy_flipped_label_and_outlier(planted, tmp_pat
     assert _rows(tmp_path / "audit" / "leaks.csv")[0]["path_b"] == "val/0.png"
 
 
+def test_the_label_check_ranks_probabilities_calibrated_by_one_recorded_temperature(
+    planted, tmp_path, monkeypatch
+):
+    import embedcache.auditing as auditing
+    from embedcache.calibration import fit_temperature, softmax
+
+    seen = []
+    real = auditing.out_of_fold_logits
+    monkeypatch.setattr(
+        auditing,
+        "out_of_fold_logits",
+        lambda x, y, **kw: seen.append((real(x, y, **kw), y)) or seen[-1][0],
+    )
+    r = audit(planted[0], out=tmp_path / "audit", progress=False, device="cpu")
+    ((logits, labels),) = seen
+    t = fit_temperature(logits, labels)
+    summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
+    assert summary["label_errors"]["calibration"]["temperature"] == pytest.approx(t) != 1.0
+    assert f"temperature of {t:.3g}" in summary["label_errors"]["how"]
+    row = r.tables["label_errors"][0]
+    i = next(k for k, p in enumerate(r.paths) if p == row["path"])  # labelled rows: every row
+    probs = softmax(logits, t)
+    suggested = ["a", "b", "c"].index(row["suggested"])
+    assert row["suggested_probability"] == pytest.approx(probs[i, suggested], abs=1e-4)
+    assert abs(row["suggested_probability"] - softmax(logits)[i, suggested]) > 1e-3  # not T = 1
+
+
 def test_blocked_search_equals_brute_force(monkeypatch):
     monkeypatch.setattr(search, "QUERY_ROWS", 7)
     monkeypatch.setattr(search, "KEY_ROWS", 5)

@@ -282,6 +282,21 @@ def test_freshly_loaded_checkpoints_keep_what_was_saved(saved):
     assert torch.equal(state.net_state_dict["w"], torch.ones(3)) and state.best_val is None
 
 
+@pytest.mark.parametrize("kind", ["head", "model"])
+def test_the_temperature_round_trips_and_a_checkpoint_saved_without_one_loads_with_one(
+    saved, tmp_path, kind
+):
+    ckpt = _reloaded(kind, saved[kind])
+    ckpt.temperature = 1.75
+    ckpt.save(tmp_path / "t.pt")
+    assert _reloaded(kind, tmp_path / "t.pt").temperature == 1.75
+    assert load_model(tmp_path / "t.pt").temperature == 1.75
+    obj = _raw(tmp_path / "t.pt")
+    obj.pop("temperature"), obj.pop("sha256")
+    save_checkpoint(obj, tmp_path / "old.pt")  # as written before temperatures were fitted
+    assert _reloaded(kind, tmp_path / "old.pt").temperature == 1.0
+
+
 # ---------------------------------------------------------------------------
 # Saving
 
@@ -360,3 +375,25 @@ def test_what_save_checkpoint_accepts_loads_back(tmp_path, value):
         return  # refusing it at save time is fine too
     obj = load_checkpoint(path, kind=HEAD_FORMAT)
     assert obj["metrics"]["x"] == value
+
+
+def test_a_state_saved_before_multi_label_resumes_a_run_with_one_label_only(saved):
+    # STATE_CONFIG, as an older finetune saved it, has no multi_label setting
+    loaded = FinetuneState.load(saved["state"], config={**STATE_CONFIG, "multi_label": False})
+    assert loaded.epoch == 1
+    with pytest.raises(EmbedcacheError, match=r"other settings \(multi_label False vs True\)"):
+        FinetuneState.load(saved["state"], config={**STATE_CONFIG, "multi_label": True})
+
+
+def test_a_multi_label_model_keeps_a_threshold_per_class_and_needs_them(saved, tmp_path):
+    one = ModelCheckpoint.load(saved["model"])
+    assert one.thresholds is None and not one.multi_label  # an older model loads unchanged
+    one.head_config = {**one.head_config, "multi_label": True}
+    one.thresholds = [0.25, 0.75]
+    multi = ModelCheckpoint.load(one.save(tmp_path / "multi.pt"))
+    assert multi.multi_label and multi.thresholds == [0.25, 0.75]
+    assert load_classifier(tmp_path / "multi.pt").thresholds.tolist() == [0.25, 0.75]
+    one.thresholds = None
+    one.save(tmp_path / "bare.pt")
+    with pytest.raises(EmbedcacheError, match="multi-label model without 2 thresholds in"):
+        ModelCheckpoint.load(tmp_path / "bare.pt")

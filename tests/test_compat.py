@@ -30,3 +30,4 @@ def test_heads_from_an_earlier_version_load_and_predict_the_classes_they_were_ch
             logits = head(torch.from_numpy(np.asarray(x, np.float32))).numpy()
         acc = float((logits.argmax(1) == y).mean())
         assert abs(acc - ckpt.metrics["val_acc"]) < 1e-6, name
+        assert ckpt.temperature == 1.0, name  # saved before temperatures were fitted

@@ -50,8 +50,8 @@ def _reference(model, files) -> tuple[np.ndarray, np.ndarray]:
     clf = load_classifier(model)
     bb = clf.backbone(torch.device("cpu"))
     feats, ok, _ = image_features(bb, files, Run(torch.device("cpu"), 4, 0))
-    with torch.no_grad():
-        logits = clf.head(torch.from_numpy(feats)).numpy()
+    with torch.no_grad():  # divided by the temperature, as the exported network divides them
+        logits = (clf.head(torch.from_numpy(feats)) / clf.temperature).numpy()
     images = np.stack([preprocess(f, bb.transform) for f in files]).transpose(0, 3, 1, 2)
     return logits, images.astype(np.float32) / 255.0
 
@@ -65,6 +65,7 @@ def test_onnx_and_torchscript_give_embedcaches_logits_for_any_batch_size(trained
     logits, images = _reference(root / f"{kind}.pt", files)
     info = export(root / f"{kind}.pt", out=tmp_path / "m.onnx", format="onnx")
     assert info["exported_from"] == kind and info["input_shape"] == ["batch", 3, 32, 32]
+    assert info["temperature"] == load_classifier(root / f"{kind}.pt").temperature
     assert json.loads((tmp_path / "m.onnx.json").read_text())["classes"] == ["cat", "dog"]
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     for n in (1, len(files)):  # the batch size is free
@@ -76,6 +77,25 @@ def test_onnx_and_torchscript_give_embedcaches_logits_for_any_batch_size(trained
         got = scripted(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
     assert (got.argmax(1) == logits.argmax(1)).all()
+
+
+def test_the_exported_logits_are_divided_by_the_temperature(trained, tmp_path):
+    import onnxruntime as ort
+
+    from embedcache.checkpoint import HeadCheckpoint
+
+    root, data = trained
+    ckpt = HeadCheckpoint.load(root / "head.pt")
+    ckpt.temperature = 2.0
+    ckpt.save(tmp_path / "hot.pt")
+    files = sorted((data / "val").rglob("*.png"))
+    logits, images = _reference(root / "head.pt", files)
+    plain = logits * load_classifier(root / "head.pt").temperature  # undivided
+    info = export(tmp_path / "hot.pt", out=tmp_path / "m.onnx", format="onnx")
+    assert info["temperature"] == 2.0
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": images})[0]
+    np.testing.assert_allclose(got, plain / 2.0, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+    assert (got.argmax(1) == plain.argmax(1)).all()
 
 
 def test_an_unknown_format_and_a_missing_onnx_are_one_line_each(trained, tmp_path, monkeypatch):

@@ -164,9 +164,9 @@ def test_a_corpus_of_bad_files_is_skipped_with_reasons_and_leaves_the_good_featu
         (mixed / "dog" / "gone.png").unlink(missing_ok=True)
         return images
 
-    monkeypatch.setattr("embedcache.extraction.scan", scan_then_delete)
+    monkeypatch.setattr("embedcache.sources.listing.scan_files", scan_then_delete)
     r = extract(mixed, out=tmp_path / "mixed.h5", **KW)
-    monkeypatch.setattr("embedcache.extraction.scan", real_scan)
+    monkeypatch.setattr("embedcache.sources.listing.scan_files", real_scan)
     extract(clean, out=tmp_path / "clean.h5", **KW)
     with open_cache(tmp_path / "mixed.h5") as c:
         skipped = {Path(s.path).name: s.reason for s in c.skipped}

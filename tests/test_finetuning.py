@@ -412,6 +412,25 @@ def test_finetune_writes_metrics_curves_confusion_and_report_of_the_best_epoch(d
         assert Image.open(tmp_path / png).size[0] > 100
 
 
+def test_finetune_fits_its_own_temperature_on_validation_and_saves_it(data, tmp_path):
+    from embedcache.calibration import fit_temperature
+    from embedcache.checkpoint import ModelCheckpoint
+    from embedcache.forward import image_features
+    from embedcache.runtime import Run
+
+    r = finetune(data, out=tmp_path / "m.pt", unfreeze=1, epochs=2, augment="none", **TINY)
+    cal, clf = r.metrics["calibration"], load_model(tmp_path / "m.pt")
+    assert clf.temperature == ModelCheckpoint.load(tmp_path / "m.pt").temperature
+    assert clf.temperature == cal["temperature"] != 1.0
+    assert cal["val_ece_after"] <= cal["val_ece_before"]
+    cpu = torch.device("cpu")
+    files = sorted((data / "val").rglob("*.png"))
+    feats, ok, _ = image_features(clf.backbone(cpu), files, Run(cpu, 4, 0))
+    labels = np.array([clf.classes.index(files[i].parent.name) for i in ok])
+    # the kept epoch's validation logits (through a float16 prefix cache) against these
+    assert fit_temperature(clf.logits(feats), labels) == pytest.approx(clf.temperature, rel=0.05)
+
+
 def test_resumed_run_still_reports_the_kept_epoch(data, tmp_path):
     kw = {**TINY, "unfreeze": 1, "augment": "none", "patience": 9}
     finetune(data, out=tmp_path / "m.pt", epochs=1, **kw)

@@ -93,7 +93,7 @@ def test_tta_averages_image_and_mirror_alike_from_a_cache_and_from_images(tmp_pa
         plain, flipped = clf.head(torch.from_numpy(x)), clf.head(torch.from_numpy(mirror))
     for tta, z in ((None, (plain + flipped) / 2), (False, plain)):
         row = predict(head, [data / paths[0]], top_k=1, tta=tta, device="cpu", num_workers=0)[0]
-        top = torch.softmax(z, 1).max().item()
+        top = torch.softmax(z / clf.temperature, 1).max().item()  # calibrated
         assert row["predictions"][0]["probability"] == pytest.approx(top, abs=1e-4)
     assert not np.allclose(plain.numpy(), flipped.numpy())  # the two views do differ
     extract(data, out=tmp_path / "plain.h5", **extract_kw)
@@ -277,7 +277,7 @@ def test_load_model_gives_classes_a_callable_transform_and_the_module(checkpoint
         net = clf.module()
         assert isinstance(net, torch.nn.Module) and not net.training
         with torch.no_grad():
-            top = torch.softmax(net(x[None]), 1).max().item()
+            top = torch.softmax(net(x[None]) / clf.temperature, 1).max().item()
         row = clf.predict(image, top_k=1, **CPU)[0]
         assert row["predictions"][0]["probability"] == pytest.approx(top, abs=1e-4)
 

@@ -638,7 +638,8 @@ def test_parquet_columns_are_checked_when_listing(tmp_path):
     with pytest.raises(
         EmbedcacheError,
         match=r"p\.parquet: label column 'label' holds double, not class indices \(integers\) "
-        r"or names \(strings\); pass --label-column, or --unlabelled \(columns: image, label\)$",
+        r"or names \(strings\), or lists of them; pass --label-column, or --unlabelled "
+        r"\(columns: image, label\)$",
     ):
         scan(data, ExtractConfig())
     with pytest.raises(

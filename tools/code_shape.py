@@ -36,6 +36,8 @@ ORDER = (
     "tblog",
     "distributed",
     "report",
+    "calibration",
+    "multilabel",
     "data",
     "exclusion",
     "sources",

@@ -40,10 +40,14 @@ from .findings import (
     near_pairs,
     outliers,
 )
-from .labels import LabelIssues, label_issues, out_of_fold_probabilities
+from .labels import LabelIssues, calibrated, label_issues, out_of_fold_logits
 from .search import nearest, unit_rows
 
 FINDINGS = ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
+MULTI_LABEL_SKIP = (
+    "skipped: the label-error check needs one label per image and this cache is multi-label "
+    "(several labels per image)"
+)
 NO_HASHES = "no hashes (cache written before format 3); re-extract with --overwrite to check"
 NO_THUMBNAILS = (
     "no thumbnails (cache written before format 4): the features alone, which pair 0.5x copies "
@@ -122,6 +126,8 @@ def _outlier_rows(pool: Pool, found: Outliers) -> list[dict]:
 def _labelled(pool: Pool, cfg: AuditConfig) -> tuple[np.ndarray, str | None]:
     """Rows the label check scores, or none and why."""
     rows = np.flatnonzero(pool.labels >= 0)
+    if pool.multi_label:
+        return rows[:0], MULTI_LABEL_SKIP
     counts = np.bincount(pool.labels[rows], minlength=max(1, len(pool.classes)))
     if len(np.flatnonzero(counts)) < 2:
         return rows[:0], "skipped: needs labelled images of at least two classes"
@@ -130,30 +136,35 @@ def _labelled(pool: Pool, cfg: AuditConfig) -> tuple[np.ndarray, str | None]:
     return rows, None
 
 
-def _check_labels(pool: Pool, cfg: AuditConfig, say) -> tuple[list[dict], list[str], str]:
+def _check_labels(pool: Pool, cfg: AuditConfig, say):
+    """(CSV rows, the ranking, how it was found, the calibration record or None)."""
     rows, why = _labelled(pool, cfg)
+    if why == MULTI_LABEL_SKIP:
+        say(f"label errors: {why}")
     if why:
-        return [], [], why
+        return [], [], why, None
     say(f"label errors: {cfg.folds}-fold out-of-fold probabilities on {len(rows)} images")
-    probs = out_of_fold_probabilities(
+    labels = pool.labels[rows]
+    logits = out_of_fold_logits(
         pool.features if len(rows) == len(pool) else pool.features[rows],
-        pool.labels[rows],
+        labels,
         folds=cfg.folds,
         seed=cfg.seed,
     )
-    issues = label_issues(probs, pool.labels[rows])
+    probs, calibration = calibrated(logits, labels)
+    issues = label_issues(probs, labels)
     ranking = [pool.paths[rows[i]] for i in issues.order]
     how = (
-        f"{cfg.folds}-fold out-of-fold logistic regression; "
+        f"{cfg.folds}-fold out-of-fold logistic regression, its probabilities calibrated by a "
+        f"temperature of {calibration['temperature']:.3g} fitted on the out-of-fold logits; "
         "confident learning flags, ranked by self-confidence"
     )
-    return _label_rows(pool, rows, issues, probs), ranking, how
+    return _label_rows(pool, rows, issues, probs), ranking, how, calibration
 
 
-def _findings(
-    pool: Pool, cfg: AuditConfig, progress: bool, say
-) -> tuple[dict, dict, list[str], np.ndarray]:
-    """Every finding's CSV rows and how it was found; the label ranking; nearest similarities."""
+def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say) -> tuple:
+    """Every finding's CSV rows and how it was found; the label ranking; (nearest similarities,
+    mean kNN distances); the label check's calibration record (None where it was skipped)."""
     exact, groups = exact_pairs(pool)
     device = resolve_device(cfg.device)
     say(f"neighbours: exact cosine search over {len(pool)} images on {device}")
@@ -167,7 +178,7 @@ def _findings(
     near = near_pairs(pool, unit, candidates, rule, exact)
     leak: Leaks = leaks(pool, exact, near)
     found, distance = outliers(sims, z=cfg.outlier_z)
-    label_rows, ranking, label_how = _check_labels(pool, cfg, say)
+    label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
     tables = {
         "exact_duplicates": _pair_rows(pool, exact),
         "near_duplicates": _pair_rows(pool, near),
@@ -191,7 +202,7 @@ def _findings(
         f"median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
     }
     top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
-    return tables, how, ranking, (top, distance)
+    return tables, how, ranking, (top, distance), calibration
 
 
 def _near_how(pool: Pool, cfg: AuditConfig) -> str:
@@ -298,8 +309,10 @@ def audit(
         identity = f"{c.backbone}, weights {c.weights}"
     if not len(pool):
         raise EmbedcacheError(f"cache {cache} holds no images to audit")
-    tables, how, ranking, (top, distance) = _findings(pool, cfg, progress, say)
+    tables, how, ranking, (top, distance), calibration = _findings(pool, cfg, progress, say)
     summary = _summary(cache, pool, cfg, tables, how, identity)
+    if calibration is not None:  # the temperature the ranked probabilities were divided by
+        summary["label_errors"]["calibration"] = calibration
     with folder_output(
         out, verb="audit", last=SUMMARY, inputs=[("the cache", cache)], legacy=_earlier_audit
     ) as staging:
@@ -337,6 +350,8 @@ def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, ident
     }
     if pool.hashes is None:
         sections["exact_duplicates"]["count"] = None
+    if pool.multi_label:  # not checked, rather than none found
+        sections["label_errors"].update(count=None, skipped=MULTI_LABEL_SKIP)
     leak_rows = tables["leaks"]
     sections["leaks"]["cross_split"] = sum("cross-split" in r["reason"] for r in leak_rows)
     sections["leaks"]["different_labels"] = sum(

@@ -38,7 +38,8 @@ class Pool:
     features : (n, d) stored dtype; split : (n,) index into ``splits``; labels : (n,) int64,
     -1 unlabelled; paths : n str, relative to the data root; hashes : (n, 16) uint8 or None
     (a cache written before format 3); codes : (n, 63) float32 pixel codes (:func:`pixel_codes`;
-    all-zero rows unknown) or None (a cache written before format 4)
+    all-zero rows unknown) or None (a cache written before format 4); label_sets : (n, C) bool,
+    each image's labels in a multi-label cache (``labels`` then holds its first), else None
     """
 
     features: np.ndarray
@@ -50,6 +51,12 @@ class Pool:
     classes: list[str]
     codes: np.ndarray | None = None
     thumbnails: np.ndarray | None = None
+    label_sets: np.ndarray | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether images may have several labels (a multi-label cache)."""
+        return self.label_sets is not None
 
     @classmethod
     def read(cls, cache: Cache) -> Pool:
@@ -76,14 +83,24 @@ class Pool:
             cache.classes,
             codes,
             thumbnails,
+            _label_sets(cache, names),
         )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def label_name(self, row: int) -> str:
+        """The image's label, or in a multi-label cache its labels joined by | ("" for none)."""
+        if self.label_sets is not None:
+            return "|".join(self.classes[c] for c in np.flatnonzero(self.label_sets[row]))
         label = int(self.labels[row])
         return self.classes[label] if 0 <= label < len(self.classes) else ""
+
+    def different_labels(self, a: int, b: int) -> bool:
+        """Whether two labelled images disagree on the label (on the set, multi-label)."""
+        if self.label_sets is not None:
+            return not np.array_equal(self.label_sets[a], self.label_sets[b])
+        return self.labels[a] >= 0 and self.labels[b] >= 0 and self.labels[a] != self.labels[b]
 
     def split_name(self, row: int) -> str:
         return self.splits[int(self.split[row])]
@@ -95,6 +112,14 @@ class Pool:
     def ordered(self, a: int, b: int) -> tuple[int, int]:
         """The pair with the row of the earlier split (then the earlier row) first."""
         return (a, b) if self.rank(a) <= self.rank(b) else (b, a)
+
+
+def _label_sets(cache: Cache, names: list[str]) -> np.ndarray | None:
+    """Every image's labels (n, C) bool in split order, for a multi-label cache; else None."""
+    if not cache.multi_label:
+        return None
+    sets = [cache.label_matrix(s) for s in names]
+    return np.concatenate(sets) if sets else np.zeros((0, len(cache.classes)), bool)
 
 
 def _empty(dtype):
@@ -311,7 +336,7 @@ def leaks(pool: Pool, exact: Pairs, near: Pairs) -> Leaks:
             why = []
             if pool.split[x] != pool.split[y]:
                 why.append("cross-split")
-            if pool.labels[x] >= 0 and pool.labels[y] >= 0 and pool.labels[x] != pool.labels[y]:
+            if pool.different_labels(x, y):
                 why.append("different labels")
             if why:
                 a.append(x), b.append(y), score.append(s), pixel.append(px), kind.append(name)

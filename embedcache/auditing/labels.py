@@ -4,11 +4,12 @@ Each labelled image is scored by a model that never saw it: K stratified folds, 
 multinomial logistic regression per fold on that fold's training rows, standardised with their
 own statistics (:func:`embedcache.probe.fit_logreg`, full-batch L-BFGS in torch), the L2
 strength chosen once from a small grid on a held-out fifth of a sample of the rows
-(:func:`embedcache.probe.logreg_path`). An image is a likely error when confident learning
-(Northcutt et al., 2021) assigns it to another class than its label: among the classes whose
-out-of-fold probability reaches that class's mean self-confidence, the most probable is not the
-given one. Issues are ranked by self-confidence (the probability of the given label), lowest
-first.
+(:func:`embedcache.probe.logreg_path`); one temperature fitted on all the out-of-fold logits
+calibrates their probabilities (:mod:`embedcache.calibration`). An image is a likely error
+when confident learning (Northcutt et al., 2021) assigns it to another class than its label:
+among the classes whose out-of-fold probability reaches that class's mean self-confidence, the
+most probable is not the given one. Issues are ranked by self-confidence (the probability of the
+given label), lowest first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..calibration import calibration_record, fit_temperature, softmax
 from ..probe import LinearFit, fit_logreg, logreg_path
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # lambda of the mean cross-entropy + lambda/2 |W|^2
@@ -85,26 +87,26 @@ def _choose_l2(features: np.ndarray, labels: np.ndarray, classes: int, seed: int
     return best.lam
 
 
-def _probabilities(fit: LinearFit, x: torch.Tensor) -> np.ndarray:
+def _logits(fit: LinearFit, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return torch.softmax(torch.nn.functional.linear(x, fit.weight, fit.bias), 1).numpy()
+        return torch.nn.functional.linear(x, fit.weight, fit.bias).numpy()
 
 
-def out_of_fold_probabilities(
+def out_of_fold_logits(
     features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0
 ) -> np.ndarray:
-    """Class probabilities of every row from a model trained on the other folds.
+    """Class logits of every row from a model trained on the other folds.
 
     features : ndarray of shape (n, d), float16 or float32 (each fold's training rows are
         copied as float32: about n x d x 4 x (folds - 1) / folds bytes at a time)
     labels : ndarray of shape (n,), int64 in 0..C-1 (C = labels.max() + 1)
-    Returns ndarray of shape (n, C), float32, rows summing to 1.
+    Returns ndarray of shape (n, C), float32.
     """
     features = np.asarray(features)
     labels = np.asarray(labels, np.int64)
     classes = int(labels.max()) + 1
     fold = folds_of(labels, folds=folds, seed=seed)
-    probs = np.zeros((len(labels), classes), np.float32)
+    logits = np.zeros((len(labels), classes), np.float32)
     l2 = _choose_l2(features, labels, classes, seed)
     for f in range(folds):
         held, train = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
@@ -112,8 +114,29 @@ def out_of_fold_probabilities(
             x, scale = _standardised(features, train)
             fit = fit_logreg(x, torch.from_numpy(labels[train]), classes, lam=l2, max_iter=MAX_ITER)
             del x  # before the held-out copy: one training copy at a time
-            probs[held] = _probabilities(fit, scale.apply(features, held))
-    return probs
+            logits[held] = _logits(fit, scale.apply(features, held))
+    return logits
+
+
+def calibrated(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(probabilities (n, C) float32, the calibration record) of out-of-fold ``logits`` (n, C):
+    their softmax after dividing them by one temperature fitted on them and ``labels`` (n,).
+    Every row is held out of the fit that scored it, so the logits of all folds together are
+    the held-out set a temperature needs; the ranking then reads calibrated probabilities (the
+    L2 strength chosen on log-loss leaves a probe under- or overconfident)."""
+    t = fit_temperature(logits, labels)
+    return softmax(logits, t).astype(np.float32), calibration_record(logits, labels, t)
+
+
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Calibrated class probabilities of every row from a model trained on the other folds:
+    :func:`out_of_fold_logits`, then :func:`calibrated`. Shapes as there; returns (n, C)
+    float32, rows summing to 1."""
+    labels = np.asarray(labels, np.int64)
+    logits = out_of_fold_logits(features, labels, folds=folds, seed=seed)
+    return calibrated(logits, labels)[0]
 
 
 @dataclass

@@ -34,6 +34,9 @@ from .schema import (
     contents_digest,
     file_keys,
     identity_digest,
+    label_matrix,
+    label_pairs,
+    packed_width,
     partial_path,
     read_names,
     split_names,
@@ -46,6 +49,7 @@ def _h5_error(path: Path, e: Exception) -> EmbedcacheError:
     return EmbedcacheError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0][:120]})")
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # set bits of a byte
 _READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError)
 
 
@@ -80,7 +84,7 @@ def _check_layout(path: Path, h5: h5py.File, dim: int, classes: list) -> None:
         missing = [k for k in ("features", "labels", "paths") if k not in g]
         if missing:
             raise _damaged(path, f"split {split} has no {', '.join(missing)}")
-        names = (*ROW_ARRAYS, "labels", "paths", "sizes", "mtimes")
+        names = (*ROW_ARRAYS, "labels", "label_matrix", "paths", "sizes", "mtimes")
         rows = {k: g[k].shape[0] for k in names if k in g}
         if len(set(rows.values())) != 1:
             counts = ", ".join(f"{k} {v}" for k, v in rows.items())
@@ -88,6 +92,21 @@ def _check_layout(path: Path, h5: h5py.File, dim: int, classes: list) -> None:
         if g["features"].shape[1:] != (dim,):
             shape = g["features"].shape
             raise _damaged(path, f"split {split} has features {shape}, not {dim} values per row")
+        if bool(h5.attrs.get("multi_label", False)):
+            _check_matrix(path, split, g, len(classes))
+
+
+def _check_matrix(path: Path, split: str, g: h5py.Group, num_classes: int) -> None:
+    """A multi-label cache's split has its packed label matrix, one bit a class."""
+    if "label_matrix" not in g:
+        raise _damaged(path, f"split {split} of a multi-label cache has no label_matrix")
+    ds, width = g["label_matrix"], packed_width(num_classes)
+    if ds.dtype != np.uint8 or ds.shape[1:] != (width,):
+        raise _damaged(
+            path,
+            f"split {split} has a label_matrix {ds.shape} {ds.dtype}, not {width} bytes a row "
+            f"(uint8) for {num_classes} classes",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +128,8 @@ class Cache:
         self.feature_dim = int(a["feature_dim"])
         self.classes: list[str] = json.loads(a["classes"])
         self.splits: list[str] = split_names(h5)
-        self._read: dict[str, tuple[np.ndarray, list[str]]] = {}  # checked labels and paths
+        # checked labels, paths and (multi-label) packed label matrix of each split read
+        self._read: dict[str, tuple[np.ndarray, list[str], np.ndarray | None]] = {}
 
     def __enter__(self) -> Cache:
         return self
@@ -146,23 +166,45 @@ class Cache:
 
         return str(self.attrs.get("weights_arg", weights_arg_for(self.weights)))
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether images may have several labels (see :meth:`label_matrix`)."""
+        return bool(self.attrs.get("multi_label", False))
+
     def labels(self, split: str) -> np.ndarray:
-        """Labels of a split, int64 of shape (n_images,), -1 where unlabelled."""
+        """Labels of a split, int64 of shape (n_images,), -1 where unlabelled; in a multi-label
+        cache each image's first label listed (-1 where it has none)."""
         return self._contents(split)[0].copy()
+
+    def label_matrix(self, split: str, rows: slice = slice(None)) -> np.ndarray:
+        """Which classes each image of a split (or of its ``rows``) has: bool of shape
+        (n_images, n_classes). In a single-label cache the one-hot of :meth:`labels`
+        (unlabelled rows all False)."""
+        labels, _, packed = self._contents(split)
+        packed = None if packed is None else packed[rows]
+        return label_matrix(labels[rows], packed, len(self.classes))
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """Images of a split per class, int64 of shape (n_classes,); in a multi-label cache an
+        image counts in each of its classes."""
+        labels, _, packed = self._contents(split)
+        return np.bincount(label_pairs(labels, packed)[1], minlength=len(self.classes))
 
     def paths(self, split: str, rows: slice = slice(None)) -> list[str]:
         """Image paths of a split (or of its ``rows``), relative to the data root."""
         return list(self._contents(split)[1][rows])
 
-    def _contents(self, split: str) -> tuple[np.ndarray, list[str]]:
-        """Labels and paths of a split, read once and checked: their digest, the label range."""
+    def _contents(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """Labels, paths and (multi-label) packed label matrix of a split, read once and
+        checked: their digest, the label range, the matrix against the labels."""
         if split not in self._read:
             g = self._group(split)
             with _damage(self.path, f"the labels or paths of split {split}"):
                 labels, raw = g["labels"][:], g["paths"][:]
                 paths = read_names(g["paths"])
+                packed = g["label_matrix"][:] if self.multi_label else None
             sealed = g.attrs.get("contents_digest")
-            if sealed is not None and sealed != contents_digest(labels, raw):
+            if sealed is not None and sealed != contents_digest(labels, raw, packed):
                 what = f"the labels or paths of split {split}"
                 raise _damaged(self.path, f"{what} do not match their SHA-256")
             bad = (labels < -1) | (labels >= len(self.classes))
@@ -170,8 +212,28 @@ class Cache:
                 row, n = int(np.flatnonzero(bad)[0]), len(self.classes)
                 label = f"split {split} has label {int(labels[row])} at row {row}"
                 raise _damaged(self.path, f"{label}, outside -1..{n - 1} for {n} classes")
-            self._read[split] = (labels, paths)
+            if packed is not None:
+                self._check_sets(split, labels, packed)
+            self._read[split] = (labels, paths, packed)
         return self._read[split]
+
+    def _check_sets(self, split: str, labels: np.ndarray, packed: np.ndarray) -> None:
+        """A multi-label split's matrix sets no bit past the last class, and each label is the
+        class of a bit its row sets (-1: a row with none); read in blocks of rows."""
+        n = len(self.classes)
+        for lo in range(0, len(labels), BLOCK_ROWS):
+            bits = np.unpackbits(packed[lo : lo + BLOCK_ROWS], axis=1, bitorder="little")
+            y = labels[lo : lo + BLOCK_ROWS]
+            has = bits[np.arange(len(y)), np.maximum(y, 0)].astype(bool)
+            agree = np.where(y >= 0, has, ~bits[:, :n].any(axis=1))
+            wrong = np.flatnonzero(bits[:, n:].any(axis=1) | ~agree)
+            if len(wrong):
+                row = lo + int(wrong[0])
+                raise _damaged(
+                    self.path,
+                    f"split {split} row {row}: its label_matrix disagrees with its label "
+                    f"{int(labels[row])} or sets a bit past the {n} classes",
+                )
 
     def features(self, split: str) -> CheckedFeatures:
         """The on-disk features of a split, read in slices like the h5py dataset; a damaged
@@ -230,7 +292,7 @@ class Cache:
                         ds[lo : lo + BLOCK_ROWS]
                     except EmbedcacheError as e:
                         problems.append(str(e))
-            for name in ("labels", "sizes", "mtimes", "hashes", "thumbnails"):
+            for name in ("labels", "label_matrix", "sizes", "mtimes", "hashes", "thumbnails"):
                 if name not in self._group(split):
                     continue
                 try:
@@ -325,11 +387,28 @@ class Cache:
             "parts": [str(p) for p in parts],
             "parts_bytes": sum(p.stat().st_size for p in parts),
             "classes": self.classes,
+            "labels": self._labels_summary(),
             "transform": json.loads(self.transform),
             "splits": {s: self._split_summary(s) for s in self.splits},
             "skipped": [vars(s) for s in self.skipped],
             "ignored": self.ignored,
         }
+
+    def _labels_summary(self) -> dict:
+        """Which kind of labels the cache has: ``kind`` none, single or multi; for multi, how
+        many labels an image has over every split (``min``, ``max``, ``mean``)."""
+        if not self.classes:
+            return {"kind": "none"}
+        if not self.multi_label:
+            return {"kind": "single"}
+        per_split = [
+            _POPCOUNT[self._contents(s)[2]].sum(axis=1, dtype=np.int64) for s in self.splits
+        ]
+        counts = np.concatenate([np.zeros(0, np.int64), *per_split])
+        if not len(counts):
+            return {"kind": "multi", "min": 0, "max": 0, "mean": 0.0}
+        low, high, mean = int(counts.min()), int(counts.max()), float(counts.mean())
+        return {"kind": "multi", "min": low, "max": high, "mean": round(mean, 3)}
 
     def _split_summary(self, split: str) -> dict:
         features, views = self.features(split), self.views(split)

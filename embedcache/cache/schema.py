@@ -7,7 +7,9 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
     views     (N, V, D) like features, only in a cache made with ``extract --views K``:
               V = K for train (view 1 the mirrored eval crop, views 2..K random resized
               crops, see :func:`embedcache.data.with_views`), V = 1 (the mirror) elsewhere
-    labels    (N,)   int64, -1 when unlabelled
+    labels    (N,)   int64, -1 when unlabelled (multi-label: the first label listed, -1: none)
+    label_matrix (N, ceil(C / 8)) uint8, only in a multi-label cache (format 5): bit c of row i
+              (np.packbits(..., axis=1, bitorder="little")) says whether image i has class c
     paths     (N,)   UTF-8, relative to the data root
     sizes     (N,)   int64 bytes   } of the source file when extracted,
     mtimes    (N,)   int64 ns      } used to re-extract only what changed
@@ -19,7 +21,8 @@ A finished cache ``NAME.h5`` holds, per split group (``train``, ``val``,
 a ``skipped`` group (split, path, reason, size, mtime of each unreadable file)
 and root attributes (``format_version``, ``backbone``, ``weights``,
 ``feature_dim``, ``classes`` (JSON), ``transform`` (JSON),
-``source_fingerprint``, ``views``, ``view_policy``, ``complete`` ...).
+``source_fingerprint``, ``views``, ``view_policy``, ``complete``, ``multi_label``
+(only in a multi-label cache) ...).
 ``features`` and ``views`` are the *row arrays*: every write, copy, merge and
 join treats them alike, row by row.
 """
@@ -36,8 +39,9 @@ import numpy as np
 
 from ..data import SPLIT_ORDER, name_bytes
 
-FORMAT_VERSION = 4  # 2: Fletcher-32 checksums on the arrays of finished caches; 3: hashes;
-# 4: thumbnails
+FORMAT_VERSION = 5  # 2: Fletcher-32 checksums on the arrays of finished caches; 3: hashes;
+# 4: thumbnails; 5: label_matrix, in multi-label caches only
+SINGLE_LABEL_FORMAT = 4  # a single-label cache holds nothing of format 5: older versions read it
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 1 << 20  # rows per HDF5 chunk are chosen so one chunk is about 1 MiB
 COPY_ROWS = 65536  # rows copied at a time when reusing features
@@ -149,6 +153,7 @@ SEALED_ATTRS = (
     "layout",
     "source_fingerprint",
     "request",  # extraction.request: an up-to-date cache answers without building the backbone
+    "multi_label",  # only in a multi-label cache: a single-label cache's digest is unchanged
 )
 
 
@@ -160,11 +165,15 @@ def identity_digest(attrs) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def contents_digest(labels: np.ndarray, raw_paths) -> str:
-    """SHA-256 of a split's labels and stored path bytes."""
+def contents_digest(labels: np.ndarray, raw_paths, label_matrix: np.ndarray | None = None) -> str:
+    """SHA-256 of a split's labels and stored path bytes (and its packed label matrix, in a
+    multi-label cache: a single-label cache's digest is the one it always was)."""
     h = hashlib.sha256(np.ascontiguousarray(labels, "<i8").tobytes())
     for p in raw_paths:
         h.update(bytes(p) + b"\0")
+    if label_matrix is not None:
+        h.update(b"label_matrix %d %d\0" % label_matrix.shape)
+        h.update(np.ascontiguousarray(label_matrix, np.uint8).tobytes())
     return h.hexdigest()
 
 
@@ -172,5 +181,63 @@ def seal(h5: h5py.File) -> None:
     """Record the digests :func:`open_cache` and :meth:`Cache.verify` check (a new cache)."""
     for split in split_names(h5):
         g = h5[split]
-        g.attrs["contents_digest"] = contents_digest(g["labels"][:], g["paths"][:])
+        matrix = g["label_matrix"][:] if "label_matrix" in g else None
+        g.attrs["contents_digest"] = contents_digest(g["labels"][:], g["paths"][:], matrix)
     h5.attrs["identity_digest"] = identity_digest(h5.attrs)
+
+
+# ---------------------------------------------------------------------------
+# Multi-label caches: each split's label sets as a matrix of bits
+
+
+def written_format(multi_label: bool) -> int:
+    """The format_version a new cache records: 5 where it holds a label matrix, else 4."""
+    return FORMAT_VERSION if multi_label else SINGLE_LABEL_FORMAT
+
+
+def packed_width(num_classes: int) -> int:
+    """Bytes a row of a packed label matrix takes: one bit a class."""
+    return (num_classes + 7) // 8
+
+
+def pack_label_sets(sets: list, num_classes: int) -> np.ndarray:
+    """Label sets (a tuple of class indices for each image) as a packed label matrix,
+    uint8 of shape (n_images, ceil(num_classes / 8)): bit ``c % 8`` of byte ``c // 8``."""
+    rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+    cols = np.fromiter((c for s in sets for c in s), np.int64, count=len(rows))
+    packed = np.zeros((len(sets), packed_width(num_classes)), np.uint8)
+    np.bitwise_or.at(packed, (rows, cols >> 3), (1 << (cols & 7)).astype(np.uint8))
+    return packed
+
+
+def first_labels(matrix: np.ndarray) -> np.ndarray:
+    """The ``labels`` vector of a (n, C) bool label matrix: each row's first class, -1 if none."""
+    return np.where(matrix.any(axis=1), matrix.argmax(axis=1), -1).astype(np.int64)
+
+
+def label_pairs(labels: np.ndarray, packed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(row, class) of every label of a split, by row (int64 arrays of one length): the bits
+    ``packed`` sets (a multi-label cache, unpacked COPY_ROWS rows at a time), else each row's
+    label (none for -1). Memory grows with the labels, not with rows x classes."""
+    if packed is None:
+        rows = np.flatnonzero(labels >= 0)
+        return rows, labels[rows].astype(np.int64)
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    for lo in range(0, len(packed), COPY_ROWS):
+        rows, cols = np.nonzero(
+            np.unpackbits(packed[lo : lo + COPY_ROWS], axis=1, bitorder="little")
+        )
+        found.append((rows + lo, cols))
+    return tuple(np.concatenate(part).astype(np.int64) for part in zip(*found, strict=True))
+
+
+def label_matrix(labels: np.ndarray, packed: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """A split's labels as a bool matrix of shape (n_images, num_classes): ``packed`` unpacked
+    (a multi-label cache), else the one-hot of ``labels`` with -1 rows all False."""
+    if packed is not None:
+        bits = np.unpackbits(packed, axis=1, count=num_classes, bitorder="little")
+        return bits.astype(bool)
+    out = np.zeros((len(labels), num_classes), bool)
+    rows = np.flatnonzero(labels >= 0)
+    out[rows, labels[rows]] = True
+    return out

@@ -31,12 +31,14 @@ from .reader import Cache
 from .schema import (
     COPY_ROWS,
     DONE,
-    FORMAT_VERSION,
     REASON_BYTES,
     SKIPPED,
     STR,
     TODO,
     file_keys,
+    first_labels,
+    label_pairs,
+    pack_label_sets,
     partial_path,
     read_names,
     row_arrays,
@@ -44,6 +46,7 @@ from .schema import (
     split_names,
     write_ignored,
     write_names,
+    written_format,
 )
 from .shards import gather_parts, merge_shard, remove_unused_parts, virtual_arrays
 from .storage import atomic_h5, checked, copy_rows, early, reuse_rows, rows_dataset, write_batch
@@ -140,6 +143,8 @@ class PartialCache:
         def layout(h5: h5py.File) -> None:
             h5.attrs.update(attrs)
             h5.attrs["complete"] = False
+            if images.multi_label:
+                h5.attrs.update(multi_label=True, format_version=written_format(True))
             for split, samples in images.splits.items():
                 g = h5.create_group(split)
                 n = len(samples)
@@ -155,6 +160,11 @@ class PartialCache:
                 g.create_dataset("labels", data=np.array([s.label for s in samples], np.int64))
                 g.create_dataset("sizes", data=np.array([s.size for s in samples], np.int64))
                 g.create_dataset("mtimes", data=np.array([s.mtime_ns for s in samples], np.int64))
+                if images.multi_label:
+                    sets = [s.label_set for s in samples]
+                    g.create_dataset(
+                        "label_matrix", data=pack_label_sets(sets, len(images.classes))
+                    )
             write_ignored(h5, images.not_read())
 
         with atomic_h5(path, layout) as h5:
@@ -188,6 +198,12 @@ class PartialCache:
 
     def paths(self, split: str) -> list[str]:
         return read_names(self.h5[split]["paths"])
+
+    def label_pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(row, class) of every label of ``split``'s rows (see
+        :func:`~embedcache.cache.schema.label_pairs`)."""
+        g = self.h5[split]
+        return label_pairs(g["labels"][:], g["label_matrix"][:] if "label_matrix" in g else None)
 
     def write(
         self,
@@ -267,7 +283,8 @@ def _final_layout(
     ``skipped`` group. ``status``/``reasons`` per split say which rows are done or skipped."""
     h5.attrs.update(dict(partial.h5.attrs))
     h5.attrs.update(attrs)
-    h5.attrs["format_version"] = FORMAT_VERSION  # whatever version began the partial file
+    multi = bool(partial.h5.attrs.get("multi_label", False))
+    h5.attrs["format_version"] = written_format(multi)  # whatever version began the partial file
     h5.attrs["complete"] = False
     skipped: dict[str, list] = {k: [] for k in ("split", "path", "reason", "size", "mtime")}
     for split in partial.splits:
@@ -275,8 +292,9 @@ def _final_layout(
         assert not np.any(st == TODO), "finalize before every row is done"
         ok, bad = np.flatnonzero(st == DONE), np.flatnonzero(st == SKIPPED)
         dst = h5.create_group(split)
-        for name in ("labels", "sizes", "mtimes"):
-            checked(dst, name, src[name][:][ok])
+        for name in ("labels", "sizes", "mtimes", "label_matrix"):
+            if name in src:
+                checked(dst, name, src[name][:][ok])
         paths = np.array(read_names(src["paths"]), dtype=object)
         write_names(dst, "paths", list(paths[ok]))
         skipped["split"] += [split] * len(bad)
@@ -295,6 +313,34 @@ def _final_layout(
     seal(h5)
 
 
+def _checked_arrays(splits: dict, classes: list[str]) -> tuple[int, str, bool]:
+    """(feature dim, dtype, multi-label) of write_cache's arrays, every split's checked: (N, D)
+    features of one D and a dtype in DTYPES, and labels all (N,) or all (N, C) bool."""
+    dims = {f.shape[1] for f, _, _ in splits.values()}
+    dtypes = {str(f.dtype) for f, _, _ in splits.values()}
+    if len(dims) != 1 or len(dtypes) != 1 or dtypes - set(DTYPES):
+        raise EmbedcacheError(
+            f"every split needs (N, D) features of one D and a dtype in {DTYPES}; "
+            f"got dims {dims}, dtypes {dtypes}"
+        )
+    labels = {s: np.asarray(y) for s, (_, y, _) in splits.items()}
+    kinds = {y.ndim for y in labels.values()}
+    wide = kinds == {2} and all(y.dtype == bool for y in labels.values())
+    if kinds != {1} and not wide:
+        given = ", ".join(f"{s} {y.dtype} {y.shape}" for s, y in labels.items())
+        raise EmbedcacheError(
+            "labels must be (N,) class indices in every split, or (N, C) bool in every split "
+            f"(multi-label); got {given}"
+        )
+    off = next((s for s, y in labels.items() if wide and y.shape[1] != len(classes)), None)
+    if off is not None:
+        raise EmbedcacheError(
+            f"the label matrix of split {off} has {labels[off].shape[1]} columns, not one per "
+            f"class ({len(classes)}); give labels of shape (N, {len(classes)})"
+        )
+    return dims.pop(), dtypes.pop(), bool(wide)
+
+
 def write_cache(
     path: str | Path,
     splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
@@ -306,7 +352,11 @@ def write_cache(
     source: str = "",
     views: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write a complete cache from arrays: ``{split: (features (N, D), labels (N,), paths)}``.
+    """Write a complete cache from arrays: ``{split: (features (N, D), labels, paths)}``.
+
+    labels : ndarray of shape (N,), int64 class indices (-1: unlabelled), or, in every split,
+        bool of shape (N, len(classes)): a multi-label cache (``label_matrix``, and ``labels``
+        each row's first class, -1 where it has none).
 
     For features computed elsewhere, tests and benchmarks; the file is the same
     schema `extract` writes (without file sizes and times: they are -1).
@@ -315,16 +365,9 @@ def write_cache(
     """
     views = views or {}
     path = Path(path)
-    dims = {f.shape[1] for f, _, _ in splits.values()}
-    dtypes = {str(f.dtype) for f, _, _ in splits.values()}
-    if len(dims) != 1 or len(dtypes) != 1 or dtypes - set(DTYPES):
-        raise EmbedcacheError(
-            f"every split needs (N, D) features of one D and a dtype in {DTYPES}; "
-            f"got dims {dims}, dtypes {dtypes}"
-        )
-    dim, dtype = dims.pop(), dtypes.pop()
+    dim, dtype, multi = _checked_arrays(splits, classes)
     attrs = {
-        "format_version": FORMAT_VERSION,
+        "format_version": written_format(multi),
         "tool": "embedcache",
         "backbone": backbone,
         "weights": weights,
@@ -338,6 +381,7 @@ def write_cache(
         "layout": "arrays",
         "source_fingerprint": "",
         "created": now_iso(),
+        **({"multi_label": True} if multi else {}),
     }
     if views:
         attrs.update(views=int(views["train"].shape[1]), view_policy="given as arrays")
@@ -351,7 +395,7 @@ def write_cache(
             rows_dataset(g, "features", (n, dim), np.dtype(dtype))
             if name in views:
                 rows_dataset(g, "views", views[name].shape, np.dtype(dtype))
-            checked(g, "labels", np.asarray(labels, np.int64))
+            _write_labels(g, np.asarray(labels), multi)
             write_names(g, "paths", list(paths))
             checked(g, "sizes", np.full(n, -1, np.int64))
             checked(g, "mtimes", np.full(n, -1, np.int64))
@@ -370,6 +414,16 @@ def write_cache(
                     h5[name]["views"][lo : lo + COPY_ROWS] = views[name][lo : lo + COPY_ROWS]
         h5.attrs.modify("complete", True)
     return path
+
+
+def _write_labels(g: h5py.Group, labels: np.ndarray, multi: bool) -> None:
+    """A split's ``labels`` (and, multi-label, its packed ``label_matrix``) from write_cache's
+    labels: (N,) class indices, or (N, C) bool."""
+    if not multi:
+        checked(g, "labels", labels.astype(np.int64))
+        return
+    checked(g, "labels", first_labels(labels))
+    checked(g, "label_matrix", np.packbits(labels, axis=1, bitorder="little"))
 
 
 def now_iso() -> str:

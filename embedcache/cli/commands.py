@@ -150,9 +150,11 @@ def train_head_cmd(cache, out, quiet, as_json, verbose, **values):
     then trained again on train + val (--no-refit keeps the head chosen);
     --refit does so with a val split too. On a cache made with `extract
     --views K` torch heads draw one picture per image and epoch from its plain
-    features and views. Metrics JSON (top-1, balanced accuracy, top-5),
-    curves, a confusion matrix and a classification report are written next
-    to OUT.
+    features and views. A temperature fitted on validation calibrates the
+    probabilities that predict shows (the predicted class never changes).
+    Metrics JSON (top-1, balanced accuracy, top-5, ECE), curves, a confusion
+    matrix, a reliability diagram and a classification report are written
+    next to OUT.
 
     \b
     Example:
@@ -180,7 +182,8 @@ def evaluate(model, data, quiet, as_json, verbose, **values):
 
     MODEL is a head from train-head or a model from finetune. DATA is a cache
     (heads only) or an image folder / CSV, whose images then go through the
-    backbone recorded in MODEL.
+    backbone recorded in MODEL. The expected calibration error (ECE) of its
+    probabilities there is given before and after its temperature.
 
     \b
     Example:
@@ -219,7 +222,7 @@ def _default_plot(model: str, data: str, split: str) -> str | None:
 @all_options(PredictConfig)
 @output_options
 def predict(model, images, quiet, as_json, verbose, **values):
-    """Top classes and probabilities of each image (files or folders).
+    """Top classes and calibrated probabilities of each image (files or folders).
 
     \b
     Example:
@@ -362,8 +365,10 @@ def export_cmd(model, out, as_json, **values):
 
     The exported network takes float32 RGB images (N, 3, crop, crop) in [0, 1],
     resized and centre-cropped as the backbone's transform says; normalisation
-    is inside it. It returns logits; the batch size is free. ONNX needs
-    `pip install 'embedcache[export]'`.
+    is inside it. It returns logits divided by the model's temperature (their
+    softmax is the calibrated probabilities predict shows); the batch size is
+    free. A multi-label model returns scores instead: each class's calibrated
+    sigmoid, its threshold in OUT.json. ONNX needs `pip install 'embedcache[export]'`.
 
     \b
     Example:

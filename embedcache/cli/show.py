@@ -61,6 +61,7 @@ def info(s: dict) -> None:
     click.echo(f"source     {shown(s['source'])} ({s['layout']})")
     more = " ..." if len(s["classes"]) > 20 else ""
     click.echo(f"classes    {len(s['classes'])}: {', '.join(map(shown, s['classes'][:20]))}{more}")
+    click.echo(f"labels     {labels_kind(s['labels'])}")
     for name, sp in s["splits"].items():
         views = f"  views {tuple(sp['views_shape'])}" if "views_shape" in sp else ""
         click.echo(f"split      {name:<6} {sp['images']:>8} images  {tuple(sp['shape'])}{views}")
@@ -83,6 +84,17 @@ def info(s: dict) -> None:
             click.echo(f"  {shown(line)}")
 
 
+def labels_kind(labels: dict) -> str:
+    """'one per image', 'multi-label, 1-3 per image (mean 2.1)' or 'none (unlabelled)'."""
+    if labels["kind"] == "none":
+        return "none (unlabelled)"
+    if labels["kind"] == "single":
+        return "one per image"
+    low, high = labels["min"], labels["max"]
+    span = f"{low}" if low == high else f"{low}-{high}"
+    return f"multi-label, {span} per image (mean {labels['mean']:.1f})"
+
+
 def backbones(rows: list) -> None:
     """The table of ``list_backbones()``."""
     click.echo(
@@ -101,6 +113,9 @@ def _head_kind(m: dict) -> str:
     """The head in plain words: 'default head (linear probe and MLP blended)'."""
     if "auto" not in m:
         return f"{m['head']} head"
+    if "val_map" in m["auto"]:  # several labels per image: chosen by val mAP
+        kind = {"blend": "blend of a linear probe and an MLP", "mlp": "an MLP"}
+        return f"{kind.get(m['auto']['chosen'], 'a linear probe')} (highest val mAP)"
     return {
         "blend": "blend of a linear probe and an MLP",
         "mlp": "an MLP (more accurate on validation than the linear probe)",
@@ -108,17 +123,59 @@ def _head_kind(m: dict) -> str:
     }.get(m["auto"]["chosen"], m["auto"]["chosen"])
 
 
+SKEWED = 5.0  # embedcache.train.features.SKEW (this module loads no torch)
+
+
+def _skewed(m: dict) -> bool:
+    return m.get("class_weight", {}).get("skew", 1.0) > SKEWED
+
+
 def _scores(m: dict, acc: str = "val_acc") -> str:
-    """'val accuracy 98.6% (balanced 98.6%, top-5 100.0%; 153 images)'."""
-    more = [f"balanced {pct(m['val_balanced_acc'])}"] if "val_balanced_acc" in m else []
-    more += [f"top-5 {pct(m['val_top5'])}"] if "val_top5" in m else []
+    """'val accuracy 98.6% (balanced 98.6%, top-5 100.0%; 153 images)'; on skewed classes
+    balanced accuracy first: 'val balanced accuracy 61.0% (accuracy 80.2%, ...)'."""
+    more = [f"top-5 {pct(m['val_top5'])}"] if "val_top5" in m else []
     more += [f"{m['val_images']} images"] if "val_images" in m else []
+    if "val_map" in m:  # several labels per image
+        f1 = f"micro F1 {pct(m['val_micro_f1'])}, macro F1 {pct(m['val_macro_f1'])}"
+        return f"val mAP {pct(m['val_map'])} ({', '.join([f1, *more[-1:]])})"
+    if "val_balanced_acc" in m and _skewed(m):
+        more = [f"accuracy {pct(m[acc])}", *more]
+        return f"val balanced accuracy {pct(m['val_balanced_acc'])} ({', '.join(more)})"
+    more = ([f"balanced {pct(m['val_balanced_acc'])}"] if "val_balanced_acc" in m else []) + more
     return f"val accuracy {pct(m[acc])}" + (f" ({', '.join(more)})" if more else "")
+
+
+def _weighting(m: dict) -> str | None:
+    """'classes skewed 50:1; balanced class weights (val balanced accuracy 61.0% vs 55.2%
+    without)' where the classes are skewed or weighted, else None."""
+    w = m.get("class_weight")
+    if not w or (not _skewed(m) and w["used"] == "none"):
+        return None
+    line = f"classes skewed {w['skew']:.0f}:1 (largest over smallest in train); "
+    line += "balanced class weights" if w["used"] == "balanced" else "no class weights"
+    tried = w.get("val_balanced_acc")
+    if tried:
+        other = "none" if w["used"] == "balanced" else "balanced"
+        line += (
+            f" (val balanced accuracy {pct(tried[w['used']])} against {pct(tried[other])} "
+            f"{'without' if other == 'none' else 'with'} them)"
+        )
+    return line
+
+
+def _calibration(c: dict, prefix: str = "") -> str:
+    """'temperature 1.42, ECE 8.1% -> 3.2%': the temperature and the expected calibration error
+    of the probabilities before and after dividing the logits by it."""
+    before, after = c[f"{prefix}ece_before"], c[f"{prefix}ece_after"]
+    return f"temperature {c['temperature']:.3g}, ECE {pct(before)} -> {pct(after)}"
 
 
 def _head_details(m: dict) -> None:
     """--verbose: the working behind the head (the strengths or configurations tried)."""
-    if "auto" in m:
+    if "auto" in m and "val_map" in m["auto"]:
+        maps = ", ".join(f"{k} {pct(v)}" for k, v in m["auto"]["val_map"].items())
+        click.echo(f"  chose {m['auto']['chosen']} on validation mAP ({maps})")
+    elif "auto" in m:
         a = m["auto"]
         click.echo(
             f"  chose {a['chosen']} on validation (McNemar: MLP better p={a['mlp_p_value']:.3f}, "
@@ -143,6 +200,19 @@ def head(r, *, verbose: bool = False, log_dir: str | None = None) -> None:
     click.echo(f"{shown(r.path)}: {_head_kind(m)}, {_scores(m)}")
     if "val_acc_tta" in m:
         click.echo(f"  with test-time averaging (image and mirror): {pct(m['val_acc_tta'])}")
+    if "calibration" in m:
+        click.echo(f"  probabilities calibrated on val: {_calibration(m['calibration'], 'val_')}")
+    if _weighting(m):
+        click.echo(f"  {_weighting(m)}")
+    missing = m.get("val_missing_classes") or []
+    if missing:
+        some = ", ".join(shown(c) for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        click.echo(
+            f"  validation holds no image of {len(missing)} of the classes in train ({some}): "
+            "its scores, choice and calibration say nothing of them"
+        )
+    if _skewed(m) and m.get("val_recall"):
+        click.echo(f"  weakest: {_weakest({'per_class': m['val_recall']})}")
     if m["val_source"] != "val split":
         refit = " then trained again on train + val" if "refit" in m else ""
         click.echo(f"  validation held out of train (no val split){refit}")
@@ -174,6 +244,8 @@ def finetuned(r, *, verbose: bool = False, log_dir: str | None = None) -> None:
         if m["estimated_speedup"] is not None:  # None when a resumed run had no epoch left
             cost += f", about {m['estimated_speedup']}x faster per epoch than running them each"
     click.echo(cost)
+    if "val_ece_before" in m.get("calibration", {}):
+        click.echo(f"  probabilities calibrated on val: {_calibration(m['calibration'], 'val_')}")
     if verbose:
         click.echo(f"  validation: {m.get('val_source', 'val split')}")
     click.echo(wrote([r.path, *(p.name for k, p in r.files.items() if k != "model")]))
@@ -193,27 +265,59 @@ def _weakest(r: dict, n: int = 3) -> str:
     )
 
 
+def _evaluation_multi_label(r: dict, split: str, how: str) -> None:
+    """A multi-label model's scores: mAP and F1 first, then the classes of lowest AP."""
+    click.echo(
+        f"{shown(split)}: mAP {pct(r['map'])} (micro F1 {pct(r['micro_f1'])}, macro F1 "
+        f"{pct(r['macro_f1'])} at the thresholds chosen on val) on {r['images']} images of "
+        f"{shown(r['data'])}{how}"
+    )
+    rows = sorted(
+        ((n, c) for n, c in r["per_class"].items() if c["ap"] is not None),
+        key=lambda nc: nc[1]["ap"],
+    )
+    weakest = ", ".join(
+        f"{shown(n)} AP {pct(c['ap'])} ({c['support']} images)" for n, c in rows[:3]
+    )
+    if weakest:
+        click.echo(f"  weakest: {weakest}")
+
+
 def evaluation(r: dict, *, verbose: bool = False) -> None:
     """Scores first, then the weakest classes; the report and matrix with ``verbose``."""
     how = ", logits averaged over each image and its mirror" if r["tta"] else ""
-    top5 = f", top-5 {pct(r['top5'])}" if "top5" in r else ""
     split = r["split"]
     if split == ALL_IMAGES:
         split = f"all of {r['data']} (class folders, no split folders)"
-    click.echo(
-        f"{shown(split)}: accuracy {pct(r['accuracy'])} (balanced {pct(r['balanced_accuracy'])}"
-        f"{top5}) on {r['images']} images of {shown(r['data'])}{how}"
-    )
-    if len(r["classes"]) > 2 and min(c["recall"] for c in r["per_class"].values()) < 1:
-        click.echo(f"  weakest: {_weakest(r)}")
+    if r.get("multi_label"):
+        _evaluation_multi_label(r, split, how)
+    else:
+        _evaluation_one_label(r, split, how)
+    if "calibration" in r:
+        click.echo(f"  probabilities: {_calibration(r['calibration'])} on {shown(r['split'])}")
     if "exclude" in r:
         click.echo(f"  {r['exclude']['note']}")
     if r["skipped"]:
         click.echo(f"  skipped {len(r['skipped'])} unreadable images")
-    if verbose:
+    if verbose and "report" in r:
         _report_and_matrix(r)
     if "plot" in r:
         click.echo(wrote([r["plot"]]) + " (the confusion matrix)")
+
+
+def _evaluation_one_label(r: dict, split: str, how: str) -> None:
+    """Accuracy and balanced accuracy (balanced first on skewed classes), the weakest classes."""
+    top5 = f", top-5 {pct(r['top5'])}" if "top5" in r else ""
+    support = [c["support"] for c in r["per_class"].values() if c["support"]]
+    if support and max(support) > SKEWED * min(support):  # skewed: balanced accuracy first
+        scores = f"balanced accuracy {pct(r['balanced_accuracy'])} (accuracy {pct(r['accuracy'])}"
+    else:
+        scores = f"accuracy {pct(r['accuracy'])} (balanced {pct(r['balanced_accuracy'])}"
+    click.echo(
+        f"{shown(split)}: {scores}{top5}) on {r['images']} images of {shown(r['data'])}{how}"
+    )
+    if len(r["classes"]) > 2 and min(c["recall"] for c in r["per_class"].values()) < 1:
+        click.echo(f"  weakest: {_weakest(r)}")
 
 
 def _report_and_matrix(r: dict) -> None:
@@ -234,6 +338,9 @@ def predictions(rows: list[dict]) -> None:
         name = shown(r.get("path", r.get("image", "")))
         if "error" in r:
             click.echo(f"{name}: skipped ({r['error']})")
+        elif "labels" in r:  # several labels per image: every one above its threshold
+            on = ", ".join(f"{shown(p['class'])} {pct(p['probability'])}" for p in r["labels"])
+            click.echo(f"{name}: {on or 'no label above its threshold'}")
         else:
             best = ", ".join(
                 f"{shown(p['class'])} {pct(p['probability'])}" for p in r["predictions"]
@@ -277,9 +384,16 @@ def exported(info: dict, fmt: str) -> None:
     click.echo(f"wrote {path} ({fmt}, from a {info['exported_from']}) and {path}.json")
     click.echo(f"input  images: float32 {info['input_shape']}, RGB in [0, 1]; {info['preprocess']}")
     click.echo(
-        f"output logits over {len(info['classes'])} classes: "
+        f"output {info['output']} over {len(info['classes'])} classes: "
         f"{', '.join(map(shown, info['classes'][:10]))}"
     )
+    if info.get("multi_label"):  # several labels per image: calibrated sigmoids
+        t = info["temperature"]
+        click.echo(
+            f"       each class's sigmoid(logit / {t:.3g}), calibrated; thresholds in {path}.json"
+        )
+    elif info.get("temperature", 1.0) != 1.0:
+        click.echo(f"       divided by the temperature {info['temperature']:.3g} (calibrated)")
 
 
 def grid(r, *, verbose: bool = False) -> None:

@@ -416,9 +416,10 @@ def compare(
 
 def _images(data, cfg: CompareConfig, say: Callable[[str], None]) -> ImageSet:
     """The images with train and val splits, the same in every row (--exclude applied)."""
-    images, _ = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
-        val_fraction=cfg.val_fraction, seed=cfg.seed
-    )
+    from ..ranking import one_label_only
+
+    listed = one_label_only(scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed), data)
+    images, _ = listed.with_val(val_fraction=cfg.val_fraction, seed=cfg.seed)
     images, note = excluded(images, cfg.exclude, str(data))  # the same images out in every row
     if note:
         say(note)

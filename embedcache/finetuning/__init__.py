@@ -104,8 +104,9 @@ def _metrics(
 
 
 def _kept_scores(best_val: tuple | None) -> dict:
-    """Balanced accuracy and top-5 (more than 5 classes) of the kept epoch on validation."""
-    if best_val is None or not len(best_val[0]):
+    """Balanced accuracy and top-5 (more than 5 classes) of the kept epoch on validation
+    (nothing with several labels per image: see :func:`_thresholds`)."""
+    if best_val is None or not len(best_val[0]) or best_val[0].ndim == 2:
         return {}
     y, pred, *hit5 = best_val
     right = pred == y
@@ -113,6 +114,36 @@ def _kept_scores(best_val: tuple | None) -> dict:
     if hit5 and len(hit5[0]):
         out["val_top5"] = float(hit5[0].mean())
     return out
+
+
+def _calibrate(best_val: tuple | None) -> tuple[float, dict]:
+    """(temperature, its record for the metrics) fitted on the kept epoch's validation logits,
+    after training as for a head (see :mod:`embedcache.calibration`); 1.0 where there are
+    none (no validation image, or resumed from a state saved before the logits were kept)."""
+    from ..calibration import calibrate
+
+    if best_val is None or len(best_val) < 4 or not len(best_val[0]):
+        return 1.0, {"temperature": 1.0, "note": "not fitted: no validation logits"}
+    return calibrate(best_val[3], best_val[0], prefix="val_")
+
+
+def _thresholds(best_val: tuple | None, temperature: float, metrics: dict) -> list[float]:
+    """Several labels per image: each class's threshold, chosen for the best F1 on the kept
+    epoch's calibrated validation probabilities (as train-head chooses a head's), with the mAP,
+    micro and macro F1 and per-class AP and F1 there put into ``metrics``."""
+    from ..multilabel import DEFAULT_THRESHOLD, choose_thresholds, scores
+
+    if best_val is None or len(best_val) < 4 or not len(best_val[0]):
+        metrics["threshold_rule"] = f"not chosen: no validation logits ({DEFAULT_THRESHOLD})"
+        return [DEFAULT_THRESHOLD] * len(metrics["classes"])
+    y, z = best_val[0] > 0.5, best_val[3].astype(np.float64)
+    probs = 1 / (1 + np.exp(-z / temperature))
+    th = choose_thresholds(probs, y)
+    m = scores(probs, y, th)
+    metrics.update(val_map=m["map"], val_micro_f1=m["micro_f1"], val_macro_f1=m["macro_f1"])
+    metrics.update(val_per_class_ap=m["per_class_ap"], val_per_class_f1=m["per_class_f1"])
+    metrics.update(thresholds=th.round(6).tolist(), threshold_rule="best F1")
+    return metrics["thresholds"]
 
 
 def _summarise(
@@ -123,10 +154,13 @@ def _summarise(
 
     ckpt = ModelCheckpoint.load(setup.out)
     ckpt.metrics = _metrics(setup, fit, plan, prefix, record)
+    ckpt.temperature, ckpt.metrics["calibration"] = _calibrate(fit.best_val)
+    if setup.multi_label:
+        ckpt.thresholds = _thresholds(fit.best_val, ckpt.temperature, ckpt.metrics)
     ckpt.save(setup.out)
     files = {"model": setup.out, "last": last_path(setup.out)}
     if fit.best_val is not None:
-        y, pred = fit.best_val[:2]
+        y, pred = fit.best_val[0], None if setup.multi_label else fit.best_val[1]
         title = f"finetune --unfreeze {setup.unfreeze} (best epoch {fit.best['epoch']})"
         files.update(
             write_reports(setup.out, dict(ckpt.metrics), y, pred, setup.classes, title=title)
@@ -175,6 +209,11 @@ def finetune(
     batch). ``progress`` shows one bar with one ETA over the whole run (prefix
     cache and epochs); given a larger run's :class:`embedcache.runtime.Overall`
     (compare's), that bar moves too.
+
+    On multi-label data (a ``labels`` column, or ``multi_label`` for repeated rows; a
+    multi-label ``head``) the head is a sigmoid per class trained by binary cross-entropy; the
+    kept epoch is the one of lowest validation loss, the temperature is fitted on its
+    validation logits and each class's threshold chosen there for the best F1.
 
     Under torchrun it trains with DistributedDataParallel: each rank caches the
     prefix of its part of the data, ``batch_size`` stays the global batch,

@@ -18,6 +18,7 @@ from ..backbones import Normalise
 from ..checkpoint import FinetuneState, ModelCheckpoint, Recorded
 from ..data import augment, decoded_batches
 from ..models import FinetunedModel
+from ..multilabel import DEFAULT_THRESHOLD, mean_average_precision
 from ..runtime import (
     seeded,
 )
@@ -73,11 +74,36 @@ class Fit:
     tail: nn.Module  # what the optimisation steps call (DDP-wrapped under torchrun)
     history: dict = field(default_factory=lambda: {k: [] for k in _HISTORY})
     best: dict = field(default_factory=lambda: {"acc": -1.0, "loss": math.inf, "epoch": -1})
-    best_val: tuple | None = None  # (labels, predictions, top-5 hits) of the best epoch
+    # (labels, predictions, top-5 hits, logits) of the best epoch on validation (without the
+    # logits when resumed from a state saved before they were kept)
+    best_val: tuple | None = None
     epoch: int = 0  # epochs done
 
 
 _HISTORY = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+_BEST_VAL = ("labels", "pred", "top5", "logits")  # Fit.best_val's parts as the state saves them
+
+
+def _history_keys(setup: Setup) -> tuple[str, ...]:
+    """What the history records per epoch; with several labels per image the val mAP too."""
+    return (*_HISTORY, "val_map") if setup.multi_label else _HISTORY
+
+
+def _losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Each image's loss (N,): the cross-entropy against labels (N,), or against (N, C) 0/1
+    targets (several labels per image) the sum over classes of the binary cross-entropy of
+    their sigmoids, unsmoothed as train-head's (see embedcache.train.sweep._per_head_loss)."""
+    if y.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
+
+
+def _right(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image (N,): 1 where the top class is the label; with several labels per image, the
+    share of its classes decided right at probability 1/2."""
+    if y.dim() == 2:
+        return ((logits > 0) == (y > 0.5)).float().mean(1)
+    return (logits.argmax(1) == y).float()
 
 
 def _new_fit(setup: Setup) -> Fit:
@@ -91,7 +117,8 @@ def _new_fit(setup: Setup) -> Fit:
     scaler = torch.amp.GradScaler(
         setup.run.device.type, enabled=setup.run.autocast == torch.float16
     )
-    return Fit(optimizer, scheduler, scaler, _trainable_tail(setup))
+    history = {k: [] for k in _history_keys(setup)}
+    return Fit(optimizer, scheduler, scaler, _trainable_tail(setup), history)
 
 
 class Batches:
@@ -185,28 +212,41 @@ class Batches:
 
 
 def _evaluate(setup: Setup, data: Batches):
-    """(loss, accuracy, labels, predictions, top-5 hits) on validation, every rank's part
-    gathered; the top-5 hits are empty with 5 classes or fewer."""
+    """(loss, accuracy, labels, predictions, top-5 hits, logits (N, C) float32) on validation,
+    every rank's part gathered; the top-5 hits are empty with 5 classes or fewer. With several
+    labels per image the labels are (N, C) targets, the predictions (N, C) booleans (logit
+    above 0) and the accuracy the share of (image, class) decisions right."""
     model, run, ls = setup.model, setup.run, setup.cfg.label_smoothing
     model.eval()
-    loss_sum, ys, preds, hits = 0.0, [], [], []
+    loss_sum, right, ys, preds, hits, zs = 0.0, 0.0, [], [], [], []
     with torch.inference_mode(), run.amp():
         for x, y in data.val():
             y = y.to(run.device)
             logits = model.tail(data.inputs(x)).float()
-            loss_sum += float(F.cross_entropy(logits, y, label_smoothing=ls, reduction="sum"))
+            loss_sum += float(_losses(logits, y, ls).sum())
+            right += float(_right(logits, y).sum())
             ys.append(y.cpu().numpy())
-            preds.append(logits.argmax(1).cpu().numpy())
-            if logits.shape[1] > 5:
+            preds.append((logits > 0 if setup.multi_label else logits.argmax(1)).cpu().numpy())
+            zs.append(logits.cpu().numpy())  # what finetune's temperature is fitted on
+            if logits.shape[1] > 5 and not setup.multi_label:
                 hits.append((logits.topk(5, 1).indices == y[:, None]).any(1).cpu().numpy())
     model.train()
-    kinds = ((ys, np.int64), (preds, np.int64), (hits, bool))
-    local = [np.concatenate(a) if a else np.zeros(0, t) for a, t in kinds]
-    parts = setup.group.gather((loss_sum, *local))
-    loss_sum = sum(p[0] for p in parts)
-    y, pred, hit5 = (np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
+    C = len(setup.classes)
+    kinds = ((ys, *_label_kind(setup)), (preds, *_label_kind(setup, bool)), (hits, (0,), bool))
+    local = [np.concatenate(a) if a else np.zeros(shape, t) for a, shape, t in kinds]
+    local.append(np.concatenate(zs) if zs else np.zeros((0, C), np.float32))
+    parts = setup.group.gather((loss_sum, right, *local))
+    loss_sum, right = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    y, pred, hit5, z = (np.concatenate([p[k] for p in parts]) for k in (2, 3, 4, 5))
     n = max(len(y), 1)
-    return loss_sum / n, float((pred == y).sum()) / n, y, pred, hit5
+    return loss_sum / n, right / n, y, pred, hit5, z
+
+
+def _label_kind(setup: Setup, multi_dtype=np.float32) -> tuple[tuple[int, ...], type]:
+    """The shape of no labels (or predictions) and their dtype: (0,) int64, or (0, C)."""
+    if setup.multi_label:
+        return (0, len(setup.classes)), multi_dtype
+    return (0,), np.int64
 
 
 class _Tail(nn.Module):
@@ -251,9 +291,7 @@ def _train_epoch(setup: Setup, fit: Fit, data: Batches, epoch: int) -> tuple[flo
                 logits = fit.tail(data.inputs(x))
             # The sum over this rank's images / the global count, x world since DDP averages the
             # ranks' gradients: every rank then steps with the one-process batch-mean gradient.
-            losses = F.cross_entropy(
-                logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none"
-            )
+            losses = _losses(logits.float(), y, cfg.label_smoothing)
             loss = losses.sum() * (world / max(n, 1))
             fit.optimizer.zero_grad(set_to_none=True)
             fit.scaler.scale(loss).backward()
@@ -261,7 +299,7 @@ def _train_epoch(setup: Setup, fit: Fit, data: Batches, epoch: int) -> tuple[flo
             fit.scaler.update()
             fit.scheduler.step()
             loss_sum += float(losses.detach().sum())
-            correct += int((logits.detach().argmax(1) == y).sum())
+            correct += float(_right(logits.detach(), y).sum())
             seen += len(y)
     total = setup.group.gather((loss_sum, correct, seen))
     loss_sum, correct, seen = (sum(t[k] for t in total) for k in range(3))
@@ -269,11 +307,16 @@ def _train_epoch(setup: Setup, fit: Fit, data: Batches, epoch: int) -> tuple[flo
 
 
 def _record(setup: Setup, fit: Fit, row: dict, val: tuple[np.ndarray, np.ndarray]) -> None:
-    """Append an epoch to the history; a better validation result is saved as the model."""
-    for k in _HISTORY:
+    """Append an epoch to the history; a better validation result is saved as the model:
+    higher accuracy (then lower loss), or with several labels per image lower loss."""
+    for k in fit.history:
         fit.history[k].append(row[k])
     best, va, vl = fit.best, row["val_acc"], row["val_loss"]
-    if va > best["acc"] or (va == best["acc"] and vl < best["loss"]):
+    if setup.multi_label:  # the share of image-class decisions right ties and jumps: the loss
+        better = vl < best["loss"]
+    else:
+        better = va > best["acc"] or (va == best["acc"] and vl < best["loss"])
+    if better:
         best.update(acc=va, loss=vl, epoch=row["epoch"])
         fit.best_val = val
         if setup.group.is_main:  # under torchrun rank 0 writes, the others hold the same weights
@@ -295,6 +338,8 @@ def _model_checkpoint(setup: Setup, metrics: dict) -> ModelCheckpoint:
         setup.config_record(),
         metrics,
         trained=setup.trained,
+        # until finetune chooses them on validation after the last epoch (see _summarise)
+        thresholds=[DEFAULT_THRESHOLD] * len(setup.classes) if setup.multi_label else None,
     )
 
 
@@ -306,8 +351,7 @@ def last_path(out: Path) -> Path:
 def _save_state(setup: Setup, fit: Fit) -> None:
     if not setup.group.is_main:
         return
-    names = ("labels", "pred", "top5")
-    best_val = {k: torch.from_numpy(a) for k, a in zip(names, fit.best_val, strict=False)}
+    best_val = {k: torch.from_numpy(a) for k, a in zip(_BEST_VAL, fit.best_val, strict=False)}
     state = FinetuneState(
         setup.config_record(),
         fit.epoch,
@@ -333,8 +377,7 @@ def _resume(setup: Setup, fit: Fit) -> None:
     fit.history = {k: list(v) for k, v in state.history.items()}
     fit.best, fit.epoch = dict(state.best), int(state.epoch)
     if state.best_val:  # the kept epoch's validation predictions, for the reports
-        names = ("labels", "pred", "top5")
-        fit.best_val = tuple(state.best_val[k].numpy() for k in names if k in state.best_val)
+        fit.best_val = tuple(state.best_val[k].numpy() for k in _BEST_VAL if k in state.best_val)
 
 
 def start(setup: Setup) -> Fit:
@@ -373,8 +416,9 @@ def _epochs(setup: Setup, fit: Fit, data: Batches, say: Callable[[str], None], l
     if fit.epoch == 0:  # epoch 0: the reattached head on the live backbone, before any step
         data.meter.bar.phase("epoch 0, the head as reattached")
         vl, va, *val = _evaluate(setup, data)
-        say(f"epoch 0 (as reattached): val loss {vl:.4f} acc {va:.4f}")
-        row = {"train_loss": None, "train_acc": None, "val_loss": vl, "val_acc": va}
+        row = _val_row(setup, vl, va, val)
+        say(f"epoch 0 (as reattached): {_said(row)}")
+        row.update(train_loss=None, train_acc=None)
         _record(setup, fit, {"epoch": 0, **row, "seconds": 0.0}, tuple(val))
         log.scalars(0, row)
     while fit.epoch < cfg.epochs and fit.epoch - fit.best["epoch"] < cfg.patience:
@@ -383,12 +427,25 @@ def _epochs(setup: Setup, fit: Fit, data: Batches, say: Callable[[str], None], l
         vl, va, *val = _evaluate(setup, data)
         seconds = time.perf_counter() - t0
         fit.epoch = epoch
-        row = {"train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va}
+        row = {"train_loss": tl, "train_acc": ta, **_val_row(setup, vl, va, val)}
         _record(setup, fit, {"epoch": epoch, **row, "seconds": seconds}, tuple(val))
         log.scalars(epoch, row)
         _save_state(setup, fit)
-        say(
-            f"epoch {epoch}: train loss {tl:.4f} acc {ta:.4f}, "
-            f"val loss {vl:.4f} acc {va:.4f}, {seconds:.1f} s"
-        )
+        say(f"epoch {epoch}: train loss {tl:.4f} acc {ta:.4f}, {_said(row)}, {seconds:.1f} s")
     return fit
+
+
+def _val_row(setup: Setup, loss: float, acc: float, val: list) -> dict:
+    """An epoch's validation scores: loss and accuracy, and with several labels per image the
+    mAP of its logits (``val``: :func:`_evaluate`'s labels, predictions, top-5 hits, logits)."""
+    row = {"val_loss": loss, "val_acc": acc}
+    if setup.multi_label:
+        row["val_map"] = mean_average_precision(val[3], val[0] > 0.5)
+    return row
+
+
+def _said(row: dict) -> str:
+    """'val loss 0.4123 acc 0.9000', or with several labels per image 'val loss 1.2345 mAP
+    0.8123 acc 0.9000' (acc: the share of image-class decisions right at probability 1/2)."""
+    score = f" mAP {row['val_map']:.4f}" if "val_map" in row else ""
+    return f"val loss {row['val_loss']:.4f}{score} acc {row['val_acc']:.4f}"

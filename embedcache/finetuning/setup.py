@@ -77,7 +77,8 @@ class Setup:
     model: FinetunedModel
     head_config: dict
     table: list[dict]  # what trains (see freeze)
-    train: tuple[list[Path], np.ndarray]  # image paths, labels
+    # image paths, labels: (N,) int64, or (N, C) float32 0/1 targets with several labels per image
+    train: tuple[list[Path], np.ndarray]
     val: tuple[list[Path], np.ndarray]
     val_source: str
     run: Run
@@ -85,6 +86,11 @@ class Setup:
     group: Group = Group()
     trained: TrainedOn | None = None  # the images the model trains on, for its checkpoint
     excluded: str | None = None  # what --exclude left out, one line (None without it)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image has a set of labels (sigmoid head, binary cross-entropy)."""
+        return self.train[1].ndim == 2
 
     def owns(self, items: np.ndarray) -> np.ndarray:
         """Which of ``items`` (item numbers) this rank handles: those of every world-th block of
@@ -128,12 +134,21 @@ _NOT_RECORDED = (
 
 
 def _items(images: ImageSet, split: str) -> tuple[list[Path], np.ndarray]:
+    """A split's image paths and labels: (N,) int64, or for a multi-label set (N, C) float32
+    targets, 1 where the image carries the class."""
     samples = images.splits[split]
-    labels = np.array([s.label for s in samples], dtype=np.int64)
-    return [images.root / s.path for s in samples], labels
+    paths = [images.root / s.path for s in samples]
+    if not images.multi_label:
+        return paths, np.array([s.label for s in samples], dtype=np.int64)
+    targets = np.zeros((len(samples), len(images.classes)), np.float32)
+    for i, s in enumerate(samples):
+        targets[i, list(s.label_set)] = 1.0
+    return paths, targets
 
 
-def _fresh_head(bb: Backbone, classes: list[str], seed: int) -> tuple[Head, dict]:
+def _fresh_head(
+    bb: Backbone, classes: list[str], seed: int, multi_label: bool = False
+) -> tuple[Head, dict]:
     config = {
         "kind": "linear",
         "dim": bb.feature_dim,
@@ -141,6 +156,8 @@ def _fresh_head(bb: Backbone, classes: list[str], seed: int) -> tuple[Head, dict
         "hidden": 512,
         "dropout": 0.0,
     }
+    if multi_label:  # a sigmoid per class, as train-head's multi-label heads
+        config["multi_label"] = True
     classifier = init_template(
         "linear", bb.feature_dim, len(classes), hidden=0, dropout=0.0, seed=seed
     )
@@ -164,6 +181,7 @@ def _reattach(ckpt: HeadCheckpoint, bb: Backbone, images: ImageSet, cfg: Finetun
         theirs="backbone",
         hint="pass --backbone and --weights as used for the cache",
     )
+    _same_kind(ckpt, images)
     classes = images.classes
     if list(ckpt.classes) != list(classes):
         raise EmbedcacheError(
@@ -175,6 +193,20 @@ def _reattach(ckpt: HeadCheckpoint, bb: Backbone, images: ImageSet, cfg: Finetun
     if selected:
         note = f"reattached {ckpt.path.name} as chosen before its refit, which saw these val images"
     return ckpt.module(selected=selected), dict(ckpt.config), note
+
+
+def _same_kind(ckpt: HeadCheckpoint, images: ImageSet) -> None:
+    """Refuse a multi-label head on data with one label per image, and the reverse."""
+    if ckpt.multi_label and not images.multi_label:
+        raise EmbedcacheError(
+            f"{ckpt.path} is a multi-label head but the data has one label per image; train a "
+            "head on a cache of this data"
+        )
+    if images.multi_label and not ckpt.multi_label:
+        raise EmbedcacheError(
+            f"{ckpt.path} is a one-label head but the data is multi-label (several labels per "
+            "image); train a head on a multi-label cache of this data"
+        )
 
 
 def _unseen_val(ckpt: HeadCheckpoint, images: ImageSet, cfg: FinetuneConfig, carved: bool) -> bool:
@@ -216,9 +248,8 @@ def _backbone_for(cfg: FinetuneConfig, head: HeadCheckpoint | None) -> Backbone:
 def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str, str | None]:
     """The images with train and val splits (val held out of train as train-head does), and
     what --exclude left out."""
-    images, val_source = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed).with_val(
-        val_fraction=cfg.val_fraction, seed=cfg.seed
-    )
+    listed = scan(data, val_fraction=cfg.val_fraction, seed=cfg.seed, multi_label=cfg.multi_label)
+    images, val_source = listed.with_val(val_fraction=cfg.val_fraction, seed=cfg.seed)
     images, note = excluded(images, cfg.exclude, str(data))
     if note and val_source != "val split":  # the holdout counts what --exclude left
         left = {k: len(images.splits.get(k, [])) for k in ("train", "val")}
@@ -232,11 +263,12 @@ def _labelled(data, cfg: FinetuneConfig) -> tuple[ImageSet, str, str | None]:
         raise EmbedcacheError(
             f"{data} has no val split; add a val/ folder or pass a --val-fraction above 0"
         )
-    labelled(
-        np.array([s.label for split in ("train", "val") for s in images.splits[split]]),
-        empty=no_train,
-        unlabelled=f"{data} has unlabelled images in train or val; finetune needs labels",
-    )
+    if not images.multi_label:  # a multi-label image may carry no label: its targets are all 0
+        labelled(
+            np.array([s.label for split in ("train", "val") for s in images.splits[split]]),
+            empty=no_train,
+            unlabelled=f"{data} has unlabelled images in train or val; finetune needs labels",
+        )
     return images, val_source, note
 
 
@@ -256,7 +288,7 @@ def prepare(data, cfg: FinetuneConfig, out: Path, progress: bool, group: Group) 
         head, head_config, note = _reattach(head_ckpt, bb, images, cfg, carved)
         val_source = f"{val_source}; {note}" if note else val_source
     else:
-        head, head_config = _fresh_head(bb, classes, cfg.seed)
+        head, head_config = _fresh_head(bb, classes, cfg.seed, images.multi_label)
     holdout = {"fraction": cfg.val_fraction, "seed": cfg.seed} if carved else None
     # the train split as the data has it (with the held-out images): what evaluate is given
     seen = [s.path for split in ("train", "val")[: 1 + carved] for s in images.splits[split]]

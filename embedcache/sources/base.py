@@ -23,11 +23,12 @@ class Broken:
 
 @dataclass(slots=True)  # a million of them: no frozen-dataclass __init__
 class Entry:
-    """One sample of a shard: its key, where its image is, its raw label and split ("" if none)."""
+    """One sample of a shard: its key, where its image is, its raw label (a list of them:
+    multi-label) and split ("" if none)."""
 
     key: str
     member: object  # a TarMember, a ParquetMember or a Broken: has read_bytes()
-    label: int | str | None = None
+    label: int | str | list | None = None
     split: str = ""
 
 

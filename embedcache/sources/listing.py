@@ -151,6 +151,27 @@ def _classes(raw: list, known: list[str] | None, paths: list[str]) -> tuple[list
     return names, np.array([UNLABELLED if x is None else x for x in raw], np.int64)
 
 
+def _class_sets(raw: list, known: list[str] | None, paths: list[str]):
+    """:func:`_classes` of raw labels some of which are lists (multi-label): (class names,
+    label indices, the label set of each row, None where unlabelled). A single label is a set
+    of one; each label counts once, in the order given; the first is the row's label (-1:
+    none)."""
+    owner, flat = [], []
+    for i, x in enumerate(raw):
+        for a in x if isinstance(x, list) else () if x is None else (x,):
+            if a is not None:  # a null in a Parquet list
+                owner.append(i)
+                flat.append(a)
+    names, ids = _classes(flat, known, [paths[i] for i in owner])
+    if not names:  # every list empty: no label at all
+        return [], np.full(len(raw), UNLABELLED, np.int64), None
+    sets: list = [None if x is None else [] for x in raw]
+    for i, c in zip(owner, ids.tolist(), strict=True):
+        sets[i].append(c)
+    sets = [None if s is None else tuple(dict.fromkeys(s)) for s in sets]
+    return names, np.array([s[0] if s else UNLABELLED for s in sets], np.int64), sets
+
+
 def _splits(
     rows: list[tuple[Sample, str, bool]], has_classes: bool, cfg: ExtractConfig
 ) -> dict[str, list[Sample]]:
@@ -162,12 +183,7 @@ def _splits(
         if split:
             out.setdefault(split, []).append(s)
     readable = [s for s, broken in unsplit if not broken]
-    if (
-        has_classes
-        and readable
-        and "train" not in out
-        and all(s.label != UNLABELLED for s in readable)
-    ):
+    if has_classes and readable and "train" not in out and all(s.labelled for s in readable):
         labels = np.array([s.label for s in readable])
         train, val = holdout(
             [s.path for s in readable], labels, fraction=cfg.val_fraction, seed=cfg.seed
@@ -185,7 +201,11 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
     else a folder or CSV manifest through :func:`embedcache.data.scan`."""
     if not is_shard_source(data, cfg.split_shards):
         return scan_files(
-            data, val_fraction=cfg.val_fraction, seed=cfg.seed, unlabelled=cfg.unlabelled
+            data,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            unlabelled=cfg.unlabelled,
+            multi_label=cfg.multi_label,
         )
     root, shards = shard_files(data, cfg.split_shards)
     layout = LAYOUTS[shards[0][0].suffix]
@@ -201,12 +221,19 @@ def scan(data, cfg: ExtractConfig) -> ImageSet:
             if not e.key:  # the shard as a whole: empty, damaged, no image member
                 whole.append(f"{rel}: {e.member.reason}")
     _check_listing(whole, raw, cfg, f"{len(shards)} shards under {root}", layout)
-    classes, labels = _classes(raw, known, [p for p, *_ in listed])
+    paths = [p for p, *_ in listed]
+    if any(isinstance(x, list) for x in raw):  # a JSON list or a Parquet list column
+        classes, labels, sets = _class_sets(raw, known, paths)
+    else:
+        (classes, labels), sets = _classes(raw, known, paths), None
     rows = [
-        (Sample(path, y, size, mtime), split, broken)
-        for (path, size, mtime, split, broken), y in zip(listed, labels.tolist(), strict=True)
+        (Sample(path, y, size, mtime, sets[i] if sets else None), split, broken)
+        for i, ((path, size, mtime, split, broken), y) in enumerate(
+            zip(listed, labels.tolist(), strict=True)
+        )
     ]
-    return ImageSet(root, layout, classes, _splits(rows, bool(classes), cfg))
+    splits = _splits(rows, bool(classes), cfg)
+    return ImageSet(root, layout, classes, splits, multi_label=sets is not None)
 
 
 def _check_listing(whole: list[str], raw: list, cfg: ExtractConfig, where: str, layout: str):

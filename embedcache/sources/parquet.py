@@ -82,6 +82,8 @@ def _hf_class_names(schema, column: str) -> list[str] | None:
         feature = info.get("info", {}).get("features", {}).get(column, {})
     except (ValueError, AttributeError):
         return None
+    if isinstance(feature, dict) and isinstance(feature.get("feature"), dict):
+        feature = feature["feature"]  # a Sequence of ClassLabel: a multi-label column
     names = feature.get("names") if isinstance(feature, dict) else None
     return [str(n) for n in names] if isinstance(names, list) else None
 
@@ -93,9 +95,12 @@ def _is_bytes(t) -> bool:
 
 
 def _is_label(t) -> bool:
-    """Whether an Arrow type holds class indices or names (dictionary-encoded or not)."""
+    """Whether an Arrow type holds class indices or names (dictionary-encoded or not), or lists
+    of them (multi-label)."""
     import pyarrow.types as pat
 
+    if pat.is_list(t) or pat.is_large_list(t) or pat.is_fixed_size_list(t):
+        t = t.value_type
     t = t.value_type if pat.is_dictionary(t) else t
     names = pat.is_string(t) or pat.is_large_string(t) or getattr(pat, "is_string_view", bool)(t)
     return pat.is_integer(t) or names
@@ -135,7 +140,8 @@ def _label_column(schema, path: Path, image_column: str, label_column: str | Non
     if not _is_label(t):
         raise EmbedcacheError(
             f"{path}: label column {label_column!r} holds {t}, not class indices (integers) or "
-            f"names (strings); pass --label-column, or --unlabelled (columns: {names})"
+            f"names (strings), or lists of them; pass --label-column, or --unlabelled "
+            f"(columns: {names})"
         )
     return label_column
 

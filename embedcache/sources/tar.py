@@ -54,12 +54,17 @@ class TarMember:
         return data
 
 
+def _is_class(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _json_label(meta: dict, label_key: str) -> tuple[object, str]:
-    """(raw label, problem) of a .json member's ``label_key`` field."""
+    """(raw label, problem) of a .json member's ``label_key`` field: an int or name, or a list
+    of them (the labels of a multi-label sample)."""
     label = meta[label_key]
-    if isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool)):
+    if _is_class(label) or (isinstance(label, list) and all(map(_is_class, label))):
         return label, ""
-    return None, f"label {label_key!r} is not an int or name"
+    return None, f"label {label_key!r} is not an int or name, or a list of them"
 
 
 def _tar_label(

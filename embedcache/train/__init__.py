@@ -30,7 +30,10 @@ from ..probe import (
 from ..report import better_p_value
 from ..runtime import read_ahead, resolve_device
 from ..tblog import Runs
-from .features import Data, read_splits, standardization
+from . import multi
+from .features import SKEW, Data, balanced_weights, read_splits, skew, standardization
+from .features import rows_logits as _logits
+from .features import val_logits as _val_logits
 from .sweep import train_last, train_sweep
 
 FULL_BATCH_BYTES = 64 << 20  # train features up to this size (as float32) go in one batch
@@ -79,20 +82,26 @@ def _as_linear(fit: LinearFit, present: np.ndarray) -> torch.nn.Linear:
     return linear
 
 
-def _probe(train: Rows, val: Rows | None, classes, device, *, path: dict, lam=None):
+def _probe(train: Rows, val: Rows | None, classes, device, *, path: dict, lam=None, balanced=False):
     """A softmax regression on standardised features (see :mod:`embedcache.probe`): the L2
     strength chosen on ``val`` along ``path`` (logreg_path's options), or fitted at ``lam`` on
-    ``train`` (a refit). Returns (head, metrics)."""
+    ``train`` (a refit); ``balanced``: with balanced class weights. Returns (head, metrics)."""
     norm, (x, *xv) = _standardized(train, *([val] if lam is None else []))
     y = torch.from_numpy(train.labels).to(device)
+    weight = None
+    if balanced:
+        weight = torch.from_numpy(balanced_weights(train.labels, len(classes))).to(device)
     if lam is None:
         yv = torch.from_numpy(val.labels).to(device)
-        fit, rows = logreg_path(x.to(device), y, xv[0].to(device), yv, len(classes), **path)
+        xv = xv[0].to(device)
+        fit, rows = logreg_path(x.to(device), y, xv, yv, len(classes), **path, class_weight=weight)
     else:
-        fit, rows = fit_logreg(x.to(device), y, len(classes), lam=lam), []
+        fit, rows = fit_logreg(x.to(device), y, len(classes), lam=lam, class_weight=weight), []
     if not finite(fit):
         raise EmbedcacheError("the logistic regression diverged (non-finite weights)")
-    head = Head(norm, _as_linear(fit, np.unique(train.labels)))
+    labels = train.labels
+    present = np.flatnonzero(labels.any(0)) if labels.ndim == 2 else np.unique(labels)
+    head = Head(norm, _as_linear(fit, present))
     return head, {"sweep": rows, "best": {"lam": fit.lam}, "iterations": fit.iterations}
 
 
@@ -155,6 +164,9 @@ def auto_choice(linear_right: np.ndarray, mlp_right: np.ndarray) -> tuple[str, f
 def describe_choice(auto: dict) -> str:
     """The default head's choice with the evidence behind it, from its metrics' ``auto``:
     e.g. ``blend (neither better on val: MLP p=0.377, probe p=0.812)``."""
+    if "val_map" in auto:  # several labels per image: the highest val mAP
+        maps = ", ".join(f"{k} {v:.3f}" for k, v in auto["val_map"].items())
+        return f"{auto['chosen']} (highest val mAP: {maps})"
     p = f"MLP p={auto['mlp_p_value']:.3f}, probe p={auto['linear_p_value']:.3f}"
     why = {"mlp": "MLP better on val", "linear": "probe better on val"}
     return f"{auto['chosen']} ({why.get(auto['chosen'], 'neither better on val')}: {p})"
@@ -173,9 +185,10 @@ def _auto(
     the runs PREFIX-auto-probe and PREFIX-auto-mlp. Returns (module, metrics, None).
     """
     dev = resolve_device(cfg.device)
-    linear, lm = _probe(data.train, data.val, classes, dev, path=AUTO_PATH)
+    linear, lm, weighting = _weighted_probe(data, classes, cfg, dev)
     _log_path(runs.sub("auto"), "probe", lm["sweep"])
     mcfg = cfg.replace(head="mlp", patience=min(cfg.patience, AUTO_MLP_PATIENCE))
+    mcfg = mcfg.replace(class_weight=weighting["used"])
     data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
     mlp, mm, _ = train_sweep(
         data,
@@ -187,29 +200,97 @@ def _auto(
         runs=runs.sub("auto"),
     )
     y = data.val.labels
-    right = {k: _val_logits(m.eval(), data).argmax(1) == y for k, m in (("l", linear), ("m", mlp))}
-    chosen, p_mlp, p_linear = auto_choice(right["l"], right["m"])
-    summary = {
-        "chosen": chosen,
-        "mlp_p_value": round(p_mlp, 6),
-        "linear_p_value": round(p_linear, 6),
-        "linear": {"val_acc": float(right["l"].mean()), **lm["best"]},
-        "mlp": {"val_acc": float(right["m"].mean()), "best_epoch": mm["best_epoch"], **mm["best"]},
-    }
+    if data.multi_label:
+        summary = multi.auto_choice(linear, mlp, data)
+        summary["linear"].update(lm["best"])
+        summary["mlp"].update(best_epoch=mm["best_epoch"], **mm["best"])
+        chosen = summary["chosen"]
+    else:
+        right = {
+            k: _val_logits(m.eval(), data).argmax(1) == y for k, m in (("l", linear), ("m", mlp))
+        }
+        chosen, p_mlp, p_linear = auto_choice(right["l"], right["m"])
+        summary = {
+            "chosen": chosen,
+            "mlp_p_value": round(p_mlp, 6),
+            "linear_p_value": round(p_linear, 6),
+            "linear": {"val_acc": float(right["l"].mean()), **lm["best"]},
+            "mlp": {
+                "val_acc": float(right["m"].mean()),
+                "best_epoch": mm["best_epoch"],
+                **mm["best"],
+            },
+        }
     # both candidates' records, whichever is kept: the curves plot shows them side by side
     summary["linear"]["path"], summary["mlp"]["history"] = lm["sweep"], mm["history"]
     arch["kind"] = chosen
-    metrics = {**(mm if chosen == "mlp" else lm), "auto": summary}
-    module = Blend([linear, mlp]) if chosen == "blend" else {"linear": linear, "mlp": mlp}[chosen]
-    return module, metrics, None
+    metrics = {**(mm if chosen == "mlp" else lm), "auto": summary, "class_weight": weighting}
+    if chosen == "blend":
+        return Blend([linear, mlp], multi_label=data.multi_label), metrics, None
+    return {"linear": linear, "mlp": mlp}[chosen], metrics, None
 
 
-def _val_logits(module: torch.nn.Module, data: Data) -> np.ndarray:
-    """Validation logits as evaluate will compute them (averaged with the mirror when stored)."""
-    logits = _logits(module, data.val)
-    if data.val_mirror is not None:
-        logits = (logits + _logits(module, data.val_mirror)) / 2
-    return logits
+def _weighted_probe(data: Data, classes, cfg: HeadConfig, dev):
+    """The default head's probe with the class weights --class-weight asks for; on ``auto``
+    with skewed classes (largest over SKEW x the smallest) fitted both ways, keeping balanced
+    weights where they raise the recall of significantly more validation classes than they
+    lower (:func:`weights_help`). Returns (head, metrics, what was weighed and why: ``used``,
+    ``skew``, each try's ``val_balanced_acc`` and the ``p_value``)."""
+    from ..report import scores
+
+    ratio = 1.0 if data.multi_label else skew(data.train.labels, len(classes))
+    record: dict = {"skew": round(ratio, 2)}
+    if cfg.class_weight != "auto" or ratio <= SKEW:
+        used = "balanced" if cfg.class_weight == "balanced" else "none"
+        linear, lm = _probe(
+            data.train, data.val, classes, dev, path=AUTO_PATH, balanced=used == "balanced"
+        )
+        return linear, lm, record | {"used": used}
+    tried = {}
+    for used in ("none", "balanced"):
+        linear, lm = _probe(
+            data.train, data.val, classes, dev, path=AUTO_PATH, balanced=used == "balanced"
+        )
+        pred = _val_logits(linear.eval(), data).argmax(1)
+        tried[used] = (pred, linear, lm)
+    y = data.val.labels
+    p = weights_help(tried["balanced"][0], tried["none"][0], y)
+    used = "balanced" if p < MLP_P_VALUE else "none"
+    bal = {
+        k: round(scores(np.eye(len(classes))[v[0]], y)["balanced_accuracy"], 6)
+        for k, v in tried.items()
+    }
+    record |= {"used": used, "val_balanced_acc": bal, "p_value": round(p, 6)}
+    return tried[used][1], tried[used][2], record
+
+
+def weights_help(weighted: np.ndarray, plain: np.ndarray, labels: np.ndarray) -> float:
+    """One-sided paired sign-flip test of balanced accuracy on the same validation images: the
+    chance that predictions ``weighted`` beat ``plain`` by this much or more if neither were
+    better. Each image where exactly one is right counts 1 / its class's count (its share of
+    balanced accuracy), so a few rare-class images can outweigh many common ones, as balanced
+    accuracy itself does; under the null each such image's sign is a coin flip (exact up to
+    FLIP_EXACT images, else FLIP_DRAWS seeded draws).
+
+    Measured (benchmarks/results/long_tail.md): choosing the weights on a higher validation
+    balanced accuracy alone, on flowers12 cut to 50:1 (its validation held out of the cut
+    train: a few dozen images) took them on 2 of 3 seeds, and they lowered test balanced
+    accuracy there; on grocery81 cut so they raised it on every seed.
+    """
+    counts = np.bincount(labels)
+    d = ((weighted == labels).astype(float) - (plain == labels)) / counts[labels]
+    d = d[d != 0]
+    observed = d.sum()
+    if len(d) == 0 or observed <= 0:
+        return 1.0
+    if len(d) <= FLIP_EXACT:
+        signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(FLIP_DRAWS, len(d)))
+    return float(np.mean(signs @ np.abs(d) >= observed - 1e-12))
+
+
+FLIP_EXACT, FLIP_DRAWS = 16, 20_000
 
 
 def _refit(data: Data, classes, cfg: HeadConfig, kind: str, metrics: dict, progress: bool):
@@ -220,6 +301,8 @@ def _refit(data: Data, classes, cfg: HeadConfig, kind: str, metrics: dict, progr
     """
     both, best = join_rows(data.train, data.val), metrics["best"]
     dev = resolve_device(cfg.device)
+    weighting = metrics.get("class_weight") or {"used": "none"}
+    cfg = cfg.replace(class_weight=weighting["used"])
     if kind == "blend":
         mlp = metrics["auto"]["mlp"]
         of_mlp = {"best": {k: mlp[k] for k in ("lr", "weight_decay")}}
@@ -227,7 +310,8 @@ def _refit(data: Data, classes, cfg: HeadConfig, kind: str, metrics: dict, progr
         head, more = _refit(data, classes, cfg, "mlp", {**of_mlp, **mlp}, progress)
         return Blend([linear, head]), {**done, "mlp": more}
     if "lam" in best:
-        module, m = _probe(both, None, classes, dev, path={}, lam=best["lam"])
+        balanced = cfg.class_weight == "balanced"
+        module, m = _probe(both, None, classes, dev, path={}, lam=best["lam"], balanced=balanced)
         return module, {"images": both.n, "config": best, "iterations": m["iterations"]}
     if "k" in best:
         return _knn(both, None, classes, k=best["k"])[0], {"images": both.n, "config": best}
@@ -260,27 +344,27 @@ def train_head(
     """Train a head on a cache's ``train`` split, selected on ``val``.
 
     ``options`` are the fields of :class:`embedcache.config.HeadConfig` (or pass
-    ``config``): ``head``, ``epochs``, ``lr``, ``weight_decay``, ``hidden``, ...
+    ``config``): ``head``, ``epochs``, ``lr``, ``weight_decay``, ``class_weight``, ...
     The default head (``auto``, see :func:`_auto`) is a linear probe whose L2 strength is
     chosen on validation loss and an MLP, blended unless validation shows one of them
-    significantly better (:func:`auto_choice`). ``lr`` and ``weight_decay`` accept lists:
-    every combination is trained at once and the one with the lowest validation loss is
-    kept. Features are standardised with the training statistics, stored in the head. When
-    the training features exceed ``max_memory`` bytes (default: half the memory available),
-    they are streamed from the file instead of loaded.
+    significantly better (:func:`auto_choice`); on skewed classes it also tries balanced class
+    weights. ``lr`` and ``weight_decay`` lists train every combination at once, keeping the
+    lowest validation loss. Features are standardised with the training statistics, stored in
+    the head, and streamed from the file past ``max_memory`` bytes. Every head but knn gets a
+    temperature fitted on validation (:mod:`embedcache.calibration`). On a multi-label cache
+    the heads score each class by a sigmoid, are chosen by validation mAP, and keep per-class
+    thresholds (:mod:`embedcache.train.multi`).
 
-    With a cache made by ``extract --views`` (and ``views="use"``), each epoch
-    shows one picture of every training image, drawn from its plain features and
-    its views (torch heads; probes and knn fit the plain features); validation
-    stays on the plain features, and ``metrics["val_acc_tta"]`` adds the accuracy of
-    the logits averaged over each val image and its mirror. ``refit`` trains the
-    chosen configuration again on train + val (see :func:`_refit`) and saves that
-    head; by default (None) it does so when validation was held out of train.
+    With a cache made by ``extract --views`` (and ``views="use"``), each epoch shows one
+    picture of every training image (torch heads); ``metrics["val_acc_tta"]`` adds the
+    accuracy of the logits averaged over each val image and its mirror. ``refit`` trains the
+    chosen configuration again on train + val (see :func:`_refit`) and saves that head; by
+    default (None) it does so when validation was held out of train.
 
     Returns
     -------
     HeadResult : ``head`` maps features (N, D) to logits (N, C); ``metrics``
-        holds histories, the sweep table and validation results.
+        holds histories, the sweep table and validation results (``calibration``: _calibrate).
     """
     cfg = HeadConfig.build(config, **options)
     start = time.perf_counter()
@@ -299,7 +383,7 @@ def train_head(
         batch_size = _batch_size(cfg, data.train.n, c.feature_dim)
         resume = _resume_state(out, recorded, arch, cfg, data.views) if cfg.resume else None
         module, metrics, state = _fit(data, classes, arch, cfg, batch_size, progress, resume, runs)
-        val_logits = _validate(module.eval(), data, metrics)
+        val_logits, calibration, thresholds = _validation(module, data, cfg, arch, classes, metrics)
         refit = data.carved if cfg.refit is None else cfg.refit
         selected = module
         if refit:
@@ -312,10 +396,35 @@ def train_head(
         ckpt = HeadCheckpoint(arch, module.state_dict(), classes, recorded, _plain(metrics))
         ckpt.train_state = _train_state(state, cfg, data) if resumable else None
         ckpt.trained, ckpt.selected = trained, selected.state_dict() if refit else None
+        ckpt.temperature = calibration[1]
+        ckpt.thresholds = None if thresholds is None else thresholds.tolist()
         result.path = ckpt.save(out)
-        preds = val_logits.argmax(1)
-        result.files = _reports(Path(out), metrics, data.val.labels, preds, classes)
+        preds = val_logits.argmax(1) if thresholds is None else None
+        result.files = _reports(Path(out), metrics, data.val.labels, preds, classes, calibration)
     return result
+
+
+def _validation(module, data: Data, cfg: HeadConfig, arch: dict, classes, metrics: dict):
+    """The chosen head on validation, into ``metrics``: its scores, class weighting, per-class
+    recall (one label per image) or thresholds (several), and its temperature. Returns
+    (validation logits, (those logits, temperature), thresholds or None)."""
+    C = arch["num_classes"]
+    ratio = 1.0 if data.multi_label else round(skew(data.train.labels, C), 2)
+    used = "balanced" if cfg.class_weight == "balanced" else "none"
+    metrics.setdefault("class_weight", {"skew": ratio, "used": used})
+    if data.multi_label:
+        arch["multi_label"] = True
+        val_logits = multi.validate(module.eval(), data, metrics)
+        calibration = _calibrate(module, data, val_logits, metrics)
+        return val_logits, calibration, multi.thresholds(calibration, data, cfg, metrics)
+    val_logits = _validate(module.eval(), data, metrics)
+    calibration = _calibrate(module, data, val_logits, metrics)
+    metrics["val_recall"] = _recall(val_logits.argmax(1), data.val.labels, classes)
+    trained = np.unique(data.train.labels)
+    metrics["val_missing_classes"] = [
+        classes[c] for c in np.setdiff1d(trained, data.val.labels)
+    ]  # its choice and calibration say nothing of them
+    return val_logits, calibration, None
 
 
 def _summary(cache, c: Cache, cfg: HeadConfig, data: Data, arch: dict, batch_size, seconds):
@@ -323,6 +432,7 @@ def _summary(cache, c: Cache, cfg: HeadConfig, data: Data, arch: dict, batch_siz
     config = {**arch, "epochs": cfg.epochs, "lr": list(cfg.lr)}
     config.update(weight_decay=list(cfg.weight_decay), label_smoothing=cfg.label_smoothing)
     config.update(patience=cfg.patience, seed=cfg.seed)
+    config.update(class_weight=cfg.class_weight, sampler=cfg.sampler)
     return {
         "head": cfg.head,
         "cache": str(cache),
@@ -363,12 +473,40 @@ def _validate(module: torch.nn.Module, data: Data, metrics: dict) -> np.ndarray:
     return logits
 
 
+def _calibrate(module: torch.nn.Module, data: Data, logits: np.ndarray, metrics: dict):
+    """The temperature of the head chosen, fitted on validation before any refit (a refit head
+    has seen those images), on the logits evaluate and predict will compute (averaged with the
+    mirror when the cache stores it), into ``metrics["calibration"]`` with the ECE before and
+    after. Returns (those logits (N, C), the temperature).
+
+    knn keeps T = 1 (its "logits" are log vote shares, clamped at 1e-6): the images whose class
+    got no vote dominate the likelihood, so the fitted T flattens every vote. Measured on
+    overlapping blobs (tests/test_calibration.py's noisy_cache, k = 21): T 1.16 raised the val
+    ECE from 14.7% to 17.3%, where the probe's T 0.86 lowered it from 7.4% to 4.7%.
+    """
+    from ..calibration import calibrate
+
+    if data.val_mirror is not None:
+        logits = _val_logits(module, data)
+    knn = isinstance(getattr(module, "classifier", None), KNNHead)
+    skip = "not applicable to knn (vote shares): T = 1" if knn else None
+    t, metrics["calibration"] = calibrate(logits, data.val.labels, prefix="val_", skip=skip)
+    return logits, t
+
+
 def _fit(
     data: Data, classes, arch: dict, cfg: HeadConfig, batch_size, progress, resume, runs: Runs
 ):
     """The head of ``cfg.head`` trained on ``data.train``: (module, metrics, state for --resume
     or None). Probes and knn choose their strength and k on the plain validation features."""
     dev = resolve_device(cfg.device)
+    if data.multi_label:
+        multi.check(cfg)
+    if cfg.head == "knn" and cfg.class_weight == "balanced":
+        raise EmbedcacheError(
+            "--class-weight balanced weighs a loss, and knn has none; use it with the "
+            "default head, logreg, linear or mlp"
+        )
     if cfg.head == "auto" and data.train.in_memory:
         return _auto(data, classes, arch, cfg, batch_size, progress, runs)
     if cfg.head in ("auto", "linear", "mlp"):  # auto on streamed features: the AdamW linear head
@@ -387,7 +525,10 @@ def _fit(
         )
     _in_memory(cfg.head, data.train)
     if cfg.head == "logreg":
-        module, metrics = _probe(data.train, data.val, classes, dev, path=LOGREG_PATH)
+        balanced = cfg.class_weight == "balanced"
+        module, metrics = _probe(
+            data.train, data.val, classes, dev, path=LOGREG_PATH, balanced=balanced
+        )
         _log_path(runs, "logreg", metrics["sweep"])
         return module, metrics, None
     module, metrics = _knn(data.train, data.val, classes)
@@ -426,8 +567,18 @@ def _log_path(runs: Runs, name: str, rows: list[dict]) -> None:
         rows = sorted(rows, key=lambda r: -r["lam"])
     with runs.open(name, head=name, **_NOT_TRAINED_IN_EPOCHS) as log:
         for i, row in enumerate(rows):
-            values = {"val_loss": row.get("val_loss"), "val_acc": row["val_acc"]}
+            score = "val_map" if "val_map" in row else "val_acc"
+            values = {"val_loss": row.get("val_loss"), score: row[score]}
             log.scalars(row.get("k", i), values | {"l2_strength": row.get("lam")})
+
+
+def _recall(pred: np.ndarray, labels: np.ndarray, classes) -> dict:
+    """Each class's recall and support on validation (classes it lacks left out)."""
+    out = {}
+    for c in np.unique(labels):
+        right = pred[labels == c] == c
+        out[classes[c]] = {"recall": float(right.mean()), "support": int(len(right))}
+    return out
 
 
 def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -478,16 +629,19 @@ def _claim(out, cache, c: Cache) -> None:
         )
 
 
-def _reports(out: Path, metrics: dict, y_true, y_pred, classes) -> dict[str, Path]:
+def _reports(out: Path, metrics: dict, y_true, y_pred, classes, calibration) -> dict[str, Path]:
+    """write_reports' files, and OUT.reliability.png of ``calibration`` (logits, temperature)."""
+    from ..calibration import reliability_diagram
     from ..report import write_reports
 
     title = f"{metrics['head']} head"
-    return write_reports(out, metrics, y_true, y_pred, classes, title=title)
-
-
-def _logits(module: torch.nn.Module, rows: Rows) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(x)).numpy() for _, x in rows.blocks()])
+    files = write_reports(out, metrics, y_true, y_pred, classes, title=title)
+    (logits, t), where = calibration, out.with_name(out.stem + ".reliability.png")
+    title += ": validation probabilities before and after the temperature"
+    files["reliability"] = reliability_diagram(
+        logits, y_true, temperature=t, path=where, title=title
+    )
+    return files
 
 
 def _plain(obj):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..cache import Cache
 from ..config import HeadConfig
@@ -42,7 +43,13 @@ def feature_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _labels(cache: Cache, split: str) -> np.ndarray:
-    """Labels of a split that a head can learn from, or a one-line error."""
+    """Labels of a split that a head can learn from, or a one-line error. On a multi-label
+    cache the first label of each image, -1 for an image with none (its targets say so)."""
+    if getattr(cache, "multi_label", False):
+        labels = cache.labels(split)
+        if len(labels) == 0:
+            raise EmbedcacheError(f"the {split} split of {cache.path} is empty")
+        return labels
     return labelled(
         cache.labels(split),
         empty=f"the {split} split of {cache.path} is empty",
@@ -65,21 +72,46 @@ class Data:
     digests: dict = field(default_factory=dict)  # split -> digest of its paths (TrainedOn)
     exclude: dict | None = None  # what --exclude left out (Matched.record), None without it
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the rows' labels are (N, C) 0/1 targets (several labels per image)."""
+        return self.train.labels.ndim == 2
+
 
 def read_splits(cache: Cache, cfg: HeadConfig) -> Data:
     """Train and validation rows of a cache, checked; and where validation comes from.
 
     Without a val split, validation is held out of train by :func:`embedcache.data.holdout`
-    on the image paths: the same images finetune and compare hold out of that data.
+    on the image paths: the same images finetune and compare hold out of that data. On a
+    multi-label cache the rows' labels are its (N, C) 0/1 targets as float32 (the holdout
+    stratifies on each image's first label).
     """
+    data = _read_splits(cache, cfg)
+    if getattr(cache, "multi_label", False):
+        targets = {
+            s: cache.label_matrix(s).astype(np.float32)
+            for s in ("train", "val")[: 1 + ("val" in cache)]
+        }
+        val_split = "train" if data.carved else "val"
+        for rows, split in (
+            (data.train, "train"),
+            (data.val, val_split),
+            (data.val_mirror, val_split),
+        ):
+            if rows is not None:
+                rows.labels = targets[split][rows.rows]
+    return data
+
+
+def _read_splits(cache: Cache, cfg: HeadConfig) -> Data:
     if "train" not in cache:
         raise EmbedcacheError(
             f"cache {cache.path} has no train split (it has {', '.join(cache.splits)}); "
             "extract a labelled folder"
         )
     labels = _labels(cache, "train")
-    present = np.unique(labels)
-    if len(present) < 2:
+    present = np.unique(labels[labels >= 0])
+    if len(present) < 2 and not getattr(cache, "multi_label", False):
         name = cache.classes[present[0]] if cache.classes else present[0]
         raise EmbedcacheError(
             f"the train split of {cache.path} has a single class ({name}); "
@@ -161,3 +193,40 @@ def _mirror(cache: Cache, split: str, labels, rows: np.ndarray, in_memory: bool)
     if views is None or not in_memory:
         return None
     return Rows(views[:, 0], labels, rows, in_memory=True)
+
+
+# The classes count as skewed past this ratio of the largest to the smallest (present) class:
+# the default head then tries balanced class weights, and the reports lead with balanced
+# accuracy and the worst-recalled classes.
+SKEW = 5.0
+
+
+def skew(labels: np.ndarray, num_classes: int) -> float:
+    """The largest class's count over the smallest's, among the classes present (1.0 for none)."""
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+    present = counts[counts > 0]
+    return float(present.max() / present.min()) if len(present) else 1.0
+
+
+def balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each class's weight n / (classes present x its count), as scikit-learn's "balanced":
+    every present class then weighs n / classes in the loss. Absent classes weigh 0."""
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(num_classes, np.float32)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
+def val_logits(module: torch.nn.Module, data: Data) -> np.ndarray:
+    """Validation logits as evaluate will compute them (averaged with the mirror when stored)."""
+    z = rows_logits(module, data.val)
+    if data.val_mirror is not None:
+        z = (z + rows_logits(module, data.val_mirror)) / 2
+    return z
+
+
+def rows_logits(module: torch.nn.Module, rows: Rows) -> np.ndarray:
+    """A head's logits of some rows, in order."""
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(x)).numpy() for _, x in rows.blocks()])
