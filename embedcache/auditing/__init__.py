@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import open_cache
-from ..config import AuditConfig
+from ..config import APPROX_FROM_ROWS, AuditConfig
 from ..errors import EmbedcacheError
 from ..outputs import claim_folder, folder_output
 from ..runtime import resolve_device
@@ -167,13 +167,12 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say) -> tuple:
     mean kNN distances); the label check's calibration record (None where it was skipped)."""
     exact, groups = exact_pairs(pool)
     device = resolve_device(cfg.device)
-    say(f"neighbours: exact cosine search over {len(pool)} images on {device}")
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
     unit = unit_rows(pool.features, out=pool.features)
-    index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
+    index, sims, search = _neighbours(unit, cfg, device, progress, say)
     candidates = [index]
     if pool.codes is not None:  # the copies whose features moved, found by their pixels
-        candidates.append(nearest(pool.codes, k=cfg.neighbours, device=device)[0])
+        candidates.append(_neighbours(pool.codes, cfg, device, False, lambda line: None)[0])
     rule = NearRule(cfg.near_threshold, cfg.near_confirmed, cfg.pixel_threshold)
     near = near_pairs(pool, unit, candidates, rule, exact)
     leak: Leaks = leaks(pool, exact, near)
@@ -201,8 +200,37 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say) -> tuple:
         "outliers": f"mean cosine distance to the {cfg.neighbours} nearest neighbours above "
         f"median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
     }
+    how["search"] = search  # not a finding: how the neighbours of every one were found
     top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
     return tables, how, ranking, (top, distance), calibration
+
+
+def _approximate(cfg: AuditConfig, rows: int) -> bool:
+    """Whether the neighbour search goes through the faiss index (--index)."""
+    if cfg.index != "auto":
+        return cfg.index == "approx"
+    if rows < APPROX_FROM_ROWS:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _neighbours(unit, cfg: AuditConfig, device, progress: bool, say):
+    """Each image's nearest neighbours: (index, similarity, the search's record for the
+    summary: its kind, and for the index its recall)."""
+    if not _approximate(cfg, len(unit)):
+        say(f"neighbours: exact cosine search over {len(unit)} images on {device}")
+        index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
+        return index, sims, {"index": "exact", "rows": len(unit)}
+    from .index import approximate
+
+    say(f"neighbours: faiss index over {len(unit)} images, recall checked on a sample")
+    index, sims, record = approximate(
+        unit, k=cfg.neighbours, floor=cfg.recall_floor, seed=cfg.seed, progress=progress
+    )
+    say(f"neighbours: {record.describe()}")
+    return index, sims, {**record.to_dict(), "how": record.describe()}
 
 
 def _near_how(pool: Pool, cfg: AuditConfig) -> str:
@@ -364,6 +392,7 @@ def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, ident
         "splits": splits,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(cfg).items()},
+        "search": how["search"],
         **sections,
     }
 

@@ -123,17 +123,21 @@ def _block_best(
     return top_s, top_i + k0
 
 
-def rescored(x: torch.Tensor, index: torch.Tensor, *, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``k`` of each row's candidate ``index`` (n, c), by float32 similarity.
+def rescored(
+    x: torch.Tensor, index: torch.Tensor, *, k: int, keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of each row's candidate ``index`` (n, c) into ``keys`` (default: ``x``
+    itself), by float32 similarity.
 
     Returns float32 (n, k) similarities and int64 (n, k) indices, by decreasing similarity.
     """
+    keys_of = x if keys is None else keys
     sims = torch.empty((len(index), k), device=x.device)
     best = torch.empty((len(index), k), dtype=torch.int64, device=x.device)
     for r0 in range(0, len(index), RESCORE_ROWS):
         r1 = min(len(index), r0 + RESCORE_ROWS)
         cand = index[r0:r1]
-        keys = _rows(x, cand.reshape(-1)).float().view(r1 - r0, cand.shape[1], -1)
+        keys = _rows(keys_of, cand.reshape(-1)).float().view(r1 - r0, cand.shape[1], -1)
         s = torch.einsum("bcd,bd->bc", keys, x[r0:r1].float())
         sims[r0:r1], pick = s.topk(k, dim=1)
         best[r0:r1] = cand.gather(1, pick)

@@ -366,6 +366,9 @@ def audited(r, cache: str, *, verbose: bool = False) -> None:
             f"{words[1]} not checked" if n is None else f"{n} {words[0 if n == 1 else 1]}"
         )
     click.echo(f"{shown(cache)}: {', '.join(counts)} among {r.summary['images']} images")
+    search = r.summary.get("search") or {}
+    if search.get("index", "exact") != "exact":
+        click.echo(f"  neighbours {search['how']}")
     if verbose:
         for name in FOUND:
             click.echo(f"  {name}: {r.summary[name]['how']}")

@@ -1,0 +1,103 @@
+"""The audit's approximate neighbour search (faiss): exact similarities, recall measured and
+raised to the floor, the same findings as exact search."""
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from embedcache import audit
+from embedcache.auditing import _approximate
+from embedcache.auditing.index import _without_self, approximate, cells_for, recall_at_k
+from embedcache.auditing.search import nearest, unit_rows
+from embedcache.config import APPROX_FROM_ROWS, AuditConfig
+from embedcache.errors import EmbedcacheError
+
+faiss = pytest.importorskip("faiss")
+
+
+def _copies(n_sources=400, copies=5, dim=48, seed=0) -> np.ndarray:
+    """Unit rows: each of ``n_sources`` random directions with noisy copies around it."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, (n_sources, dim))
+    x = np.repeat(base, copies, axis=0) + rng.normal(0, 0.35, (n_sources * copies, dim))
+    return unit_rows(x.astype(np.float32))
+
+
+def test_approximate_search_reports_exact_similarities_and_meets_its_recall_floor():
+    unit = _copies()
+    index, sims, record = approximate(unit, k=4, floor=0.95)
+    exact_i, exact_s = nearest(unit, k=4, device=torch.device("cpu"), dtype=torch.float32)
+    assert index.shape == (2000, 4) and (index != np.arange(2000)[:, None]).all()
+    dots = np.einsum("nd,nkd->nk", unit, unit[index])
+    assert np.allclose(sims, dots, atol=1e-5)  # re-scored exactly, best first
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    assert record.recall[-1] >= 0.95 and record.queries == 1000
+    whole = recall_at_k(torch.from_numpy(sims), torch.from_numpy(exact_s))
+    assert whole >= 0.95  # the sampled recall speaks for every row
+    assert abs(whole - record.recall[-1]) < 0.03
+    assert record.to_dict()["recall_at_k"] == record.recall[-1]
+
+
+def test_below_the_floor_the_search_probes_more_cells_until_it_is_met():
+    unit = _copies(n_sources=300, copies=4, dim=64, seed=1)
+    _, _, record = approximate(unit, k=10, floor=1.0)  # exact only when every cell is probed
+    assert record.nprobe == sorted(record.nprobe) and len(set(record.nprobe)) == len(record.nprobe)
+    nlist = int(record.index.removeprefix("IVF").split(",")[0])
+    assert record.recall[-1] == 1.0 or record.nprobe[-1] == nlist
+    assert len(record.nprobe) > 1 and "raised from" in record.describe()
+
+
+def test_the_row_itself_is_dropped_wherever_faiss_returns_it():
+    found = np.array([[5, 0, 1], [2, 3, 4], [7, -1, -1]])
+    rows = np.array([0, 9, 7])
+    out = _without_self(found, rows, 2)
+    assert out.tolist() == [[5, 1], [2, 3], [7, 7]]  # empty slots point at the row itself
+
+
+def test_cells_grow_with_the_square_root_of_the_rows():
+    assert cells_for(100_000) == 1024 and cells_for(1_000_000) == 4096 and cells_for(10) == 16
+
+
+def test_auto_is_exact_below_the_threshold_and_approx_needs_faiss(monkeypatch, tmp_path):
+    assert not _approximate(AuditConfig(), APPROX_FROM_ROWS - 1)
+    assert _approximate(AuditConfig(), APPROX_FROM_ROWS)
+    assert _approximate(AuditConfig(index="approx"), 10)
+    assert not _approximate(AuditConfig(index="exact"), 10**8)
+    real = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name == "faiss":
+            raise ImportError("no faiss")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(EmbedcacheError, match=r"pip install 'embedcache\[index\]'"):
+        approximate(_copies(50, 3), k=3)
+
+
+def test_an_approximate_audit_finds_what_the_exact_one_finds(tmp_path):
+    from embedcache.cache import write_cache
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (3000, 32)).astype(np.float32)
+    y = rng.integers(0, 3, 3000)
+    x[2900:2905] = x[10:15] + rng.normal(0, 0.01, (5, 32))  # five near copies
+    paths = [f"train/{i}.png" for i in range(3000)]
+    cache = write_cache(
+        tmp_path / "c.h5",
+        {"train": (x, y, paths)},
+        classes=["a", "b", "c"],
+        backbone="resnet18",
+        weights="none",
+        transform='{"crop": 64}',
+    )
+    kw = {"progress": False, "device": "cpu", "folds": 2}
+    exact = audit(cache, out=tmp_path / "exact", index="exact", **kw)
+    approx = audit(cache, out=tmp_path / "approx", index="approx", **kw)
+    pairs = lambda r: {(p["path_a"], p["path_b"]) for p in r.tables["near_duplicates"]}  # noqa: E731
+    assert pairs(exact) == pairs(approx) and len(pairs(exact)) == 5
+    assert exact.summary["search"] == {"index": "exact", "rows": 3000}
+    s = approx.summary["search"]
+    assert s["index"].startswith("IVF") and s["recall_at_k"] >= 0.95 and s["recall_queries"] == 1000
