@@ -345,13 +345,13 @@ class HeadConfig(_Config):
         "balanced weighs each class's images by n / (classes x its count) in the loss, so a "
         "rare class counts as much as a common one; none weighs every image alike; auto: none, "
         "except the default head on skewed classes (largest over 5x the smallest), which tries "
-        "both and keeps the one with the better balanced accuracy on validation.",
+        "both and keeps balanced weights where they raise val balanced accuracy significantly.",
         choices=("auto", "balanced", "none"),
     )
     precision_at: float | None = setting(
         None,
-        "Multi-label caches: choose each class's threshold as the lowest whose validation "
-        "precision reaches this (e.g. 0.9) [default: the threshold of best F1].",
+        "Multi-label caches: each class's threshold the lowest whose validation precision "
+        "reaches this (e.g. 0.9) [default: best F1, drawn to the global one for rare classes].",
         low=0.0,
         high=1.0,
         kind=float,
