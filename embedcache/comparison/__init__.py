@@ -36,7 +36,7 @@ from ..outputs import work_folder, write_file, write_text
 from ..report import figure
 from ..runtime import Overall, resolve_device, tune_allocator
 from . import plan
-from .grid import Grid
+from .grid import Grid, extract_options, finetune_options
 from .tutorial import EarlyStopper, tutorial_recipe
 
 __all__ = [
@@ -216,11 +216,7 @@ def _extract(b: _Bench, views: int = 0) -> tuple[Path, float, float | None]:
             b.data,
             out=cache,
             backbone=cfg.backbone,
-            weights=cfg.weights,
-            image_size=cfg.image_size,
-            device=cfg.device,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
+            **extract_options(cfg),
             overwrite=True,
             progress=b.progress,
             views=views,
@@ -315,11 +311,7 @@ def _finetune(b: _Bench, unfreeze: str, cached_head: bool) -> Approach:
             b.data,
             out=out,
             unfreeze=unfreeze,
-            epochs=cfg.finetune_epochs,
-            augment=cfg.augment,
-            device=cfg.device,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
+            **finetune_options(cfg),
             exclude=cfg.exclude,
             progress=b.bar,
             **kw,

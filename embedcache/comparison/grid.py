@@ -263,6 +263,28 @@ def write(cells: list[Cell], split: str, folder: Path, meta: dict) -> Grid:
     return Grid(cells, split, verdicts, md, files)
 
 
+def extract_options(cfg: CompareConfig) -> dict:
+    """What every extract of a compare run takes from its settings (all but the backbone)."""
+    return {
+        "weights": cfg.weights,
+        "image_size": cfg.image_size,
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+    }
+
+
+def finetune_options(cfg: CompareConfig) -> dict:
+    """What every finetune of a compare run takes from its settings."""
+    return {
+        "epochs": cfg.finetune_epochs,
+        "augment": cfg.augment,
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+    }
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
     t = time.perf_counter()
     out = fn()

@@ -10,7 +10,17 @@ from pathlib import Path
 
 from ..config import CompareConfig
 from ..data import ImageSet
-from .grid import Cell, Grid, pct, scored_cell, subset_excludes, timed, write
+from .grid import (
+    Cell,
+    Grid,
+    extract_options,
+    finetune_options,
+    pct,
+    scored_cell,
+    subset_excludes,
+    timed,
+    write,
+)
 
 
 def _safe(name: str) -> str:
@@ -77,12 +87,8 @@ def _extract(data, folder: Path, backbone: str, cfg: CompareConfig, progress: bo
             data,
             out=cache,
             backbone=backbone,
-            weights=cfg.weights,
-            image_size=cfg.image_size,
-            device=cfg.device,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
             progress=progress,
+            **extract_options(cfg),
         )
     )
     return cache, seconds
@@ -174,14 +180,10 @@ class _Cell:
                 out=self.folder / f"model_u{unfreeze}_{self.tag}.pt",
                 head=head,
                 unfreeze=unfreeze,
-                epochs=cfg.finetune_epochs,
-                augment=cfg.augment,
-                device=cfg.device,
-                seed=cfg.seed,
-                val_fraction=cfg.val_fraction,
                 exclude=self.exclude,
                 log_dir=self.log_dir,
                 progress=False,
+                **finetune_options(cfg),
             )
         )
         ev = evaluate(
