@@ -195,10 +195,9 @@ def _num_workers():
 def _log_dir():
     return setting(
         None,
-        "Write TensorBoard event files of each training run into a sub-folder of this folder "
-        "(per epoch: loss/train, loss/val, accuracy/train, accuracy/val; the settings as text "
-        "and hparams); tensorboard --logdir DIR shows the runs side by side. Needs "
-        "pip install 'embedcache[tensorboard]'.",
+        "TensorBoard event files of each training run, in a sub-folder of this folder (per "
+        "epoch: loss and accuracy on train and val; the settings and hparams); tensorboard "
+        "--logdir DIR shows the runs side by side. Needs pip install 'embedcache[tensorboard]'.",
         kind="folder",
     )
 
@@ -566,27 +565,26 @@ class AuditConfig(_Config):
 
     near_threshold: float = setting(
         0.85,
-        "Cosine similarity of the features from which two images are near duplicates when "
-        "either has no thumbnail to confirm it by (a cache written before format 4): the "
-        "embedding alone, which cannot tell 0.5x copies from same-class look-alikes "
-        "(benchmarks/results/audit_quality.md).",
+        "Feature cosine from which two images are near duplicates when either has no thumbnail "
+        "(a cache before format 4): the embedding alone cannot tell 0.5x copies from same-class "
+        "look-alikes (benchmarks/results/audit_quality.md).",
         low=-1.0,
     )
     near_confirmed: float = setting(
-        0.7,
+        0.6,
         "Cosine similarity of the features from which two images with thumbnails are near "
-        "duplicates, when their pixel codes agree too (--pixel-threshold). Chosen on "
-        "efficientnet_lite0 features: the seeded JPEG q60, 0.5x and 90%-crop copies of flowers12 "
-        "and hymenoptera are all above it; other backbones may need another value.",
+        "duplicates, when their pixels agree too (--pixel-threshold). Chosen on "
+        "efficientnet_lite0 features: seeded JPEG q60, 0.5x, cropped, mirrored and 1.5x-zoomed "
+        "copies of flowers12 and hymenoptera are above it; other backbones may need another value.",
         low=-1.0,
     )
     pixel_threshold: float = setting(
         0.85,
         "Pixel similarity from which two images are near duplicates, with --near-confirmed: the "
         "correlation of their grey 32x32 thumbnails in a band of spatial frequencies, the best "
-        "of the whole images and 18 crops (80-90%, centre, edges, corners) of either. JPEG q60 "
-        "and 0.5x copies of flowers12 and hymenoptera keep 0.99, 80-90% crops 0.9 or more; "
-        "different photos of one flower on one background stayed under 0.81 "
+        "of the whole images, 18 crops of either, mirrored or not, and a 70% window anywhere. "
+        "Raised (to 0.98 at most) where different images of the cache are alike: to the 99th "
+        "percentile of 2,000 images' similarity to their k-th nearest neighbour "
         "(benchmarks/results/audit_quality.md).",
         low=-1.0,
     )
@@ -599,16 +597,20 @@ class AuditConfig(_Config):
     index: str = setting(
         "auto",
         "exact compares every image with every other (N^2); approx searches a faiss index "
-        "(pip install 'embedcache[index]'), its recall measured against exact search on 1,000 "
-        f"images; auto: approx from {APPROX_FROM_ROWS:,} images where faiss is installed.",
+        "(pip install 'embedcache[index]'), its recall checked on 1,000 images; auto: approx "
+        f"from {APPROX_FROM_ROWS:,} images where faiss is installed.",
         choices=("auto", "exact", "approx"),
     )
     recall_floor: float = setting(0.95, "approx probes more until its recall@k is this.", low=0.0)
+    reuse: str | None = setting(
+        None,
+        "An earlier approx audit's folder: grow its index, search only the images added since.",
+        kind="folder",
+    )
     outlier_z: float = setting(
         3.5,
-        "An image is an outlier when its score is this many robust standard deviations (median "
-        "absolute deviation x 1.4826) above the median score (3.5 flagged at most 1% of the clean "
-        "images of each set measured).",
+        "Outlier: a score this many robust SDs (MAD x 1.4826) above the median (3.5 flagged at "
+        "most 1% of the clean images of each set measured).",
         low=0.0,
     )
     folds: int = setting(
@@ -630,8 +632,7 @@ class ExportFeaturesConfig(_Config):
     )
     dtype: str = setting(
         "stored",
-        "Feature dtype of the .npy files: stored keeps the cache's; float32 for tools that "
-        "need it.",
+        "Feature dtype of the .npy files: stored keeps the cache's; float32 for other tools.",
         choices=("stored", *DTYPES),
     )
     chunk_rows: int = setting(

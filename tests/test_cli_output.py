@@ -57,7 +57,7 @@ def test_each_verb_leads_with_its_result_and_ends_with_the_next_command(flow):
     out = _run("evaluate", h, c, "--split", "test", "-q")
     assert out[0].startswith("test: accuracy ") and f"on 18 images of {c}" in out[0], out
     out = _run("audit", c, "--out", flow / "audit", "-q")
-    assert out[0].startswith(f"{c}: ") and " exact duplicates, " in out[0], out
+    assert out[0].startswith(f"{c}: ") and " exact-duplicate groups (" in out[0], out
     assert out[-1].startswith(f"next: embedcache train-head {c}"), out
 
 

@@ -7,7 +7,9 @@ agree, :func:`.findings.pixel_similarity`), leaks
 (duplicates across splits or with different labels), likely label errors (out-of-fold
 probabilities ranked by self-confidence, :mod:`.labels`) and outliers (mean kNN distance, robust
 threshold). Each is a CSV in OUT, a section of OUT/summary.json and of OUT/report.html
-(:mod:`.page`).
+(:mod:`.page`). The exact and near duplicates join images into groups (:mod:`.groups`): each
+pair's CSV row names its group, groups.csv lists every image of each, and the counts are of
+images and groups as well as of pairs.
 """
 
 from __future__ import annotations
@@ -27,23 +29,27 @@ from ..config import APPROX_FROM_ROWS, AuditConfig
 from ..errors import EmbedcacheError
 from ..outputs import claim_folder, folder_output
 from ..runtime import resolve_device
-from . import page
+from . import page, reuse
 from .findings import (
     CROPS,
+    WINDOW,
     Leaks,
     NearRule,
     Outliers,
     Pairs,
     Pool,
+    adapted_rule,
     exact_pairs,
     leaks,
     near_pairs,
     outliers,
 )
+from .groups import Groups, duplicate_groups, group_rows
 from .labels import LabelIssues, calibrated, label_issues, out_of_fold_logits
 from .search import nearest, unit_rows
 
 FINDINGS = ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
+GROUPS = "groups"  # groups.csv and summary.json's section: not a finding, the duplicates joined
 MULTI_LABEL_SKIP = (
     "skipped: the label-error check needs one label per image and this cache is multi-label "
     "(several labels per image)"
@@ -162,38 +168,43 @@ def _check_labels(pool: Pool, cfg: AuditConfig, say):
     return _label_rows(pool, rows, issues, probs), ranking, how, calibration
 
 
-def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say) -> tuple:
+def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say, features=None) -> tuple:
     """Every finding's CSV rows and how it was found; the label ranking; (nearest similarities,
-    mean kNN distances); the label check's calibration record (None where it was skipped)."""
+    mean kNN distances); the label check's calibration record (None where it was skipped); the
+    approximate index to save (:class:`.reuse.Searched`, None for exact search).
+
+    features : the cache's :func:`.reuse.features_of`, which --reuse checks the index against
+    """
     exact, groups = exact_pairs(pool)
     device = resolve_device(cfg.device)
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
     unit = unit_rows(pool.features, out=pool.features)
-    index, sims, search = _neighbours(unit, cfg, device, progress, say)
+    # near-duplicate candidates reach deeper than the outlier score's neighbours: a zoomed or
+    # re-cropped copy of a product shot had 10 other images nearer than it (audit_quality.md)
+    deep = cfg.replace(neighbours=max(cfg.neighbours, NEAR_CANDIDATES))
+    earlier, skipped = _earlier(deep, pool, unit, features, say)
+    index, sims, search, searched = _neighbours(
+        unit, deep, device, progress, say, earlier, indexed=cfg.reuse is not None
+    )
+    if skipped:  # --reuse given, a fresh index built instead
+        search["reuse_skipped"] = {"from": str(cfg.reuse), "why": skipped}
     candidates = [index]
     if pool.codes is not None:  # the copies whose features moved, found by their pixels
         candidates.append(_neighbours(pool.codes, cfg, device, False, lambda line: None)[0])
     rule = NearRule(cfg.near_threshold, cfg.near_confirmed, cfg.pixel_threshold)
+    rule, adapted = adapted_rule(pool, index[:, : cfg.neighbours], rule, seed=cfg.seed)
     near = near_pairs(pool, unit, candidates, rule, exact)
     leak: Leaks = leaks(pool, exact, near)
-    found, distance = outliers(sims, z=cfg.outlier_z)
+    joined = duplicate_groups(pool, exact, near)  # exact and near pairs together
+    found, distance = outliers(sims[:, : cfg.neighbours], z=cfg.outlier_z)
     label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
-    tables = {
-        "exact_duplicates": _pair_rows(pool, exact),
-        "near_duplicates": _pair_rows(pool, near),
-        "leaks": _pair_rows(
-            pool, leak.pairs, lambda i: {"kind": leak.kind[i], "reason": leak.reason[i]}, drop="a"
-        ),
-        "label_errors": label_rows,
-        "outliers": _outlier_rows(pool, found),
-    }
-    for row in tables["exact_duplicates"]:
-        row.pop("similarity"), row.pop("pixel_similarity")
+    tables = _pair_tables(pool, exact, near, leak, joined)
+    tables |= {"label_errors": label_rows, "outliers": _outlier_rows(pool, found)}
     how = {
         "exact_duplicates": NO_HASHES
         if pool.hashes is None
         else f"identical blake2b-128 content hashes, {groups} group(s)",
-        "near_duplicates": _near_how(pool, cfg),
+        "near_duplicates": _near_how(pool, cfg, rule, adapted),
         "leaks": "exact or near duplicates across splits or with different labels; "
         "path is the copy in the earlier split",
         "label_errors": label_how,
@@ -201,8 +212,60 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say) -> tuple:
         f"median + {cfg.outlier_z} x 1.4826 MAD = {found.threshold:.4f}",
     }
     how["search"] = search  # not a finding: how the neighbours of every one were found
+    how["pixel_rule"] = adapted  # the pixel threshold this cache's images were held to
+    how[GROUPS] = _group_record(joined, exact, near, leak)  # counts of images and groups
     top = sims[:, 0] if sims.shape[1] else np.zeros(len(pool), np.float32)
-    return tables, how, ranking, (top, distance), calibration
+    return tables, how, ranking, (top, distance), calibration, searched
+
+
+def _earlier(cfg: AuditConfig, pool: Pool, unit, features, say):
+    """The earlier audit's index to grow (--reuse), or None; and why it is not (None: it is,
+    or there is no --reuse)."""
+    if cfg.reuse is None:
+        return None, None
+    if cfg.index == "exact":
+        raise EmbedcacheError(
+            "--reuse grows the approximate index of an earlier audit, and --index exact uses "
+            "none: pass --index approx (or auto), or leave out --reuse"
+        )
+    earlier, why = reuse.load(cfg.reuse, pool, unit, features, cfg.neighbours)
+    if why:
+        say(f"neighbours: not reusing the index of {cfg.reuse}: {why}")
+    return earlier, why
+
+
+def _pair_tables(pool: Pool, exact: Pairs, near: Pairs, leak: Leaks, groups: Groups) -> dict:
+    """The CSV rows of the duplicates, the leaks (each pair with its group) and the groups."""
+
+    def group(pairs: Pairs):  # both rows of a pair are in one group
+        return lambda i: {"group": int(groups.of[pairs.a[i]])}
+
+    tables = {
+        "exact_duplicates": _pair_rows(pool, exact, group(exact)),
+        "near_duplicates": _pair_rows(pool, near, group(near)),
+        "leaks": _pair_rows(
+            pool,
+            leak.pairs,
+            lambda i: {"kind": leak.kind[i], "reason": leak.reason[i]} | group(leak.pairs)(i),
+            drop="a",
+        ),
+        GROUPS: group_rows(pool, groups),
+    }
+    for row in tables["exact_duplicates"]:
+        row.pop("similarity"), row.pop("pixel_similarity")
+    return tables
+
+
+def _group_record(groups: Groups, exact: Pairs, near: Pairs, leak: Leaks) -> dict:
+    """For summary.json: the images and groups of each duplicate finding, and of all groups."""
+    found = (("exact_duplicates", exact), ("near_duplicates", near), ("leaks", leak.pairs))
+    record = {name: groups.reach(pairs) for name, pairs in found}
+    how = (
+        "images joined by exact or near duplicate pairs (connected components), largest first; "
+        "keep (path empty) marks the image in the earliest split, the first row, of each group, "
+        "and path names the others, so --exclude groups.csv leaves one image of each group"
+    )
+    return {**record, GROUPS: {**groups.summary(), "how": how}}
 
 
 def _approximate(cfg: AuditConfig, rows: int) -> bool:
@@ -216,35 +279,57 @@ def _approximate(cfg: AuditConfig, rows: int) -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def _neighbours(unit, cfg: AuditConfig, device, progress: bool, say):
+NEAR_CANDIDATES = 30  # feature neighbours searched per image for near duplicates
+
+
+def _neighbours(unit, cfg: AuditConfig, device, progress: bool, say, earlier=None, indexed=False):
     """Each image's nearest neighbours: (index, similarity, the search's record for the
-    summary: its kind, and for the index its recall)."""
-    if not _approximate(cfg, len(unit)):
+    summary: its kind, and for the index its recall; the index to save, None for exact).
+    ``earlier``: an earlier audit's index to grow (--reuse); ``indexed``: the faiss index
+    whatever the size."""
+    if earlier is not None:
+        return reuse.search(unit, earlier, cfg, progress, say)
+    if not indexed and not _approximate(cfg, len(unit)):
         say(f"neighbours: exact cosine search over {len(unit)} images on {device}")
         index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
-        return index, sims, {"index": "exact", "rows": len(unit)}
-    from .index import approximate
+        return index, sims, {"index": "exact", "rows": len(unit)}, None
+    from .index import approximate, build
 
     say(f"neighbours: faiss index over {len(unit)} images, recall checked on a sample")
+    built = build(unit, seed=cfg.seed, progress=progress)
     index, sims, record = approximate(
-        unit, k=cfg.neighbours, floor=cfg.recall_floor, seed=cfg.seed, progress=progress
+        unit,
+        k=cfg.neighbours,
+        floor=cfg.recall_floor,
+        seed=cfg.seed,
+        progress=progress,
+        index=built,
     )
     say(f"neighbours: {record.describe()}")
-    return index, sims, {**record.to_dict(), "how": record.describe()}
+    searched = reuse.Searched(built, np.arange(len(unit)), index, reuse.sketch(unit))
+    return index, sims, {**record.to_dict(), "how": record.describe()}, searched
 
 
-def _near_how(pool: Pool, cfg: AuditConfig) -> str:
-    searched = f"each image's {cfg.neighbours} nearest neighbours"
+def _near_how(pool: Pool, cfg: AuditConfig, rule: NearRule, adapted: dict | None) -> str:
+    deep = max(cfg.neighbours, NEAR_CANDIDATES)
+    searched = f"each image's {deep} nearest neighbours by features"
     exact = "byte copies are under exact duplicates"
     if pool.codes is None:
         return f"{NO_THUMBNAILS}: {searched}; a pair at cosine >= {cfg.near_threshold}; {exact}"
     side = "x".join(map(str, pool.thumbnails.shape[1:]))  # codes are made from the thumbnails
     how = (
-        f"{searched} by features and by pixel codes; a pair at feature cosine >= "
-        f"{cfg.near_confirmed} and pixel similarity >= {cfg.pixel_threshold} (correlation of "
-        f"band-passed {side} grey thumbnails, best of the whole image and {len(CROPS)} crops); "
-        f"{exact}"
+        f"{searched} and {cfg.neighbours} by pixel codes; a pair at feature cosine >= "
+        f"{cfg.near_confirmed} and pixel similarity >= {rule.pixel:.4g} (correlation of "
+        f"band-passed {side} grey thumbnails, best of the whole image, {len(CROPS)} crops, "
+        f"mirrored or not, and a {WINDOW:.0%} window anywhere); {exact}"
     )
+    if adapted and adapted["raised"]:
+        how += (
+            f"; the pixel threshold raised from {cfg.pixel_threshold} because different images "
+            f"here are alike: {adapted['sample']} images' similarity to their "
+            f"{_ordinal(adapted['neighbour'])} nearest neighbour reached "
+            f"{adapted['different_images_p99']:.4g} at the 99th percentile"
+        )
     unknown = int(np.count_nonzero(~pool.codes.any(1)))
     if unknown:
         how += (
@@ -252,6 +337,10 @@ def _near_how(pool: Pool, cfg: AuditConfig) -> str:
             f"flat images) pair by feature cosine >= {cfg.near_threshold} alone"
         )
     return how
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -262,8 +351,18 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 COLUMNS = {
-    "exact_duplicates": ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "path"],
+    "exact_duplicates": [
+        "group",
+        "path_a",
+        "split_a",
+        "label_a",
+        "path_b",
+        "split_b",
+        "label_b",
+        "path",
+    ],
     "near_duplicates": [
+        "group",
         "similarity",
         "pixel_similarity",
         "path_a",
@@ -275,6 +374,7 @@ COLUMNS = {
         "path",
     ],
     "leaks": [
+        "group",
         "kind",
         "reason",
         "similarity",
@@ -297,6 +397,7 @@ COLUMNS = {
         "suggested_probability",
     ],
     "outliers": ["score", "robust_z", "path", "split", "label"],
+    GROUPS: ["group", "size", "image", "split", "label", "keep", "path"],
 }
 TITLES = {
     "exact_duplicates": "Exact duplicates",
@@ -304,6 +405,7 @@ TITLES = {
     "leaks": "Leaks across splits and label conflicts",
     "label_errors": "Likely label errors",
     "outliers": "Outliers",
+    GROUPS: "Duplicate groups",
 }
 
 
@@ -322,7 +424,8 @@ def audit(
     Writes to the folder ``out``: one CSV per finding (``exact_duplicates``, ``near_duplicates``,
     ``leaks``, ``label_errors``, ``outliers``; one row per pair or image, paths relative to the
     data root as in the cache, ``path`` naming the copy or image to leave out, so each CSV can
-    be passed as ``--exclude`` to the other verbs), ``summary.json`` and ``report.html``.
+    be passed as ``--exclude`` to the other verbs), ``groups.csv`` (every image of each group
+    of duplicates, ``path`` empty on the one to keep), ``summary.json`` and ``report.html``.
 
     Returns
     -------
@@ -335,23 +438,29 @@ def audit(
         pool = Pool.read(c)
         root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
         identity = f"{c.backbone}, weights {c.weights}"
+        features = reuse.features_of(c)
     if not len(pool):
         raise EmbedcacheError(f"cache {cache} holds no images to audit")
-    tables, how, ranking, (top, distance), calibration = _findings(pool, cfg, progress, say)
+    found = _findings(pool, cfg, progress, say, features)
+    tables, how, ranking, (top, distance), calibration, searched = found
     summary = _summary(cache, pool, cfg, tables, how, identity)
     if calibration is not None:  # the temperature the ranked probabilities were divided by
         summary["label_errors"]["calibration"] = calibration
     with folder_output(
         out, verb="audit", last=SUMMARY, inputs=[("the cache", cache)], legacy=_earlier_audit
     ) as staging:
-        for name in FINDINGS:
+        for name in (*FINDINGS, GROUPS):
             _write_csv(staging / f"{name}.csv", tables[name], COLUMNS[name])
         report = page.page(*_report(Path(out), root, summary, tables, cfg))
         (staging / REPORT).write_text(report, encoding="utf-8")
+        if searched is not None:  # what a later audit of the grown cache reuses (--reuse)
+            reuse.write(staging, searched, pool, features)
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     out = Path(out)
-    files = {name: out / f"{name}.csv" for name in FINDINGS}
+    files = {name: out / f"{name}.csv" for name in (*FINDINGS, GROUPS)}
     files |= {"report": out / REPORT, "summary": out / SUMMARY}
+    if searched is not None:
+        files |= {"index": out / reuse.INDEX, "index_json": out / reuse.META}
     return AuditResult(out, summary, files, tables, ranking, list(pool.paths), top, distance)
 
 
@@ -376,25 +485,53 @@ def _summary(cache, pool: Pool, cfg: AuditConfig, tables: dict, how: dict, ident
         name: {"count": len(tables[name]), "how": how[name], "csv": f"{name}.csv"}
         for name in FINDINGS
     }
+    for name, counts in how[GROUPS].items():
+        if name != GROUPS:
+            sections[name] |= counts
     if pool.hashes is None:
-        sections["exact_duplicates"]["count"] = None
+        sections["exact_duplicates"].update(count=None, images=None, groups=None)
     if pool.multi_label:  # not checked, rather than none found
         sections["label_errors"].update(count=None, skipped=MULTI_LABEL_SKIP)
+    if how.get("pixel_rule"):
+        sections["near_duplicates"]["pixel_rule"] = how["pixel_rule"]
     leak_rows = tables["leaks"]
     sections["leaks"]["cross_split"] = sum("cross-split" in r["reason"] for r in leak_rows)
     sections["leaks"]["different_labels"] = sum(
         "different labels" in r["reason"] for r in leak_rows
     )
+    sections["leaks"]["images_to_drop"] = len({r["path"] for r in leak_rows})
     return {
         "cache": str(cache),
         "features": identity,
         "images": len(pool),
         "splits": splits,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(cfg).items()},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
         "search": how["search"],
         **sections,
+        GROUPS: {**how[GROUPS][GROUPS], "csv": f"{GROUPS}.csv"},
     }
+
+
+def _many(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _tally(name: str, section: dict) -> str:
+    """The report's count of a finding: images and groups first, pairs after."""
+    n = section["count"]
+    if n is None:
+        return "&ndash;"
+    if name == GROUPS:
+        return f"{_many(n, 'group')}, {_many(section['images'], 'image')}"
+    groups = (
+        f"{_many(section['groups'], 'group')} ({_many(n, 'pair')})" if "groups" in section else ""
+    )
+    if name == "leaks":
+        return f"{_many(section['images_to_drop'], 'image')} to drop, {groups}"
+    if groups:
+        return f"{_many(section['images'], 'image')}, {groups}"
+    return str(n)
 
 
 def _report(out: Path, root: Path | None, summary: dict, tables: dict, cfg: AuditConfig):
@@ -404,17 +541,19 @@ def _report(out: Path, root: Path | None, summary: dict, tables: dict, cfg: Audi
         "exact_duplicates": page.pair_cards,
         "near_duplicates": page.pair_cards,
         "leaks": page.pair_cards,
+        GROUPS: page.group_cards,
         "label_errors": page.label_cards,
         "outliers": page.outlier_cards,
     }
     counts, sections = [], []
-    for name in FINDINGS:
+    for name in cards:  # the groups after the pairs that make them
         n = summary[name]["count"]
         counts.append(
-            (TITLES[name], "&ndash;" if n is None else str(n), html.escape(summary[name]["how"]))
+            (TITLES[name], _tally(name, summary[name]), html.escape(summary[name]["how"]))
         )
-        shown = min(cfg.report_rows, len(tables[name]))
-        more = f"; the first {shown} shown, all in {name}.csv" if shown < len(tables[name]) else ""
+        total = n if name == GROUPS else len(tables[name])  # groups.csv: a row per image
+        shown = min(cfg.report_rows, total)
+        more = f"; the first {shown} shown, all in {name}.csv" if shown < total else ""
         count = "&ndash;" if n is None else n
         note = html.escape(summary[name]["how"])
         head = f'<h2>{TITLES[name]} ({count})</h2><div class="note">{note}{more}</div>'

@@ -9,9 +9,11 @@ image's grey 32 x 32 thumbnail. Its *pixel code*, the 8 x 8 lowest-frequency DCT
 coefficients less the mean, finds candidates whose features moved (a 0.5x copy); a candidate
 pair is a near duplicate when its feature cosine and its *pixel similarity*
 (:func:`pixel_similarity`: the correlation of the thumbnails' band-passed pixels, the best of a
-few crops of either image) both reach their thresholds (:func:`near_pairs`). Low frequencies
-alone pair different photos of one flower on one background; the band keeps the detail a
-re-encoded, resized or cropped copy shares with its original and another photo does not.
+few crops of either image, mirrored or not, and of a 70% window slid over the other) both reach
+their thresholds (:func:`near_pairs`). Low frequencies alone pair different photos of one flower
+on one background; the band keeps the detail a re-encoded, resized, cropped or mirrored copy
+shares with its original and another photo does not. The pixel threshold rises where different
+images are alike anyway (scans, digits, product shots on white): :func:`adapted_rule`.
 """
 
 from __future__ import annotations
@@ -178,8 +180,12 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
 
-def _band(thumbnails: np.ndarray) -> torch.Tensor:
+def _band(thumbnails: np.ndarray, side: int | None = None) -> torch.Tensor:
+    """Thumbnails (n, s, s) band-passed, as (n, 1, s, s) float32; first shrunk to ``side``
+    (antialiased) when given."""
     x = torch.from_numpy(np.ascontiguousarray(thumbnails)).float().unsqueeze(1)
+    if side is not None and side != x.shape[-1]:
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
     return _blur(x, BAND[0]) - _blur(x, BAND[1])
 
 
@@ -198,25 +204,83 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def pixel_similarity(thumbnails: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pixel_similarity(
+    thumbnails: np.ndarray, a: np.ndarray, b: np.ndarray, *, crops_from: float | None = None
+) -> np.ndarray:
     """How alike the pixels of images ``a`` and ``b`` are, pair by pair: the correlation of
     their band-passed grey thumbnails (``BAND``), the best over the whole images and each of
-    ``CROPS`` of either one set against the other whole. 1 for the same picture; a JPEG q60
-    or 0.5x copy keeps about 0.99, a 90% crop 0.95, and different photos of one flower on one
-    background stay under 0.81 (benchmarks/results/audit_quality.md); 0 against a flat image.
+    ``CROPS`` of either one set against the other whole, ``a`` as it is and mirrored left to
+    right; and over every place of either one shrunk to ``WINDOW`` of its side inside the other
+    (a zoomed or a 70% re-crop, :func:`_window_match`). 1 for the same picture; JPEG q60, 0.5x
+    and mirrored copies keep about 0.99, a 90% crop 0.95, and different photos of one flower on
+    one background stay under 0.81 (benchmarks/results/audit_quality.md); 0 against a flat image.
 
+    crops_from : search the crops only for pairs whose coarse score (the whole images, either
+        mirrored, and either shrunk to 0.9, 0.8 and 0.7 anywhere in the other) reaches it; the
+        others keep the whole images' and the 70% window's best. Most different images fall
+        under 0.7 there (92% of flowers12's candidate pairs), and no copy did: every seeded copy
+        that reached 0.85 in all had at least 0.859 (benchmarks/results/audit_quality.md).
     thumbnails : (n, s, s) uint8; a, b : (p,) int64 rows. Returns (p,) float32.
     """
     out = np.empty(len(a), np.float32)
     for lo in range(0, len(a), PIXEL_PAIRS):
-        x, y = (_band(thumbnails[r[lo : lo + PIXEL_PAIRS]]) for r in (a, b))
+        ta, tb = (thumbnails[r[lo : lo + PIXEL_PAIRS]] for r in (a, b))
+        x, y = _band(ta), _band(tb)
         ux, uy = _unit(x), _unit(y)
-        best = (ux * uy).sum(1)
-        for crop in CROPS:
-            best = torch.maximum(best, (_unit(_crop(x, crop)) * uy).sum(1))
-            best = torch.maximum(best, (_unit(_crop(y, crop)) * ux).sum(1))
+        best = torch.maximum((ux * uy).sum(1), (_unit(torch.flip(x, dims=[-1])) * uy).sum(1))
+        side = thumbnails.shape[-1]
+        best = torch.maximum(best, _windows(x, y, ta, tb, round(WINDOW * side)))
+        if crops_from is None:
+            crop = torch.ones(len(x), dtype=torch.bool)
+        else:  # the coarse score: wider windows too, searched but not kept
+            probe = torch.maximum(best, _windows(x, y, ta, tb, round(0.9 * side)))
+            crop = torch.maximum(probe, _windows(x, y, ta, tb, round(0.8 * side))) >= crops_from
+        if crop.any():
+            best[crop] = torch.maximum(best[crop], _best_crop(x[crop], y[crop]))
         out[lo : lo + len(x)] = best.numpy()
     return out
+
+
+def _windows(x, y, ta: np.ndarray, tb: np.ndarray, side: int) -> torch.Tensor:
+    """The best of b shrunk to ``side`` inside a and of a inside b (band-passed ``x``, ``y``)."""
+    return torch.maximum(_window_match(x, _band(tb, side=side)), _window_match(y, _band(ta, side)))
+
+
+def _best_crop(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The best correlation of each of ``CROPS`` of x (as it is and mirrored) with y whole, and
+    of y with x whole (mirrored or not)."""
+    uy = _unit(y)
+    best = torch.full((len(x),), -1.0)
+    for view in (x, torch.flip(x, dims=[-1])):  # a mirrored copy: x flipped matches y
+        ux = _unit(view)
+        for crop in CROPS:
+            best = torch.maximum(best, (_unit(_crop(view, crop)) * uy).sum(1))
+            best = torch.maximum(best, (_unit(_crop(y, crop)) * ux).sum(1))
+    return best
+
+
+WINDOW = 0.7  # the share of a side a zoomed or re-cropped copy may keep of its original
+CROP_MARGIN = 0.15  # crops are searched from the pixel threshold less this (coarse score)
+
+
+def _window_match(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """The best correlation of each ``small`` (p, 1, t, t) with a t x t window of its ``big``
+    (p, 1, s, s), over every whole-pixel place: one grouped convolution, the windows' means and
+    norms from box sums. Finds a copy zoomed 1.5x or re-cropped to 70% anywhere in the frame,
+    which a fixed grid of crops misses between its places (benchmarks/results/audit_quality.md).
+    """
+    p, _, t, _ = small.shape
+    if not p:
+        return torch.zeros(0)
+    small = small - small.mean((2, 3), keepdim=True)
+    # floors well above float error and far below any picture's (grey levels): a flat window
+    # or image correlates 0 with anything
+    small = small / small.flatten(1).norm(dim=1).clamp_min(1e-2).view(p, 1, 1, 1)
+    dots = F.conv2d(big.reshape(1, p, *big.shape[2:]), small, groups=p).view(p, -1)
+    mean = F.avg_pool2d(big, t, stride=1).view(p, -1)
+    square = F.avg_pool2d(big * big, t, stride=1).view(p, -1)
+    norm = ((square - mean * mean).clamp_min(0) * t * t).sqrt().clamp_min(1e-2)
+    return (dots / norm).max(1).values
 
 
 def _dct_rows(side: int, keep: int) -> np.ndarray:
@@ -273,10 +337,60 @@ class NearRule:
     pixel: float
 
 
+# The pixel threshold of a cache: raised to the NULL_QUANTILE of the pixel similarity of up to
+# NULL_SAMPLE images (seeded) to their farthest searched neighbour by features (the 10th by
+# default). Copies come first among an image's neighbours; the 10th is another image unless it
+# has ten copies, as alike as the data makes different images. The 2nd was not enough: where a
+# third of the images had a seeded copy besides the data's own twins, its 99th percentile was a
+# copy's (0.98-1.0). On photos the 10th stays under the floor (0.62-0.75); on 8x8 digits 0.95.
+NULL_SAMPLE, NULL_QUANTILE, NULL_RANK_MIN = 2000, 0.99, 2
+PIXEL_CEILING = 0.98  # above it thumbnails of 32 x 32 cannot tell copies from other images
+
+
+def adapted_rule(
+    pool: Pool, neighbours: np.ndarray, rule: NearRule, *, seed: int
+) -> tuple[NearRule, dict | None]:
+    """``rule`` with its pixel threshold raised to what different images of this cache reach
+    (``NULL_QUANTILE`` of their similarity to their k-th neighbour), at most to
+    ``PIXEL_CEILING`` and never lowered; and the record of it (None: no thumbnails to measure).
+
+    neighbours : (n, k) int64 feature neighbours, nearest first.
+    """
+    if pool.codes is None or neighbours.shape[1] < NULL_RANK_MIN or not len(pool):
+        return rule, None
+    rows = np.arange(len(pool))
+    other = neighbours[:, -1]
+    keep = pool.codes.any(1) & pool.codes[other].any(1) & ~_same_bytes(pool, rows, other)
+    rows = rows[keep]
+    rows = np.random.default_rng(seed).permutation(rows)[:NULL_SAMPLE]
+    if not len(rows):
+        return rule, None
+    alike = pixel_similarity(pool.thumbnails, rows, other[rows])
+    quantile = float(np.quantile(alike, NULL_QUANTILE))
+    pixel = min(max(rule.pixel, quantile), max(rule.pixel, PIXEL_CEILING))
+    record = {
+        "pixel_threshold": round(pixel, 4),
+        "floor": rule.pixel,
+        "different_images_p99": round(quantile, 4),
+        "neighbour": int(neighbours.shape[1]),
+        "sample": int(len(rows)),
+        "raised": pixel > rule.pixel,
+    }
+    return NearRule(rule.alone, rule.confirmed, pixel), record
+
+
+def _same_bytes(pool: Pool, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether rows ``a`` and ``b`` are byte copies (same content hash), pair by pair."""
+    if pool.hashes is None:
+        return np.zeros(len(a), bool)
+    ha, hb = pool.hashes[a], pool.hashes[b]
+    return (ha == hb).all(1) & ha.any(1)
+
+
 def near_pairs(
     pool: Pool, unit: np.ndarray, neighbours: list[np.ndarray], rule: NearRule, exact: Pairs
 ) -> Pairs:
-    """Near duplicates among each row's neighbours, decided by ``rule``; byte-identical pairs
+    """Near duplicates among each row's neighbours, decided by ``rule``; pairs of byte copies
     left out (they are exact duplicates).
 
     unit : (n, d) unit rows of the features; neighbours : (n, k) int64 index arrays from
@@ -291,6 +405,8 @@ def near_pairs(
     same = np.minimum(exact.a, exact.b) * n + np.maximum(exact.a, exact.b)
     keys = keys[~np.isin(keys, same) & (keys // n != keys % n)]
     lo, hi = keys // n, keys % n
+    # the copies exact_pairs left unpaired (each is paired with its group's first only)
+    lo, hi = (x[~_same_bytes(pool, lo, hi)] for x in (lo, hi))
     score = _row_dots(unit, lo, hi)
     if pool.codes is None:
         pixel, keep = np.full(len(lo), np.nan, np.float32), score >= rule.alone
@@ -298,7 +414,9 @@ def near_pairs(
         known = pool.codes[lo].any(1) & pool.codes[hi].any(1)
         pixel = np.full(len(lo), np.nan, np.float32)
         asked = known & (score >= rule.confirmed)  # only these can pass: the others cost nothing
-        pixel[asked] = pixel_similarity(pool.thumbnails, lo[asked], hi[asked])
+        pixel[asked] = pixel_similarity(
+            pool.thumbnails, lo[asked], hi[asked], crops_from=rule.pixel - CROP_MARGIN
+        )
         keep = np.where(
             known, (score >= rule.confirmed) & (pixel >= rule.pixel), score >= rule.alone
         )

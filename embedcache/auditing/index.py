@@ -1,21 +1,23 @@
 """Approximate cosine nearest neighbours with faiss, with their recall measured on every run.
 
 Past a few tens of thousands of rows the exact search (:mod:`.search`) costs N^2 x D: 111-349 s
-for 100,000 x 1280 rows on 2 cores. Here an inverted-file index (faiss ``IVF{nlist},SQfp16``:
-a k-means coarse quantiser of ``nlist`` cells, the rows stored as float16, as the cache stores
-them) searches each row's ``nprobe`` nearest cells only. The candidates it returns are
-re-scored exactly in float32 (:func:`.search.rescored`), so every similarity reported is exact;
-only a neighbour the index missed is missing.
+for 100,000 x 1280 rows on 2 cores. Here an inverted-file index (faiss ``IVF{nlist},SQ8``:
+a k-means coarse quantiser of ``nlist`` cells, the rows stored as one byte per dimension, half
+the memory of the float16 rows beside it) searches each row's ``nprobe`` nearest cells only.
+The candidates it returns are re-scored exactly in float32 (:func:`.search.rescored`), so
+every similarity reported is exact; only a neighbour the index missed is missing.
 
 Every run checks itself before it searches: the exact neighbours of RECALL_QUERIES seeded rows
 against all rows, and the share of them the index finds (recall@k, ties counted as found).
 Below the floor it probes twice the cells and checks again, until the floor is met or every
-cell is probed; then it searches every row at that setting.
+cell is probed; then it searches every row at that setting. An audit of a cache grown since
+adds the new rows to the earlier audit's index and searches only them against all (:func:`grown`,
+:mod:`.reuse`).
 
-Measured on rows made from grocery81's EfficientNet-Lite0 features with noise, 2 cores, k 10
-(benchmarks/results/audit_index_cpu.md): 100,000 rows in 35.5 s against 85.0 s for the exact
-search, recall@10 0.9991 on the sample and 0.99996 over every row; 1,000,000 rows in 658.5 s
-at recall@10 0.999, where exact search would take about 100 x 85 s.
+Measured on rows made from grocery81's EfficientNet-Lite0 features with noise, 2 cores, k 30
+(benchmarks/results/audit_index_cpu.md): 100,000 rows in 65.9 s against 113.9 s for the exact
+search, recall@30 0.991 on the sample and 0.992 over every row; 1,000,000 rows in 650.7 s at
+recall@30 0.9999, where exact search would take about 100 x 114 s.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class SearchRecord:
         }
 
     def describe(self) -> str:
-        """'faiss IVF1024,SQfp16, 8 of 1024 cells probed: recall@10 0.999 on 1,000 rows'."""
+        """'faiss IVF1024,SQ8, 8 of 1024 cells probed: recall@10 0.999 on 1,000 rows'."""
         raised = (
             f" (raised from {self.nprobe[0]}: recall {self.recall[0]:.3f} under {self.floor})"
             if len(self.nprobe) > 1
@@ -109,7 +111,7 @@ def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     nlist = min(cells_for(n), max(1, n // TRAIN_PER_CELL))
     quantiser = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFScalarQuantizer(
-        quantiser, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        quantiser, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
     )
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_CELL * nlist), replace=False))
@@ -122,8 +124,10 @@ def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     return index
 
 
-def _search(index, unit: np.ndarray, rows: np.ndarray | None, kept: int, progress: bool):
-    """The ``kept`` candidates (index) of each row of ``rows`` (default: all), self removed."""
+def _search(index, unit, rows, kept: int, progress: bool, *, ids=None, params=None):
+    """The ``kept`` candidates (index) of each row of ``rows`` (default: all), self removed;
+    ``ids`` maps the index's ids to rows (default: the same), ``params`` faiss's search
+    parameters (a selector of ids)."""
     n = len(unit)
     rows = np.arange(n) if rows is None else rows
     out = np.empty((len(rows), kept), np.int64)
@@ -131,7 +135,10 @@ def _search(index, unit: np.ndarray, rows: np.ndarray | None, kept: int, progres
     with bar:
         for lo in range(0, len(rows), ADD_ROWS):
             r = rows[lo : lo + ADD_ROWS]
-            _, found = index.search(np.ascontiguousarray(unit[r], dtype=np.float32), kept + 1)
+            q = np.ascontiguousarray(unit[r], dtype=np.float32)
+            _, found = index.search(q, kept + 1, params=params)
+            if ids is not None:
+                found = np.where(found >= 0, ids[found], -1)
             out[lo : lo + len(r)] = _without_self(found, r, kept)
             bar.update(len(r))
     return out
@@ -171,32 +178,114 @@ def recall_at_k(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def approximate(
-    unit: np.ndarray, *, k: int, floor: float = 0.95, seed: int = 0, progress: bool = False
+    unit: np.ndarray,
+    *,
+    k: int,
+    floor: float = 0.95,
+    seed: int = 0,
+    progress: bool = False,
+    index=None,
 ) -> tuple[np.ndarray, np.ndarray, SearchRecord]:
-    """The ``k`` most similar other rows of every row, through an IVF index, re-scored
-    exactly; the cells probed doubled until recall@k on a seeded sample reaches ``floor``.
+    """The ``k`` most similar other rows of every row, through an IVF index (``index``, default:
+    :func:`build` of ``unit``), re-scored exactly; the cells probed doubled until recall@k on a
+    seeded sample reaches ``floor``.
 
     Returns (index, similarity) as :func:`.search.nearest` does, and the search's record.
     """
     n = len(unit)
     k = max(0, min(k, n - 1))
-    index = build(unit, seed=seed, progress=progress)
-    record = SearchRecord(f"IVF{index.nlist},SQfp16", n, k=k, floor=floor)
+    index = build(unit, seed=seed, progress=progress) if index is None else index
+    record = SearchRecord(f"IVF{index.nlist},SQ8", n, k=k, floor=floor)
     x = torch.from_numpy(unit)
+    kept = min(n - 1, k + MARGIN)
+
+    def found(rows, progress):
+        cand = torch.from_numpy(_search(index, unit, rows, kept, progress))
+        return rescored(x if rows is None else x[torch.from_numpy(rows)], cand, k=k, keys=x)
+
+    _tuned(index, x, record, seed, found)
+    sims, best = found(None, progress)
+    return best.numpy(), sims.numpy(), record
+
+
+def _tuned(index, x: torch.Tensor, record: SearchRecord, seed: int, found) -> None:
+    """Set ``index.nprobe``: doubled from FIRST_NPROBE until the recall@k of RECALL_QUERIES
+    seeded rows reaches the record's floor or every cell is probed; each try in ``record``.
+
+    found : (rows, progress) -> (similarity, index) of those rows' k best at the index's nprobe
+    """
+    n, k = len(x), record.k
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))
     exact = exact_sample(x, sample, k)
     record.queries = len(sample)
-    nprobe, kept = min(FIRST_NPROBE, index.nlist), min(n - 1, k + MARGIN)
+    nprobe = min(FIRST_NPROBE, index.nlist)
     while True:
         index.nprobe = nprobe
-        cand = _search(index, unit, sample, kept, False)
-        sims, _ = rescored(x[torch.from_numpy(sample)], torch.from_numpy(cand), k=k, keys=x)
+        sims, _ = found(sample, False)
         record.nprobe.append(nprobe)
         record.recall.append(recall_at_k(sims, exact))
-        if record.recall[-1] >= floor or nprobe >= index.nlist:
-            break
+        if record.recall[-1] >= record.floor or nprobe >= index.nlist:
+            return
         nprobe = min(index.nlist, nprobe * 2)
-    cand = _search(index, unit, None, kept, progress)
-    sims, best = rescored(x, torch.from_numpy(cand), k=k)
-    return best.numpy(), sims.numpy(), record
+
+
+def grown(
+    index, unit: np.ndarray, ids: np.ndarray, stored, *, k: int, floor=0.95, seed=0, progress=False
+):
+    """:func:`approximate` through an index filled earlier (no k-means): the rows of ``unit``
+    it lacks are added under the ids that follow, and searched against all.
+
+    index : a faiss IVF of :func:`build` whose ids 0.. are the rows ``ids`` (int64) of ``unit``
+    stored : (n, s) int64, the old rows' earlier neighbours (rows; -1 on the new rows), merged
+        with the new rows found for them; None: the old rows searched again like the new
+    Returns (index, similarity, record) as :func:`approximate` does, the rows of every id, and
+    whether the stored neighbours were kept (not where they held recall under the floor).
+    """
+    faiss = faiss_module()
+    n, old = len(unit), index.ntotal
+    k, new = max(0, min(k, n - 1)), np.setdiff1d(np.arange(n), ids)
+    for lo in range(0, len(new), ADD_ROWS):
+        index.add(_float32(unit[new[lo : lo + ADD_ROWS]], 0, ADD_ROWS))
+    ids = np.concatenate([ids, new]).astype(np.int64)
+    again = np.ones(n, bool) if stored is None else np.isin(np.arange(n), new)
+    record = SearchRecord(f"IVF{index.nlist},SQ8", n, k=k, floor=floor)
+    x, kept = torch.from_numpy(unit), min(n - 1, k + MARGIN)
+    newer = faiss.IDSelectorRange(old, index.ntotal)  # kept alive while params points at it
+    only_new = faiss.SearchParametersIVF(sel=newer)
+
+    def found(rows, progress):
+        rows = np.arange(n) if rows is None else rows
+        fresh, width = again[rows], kept + (0 if stored is None else stored.shape[1])
+        cand = np.full((len(rows), width), -1, np.int64)
+        cand[fresh, :kept] = _search(index, unit, rows[fresh], kept, progress, ids=ids)
+        if stored is not None and not fresh.all():
+            only_new.nprobe = index.nprobe
+            rest = rows[~fresh]
+            cand[~fresh, :kept] = _search(index, unit, rest, kept, False, ids=ids, params=only_new)
+            cand[~fresh, kept:] = stored[rest]
+        return _best(x, rows, cand, k)
+
+    _tuned(index, x, record, seed, found)
+    if stored is not None and record.recall[-1] < record.floor:
+        # the old rows' stored neighbours are only as good as the earlier search: search them too
+        stored, again = None, np.ones(n, bool)
+        record.nprobe.clear(), record.recall.clear()
+        _tuned(index, x, record, seed, found)
+    sims, best = found(None, progress)
+    return best.numpy(), sims.numpy(), record, ids, stored is not None
+
+
+def _best(x: torch.Tensor, rows: np.ndarray, cand: np.ndarray, k: int):
+    """The ``k`` best of each row's candidates (rows, c) by float32 similarity, a candidate
+    of -1 or the row itself left out: (similarity, index) float32 and int64 (rows, k)."""
+    sims = torch.empty((len(rows), k))
+    best = torch.empty((len(rows), k), dtype=torch.int64)
+    for lo in range(0, len(rows), ADD_ROWS):
+        r, c = rows[lo : lo + ADD_ROWS], cand[lo : lo + ADD_ROWS]
+        c = torch.from_numpy(np.where(c < 0, r[:, None], c))
+        s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
+        s = s.masked_fill(i == torch.from_numpy(r)[:, None], -float("inf"))
+        sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
+        best[lo : lo + len(r)] = i.gather(1, pick)
+    return sims, best

@@ -1,8 +1,9 @@
 """``report.html``: the audit for people, one self-contained file that opens offline.
 
 The summary counts come first, then each finding's entries by score, with thumbnails
-embedded as JPEG data URIs (pairs side by side; the given and the suggested label of a likely
-label error). Every thumbnail links to its image file, by a path relative to the report.
+embedded as JPEG data URIs (pairs side by side; the largest duplicate groups one row each; the
+given and the suggested label of a likely label error). Every thumbnail links to its image
+file, by a path relative to the report.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ figcaption{font-size:12px;color:#444;margin-top:3px} .path{word-break:break-all;
 justify-content:center;font-size:12px}
 .given{color:#b00020;font-weight:600} .suggested{color:#1b7f3b;font-weight:600} \
 .tag{font-size:12px;color:#fff;background:#777;border-radius:3px;padding:1px 5px;margin-left:6px}
+.groups{display:flex;flex-direction:column;gap:12px} .groups .card{max-width:none} \
+.strip{display:flex;gap:8px;align-items:flex-start} \
+.strip figure,.strip figure img,.strip .missing{width:120px} \
+.strip figure img,.strip .missing{height:120px}
+.keep{color:#1b7f3b;font-weight:600} \
+.more{width:90px;height:120px;display:flex;align-items:center;justify-content:center;\
+background:#eee;border-radius:3px;color:#555;font-weight:600}
 """
 
 
@@ -135,6 +143,39 @@ def outlier_cards(images: Images, rows: list[dict], shown: int) -> str:
         score = f"distance {float(r['score']):.3f} &middot; z {float(r['robust_z']):.1f}"
         cards.append(_card(score, images.figure(r["path"], caption)))
     return f'<div class="cards">{"".join(cards)}</div>'
+
+
+GROUP_THUMBS = 8  # thumbnails shown per duplicate group; the others are "+N more"
+
+
+def group_cards(images: Images, rows: list[dict], shown: int) -> str:
+    """One card per duplicate group, the first ``shown`` groups, each group's images in one
+    row: ``rows`` are groups.csv rows (group, size, image, split, label, keep), group by group,
+    the kept image first."""
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["group"] not in groups and len(groups) == shown:
+            break
+        groups.setdefault(r["group"], []).append(r)
+    cards = []
+    for gid, members in groups.items():
+        splits = sorted({m["split"] for m in members})
+        labels = {m["label"] for m in members if m["label"]}
+        tags = [", ".join(splits)] + (["labels disagree"] if len(labels) > 1 else [])
+        tag = "".join(f'<span class="tag">{html.escape(t)}</span>' for t in tags)
+        figs = "".join(
+            images.figure(
+                m["image"],
+                f"{html.escape(m['split'])} &middot; {html.escape(m['label'] or 'unlabelled')}"
+                + (' &middot; <span class="keep">keep</span>' if m["keep"] == "true" else ""),
+            )
+            for m in members[:GROUP_THUMBS]
+        )
+        if len(members) > GROUP_THUMBS:
+            figs += f'<div class="more">+{len(members) - GROUP_THUMBS} more</div>'
+        head = f"group {gid} &middot; {len(members)} images{tag}"
+        cards.append(_card(head, f'<div class="strip">{figs}</div>'))
+    return f'<div class="groups">{"".join(cards)}</div>'
 
 
 def page(

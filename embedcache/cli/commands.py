@@ -327,13 +327,18 @@ def audit(cache, out, quiet, as_json, verbose, **values):
     exact_duplicates.csv  byte-identical files (content hashes recorded by extract)
     near_duplicates.csv   pairs whose features and grey thumbnails both agree (exact search)
     leaks.csv             duplicates across train/val/test, or whose copies disagree on the label
+    groups.csv            every image of each group of duplicates (the images the exact and
+                          near pairs join, whose group the pair CSVs name), one kept per group
     label_errors.csv      out-of-fold predictions that disagree with the label (confident
                           learning), ranked by the probability of the given label, lowest first
     outliers.csv          mean distance to the nearest neighbours far above the median
+    index.faiss           the approximate search's index (--index approx), with index.json and
+                          index_rows.npz: a later audit of the grown cache takes --reuse OUT
 
-    OUT/report.html shows them with thumbnails and opens offline; OUT/summary.json counts them.
-    Each CSV has a path column (the copy or image to leave out) that train-head, finetune,
-    evaluate and compare take as --exclude FILE.csv.
+    OUT/report.html shows them with thumbnails and opens offline; OUT/summary.json counts them
+    (duplicates as groups and images, besides pairs). Each CSV has a path column (the copy or
+    image to leave out) that train-head, finetune, evaluate and compare take as --exclude
+    FILE.csv; --exclude groups.csv leaves one image of each group, its earliest split's.
 
     \b
     Example:

@@ -348,33 +348,53 @@ def predictions(rows: list[dict]) -> None:
             click.echo(f"{name}: {best}")
 
 
-FOUND = {  # finding: (one, several)
-    "exact_duplicates": ("exact duplicate", "exact duplicates"),
-    "near_duplicates": ("near duplicate", "near duplicates"),
-    "leaks": ("leak across splits or labels", "leaks across splits or labels"),
+FOUND = {  # finding: (one, several) of what is counted: groups, images, entries
+    "exact_duplicates": ("exact-duplicate group", "exact-duplicate groups"),
+    "near_duplicates": ("near-duplicate group", "near-duplicate groups"),
+    "leaks": ("image leaks across splits or labels", "images leak across splits or labels"),
     "label_errors": ("likely label error", "likely label errors"),
     "outliers": ("outlier", "outliers"),
 }
 
 
+def _found(name: str, section: dict) -> str:
+    """One finding's count: duplicates as groups (their images), leaks as the images to drop."""
+    one, several = FOUND[name]
+    n = section["count"]
+    if n is None:
+        return f"{several} not checked"
+    if name == "leaks":
+        n = section["images_to_drop"]
+    elif "groups" in section:
+        n, images = section["groups"], section["images"]
+        return f"{n} {one if n == 1 else several} ({images} image{'s' * (images != 1)})"
+    return f"{n} {one if n == 1 else several}"
+
+
 def audited(r, cache: str, *, verbose: bool = False) -> None:
     """What the audit found, in one line, then where to look and what next."""
-    counts = []
-    for name, words in FOUND.items():
-        n = r.summary[name]["count"]
-        counts.append(
-            f"{words[1]} not checked" if n is None else f"{n} {words[0 if n == 1 else 1]}"
-        )
+    counts = [_found(name, r.summary[name]) for name in FOUND]
     click.echo(f"{shown(cache)}: {', '.join(counts)} among {r.summary['images']} images")
     search = r.summary.get("search") or {}
+    if search.get("reused"):  # --reuse: the earlier index grown
+        old, new = search["reused"]["old_rows"], search["reused"]["new_rows"]
+        click.echo(
+            f"  neighbours: reused the index of {shown(search['reused']['from'])} "
+            f"({old} old images), added {new}"
+        )
+    elif search.get("reuse_skipped"):
+        skipped = search["reuse_skipped"]
+        click.echo(
+            f"  neighbours: not reusing the index of {shown(skipped['from'])}: {skipped['why']}"
+        )
     if search.get("index", "exact") != "exact":
         click.echo(f"  neighbours {search['how']}")
     if verbose:
-        for name in FOUND:
+        for name in (*FOUND, "groups"):
             click.echo(f"  {name}: {r.summary[name]['how']}")
     click.echo(
-        f"wrote {shown(r.files['report'])} (open it in a browser), summary.json and one CSV per "
-        f"finding in {shown(r.out)}"
+        f"wrote {shown(r.files['report'])} (open it in a browser), summary.json, one CSV per "
+        f"finding and groups.csv in {shown(r.out)}"
     )
     leaks = r.summary["leaks"]["count"]
     exclude = f" --exclude {shown(r.files['leaks'])}" if leaks else ""
