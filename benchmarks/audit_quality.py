@@ -9,8 +9,9 @@ manifest lists the clean images, and a second one the same images with seeded co
 
 - 5% of the training labels flipped to another class (label errors);
 - byte-for-byte copies of 5% of the images put into another split (exact duplicates, leaks);
-- re-encoded (JPEG quality 60), resized (0.5x) and centre-cropped (90%) copies of 5% of the
-  images each, into another split (near duplicates, leaks);
+- re-encoded (JPEG quality 60), resized (0.5x), centre-cropped (90%), mirrored (left-right),
+  zoomed (the centre two thirds blown up 1.5x) and re-cropped (70% of each side, placed by a seed)
+  copies of 5% of the images each, into another split (near duplicates, leaks);
 - 1% foreign images (from another of the sets) with random labels in train (outliers).
 
 Both manifests are extracted with efficientnet_lite0 (offline weights; digits at 64 px), the
@@ -33,6 +34,7 @@ import argparse
 import csv
 import io
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +48,15 @@ SETS = {
     "flowers12": ("/work/shared/data/flowers12", None),
     "hymenoptera": ("/work/shared/data/hymenoptera", None),
     "digits": (None, 64),
+    "grocery81": ("/work/shared/data/grocery81", None),
 }
-FOREIGN = {"flowers12": "hymenoptera", "hymenoptera": "flowers12", "digits": "flowers12"}
-COPY_KINDS = ("exact", "jpeg60", "half", "crop90")
+FOREIGN = {
+    "flowers12": "hymenoptera",
+    "hymenoptera": "flowers12",
+    "digits": "flowers12",
+    "grocery81": "flowers12",
+}
+COPY_KINDS = ("exact", "jpeg60", "half", "crop90", "mirror", "zoom150", "crop70")
 FRACTION, FOREIGN_FRACTION = 0.05, 0.01
 
 
@@ -89,10 +97,18 @@ def _copy(src: Path, kind: str, dst: Path) -> None:
     w, h = img.size
     if kind == "half":
         img = img.resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR)
-    elif kind == "crop90":
-        cw, ch = max(1, round(w * 0.9)), max(1, round(h * 0.9))
-        left, top = (w - cw) // 2, (h - ch) // 2
+    elif kind in ("crop90", "zoom150", "crop70"):
+        side = {"crop90": 0.9, "zoom150": 1 / 1.5, "crop70": 0.7}[kind]
+        cw, ch = max(1, round(w * side)), max(1, round(h * side))
+        # crop90 and zoom150 centred; crop70 wherever a seed of the file's name puts it
+        at = np.random.default_rng(zlib.crc32(dst.name.encode())).random(2)
+        fx, fy = at if kind == "crop70" else (0.5, 0.5)
+        left, top = round((w - cw) * fx), round((h - ch) * fy)
         img = img.crop((left, top, left + cw, top + ch))
+        if kind == "zoom150":  # the centre two thirds blown up to the original size
+            img = img.resize((w, h), Image.BICUBIC)
+    elif kind == "mirror":
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=60 if kind == "jpeg60" else 90)
     dst.write_bytes(buf.getvalue())

@@ -1,0 +1,55 @@
+"""The scoring rule of benchmarks/audit_peers.py: pairs and groups counted alike for every tool.
+
+Pure logic, no peer tools or embedcache run: the benchmark module is imported from its folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import audit_peers as ap  # noqa: E402
+
+SEEDED = [("a", "a2"), ("b", "b2"), ("c", "c2")]
+
+
+def test_a_seeded_pair_is_found_as_a_pair_or_inside_one_group_but_not_through_a_chain():
+    groups = [["a2", "a"], ["b", "x", "b2"], ["c", "y"], ["y", "c2"]]
+    assert ap.found_pairs(groups, SEEDED) == [True, True, False]
+
+
+def test_unseeded_links_are_m_minus_1_per_cluster_less_the_seeded_ones_inside():
+    assert ap.unseeded_pairs([["a", "a2"]], SEEDED) == 0
+    assert ap.unseeded_pairs([["a", "a2", "x"]], SEEDED) == 1
+    assert ap.unseeded_pairs([["x", "y", "z"]], SEEDED) == 2
+    # two seeded pairs joined by a stranger: 4 links, 2 explained
+    assert ap.unseeded_pairs([["a", "a2", "x", "b", "b2"]], SEEDED) == 2
+
+
+def test_a_pair_tool_and_a_cluster_tool_linking_the_same_images_count_the_same():
+    pairs = [["a", "a2"], ["a2", "x"], ["a", "x"], ["x", "y"]]  # every edge, in both orders too
+    cluster = [["x", "a", "y", "a2"]]
+    both_ways = pairs + [[b, a] for a, b in pairs]
+    assert ap.unseeded_pairs(pairs, SEEDED) == ap.unseeded_pairs(cluster, SEEDED) == 2
+    assert ap.unseeded_pairs(both_ways, SEEDED) == 2
+    assert ap.found_pairs(pairs, SEEDED) == ap.found_pairs(cluster, SEEDED)
+
+
+def test_top_recall_takes_the_rounded_share_of_the_ranking():
+    ranking = [f"r{i}" for i in range(20)]
+    assert ap.top_recall(ranking, {"r0", "r1", "r5"}) == pytest.approx(2 / 3)
+    assert ap.top_recall(ranking, set()) is None
+
+
+def test_score_gives_recall_per_kind_in_the_order_asked_and_n_a_without_a_ranking():
+    truth = {
+        "copies": [("a", "a2", "exact"), ("b", "b2", "half"), ("c", "c2", "half")],
+        "flipped": ["a"],
+    }
+    s = ap.score([["a", "a2"], ["b", "b2", "z"]], None, truth, ("exact", "half", "mirror"))
+    assert list(s["recall"]) == ["exact", "half", "mirror"]
+    assert s["recall"] == {"exact": 1.0, "half": 0.5, "mirror": None}
+    assert (s["unseeded_pairs"], s["found"], s["label_recall_top_10pct"]) == (1, 2, None)
