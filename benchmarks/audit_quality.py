@@ -364,7 +364,7 @@ def _pairs_sheet(name: str, rows: list[dict], truth: dict, side: int = 96) -> st
                 sheet.paste(img.convert("RGB").resize((side, side)), (x + j * (side + 2), y))
         draw.text((x, y + side + 1), f"px {r['pixel_similarity']} f {r['similarity']}", "black")
     out = RESULTS / f"audit_clean_pairs_{name}.png"
-    sheet.save(out)
+    sheet.quantize(256).save(out, optimize=True)  # 256 colours: under 2 MB, enough to judge
     return out.name
 
 

@@ -350,43 +350,12 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         w.writerows(rows)
 
 
+PAIR = ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "path"]  # a pair's rows
+SCORES = ["similarity", "pixel_similarity"]
 COLUMNS = {
-    "exact_duplicates": [
-        "group",
-        "path_a",
-        "split_a",
-        "label_a",
-        "path_b",
-        "split_b",
-        "label_b",
-        "path",
-    ],
-    "near_duplicates": [
-        "group",
-        "similarity",
-        "pixel_similarity",
-        "path_a",
-        "split_a",
-        "label_a",
-        "path_b",
-        "split_b",
-        "label_b",
-        "path",
-    ],
-    "leaks": [
-        "group",
-        "kind",
-        "reason",
-        "similarity",
-        "pixel_similarity",
-        "path_a",
-        "split_a",
-        "label_a",
-        "path_b",
-        "split_b",
-        "label_b",
-        "path",
-    ],
+    "exact_duplicates": ["group", *PAIR],
+    "near_duplicates": ["group", *SCORES, *PAIR],
+    "leaks": ["group", "kind", "reason", *SCORES, *PAIR],
     "label_errors": [
         "rank",
         "self_confidence",
