@@ -1,30 +1,28 @@
-"""How `audit` scales: time and peak memory on synthetic caches of 100,000 and 1,000,000 rows.
+"""The whole audit at scale: each stage's time and peak memory, from a cache on disk.
 
-    python benchmarks/audit_scale.py --work /tmp/audit_scale
+    python benchmarks/audit_scale.py --rows 100000,1000000 --exact-rows 100000
 
-Each measurement runs in a fresh process (its own peak resident memory, VmHWM). Synthetic
-caches: 1280-d float16 features in 10 Gaussian classes with 0.1% near copies planted across
-splits, 80% train, 10% val, 10% test.
+Caches (made once under --work, reused): 1280-d float16 rows made from real features,
+grocery81's EfficientNet-Lite0 features (--cache, every split): each row a random one of them
+plus Gaussian noise of its per-dimension spread (twice benchmarks/audit_index.py's: at half,
+half the rows of 100,000 were near copies by feature cosine 0.85 alone), labelled
+with that image's class (81), 2% of the labels flipped to another class, and 0.1% of the rows
+replaced by a near copy (noise of 0.05 spread) of another row; 80% train, 10% val, 10% test.
+The caches hold features only: no content hashes or thumbnails (`write_cache` makes neither),
+so exact duplicates are not checked and near duplicates are paired by feature cosine alone.
 
-- 100,000 rows: the whole audit (`embedcache.audit`, default settings, this machine's CPU), its
-  time split into the search and the label check by the audit's own log lines.
-- 100,000 and 1,000,000 rows: the audit's own steps up to the search (reading the cache, unit
-  rows), then ``--query-blocks`` query blocks of the search against all rows, timed and
-  extrapolated to every block (each block costs the same: QUERY_ROWS x N x D multiply-adds);
-  the full run would take hours on 2 cores. Side by side in the same process: the search as it
-  was before bf16 (float32, each key block converted for every query block) and as it is (the
-  device's similarity dtype, candidates re-scored in float32). Peak memory is that of the
-  search layout, which the full run keeps.
-
-The model for other sizes: the search costs N^2 x D multiply-adds (fitted on the measured
-rate) and holds N x D x 2 bytes of unit rows plus a fixed ~0.5 GB of blocks; the label check
-holds 0.8 N x D x 4 bytes (a fold's training rows in float32) and costs about 600 passes over
-the rows (L-BFGS, 5 folds).
+Each audit runs in a fresh process (its own peak resident memory, VmHWM): `embedcache.audit`
+with its defaults (--index auto: faiss's index from 50,000 rows), its stages timed by the log
+lines it writes: reading the cache (and scaling the rows), the label check, the neighbour
+search (the index built, its recall checked, every row searched), then the findings from the
+neighbours (near duplicates, leaks, groups, outliers) and the files. At --exact-rows the same
+cache is audited again with --index exact, and the findings of the two compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -34,230 +32,177 @@ from pathlib import Path
 import numpy as np
 from common import peak_rss_mb, save
 
-DIM, CLASSES = 1280, 10
+FLIPPED, COPIES = 0.02, 0.001
 
 
-def make_cache(path: Path, rows: int, seed: int = 0) -> Path:
-    """A synthetic cache of ``rows`` 1280-d float16 rows, written in blocks."""
+def make_cache(real_cache: str, path: Path, rows: int, seed: int = 0) -> Path:
+    """The synthetic cache of ``rows`` rows (see the module's docstring), written once."""
     from embedcache import write_cache
+    from embedcache.cache import open_cache
 
     if path.exists():
         return path
+    with open_cache(real_cache) as c:
+        real = np.concatenate([c.features(s)[:].astype(np.float32) for s in c.splits])
+        real_labels = np.concatenate([c.labels(s) for s in c.splits])
+        classes = list(c.classes)
+    spread = real.std(0)
     rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (CLASSES, DIM)).astype(np.float32)
-    labels = rng.integers(0, CLASSES, rows)
-    x = np.empty((rows, DIM), np.float16)
+    source = rng.integers(0, len(real), rows)
+    x = np.empty((rows, real.shape[1]), np.float16)
     for lo in range(0, rows, 65536):
-        hi = min(rows, lo + 65536)
-        x[lo:hi] = centres[labels[lo:hi]] + rng.normal(0, 1.5, (hi - lo, DIM)).astype(np.float32)
-    copies = rng.choice(rows, rows // 1000, replace=False)
-    sources = rng.choice(rows, rows // 1000, replace=False)
-    x[copies] = x[sources] + rng.normal(0, 0.05, (len(copies), DIM)).astype(np.float16)
-    labels[copies] = labels[sources]
+        n = min(rows, lo + 65536) - lo
+        noise = rng.normal(0, 1, (n, real.shape[1])).astype(np.float32) * spread
+        x[lo : lo + n] = real[source[lo : lo + n]] + noise
+    labels = real_labels[source].astype(np.int64)
+    flip = rng.choice(rows, int(rows * FLIPPED), replace=False)
+    labels[flip] = (labels[flip] + rng.integers(1, len(classes), len(flip))) % len(classes)
+    copies, of = rng.choice(rows, (2, int(rows * COPIES)), replace=False)
+    x[copies] = x[of] + (rng.normal(0, 1, (len(of), x.shape[1])) * spread * 0.05).astype(np.float16)
+    labels[copies] = labels[of]
     cut = [int(rows * 0.8), int(rows * 0.9)]
     splits = {
         name: (x[a:b], labels[a:b], [f"{name}/{i}.jpg" for i in range(a, b)])
         for name, a, b in (("train", 0, cut[0]), ("val", cut[0], cut[1]), ("test", cut[1], rows))
     }
-    classes = [f"c{i}" for i in range(CLASSES)]
-    return write_cache(
-        path, splits, classes=classes, backbone="synthetic", weights="none", transform="{}"
-    )
+    tmp = path.with_suffix(".tmp.h5")
+    write_cache(tmp, splits, classes=classes, backbone="synthetic", weights="none", transform="{}")
+    tmp.rename(path)
+    return path
 
 
-def run_full(cache: Path, out: Path) -> dict:
-    from embedcache import audit
-
-    marks = {}
-
-    def log(line: str) -> None:
-        marks[line.split(":")[0]] = time.perf_counter()
-
-    t = time.perf_counter()
-    r = audit(cache, out=out, progress=False, report_rows=0, log=log)
-    end = time.perf_counter()
-    counts = {
-        k: r.summary[k]["count"] for k in ("near_duplicates", "leaks", "label_errors", "outliers")
-    }
-    return {
-        "seconds": round(end - t, 1),
-        "search_and_findings_s": round(marks["label errors"] - marks["neighbours"], 1),
-        "label_check_and_files_s": round(end - marks["label errors"], 1),
-        "peak_rss_mb": round(peak_rss_mb()),
-        "counts": counts,
-    }
-
-
-def _old_query_block(x, q0: int, q1: int, k: int):
-    """The search's query block before bf16 (at da726c1): float32, every key block converted
-    for every query block."""
-    import torch
-
-    q = x[q0:q1].float()
-    rows = torch.arange(q0, q1)
-    best_s = torch.full((q1 - q0, k), -float("inf"))
-    best_i = torch.zeros((q1 - q0, k), dtype=torch.int64)
-    for k0 in range(0, len(x), KEY_ROWS_OLD):
-        keys = x[k0 : k0 + KEY_ROWS_OLD].float()
-        s = q @ keys.T
-        if k0 < q1 and q0 < k0 + len(keys):
-            mine = (rows >= k0) & (rows < k0 + len(keys))
-            s[mine.nonzero().squeeze(1), rows[mine] - k0] = -float("inf")
-        top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
-        best_s, pick = torch.cat([best_s, top_s], 1).topk(k, dim=1)
-        best_i = torch.cat([best_i, top_i + k0], 1).gather(1, pick)
-    return best_s, best_i
-
-
-KEY_ROWS_OLD = 32768
-
-
-def _timed(f) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
-
-
-def run_search(cache: Path, blocks: int) -> dict:
-    import torch
-
-    from embedcache import open_cache
-    from embedcache.auditing import search
-    from embedcache.auditing.findings import Pool
-    from embedcache.runtime import similarity_dtype
-
-    t = time.perf_counter()
-    with open_cache(cache) as c:
-        pool = Pool.read(c)
-    read_s = time.perf_counter() - t
-    unit_s = _timed(lambda: search.unit_rows(pool.features, out=pool.features))
-    x = torch.from_numpy(pool.features)
-    n, rows = len(x), blocks * search.QUERY_ROWS
-    dtype = similarity_dtype(torch.device("cpu"))
-    kept = 10 + (search.MARGIN if dtype != torch.float32 else 0)
-    found = {}
-
-    def new() -> None:
-        found["index"] = search.candidates(x, kept=kept, dtype=dtype, queries=rows)[1]
-
-    with torch.inference_mode():
-        old_s = _timed(
-            lambda: [
-                _old_query_block(x, b * rows // blocks, (b + 1) * rows // blocks, 10)
-                for b in range(blocks)
-            ]
-        )
-        new_s = _timed(new)
-        rescore_s = _timed(lambda: search.rescored(x, found["index"], k=10)) if kept > 10 else 0.0
-    total_blocks = -(-n // search.QUERY_ROWS)
-    per_block = (new_s + rescore_s) / blocks
-    return {
-        "read_s": round(read_s, 1),
-        "unit_s": round(unit_s, 1),
-        "blocks_run": blocks,
-        "similarity_dtype": str(dtype).removeprefix("torch."),
-        "seconds_per_block": round(per_block, 2),
-        "rescore_share": round(rescore_s / (new_s + rescore_s), 3),
-        "search_s_extrapolated": round(per_block * total_blocks),
-        "old_seconds_per_block": round(old_s / blocks, 2),
-        "old_search_s_extrapolated": round(old_s / blocks * total_blocks),
-        "peak_rss_mb": round(peak_rss_mb()),
-        "madds_per_s": round(search.QUERY_ROWS * n * DIM / per_block / 1e9, 1),
-        "old_madds_per_s": round(search.QUERY_ROWS * n * DIM / (old_s / blocks) / 1e9, 1),
-    }
+STAGES = (  # the log line that ends each stage: (stage, its first words)
+    ("read the cache, scale the rows", "label errors:"),
+    ("label check", "neighbours: faiss index over"),
+    ("label check", "neighbours: exact cosine search"),
+    ("neighbour search", "neighbours: approximate"),
+)
 
 
 def child(args) -> None:
-    cache = make_cache(args.work / f"synthetic_{args.rows}.h5", args.rows)
-    if args.step == "make":
-        return
-    result = (
-        run_full(cache, args.work / f"audit_{args.rows}")
-        if args.step == "full"
-        else run_search(cache, args.query_blocks)
+    from embedcache import audit
+
+    marks = [("start", time.perf_counter())]
+
+    def log(line: str) -> None:
+        for stage, start in STAGES:
+            if line.startswith(start):
+                marks.append((stage, time.perf_counter()))
+
+    cache = args.work / f"rows{args.rows}.h5"  # made by its own process, not measured here
+    out = args.work / f"audit{args.rows}_{args.index}"
+    result = audit(cache, out=out, progress=False, report_rows=0, log=log, index=args.index)
+    last = "findings, files" if len(marks) == 4 else "search, findings, files"
+    marks.append((last, time.perf_counter()))
+    stages = {b[0]: round(b[1] - a[1], 1) for a, b in zip(marks, marks[1:], strict=False)}
+    s = result.summary
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "index": args.index,
+                "seconds": round(marks[-1][1] - marks[0][1], 1),
+                "stages": stages,
+                "peak_mb": round(peak_rss_mb()),
+                "search": {k: v for k, v in s["search"].items() if k != "how"},
+                "found": {
+                    k: s[k].get("images", s[k]["count"])
+                    for k in ("near_duplicates", "leaks", "label_errors", "outliers")
+                },
+                "out": str(out),
+            }
+        )
     )
-    print(json.dumps(result))
 
 
-def measure(work: Path, rows: int, step: str, blocks: int = 2) -> dict:
-    base = [
-        sys.executable,
-        __file__,
-        "--work",
-        str(work),
-        "--rows",
-        str(rows),
-        "--query-blocks",
-        str(blocks),
+def measure(args, rows: int, index: str) -> dict:
+    cache = args.work / f"rows{rows}.h5"
+    if not cache.exists():
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from audit_scale import make_cache; "
+        code += "make_cache(sys.argv[2], __import__('pathlib').Path(sys.argv[3]), int(sys.argv[4]))"
+        here = str(Path(__file__).parent)
+        make = [sys.executable, "-c", code, here, args.cache, str(cache), str(rows)]
+        subprocess.run(make, check=True)
+    cmd = [sys.executable, __file__, "--child", "--rows", str(rows), "--index", index]
+    cmd += ["--cache", args.cache, "--work", str(args.work)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"audit of {rows} rows failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _rows_of(out: str, name: str) -> set:
+    with open(Path(out) / f"{name}.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    first = rows[0] if rows else {}
+    if "path_a" in first:
+        return {(r["path_a"], r["path_b"]) for r in rows}
+    return {r["image" if "image" in first else "path"] for r in rows}
+
+
+def compared(approx: dict, exact: dict) -> dict:
+    """Per finding: rows in both audits, only in the approximate one, only in the exact one."""
+    out = {}
+    for name in ("near_duplicates", "leaks", "groups", "outliers", "label_errors"):
+        a, e = _rows_of(approx["out"], name), _rows_of(exact["out"], name)
+        out[name] = {"both": len(a & e), "approx_only": len(a - e), "exact_only": len(e - a)}
+    return out
+
+
+def markdown(runs: list[dict], comparison: dict | None) -> str:
+    names = list(dict.fromkeys(s for r in runs for s in r["stages"]))
+    lines = [
+        "| rows | search | " + " | ".join(names) + " | whole audit | peak memory | recall@10 "
+        "| recall@30 |",
+        "|---:|---|" + "---:|" * (len(names) + 4),
     ]
-    subprocess.run([*base, "--step", "make"], check=True)
-    out = subprocess.run([*base, "--step", step], check=True, capture_output=True, text=True)
-    return {"rows": rows, "step": step, **json.loads(out.stdout.strip().splitlines()[-1])}
-
-
-def model(rate_madds: float, full_100k: dict) -> dict:
-    """Seconds and bytes of the search and the label check at 10M rows, from the measured rates."""
-    n = 10_000_000
-    label_s = full_100k["seconds"] - full_100k.get("search_s", 0)
-    return {
-        "rows": n,
-        "search_hours_this_cpu": round(n * n * DIM / (rate_madds * 1e9) / 3600, 1),
-        "search_memory_gb": round(n * DIM * 2 / 1e9 + 0.5, 1),
-        "label_check_memory_gb": round(0.8 * n * DIM * 4 / 1e9, 1),
-        "label_check_hours_this_cpu": round(label_s * n / 100_000 / 3600, 1),
-    }
+    for r in runs:
+        stage = " | ".join(f"{r['stages'][n]} s" if n in r["stages"] else "" for n in names)
+        s = r["search"]
+        r10 = f"{s['recall_at_k']:.4f}" if s.get("recall_at_k") is not None else "exact"
+        r30 = f"{s['recall_at_depth']:.4f}" if s.get("recall_at_depth") is not None else "exact"
+        lines.append(
+            f"| {r['rows']:,} | {s['index']} | {stage} | {r['seconds']} s | "
+            f"{r['peak_mb']:,} MB | {r10} | {r30} |"
+        )
+    lines += ["", "Found (images, or rows for label errors and outliers):", ""]
+    for r in runs:
+        lines.append(f"- {r['rows']:,} rows, {r['search']['index']}: {r['found']}")
+    tries = [r for r in runs if r["search"].get("tries")]
+    if tries:
+        lines += ["", "Tries of the approximate search (cells probed, candidates re-scored):", ""]
+        lines += [f"- {r['rows']:,} rows: {r['search']['tries']}" for r in tries]
+    if comparison:
+        lines += ["", f"Approximate against exact at {comparison['rows']:,} rows:", ""]
+        lines += ["| finding | in both | approximate only | exact only |", "|---|---:|---:|---:|"]
+        for name, c in comparison["findings"].items():
+            lines.append(f"| {name} | {c['both']} | {c['approx_only']} | {c['exact_only']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="100000,1000000")
+    p.add_argument("--exact-rows", type=int, default=100_000, help="0: no exact audit")
+    p.add_argument("--cache", default="/tmp/longtail/grocery81.h5", help="the real features")
     p.add_argument("--work", type=Path, default=Path("/tmp/audit_scale"))
-    p.add_argument("--rows", type=int, default=0)
-    p.add_argument("--step", choices=("make", "full", "search"))
-    p.add_argument("--query-blocks", type=int, default=2)
+    p.add_argument("--index", default="auto")
+    p.add_argument("--child", action="store_true")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.step:
+    if args.child:
+        args.rows = int(args.rows)
         child(args)
         return
-    rows = [measure(args.work, 100_000, "search", 2), measure(args.work, 100_000, "full")]
-    rows.append(measure(args.work, 1_000_000, "search", args.query_blocks))
-    rows[1]["search_s"] = rows[1]["search_and_findings_s"]
-    payload = {"measured": rows, "model_10m": model(rows[2]["madds_per_s"], rows[1])}
-    save("audit_scale_cpu", payload, markdown(payload))
-
-
-def markdown(payload: dict) -> str:
-    lines = ["| rows | what | seconds | peak RSS MB | notes |", "|---:|---|---:|---:|---|"]
-    for r in payload["measured"]:
-        if r["step"] == "full":
-            lines.append(
-                f"| {r['rows']:,} | whole audit | {r['seconds']} | {r['peak_rss_mb']} | "
-                f"search and findings {r['search_and_findings_s']} s, label check and files "
-                f"{r['label_check_and_files_s']} s; found {r['counts']} |"
-            )
-        else:
-            lines.append(
-                f"| {r['rows']:,} | exact kNN search (k=10, {r['similarity_dtype']}), "
-                f"{r['blocks_run']} of the query blocks run, extrapolated | "
-                f"{r['search_s_extrapolated']} | {r['peak_rss_mb']} | read {r['read_s']} s, "
-                f"unit rows {r['unit_s']} s, {r['seconds_per_block']} s per block "
-                f"({r['rescore_share']:.0%} of it the float32 re-score), "
-                f"{r['madds_per_s']} G multiply-adds/s; side by side, the float32 search "
-                f"before: {r['old_seconds_per_block']} s per block, "
-                f"{r['old_search_s_extrapolated']} s, {r['old_madds_per_s']} G/s |"
-            )
-    m = payload["model_10m"]
-    lines += [
-        "",
-        f"Model at {m['rows']:,} rows on this CPU: exact search {m['search_hours_this_cpu']} h and "
-        f"{m['search_memory_gb']} GB (unit rows in float16 + blocks); label check "
-        f"{m['label_check_hours_this_cpu']} h and {m['label_check_memory_gb']} GB (float32 rows). "
-        "The search is N^2 x D multiply-adds: "
-        "on one GPU at ~50 T fp32 multiply-adds/s that is about "
-        f"{10_000_000**2 * DIM / 50e12 / 3600:.1f} h; "
-        "faiss (IVF or HNSW, not built in) trades exactness for roughly N log N.",
-    ]
-    return "\n".join(lines)
+    runs, comparison = [], None
+    for rows in map(int, args.rows.split(",")):
+        runs.append(measure(args, rows, "auto"))
+        if rows == args.exact_rows:
+            runs.append(measure(args, rows, "exact"))
+            comparison = {"rows": rows, "findings": compared(runs[-2], runs[-1])}
+    save("audit_scale_cpu", {"runs": runs, "comparison": comparison}, markdown(runs, comparison))
 
 
 if __name__ == "__main__":

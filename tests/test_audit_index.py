@@ -9,7 +9,13 @@ import torch
 
 from embedcache import audit
 from embedcache.auditing import _approximate
-from embedcache.auditing.index import _without_self, approximate, cells_for, recall_at_k
+from embedcache.auditing.index import (
+    _best,
+    _without_self,
+    approximate,
+    cells_for,
+    recall_at_k,
+)
 from embedcache.auditing.search import nearest, unit_rows
 from embedcache.config import APPROX_FROM_ROWS, AuditConfig
 from embedcache.errors import EmbedcacheError
@@ -23,6 +29,16 @@ def _copies(n_sources=400, copies=5, dim=48, seed=0) -> np.ndarray:
     base = rng.normal(0, 1, (n_sources, dim))
     x = np.repeat(base, copies, axis=0) + rng.normal(0, 0.35, (n_sources * copies, dim))
     return unit_rows(x.astype(np.float32))
+
+
+def _low_rank(n_sources=500, copies=4, dim=48, rank=8, seed=0) -> np.ndarray:
+    """Unit rows like features: near copies of sources in a ``rank``-d subspace of ``dim``,
+    and a little of every other direction."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(0, 1, (dim, rank)))[0].T
+    base = rng.normal(0, 1, (n_sources, rank)) @ basis
+    x = np.repeat(base, copies, axis=0) + rng.normal(0, 0.25, (n_sources * copies, rank)) @ basis
+    return unit_rows((x + rng.normal(0, 0.05, x.shape)).astype(np.float32))
 
 
 def test_approximate_search_reports_exact_similarities_and_meets_its_recall_floor():
@@ -53,7 +69,17 @@ def test_the_row_itself_is_dropped_wherever_faiss_returns_it():
     found = np.array([[5, 0, 1], [2, 3, 4], [7, -1, -1]])
     rows = np.array([0, 9, 7])
     out = _without_self(found, rows, 2)
-    assert out.tolist() == [[5, 1], [2, 3], [7, 7]]  # empty slots point at the row itself
+    assert out.tolist() == [[5, 1], [2, 3], [-1, -1]]  # empty slots stay empty
+
+
+def test_rescoring_leaves_out_empty_slots_and_the_row_itself():
+    unit = _copies(n_sources=20, copies=2, dim=16)
+    rows = np.array([0, 5])
+    cand = np.array([[1, -1, 0, 7], [5, 4, -1, 3]])  # -1: faiss found none; 0, 5: the rows
+    sims, best = _best(torch.from_numpy(unit), rows, 2, lambda r: cand[np.searchsorted(rows, r)])
+    assert sorted(best[0].tolist()) == [1, 7] and sorted(best[1].tolist()) == [3, 4]
+    dots = np.einsum("nd,nkd->nk", unit[rows], unit[best.numpy()])
+    assert np.allclose(sims.numpy(), dots, atol=1e-5)
 
 
 def test_cells_grow_with_the_square_root_of_the_rows():
@@ -101,3 +127,39 @@ def test_an_approximate_audit_finds_what_the_exact_one_finds(tmp_path):
     assert exact.summary["search"] == {"index": "exact", "rows": 3000}
     s = approx.summary["search"]
     assert s["index"].startswith("IVF") and s["recall_at_k"] >= 0.95 and s["recall_queries"] == 1000
+    # the floor holds at the outlier score's 10 neighbours; all 30 searched are recorded beside
+    assert s["k"] == 10 and s["depth"] == 30 and 0 < s["recall_at_depth"] <= 1
+
+
+def test_wide_rows_are_indexed_by_principal_components_and_rescored_whole(monkeypatch):
+    from embedcache.auditing import index as ix
+
+    monkeypatch.setattr(ix, "PCA_DIMS", 12)  # 48-d rows: wider than the projection
+    unit = _low_rank(seed=2)
+    built = ix.build(unit)
+    assert ix.name(built).startswith("PCA12,IVF") and built.ntotal == 2000
+    index, sims, record = approximate(unit, k=5, floor=0.97, index=built)
+    dots = np.einsum("nd,nkd->nk", unit, unit[index])
+    assert np.allclose(sims, dots, atol=1e-5)  # the similarities are the whole rows'
+    _, exact_s = nearest(unit, k=5, device=torch.device("cpu"), dtype=torch.float32)
+    whole = recall_at_k(torch.from_numpy(sims), torch.from_numpy(exact_s))
+    assert record.recall[-1] >= 0.97 and whole >= 0.95
+    assert record.candidates[0] == 5 + 16 and record.to_dict()["tries"][0]["candidates"] == 21
+    # an index grown by new rows searches them through the same projection
+    more = _low_rank(n_sources=100, copies=2, seed=3)
+    both = np.concatenate([unit, more])
+    got, got_s, grown_record, ids, _ = ix.grown(built, both, (np.arange(2000), None), k=5)
+    _, exact_both = nearest(both, k=5, device=torch.device("cpu"), dtype=torch.float32)
+    assert recall_at_k(torch.from_numpy(got_s), torch.from_numpy(exact_both)) >= 0.95
+    assert grown_record.index.startswith("PCA12,") and len(ids) == 2200
+
+
+def test_when_the_projection_limits_recall_more_candidates_are_rescored(monkeypatch):
+    from embedcache.auditing import index as ix
+
+    monkeypatch.setattr(ix, "PCA_DIMS", 3)  # too few components to rank 8-d neighbours
+    unit = _low_rank(n_sources=300, seed=4)
+    _, _, record = approximate(unit, k=5, floor=0.99)
+    assert record.candidates == sorted(record.candidates) and len(record.candidates) > 1
+    assert record.candidates[1] == 2 * record.candidates[0]
+    assert record.recall[-1] > record.recall[0]

@@ -93,7 +93,8 @@ def test_the_label_check_ranks_probabilities_calibrated_by_one_recorded_temperat
     monkeypatch.setattr(
         auditing,
         "out_of_fold_logits",
-        lambda x, y, **kw: seen.append((real(x, y, **kw), y)) or seen[-1][0],
+        # the audit turns the logits into probabilities in place: it gets a copy
+        lambda x, y, **kw: seen.append((real(x, y, **kw), y)) or seen[-1][0].copy(),
     )
     r = audit(planted[0], out=tmp_path / "audit", progress=False, device="cpu")
     ((logits, labels),) = seen
@@ -153,6 +154,30 @@ def test_out_of_fold_probabilities_rank_flipped_labels_first():
     assert set(issues.order[:4]) == set(flipped)
     assert issues.flagged[flipped].sum() >= 3 and issues.flagged.sum() <= 8
     np.testing.assert_array_equal(issues.suggested[flipped], y[flipped])
+
+
+def test_probes_train_on_capped_rows_keeping_every_row_of_a_rare_class(monkeypatch):
+    from embedcache.auditing import labels as lab
+
+    y = np.repeat([0, 1, 2, 3], [900, 6, 400, 40])
+    kept = lab.capped(y, np.arange(len(y)), 300, seed=0)
+    assert len(kept) <= 300 and (np.diff(kept) > 0).all()
+    per_class = np.bincount(y[kept], minlength=4)
+    assert per_class[1] == 6 and per_class[3] == 40  # under the quota: all of them
+    assert per_class[0] == per_class[2] >= 120  # the rest shared out
+    assert (lab.capped(y, np.arange(50), 300, seed=0) == np.arange(50)).all()
+    # the cap holds the label check's training copies, and the flips still rank first
+    x, clean = _separated(30, classes=4, dim=32, scale=2.0)
+    noisy = clean.copy()
+    noisy[[0, 35, 70, 100]] = (clean[[0, 35, 70, 100]] + 1) % 4
+    seen = []
+    real = lab._standardised
+    monkeypatch.setattr(lab, "PROBE_ROWS", 40)
+    monkeypatch.setattr(lab, "PROBE_PER_CLASS", 5)
+    monkeypatch.setattr(lab, "_standardised", lambda f, r: seen.append(len(r)) or real(f, r))
+    issues = label_issues(lab.out_of_fold_probabilities(x, noisy, folds=5, seed=0), noisy)
+    assert len(seen) == 6 and max(seen[1:]) <= 40 < 96  # a fold's 96 training rows capped
+    assert set(issues.order[:4]) == {0, 35, 70, 100}
 
 
 @pytest.fixture
@@ -471,3 +496,23 @@ def test_pixel_threshold_rises_where_different_images_are_alike_and_stays_on_pho
     index, _ = nearest(unit, k=10, device=torch.device("cpu"))
     kept, record = adapted_rule(_pool_of(thumbs, unit), index, rule, seed=0)
     assert kept == rule and not record["raised"] and record["different_images_p99"] < 0.85
+
+
+def test_neighbours_under_every_rule_are_left_out_before_pairs_are_made():
+    from embedcache.auditing.findings import NearRule, Pairs, near_pairs
+    from embedcache.auditing.search import nearest, unit_rows
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[150:200] = x[:50] + rng.normal(0, 0.45, (50, 16))  # 50 copies, at cosines either side of 0.9
+    unit = unit_rows(x)
+    thumbs = rng.integers(0, 255, (300, 32, 32), dtype=np.uint8)
+    thumbs[150:200] = thumbs[:50]  # their pixels agree
+    pool = _pool_of(thumbs, unit)
+    index, sims = nearest(unit, k=8, device=torch.device("cpu"), dtype=torch.float32)
+    rule = NearRule(alone=0.95, confirmed=0.9, pixel=0.85)
+    full = near_pairs(pool, unit, [index], rule, Pairs())
+    quick = near_pairs(pool, unit, [index], rule, Pairs(), [sims])
+    assert 0 < len(full) < 50  # some copies under the feature cosine: the rule matters here
+    assert (quick.a == full.a).all() and (quick.b == full.b).all()
+    np.testing.assert_array_equal(quick.score, full.score)

@@ -157,7 +157,7 @@ def _check_labels(pool: Pool, cfg: AuditConfig, say):
         folds=cfg.folds,
         seed=cfg.seed,
     )
-    probs, calibration = calibrated(logits, labels)
+    probs, calibration = calibrated(logits, labels, out=logits)  # one (n, C) array
     issues = label_issues(probs, labels)
     ranking = [pool.paths[rows[i]] for i in issues.order]
     how = (
@@ -179,13 +179,15 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say, features=None) 
     device = resolve_device(cfg.device)
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
     unit = unit_rows(pool.features, out=pool.features)
+    # before the search: its (n, classes) probabilities are gone before the index is built
+    label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
     # near-duplicate candidates reach deeper than the outlier score's neighbours: a zoomed or
     # re-cropped copy of a product shot had 10 other images nearer than it (audit_quality.md)
     deep = cfg.replace(neighbours=max(cfg.neighbours, NEAR_CANDIDATES))
     earlier, skipped = _earlier(deep, pool, unit, features, say)
     index, sims, search, searched = _neighbours(
-        unit, deep, device, progress, say, earlier, indexed=cfg.reuse is not None
-    )
+        unit, deep, device, progress, say, earlier, cfg.reuse is not None, cfg.neighbours
+    )  # the recall floor holds at the outlier score's --neighbours; the rest recorded
     if skipped:  # --reuse given, a fresh index built instead
         search["reuse_skipped"] = {"from": str(cfg.reuse), "why": skipped}
     candidates = [index]
@@ -193,11 +195,10 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say, features=None) 
         candidates.append(_neighbours(pool.codes, cfg, device, False, lambda line: None)[0])
     rule = NearRule(cfg.near_threshold, cfg.near_confirmed, cfg.pixel_threshold)
     rule, adapted = adapted_rule(pool, index[:, : cfg.neighbours], rule, seed=cfg.seed)
-    near = near_pairs(pool, unit, candidates, rule, exact)
+    near = near_pairs(pool, unit, candidates, rule, exact, [sims] + [None] * (len(candidates) - 1))
     leak: Leaks = leaks(pool, exact, near)
     joined = duplicate_groups(pool, exact, near)  # exact and near pairs together
     found, distance = outliers(sims[:, : cfg.neighbours], z=cfg.outlier_z)
-    label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
     tables = _pair_tables(pool, exact, near, leak, joined)
     tables |= {"label_errors": label_rows, "outliers": _outlier_rows(pool, found)}
     how = {
@@ -282,13 +283,16 @@ def _approximate(cfg: AuditConfig, rows: int) -> bool:
 NEAR_CANDIDATES = 30  # feature neighbours searched per image for near duplicates
 
 
-def _neighbours(unit, cfg: AuditConfig, device, progress: bool, say, earlier=None, indexed=False):
+def _neighbours(
+    unit, cfg: AuditConfig, device, progress: bool, say, earlier=None, indexed=False, checked=None
+):
     """Each image's nearest neighbours: (index, similarity, the search's record for the
     summary: its kind, and for the index its recall; the index to save, None for exact).
     ``earlier``: an earlier audit's index to grow (--reuse); ``indexed``: the faiss index
-    whatever the size."""
+    whatever the size; ``checked``: the first neighbours the recall floor holds at (default:
+    all)."""
     if earlier is not None:
-        return reuse.search(unit, earlier, cfg, progress, say)
+        return reuse.search(unit, earlier, cfg, progress, say, checked=checked)
     if not indexed and not _approximate(cfg, len(unit)):
         say(f"neighbours: exact cosine search over {len(unit)} images on {device}")
         index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
@@ -304,6 +308,7 @@ def _neighbours(unit, cfg: AuditConfig, device, progress: bool, say, earlier=Non
         seed=cfg.seed,
         progress=progress,
         index=built,
+        checked=checked,
     )
     say(f"neighbours: {record.describe()}")
     searched = reuse.Searched(built, np.arange(len(unit)), index, reuse.sketch(unit))

@@ -405,20 +405,25 @@ def _same_bytes(pool: Pool, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def near_pairs(
-    pool: Pool, unit: np.ndarray, neighbours: list[np.ndarray], rule: NearRule, exact: Pairs
+    pool: Pool,
+    unit: np.ndarray,
+    neighbours: list[np.ndarray],
+    rule: NearRule,
+    exact: Pairs,
+    sims: list[np.ndarray | None] | None = None,
 ) -> Pairs:
     """Near duplicates among each row's neighbours, decided by ``rule``; pairs of byte copies
     left out (they are exact duplicates).
 
     unit : (n, d) unit rows of the features; neighbours : (n, k) int64 index arrays from
     :func:`embedcache.auditing.search.nearest`, one per space searched (features, pixel codes),
-    whose pairs are the candidates.
+    whose pairs are the candidates; sims : their feature cosines where known (the features'
+    search), each (n, k) float32, or None
     """
     n = len(pool)
-    a = np.concatenate([np.repeat(np.arange(n), i.shape[1]) for i in neighbours])
-    b = np.concatenate([i.ravel() for i in neighbours])
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    keys = np.unique(lo * n + hi)
+    # a pair under every rule's feature cosine cannot pass: left out before the pairs are made
+    floor = rule.alone if pool.codes is None else min(rule.alone, rule.confirmed)
+    keys = _candidate_keys(n, neighbours, sims or [None] * len(neighbours), floor - 1e-5)
     same = np.minimum(exact.a, exact.b) * n + np.maximum(exact.a, exact.b)
     keys = keys[~np.isin(keys, same) & (keys // n != keys % n)]
     lo, hi = keys // n, keys % n
@@ -442,6 +447,22 @@ def near_pairs(
     a = np.array([p[0] for p in ordered], np.int64)
     b = np.array([p[1] for p in ordered], np.int64)
     return Pairs(a, b, score, pixel).sorted()
+
+
+def _candidate_keys(n: int, neighbours: list, sims: list, floor: float) -> np.ndarray:
+    """The unique pairs (lo * n + hi, lo < hi or a row with itself) of the neighbour lists,
+    where a list's feature cosine is known only those at ``floor`` or above; made PAIR_ROWS
+    rows at a time, so that no (n, k) temporaries are held."""
+    keys = []
+    for index, sim in zip(neighbours, sims, strict=True):
+        for lo in range(0, n, PAIR_ROWS):
+            block = index[lo : lo + PAIR_ROWS]
+            r, c = np.nonzero(
+                np.ones(block.shape, bool) if sim is None else sim[lo : lo + PAIR_ROWS] >= floor
+            )
+            a, b = r + lo, block[r, c]
+            keys.append(np.unique(np.minimum(a, b) * n + np.maximum(a, b)))
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
 
 def _row_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,23 +1,26 @@
 """Approximate cosine nearest neighbours with faiss, with their recall measured on every run.
 
 Past a few tens of thousands of rows the exact search (:mod:`.search`) costs N^2 x D: 111-349 s
-for 100,000 x 1280 rows on 2 cores. Here an inverted-file index (faiss ``IVF{nlist},SQ8``:
-a k-means coarse quantiser of ``nlist`` cells, the rows stored as one byte per dimension, half
-the memory of the float16 rows beside it) searches each row's ``nprobe`` nearest cells only.
-The candidates it returns are re-scored exactly in float32 (:func:`.search.rescored`), so
-every similarity reported is exact; only a neighbour the index missed is missing.
+for 100,000 x 1280 rows on 2 cores. Here an inverted-file index searches each row's ``nprobe``
+nearest cells only: rows wider than PCA_DIMS are projected on their first PCA_DIMS principal
+components (faiss ``PCA256,IVF{nlist},SQ8``: a k-means coarse quantiser of ``nlist`` cells over
+the projections, stored at one byte per dimension). The candidates it returns, about twice the
+neighbours asked for, are re-scored exactly in float32 on the whole rows
+(:func:`.search.rescored`), so every similarity reported is exact; only a neighbour the index
+missed is missing.
 
 Every run checks itself before it searches: the exact neighbours of RECALL_QUERIES seeded rows
-against all rows, and the share of them the index finds (recall@k, ties counted as found).
-Below the floor it probes twice the cells and checks again, until the floor is met or every
-cell is probed; then it searches every row at that setting. An audit of a cache grown since
-adds the new rows to the earlier audit's index and searches only them against all (:func:`grown`,
-:mod:`.reuse`).
+against all rows, and the share of them the index finds (recall@k, ties counted as found, at
+the ``checked`` first neighbours; the recall of all of them is recorded beside). Below the
+floor it probes twice the cells, re-scores twice the candidates and checks again, until the
+floor is met or every cell is probed; then it searches every row at that setting. An audit of
+a cache grown since adds the new rows to the earlier audit's index and searches only them
+against all (:func:`grown`, :mod:`.reuse`).
 
-Measured on rows made from grocery81's EfficientNet-Lite0 features with noise, 2 cores, k 30
-(benchmarks/results/audit_index_cpu.md): 100,000 rows in 65.9 s against 113.9 s for the exact
-search, recall@30 0.991 on the sample and 0.992 over every row; 1,000,000 rows in 650.7 s at
-recall@30 0.9999, where exact search would take about 100 x 114 s.
+Measured in whole audits on 2 cores, rows made from grocery81's EfficientNet-Lite0 features
+with noise (benchmarks/results/audit_scale_cpu.md): the search of 100,000 rows took 17.5 s at
+recall@10 0.987 (recall@30 0.917), against 80.6 s for the exact search and its findings; of
+1,000,000 rows 223.5 s at recall@10 0.986, where exact search would take about 100 x as long.
 """
 
 from __future__ import annotations
@@ -33,8 +36,15 @@ from .search import MARGIN, rescored
 
 RECALL_QUERIES = 1000  # rows whose exact neighbours check each approximate search
 FIRST_NPROBE = 8
-TRAIN_PER_CELL = 64  # k-means training rows per cell (faiss warns below 39)
-ADD_ROWS = 65536  # rows converted to float32 and added, or searched, at a time
+TRAIN_PER_CELL = 40  # k-means training rows per cell (faiss warns below 39)
+ADD_ROWS = 16384  # rows converted to float32 and added, or searched, at a time
+# wider rows are indexed by their first PCA_DIMS principal components, and the candidates found
+# re-scored on the whole rows: on 1000 grocery81 EfficientNet-Lite0 features (1280-d) 128
+# components held 81% of the variance, 256 held 89%, and the exact top 10 of the projection
+# re-scored held 99.0% and 99.7% of the whole rows' exact top 10 (83.4% and 87.3% unscored)
+PCA_DIMS = 256
+PCA_SAMPLE = 65536  # rows the projection is fitted on
+MAX_CANDIDATES = 512  # candidates re-scored per row, at most, however far recall is raised
 
 
 @dataclass
@@ -44,10 +54,13 @@ class SearchRecord:
     index: str
     rows: int
     nprobe: list[int] = field(default_factory=list)  # each try's cells probed
+    candidates: list[int] = field(default_factory=list)  # each try's candidates re-scored per row
     recall: list[float] = field(default_factory=list)  # each try's recall@k on the sample
     queries: int = 0
-    k: int = 0
+    k: int = 0  # the neighbours the floor holds: each row's first k (recall@k)
     floor: float = 0.95
+    depth: int = 0  # the neighbours searched, k or more
+    recall_at_depth: float | None = None  # the last try's recall of all of them
 
     def to_dict(self) -> dict:
         return {
@@ -55,24 +68,34 @@ class SearchRecord:
             "rows": self.rows,
             "recall_at_k": self.recall[-1] if self.recall else None,
             "k": self.k,
+            "depth": self.depth,
+            "recall_at_depth": self.recall_at_depth,
             "recall_queries": self.queries,
             "floor": self.floor,
             "tries": [
-                {"nprobe": p, "recall_at_k": round(r, 4)}
-                for p, r in zip(self.nprobe, self.recall, strict=True)
+                {"nprobe": p, "candidates": c, "recall_at_k": round(r, 4)}
+                for p, c, r in zip(self.nprobe, self.candidates, self.recall, strict=True)
             ],
         }
 
     def describe(self) -> str:
-        """'faiss IVF1024,SQ8, 8 of 1024 cells probed: recall@10 0.999 on 1,000 rows'."""
+        """'approximate: faiss PCA256,IVF1024,SQ8, 8 cells probed, 60 candidates re-scored;
+        recall@30 0.985 against exact search on 1,000 rows'."""
+        deeper = (
+            f" (recall@{self.depth} {self.recall_at_depth:.3f})"
+            if self.depth > self.k and self.recall_at_depth is not None
+            else ""
+        )
         raised = (
-            f" (raised from {self.nprobe[0]}: recall {self.recall[0]:.3f} under {self.floor})"
+            f" (raised from {self.nprobe[0]} and {self.candidates[0]}: recall "
+            f"{self.recall[0]:.3f} under {self.floor})"
             if len(self.nprobe) > 1
             else ""
         )
         return (
-            f"approximate: faiss {self.index}, {self.nprobe[-1]} cells probed{raised}; "
-            f"recall@{self.k} {self.recall[-1]:.3f} against exact search on "
+            f"approximate: faiss {self.index}, {self.nprobe[-1]} cells probed, "
+            f"{self.candidates[-1]} candidates re-scored{raised}; "
+            f"recall@{self.k} {self.recall[-1]:.3f}{deeper} against exact search on "
             f"{self.queries:,} rows"
         )
 
@@ -103,19 +126,52 @@ def _float32(unit: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.ascontiguousarray(unit[lo:hi], dtype=np.float32)
 
 
+def parts(index):
+    """(the PCA projection or None, the IVF index) of an index of :func:`build`; an earlier
+    audit's index without a projection is the IVF itself."""
+    faiss = faiss_module()
+    if isinstance(index, faiss.IndexPreTransform):
+        pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        return pca, faiss.downcast_index(index.index)
+    return None, index
+
+
+def name(index) -> str:
+    """'PCA256,IVF4096,SQ8': the index in faiss's factory words."""
+    pca, ivf = parts(index)
+    return f"{f'PCA{pca.d_out},' if pca is not None else ''}IVF{ivf.nlist},SQ8"
+
+
+def _projected(pca, unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``unit[rows]`` in float32, through ``pca`` where there is one, ADD_ROWS at a time."""
+    width = unit.shape[1] if pca is None else pca.d_out
+    out = np.empty((len(rows), width), np.float32)
+    for lo in range(0, len(rows), ADD_ROWS):
+        block = np.ascontiguousarray(unit[rows[lo : lo + ADD_ROWS]], dtype=np.float32)
+        out[lo : lo + len(block)] = block if pca is None else pca.apply(block)
+    return out
+
+
 def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     """An IVF index of ``unit`` (n, d) unit rows (float16 or float32), trained on a seeded
-    sample of them."""
+    sample of them; rows wider than PCA_DIMS are indexed by their first PCA_DIMS principal
+    components (the projection fitted on PCA_SAMPLE of the sample)."""
     faiss = faiss_module()
     n, d = unit.shape
     nlist = min(cells_for(n), max(1, n // TRAIN_PER_CELL))
-    quantiser = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFScalarQuantizer(
-        quantiser, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-    )
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_CELL * nlist), replace=False))
-    index.train(np.ascontiguousarray(unit[sample], dtype=np.float32))
+    pca = None
+    if d > PCA_DIMS:
+        fit_on = np.sort(rng.choice(sample, size=min(len(sample), PCA_SAMPLE), replace=False))
+        pca = faiss.PCAMatrix(d, PCA_DIMS)
+        pca.train(_projected(None, unit, fit_on))
+    dims = d if pca is None else PCA_DIMS
+    ivf = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatL2(dims), dims, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2
+    )
+    ivf.train(_projected(pca, unit, sample))
+    index = ivf if pca is None else faiss.IndexPreTransform(pca, ivf)
     bar = tqdm(total=n, desc="index", unit="row", disable=not progress, dynamic_ncols=True)
     with bar:
         for lo in range(0, n, ADD_ROWS):
@@ -124,36 +180,49 @@ def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     return index
 
 
-def _search(index, unit, rows, kept: int, progress: bool, *, ids=None, params=None):
-    """The ``kept`` candidates (index) of each row of ``rows`` (default: all), self removed;
-    ``ids`` maps the index's ids to rows (default: the same), ``params`` faiss's search
-    parameters (a selector of ids)."""
-    n = len(unit)
-    rows = np.arange(n) if rows is None else rows
-    out = np.empty((len(rows), kept), np.int64)
-    bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
-    with bar:
-        for lo in range(0, len(rows), ADD_ROWS):
-            r = rows[lo : lo + ADD_ROWS]
-            q = np.ascontiguousarray(unit[r], dtype=np.float32)
-            _, found = index.search(q, kept + 1, params=params)
-            if ids is not None:
-                found = np.where(found >= 0, ids[found], -1)
-            out[lo : lo + len(r)] = _without_self(found, r, kept)
-            bar.update(len(r))
-    return out
+def _search(index, unit, rows, kept: int, *, ids=None, params=None) -> np.ndarray:
+    """The ``kept`` candidates (index) of each of ``rows``, self removed; ``ids`` maps the
+    index's ids to rows (default: the same), ``params`` faiss's search parameters (a selector
+    of ids)."""
+    pca, ivf = parts(index)
+    _, found = ivf.search(_projected(pca, unit, rows), kept + 1, params=params)
+    if ids is not None:
+        found = np.where(found >= 0, ids[found], -1)
+    return _without_self(found, rows, kept)
 
 
 def _without_self(found: np.ndarray, rows: np.ndarray, kept: int) -> np.ndarray:
     """Each row's ``kept`` first candidates other than itself; a slot faiss left empty (-1,
-    fewer rows in the probed cells) points at the row itself, re-scored last."""
+    fewer rows in the probed cells) is -1."""
     own = found == rows[:, None]
     # drop the row itself where found, else the last candidate
     drop = np.where(own.any(1), own.argmax(1), found.shape[1] - 1)
     keep = np.ones_like(found, dtype=bool)
     keep[np.arange(len(found)), drop] = False
-    out = found[keep].reshape(len(found), kept)
-    return np.where(out < 0, rows[:, None], out)
+    return found[keep].reshape(len(found), kept)
+
+
+def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bool = False):
+    """The ``k`` best of each row's candidates by float32 similarity, ADD_ROWS rows at a time
+    (their candidates never all in memory): (similarity, index) float32 and int64 (rows, k).
+
+    candidates_of : (block of rows) -> (len(block), c) int64 rows of ``x``; -1 or the row
+        itself is left out (a similarity of -inf where fewer than k remain)
+    """
+    sims = torch.empty((len(rows), k))
+    best = torch.empty((len(rows), k), dtype=torch.int64)
+    bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
+    with bar:
+        for lo in range(0, len(rows), ADD_ROWS):
+            r = rows[lo : lo + ADD_ROWS]
+            c = candidates_of(r)
+            c = torch.from_numpy(np.where(c < 0, r[:, None], c))
+            s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
+            s = s.masked_fill(i == torch.from_numpy(r)[:, None], -float("inf"))
+            sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
+            best[lo : lo + len(r)] = i.gather(1, pick)
+            bar.update(len(r))
+    return sims, best
 
 
 def exact_sample(x: torch.Tensor, rows: np.ndarray, k: int) -> torch.Tensor:
@@ -185,107 +254,116 @@ def approximate(
     seed: int = 0,
     progress: bool = False,
     index=None,
+    checked: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, SearchRecord]:
     """The ``k`` most similar other rows of every row, through an IVF index (``index``, default:
-    :func:`build` of ``unit``), re-scored exactly; the cells probed doubled until recall@k on a
-    seeded sample reaches ``floor``.
+    :func:`build` of ``unit``), re-scored exactly; the cells probed and the candidates re-scored
+    doubled until recall@checked (default: k) on a seeded sample reaches ``floor``.
 
     Returns (index, similarity) as :func:`.search.nearest` does, and the search's record.
     """
     n = len(unit)
     k = max(0, min(k, n - 1))
     index = build(unit, seed=seed, progress=progress) if index is None else index
-    record = SearchRecord(f"IVF{index.nlist},SQ8", n, k=k, floor=floor)
+    record = _record(index, n, k, floor, checked)
     x = torch.from_numpy(unit)
-    kept = min(n - 1, k + MARGIN)
 
     def found(rows, progress):
-        cand = torch.from_numpy(_search(index, unit, rows, kept, progress))
-        return rescored(x if rows is None else x[torch.from_numpy(rows)], cand, k=k, keys=x)
+        kept = record.candidates[-1]
+        return _best(x, rows, k, lambda r: _search(index, unit, r, kept), progress)
 
     _tuned(index, x, record, seed, found)
-    sims, best = found(None, progress)
+    sims, best = found(np.arange(n), progress)
     return best.numpy(), sims.numpy(), record
 
 
+def _record(index, rows: int, k: int, floor: float, checked: int | None) -> SearchRecord:
+    checked = k if checked is None else max(1, min(checked, k))
+    return SearchRecord(name(index), rows, k=checked, floor=floor, depth=k)
+
+
 def _tuned(index, x: torch.Tensor, record: SearchRecord, seed: int, found) -> None:
-    """Set ``index.nprobe``: doubled from FIRST_NPROBE until the recall@k of RECALL_QUERIES
-    seeded rows reaches the record's floor or every cell is probed; each try in ``record``.
+    """Set the IVF's ``nprobe`` and the record's candidates per row: both doubled from
+    FIRST_NPROBE and k + max(MARGIN, k) until the recall@k of RECALL_QUERIES seeded rows reaches
+    the record's floor, or every cell is probed; each try in ``record``. (More cells find
+    what the coarse quantiser put elsewhere; more candidates, what the PCA projection ranked
+    lower than the whole rows do.)
 
     found : (rows, progress) -> (similarity, index) of those rows' k best at the index's nprobe
+        and the record's last candidates
     """
-    n, k = len(x), record.k
+    n, k = len(x), record.depth
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))
-    exact = exact_sample(x, sample, k)
+    exact = exact_sample(x, sample, k)  # the floor is held at the first record.k of them
     record.queries = len(sample)
-    nprobe = min(FIRST_NPROBE, index.nlist)
+    ivf = parts(index)[1]
+    nprobe, kept = min(FIRST_NPROBE, ivf.nlist), min(n - 1, k + max(MARGIN, k))
     while True:
-        index.nprobe = nprobe
-        sims, _ = found(sample, False)
+        ivf.nprobe = nprobe
         record.nprobe.append(nprobe)
-        record.recall.append(recall_at_k(sims, exact))
-        if record.recall[-1] >= record.floor or nprobe >= index.nlist:
+        record.candidates.append(kept)
+        sims, _ = found(sample, False)
+        record.recall.append(recall_at_k(sims[:, : record.k], exact[:, : record.k]))
+        record.recall_at_depth = recall_at_k(sims, exact)
+        if record.recall[-1] >= record.floor or nprobe >= ivf.nlist:
             return
-        nprobe = min(index.nlist, nprobe * 2)
+        nprobe, kept = min(ivf.nlist, nprobe * 2), min(n - 1, kept * 2, MAX_CANDIDATES)
 
 
 def grown(
-    index, unit: np.ndarray, ids: np.ndarray, stored, *, k: int, floor=0.95, seed=0, progress=False
+    index,
+    unit: np.ndarray,
+    old: tuple[np.ndarray, np.ndarray | None],
+    *,
+    k: int,
+    floor=0.95,
+    seed=0,
+    progress=False,
+    checked: int | None = None,
 ):
     """:func:`approximate` through an index filled earlier (no k-means): the rows of ``unit``
     it lacks are added under the ids that follow, and searched against all.
 
     index : a faiss IVF of :func:`build` whose ids 0.. are the rows ``ids`` (int64) of ``unit``
-    stored : (n, s) int64, the old rows' earlier neighbours (rows; -1 on the new rows), merged
-        with the new rows found for them; None: the old rows searched again like the new
+    old : (ids, stored): those rows, and stored (n, s) int64, the old rows' earlier neighbours
+        (rows; -1 on the new rows), merged with the new rows found for them; None: the old
+        rows searched again like the new
     Returns (index, similarity, record) as :func:`approximate` does, the rows of every id, and
     whether the stored neighbours were kept (not where they held recall under the floor).
     """
     faiss = faiss_module()
-    n, old = len(unit), index.ntotal
+    (ids, stored), n, old = old, len(unit), index.ntotal
     k, new = max(0, min(k, n - 1)), np.setdiff1d(np.arange(n), ids)
     for lo in range(0, len(new), ADD_ROWS):
         index.add(_float32(unit[new[lo : lo + ADD_ROWS]], 0, ADD_ROWS))
     ids = np.concatenate([ids, new]).astype(np.int64)
     again = np.ones(n, bool) if stored is None else np.isin(np.arange(n), new)
-    record = SearchRecord(f"IVF{index.nlist},SQ8", n, k=k, floor=floor)
-    x, kept = torch.from_numpy(unit), min(n - 1, k + MARGIN)
+    record = _record(index, n, k, floor, checked)
+    x = torch.from_numpy(unit)
     newer = faiss.IDSelectorRange(old, index.ntotal)  # kept alive while params points at it
     only_new = faiss.SearchParametersIVF(sel=newer)
 
-    def found(rows, progress):
-        rows = np.arange(n) if rows is None else rows
+    def candidates(rows):
+        kept = record.candidates[-1]
         fresh, width = again[rows], kept + (0 if stored is None else stored.shape[1])
         cand = np.full((len(rows), width), -1, np.int64)
-        cand[fresh, :kept] = _search(index, unit, rows[fresh], kept, progress, ids=ids)
+        cand[fresh, :kept] = _search(index, unit, rows[fresh], kept, ids=ids)
         if stored is not None and not fresh.all():
-            only_new.nprobe = index.nprobe
+            only_new.nprobe = parts(index)[1].nprobe
             rest = rows[~fresh]
-            cand[~fresh, :kept] = _search(index, unit, rest, kept, False, ids=ids, params=only_new)
+            cand[~fresh, :kept] = _search(index, unit, rest, kept, ids=ids, params=only_new)
             cand[~fresh, kept:] = stored[rest]
-        return _best(x, rows, cand, k)
+        return cand
+
+    def found(rows, progress):
+        return _best(x, rows, k, candidates, progress)
 
     _tuned(index, x, record, seed, found)
     if stored is not None and record.recall[-1] < record.floor:
         # the old rows' stored neighbours are only as good as the earlier search: search them too
         stored, again = None, np.ones(n, bool)
-        record.nprobe.clear(), record.recall.clear()
+        record.nprobe.clear(), record.recall.clear(), record.candidates.clear()
         _tuned(index, x, record, seed, found)
-    sims, best = found(None, progress)
+    sims, best = found(np.arange(n), progress)
     return best.numpy(), sims.numpy(), record, ids, stored is not None
-
-
-def _best(x: torch.Tensor, rows: np.ndarray, cand: np.ndarray, k: int):
-    """The ``k`` best of each row's candidates (rows, c) by float32 similarity, a candidate
-    of -1 or the row itself left out: (similarity, index) float32 and int64 (rows, k)."""
-    sims = torch.empty((len(rows), k))
-    best = torch.empty((len(rows), k), dtype=torch.int64)
-    for lo in range(0, len(rows), ADD_ROWS):
-        r, c = rows[lo : lo + ADD_ROWS], cand[lo : lo + ADD_ROWS]
-        c = torch.from_numpy(np.where(c < 0, r[:, None], c))
-        s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
-        s = s.masked_fill(i == torch.from_numpy(r)[:, None], -float("inf"))
-        sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
-        best[lo : lo + len(r)] = i.gather(1, pick)
-    return sims, best

@@ -105,6 +105,7 @@ def _digest(arrays: dict) -> str:
 def write(staging: Path, searched: Searched, pool: Pool, features: dict) -> None:
     """Write the index, index.json and index_rows.npz of an approximate audit into ``staging``."""
     from .index import faiss_module
+    from .index import name as index_name
 
     faiss_module().write_index(searched.index, str(staging / INDEX))
     arrays = _arrays(pool, searched)
@@ -114,7 +115,7 @@ def write(staging: Path, searched: Searched, pool: Pool, features: dict) -> None
         "format": FORMAT,
         "features": features,
         "rows": len(searched.ids),
-        "index": f"IVF{searched.index.nlist},SQ8",
+        "index": index_name(searched.index),
         "neighbours": int(searched.neighbours.shape[1]),
         "splits": list(pool.splits),
         "hashes": pool.hashes is not None,
@@ -225,7 +226,7 @@ def _check_same(folder, pool: Pool, rows, paths, arrays: dict, now: np.ndarray) 
         )
 
 
-def search(unit: np.ndarray, earlier: Earlier, cfg, progress: bool, say):
+def search(unit: np.ndarray, earlier: Earlier, cfg, progress: bool, say, checked=None):
     """Each image's neighbours through the earlier index, only the new rows added: as
     :func:`embedcache.auditing._neighbours` returns them, with the :class:`Searched` to save."""
     from .index import grown
@@ -238,12 +239,12 @@ def search(unit: np.ndarray, earlier: Earlier, cfg, progress: bool, say):
     best, sims, record, ids, merged = grown(
         earlier.index,
         unit,
-        earlier.rows,
-        earlier.stored,
+        (earlier.rows, earlier.stored),
         k=cfg.neighbours,
         floor=cfg.recall_floor,
         seed=cfg.seed,
         progress=progress,
+        checked=checked,
     )
     say(f"neighbours: {record.describe()}")
     old = "stored ones merged with the new images found for them"
