@@ -18,9 +18,9 @@ a cache grown since adds the new rows to the earlier audit's index and searches 
 against all (:func:`grown`, :mod:`.reuse`).
 
 Measured in whole audits on 2 cores, rows made from grocery81's EfficientNet-Lite0 features
-with noise (benchmarks/results/audit_scale_cpu.md): the search of 100,000 rows took 17.5 s at
-recall@10 0.987 (recall@30 0.917), against 80.6 s for the exact search and its findings; of
-1,000,000 rows 223.5 s at recall@10 0.986, where exact search would take about 100 x as long.
+with noise (benchmarks/results/audit_scale_cpu.md): the search of 100,000 rows took 18.6 s at
+recall@10 0.987 (recall@30 0.917), against 80.3 s for the exact search and its findings; of
+1,000,000 rows 229.0 s at recall@10 0.986, where exact search would take about 100 x as long.
 """
 
 from __future__ import annotations
@@ -204,13 +204,15 @@ def _without_self(found: np.ndarray, rows: np.ndarray, kept: int) -> np.ndarray:
 
 def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bool = False):
     """The ``k`` best of each row's candidates by float32 similarity, ADD_ROWS rows at a time
-    (their candidates never all in memory): (similarity, index) float32 and int64 (rows, k).
+    (their candidates never all in memory): (similarity, index) float32 and int32 (int64 from
+    2**31 rows) (rows, k).
 
     candidates_of : (block of rows) -> (len(block), c) int64 rows of ``x``; -1 or the row
         itself is left out (a similarity of -inf where fewer than k remain)
     """
     sims = torch.empty((len(rows), k))
-    best = torch.empty((len(rows), k), dtype=torch.int64)
+    # int32 under 2**31 rows: 120 MB less at 1,000,000 rows of 30 neighbours
+    best = torch.empty((len(rows), k), dtype=torch.int32 if len(x) < 2**31 else torch.int64)
     bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
     with bar:
         for lo in range(0, len(rows), ADD_ROWS):
@@ -260,7 +262,8 @@ def approximate(
     :func:`build` of ``unit``), re-scored exactly; the cells probed and the candidates re-scored
     doubled until recall@checked (default: k) on a seeded sample reaches ``floor``.
 
-    Returns (index, similarity) as :func:`.search.nearest` does, and the search's record.
+    Returns (index, similarity) as :func:`.search.nearest` does (the index int32 under 2**31
+    rows), and the search's record.
     """
     n = len(unit)
     k = max(0, min(k, n - 1))
