@@ -417,9 +417,8 @@ def audit(
         raise EmbedcacheError(f"cache {cache} holds no images to audit")
     found = _findings(pool, cfg, progress, say, features)
     tables, how, ranking, (top, distance), calibration, searched = found
-    pool.features = np.zeros(
-        (0, pool.features.shape[1]), pool.features.dtype
-    )  # freed: not read again
+    # the N x D features are not read again: freed before the files are made
+    pool.features = np.zeros((0, pool.features.shape[1]), pool.features.dtype)
     summary = _summary(cache, pool, cfg, tables, how, identity)
     if calibration is not None:  # the temperature the ranked probabilities were divided by
         summary["label_errors"]["calibration"] = calibration

@@ -457,9 +457,8 @@ def _candidate_keys(n: int, neighbours: list, sims: list, floor: float) -> np.nd
     for index, sim in zip(neighbours, sims, strict=True):
         for lo in range(0, n, PAIR_ROWS):
             block = index[lo : lo + PAIR_ROWS]
-            r, c = np.nonzero(
-                np.ones(block.shape, bool) if sim is None else sim[lo : lo + PAIR_ROWS] >= floor
-            )
+            keep = np.ones(block.shape, bool) if sim is None else sim[lo : lo + PAIR_ROWS] >= floor
+            r, c = np.nonzero(keep)
             a, b = r + lo, block[r, c]
             keys.append(np.unique(np.minimum(a, b) * n + np.maximum(a, b)))
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
