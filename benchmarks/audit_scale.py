@@ -165,7 +165,7 @@ def markdown(runs: list[dict], comparison: dict | None) -> str:
         r30 = f"{s['recall_at_depth']:.4f}" if s.get("recall_at_depth") is not None else "exact"
         lines.append(
             f"| {r['rows']:,} | {s['index']} | {stage} | {r['seconds']} s | "
-            f"{r['peak_mb']:,} MB | {r10} | {r30} |"
+            f"{r['peak_mb']:,} MiB | {r10} | {r30} |"
         )
     lines += ["", "Found (images, or rows for label errors and outliers):", ""]
     for r in runs:

@@ -41,7 +41,7 @@ def machine() -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB).
+    """Peak resident memory of this process so far, in MiB (2**20 bytes; the name says MB).
 
     VmHWM belongs to the address space, so a child started with subprocess
     reports its own peak; ru_maxrss would carry the parent's over fork/exec.

@@ -154,6 +154,37 @@ def test_wide_rows_are_indexed_by_principal_components_and_rescored_whole(monkey
     assert grown_record.index.startswith("PCA12,") and len(ids) == 2200
 
 
+def test_the_projection_summed_in_blocks_is_faiss_own(monkeypatch):
+    from embedcache.auditing import index as ix
+
+    monkeypatch.setattr(ix, "ADD_ROWS", 300)  # 2,000 rows: seven blocks summed
+    monkeypatch.setattr(ix, "PCA_DIMS", 6)
+    rng = np.random.default_rng(5)
+    unit = unit_rows(rng.normal(0, 1, (2000, 24)) @ rng.normal(0, 1, (24, 24))).astype(np.float32)
+    rows = np.arange(0, 2000, 2)
+    reference = faiss.PCAMatrix(24, 6)
+    reference.train(unit[rows])
+    ours, theirs = ix._pca(faiss, unit, rows).apply(unit[:50]), reference.apply(unit[:50])
+    # the same components, each up to its sign
+    assert np.allclose(np.abs(ours), np.abs(theirs), atol=1e-4)
+    assert not np.allclose(ours[:, 0], 0)
+
+
+def test_compacted_lists_find_what_the_grown_ones_do_and_still_grow(monkeypatch):
+    from embedcache.auditing import index as ix
+
+    unit = _copies(n_sources=300, copies=4, seed=6)
+    built = ix.build(unit)
+    monkeypatch.setattr(ix, "_compact", lambda faiss, ivf: None)
+    grown = ix.build(unit)
+    for index in (built, grown):
+        ix.parts(index)[1].nprobe = 4
+    (da, la), (db, lb) = (ix.parts(i)[1].search(unit[:200], 8) for i in (built, grown))
+    assert np.array_equal(la, lb) and np.allclose(da, db)
+    built.add(unit[:10])  # a compacted list takes more rows (--reuse grows it)
+    assert built.ntotal == len(unit) + 10
+
+
 def test_when_the_projection_limits_recall_more_candidates_are_rescored(monkeypatch):
     from embedcache.auditing import index as ix
 

@@ -171,6 +171,75 @@ def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_in_new_page
     assert default_faults >= 20 * 100 and faults < default_faults / 10
 
 
+RETURN_PROBE = """
+import sys
+import numpy as np
+from embedcache.runtime import returning_memory
+
+
+def rss():
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1])
+
+
+def churn():
+    np.ones(3 << 20)  # a 24 MB block freed: glibc's mmap threshold rises above 12 MB
+    before, big, small = rss(), [], []
+    for _ in range(40):
+        big.append(np.ones(3 << 19))  # 12 MB blocks, all freed below
+        small.append(np.ones(16 << 10))  # 128 KB kept after each: the heap cannot shrink
+    del big
+    return (rss() - before) >> 10
+
+
+if sys.argv[1] == "within":
+    with returning_memory():
+        print(churn())
+else:
+    print(churn())
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_memory_freed_within_returning_memory_goes_back_to_the_kernel():
+    import subprocess
+
+    def kept_mb(how: str) -> int:
+        run = [sys.executable, "-c", RETURN_PROBE, how]
+        r = subprocess.run(run, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+
+    # 40 x 12 MB freed: kept by the heap outside, unmapped within
+    assert kept_mb("outside") > 300 and kept_mb("within") < 50
+
+
+def test_returning_memory_restores_the_threshold_it_found(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, *a):
+            calls.append(a)
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(runtime_mod, "_glibc", Libc)
+    monkeypatch.setattr(runtime_mod, "_allocator", [])
+    threshold = runtime_mod._M_MMAP_THRESHOLD
+    with runtime_mod.returning_memory():
+        assert calls == [(threshold, runtime_mod.RETURN_BYTES)]
+    assert calls[1:] == [(threshold, runtime_mod.GLIBC_MMAP_BYTES), ("trim", 0)]
+    monkeypatch.setattr(runtime_mod, "_allocator", [True])  # tune_allocator tuned this process
+    calls.clear()
+    with runtime_mod.returning_memory():
+        pass
+    # the memory tune_allocator keeps is not trimmed away
+    assert calls[1:] == [(threshold, runtime_mod.ALLOCATOR_KEEP_BYTES)]
+
+
 @pytest.mark.parametrize(
     "device, threads, cores, expected",
     [("cpu", 2, 2, False), ("cpu", 1, 2, True), ("cpu", 4, 4, False), ("cuda", 2, 2, True)],

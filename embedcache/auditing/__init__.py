@@ -28,7 +28,7 @@ from ..cache import open_cache
 from ..config import APPROX_FROM_ROWS, AuditConfig
 from ..errors import EmbedcacheError
 from ..outputs import claim_folder, folder_output
-from ..runtime import resolve_device
+from ..runtime import resolve_device, returning_memory
 from . import page, reuse
 from .findings import (
     CROPS,
@@ -180,7 +180,8 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say, features=None) 
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
     unit = unit_rows(pool.features, out=pool.features)
     # before the search: its (n, classes) probabilities are gone before the index is built
-    label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
+    with returning_memory():  # its blocks' memory is the search's once freed
+        label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
     # near-duplicate candidates reach deeper than the outlier score's neighbours: a zoomed or
     # re-cropped copy of a product shot had 10 other images nearer than it (audit_quality.md)
     deep = cfg.replace(neighbours=max(cfg.neighbours, NEAR_CANDIDATES))
@@ -408,6 +409,7 @@ def audit(
     cfg = AuditConfig.build(config, **options)
     say = log or (lambda line: None)
     claim_folder(out, verb="audit", inputs=[("the cache", cache)], legacy=_earlier_audit)
+    out = Path(out)
     with open_cache(cache) as c:
         pool = Pool.read(c)
         root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
@@ -432,7 +434,6 @@ def audit(
         if searched is not None:  # what a later audit of the grown cache reuses (--reuse)
             reuse.write(staging, searched, pool, features)
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    out = Path(out)
     files = {name: out / f"{name}.csv" for name in (*FINDINGS, GROUPS)}
     files |= {"report": out / REPORT, "summary": out / SUMMARY}
     if searched is not None:

@@ -18,9 +18,9 @@ a cache grown since adds the new rows to the earlier audit's index and searches 
 against all (:func:`grown`, :mod:`.reuse`).
 
 Measured in whole audits on 2 cores, rows made from grocery81's EfficientNet-Lite0 features
-with noise (benchmarks/results/audit_scale_cpu.md): the search of 100,000 rows took 18.6 s at
-recall@10 0.987 (recall@30 0.917), against 80.3 s for the exact search and its findings; of
-1,000,000 rows 229.0 s at recall@10 0.986, where exact search would take about 100 x as long.
+with noise (benchmarks/results/audit_scale_cpu.md): the search of 100,000 rows took 17.4 s at
+recall@10 0.987 (recall@30 0.917), against 89.3 s for the exact search and its findings; of
+1,000,000 rows 223.1 s at recall@10 0.985, where exact search would take about 100 x as long.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import EmbedcacheError
+from ..runtime import returning_memory
 from .search import MARGIN, rescored
 
 RECALL_QUERIES = 1000  # rows whose exact neighbours check each approximate search
 FIRST_NPROBE = 8
 TRAIN_PER_CELL = 40  # k-means training rows per cell (faiss warns below 39)
-ADD_ROWS = 16384  # rows converted to float32 and added, or searched, at a time
+ADD_ROWS = 16384  # rows converted to float32 and added to the index at a time
+# rows searched and re-scored at a time: each holds about 10 KB a row (its float32 and projected
+# copies, its candidates' similarities), 170 MB of a 1,000,000-row audit's peak at 16,384
+SEARCH_ROWS = 4096
 # wider rows are indexed by their first PCA_DIMS principal components, and the candidates found
 # re-scored on the whole rows: on 1000 grocery81 EfficientNet-Lite0 features (1280-d) 128
 # components held 81% of the variance, 256 held 89%, and the exact top 10 of the projection
@@ -152,6 +156,29 @@ def _projected(pca, unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pca(faiss, unit: np.ndarray, rows: np.ndarray):
+    """faiss's PCAMatrix onto the first PCA_DIMS principal components of ``unit[rows]``, its
+    covariance summed ADD_ROWS rows at a time (float64): faiss's own training holds the rows in
+    float32 twice, 670 MB for 65,536 rows of 1280, the peak of a 1,000,000-row audit."""
+    d = unit.shape[1]
+    total, outer = np.zeros(d), np.zeros((d, d))
+    for lo in range(0, len(rows), ADD_ROWS):
+        block = np.ascontiguousarray(unit[rows[lo : lo + ADD_ROWS]], dtype=np.float32)
+        total += block.sum(0, dtype=np.float64)
+        outer += block.T @ block  # float32 products of one block, summed in float64
+    mean = total / len(rows)
+    values, vectors = np.linalg.eigh(outer / len(rows) - np.outer(mean, mean))
+    pca = faiss.PCAMatrix(d, PCA_DIMS)
+    faiss.copy_array_to_vector(mean.astype(np.float32), pca.mean)
+    faiss.copy_array_to_vector(values[::-1].astype(np.float32), pca.eigenvalues)
+    # PCAMat: the components as rows, the largest first, as faiss's train leaves it
+    components = np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)
+    faiss.copy_array_to_vector(components.ravel(), pca.PCAMat)
+    pca.is_trained = True
+    pca.prepare_Ab()
+    return pca
+
+
 def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     """An IVF index of ``unit`` (n, d) unit rows (float16 or float32), trained on a seeded
     sample of them; rows wider than PCA_DIMS are indexed by their first PCA_DIMS principal
@@ -164,8 +191,7 @@ def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
     pca = None
     if d > PCA_DIMS:
         fit_on = np.sort(rng.choice(sample, size=min(len(sample), PCA_SAMPLE), replace=False))
-        pca = faiss.PCAMatrix(d, PCA_DIMS)
-        pca.train(_projected(None, unit, fit_on))
+        pca = _pca(faiss, unit, fit_on)
     dims = d if pca is None else PCA_DIMS
     ivf = faiss.IndexIVFScalarQuantizer(
         faiss.IndexFlatL2(dims), dims, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2
@@ -177,7 +203,23 @@ def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
         for lo in range(0, n, ADD_ROWS):
             index.add(_float32(unit, lo, min(n, lo + ADD_ROWS)))
             bar.update(min(n, lo + ADD_ROWS) - lo)
+    with returning_memory():  # the old lists' pages back to the kernel
+        _compact(faiss, ivf)
     return index
+
+
+def _compact(faiss, ivf) -> None:
+    """Each of the IVF's inverted lists copied into one of its exact size: grown a block of
+    rows at a time, the lists held 108 MiB past their 252 MiB of codes and ids at 1,000,000
+    rows (their capacities double as they grow)."""
+    old = ivf.invlists
+    new = faiss.ArrayInvertedLists(old.nlist, old.code_size)
+    for cell in range(old.nlist):
+        size = old.list_size(cell)
+        if size:
+            new.add_entries(cell, size, old.get_ids(cell), old.get_codes(cell))
+    ivf.replace_invlists(new, True)  # the old lists freed
+    new.this.disown()  # the index owns the new ones
 
 
 def _search(index, unit, rows, kept: int, *, ids=None, params=None) -> np.ndarray:
@@ -203,7 +245,7 @@ def _without_self(found: np.ndarray, rows: np.ndarray, kept: int) -> np.ndarray:
 
 
 def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bool = False):
-    """The ``k`` best of each row's candidates by float32 similarity, ADD_ROWS rows at a time
+    """The ``k`` best of each row's candidates by float32 similarity, SEARCH_ROWS rows at a time
     (their candidates never all in memory): (similarity, index) float32 and int32 (int64 from
     2**31 rows) (rows, k).
 
@@ -215,8 +257,8 @@ def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bo
     best = torch.empty((len(rows), k), dtype=torch.int32 if len(x) < 2**31 else torch.int64)
     bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
     with bar:
-        for lo in range(0, len(rows), ADD_ROWS):
-            r = rows[lo : lo + ADD_ROWS]
+        for lo in range(0, len(rows), SEARCH_ROWS):
+            r = rows[lo : lo + SEARCH_ROWS]
             c = candidates_of(r)
             c = torch.from_numpy(np.where(c < 0, r[:, None], c))
             s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
@@ -298,7 +340,8 @@ def _tuned(index, x: torch.Tensor, record: SearchRecord, seed: int, found) -> No
     n, k = len(x), record.depth
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False))
-    exact = exact_sample(x, sample, k)  # the floor is held at the first record.k of them
+    with returning_memory():  # its blocks' pages back before the neighbours are made
+        exact = exact_sample(x, sample, k)  # the floor is held at the first record.k of them
     record.queries = len(sample)
     ivf = parts(index)[1]
     nprobe, kept = min(FIRST_NPROBE, ivf.nlist), min(n - 1, k + max(MARGIN, k))

@@ -33,7 +33,7 @@ FORMAT = 1
 FRESH = "run a fresh audit (without --reuse)"
 # seeded directions each row's unit features are projected on: a row whose features changed
 # moves by far more than float32 rounding (about 1e-6) on at least one
-SKETCH_DIMS, SKETCH_TOLERANCE, SKETCH_ROWS = 4, 1e-3, 16384
+SKETCH_DIMS, SKETCH_TOLERANCE, SKETCH_ROWS = 4, 1e-3, 4096  # 4,096: 21 MB of float32 at a time
 
 
 @dataclass
