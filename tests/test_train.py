@@ -342,7 +342,11 @@ def test_refit_trains_the_chosen_configuration_on_train_and_val(make_cache, tmp_
     expected = torch.softmax(xs @ fit.weight.T + fit.bias, 1)
     with torch.no_grad():
         probs = torch.softmax(refit.head(torch.from_numpy(both)), 1)
-    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=0)
+    # from another start, L-BFGS stops at GRAD_TOL elsewhere on the same optimum's plateau:
+    # 2e-4 apart here, within the 2e-3 that tolerance leaves against scikit-learn (probe.py)
+    torch.testing.assert_close(probs, expected, atol=1e-3, rtol=0)
+    # started from the chosen fit, the refit reached it in fewer steps
+    assert refit.metrics["refit"]["iterations"] < fit.iterations
     knn = train_head(cache, head="knn", refit=True, **FAST)  # val joins the bank
     k1 = knn.metrics["refit"]["config"]["k"] == 1
     assert (
@@ -534,3 +538,71 @@ def test_metrics_report_balanced_accuracy_and_top5_beyond_five_classes(make_cach
     assert 0 < m["val_balanced_acc"] <= 1 and m["val_acc"] <= m["val_top5"] <= 1
     small = train_head(make_cache("b.h5", train=blobs(20), val=blobs(6, seed=1)), **FAST).metrics
     assert "val_top5" not in small and "val_balanced_acc" in small
+
+
+def _linear_rows(n: int, seed: int, dim: int = 16, classes: int = 4):
+    """Standardised rows whose labels are a noisy linear function of them."""
+    rng = np.random.default_rng(seed)
+    w = np.random.default_rng(99).normal(0, 1, (dim, classes))
+    x = rng.normal(0, 1, (n, dim)).astype(np.float32)
+    y = (x @ w + rng.gumbel(0, 1.5, (n, classes))).argmax(1)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_the_sampled_path_chooses_on_a_sample_and_fits_every_row_at_the_scaled_strength():
+    from embedcache.probe import DEFAULT_LAMBDAS, logreg_path, sampled_path
+
+    (x, y), (xv, yv) = _linear_rows(4000, 0), _linear_rows(1000, 1)
+    path = {"lambdas": DEFAULT_LAMBDAS, "grad_tol": 1e-4, "patience": 4}
+    fit, rows, done = sampled_path(x, y, xv, yv, 4, rows=500, **path)
+    small, _ = logreg_path(x[:500], y[:500], xv, yv, 4, **path)  # a sample of the same size
+    assert done["sample_rows"] == 500 and done["sample_lam"] in DEFAULT_LAMBDAS
+    assert fit.lam == pytest.approx(done["sample_lam"] * 500 / 4000) == done["lam"]
+    assert all(r["rows"] == 500 for r in rows) and len(rows) < len(DEFAULT_LAMBDAS)
+    # the one fit is the fit of every row at that strength, however it was started
+    cold = fit_logreg(x, y, 4, lam=fit.lam, grad_tol=1e-6)
+    with torch.no_grad():
+        warm_p = torch.softmax(xv @ fit.weight.T + fit.bias, 1)
+        cold_p = torch.softmax(xv @ cold.weight.T + cold.bias, 1)
+    assert (warm_p - cold_p).abs().max() < 2e-2
+    # and it predicts better than the sample's own fit
+    acc = [float(((xv @ f.weight.T + f.bias).argmax(1) == yv).float().mean()) for f in (fit, small)]
+    assert acc[0] > acc[1]
+    # at or under the sample's size, it is the path itself
+    same, same_rows, small_done = sampled_path(x[:400], y[:400], xv, yv, 4, rows=500, **path)
+    ref, ref_rows = logreg_path(x[:400], y[:400], xv, yv, 4, **path)
+    assert torch.equal(same.weight, ref.weight) and small_done["sample_rows"] == 400
+    assert [r["lam"] for r in same_rows] == [r["lam"] for r in ref_rows]
+
+
+def test_the_default_head_samples_its_path_past_path_rows_and_budgets_the_mlp(
+    make_cache, monkeypatch
+):
+    x, y = blobs(200, classes=3, seed=0, spread=1.5)
+    xv, yv = blobs(60, classes=3, seed=1, spread=1.5)
+    cache = make_cache(train=(x, y), val=(xv, yv))
+    monkeypatch.setitem(train_mod.AUTO_PATH, "rows", 150)
+    monkeypatch.setattr(train_mod, "MLP_ROWS", 1200)  # 1,200 rows seen: 2 epochs of 600
+    r = train_head(cache, refit=False, **{**FAST, "epochs": 50, "batch_size": 64})
+    linear = r.metrics["auto"]["linear"]
+    assert linear["sample_rows"] == 150 and linear["lam"] < linear["sample_lam"]
+    assert len(r.metrics["auto"]["mlp"]["history"]["val_loss"]) <= 2
+    # in one batch an epoch is one step: the budget leaves it alone
+    whole = train_head(cache, refit=False, **{**FAST, "epochs": 50})
+    assert len(whole.metrics["auto"]["mlp"]["history"]["val_loss"]) > 2
+
+
+def test_a_refit_starts_from_the_chosen_probe_with_masked_classes_brought_near():
+    from embedcache.heads import Blend, Head, Standardize, make_head
+    from embedcache.train.probes import warm_start
+
+    linear = make_head("linear", 4, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(3, 4))
+        linear.bias.copy_(torch.tensor([0.5, -1e4, 0.1]))  # class 1 had no training image
+    head = Head(Standardize(torch.zeros(4), torch.ones(4)), linear)
+    start = warm_start(Blend([head, head]))
+    assert torch.equal(start.weight, linear.weight.detach())
+    assert start.bias.tolist() == pytest.approx([0.5, -30.0, 0.1])
+    mlp = Head(Standardize(torch.zeros(4), torch.ones(4)), make_head("mlp", 4, 3))
+    assert warm_start(mlp) is None
