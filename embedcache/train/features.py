@@ -42,6 +42,23 @@ def feature_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     return standardization(mean, np.maximum(sq / rows.n - mean * mean, 0.0))
 
 
+STATS_ROWS = 8192  # rows made float64 at a time
+
+
+def array_standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`standardization` of rows in memory, ``x`` (n, d): the per-dimension mean and
+    variance in float64, two passes of STATS_ROWS-row blocks, as numpy's mean and var give them
+    without a float64 copy of every row (on 100,000 x 1280 rows that copy's way took 4.9 s,
+    2 cores)."""
+    total = np.zeros(x.shape[1])
+    for lo in range(0, len(x), STATS_ROWS):
+        total += x[lo : lo + STATS_ROWS].sum(0, dtype=np.float64)
+    mean, squares = total / len(x), np.zeros(x.shape[1])
+    for lo in range(0, len(x), STATS_ROWS):
+        squares += np.square(x[lo : lo + STATS_ROWS] - mean).sum(0)
+    return standardization(mean, squares / len(x))
+
+
 def _labels(cache: Cache, split: str) -> np.ndarray:
     """Labels of a split that a head can learn from, or a one-line error. On a multi-label
     cache the first label of each image, -1 for an image with none (its targets say so)."""
