@@ -592,6 +592,95 @@ def test_the_default_head_samples_its_path_past_path_rows_and_budgets_the_mlp(
     assert len(whole.metrics["auto"]["mlp"]["history"]["val_loss"]) > 2
 
 
+def test_a_sample_of_streamed_rows_is_the_same_rows_as_in_memory(monkeypatch):
+    from embedcache.train.probes import sample_rows
+
+    monkeypatch.setattr(feed, "BLOCK_ROWS", 16)  # the sample spans many blocks
+    x = np.arange(200 * 3, dtype=np.float16).reshape(200, 3)
+    labels = np.arange(200) % 7
+    memory = sample_rows(feed.Rows(x, labels, np.arange(200), in_memory=True), 50, seed=3)
+    streamed = sample_rows(feed.Rows(x, labels, np.arange(200), in_memory=False), 50, seed=3)
+    assert streamed.in_memory and streamed.n == 50
+    assert np.array_equal(streamed.all(), memory.all())
+    assert np.array_equal(streamed.labels, memory.labels)
+    rows = streamed.all()[:, 0].astype(np.int64) // 3  # each row's first value names it
+    assert np.array_equal(streamed.labels, labels[rows]) and len(set(rows)) == 50
+
+
+def test_the_streamed_probe_is_the_in_memory_one(monkeypatch):
+    """Past --max-memory the default's probe reads the same sample, chooses the same strength
+    and fits every row streamed in blocks: the head it gives is the in-memory one's."""
+    from embedcache.train.probes import AUTO_PATH, fit_probe
+
+    monkeypatch.setattr(feed, "BLOCK_ROWS", 64)
+    (x, y), (xv, yv) = _linear_rows(1000, 0), _linear_rows(300, 1)
+    x16, xv16 = x.numpy().astype(np.float16), xv.numpy().astype(np.float16)
+    path = {**AUTO_PATH, "rows": 300}
+    heads = {}
+    for streamed in (False, True):
+        train = feed.Rows(x16, y.numpy(), np.arange(1000), in_memory=not streamed)
+        val = feed.Rows(xv16, yv.numpy(), np.arange(300), in_memory=not streamed)
+        heads[streamed] = fit_probe(train, val, list("abcd"), torch.device("cpu"), path=path)
+    (mem, mm), (st, sm) = heads[False], heads[True]
+    assert sm["best"] == {**mm["best"], "val_rows": 300} and sm["best"]["sample_rows"] == 300
+    assert [r["val_loss"] for r in sm["sweep"]] == pytest.approx(
+        [r["val_loss"] for r in mm["sweep"]], rel=1e-4
+    )
+    with torch.no_grad():
+        raw = torch.from_numpy(xv16.astype(np.float32))
+        p_mem, p_st = torch.softmax(mem(raw), 1), torch.softmax(st(raw), 1)
+    assert (p_mem - p_st).abs().max() < 1e-2
+    assert bool((mem(raw).argmax(1) == yv).float().mean() > 0.6)
+    # the reference, every strength on every row, still needs the rows in memory
+    with pytest.raises(EmbedcacheError, match="--head logreg needs the features in memory"):
+        fit_probe(train, val, list("abcd"), torch.device("cpu"), path={"lambdas": (1.0,)})
+
+
+@pytest.mark.parametrize("kind", ["plain", "class weights", "multi-label"])
+def test_the_streamed_fit_has_the_in_memory_objective(monkeypatch, kind):
+    """Summed block by block, the loss is fit_logreg's: both fits reach the same optimum."""
+    from embedcache.heads import Standardize
+    from embedcache.probe import LinearFit
+    from embedcache.train import probes
+
+    monkeypatch.setattr(feed, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(probes, "STREAM_ITER", 200)
+    x, y = _linear_rows(400, 0)
+    weight = torch.tensor([0.5, 1.0, 2.0, 4.0]) if kind == "class weights" else None
+    if kind == "multi-label":
+        y = torch.nn.functional.one_hot(y, 4).float()
+        y[::3, 0] = 1.0  # some images have two labels
+    rows = feed.Rows(x.numpy(), y.numpy(), np.arange(400), in_memory=False)
+    start = LinearFit(torch.zeros(4, x.shape[1]), torch.zeros(4), lam=0.0, iterations=0)
+    norm = Standardize(torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
+    options = {"lam": 1e-2, "grad_tol": 1e-6, "class_weight": weight}
+    streamed = probes.fit_streamed(rows, norm, 4, start=start, **options)
+    memory = fit_logreg(x, y, 4, max_iter=200, **options)
+    assert streamed.iterations > 1
+    torch.testing.assert_close(streamed.weight, memory.weight, atol=2e-3, rtol=0)
+    torch.testing.assert_close(streamed.bias, memory.bias, atol=2e-3, rtol=0)
+
+
+def test_the_default_head_on_streamed_features_is_the_probe_or_the_mlp(make_cache, monkeypatch):
+    x, y = blobs(200, classes=3, seed=0, spread=1.5)
+    xv, yv = blobs(60, classes=3, seed=1, spread=1.5)
+    cache = make_cache(train=(x, y), val=(xv, yv))
+    monkeypatch.setitem(train_mod.AUTO_PATH, "rows", 150)
+    monkeypatch.setattr(train_mod, "MLP_ROWS", 120)  # the MLP trains on 120 rows in memory
+    seen = []
+    real = train_mod.train_sweep
+
+    def sweep(data, *a, **k):
+        seen.append((data.train.n, data.train.in_memory))
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train_sweep", sweep)
+    r = train_head(cache, max_memory=1000, refit=False, **FAST)
+    assert r.metrics["streamed"] and r.metrics["auto"]["chosen"] in ("linear", "mlp", "blend")
+    assert r.metrics["auto"]["linear"]["sample_rows"] == 150 and seen == [(120, True)]
+    assert r.metrics["val_acc"] >= 0.9
+
+
 def test_a_refit_starts_from_the_chosen_probe_with_masked_classes_brought_near():
     from embedcache.heads import Blend, Head, Standardize, make_head
     from embedcache.train.probes import warm_start

@@ -24,7 +24,15 @@ from . import multi
 from .features import SKEW, Data, read_splits, skew
 from .features import rows_logits as _logits
 from .features import val_logits as _val_logits
-from .probes import AUTO_PATH, LOGREG_PATH, fit_knn, fit_probe, require_in_memory, warm_start
+from .probes import (
+    AUTO_PATH,
+    LOGREG_PATH,
+    fit_knn,
+    fit_probe,
+    require_in_memory,
+    sample_rows,
+    warm_start,
+)
 from .sweep import train_last, train_sweep
 
 FULL_BATCH_BYTES = 64 << 20  # train features up to this size (as float32) go in one batch
@@ -106,13 +114,16 @@ def _auto(
     dev = resolve_device(cfg.device)
     linear, lm, weighting = _weighted_probe(data, classes, cfg, dev)
     _log_path(runs.sub("auto"), "probe", lm["sweep"])
-    n = data.train.n
+    mlp_data = data
+    if not data.train.in_memory:  # streamed: the MLP on a seeded sample of its budget of rows
+        mlp_data = dataclasses.replace(data, train=sample_rows(data.train, MLP_ROWS))
+    n = mlp_data.train.n
     budget = cfg.epochs if batch_size >= n else min(cfg.epochs, max(1, MLP_ROWS // n))
     mcfg = cfg.replace(head="mlp", patience=min(cfg.patience, AUTO_MLP_PATIENCE), epochs=budget)
     mcfg = mcfg.replace(class_weight=weighting["used"])
     data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
     mlp, mm, _ = train_sweep(
-        data,
+        mlp_data,
         classes,
         mcfg,
         batch_size=batch_size,
@@ -436,9 +447,9 @@ def _fit(
             "--class-weight balanced weighs a loss, and knn has none; use it with the "
             "default head, logreg, linear or mlp"
         )
-    if cfg.head == "auto" and data.train.in_memory:
+    if cfg.head == "auto":
         return _auto(data, classes, arch, cfg, batch_size, progress, runs)
-    if cfg.head in ("auto", "linear", "mlp"):  # auto on streamed features: the AdamW linear head
+    if cfg.head in ("linear", "mlp"):
         arch["kind"] = "mlp" if cfg.head == "mlp" else "linear"
         data.train.read_ahead = data.val.read_ahead = read_ahead(dev)
         run = cfg.replace(head=arch["kind"])
