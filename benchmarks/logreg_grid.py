@@ -153,11 +153,13 @@ def _sklearn_path(train, val, tol: float = 1e-4) -> tuple[float, float]:
     return time.perf_counter() - t, best
 
 
-HEADS = (
-    ("default (auto)", {}),
-    ("logreg (45 strengths)", {"head": "logreg"}),
-    ("linear (old default, AdamW)", {"head": "linear"}),
+HEADS = (  # (--only key, name, train_head options)
+    ("default", "default (auto)", {}),
+    ("logreg", "logreg (45 strengths)", {"head": "logreg"}),
+    ("linear", "linear (old default, AdamW)", {"head": "linear"}),
 )
+SKLEARN = {"sklearn": 1e-4, "sklearn-tight": 1e-5}  # --only key: scikit-learn's tolerance
+ONLY = "default,logreg,linear,noval,sklearn,sklearn-tight"
 
 
 def main() -> None:
@@ -167,7 +169,8 @@ def main() -> None:
     p.add_argument("--rows", default="100000", help="train rows, one size or several: 10000,100000")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn row")
+    p.add_argument("--only", default=ONLY, help=f"the rows to run (default: all of {ONLY})")
+    p.add_argument("--name", default="logreg_grid_cpu", help="the results file's name")
     p.add_argument(
         "--big",
         default="",
@@ -179,6 +182,7 @@ def main() -> None:
         "--max-memory", type=int, default=None, help="--big's train_head max_memory (bytes)"
     )
     args = p.parse_args()
+    only = set(args.only.split(","))
     sizes = [int(v) for v in args.rows.split(",") if v]
     meta = {
         "classes": [f"c{i}" for i in range(args.classes)],
@@ -191,13 +195,14 @@ def main() -> None:
         train, val = _data(n, args.dim, args.classes)
         with tempfile.TemporaryDirectory() as tmp:
             cache = write_cache(Path(tmp) / "c.h5", {"train": train, "val": val}, **meta)
-            rows += [_timed(name, n, cache, Path(tmp), kw) for name, kw in HEADS]
-            # a user without a val folder: 20% of train carved out for the choice, then the
-            # chosen configuration refitted on all the train rows (the default)
-            carved = write_cache(Path(tmp) / "t.h5", {"train": train}, **meta)
-            name = "default, no val split (carve 20%, refit)"
-            rows.append(_timed(name, n, carved, Path(tmp), {}))
-        for tol in () if args.no_sklearn else (1e-4, 1e-5):
+            rows += [_timed(name, n, cache, Path(tmp), kw) for k, name, kw in HEADS if k in only]
+            if "noval" in only:
+                # a user without a val folder: 20% of train carved out for the choice, then the
+                # chosen configuration refitted on all the train rows (the default)
+                carved = write_cache(Path(tmp) / "t.h5", {"train": train}, **meta)
+                name = "default, no val split (carve 20%, refit)"
+                rows.append(_timed(name, n, carved, Path(tmp), {}))
+        for tol in (tol for k, tol in SKLEARN.items() if k in only):
             seconds, acc = _sklearn_path(train, val, tol)
             name = f"scikit-learn L-BFGS, 45 strengths, tol {tol:g}"
             rows.append({"rows": n, "name": name, "seconds": seconds, "val_acc": acc})
@@ -220,7 +225,7 @@ def main() -> None:
             for r in rows
         ),
     ]
-    print(save("logreg_grid_cpu", {"rows": rows}, "\n".join(md)).read_text())
+    print(save(args.name, {"rows": rows}, "\n".join(md)).read_text())
 
 
 def _peak(row: dict) -> str:
