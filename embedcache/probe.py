@@ -63,6 +63,21 @@ def _objective(x, y, w, b, lam, weight=None):
     return _loss(F.linear(x, w, b), y, weight) + 0.5 * lam * w.pow(2).sum()
 
 
+def lbfgs(params: list[torch.Tensor], *, max_iter: int, grad_tol: float) -> torch.optim.LBFGS:
+    """The probes' optimiser: full-batch L-BFGS, unit steps with a strong-Wolfe line search,
+    stopping when the largest gradient entry is under ``grad_tol`` or after ``max_iter``
+    iterations."""
+    return torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=grad_tol,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+
 def fit_logreg(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -95,15 +110,7 @@ def fit_logreg(
         b = start.bias.clone().to(x.device)
     w.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=10,
-        tolerance_grad=grad_tol,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
+    opt = lbfgs([w, b], max_iter=max_iter, grad_tol=grad_tol)
 
     def closure():
         opt.zero_grad()

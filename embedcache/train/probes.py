@@ -19,6 +19,7 @@ from ..probe import (
     LinearFit,
     finite,
     fit_logreg,
+    lbfgs,
     logreg_path,
     sampled_path,
 )
@@ -185,15 +186,7 @@ def fit_streamed(
     mean, std = norm.mean.to(device), norm.std.to(device)
     w = start.weight.to(device).clone().requires_grad_(True)
     b = start.bias.to(device).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=STREAM_ITER,
-        history_size=10,
-        tolerance_grad=grad_tol,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
+    opt = lbfgs([w, b], max_iter=STREAM_ITER, grad_tol=grad_tol)
 
     # each evaluation reads every row: a bar of passes in a terminal (none in a pipe or a test)
     bar = tqdm(desc=f"probe on {rows.n:,} streamed rows", unit="pass", disable=None, leave=False)
