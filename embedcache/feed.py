@@ -156,6 +156,20 @@ class Rows:
             out[order] = self._source[rows[order]]  # h5py reads increasing indices
         return _f32(out)
 
+    def subset(self, positions: np.ndarray) -> Rows:
+        """The rows at increasing ``positions`` as rows in memory, in the stored dtype.
+        Streamed, every block is read once in row order: for positions spread over the whole
+        file, where :meth:`take` would read each row apart."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._data is not None:
+            x = self._data[positions]
+        else:
+            x = np.empty((len(positions), self.dim), self._source.dtype)
+            for pos, block in self.blocks():
+                lo, hi = np.searchsorted(positions, [pos[0], pos[-1] + 1])
+                x[lo:hi] = block[positions[lo:hi] - pos[0]]
+        return Rows(x, self.labels[positions], np.arange(len(positions)), in_memory=True)
+
     def blocks(self):
         """(positions, features) in order, BLOCK_ROWS at a time (streamed: one block read ahead)."""
         spans = [(lo, min(self.n, lo + BLOCK_ROWS)) for lo in range(0, self.n, BLOCK_ROWS)]

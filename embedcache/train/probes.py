@@ -21,7 +21,10 @@ from ..probe import (
     fit_logreg,
     lbfgs,
     logreg_path,
+    loss_count,
     sampled_path,
+    seeded_sample,
+    summed_loss,
 )
 from ..runtime import threads_for
 from .features import array_standardization, balanced_weights, feature_stats
@@ -114,19 +117,10 @@ STREAM_ITER = 10
 
 
 def sample_rows(rows: Rows, k: int, seed: int = 0) -> Rows:
-    """A seeded uniform sample of ``k`` of the rows, in memory in their stored dtype (``rows``
-    itself when k covers them). Streamed rows are read once, in blocks, in row order."""
-    if k >= rows.n:
-        return rows
-    keep = np.sort(np.random.default_rng(seed).choice(rows.n, k, replace=False))
-    if rows.in_memory:
-        x = rows._data[keep]
-    else:
-        x = np.empty((k, rows.dim), rows._source.dtype)
-        for pos, block in rows.blocks():
-            lo, hi = np.searchsorted(keep, [pos[0], pos[-1] + 1])
-            x[lo:hi] = block[keep[lo:hi] - pos[0]]
-    return Rows(x, rows.labels[keep], np.arange(k), in_memory=True)
+    """A seeded uniform sample of ``k`` of the rows (:func:`embedcache.probe.seeded_sample`, the
+    rows a sampled path draws), in memory in their stored dtype; ``rows`` itself when k covers
+    them."""
+    return rows if k >= rows.n else rows.subset(seeded_sample(rows.n, k, seed))
 
 
 def _streamed_path(train: Rows, val: Rows, num_classes: int, device, path: dict, weight):
@@ -178,11 +172,7 @@ def fit_streamed(
     (2 cores; benchmarks/results/logreg_grid_cpu.md)."""
     device = device or torch.device("cpu")
     labels = torch.from_numpy(rows.labels)
-    multi = labels.dim() == 2
-    if class_weight is not None and not multi:
-        denominator = float(class_weight.cpu()[labels].sum())
-    else:
-        denominator = float(rows.n)
+    denominator = loss_count(labels, class_weight)
     mean, std = norm.mean.to(device), norm.std.to(device)
     w = start.weight.to(device).clone().requires_grad_(True)
     b = start.bias.to(device).clone().requires_grad_(True)
@@ -198,12 +188,7 @@ def fit_streamed(
         for pos, x in rows.blocks():
             x = torch.from_numpy(x).to(device).sub_(mean).div_(std)
             yb = labels[pos].to(device)
-            logits = F.linear(x, w, b)
-            if multi:
-                loss = F.binary_cross_entropy_with_logits(logits, yb, reduction="sum")
-            else:
-                loss = F.cross_entropy(logits, yb, weight=class_weight, reduction="sum")
-            loss = loss / denominator
+            loss = summed_loss(F.linear(x, w, b), yb, class_weight) / denominator
             loss.backward()
             total += float(loss.detach())
         reg = 0.5 * lam * w.pow(2).sum()
