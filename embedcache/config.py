@@ -129,6 +129,12 @@ def _device():
     return setting("auto", "auto, cpu, cuda or cuda:N.")
 
 
+def _max_memory(what: str):
+    return setting(
+        None, f"{what} past this size [default: half the available memory].", low=1, kind="bytes"
+    )
+
+
 def _image_size(default_help="the weights' own"):
     return setting(None, f"Crop size in pixels [default: {default_help}].", low=16, kind=int)
 
@@ -365,12 +371,7 @@ class HeadConfig(_Config):
     device: str = _device()
     seed: int = _seed()
     val_fraction: float = _val_fraction()
-    max_memory: int | None = setting(
-        None,
-        "Stream features from the file past this size [default: half the available memory].",
-        low=1,
-        kind="bytes",
-    )
+    max_memory: int | None = _max_memory("Stream features from the file")
     stream: bool | None = None  # force streaming (True) or loading (False); None: by max_memory
     resume: bool = setting(False, "Continue the training saved in --out.")
     views: str = setting(
@@ -457,12 +458,7 @@ class FinetuneConfig(_Config):
     image_size: int | None = _image_size("the head's, else the weights' own")
     val_fraction: float = _val_fraction()
     num_workers: int | None = _num_workers()
-    max_memory: int | None = setting(
-        None,
-        "Prefix cache on disk past this size [default: half the available memory].",
-        low=1,
-        kind="bytes",
-    )
+    max_memory: int | None = _max_memory("Prefix cache on disk")
     exclude: str | None = _exclude()
     log_dir: str | None = _log_dir()
     multi_label: bool = _multi_label()
@@ -615,6 +611,9 @@ class AuditConfig(_Config):
     )
     folds: int = setting(
         5, "Folds of the out-of-fold probabilities that rank likely label errors.", low=2
+    )
+    max_memory: int | None = _max_memory(
+        "Read the features from the file (--index approx, re-scored in passes of the file)"
     )
     report_rows: int = setting(
         30, "Entries per finding shown with thumbnails in report.html (the CSVs hold all).", low=0

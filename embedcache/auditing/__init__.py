@@ -27,6 +27,7 @@ import numpy as np
 from ..cache import open_cache
 from ..config import APPROX_FROM_ROWS, AuditConfig
 from ..errors import EmbedcacheError
+from ..feed import memory_budget
 from ..outputs import claim_folder, folder_output
 from ..runtime import resolve_device, returning_memory
 from . import page, reuse
@@ -46,6 +47,7 @@ from .findings import (
 )
 from .groups import Groups, duplicate_groups, group_rows
 from .labels import LabelIssues, calibrated, label_issues, out_of_fold_logits
+from .rows import DiskRows
 from .search import nearest, unit_rows
 
 FINDINGS = ("exact_duplicates", "near_duplicates", "leaks", "label_errors", "outliers")
@@ -151,8 +153,11 @@ def _check_labels(pool: Pool, cfg: AuditConfig, say):
         return [], [], why, None
     say(f"label errors: {cfg.folds}-fold out-of-fold probabilities on {len(rows)} images")
     labels = pool.labels[rows]
+    on_disk = isinstance(pool.features, DiskRows)
     logits = out_of_fold_logits(
-        pool.features if len(rows) == len(pool) else pool.features[rows],
+        pool.features
+        if len(rows) == len(pool)
+        else (pool.features.subset(rows) if on_disk else pool.features[rows]),
         labels,
         folds=cfg.folds,
         seed=cfg.seed,
@@ -178,7 +183,10 @@ def _findings(pool: Pool, cfg: AuditConfig, progress: bool, say, features=None) 
     exact, groups = exact_pairs(pool)
     device = resolve_device(cfg.device)
     # scaled in place: the search and the label check both use the unit rows, one copy in memory
-    unit = unit_rows(pool.features, out=pool.features)
+    # (read from the file, they are scaled as they are read)
+    unit = pool.features
+    if isinstance(unit, np.ndarray):
+        unit = unit_rows(pool.features, out=pool.features)
     # before the search: its (n, classes) probabilities are gone before the index is built
     with returning_memory():  # its blocks' memory is the search's once freed
         label_rows, ranking, label_how, calibration = _check_labels(pool, cfg, say)
@@ -225,6 +233,10 @@ def _earlier(cfg: AuditConfig, pool: Pool, unit, features, say):
     or there is no --reuse)."""
     if cfg.reuse is None:
         return None, None
+    if isinstance(unit, DiskRows):
+        why = "the features are read from the file (past --max-memory); an index grows in memory"
+        say(f"neighbours: not reusing the index of {cfg.reuse}: {why}")
+        return None, why
     if cfg.index == "exact":
         raise EmbedcacheError(
             "--reuse grows the approximate index of an earlier audit, and --index exact uses "
@@ -294,6 +306,7 @@ def _neighbours(
     all)."""
     if earlier is not None:
         return reuse.search(unit, earlier, cfg, progress, say, checked=checked)
+    indexed = indexed or isinstance(unit, DiskRows)  # rows on disk: exact search is N passes
     if not indexed and not _approximate(cfg, len(unit)):
         say(f"neighbours: exact cosine search over {len(unit)} images on {device}")
         index, sims = nearest(unit, k=cfg.neighbours, device=device, progress=progress)
@@ -410,14 +423,14 @@ def audit(
     say = log or (lambda line: None)
     claim_folder(out, verb="audit", inputs=[("the cache", cache)], legacy=_earlier_audit)
     out = Path(out)
-    with open_cache(cache) as c:
-        pool = Pool.read(c)
+    with open_cache(cache) as c:  # open while the findings are made: they may read its rows
+        pool = Pool.read(c, on_disk=_on_disk(c, cfg, say))
         root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
         identity = f"{c.backbone}, weights {c.weights}"
         features = reuse.features_of(c)
-    if not len(pool):
-        raise EmbedcacheError(f"cache {cache} holds no images to audit")
-    found = _findings(pool, cfg, progress, say, features)
+        if not len(pool):
+            raise EmbedcacheError(f"cache {cache} holds no images to audit")
+        found = _findings(pool, cfg, progress, say, features)
     tables, how, ranking, (top, distance), calibration, searched = found
     # the N x D features are not read again: freed before the files are made
     pool.features = np.zeros((0, pool.features.shape[1]), pool.features.dtype)
@@ -439,6 +452,26 @@ def audit(
     if searched is not None:
         files |= {"index": out / reuse.INDEX, "index_json": out / reuse.META}
     return AuditResult(out, summary, files, tables, ranking, list(pool.paths), top, distance)
+
+
+def _on_disk(cache, cfg: AuditConfig, say) -> bool:
+    """Whether the features stay in the file: more bytes than --max-memory (default: half the
+    memory available). Exact search then cannot run (a pass of the file per block of rows)."""
+    sizes = [(cache.num_images(s), cache.features(s).dtype.itemsize) for s in cache.splits]
+    need = sum(n * size for n, size in sizes) * cache.feature_dim
+    budget = memory_budget(cfg.max_memory)
+    if need <= budget:
+        return False
+    if cfg.index == "exact":
+        raise EmbedcacheError(
+            f"--index exact needs the features in memory ({need / 1e9:.1f} GB, over "
+            f"--max-memory {budget / 1e9:.1f} GB): pass --index approx, or a larger --max-memory"
+        )
+    say(
+        f"features: {need / 1e9:.1f} GB, over --max-memory {budget / 1e9:.1f} GB: read from the "
+        "file when needed, the neighbours re-scored in passes of it"
+    )
+    return True
 
 
 SUMMARY, REPORT = "summary.json", "report.html"  # summary.json last: it says the audit finished

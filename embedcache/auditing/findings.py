@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..cache import Cache, duplicate_groups
 from ..data import SPLIT_ORDER
+from .rows import DiskRows
 
 CODE_SIDE = 8  # the low-frequency DCT block of a pixel code: 8 x 8 less the mean, 63 values
 PAIR_ROWS = 65536  # candidate pairs scored at a time
@@ -38,7 +39,8 @@ READ_ROWS = 65536  # rows read from the cache at a time
 class Pool:
     """Every split of a cache in one table.
 
-    features : (n, d) stored dtype; split : (n,) index into ``splits``; labels : (n,) int64,
+    features : (n, d) stored dtype, or :class:`.rows.DiskRows` (read from the file); split :
+    (n,) index into ``splits``; labels : (n,) int64,
     -1 unlabelled; paths : n str, relative to the data root; hashes : (n, 16) uint8 or None
     (a cache written before format 3); codes : (n, 63) float32 pixel codes (:func:`pixel_codes`;
     all-zero rows unknown) or None (a cache written before format 4); label_sets : (n, C) bool,
@@ -62,17 +64,15 @@ class Pool:
         return self.label_sets is not None
 
     @classmethod
-    def read(cls, cache: Cache) -> Pool:
+    def read(cls, cache: Cache, *, on_disk: bool = False) -> Pool:
+        """Every split of ``cache``; ``on_disk``: the features left in the file, read as unit
+        rows when asked (:class:`.rows.DiskRows`; the cache must stay open)."""
         names = [s for s in cache.splits if cache.num_images(s)]
         sizes = [cache.num_images(s) for s in names]
-        dtype = cache.features(names[0]).dtype if names else np.float16
-        features = np.empty((sum(sizes), cache.feature_dim), dtype)  # filled in place: one copy
-        at = 0
-        for name, n in zip(names, sizes, strict=True):
-            source = cache.features(name)
-            for lo in range(0, n, READ_ROWS):
-                features[at + lo : at + min(n, lo + READ_ROWS)] = source[lo : lo + READ_ROWS]
-            at += n
+        if on_disk:
+            features = DiskRows([cache.features(name) for name in names])
+        else:
+            features = _loaded(cache, names, sizes)
         hashes = [cache.hashes(s) for s in names]
         thumbnails = _read_thumbnails(cache, names)
         codes = None if thumbnails is None else _codes_of(thumbnails)
@@ -115,6 +115,19 @@ class Pool:
     def ordered(self, a: int, b: int) -> tuple[int, int]:
         """The pair with the row of the earlier split (then the earlier row) first."""
         return (a, b) if self.rank(a) <= self.rank(b) else (b, a)
+
+
+def _loaded(cache: Cache, names: list[str], sizes: list[int]) -> np.ndarray:
+    """The features of ``names`` in one array, filled in place (one copy)."""
+    dtype = cache.features(names[0]).dtype if names else np.float16
+    features = np.empty((sum(sizes), cache.feature_dim), dtype)
+    at = 0
+    for name, n in zip(names, sizes, strict=True):
+        source = cache.features(name)
+        for lo in range(0, n, READ_ROWS):
+            features[at + lo : at + min(n, lo + READ_ROWS)] = source[lo : lo + READ_ROWS]
+        at += n
+    return features
 
 
 def _label_sets(cache: Cache, names: list[str]) -> np.ndarray | None:

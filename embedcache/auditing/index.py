@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import EmbedcacheError
 from ..runtime import returning_memory
+from . import outofcore
 from .search import MARGIN, rescored
 
 RECALL_QUERIES = 1000  # rows whose exact neighbours check each approximate search
@@ -179,24 +180,28 @@ def _pca(faiss, unit: np.ndarray, rows: np.ndarray):
     return pca
 
 
-def build(unit: np.ndarray, *, seed: int = 0, progress: bool = False):
-    """An IVF index of ``unit`` (n, d) unit rows (float16 or float32), trained on a seeded
-    sample of them; rows wider than PCA_DIMS are indexed by their first PCA_DIMS principal
-    components (the projection fitted on PCA_SAMPLE of the sample)."""
+def build(unit, *, seed: int = 0, progress: bool = False):
+    """An IVF index of ``unit`` (n, d) unit rows (float16 or float32; an ndarray or
+    :class:`.rows.DiskRows`), trained on a seeded sample of them; rows wider than PCA_DIMS are
+    indexed by their first PCA_DIMS principal components (the projection fitted on PCA_SAMPLE
+    of the sample). Rows on disk: the sample is read once, in one pass."""
     faiss = faiss_module()
     n, d = unit.shape
     nlist = min(cells_for(n), max(1, n // TRAIN_PER_CELL))
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, TRAIN_PER_CELL * nlist), replace=False))
+    source, at = (unit, sample) if isinstance(unit, np.ndarray) else (unit[sample], None)
+    at = np.arange(len(sample)) if at is None else at
     pca = None
     if d > PCA_DIMS:
-        fit_on = np.sort(rng.choice(sample, size=min(len(sample), PCA_SAMPLE), replace=False))
-        pca = _pca(faiss, unit, fit_on)
+        fit_on = np.sort(rng.choice(len(sample), size=min(len(sample), PCA_SAMPLE), replace=False))
+        pca = _pca(faiss, source, at[fit_on])
     dims = d if pca is None else PCA_DIMS
     ivf = faiss.IndexIVFScalarQuantizer(
         faiss.IndexFlatL2(dims), dims, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2
     )
-    ivf.train(_projected(pca, unit, sample))
+    ivf.train(_projected(pca, source, at))
+    del source  # the sample read from disk
     index = ivf if pca is None else faiss.IndexPreTransform(pca, ivf)
     bar = tqdm(total=n, desc="index", unit="row", disable=not progress, dynamic_ncols=True)
     with bar:
@@ -231,6 +236,18 @@ def _search(index, unit, rows, kept: int, *, ids=None, params=None) -> np.ndarra
     if ids is not None:
         found = np.where(found >= 0, ids[found], -1)
     return _without_self(found, rows, kept)
+
+
+def _search_read(index, q: np.ndarray, rows: np.ndarray, kept: int) -> np.ndarray:
+    """:func:`_search` of ``rows`` whose unit rows ``q`` are already read, SEARCH_ROWS at a
+    time: (len(rows), kept) int32 (int64 from 2**31 ids)."""
+    pca, ivf = parts(index)
+    out = np.empty((len(rows), kept), np.int32 if index.ntotal < 2**31 else np.int64)
+    for lo in range(0, len(rows), SEARCH_ROWS):
+        block = np.ascontiguousarray(q[lo : lo + SEARCH_ROWS], dtype=np.float32)
+        _, found = ivf.search(block if pca is None else pca.apply(block), kept + 1)
+        out[lo : lo + len(block)] = _without_self(found, rows[lo : lo + len(block)], kept)
+    return out
 
 
 def _without_self(found: np.ndarray, rows: np.ndarray, kept: int) -> np.ndarray:
@@ -269,13 +286,14 @@ def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bo
     return sims, best
 
 
-def exact_sample(x: torch.Tensor, rows: np.ndarray, k: int) -> torch.Tensor:
-    """The exact ``k`` best similarities of ``rows`` against every other row of ``x``
-    (float32, in key blocks): what recall is measured against."""
-    q = x[torch.from_numpy(rows)].float()
+def exact_sample(x, rows: np.ndarray, k: int) -> torch.Tensor:
+    """The exact ``k`` best similarities of ``rows`` against every other row of ``x`` (a
+    tensor, or :class:`.rows.DiskRows`: one pass of the file), float32, in key blocks: what
+    recall is measured against."""
+    q = torch.as_tensor(x[torch.from_numpy(rows) if torch.is_tensor(x) else rows]).float()
     best = torch.full((len(rows), k), -float("inf"))
     for k0 in range(0, len(x), ADD_ROWS):
-        s = q @ x[k0 : k0 + ADD_ROWS].float().T
+        s = q @ torch.as_tensor(x[k0 : k0 + ADD_ROWS]).float().T
         own = (rows >= k0) & (rows < k0 + ADD_ROWS)
         s[torch.from_numpy(np.flatnonzero(own)), torch.from_numpy(rows[own] - k0)] = -2.0
         best = torch.cat([best, s], 1).topk(k, dim=1).values
@@ -311,11 +329,20 @@ def approximate(
     k = max(0, min(k, n - 1))
     index = build(unit, seed=seed, progress=progress) if index is None else index
     record = _record(index, n, k, floor, checked)
-    x = torch.from_numpy(unit)
+    if not isinstance(unit, np.ndarray):  # rows on disk: re-scored in passes of the file
+        x = unit
 
-    def found(rows, progress):
-        kept = record.candidates[-1]
-        return _best(x, rows, k, lambda r: _search(index, unit, r, kept), progress)
+        def found(rows, progress):
+            kept = record.candidates[-1]
+            return outofcore.best(
+                unit, rows, k, lambda r, q: _search_read(index, q, r, kept), progress
+            )
+    else:
+        x = torch.from_numpy(unit)
+
+        def found(rows, progress):
+            kept = record.candidates[-1]
+            return _best(x, rows, k, lambda r: _search(index, unit, r, kept), progress)
 
     _tuned(index, x, record, seed, found)
     sims, best = found(np.arange(n), progress)

@@ -78,17 +78,39 @@ def _standardised(features: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor,
     return x.sub_(scale.mean).div_(scale.std), scale
 
 
-def _choose_l2(features: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> float:
-    """The lambda of L2_GRID with the lowest log-loss on a stratified fifth held out of the rows
-    (at most L2_SEARCH_ROWS of them, a seeded sample), the fits warm-started strongest first."""
+def _l2_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held): the rows lambda is chosen on, a stratified fifth held out of at most
+    L2_SEARCH_ROWS of them (a seeded sample)."""
     rows = np.arange(len(labels))
     if len(rows) > L2_SEARCH_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), L2_SEARCH_ROWS, replace=False))
     inner = folds_of(labels[rows], folds=5, seed=seed + 1)
-    train, held = rows[inner != 0], rows[inner == 0]
-    x, scale = _standardised(features, train)
+    return rows[inner != 0], rows[inner == 0]
+
+
+class _Read:
+    """The rows of ``features`` the fits use, read once: the features themselves when they are
+    in memory (an ndarray), else those rows copied from the file in one pass (their rows
+    renumbered, ``local``)."""
+
+    def __init__(self, features, rows: np.ndarray):
+        if isinstance(features, np.ndarray):
+            self.rows, self.map = features, None
+        else:
+            self.map = np.unique(rows)
+            self.rows = features[self.map]
+
+    def local(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.map is None else np.searchsorted(self.map, rows)
+
+
+def _choose_l2(read: _Read, labels: np.ndarray, split, classes: int) -> float:
+    """The lambda of L2_GRID with the lowest log-loss on ``split``'s held rows (:func:`_l2_split`),
+    the fits warm-started strongest first."""
+    train, held = split
+    x, scale = _standardised(read.rows, read.local(train))
     y = torch.from_numpy(labels[train])
-    xv, yv = scale.apply(features, held), torch.from_numpy(labels[held])
+    xv, yv = scale.apply(read.rows, read.local(held)), torch.from_numpy(labels[held])
     best, _ = logreg_path(x, y, xv, yv, classes, lambdas=L2_GRID)
     return best.lam
 
@@ -120,32 +142,46 @@ def capped(labels: np.ndarray, rows: np.ndarray, cap: int, seed: int) -> np.ndar
 
 
 def out_of_fold_logits(
-    features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0
+    features, labels: np.ndarray, *, folds: int = 5, seed: int = 0
 ) -> np.ndarray:
     """Class logits of every row from a model trained on the other folds.
 
-    features : ndarray of shape (n, d), float16 or float32 (each fold's training rows, at most
-        max(PROBE_ROWS, PROBE_PER_CLASS x C) of them (:func:`capped`), are copied as float32)
+    features : (n, d), float16 or float32: an ndarray, or rows read from the file
+        (:class:`.rows.DiskRows`). Each fold's training rows, at most max(PROBE_ROWS,
+        PROBE_PER_CLASS x C) of them (:func:`capped`), are copied as float32; every fold's
+        rows are read before the first fit (one pass of the file) and every row is scored by its
+        fold's fit in one more pass, GATHER_ROWS rows at a time.
     labels : ndarray of shape (n,), int64 in 0..C-1 (C = labels.max() + 1)
     Returns ndarray of shape (n, C), float32.
     """
-    features = np.asarray(features)
     labels = np.asarray(labels, np.int64)
     classes = int(labels.max()) + 1
     fold = folds_of(labels, folds=folds, seed=seed)
-    logits = np.zeros((len(labels), classes), np.float32)
-    l2 = _choose_l2(features, labels, classes, seed)
     cap = max(PROBE_ROWS, PROBE_PER_CLASS * classes)
+    trains = [capped(labels, np.flatnonzero(fold != f), cap, seed + f) for f in range(folds)]
+    split = _l2_split(labels, seed)
+    read = _Read(features, np.concatenate([*split, *trains]))
+    l2 = _choose_l2(read, labels, split, classes)
+    fits = []
     for f in range(folds):
-        held, train = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
-        if len(held):
-            train = capped(labels, train, cap, seed + f)
-            x, scale = _standardised(features, train)
-            fit = fit_logreg(x, torch.from_numpy(labels[train]), classes, lam=l2, max_iter=MAX_ITER)
-            del x  # before the held-out rows: one training copy at a time
-            for lo in range(0, len(held), GATHER_ROWS):
-                block = held[lo : lo + GATHER_ROWS]
-                logits[block] = _logits(fit, scale.apply(features, block))
+        if not (fold == f).any():  # nothing to score: no fit
+            fits.append(None)
+            continue
+        x, scale = _standardised(read.rows, read.local(trains[f]))
+        fit = fit_logreg(x, torch.from_numpy(labels[trains[f]]), classes, lam=l2, max_iter=MAX_ITER)
+        del x  # one training copy at a time
+        fits.append((fit, scale))
+    del read  # the fits' rows
+    logits = np.zeros((len(labels), classes), np.float32)
+    for lo in range(0, len(labels), GATHER_ROWS):  # every row in order: one pass of the file
+        block = torch.from_numpy(np.asarray(features[lo : lo + GATHER_ROWS])).float()
+        own = fold[lo : lo + len(block)]
+        for f, fitted in enumerate(fits):
+            mine = np.flatnonzero(own == f)
+            if len(mine):
+                fit, scale = fitted
+                x = block[torch.from_numpy(mine)].sub_(scale.mean).div_(scale.std)
+                logits[lo + mine] = _logits(fit, x)
     return logits
 
 
