@@ -38,6 +38,16 @@ def test_disk_rows_read_spans_and_scattered_rows_across_splits_as_unit_rows():
     assert np.allclose(np.linalg.norm(rows[:].astype(np.float32), axis=1), 1, atol=2e-3)
 
 
+def test_the_scratch_copy_holds_the_unit_rows_and_reads_them_plain(tmp_path):
+    sources, unit = _sources(5)
+    copied = DiskRows(sources).scratch(tmp_path)
+    assert (tmp_path / "unit_rows.bin").stat().st_size == unit.nbytes
+    assert np.array_equal(copied[3:240], unit[3:240])
+    assert np.array_equal(copied[np.array([250, 0, 7, 7])], unit[[250, 0, 7, 7]])
+    assert np.array_equal(copied.subset(np.arange(100, 200))[5:9], unit[105:109])
+    copied.close()
+
+
 def test_out_of_core_rescoring_is_the_float32_dot_of_each_pair(monkeypatch):
     monkeypatch.setattr(outofcore, "KEY_ROWS", 32)  # several blocks of keys
     monkeypatch.setattr(outofcore, "PAIRS", 5)  # and of pairs within each
@@ -102,6 +112,8 @@ def test_an_audit_past_max_memory_reads_the_file_and_finds_what_memory_finds(tmp
     loaded = audit(cache, out=tmp_path / "memory", **kw)
     read = audit(cache, out=tmp_path / "disk", max_memory=1000, log=lines.append, **kw)
     assert any(line.startswith("features: ") and "read from the file" in line for line in lines)
+    assert any("scaled to unit length once" in line for line in lines)
+    assert not list(tmp_path.glob(".audit-rows-*"))  # the scratch copy is gone
     for name in ("near_duplicates", "leaks", "outliers", "label_errors"):
         assert read.tables[name] == loaded.tables[name], name
     assert len(read.tables["near_duplicates"]) == 4
@@ -114,3 +126,18 @@ def test_exact_search_past_max_memory_is_a_one_line_error(tmp_path):
     with pytest.raises(EmbedcacheError, match=r"--index exact needs the features in memory"):
         audit(cache, out=tmp_path / "out", index="exact", max_memory=1000, progress=False)
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_an_audit_that_fails_leaves_no_scratch_copy(tmp_path, monkeypatch):
+    import embedcache.auditing as auditing
+
+    cache = _cache(tmp_path)
+
+    def broken(*args, **kwargs):
+        assert list(tmp_path.glob(".audit-rows-*/unit_rows.bin"))  # it was there
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(auditing, "_findings", broken)
+    with pytest.raises(RuntimeError, match="stopped"):
+        audit(cache, out=tmp_path / "out", index="approx", max_memory=1000, progress=False)
+    assert not list(tmp_path.glob(".audit-rows-*"))

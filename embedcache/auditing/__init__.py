@@ -14,10 +14,13 @@ images and groups as well as of pairs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import html
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,8 +426,11 @@ def audit(
     say = log or (lambda line: None)
     claim_folder(out, verb="audit", inputs=[("the cache", cache)], legacy=_earlier_audit)
     out = Path(out)
-    with open_cache(cache) as c:  # open while the findings are made: they may read its rows
+    # the cache open while the findings are made: they may read its rows
+    with open_cache(cache) as c, contextlib.ExitStack() as scratch:
         pool = Pool.read(c, on_disk=_on_disk(c, cfg, say))
+        if isinstance(pool.features, DiskRows):
+            pool.features = _scratch(pool.features, out, scratch, progress, say)
         root = Path(str(c.attrs["source"])) if c.attrs.get("source") else None
         identity = f"{c.backbone}, weights {c.weights}"
         features = reuse.features_of(c)
@@ -472,6 +478,20 @@ def _on_disk(cache, cfg: AuditConfig, say) -> bool:
         "file when needed, the neighbours re-scored in passes of it"
     )
     return True
+
+
+def _scratch(rows: DiskRows, out: Path, stack: contextlib.ExitStack, progress: bool, say):
+    """``rows`` scaled once into a scratch folder beside ``out`` (deleted on leaving ``stack``)
+    and read from there; ``rows`` as they are where the disk lacks the room."""
+    parent = out.resolve().parent
+    if shutil.disk_usage(parent).free < rows.nbytes * 1.1:
+        say(f"features: no room in {parent} for a scaled copy: scaled on every read (slower)")
+        return rows
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=".audit-rows-", dir=parent))
+    say(f"features: scaled to unit length once, into {folder} (deleted at the end)")
+    copied = rows.scratch(Path(folder), progress)
+    stack.callback(copied.close)
+    return copied
 
 
 SUMMARY, REPORT = "summary.json", "report.html"  # summary.json last: it says the audit finished

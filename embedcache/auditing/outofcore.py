@@ -98,4 +98,5 @@ def best(unit, rows: np.ndarray, k: int, candidates_of, progress: bool = False):
             sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
             found[lo : lo + len(r)] = torch.from_numpy(cand).gather(1, pick).to(found.dtype)
             bar.update(len(r))
+            del q, cand, s, pick  # before the next chunk is read: one chunk in memory at a time
     return sims, found
