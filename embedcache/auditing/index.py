@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import EmbedcacheError
 from ..runtime import returning_memory
 from . import outofcore
-from .search import MARGIN, rescored
+from .search import MARGIN, best_of_blocks, rescored
 
 RECALL_QUERIES = 1000  # rows whose exact neighbours check each approximate search
 FIRST_NPROBE = 8
@@ -269,21 +269,14 @@ def _best(x: torch.Tensor, rows: np.ndarray, k: int, candidates_of, progress: bo
     candidates_of : (block of rows) -> (len(block), c) int64 rows of ``x``; -1 or the row
         itself is left out (a similarity of -inf where fewer than k remain)
     """
-    sims = torch.empty((len(rows), k))
-    # int32 under 2**31 rows: 120 MB less at 1,000,000 rows of 30 neighbours
-    best = torch.empty((len(rows), k), dtype=torch.int32 if len(x) < 2**31 else torch.int64)
-    bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
-    with bar:
-        for lo in range(0, len(rows), SEARCH_ROWS):
-            r = rows[lo : lo + SEARCH_ROWS]
-            c = candidates_of(r)
-            c = torch.from_numpy(np.where(c < 0, r[:, None], c))
-            s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
-            s = s.masked_fill(i == torch.from_numpy(r)[:, None], -float("inf"))
-            sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
-            best[lo : lo + len(r)] = i.gather(1, pick)
-            bar.update(len(r))
-    return sims, best
+
+    def scored(r):
+        c = candidates_of(r)
+        c = torch.from_numpy(np.where(c < 0, r[:, None], c))
+        s, i = rescored(x[torch.from_numpy(r)], c, k=c.shape[1], keys=x)
+        return s.masked_fill(i == torch.from_numpy(r)[:, None], -float("inf")), i
+
+    return best_of_blocks(rows, k, len(x), SEARCH_ROWS, scored, progress)
 
 
 def exact_sample(x, rows: np.ndarray, k: int) -> torch.Tensor:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..feed import _read_ahead
+from .search import best_of_blocks
 
 CHUNK_ROWS = 1 << 20  # query rows re-scored per pass of the file (2.7 GB of 1280-d float16)
 KEY_ROWS = 65536  # rows of the file read at a time in a pass
@@ -83,20 +83,14 @@ def best(unit, rows: np.ndarray, k: int, candidates_of, progress: bool = False):
     candidates_of : (rows, their unit rows) -> (len(rows), c) int rows of ``unit``; -1 or the
         row itself is left out (-inf where fewer than k remain)
     """
-    sims = torch.empty((len(rows), k))
-    found = torch.empty((len(rows), k), dtype=torch.int32 if len(unit) < 2**31 else torch.int64)
-    bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
-    with bar:
-        for lo in range(0, len(rows), CHUNK_ROWS):
-            r = rows[lo : lo + CHUNK_ROWS]
-            contiguous = len(r) and r[-1] - r[0] == len(r) - 1
-            q = unit[int(r[0]) : int(r[-1]) + 1] if contiguous else unit[r]
-            cand = np.asarray(candidates_of(r, q), np.int64)
-            cand = np.where(cand < 0, r[:, None], cand)  # none found: the row itself, left out
-            s = torch.from_numpy(rescored(unit, q, cand))
-            s.masked_fill_(torch.from_numpy(cand == r[:, None]), -float("inf"))
-            sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
-            found[lo : lo + len(r)] = torch.from_numpy(cand).gather(1, pick).to(found.dtype)
-            bar.update(len(r))
-            del q, cand, s, pick  # before the next chunk is read: one chunk in memory at a time
-    return sims, found
+
+    def scored(r):
+        contiguous = len(r) and r[-1] - r[0] == len(r) - 1
+        q = unit[int(r[0]) : int(r[-1]) + 1] if contiguous else unit[r]
+        cand = np.asarray(candidates_of(r, q), np.int64)
+        cand = np.where(cand < 0, r[:, None], cand)  # none found: the row itself, left out
+        s = torch.from_numpy(rescored(unit, q, cand))
+        s.masked_fill_(torch.from_numpy(cand == r[:, None]), -float("inf"))
+        return s, torch.from_numpy(cand)
+
+    return best_of_blocks(rows, k, len(unit), CHUNK_ROWS, scored, progress)

@@ -156,3 +156,25 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float16:
         return x.view(torch.int16).index_select(0, index).view(torch.float16)
     return torch.from_numpy(np.take(x.numpy(), index.numpy(), axis=0))
+
+
+def best_of_blocks(rows: np.ndarray, k: int, keys: int, step: int, scored, progress=False):
+    """The ``k`` best of each row's candidates, ``step`` rows at a time (their candidates never
+    all in memory): (similarity, index) float32 and int32 (int64 from 2**31 ``keys``) tensors
+    (rows, k); int32 saves 120 MB at 1,000,000 rows of 30 neighbours.
+
+    scored : (block of rows) -> (similarity, candidate rows) tensors (len(block), c), the row
+        itself at -inf (so is a slot with no candidate: -inf where fewer than k remain)
+    """
+    sims = torch.empty((len(rows), k))
+    best = torch.empty((len(rows), k), dtype=torch.int32 if keys < 2**31 else torch.int64)
+    bar = tqdm(total=len(rows), desc="neighbours", unit="row", disable=not progress)
+    with bar:
+        for lo in range(0, len(rows), step):
+            r = rows[lo : lo + step]
+            s, i = scored(r)
+            sims[lo : lo + len(r)], pick = s.topk(k, dim=1)
+            best[lo : lo + len(r)] = i.gather(1, pick).to(best.dtype)
+            bar.update(len(r))
+            del s, i, pick  # before the next block is scored: one block in memory at a time
+    return sims, best
