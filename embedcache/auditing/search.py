@@ -146,11 +146,17 @@ def rescored(
     return sims, best
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x[index]``; on a CPU float16 rows are gathered as int16 (the same bytes), which
     torch's index_select copies faster than float16 or numpy's take does: 16,384 rows' 60
     candidates of 1280 re-scored in 1.20 s against 1.44 s by numpy's take, which was 3.5x
     faster than indexing the float16 rows (random rows of 1,000,000)."""
+    if out is not None:  # into a buffer made once (a fresh large block is mapped anew)
+        if x.dtype == torch.float16 and x.device.type == "cpu":
+            torch.index_select(x.view(torch.int16), 0, index, out=out.view(torch.int16))
+        else:
+            torch.index_select(x, 0, index, out=out)
+        return out
     if x.device.type != "cpu":
         return x[index]
     if x.dtype == torch.float16:
