@@ -1,9 +1,10 @@
 """Does `audit` find what is wrong? Seeded corruptions on real photo sets, scored per finding.
 
-    python benchmarks/audit_quality.py --work /tmp/audit_work            (all three sets)
+    python benchmarks/audit_quality.py --work /tmp/audit_work            (every set)
     python benchmarks/audit_quality.py --work /tmp/audit_work --only digits
 
-For each data set (flowers12, hymenoptera, and scikit-learn's digits written as 8x8 PNGs) a CSV
+For each data set (flowers12, hymenoptera, grocery81, scikit-learn's digits written as 8x8 PNGs,
+and "forms": 480 generated scans of four kinds of form, alike but for their fields) a CSV
 manifest lists the clean images, and a second one the same images with seeded corruptions
 (seed 0), every new file written under WORK, the user's data only read:
 
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from common import save
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from embedcache import extract, open_cache, scan
 from embedcache.quickstart import write_digits
@@ -49,30 +50,96 @@ SETS = {
     "hymenoptera": ("/work/shared/data/hymenoptera", None),
     "digits": (None, 64),
     "grocery81": ("/work/shared/data/grocery81", None),
+    "forms": (None, None),
 }
 FOREIGN = {
     "flowers12": "hymenoptera",
     "hymenoptera": "flowers12",
     "digits": "flowers12",
     "grocery81": "flowers12",
+    "forms": "flowers12",
 }
 COPY_KINDS = ("exact", "jpeg60", "half", "crop90", "mirror", "zoom150", "crop70")
 FRACTION, FOREIGN_FRACTION = 0.05, 0.01
 
 
 def _source_rows(name: str, work: Path) -> list[tuple[Path, str, str]]:
-    """(absolute path, class, split) of every image of a set; digits get a seeded 80/20 split."""
+    """(absolute path, class, split) of every image of a set; the generated sets (digits, forms)
+    get a seeded 80/20 split."""
     root = SETS[name][0]
     if root is None:
-        root = write_digits(work / "digits_src")
+        root = (
+            write_digits(work / "digits_src")
+            if name == "digits"
+            else write_forms(work / "forms_src")
+        )
     images = scan(root)
     rows = []
     for split, samples in images.splits.items():
         for s in samples:
             rows.append((Path(images.root) / s.path, images.classes[s.label], split))
-    if name == "digits":  # a class-folder set: scan held val out; call it test, keep 80/20
+    if SETS[name][0] is None:  # a class-folder set: scan held val out; call it test, keep 80/20
         rows = [(p, c, "test" if split == "val" else split) for p, c, split in rows]
     return [r for r in rows if _readable(r[0])]
+
+
+# the words and layouts of the "forms" set: scanned forms of four kinds, alike but for their
+# filled-in fields (where a threshold tuned on photos pairs different images)
+_WORDS = "total amount date invoice number customer address account paid due item quantity price "
+WORDS = tuple((_WORDS + "tax north street road order ship bill name city code ref balance").split())
+FORM_KINDS = ("invoice", "receipt", "order", "statement")
+
+
+def _form(kind: int, rng) -> Image.Image:
+    """One scanned form: the layout of its kind, fields filled at random."""
+    w, h = 240, 320
+    img = Image.new("L", (w, h), 255)
+    d = ImageDraw.Draw(img)
+    big, small = ImageFont.load_default(size=16), ImageFont.load_default(size=10)
+    title = ("INVOICE", "RECEIPT", "ORDER FORM", "STATEMENT")[kind]  # one of FORM_KINDS
+    d.text((20, 14), title, fill=0, font=big)
+    d.line((16, 40, w - 16, 40), fill=0, width=2)
+    rows = (6, 10, 4, 8)[kind]
+    top = 52
+    for r in range(rows):
+        y = top + r * (230 // rows)
+        d.rectangle((16, y, w - 16, y + 230 // rows - 4), outline=80)
+        words = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
+        d.text((22, y + 3), words, fill=20, font=small)
+        d.text(
+            (w - 70, y + 3),
+            f"{rng.integers(1, 9999):>5}.{rng.integers(0, 99):02d}",
+            fill=20,
+            font=small,
+        )
+    if kind % 2:
+        d.rectangle((w - 90, h - 40, w - 16, h - 16), outline=0, width=2)
+    # the scan: shifted and turned a little, paper grey and noise
+    img = img.rotate(
+        rng.uniform(-0.8, 0.8),
+        resample=Image.BILINEAR,
+        fillcolor=255,
+        translate=tuple(rng.integers(-4, 5, 2).tolist()),
+    )
+    a = np.asarray(img, np.float32) * rng.uniform(0.9, 1.0) + rng.normal(0, 4, (h, w))
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+
+
+def write_forms(root: Path, per_kind: int = 120) -> Path:
+    """Write the forms set, ``per_kind`` PNGs of each of FORM_KINDS under ``root/<kind>/`` (seed
+    0); written to a temporary folder and renamed, so an existing ``root`` is complete."""
+    root = Path(root)
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    rng = np.random.default_rng(0)
+    for kind in range(len(FORM_KINDS)):
+        folder = tmp / FORM_KINDS[kind]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_kind):
+            _form(kind, rng).save(folder / f"{i:04d}.png")
+    tmp.rename(root)
+    return root
 
 
 def _readable(path: Path) -> bool:

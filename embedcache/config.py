@@ -575,10 +575,11 @@ class AuditConfig(_Config):
         low=-1.0,
     )
     pixel_threshold: float = setting(
-        0.85,
+        0.9,
         "Pixel similarity from which two images are near duplicates, with --near-confirmed: the "
         "correlation of their grey 32x32 thumbnails in a band of spatial frequencies, the best "
-        "of the whole images, 18 crops of either, mirrored or not, and a 70% window anywhere. "
+        "of the whole images, 18 crops of either, mirrored or not, and a 70% window anywhere, "
+        "placed between whole pixels. "
         "Raised (to 0.98 at most) where different images of the cache are alike: to the 99th "
         "percentile of 2,000 images' similarity to their k-th nearest neighbour "
         "(benchmarks/results/audit_quality.md).",

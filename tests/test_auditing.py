@@ -22,6 +22,7 @@ from embedcache.auditing import search
 from embedcache.auditing.labels import label_issues, out_of_fold_probabilities
 from embedcache.cache.schema import identity_digest
 from embedcache.cli import main
+from embedcache.config import AuditConfig
 from embedcache.errors import EmbedcacheError
 
 
@@ -398,6 +399,29 @@ def test_pixel_similarity_keeps_copies_and_crops_and_tells_apart_one_layout_with
     assert pixel_similarity(flat, np.array([0]), np.array([1]))[0] == pytest.approx(0.0, abs=1e-3)
 
 
+def test_a_zoomed_copy_is_placed_between_whole_pixels_of_its_original():
+    from embedcache.auditing import findings
+    from embedcache.data import grey_thumbnail
+
+    # detailed pictures zoomed 1.5x: the copy's 32 pixels hold 21.3 of the original's
+    with tempfile.TemporaryDirectory() as d:
+        kw = {"size": (240, 192)}
+        thumbs = np.stack(
+            [
+                grey_thumbnail(_scene(Path(d) / f"{s}_{z}.jpg", s, *zoom, **kw))
+                for s in range(1, 9)
+                for z, zoom in enumerate([(), ((2 / 3, 0.5, 0.5), 1.5)])
+            ]
+        )
+    a, b = np.arange(0, 16, 2), np.arange(1, 16, 2)
+    x, y = findings._band(thumbs[a]), findings._band(thumbs[b])
+    whole = findings._windows(x, y, thumbs[a], thumbs[b], 22).numpy()
+    refined = findings._windows(x, y, thumbs[a], thumbs[b], 22, refine=True).numpy()
+    assert whole.mean() < 0.95 and whole.min() < 0.9, whole  # half a pixel out
+    assert refined.min() > 0.99, refined
+    assert np.all(findings.pixel_similarity(thumbs, a, b) >= refined - 1e-6)
+
+
 def test_audit_pairs_a_resized_copy_by_pixels_not_a_look_alike(blob_tree, tmp_path, extract_kw):
     extract(blob_tree, out=tmp_path / "b.h5", **extract_kw)
     # random-init features find every picture alike: the pixel codes must tell them apart
@@ -407,7 +431,8 @@ def test_audit_pairs_a_resized_copy_by_pixels_not_a_look_alike(blob_tree, tmp_pa
     assert all("other.png" not in p for pair in near for p in pair)
     row = r.tables["near_duplicates"][near.index(("train/cat/0.png", "val/cat/copy.jpg"))]
     assert row["pixel_similarity"] > 0.95
-    assert "pixel similarity >= 0.85" in r.summary["near_duplicates"]["how"]
+    threshold = AuditConfig().pixel_threshold
+    assert f"pixel similarity >= {threshold:.4g}" in r.summary["near_duplicates"]["how"]
     leaks = _rows(tmp_path / "a" / "leaks.csv")
     assert any(x["path_b"] == "val/cat/copy.jpg" and x["pixel_similarity"] for x in leaks)
 

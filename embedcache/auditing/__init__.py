@@ -343,7 +343,7 @@ def _near_how(pool: Pool, cfg: AuditConfig, rule: NearRule, adapted: dict | None
         f"{searched} and {cfg.neighbours} by pixel codes; a pair at feature cosine >= "
         f"{cfg.near_confirmed} and pixel similarity >= {rule.pixel:.4g} (correlation of "
         f"band-passed {side} grey thumbnails, best of the whole image, {len(CROPS)} crops, "
-        f"mirrored or not, and a {WINDOW:.0%} window anywhere); {exact}"
+        f"mirrored or not, and a {WINDOW:.0%} window anywhere, between whole pixels); {exact}"
     )
     if adapted and adapted["raised"]:
         how += (
