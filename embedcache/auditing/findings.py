@@ -210,6 +210,11 @@ def _band(thumbnails: np.ndarray, side: int | None = None) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(thumbnails)).float().unsqueeze(1)
     if side is not None and side != x.shape[-1]:
         x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+    return _band_passed(x)
+
+
+def _band_passed(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1, s, s) float32 images in the band ``BAND``: a difference of Gaussian blurs."""
     return _blur(x, BAND[0]) - _blur(x, BAND[1])
 
 
@@ -354,8 +359,7 @@ def _refined(raw: np.ndarray, small: torch.Tensor, place: torch.Tensor) -> torch
                 window = F.grid_sample(
                     img, grid, mode="bilinear", padding_mode="border", align_corners=False
                 )
-                window = _blur(window, BAND[0]) - _blur(window, BAND[1])
-                best = torch.maximum(best, (_unit(window) * target).sum(1))
+                best = torch.maximum(best, (_unit(_band_passed(window)) * target).sum(1))
     return best
 
 
