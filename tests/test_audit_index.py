@@ -194,3 +194,25 @@ def test_when_the_projection_limits_recall_more_candidates_are_rescored(monkeypa
     assert record.candidates == sorted(record.candidates) and len(record.candidates) > 1
     assert record.candidates[1] == 2 * record.candidates[0]
     assert record.recall[-1] > record.recall[0]
+
+
+def test_past_hnsw_cells_the_same_centroids_are_found_through_a_graph(monkeypatch):
+    from embedcache.auditing import index as ix
+
+    unit = _copies(n_sources=300, copies=4, seed=7)
+    flat = ix.parts(ix.build(unit))[1]
+    monkeypatch.setattr(ix, "HNSW_CELLS", 16)  # this small set's cells past it
+    graphed = ix.build(unit)
+    ivf = ix.parts(graphed)[1]
+    assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+    assert ix.name(graphed) == f"IVF{ivf.nlist}_HNSW{ix.HNSW_M},SQ8"
+    # the k-means ran on a flat scan, as for a flat quantiser; only the lookup differs
+    a, b = (faiss.downcast_index(i.quantizer).reconstruct_n(0, i.nlist) for i in (flat, ivf))
+    assert np.allclose(a, b)
+    # the graph searched at least twice as broadly as the cells probed, read back from disk
+    back = faiss.deserialize_index(faiss.serialize_index(graphed))
+    _, sims, record = approximate(unit, k=4, floor=0.95, index=back)
+    assert record.index == ix.name(graphed) and record.recall[-1] >= 0.95
+    assert ix._graph(ix.parts(back)[1]).efSearch >= 2 * record.nprobe[-1]
+    _, exact_s = nearest(unit, k=4, device=torch.device("cpu"), dtype=torch.float32)
+    assert recall_at_k(torch.from_numpy(sims), torch.from_numpy(exact_s)) >= 0.95
