@@ -11,6 +11,8 @@ together, at its default settings:
 
 - embedcache: `embedcache.audit(cache, out=..., progress=False)`, in this process; its pairs
   are those of exact_duplicates.csv and near_duplicates.csv, its ranking `AuditResult.ranking`;
+  at its defaults, and again stricter (`pixel_threshold=0.95`), as fastdup runs at two
+  thresholds: the side of the trade between copies found and other pairs each user may want;
 - fastdup: `fastdup.run` on the image files at its default threshold (0.9) and at 0.96, the
   connected components at its default ccthreshold (0.96) in both; its pairs are those of
   similarity.csv, its groups the components of two or more images;
@@ -74,6 +76,8 @@ from common import save
 
 RUNNER = Path(__file__).resolve().with_name("audit_peers_runner.py")
 TOP_SHARE = 0.1
+# name -> embedcache.audit's options
+OURS = {"embedcache": {}, "embedcache (pixel threshold 0.95)": {"pixel_threshold": 0.95}}
 # name -> (runner tool, its settings)
 PEERS = {
     "fastdup (threshold 0.9, default)": ("fastdup", {"threshold": 0.9, "ccthreshold": 0.96}),
@@ -172,13 +176,14 @@ def _cpu() -> float:
     return own + kids.ru_utime + kids.ru_stime
 
 
-def run_embedcache(cache: Path, out: Path) -> dict:
-    """embedcache.audit at its defaults, timed; its pairs and ranking as cache paths."""
+def run_embedcache(cache: Path, out: Path, options: dict) -> dict:
+    """embedcache.audit with ``options`` (its defaults for the rest), timed; its pairs and
+    ranking as cache paths."""
     from embedcache import audit
 
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = time.perf_counter(), _cpu()
-    r = audit(cache, out=out, progress=False)
+    r = audit(cache, out=out, progress=False, **options)
     cpu_s, wall_s = _cpu() - cpu, time.perf_counter() - wall
     groups = [
         [row["path_a"], row["path_b"]]
@@ -257,13 +262,13 @@ def run_set(name: str, args) -> dict:
     spec = {"files": files, "keys": keys, "cache": str(corrupt)}
     tools = {}
     print(f"{name}: {len(keys)} images", flush=True)
-    order = ["embedcache", *PEERS]
-    for tool in order:
+    for tool in [*OURS, *PEERS]:
         if args.tools and not any(t in tool for t in args.tools):
             continue
         load = os.getloadavg()[0]
-        if tool == "embedcache":
-            r = run_embedcache(corrupt, args.work / name / "peers" / "embedcache")
+        if tool in OURS:
+            folder = "embedcache" + "".join(f"_{v}" for v in OURS[tool].values())
+            r = run_embedcache(corrupt, args.work / name / "peers" / folder, OURS[tool])
         elif not args.peers_python:
             r = {"error": "not run: no --peers-python"}
         else:
@@ -327,10 +332,40 @@ def _leads(r: dict) -> str:
                 else ""
             )
             for t, v in done.items()
-            if t != "embedcache" and v["cpu_s"] < ours["cpu_s"]
+            if t not in OURS and v["cpu_s"] < ours["cpu_s"]
         ]
         lines.append("faster than embedcache's audit: " + ("; ".join(faster) if faster else "none"))
     return "; ".join(lines)
+
+
+def beaten(done: dict) -> str:
+    """For each peer, the first embedcache row that finds more of the seeded copies with no more
+    unseeded pairs; where none does, the two sides' figures."""
+
+    def shown(tool):
+        s = done[tool]["score"]
+        return f"{tool} {_pct(s['recall_all'])} at {s['unseeded_pairs']}"
+
+    ours = [t for t in done if t in OURS]
+    parts = []
+    for tool, v in done.items():
+        if tool in OURS:
+            continue
+        s = v["score"]
+        by = [
+            t
+            for t in ours
+            if done[t]["score"]["recall_all"] > s["recall_all"]
+            and done[t]["score"]["unseeded_pairs"] <= s["unseeded_pairs"]
+        ]
+        parts.append(
+            f"{tool}: beaten by {by[0]}"
+            if by
+            else f"{tool}: not beaten on both ({', '.join(shown(t) for t in [*ours, tool])})"
+        )
+    return "more seeded copies found at no more unseeded pairs (recall at unseeded pairs): " + (
+        "; ".join(parts) if parts else "no peer finished"
+    )
 
 
 def markdown(results: dict, load: tuple) -> str:
@@ -375,7 +410,8 @@ def markdown(results: dict, load: tuple) -> str:
                 + f" | {s['unseeded_pairs']} | {_pct(s['label_recall_top_10pct'])} "
                 f"| {v['cpu_s']:.1f} | {v['wall_s']:.1f} |"
             )
-        lines += ["", *notes, f"- {_leads(r)}"]
+        done = {t: v for t, v in r["tools"].items() if "score" in v}
+        lines += ["", *notes, f"- {_leads(r)}", f"- {beaten(done)}"]
         cl = r["tools"].get("cleanlab (Datalab)", {})
         if "steps" in cl:
             st = cl["steps"]

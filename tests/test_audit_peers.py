@@ -53,3 +53,24 @@ def test_score_gives_recall_per_kind_in_the_order_asked_and_n_a_without_a_rankin
     assert list(s["recall"]) == ["exact", "half", "mirror"]
     assert s["recall"] == {"exact": 1.0, "half": 0.5, "mirror": None}
     assert (s["unseeded_pairs"], s["found"], s["label_recall_top_10pct"]) == (1, 2, None)
+
+
+def test_a_peer_is_beaten_only_by_more_copies_found_at_no_more_unseeded_pairs():
+    def tool(recall, unseeded):
+        return {"score": {"recall_all": recall, "unseeded_pairs": unseeded}}
+
+    done = {
+        "embedcache": tool(0.99, 80),
+        "embedcache (pixel threshold 0.95)": tool(0.97, 40),
+        "fastdup (threshold 0.96)": tool(0.5, 93),  # beaten by the defaults
+        "cleanvision": tool(0.4, 59),  # by the stricter row only
+        "tied": tool(0.97, 40),  # as many found: not beaten
+    }
+    said = ap.beaten(done).split(": ", 1)[1].split("; ")
+    assert said[0] == "fastdup (threshold 0.96): beaten by embedcache"
+    assert said[1] == "cleanvision: beaten by embedcache (pixel threshold 0.95)"
+    assert said[2] == (
+        "tied: not beaten on both (embedcache 99.0% at 80, "
+        "embedcache (pixel threshold 0.95) 97.0% at 40, tied 97.0% at 40)"
+    )
+    assert len(said) == 3
