@@ -74,3 +74,23 @@ def test_a_peer_is_beaten_only_by_more_copies_found_at_no_more_unseeded_pairs():
         "embedcache (pixel threshold 0.95) 97.0% at 40, tied 97.0% at 40)"
     )
     assert len(said) == 3
+
+
+def test_the_curve_keeps_near_pairs_at_or_above_each_threshold_and_every_exact_pair(tmp_path):
+    import audit_peers_curve as apc
+
+    def write(name, header, rows):
+        lines = [",".join(header), *(",".join(map(str, r)) for r in rows)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+    write("exact_duplicates.csv", ["path_a", "path_b"], [("a", "a2")])
+    near = [("b", "b2", 0.91), ("c", "c2", 0.97), ("x", "y", 0.99)]
+    write("near_duplicates.csv", ["path_a", "path_b", "pixel_similarity"], near)
+    (tmp_path / "summary.json").write_text('{"near_duplicates": {}}')
+    truth = {"copies": [(a, b, "k") for a, b in SEEDED], "flipped": []}
+    rule, *rows = apc.curve(tmp_path, truth, ["k"])
+    at = {r["threshold"]: r for r in rows}
+    assert rule["pixel_rule"] == "the default, not raised"
+    assert at[0.9]["recall_all"] == 1.0 and at[0.9]["unseeded_pairs"] == 1
+    assert at[0.92]["recall_all"] == 2 / 3  # b~b2 (0.91) dropped, a~a2 is exact
+    assert at[0.98]["recall_all"] == 1 / 3 and at[0.98]["unseeded_pairs"] == 1
