@@ -134,6 +134,16 @@ def _real(real_cache: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return real, real_labels, list(c.classes)
 
 
+def first_rows(rows: int, real_cache: str = "/tmp/longtail/grocery81.h5") -> np.ndarray:
+    """The first ``rows`` rows of the 10,000,000-row cache, unit float32 in memory: what the
+    probes of the index (probe_*.py) search."""
+    real, labels, classes = _real(real_cache)
+    x = LazyAuditRows(real, labels, len(classes), 10_000_000, 0, rows)[0:rows]
+    x = x.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 def _in_memory(real, real_labels, classes, rows: int, seed: int) -> tuple[np.ndarray, ...]:
     """Every row and label of the synthetic cache in memory (the 100k and 1M results')."""
     spread = real.std(0)

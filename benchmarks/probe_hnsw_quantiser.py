@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from audit_scale import LazyAuditRows, _real  # noqa: E402
+from audit_scale import first_rows  # noqa: E402
 
 from embedcache.auditing.index import _pca  # noqa: E402
 
@@ -26,11 +26,7 @@ ROWS, CELLS, PROBED, QUERIES = 400_000, 16_384, 16, 50_000
 
 
 def main() -> None:
-    real, labels, classes = _real("/tmp/longtail/grocery81.h5")
-    x = np.ascontiguousarray(
-        LazyAuditRows(real, labels, len(classes), 10_000_000, 0, ROWS)[0:ROWS], dtype=np.float32
-    )
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = first_rows(ROWS)
     p = _pca(faiss, x, np.arange(65536)).apply(x)
     t = time.time()
     km = faiss.Kmeans(256, CELLS, niter=4, seed=1234, max_points_per_centroid=20)

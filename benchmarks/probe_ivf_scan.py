@@ -20,32 +20,28 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from audit_scale import LazyAuditRows, _real  # noqa: E402
+from audit_scale import first_rows  # noqa: E402
 
-from embedcache.auditing.index import _pca  # noqa: E402
+from embedcache.auditing.index import _pca, exact_sample, recall_at_k  # noqa: E402
 
 ROWS, CELLS, PROBED, KEPT, QUERIES = 1_000_000, 4096, 16, 120, 1000
 SPECS = ("IVF4096,SQ8", "IVF4096,PQ64x4fs", "IVF4096,PQ128x4fs")
 
 
-def _recall(x: torch.Tensor, rows: np.ndarray, found: np.ndarray, exact10: torch.Tensor) -> float:
+def _recall(x: torch.Tensor, rows: np.ndarray, found: np.ndarray, exact: torch.Tensor) -> float:
+    """recall@10 of ``found`` candidates of ``rows`` re-scored on the whole rows of ``x``."""
     c = torch.from_numpy(np.where(found < 0, 0, found))
     s = torch.einsum("nd,nkd->nk", x[rows], x[c])
     s[c == torch.from_numpy(rows)[:, None]] = -2
-    top = s.topk(10, 1).values
-    return float((top >= exact10[:, 9:10] - 1e-6).float().sum(1).clamp(max=10).mean() / 10)
+    return recall_at_k(s.topk(10, 1).values, exact)
 
 
 def main() -> None:
-    real, labels, classes = _real("/tmp/longtail/grocery81.h5")
-    x = LazyAuditRows(real, labels, len(classes), 10_000_000, 0, ROWS)[0:ROWS].astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = first_rows(ROWS)
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(ROWS, QUERIES, replace=False))
     xt = torch.from_numpy(x)
-    exact = torch.cat([xt[rows] @ xt[i : i + 65536].T for i in range(0, ROWS, 65536)], 1)
-    exact[torch.arange(QUERIES), torch.from_numpy(rows)] = -2
-    exact10 = exact.topk(10, 1).values
+    exact10 = exact_sample(xt, rows, 10)  # the audit's own recall check
     p = _pca(faiss, x, rng.choice(ROWS, 65536, replace=False)).apply(x)
     train, queries = p[rng.choice(ROWS, CELLS * 40, replace=False)], p[-20000:]
     for spec in SPECS:
