@@ -53,7 +53,7 @@ PCA_SAMPLE = 65536  # rows the projection is fitted on
 MAX_CANDIDATES = 512  # candidates re-scored per row, at most, however far recall is raised
 # from HNSW_CELLS cells the coarse quantiser is an HNSW graph of the k-means centroids (each
 # HNSW_M links), not a flat scan of all of them: side by side on 16,384 centroids of
-# audit_scale's rows the graph at HNSW_EF found the cells 2.97x faster and 99.94% of the flat
+# audit_scale's rows the graph at HNSW_EF found the cells 2.52x faster and 99.94% of the flat
 # scan's top 16 (benchmarks/results/probe_hnsw_quantiser.md); 10,000,000 rows filled the index
 # in 6 min through it, 12 min through the flat scan (two runs: audit_scale_10m_cpu.md). A
 # search's cost is the scan of the probed cells, not this lookup.
