@@ -196,23 +196,32 @@ def test_when_the_projection_limits_recall_more_candidates_are_rescored(monkeypa
     assert record.recall[-1] > record.recall[0]
 
 
-def test_past_hnsw_cells_the_same_centroids_are_found_through_a_graph(monkeypatch):
+def test_past_hnsw_cells_cells_are_found_through_a_graph_and_rows_scanned_as_4_bit_codes(
+    monkeypatch,
+):
     from embedcache.auditing import index as ix
 
     unit = _copies(n_sources=300, copies=4, seed=7)
     flat = ix.parts(ix.build(unit))[1]
+    assert ix.name(flat) == f"IVF{flat.nlist},SQ8"  # below the threshold: as before
     monkeypatch.setattr(ix, "HNSW_CELLS", 16)  # this small set's cells past it
     graphed = ix.build(unit)
     ivf = ix.parts(graphed)[1]
     assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-    assert ix.name(graphed) == f"IVF{ivf.nlist}_HNSW{ix.HNSW_M},SQ8"
-    # the k-means ran on a flat scan, as for a flat quantiser; only the lookup differs
-    a, b = (faiss.downcast_index(i.quantizer).reconstruct_n(0, i.nlist) for i in (flat, ivf))
-    assert np.allclose(a, b)
+    assert ix.name(graphed) == f"IVF{ivf.nlist}_HNSW{ix.HNSW_M},PQ24x4fs"
+    assert ivf.code_size == 48 // 2 // 2  # two dimensions a code of 4 bits
+    assert ivf.clustering_index is None  # the k-means's own graph let go after training
+    assert ivf.ntotal == len(unit) and ivf.quantizer.ntotal == ivf.nlist
     # the graph searched at least twice as broadly as the cells probed, read back from disk
     back = faiss.deserialize_index(faiss.serialize_index(graphed))
     _, sims, record = approximate(unit, k=4, floor=0.95, index=back)
     assert record.index == ix.name(graphed) and record.recall[-1] >= 0.95
     assert ix._graph(ix.parts(back)[1]).efSearch >= 2 * record.nprobe[-1]
     _, exact_s = nearest(unit, k=4, device=torch.device("cpu"), dtype=torch.float32)
+    assert recall_at_k(torch.from_numpy(sims), torch.from_numpy(exact_s)) >= 0.95
+    # grown by new rows, searched against all (the old rows through a selector of the new ids)
+    early = ix.build(unit[:1000])
+    stored = approximate(unit[:1000], k=4, index=early)[0].astype(np.int64)
+    _, sims, record, ids, kept = ix.grown(early, unit, (np.arange(1000), stored), k=4)
+    assert kept and len(ids) == len(unit) and record.recall[-1] >= 0.95
     assert recall_at_k(torch.from_numpy(sims), torch.from_numpy(exact_s)) >= 0.95

@@ -152,12 +152,14 @@ def parts(index):
 
 
 def name(index) -> str:
-    """'PCA256,IVF4096,SQ8' or 'PCA256,IVF16384_HNSW32,SQ8': the index in faiss's factory
-    words."""
+    """'PCA256,IVF4096,SQ8' or 'PCA256,IVF16384_HNSW32,PQ128x4fs': the index in faiss's
+    factory words."""
     pca, ivf = parts(index)
     graph = _graph(ivf)
     coarse = f"IVF{ivf.nlist}" + (f"_HNSW{graph.nb_neighbors(1)}" if graph is not None else "")
-    return f"{f'PCA{pca.d_out},' if pca is not None else ''}{coarse},SQ8"
+    fast = isinstance(ivf, faiss_module().IndexIVFPQFastScan)
+    codes = f"PQ{ivf.pq.M}x{ivf.pq.nbits}fs" if fast else "SQ8"
+    return f"{f'PCA{pca.d_out},' if pca is not None else ''}{coarse},{codes}"
 
 
 def _graph(ivf):
@@ -226,14 +228,9 @@ def build(unit, *, seed: int = 0, progress: bool = False):
         fit_on = np.sort(rng.choice(len(sample), size=min(len(sample), PCA_SAMPLE), replace=False))
         pca = _pca(faiss, source, at[fit_on])
     dims = d if pca is None else PCA_DIMS
-    flat = nlist < HNSW_CELLS
-    quantizer = faiss.IndexFlatL2(dims) if flat else faiss.IndexHNSWFlat(dims, HNSW_M)
-    ivf = faiss.IndexIVFScalarQuantizer(
-        quantizer, dims, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2
-    )
-    if not flat:  # the k-means on a flat scan, as ever; its centroids then linked in the graph
-        ivf.quantizer_trains_alone = 2
+    ivf, assign = _empty(faiss, dims, nlist)  # assign: kept alive while the ivf points at it
     ivf.train(_projected(pca, source, at))
+    ivf.clustering_index = None  # the k-means's graph (assign) freed after this function
     del source  # the sample read from disk
     index = ivf if pca is None else faiss.IndexPreTransform(pca, ivf)
     bar = tqdm(total=n, desc="index", unit="row", disable=not progress, dynamic_ncols=True)
@@ -241,9 +238,32 @@ def build(unit, *, seed: int = 0, progress: bool = False):
         for lo in range(0, n, ADD_ROWS):
             index.add(_float32(unit, lo, min(n, lo + ADD_ROWS)))
             bar.update(min(n, lo + ADD_ROWS) - lo)
-    with returning_memory():  # the old lists' pages back to the kernel
-        _compact(faiss, ivf)
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):  # fast-scan lists grow in blocks
+        with returning_memory():  # the old lists' pages back to the kernel
+            _compact(faiss, ivf)
     return index
+
+
+def _empty(faiss, dims: int, nlist: int):
+    """An untrained IVF of ``nlist`` cells over ``dims``-d rows, and the index its k-means
+    assigns rows through (None: a flat scan of the centroids).
+
+    Below HNSW_CELLS: a flat coarse quantiser, codes of one byte a dimension (SQ8). From it:
+    the cells found through an HNSW graph of the centroids (the k-means's assignments too, a
+    graph rebuilt each iteration), and the rows stored as 4-bit product-quantised codes of two
+    dimensions each, scanned with SIMD lookup tables (``PQ{dims/2}x4fs``: 64 bytes a row of
+    256, a quarter of SQ8's)."""
+    if nlist < HNSW_CELLS or dims % 2:
+        quantizer = faiss.IndexFlatL2(dims)
+        sq8 = faiss.ScalarQuantizer.QT_8bit
+        return faiss.IndexIVFScalarQuantizer(quantizer, dims, nlist, sq8, faiss.METRIC_L2), None
+    quantizer = faiss.IndexHNSWFlat(dims, HNSW_M)
+    ivf = faiss.IndexIVFPQFastScan(quantizer, dims, nlist, dims // 2, 4, faiss.METRIC_L2)
+    ivf.quantizer_trains_alone = 2  # the k-means alone; its centroids then linked in the graph
+    assign = faiss.IndexHNSWFlat(dims, HNSW_M)
+    assign.hnsw.efSearch = HNSW_EF
+    ivf.clustering_index = assign
+    return ivf, assign
 
 
 def _compact(faiss, ivf) -> None:
