@@ -5,7 +5,8 @@ for 100,000 x 1280 rows on 2 cores. Here an inverted-file index searches each ro
 nearest cells only: rows wider than PCA_DIMS are projected on their first PCA_DIMS principal
 components (faiss ``PCA256,IVF{nlist},SQ8``: a k-means coarse quantiser of ``nlist`` cells over
 the projections, stored at one byte per dimension; from HNSW_CELLS cells the nearest cells are
-found through an HNSW graph of the centroids, ``IVF{nlist}_HNSW32``). The candidates it
+found through an HNSW graph of the centroids and the rows stored as 4-bit PQ codes scanned
+with SIMD lookup tables, ``IVF{nlist}_HNSW32,PQ128x4fs``: :func:`_empty`). The candidates it
 returns, about twice the neighbours asked for, are re-scored exactly in float32 on the whole
 rows (:func:`.search.rescored`), so every similarity reported is exact; only a neighbour the
 index missed is missing.
