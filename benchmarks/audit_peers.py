@@ -135,6 +135,31 @@ def unseeded_pairs(groups: list[list], seeded: list[tuple]) -> int:
     return links
 
 
+def unseeded_set(groups: list[list], seeded: list[tuple]) -> set:
+    """Every pair of images one reported group holds that the seeded pairs do not join (not two
+    images of one original's copies), as sorted tuples: the unseeded pairs one by one."""
+    explained = _UnionFind()
+    for a, b in seeded:
+        explained.union(a, b)
+
+    def joined(a, b):
+        known = explained.parent
+        return a in known and b in known and explained.find(a) == explained.find(b)
+
+    pairs = {tuple(sorted((g[i], g[j]))) for g in groups for i in range(len(g)) for j in range(i)}
+    return {(a, b) for a, b in pairs if not joined(a, b)}
+
+
+def linked(pairs: set, groups: list[list]) -> int:
+    """How many of ``pairs`` another tool's ``groups``, joined into clusters, put together."""
+    clusters = _UnionFind()
+    for group in groups:
+        for x in group[1:]:
+            clusters.union(group[0], x)
+    known = clusters.parent
+    return sum(a in known and b in known and clusters.find(a) == clusters.find(b) for a, b in pairs)
+
+
 def top_recall(ranking: list, flipped: set, share: float = TOP_SHARE) -> float | None:
     """Share of ``flipped`` among the first ``share`` of ``ranking`` (rounded)."""
     if not flipped:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from common import save
 
-THRESHOLDS = (0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+THRESHOLDS = (0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
+IDENTICAL = 0.999  # pixel similarity of pictures the same to the eye (re-encoded, resized)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -46,7 +47,40 @@ def curve(folder: Path, truth: dict, kinds) -> list[dict]:
     return [{"pixel_rule": floor}, *out]
 
 
-def markdown(results: dict, peers: dict) -> str:
+def pair_by_pair(folder: Path, truth: dict, peers_dir: Path) -> dict:
+    """Each tool's unseeded pairs one by one (audit_peers.unseeded_set) and how many of them
+    the others' groups join too; of embedcache's default pairs, how many are the same picture to
+    the pixel (similarity >= IDENTICAL, or exact duplicates)."""
+    import audit_peers as ap
+
+    seeded = [(a, b) for a, b, _ in truth["copies"]]
+    exact = [[r["path_a"], r["path_b"]] for r in _rows(folder / "exact_duplicates.csv")]
+    near = _rows(folder / "near_duplicates.csv")
+    ours = exact + [[r["path_a"], r["path_b"]] for r in near]
+    same = exact + [
+        [r["path_a"], r["path_b"]] for r in near if float(r["pixel_similarity"]) >= IDENTICAL
+    ]
+    tools = {"embedcache": ours}
+    for tool, (_runner, settings) in ap.PEERS.items():
+        where = peers_dir / (tool.split()[0] + ap._suffix(settings))
+        if (where / "result.json").is_file():
+            keys = json.loads((where / "spec.json").read_text())["keys"]
+            groups = json.loads((where / "result.json").read_text())["groups"]
+            tools[tool] = [[keys[i] for i in g] for g in groups]
+    mine = ap.unseeded_set(ours, seeded)
+    out = {
+        "embedcache": {"pairs": len(mine), "identical": len(mine & ap.unseeded_set(same, seeded))}
+    }
+    for tool, groups in tools.items():
+        if tool != "embedcache":
+            theirs = ap.unseeded_set(groups, seeded)
+            out[tool] = {"pairs": len(theirs), "joined_by_embedcache": ap.linked(theirs, ours)}
+            out["embedcache"][f"joined_by {tool}"] = ap.linked(mine, groups)
+    return out
+
+
+def markdown(results: dict, peers: dict, pairs: dict | None = None) -> str:
+    pairs = pairs or {}
     lines = [
         "embedcache's near pairs of its default audit (audit_peers.py's run), kept at or above "
         "each pixel threshold, with the exact duplicates; scored as audit_peers.md scores "
@@ -65,7 +99,31 @@ def markdown(results: dict, peers: dict) -> str:
             if "score" in v and not tool.startswith("embedcache"):
                 s = v["score"]
                 lines.append(f"| {tool} | {100 * s['recall_all']:.1f}% | {s['unseeded_pairs']} |")
+        lines += _pairs_table(pairs.get(name))
     return "\n".join(lines)
+
+
+def _pairs_table(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    ours = p["embedcache"]
+    lines = [
+        "",
+        "Pair by pair (every two images one reported group holds, less an original with its "
+        f"copies): embedcache's default audit reports {ours['pairs']} unseeded pairs, "
+        f"{ours['identical']} of them the same picture to the pixel (similarity >= {IDENTICAL}).",
+        "",
+        "| tool | unseeded pairs | of them, joined by embedcache's default audit too "
+        "| embedcache's unseeded pairs this tool joins too |",
+        "|---|---:|---:|---:|",
+    ]
+    for tool, v in p.items():
+        if tool != "embedcache":
+            lines.append(
+                f"| {tool} | {v['pairs']} | {v['joined_by_embedcache']} "
+                f"| {ours[f'joined_by {tool}']} |"
+            )
+    return lines
 
 
 def main() -> None:
@@ -78,13 +136,16 @@ def main() -> None:
     import audit_quality as aq  # embedcache and its imports
 
     peers = json.loads(args.peers.read_text())["sets"] if args.peers.exists() else {}
-    results = {}
+    results, pairs = {}, {}
     for name in args.sets.split(","):
         truth = aq._as_cached(aq.prepare(name, args.work), (args.work / name).resolve())
-        results[name] = curve(args.work / name / "peers" / "embedcache", truth, aq.COPY_KINDS)
-        print(name, json.dumps(results[name]), flush=True)
+        ours = args.work / name / "peers" / "embedcache"
+        results[name] = curve(ours, truth, aq.COPY_KINDS)
+        pairs[name] = pair_by_pair(ours, truth, args.work / name / "peers")
+        print(name, json.dumps(results[name]), json.dumps(pairs[name]), flush=True)
     tools = {n: peers.get(n, {}).get("tools", {}) for n in results}
-    print(save("audit_peers_curve", results, markdown(results, tools)))
+    payload = {"curve": results, "pair_by_pair": pairs}
+    print(save("audit_peers_curve", payload, markdown(results, tools, pairs)))
 
 
 if __name__ == "__main__":

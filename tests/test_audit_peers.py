@@ -94,3 +94,11 @@ def test_the_curve_keeps_near_pairs_at_or_above_each_threshold_and_every_exact_p
     assert at[0.9]["recall_all"] == 1.0 and at[0.9]["unseeded_pairs"] == 1
     assert at[0.92]["recall_all"] == 2 / 3  # b~b2 (0.91) dropped, a~a2 is exact
     assert at[0.98]["recall_all"] == 1 / 3 and at[0.98]["unseeded_pairs"] == 1
+
+
+def test_unseeded_pairs_one_by_one_leave_out_an_original_with_its_copies():
+    groups = [["a", "a2", "x"], ["y", "z"]]
+    assert ap.unseeded_set(groups, SEEDED) == {("a", "x"), ("a2", "x"), ("y", "z")}
+    # another tool's clusters join a pair through a chain of its groups
+    assert ap.linked({("a", "x"), ("y", "z")}, [["a", "q"], ["q", "x"]]) == 1
+    assert ap.linked({("y", "z")}, [["y", "q"], ["z", "r"]]) == 0
